@@ -1,0 +1,95 @@
+"""The one message schema module: everything that crosses the bus is defined here.
+
+Messages are small JSON documents. Bulk data never rides in them: a `TensorRef` points at the
+producer's tensor store, and only tensors below the inline threshold carry their bytes (base64).
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class StepKind(StrEnum):
+    """What a step asks a model service to do; also the second token of its subject."""
+
+    ENCODE = "encode"
+    DENOISE = "denoise"
+    CONTROLNET = "controlnet"
+    VAE_DECODE = "vae_decode"
+    VAE_ENCODE = "vae_encode"
+
+
+class TensorRef(BaseModel):
+    """A pointer to a tensor held by its producer.
+
+    The consumer pulls the bytes from `uri` (or reads `inline`) and rebuilds the tensor from
+    `dtype` and `shape`; nothing is ever unpickled. `token` is checked by the producer on read.
+    """
+
+    key: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    token: str = ""
+    uri: str | None = None  # e.g. "tcp://127.0.0.1:40123"; None when inline
+    host: str = ""  # producer's host identity: same host enables the shm transport
+    device: str = "cpu"
+    inline: str | None = None  # base64 of the raw bytes, for tiny tensors
+
+
+class ErrorInfo(BaseModel):
+    """A typed error: `code` is machine-readable, `message` says what was wrong and what to do."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class StepRequest(BaseModel):
+    """One model-execution node of one request, as published on `lego.step.<kind>.<model>`."""
+
+    request_id: str
+    node_id: str
+    kind: StepKind
+    model_id: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, TensorRef] = Field(default_factory=dict)
+    reply_to: str  # the gateway's result subject
+    progress_to: str | None = None  # where long steps report progress (core NATS, best effort)
+    deadline: float  # unix time after which the result is useless
+    attempt: int = 1
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) > self.deadline
+
+
+class StepResult(BaseModel):
+    """What a service answers for a step: outputs as TensorRefs, or an error."""
+
+    request_id: str
+    node_id: str
+    ok: bool
+    outputs: dict[str, TensorRef] = Field(default_factory=dict)
+    error: ErrorInfo | None = None
+    replica_id: str = ""
+    compute_s: float = 0.0
+    queue_wait_s: float = 0.0
+
+
+class StepProgress(BaseModel):
+    """Best-effort progress of a long step (the denoising loop), for users watching a request."""
+
+    request_id: str
+    node_id: str
+    step: int
+    total: int
+
+
+class ReleaseTensors(BaseModel):
+    """Broadcast when a request ends so every producer frees what it holds for it."""
+
+    request_id: str

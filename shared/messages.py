@@ -93,3 +93,18 @@ class ReleaseTensors(BaseModel):
     """Broadcast when a request ends so every producer frees what it holds for it."""
 
     request_id: str
+
+
+class ReplicaInfo(BaseModel):
+    """What a live model replica announces in the presence bucket (refreshed; expires on death)."""
+
+    replica_id: str
+    kind: StepKind
+    model_id: str
+    host: str
+    pid: int
+    device: str = "cpu"
+    tensor_uri: str = ""
+    started_at: float = 0.0
+    steps_done: int = 0
+    busy: bool = False

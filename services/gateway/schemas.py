@@ -1,0 +1,116 @@
+"""The REST contract: request and response bodies. The OpenAPI document is generated from these.
+
+`POST /v1/images/generations` follows the OpenAI Images API shape; LegoDiffusion's extras
+(workflow, steps, guidance, seed, negative prompt) sit beside the standard fields. Types are
+strict: `"n": "2"` is an error, not a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_PROMPT_CHARS = 2000
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 1024, 16
+MAX_IMAGES = 4
+MAX_STEPS = 100
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WxH' -> (width, height), within the bounds the models and the VAE's 8x grid allow."""
+    m = _SIZE.match(size)
+    if not m:
+        raise ValueError(f"size must look like 'WIDTHxHEIGHT', e.g. '512x512'; got {size!r}")
+    width, height = int(m.group(1)), int(m.group(2))
+    for side in (width, height):
+        if side % SIDE_MULTIPLE:
+            raise ValueError(f"size sides must be multiples of {SIDE_MULTIPLE}; got {size!r}")
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise ValueError(f"size sides must be between {MIN_SIDE} and {MAX_SIDE}; got {size!r}")
+    return width, height
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="images to generate")
+    size: str = Field("512x512", description="WIDTHxHEIGHT, multiples of 16, 64..1024")
+    response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: images come inline")
+    workflow: str | None = Field(None, description="catalogue workflow; default from the server (sd3)")
+    model: str | None = Field(None, description="OpenAI-compatible alias of `workflow`")
+    num_inference_steps: int = Field(28, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random when absent; echoed back")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    # Accepted for OpenAI client compatibility; they do not change the result.
+    user: str | None = None
+    quality: str | None = None
+    style: str | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank: describe the image to generate")
+        return value
+
+
+class ImageData(BaseModel):
+    b64_json: str
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    request_id: str
+    seed: int
+    workflow: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class NodeInfo(BaseModel):
+    id: str
+    kind: str
+    model: str
+    inputs: dict[str, str]
+
+
+class WorkflowInfo(BaseModel):
+    name: str
+    description: str
+    models: list[str]
+    nodes: list[NodeInfo]
+
+
+class WorkflowList(BaseModel):
+    default: str
+    workflows: list[WorkflowInfo]
+
+
+class RequestStatus(BaseModel):
+    request_id: str
+    workflow: str
+    status: Literal["running", "succeeded", "failed"]
+    nodes: dict[str, str]
+    step: int = 0
+    total_steps: int = 0
+    elapsed_s: float
+    error: ErrorBody | None = None

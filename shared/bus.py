@@ -1,0 +1,209 @@
+"""The one JetStream bus wrapper: connection, streams, consumers, and typed publish/subscribe.
+
+Steps go through a WorkQueue stream (file storage: a server restart loses nothing) with one
+durable pull consumer per (kind, model) that every replica of the model shares. Results go
+through a second stream whose `Nats-Msg-Id` dedupe makes a re-run of a node unable to deliver
+a second result. Progress and tensor-release notices are best-effort core NATS messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from shared import subjects
+from shared.messages import ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
+from shared.settings import Settings
+
+log = logging.getLogger("lego.bus")
+
+NATS_MSG_ID = "Nats-Msg-Id"
+
+
+class Bus:
+    """Owns one NATS connection. Connect once, reconnect forever, drain on close."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise RuntimeError("Bus.connect() was not called")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("Bus.connect() was not called")
+        return self._js
+
+    async def connect(self, timeout_s: float = 30.0) -> None:
+        """Connect, retrying until `timeout_s`: services may start before nats-server is up."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while True:
+            try:
+                self._nc = await nats.connect(
+                    self.settings.nats_url,
+                    name=self.name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                )
+                break
+            except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
+                if loop.time() > give_up:
+                    raise ConnectionError(
+                        f"cannot reach NATS at {self.settings.nats_url}: {exc}. "
+                        "Start nats-server with JetStream (-js) or point LEGO_NATS_URL / --nats-url at one."
+                    ) from exc
+                await asyncio.sleep(0.2)
+        self._js = self._nc.jetstream(timeout=10)
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.drain()
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self._nc.close()
+        self._nc = None
+        self._js = None
+
+    # -- streams and consumers -------------------------------------------------------------
+
+    async def ensure_streams(self) -> None:
+        """Create (or update) the step and result streams; idempotent, safe from every process."""
+        s = self.settings
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=subjects.STEP_STREAM,
+                subjects=[subjects.STEP_SUBJECTS],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                max_age=s.step_stream_max_age_s,
+                duplicate_window=s.duplicate_window_s,
+            )
+        )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=subjects.RESULT_STREAM,
+                subjects=[subjects.RESULT_SUBJECTS],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=s.step_stream_max_age_s,
+                duplicate_window=s.duplicate_window_s,
+            )
+        )
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            # Exists with another config (e.g. a changed duplicate window): bring it in line.
+            await self.js.update_stream(config)
+
+    async def ensure_consumer(self, kind: StepKind | str, model_id: str) -> str:
+        """The durable pull consumer of a (kind, model): created once, shared by all replicas."""
+        durable = subjects.consumer_name(kind, model_id)
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            filter_subject=subjects.step_subject(kind, model_id),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.settings.ack_wait_s,
+            max_deliver=self.settings.max_deliver,
+            max_ack_pending=1000,
+            deliver_policy=api.DeliverPolicy.ALL,
+        )
+        # The server's create is create-or-update: a changed ack wait from settings is applied.
+        await self.js.add_consumer(subjects.STEP_STREAM, config)
+        return durable
+
+    async def consumer_backlog(self, kind: StepKind | str, model_id: str) -> tuple[int, int] | None:
+        """(num_pending, num_ack_pending) of a model's consumer, or None when it does not exist."""
+        try:
+            info = await self.js.consumer_info(subjects.STEP_STREAM, subjects.consumer_name(kind, model_id))
+        except NotFoundError:
+            return None
+        return info.num_pending or 0, info.num_ack_pending or 0
+
+    async def pull_subscription(self, kind: StepKind | str, model_id: str) -> JetStreamContext.PullSubscription:
+        durable = await self.ensure_consumer(kind, model_id)
+        return await self.js.pull_subscribe_bind(durable=durable, stream=subjects.STEP_STREAM)
+
+    # -- steps and results -------------------------------------------------------------------
+
+    async def publish_step(self, step: StepRequest, headers: dict[str, str] | None = None) -> None:
+        hdrs = {NATS_MSG_ID: subjects.step_msg_id(step.request_id, step.node_id, step.attempt)}
+        hdrs.update(headers or {})
+        await self.js.publish(
+            subjects.step_subject(step.kind, step.model_id), step.model_dump_json().encode(), headers=hdrs
+        )
+
+    async def publish_result(self, subject: str, result: StepResult) -> bool:
+        """Publish a node's result once; False when JetStream saw this node's result already."""
+        ack = await self.js.publish(
+            subject,
+            result.model_dump_json().encode(),
+            headers={NATS_MSG_ID: subjects.result_msg_id(result.request_id, result.node_id)},
+        )
+        return not ack.duplicate
+
+    async def subscribe_results(
+        self, gateway_id: str, handler: Callable[[StepResult], Awaitable[None]]
+    ) -> JetStreamContext.PushSubscription:
+        """Deliver this gateway's results (new ones only) to `handler`, in order."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                result = StepResult.model_validate_json(msg.data)
+            except ValueError as exc:
+                log.warning("dropping malformed result on %s: %s", msg.subject, exc)
+                return
+            await handler(result)
+
+        return await self.js.subscribe(
+            subjects.result_subject(gateway_id),
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.NEW,
+        )
+
+    # -- best-effort notices (core NATS) --------------------------------------------------------
+
+    async def publish_progress(self, subject: str, progress: StepProgress) -> None:
+        await self.nc.publish(subject, progress.model_dump_json().encode())
+
+    async def subscribe_progress(self, gateway_id: str, handler: Callable[[StepProgress], Awaitable[None]]) -> None:
+        async def on_msg(msg: Msg) -> None:
+            try:
+                await handler(StepProgress.model_validate_json(msg.data))
+            except ValueError:
+                log.warning("dropping malformed progress message")
+
+        await self.nc.subscribe(subjects.progress_subject(gateway_id), cb=on_msg)
+
+    async def publish_release(self, request_id: str) -> None:
+        await self.nc.publish(subjects.RELEASE_SUBJECT, ReleaseTensors(request_id=request_id).model_dump_json().encode())
+
+    async def subscribe_release(self, handler: Callable[[str], None]) -> None:
+        """Call `handler(request_id)` whenever a request ends, so its tensors can be freed."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                handler(ReleaseTensors.model_validate_json(msg.data).request_id)
+            except ValueError:
+                log.warning("dropping malformed release notice")
+
+        await self.nc.subscribe(subjects.RELEASE_SUBJECT, cb=on_msg)

@@ -1,0 +1,70 @@
+"""Replica presence: each model replica refreshes a key in a JetStream KV bucket with a TTL.
+
+A replica that dies stops refreshing and its key expires, so "is anyone serving model X"
+needs no cleanup and no polling of processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+
+from shared.bus import Bus
+from shared.messages import ReplicaInfo
+
+log = logging.getLogger("lego.presence")
+
+BUCKET = "lego_replicas"
+REFRESH_S = 2.0
+TTL_S = 3 * REFRESH_S
+
+
+async def presence_bucket(bus: Bus) -> KeyValue:
+    try:
+        return await bus.js.key_value(BUCKET)
+    except BucketNotFoundError:
+        return await bus.js.create_key_value(bucket=BUCKET, ttl=TTL_S, history=1)
+
+
+def presence_key(info: ReplicaInfo) -> str:
+    return f"{info.kind}.{info.model_id}.{info.replica_id}"
+
+
+async def announce_forever(bus: Bus, info: ReplicaInfo, stop: asyncio.Event) -> None:
+    """Refresh this replica's key until `stop` is set, then delete it (a clean exit is seen at once)."""
+    kv = await presence_bucket(bus)
+    key = presence_key(info)
+    while not stop.is_set():
+        try:
+            await kv.put(key, info.model_dump_json().encode())
+        except Exception as exc:  # noqa: BLE001 - a missed refresh must not kill the replica
+            log.warning("presence refresh failed: %s", exc)
+        try:
+            await asyncio.wait_for(stop.wait(), REFRESH_S)
+        except TimeoutError:
+            pass
+    try:
+        await kv.delete(key)
+    except Exception:  # noqa: BLE001 - the TTL removes it anyway
+        pass
+
+
+async def live_replicas(bus: Bus) -> list[ReplicaInfo]:
+    """Every replica whose key has not expired."""
+    kv = await presence_bucket(bus)
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    replicas = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except Exception:  # noqa: BLE001 - expired between keys() and get()
+            continue
+        if entry.value:
+            replicas.append(ReplicaInfo.model_validate_json(entry.value))
+    return replicas

@@ -1,0 +1,192 @@
+"""The runtime every model service shares: settings -> load models -> consume steps -> results.
+
+A service only supplies `ModelRunner`s (which model, which step kind, and a plain function
+from input tensors to output tensors). Everything else — bus, tensor plane, presence, worker
+loop, compute off the event loop, graceful stop on SIGTERM — lives here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shared.bus import Bus
+from shared.logs import setup_logging
+from shared.messages import ReplicaInfo, StepKind, StepProgress, StepRequest, StepResult, TensorRef
+from shared.presence import announce_forever
+from shared.settings import Settings
+from shared.tensor_plane import TensorPlane, TensorUnavailable
+from shared.worker import BadStepInput, StepWorker
+
+log = logging.getLogger("lego.service")
+
+ProgressFn = Callable[[int, int], None]
+
+
+class ModelRunner(Protocol):
+    """One loaded model and the plain function that runs a step on it."""
+
+    kind: StepKind
+    model_id: str
+
+    def run(self, step: StepRequest, inputs: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+        """Compute on torch tensors; raise `BadStepInput` for input no replica could serve."""
+        ...
+
+
+RunnerLoader = Callable[[str, Settings], ModelRunner]
+
+
+@dataclass
+class ServiceSpec:
+    """What a service module declares: its name, default models and how to load one."""
+
+    name: str
+    default_models: list[str]
+    load: RunnerLoader
+    description: str
+
+
+def parse_args(spec: ServiceSpec, argv: list[str] | None = None) -> tuple[Settings, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{spec.name}",
+        description=spec.description,
+        epilog="Every flag also reads an environment variable (LEGO_NATS_URL, LEGO_DEVICE, ...).",
+    )
+    parser.add_argument(
+        "--models",
+        default=os.environ.get(f"LEGO_{spec.name.upper()}_MODELS", ",".join(spec.default_models)),
+        help="comma-separated model ids this process hosts (default: %(default)s)",
+    )
+    parser.add_argument("--nats-url", help="NATS server with JetStream (default: $LEGO_NATS_URL or nats://127.0.0.1:4222)")
+    parser.add_argument("--device", help="torch device (default: $LEGO_DEVICE or cpu)")
+    parser.add_argument("--models-dir", help="local diffusers SD3 directory; default: tiny seeded models")
+    parser.add_argument("--transport", choices=["auto", "tcp", "shm"], help="force one tensor transport")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env(
+        nats_url=args.nats_url,
+        device=args.device,
+        models_dir=args.models_dir,
+        transport=args.transport,
+        log_level=args.log_level,
+    )
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        parser.error("--models is empty: name at least one model id")
+    return settings, models
+
+
+def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
+    settings, models = parse_args(spec, argv)
+    setup_logging(spec.name, settings.log_level)
+    try:
+        asyncio.run(serve(spec, settings, models))
+    except KeyboardInterrupt:
+        pass
+
+
+async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> None:
+    """Run until SIGTERM/SIGINT; the step in hand is finished and acked before exit."""
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    replica_id = f"{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}".replace(".", "-")
+    # One compute thread: torch work never runs on the event loop, and models in one process
+    # take turns instead of fighting over the same cores.
+    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.name}-compute")
+    t0 = time.perf_counter()
+    runners = [await loop.run_in_executor(compute, spec.load, m, settings) for m in model_ids]
+    log.info("loaded %s in %.1fs", ",".join(model_ids), time.perf_counter() - t0)
+
+    bus = Bus(settings, name=replica_id)
+    await bus.connect()
+    await bus.ensure_streams()
+    plane = TensorPlane(settings)
+    await plane.start()
+    await bus.subscribe_release(plane.release)
+
+    tasks = []
+    for runner in runners:
+        handler = _StepHandler(runner, plane, bus, compute, replica_id)
+        worker = StepWorker(bus, runner.kind, runner.model_id, handler, replica_id)
+        info = ReplicaInfo(
+            replica_id=replica_id,
+            kind=runner.kind,
+            model_id=runner.model_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=settings.device,
+            tensor_uri=plane.uri,
+            started_at=time.time(),
+        )
+        tasks.append(asyncio.create_task(worker.run(stop)))
+        tasks.append(asyncio.create_task(announce_forever(bus, info, stop)))
+    log.info("ready replica=%s tensors=%s", replica_id, plane.uri)
+    await stop.wait()
+    log.info("stopping: finishing the step in hand")
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await bus.close()
+    await plane.close()
+    compute.shutdown(wait=False, cancel_futures=True)
+    log.info("stopped")
+
+
+class _StepHandler:
+    """Pulls a step's input tensors, runs the model off the loop, publishes outputs as refs."""
+
+    def __init__(self, runner: ModelRunner, plane: TensorPlane, bus: Bus, compute: ThreadPoolExecutor, replica_id: str):
+        self.runner = runner
+        self.plane = plane
+        self.bus = bus
+        self.compute = compute
+        self.replica_id = replica_id
+
+    async def __call__(self, step: StepRequest) -> StepResult:
+        from shared.tensor_plane.torch_codec import from_raw, to_raw
+
+        loop = asyncio.get_running_loop()
+        try:
+            raws = {name: await self.plane.get(ref) for name, ref in step.inputs.items()}
+        except TensorUnavailable as exc:
+            # The producer is gone or freed it: the request cannot go on from here.
+            raise BadStepInput(f"input tensor unavailable: {exc}") from exc
+
+        def progress(done: int, total: int) -> None:
+            if step.progress_to:
+                msg = StepProgress(request_id=step.request_id, node_id=step.node_id, step=done, total=total)
+                loop.call_soon_threadsafe(asyncio.ensure_future, self.bus.publish_progress(step.progress_to, msg))
+
+        def compute() -> tuple[dict[str, TensorRef], float]:
+            t0 = time.perf_counter()
+            inputs = {name: from_raw(raw) for name, raw in raws.items()}
+            outputs = self.runner.run(step, inputs, progress)
+            seconds = time.perf_counter() - t0
+            refs = {name: self.plane.put(to_raw(t), owner=step.request_id) for name, t in outputs.items()}
+            return refs, seconds
+
+        refs, seconds = await loop.run_in_executor(self.compute, compute)
+        return StepResult(
+            request_id=step.request_id,
+            node_id=step.node_id,
+            ok=True,
+            outputs=refs,
+            replica_id=self.replica_id,
+            compute_s=seconds,
+        )

@@ -1,0 +1,165 @@
+"""The step worker loop every model replica runs: fetch, keep alive, ack / term / nak.
+
+The rules, so that nothing is lost and nothing is answered twice:
+- a step is acked only after its result is published, so a replica killed mid-step leaves it
+  unacked and JetStream redelivers it to another replica after AckWait;
+- long steps send `in_progress()` so a slow but live replica keeps its step;
+- bad input (`BadStepInput`) is terminated at once with an error result: a retry cannot help;
+- other faults are nak'ed with a delay, until MaxDeliver; the last attempt answers an error;
+- a node already answered is acked without a second result (local memory, and the result
+  stream's Nats-Msg-Id dedupe across replicas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from shared.bus import Bus
+from shared.messages import ErrorInfo, StepKind, StepRequest, StepResult
+
+log = logging.getLogger("lego.worker")
+
+FETCH_POLL_S = 2.0
+NAK_DELAY_S = 1.0
+
+
+class BadStepInput(ValueError):
+    """The step cannot succeed on any replica (bad params, wrong tensor shapes): no retry."""
+
+
+StepHandler = Callable[[StepRequest], Awaitable[StepResult]]
+
+
+class StepWorker:
+    """Consumes one (kind, model) consumer on behalf of one replica."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        kind: StepKind,
+        model_id: str,
+        handler: StepHandler,
+        replica_id: str,
+        remember: int = 4096,
+    ) -> None:
+        self.bus = bus
+        self.kind = kind
+        self.model_id = model_id
+        self.handler = handler
+        self.replica_id = replica_id
+        self.busy = False
+        self.steps_done = 0
+        self._answered: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._remember = remember
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and handle steps until `stop` is set; the step in hand is finished first."""
+        psub = await self.bus.pull_subscription(self.kind, self.model_id)
+        log.info("consuming kind=%s model=%s replica=%s", self.kind, self.model_id, self.replica_id)
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await psub.fetch(1, timeout=FETCH_POLL_S)
+                except TimeoutError:
+                    continue
+                except Exception as exc:  # noqa: BLE001 - reconnecting; try again shortly
+                    if stop.is_set():
+                        break
+                    log.warning("fetch failed (%s); retrying", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    await self.process(msg)
+        finally:
+            try:
+                await psub.unsubscribe()
+            except Exception:  # noqa: BLE001 - connection may be gone already
+                pass
+
+    async def process(self, msg: Msg) -> None:
+        received = time.time()
+        try:
+            step = StepRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            log.error("terminating malformed step on %s: %s", msg.subject, exc.errors()[:1])
+            await msg.term()
+            return
+        key = (step.request_id, step.node_id)
+        if key in self._answered:
+            log.info("duplicate delivery of %s/%s ignored", *key)
+            await msg.ack()
+            return
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        if step.expired(received):
+            await self._answer(msg, step, _error(step, self, "deadline_exceeded", "the request's deadline passed"))
+            await msg.term()
+            return
+
+        self.busy = True
+        keepalive = asyncio.create_task(self._keep_alive(msg))
+        try:
+            result = await self.handler(step)
+        except BadStepInput as exc:
+            await self._answer(msg, step, _error(step, self, "bad_step_input", str(exc)))
+            await msg.term()
+            return
+        except Exception as exc:  # noqa: BLE001 - any fault: retry elsewhere, or give up loudly
+            if delivered >= self.bus.settings.max_deliver:
+                log.exception("step %s/%s failed on its last attempt", *key)
+                await self._answer(
+                    msg, step, _error(step, self, "step_failed", f"{type(exc).__name__}: {exc}", retryable=True)
+                )
+                await msg.term()
+            else:
+                log.warning("step %s/%s failed (attempt %d): %s; will retry", *key, delivered, exc)
+                await msg.nak(delay=NAK_DELAY_S)
+            return
+        finally:
+            keepalive.cancel()
+            self.busy = False
+        result.queue_wait_s = max(0.0, received - _published_at(msg, received))
+        await self._answer(msg, step, result)
+        await msg.ack()
+        self.steps_done += 1
+
+    async def _answer(self, msg: Msg, step: StepRequest, result: StepResult) -> None:
+        fresh = await self.bus.publish_result(step.reply_to, result)
+        if not fresh:
+            log.info("result for %s/%s was already published; not sent again", step.request_id, step.node_id)
+        self._answered[(step.request_id, step.node_id)] = None
+        while len(self._answered) > self._remember:
+            self._answered.popitem(last=False)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """Tell JetStream we still hold the step, well inside AckWait."""
+        interval = max(0.2, self.bus.settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await msg.in_progress()
+            except Exception:  # noqa: BLE001 - a lost keepalive only risks a redelivery
+                pass
+
+
+def _error(step: StepRequest, worker: StepWorker, code: str, message: str, retryable: bool = False) -> StepResult:
+    return StepResult(
+        request_id=step.request_id,
+        node_id=step.node_id,
+        ok=False,
+        error=ErrorInfo(code=code, message=message, retryable=retryable),
+        replica_id=worker.replica_id,
+    )
+
+
+def _published_at(msg: Msg, default: float) -> float:
+    md = msg.metadata
+    if md is None or md.timestamp is None:
+        return default
+    return md.timestamp.timestamp()

@@ -1,0 +1,192 @@
+"""Tiny SD3 models with seeded random weights, cached on disk in diffusers' layout.
+
+Why: no weights can be downloaded, but the mesh must run the real model classes and be
+checked against diffusers' own `StableDiffusion3Pipeline`. Small configs of the real
+classes give the same code paths at a fraction of the cost; a fixed seed per model means
+every process that builds them gets the same weights. The result is written once with
+`save_pretrained` into `<model_cache_dir>/tiny-sd3-v1/` so that all services (and the
+reference pipeline) then load it through the one `from_pretrained` path also used for a
+real SD3 directory.
+
+Dimensions are chosen so that SD3's prompt layout is exercised for real: CLIP-L (32) and
+CLIP-G (48) have different widths, their concatenation (80) is narrower than T5 (96) so it
+is zero-padded as in SD3 (2048 -> 4096), and the pooled projections (32 + 48) give the
+transformer's `pooled_projection_dim` (80).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TINY_DIR_NAME = "tiny-sd3-v1"
+_MARKER = "lego-tiny.json"
+
+# One fixed seed per model: changing one model's config does not change the others' weights.
+SEEDS = {"clip-l": 1001, "clip-g": 1002, "t5": 1003, "sd3-transformer": 1004, "sd3-vae": 1005}
+
+CLIP_L_WIDTH = 32
+CLIP_G_WIDTH = 48
+T5_WIDTH = 96
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run a build under a fixed seed without disturbing the caller's global RNG state."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build_clip(width: int, seed: int, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=width * 4,
+        projection_dim=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        return CLIPTextModelWithProjection(config).eval()
+
+
+def _build_t5(seed: int, tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=T5_WIDTH,
+        d_kv=24,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with _seeded(seed):
+        return T5EncoderModel(config).eval()
+
+
+def _build_transformer(seed: int):
+    from diffusers import SD3Transformer2DModel
+
+    with _seeded(seed):
+        return SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=T5_WIDTH,
+            caption_projection_dim=32,  # must equal heads * head_dim in SD3's joint blocks
+            pooled_projection_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
+            pos_embed_max_size=96,  # as SD3: 96 patches a side, so up to 1536 px (1024 px needs 64)
+        ).eval()
+
+
+def _build_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    with _seeded(seed):
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 32, 32, 32),  # 4 blocks: the real 8x downscale
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=8,
+            sample_size=256,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
+
+
+def build_tiny_pipeline():
+    """Build the whole tiny SD3 pipeline in memory (deterministic: same weights in every process)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from shared.zoo.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    clip_tok = build_clip_tokenizer()
+    t5_tok = build_t5_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=_build_transformer(SEEDS["sd3-transformer"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_build_vae(SEEDS["sd3-vae"]),
+        text_encoder=_build_clip(CLIP_L_WIDTH, SEEDS["clip-l"], clip_tok),
+        tokenizer=clip_tok,
+        text_encoder_2=_build_clip(CLIP_G_WIDTH, SEEDS["clip-g"], clip_tok),
+        tokenizer_2=clip_tok,
+        text_encoder_3=_build_t5(SEEDS["t5"], t5_tok),
+        tokenizer_3=t5_tok,
+    )
+
+
+def tiny_dir(cache_dir: str | os.PathLike[str]) -> Path:
+    """Where the tiny models live under a cache directory."""
+    return Path(cache_dir).expanduser() / TINY_DIR_NAME
+
+
+def is_built(path: Path) -> bool:
+    """A directory counts as built only with its marker, written last before the atomic rename."""
+    return (path / _MARKER).is_file()
+
+
+def ensure_tiny_dir(cache_dir: str | os.PathLike[str]) -> Path:
+    """Build the tiny models into the cache once; reuse them afterwards.
+
+    Safe when several processes start at once: each builds into its own temporary
+    directory and renames it into place; a loser of the race discards its copy and uses
+    the winner's (the copies are identical anyway, thanks to the fixed seeds).
+    """
+    final = tiny_dir(cache_dir)
+    if is_built(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(
+        tempfile.mkdtemp(
+            prefix=f".{TINY_DIR_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-", dir=final.parent
+        )
+    )
+    try:
+        pipe = build_tiny_pipeline()
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / _MARKER).write_text(json.dumps({"name": TINY_DIR_NAME, "seeds": SEEDS}, indent=1))
+        if final.exists() and not is_built(final):
+            # A half-written directory can only come from a non-atomic copy by hand: replace it.
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not is_built(final):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -87,6 +87,7 @@ class StepProgress(BaseModel):
     node_id: str
     step: int
     total: int
+    replica_id: str = ""
 
 
 class ReleaseTensors(BaseModel):

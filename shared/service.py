@@ -170,7 +170,9 @@ class _StepHandler:
 
         def progress(done: int, total: int) -> None:
             if step.progress_to:
-                msg = StepProgress(request_id=step.request_id, node_id=step.node_id, step=done, total=total)
+                msg = StepProgress(
+                    request_id=step.request_id, node_id=step.node_id, step=done, total=total, replica_id=self.replica_id
+                )
                 loop.call_soon_threadsafe(asyncio.ensure_future, self.bus.publish_progress(step.progress_to, msg))
 
         def compute() -> tuple[dict[str, TensorRef], float]:

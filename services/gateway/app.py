@@ -156,6 +156,7 @@ def create_app(settings: Settings) -> FastAPI:
             workflow=state.workflow.name,
             status=state.status,
             nodes=state.node_status(),
+            replicas=state.replicas,
             step=state.step,
             total_steps=state.total_steps,
             elapsed_s=round(time.time() - state.created, 3),

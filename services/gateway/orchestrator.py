@@ -44,6 +44,7 @@ class RequestState:
     started: set[str] = field(default_factory=set)
     done: set[str] = field(default_factory=set)
     outputs: dict[str, dict[str, TensorRef]] = field(default_factory=dict)
+    replicas: dict[str, str] = field(default_factory=dict)  # node -> replica that ran it
     step: int = 0
     total_steps: int = 0
     error: ErrorInfo | None = None
@@ -140,6 +141,7 @@ class Orchestrator:
         state = self.requests.get(result.request_id)
         if state is None or state.status != "running" or result.node_id in state.done:
             return  # unknown, finished, or a duplicate: results are idempotent
+        state.replicas[result.node_id] = result.replica_id
         if not result.ok:
             self._fail(state, result.error or ErrorInfo(code="step_failed", message="a step failed"))
             return
@@ -156,6 +158,7 @@ class Orchestrator:
         state = self.requests.get(progress.request_id)
         if state is not None and state.status == "running":
             state.step, state.total_steps = progress.step, progress.total
+            state.replicas[progress.node_id] = progress.replica_id
 
     def _fail(self, state: RequestState, error: ErrorInfo) -> None:
         if state.status != "running":

@@ -110,6 +110,7 @@ class RequestStatus(BaseModel):
     workflow: str
     status: Literal["running", "succeeded", "failed"]
     nodes: dict[str, str]
+    replicas: dict[str, str] = Field(default_factory=dict, description="node -> replica that ran it")
     step: int = 0
     total_steps: int = 0
     elapsed_s: float

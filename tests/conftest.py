@@ -1,0 +1,78 @@
+"""Shared fixtures: a per-session model cache, and one real mesh (nats-server + services +
+gateway as processes, free ports, temporary dirs) that the integration and e2e tests share."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lego.launcher import Mesh, MeshConfig, free_port
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ACK_WAIT_S = "4"  # short redelivery so the crash test does not wait 30 s
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny models are built once per test session into this directory."""
+    path = Path(os.environ.get("LEGO_TEST_MODEL_CACHE", tmp_path_factory.mktemp("model-cache")))
+    os.environ["LEGO_MODEL_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(model_cache: Path):
+    from shared.settings import Settings
+
+    return Settings.from_env(model_cache_dir=str(model_cache))
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(settings):
+    """diffusers' own StableDiffusion3Pipeline over the same zoo components: the oracle."""
+    from shared.zoo import build_reference_pipeline
+
+    return build_reference_pipeline(settings)
+
+
+@pytest.fixture(scope="session")
+def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """The whole mesh, with two denoiser replicas so one can be killed."""
+    log_dir = tmp_path_factory.mktemp("mesh-logs")
+    m = Mesh(
+        MeshConfig(
+            port=free_port(),
+            replicas={"encoder": 1, "denoiser": 2, "vae": 1},
+            env={"LEGO_MODEL_CACHE_DIR": str(model_cache), "LEGO_ACK_WAIT_S": ACK_WAIT_S, "HF_HUB_OFFLINE": "1"},
+            log_dir=log_dir,
+            quiet=True,
+        )
+    )
+    try:
+        m.start(ready_timeout_s=300)
+    except BaseException:
+        _dump_logs(log_dir)
+        raise
+    yield m
+    m.stop()
+    leftover = [c.name for c in m.children if c.alive()]
+    assert not leftover, f"processes left behind: {leftover}"
+
+
+def _dump_logs(log_dir: Path) -> None:
+    for path in sorted(log_dir.glob("*.log")):
+        print(f"----- {path.name} -----\n{path.read_text()[-4000:]}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001 - pytest hook signature
+    """On a failing test that used the mesh, print the tail of every service log."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed and "mesh" in item.fixturenames:
+        m = item.funcargs.get("mesh")
+        if m is not None and m.config.log_dir:
+            _dump_logs(m.config.log_dir)

@@ -1,0 +1,66 @@
+"""Bad input gets a 4xx JSON error with a code and a reason: never a 500, never a hang."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+GOOD = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2}
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code", "words"),
+    [
+        ({"workflow": "no-such-workflow"}, 404, "unknown_workflow", "sd3"),
+        ({"size": "100x100"}, 422, "invalid_request", "multiples of 16"),
+        ({"size": "2048x2048"}, 422, "invalid_request", "between"),
+        ({"size": "32x32"}, 422, "invalid_request", "between"),
+        ({"size": "big"}, 422, "invalid_request", "WIDTHxHEIGHT"),
+        ({"num_inference_steps": 0}, 422, "invalid_request", "num_inference_steps"),
+        ({"num_inference_steps": 1000}, 422, "invalid_request", "num_inference_steps"),
+        ({"n": 0}, 422, "invalid_request", "n:"),
+        ({"n": 99}, 422, "invalid_request", "n:"),
+        ({"n": "2"}, 422, "invalid_request", "integer"),
+        ({"seed": "abc"}, 422, "invalid_request", "seed"),
+        ({"guidance_scale": "high"}, 422, "invalid_request", "guidance_scale"),
+        ({"prompt": ""}, 422, "invalid_request", "prompt"),
+        ({"prompt": "   "}, 422, "invalid_request", "blank"),
+        ({"prompt": "x" * 5000}, 422, "invalid_request", "prompt"),
+        ({"prompt": 42}, 422, "invalid_request", "prompt"),
+        ({"response_format": "url"}, 422, "invalid_request", "response_format"),
+        ({"num_inference_step": 5}, 422, "invalid_request", "unknown field"),
+    ],
+)
+def test_bad_fields_are_refused_with_a_reason(mesh, change, status, code, words):
+    r = httpx.post(f"{mesh.url}/v1/images/generations", json={**GOOD, **change}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code
+    assert words in err["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"just a string"'])
+def test_malformed_bodies_are_refused(mesh, raw):
+    r = httpx.post(
+        f"{mesh.url}/v1/images/generations", content=raw, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["message"]
+
+
+def test_missing_prompt_is_named(mesh):
+    r = httpx.post(f"{mesh.url}/v1/images/generations", json={"size": "64x64"}, timeout=30)
+    assert r.status_code == 422
+    assert "prompt" in r.json()["error"]["message"]
+
+
+def test_unknown_request_and_route(mesh):
+    r = httpx.get(f"{mesh.url}/v1/requests/nope", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_request"
+    r = httpx.get(f"{mesh.url}/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_bad_request_id_header(mesh):
+    r = httpx.post(f"{mesh.url}/v1/images/generations", json=GOOD, headers={"X-Request-Id": "a b/c"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request_id"

@@ -1,0 +1,122 @@
+"""JetStream delivery guarantees on the real mesh: a killed replica loses nothing, and a step
+delivered twice answers once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import uuid
+
+import httpx
+import numpy as np
+import torch
+
+from shared.bus import Bus
+from shared.messages import StepKind, StepRequest, StepResult
+from shared.presence import live_replicas
+from shared.settings import Settings
+from shared.subjects import result_subject
+from tests.imaging import assert_images_match, png_to_array
+
+PROMPT = "a castle on a hill, crash test"
+
+
+def _bus_settings(mesh) -> Settings:
+    return Settings.from_env(nats_url=mesh.nats_url)
+
+
+async def _denoiser_pids(mesh) -> dict[str, int]:
+    bus = Bus(_bus_settings(mesh), name="test-presence")
+    await bus.connect()
+    try:
+        return {r.replica_id: r.pid for r in await live_replicas(bus) if r.kind == StepKind.DENOISE}
+    finally:
+        await bus.close()
+
+
+def test_killing_the_computing_denoiser_still_completes_the_request(mesh, reference_pipeline):
+    pids = asyncio.run(_denoiser_pids(mesh))
+    assert len(pids) == 2, f"expected two denoiser replicas, presence shows {pids}"
+    request_id = f"crash-{uuid.uuid4().hex[:8]}"
+    body = {"prompt": PROMPT, "size": "256x256", "num_inference_steps": 40, "seed": 99, "guidance_scale": 5.0}
+    answer: dict = {}
+
+    def post() -> None:
+        r = httpx.post(
+            f"{mesh.url}/v1/images/generations", json=body, headers={"X-Request-Id": request_id}, timeout=300
+        )
+        answer["status"], answer["json"] = r.status_code, r.json()
+
+    t = threading.Thread(target=post)
+    t.start()
+    # Wait until the denoising loop is visibly running, then kill the replica running it.
+    victim = None
+    give_up = time.monotonic() + 120
+    while time.monotonic() < give_up and victim is None:
+        status = httpx.get(f"{mesh.url}/v1/requests/{request_id}", timeout=10)
+        if status.status_code == 200:
+            s = status.json()
+            if s["step"] >= 1 and s["replicas"].get("denoise") in pids:
+                victim = pids[s["replicas"]["denoise"]]
+        time.sleep(0.02)
+    assert victim is not None, "the denoise step never started"
+    os.kill(victim, signal.SIGKILL)
+    t.join(300)
+    assert answer.get("status") == 200, answer
+    # Redelivered to the surviving replica: the same image as diffusers gives.
+    out = reference_pipeline(
+        prompt=PROMPT, height=256, width=256, num_inference_steps=40, guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(99),
+    )
+    assert_images_match(png_to_array(answer["json"]["data"][0]["b64_json"]), np.asarray(out.images[0]))
+    status = httpx.get(f"{mesh.url}/v1/requests/{request_id}", timeout=10).json()
+    assert status["replicas"]["denoise"] != next(k for k, v in pids.items() if v == victim)
+    mesh.restart_dead()  # give later tests their second replica back
+
+
+def test_duplicate_delivery_of_a_step_answers_once(mesh):
+    async def scenario() -> list[StepResult]:
+        bus = Bus(_bus_settings(mesh), name="test-duplicates")
+        await bus.connect()
+        gateway_id = f"test-{uuid.uuid4().hex[:8]}"
+        results: list[StepResult] = []
+        probe_done = asyncio.Event()
+
+        async def on_result(result: StepResult) -> None:
+            results.append(result)
+            if result.node_id == "probe":
+                probe_done.set()
+
+        await bus.subscribe_results(gateway_id, on_result)
+        request_id = uuid.uuid4().hex
+
+        def step(node_id: str, attempt: int) -> StepRequest:
+            return StepRequest(
+                request_id=request_id,
+                node_id=node_id,
+                kind=StepKind.ENCODE,
+                model_id="clip-l",
+                params={"prompt": "duplicate me", "negative_prompt": ""},
+                reply_to=result_subject(gateway_id),
+                deadline=time.time() + 120,
+                attempt=attempt,
+            )
+
+        # Two publishes with different attempt ids get past JetStream's publish dedupe:
+        # the same node is really delivered twice.
+        await bus.publish_step(step("clip_l", 1))
+        await bus.publish_step(step("clip_l", 2))
+        # The single clip-l replica works in order: once the probe is answered, so are both copies.
+        await bus.publish_step(step("probe", 1))
+        await asyncio.wait_for(probe_done.wait(), 120)
+        await bus.publish_release(request_id)
+        await bus.close()
+        return results
+
+    results = asyncio.run(scenario())
+    answers = [r for r in results if r.node_id == "clip_l"]
+    assert len(answers) == 1, f"{len(answers)} results for one node"
+    assert answers[0].ok and set(answers[0].outputs) == {"embeds", "pooled"}

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import pytest
+
+from shared import subjects
+from shared.settings import Settings
+
+
+def test_subject_names():
+    assert subjects.step_subject("encode", "clip-l") == "lego.step.encode.clip-l"
+    assert subjects.consumer_name("denoise", "sd3-transformer") == "denoise__sd3-transformer"
+    assert subjects.result_subject("gw-1") == "lego.result.gw-1"
+
+
+@pytest.mark.parametrize("bad", ["a.b", "a b", "*", ">", ""])
+def test_subject_tokens_cannot_inject_wildcards(bad):
+    with pytest.raises(ValueError, match="subject token"):
+        subjects.step_subject("encode", bad)
+
+
+def test_settings_from_env_and_overrides(monkeypatch):
+    monkeypatch.setenv("LEGO_ACK_WAIT_S", "2.5")
+    monkeypatch.setenv("LEGO_MAX_DELIVER", "3")
+    s = Settings.from_env(nats_url="nats://example:1", device=None)
+    assert (s.ack_wait_s, s.max_deliver, s.nats_url, s.device) == (2.5, 3, "nats://example:1", "cpu")
+    monkeypatch.setenv("LEGO_MAX_DELIVER", "many")
+    with pytest.raises(ValueError, match="LEGO_MAX_DELIVER"):
+        Settings.from_env()

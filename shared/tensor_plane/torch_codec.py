@@ -1,0 +1,61 @@
+"""RawTensor <-> torch.Tensor, bit-exact for every dtype the plane carries (bf16 included).
+
+The only tensor-plane module that imports torch, so torch-free processes (the gateway) can use
+the rest of the package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shared.tensor_plane.raw import RawTensor
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES: dict[torch.dtype, str] = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def to_raw(t: torch.Tensor) -> RawTensor:
+    """Raw bytes of `t` (detached, on CPU, contiguous); a view of its memory when already so.
+
+    bf16 goes through an int16 view because numpy has no bfloat16; the bits are unchanged.
+    """
+    name = _NAMES.get(t.dtype)
+    if name is None:
+        raise ValueError(
+            f"torch dtype {t.dtype} is not carried by the tensor plane ({sorted(_TORCH_DTYPES)})"
+        )
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    flat = t.reshape(-1)
+    if t.dtype == torch.bfloat16:
+        flat = flat.view(torch.int16)
+    # .numpy() shares memory and keeps the tensor alive through the array's base.
+    return RawTensor(flat.numpy().view(np.uint8), name, tuple(t.shape))
+
+
+def from_raw(r: RawTensor) -> torch.Tensor:
+    """A CPU tensor over the raw bytes: zero-copy when the buffer is writable, else a copy.
+
+    Read-only buffers (bytes, read-only views) are copied so the tensor is always safe to modify.
+    """
+    dtype = _TORCH_DTYPES[r.dtype]
+    if r.nbytes == 0:
+        return torch.empty(r.shape, dtype=dtype)
+    mv = r.buffer()
+    if mv.readonly:
+        mv = memoryview(bytearray(mv))
+    return torch.frombuffer(mv, dtype=dtype).reshape(r.shape)

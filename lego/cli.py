@@ -54,9 +54,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     print(
         f"\nLegoDiffusion is up at {mesh.url}  (NATS {mesh.nats_url})\n"
-        f"  lego generate \"a red fox in the snow\" -o fox.png --url {mesh.url}\n"
+        f'  lego generate "a red fox in the snow" -o fox.png --url {mesh.url}\n'
         f"  curl -s {mesh.url}/v1/images/generations -H 'content-type: application/json' \\\n"
-        f"       -d '{{\"prompt\": \"a red fox\", \"size\": \"256x256\"}}'\n"
+        f'       -d \'{{"prompt": "a red fox", "size": "256x256"}}\'\n'
         f"  API docs: {mesh.url}/docs    Ctrl-C stops everything.\n",
         flush=True,
     )
@@ -78,8 +78,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         mesh.start(ready_timeout_s=args.ready_timeout)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         gen_args = build_parser().parse_args(
-            ["generate", args.prompt, "-o", args.output, "--size", args.size, "--seed", str(args.seed),
-             "--steps", str(args.steps), "--url", mesh.url, "--progress"]
+            [
+                "generate",
+                args.prompt,
+                "-o",
+                args.output,
+                "--size",
+                args.size,
+                "--seed",
+                str(args.seed),
+                "--steps",
+                str(args.steps),
+                "--url",
+                mesh.url,
+                "--progress",
+            ]
         )
         return cmd_generate(gen_args)
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
@@ -104,10 +117,10 @@ def _progress_line(status: dict, started: float) -> str:
     if total:
         done = status.get("step", 0)
         filled = int(24 * done / total)
-        return f"\r  denoising [{'#' * filled}{'.' * (24 - filled)}] {done}/{total}  {elapsed:5.1f}s"
+        return f"denoising [{'#' * filled}{'.' * (24 - filled)}] {done}/{total}  {elapsed:5.1f}s"
     nodes = status.get("nodes", {})
     running = ",".join(n for n, s in nodes.items() if s == "running") or "queued"
-    return f"\r  {running:<32} {elapsed:5.1f}s"
+    return f"{running:<32}  {elapsed:5.1f}s"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -138,21 +151,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     worker = threading.Thread(target=post, daemon=True)
     worker.start()
-    show = sys.stderr.isatty() or args.progress
+    tty = sys.stderr.isatty()
+    shown = ""
     with httpx.Client(timeout=5) as client:
         while worker.is_alive():
             worker.join(0.25)
-            if show and worker.is_alive():
+            if (tty or args.progress) and worker.is_alive():
                 try:
                     status = client.get(f"{args.url}/v1/requests/{request_id}").json()
-                    print(_progress_line(status, started), end="", file=sys.stderr, flush=True)
                 except (httpx.HTTPError, ValueError):
-                    pass
-    if show:
+                    continue
+                line = _progress_line(status, started)
+                if tty:
+                    print(f"\r{line}", end="", file=sys.stderr, flush=True)
+                elif line.split("  ")[0] != shown:  # not a terminal: one line per change of stage/step
+                    shown = line.split("  ")[0]
+                    print(line, file=sys.stderr, flush=True)
+    if tty:
         print(file=sys.stderr)
     if "error" in answer:
-        print(f"lego generate: cannot reach the gateway at {args.url}: {answer['error']} (is `lego up` running?)",
-              file=sys.stderr)
+        print(
+            f"lego generate: cannot reach the gateway at {args.url}: {answer['error']} (is `lego up` running?)",
+            file=sys.stderr,
+        )
         return 1
     try:
         payload = json.loads(answer["body"])
@@ -165,7 +186,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 1
     out = Path(args.output)
     images = payload["data"]
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(len(images))]
+    paths = (
+        [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(len(images))]
+    )
     for path, item in zip(paths, images, strict=True):
         path.write_bytes(base64.b64decode(item["b64_json"]))
     print(
@@ -176,7 +199,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lego", description="LegoDiffusion: diffusion workflows as a mesh of services.")
+    parser = argparse.ArgumentParser(
+        prog="lego", description="LegoDiffusion: diffusion workflows as a mesh of services."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start nats-server, every model service and the gateway on this machine")
@@ -184,15 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
     up.add_argument("--nats-url", help="use this NATS server (with JetStream) instead of starting one")
     up.add_argument("--models-dir", help="local diffusers SD3 directory (default: tiny seeded models)")
-    up.add_argument("--replicas", nargs="*", default=[], metavar="SERVICE=N",
-                    help=f"replicas per service, e.g. denoiser=2 (services: {', '.join(SERVICES)})")
-    up.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: %(default)s)")
+    up.add_argument(
+        "--replicas",
+        nargs="*",
+        default=[],
+        metavar="SERVICE=N",
+        help=f"replicas per service, e.g. denoiser=2 (services: {', '.join(SERVICES)})",
+    )
+    up.add_argument(
+        "--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: %(default)s)"
+    )
     up.add_argument("--log-level", default="INFO", help="services' log level (default: %(default)s)")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="generate an image through the gateway's REST API")
     gen.add_argument("prompt", help="what to draw")
-    gen.add_argument("-o", "--output", default="out.png", help="PNG path; with --n > 1, -1, -2... are added (default: %(default)s)")
+    gen.add_argument(
+        "-o", "--output", default="out.png", help="PNG path; with --n > 1, -1, -2... are added (default: %(default)s)"
+    )
     gen.add_argument("--workflow", help="catalogue workflow (default: the server's, sd3)")
     gen.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 16 (default: %(default)s)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the server's, 28)")

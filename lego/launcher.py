@@ -55,7 +55,7 @@ class Child:
     def start(self) -> None:
         out: IO | int | None = None
         if self.log_path is not None:
-            out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+            out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
         )
@@ -147,7 +147,8 @@ class Mesh:
             "nats",
             [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
             dict(os.environ),
-            self._log_path("nats"),
+            # nats-server's banner would bury the services' logs: it always goes to a file.
+            self._log_path("nats") or self.workdir / "nats.log",
         )
         self.nats.start()
         self.nats_url = f"nats://127.0.0.1:{port}"
@@ -188,7 +189,9 @@ class Mesh:
         while time.monotonic() < give_up:
             dead = [c.name for c in self.children if not c.alive()]
             if dead:
-                raise RuntimeError(f"{', '.join(dead)} exited during start; see the log above or in {self.config.log_dir}")
+                raise RuntimeError(
+                    f"{', '.join(dead)} exited during start; see the log above or in {self.config.log_dir}"
+                )
             try:
                 r = httpx.get(f"{self.url}/readyz", timeout=2)
                 if r.status_code == 200:

@@ -76,7 +76,7 @@ class Bus:
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await self._nc.drain()
-            except Exception:  # noqa: BLE001 - closing anyway
+            except Exception:
                 await self._nc.close()
         self._nc = None
         self._js = None
@@ -195,7 +195,9 @@ class Bus:
         await self.nc.subscribe(subjects.progress_subject(gateway_id), cb=on_msg)
 
     async def publish_release(self, request_id: str) -> None:
-        await self.nc.publish(subjects.RELEASE_SUBJECT, ReleaseTensors(request_id=request_id).model_dump_json().encode())
+        await self.nc.publish(
+            subjects.RELEASE_SUBJECT, ReleaseTensors(request_id=request_id).model_dump_json().encode()
+        )
 
     async def subscribe_release(self, handler: Callable[[str], None]) -> None:
         """Call `handler(request_id)` whenever a request ends, so its tensors can be freed."""

@@ -40,7 +40,7 @@ async def announce_forever(bus: Bus, info: ReplicaInfo, stop: asyncio.Event) -> 
     while not stop.is_set():
         try:
             await kv.put(key, info.model_dump_json().encode())
-        except Exception as exc:  # noqa: BLE001 - a missed refresh must not kill the replica
+        except Exception as exc:
             log.warning("presence refresh failed: %s", exc)
         try:
             await asyncio.wait_for(stop.wait(), REFRESH_S)
@@ -48,7 +48,7 @@ async def announce_forever(bus: Bus, info: ReplicaInfo, stop: asyncio.Event) -> 
             pass
     try:
         await kv.delete(key)
-    except Exception:  # noqa: BLE001 - the TTL removes it anyway
+    except Exception:
         pass
 
 
@@ -63,7 +63,7 @@ async def live_replicas(bus: Bus) -> list[ReplicaInfo]:
     for key in keys:
         try:
             entry = await kv.get(key)
-        except Exception:  # noqa: BLE001 - expired between keys() and get()
+        except Exception:
             continue
         if entry.value:
             replicas.append(ReplicaInfo.model_validate_json(entry.value))

@@ -43,6 +43,10 @@ class ModelRunner(Protocol):
         """Compute on torch tensors; raise `BadStepInput` for input no replica could serve."""
         ...
 
+    def warm_up(self) -> None:
+        """One small call at start: the first real request should not pay one-time kernel setup."""
+        ...
+
 
 RunnerLoader = Callable[[str, Settings], ModelRunner]
 
@@ -68,7 +72,9 @@ def parse_args(spec: ServiceSpec, argv: list[str] | None = None) -> tuple[Settin
         default=os.environ.get(f"LEGO_{spec.name.upper()}_MODELS", ",".join(spec.default_models)),
         help="comma-separated model ids this process hosts (default: %(default)s)",
     )
-    parser.add_argument("--nats-url", help="NATS server with JetStream (default: $LEGO_NATS_URL or nats://127.0.0.1:4222)")
+    parser.add_argument(
+        "--nats-url", help="NATS server with JetStream (default: $LEGO_NATS_URL or nats://127.0.0.1:4222)"
+    )
     parser.add_argument("--device", help="torch device (default: $LEGO_DEVICE or cpu)")
     parser.add_argument("--models-dir", help="local diffusers SD3 directory; default: tiny seeded models")
     parser.add_argument("--transport", choices=["auto", "tcp", "shm"], help="force one tensor transport")
@@ -113,6 +119,8 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.name}-compute")
     t0 = time.perf_counter()
     runners = [await loop.run_in_executor(compute, spec.load, m, settings) for m in model_ids]
+    for runner in runners:
+        await loop.run_in_executor(compute, runner.warm_up)
     log.info("loaded %s in %.1fs", ",".join(model_ids), time.perf_counter() - t0)
 
     bus = Bus(settings, name=replica_id)

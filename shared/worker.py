@@ -69,7 +69,7 @@ class StepWorker:
                     msgs = await psub.fetch(1, timeout=FETCH_POLL_S)
                 except TimeoutError:
                     continue
-                except Exception as exc:  # noqa: BLE001 - reconnecting; try again shortly
+                except Exception as exc:
                     if stop.is_set():
                         break
                     log.warning("fetch failed (%s); retrying", exc)
@@ -80,7 +80,7 @@ class StepWorker:
         finally:
             try:
                 await psub.unsubscribe()
-            except Exception:  # noqa: BLE001 - connection may be gone already
+            except Exception:
                 pass
 
     async def process(self, msg: Msg) -> None:
@@ -110,7 +110,7 @@ class StepWorker:
             await self._answer(msg, step, _error(step, self, "bad_step_input", str(exc)))
             await msg.term()
             return
-        except Exception as exc:  # noqa: BLE001 - any fault: retry elsewhere, or give up loudly
+        except Exception as exc:
             if delivered >= self.bus.settings.max_deliver:
                 log.exception("step %s/%s failed on its last attempt", *key)
                 await self._answer(
@@ -144,7 +144,7 @@ class StepWorker:
             await asyncio.sleep(interval)
             try:
                 await msg.in_progress()
-            except Exception:  # noqa: BLE001 - a lost keepalive only risks a redelivery
+            except Exception:
                 pass
 
 

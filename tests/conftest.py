@@ -68,7 +68,7 @@ def _dump_logs(log_dir: Path) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # noqa: ANN001 - pytest hook signature
+def pytest_runtest_makereport(item, call):
     """On a failing test that used the mesh, print the tail of every service log."""
     outcome = yield
     report = outcome.get_result()

@@ -32,18 +32,42 @@ class DenoiserRunner:
             raise BadStepInput(f"denoise params must be integers {list(INT_PARAMS)} and a number guidance_scale")
         if p["height"] % 16 or p["width"] % 16:
             raise BadStepInput("height and width must be multiples of 16")
-        latents = denoise(
-            self.bundle,
-            **{name: inputs[name] for name in EMBEDDING_INPUTS},
-            height=p["height"],
-            width=p["width"],
-            num_inference_steps=p["num_inference_steps"],
-            guidance_scale=float(p["guidance_scale"]),
-            seed=p["seed"],
-            num_images=p["n"],
-            on_step=progress,
-        )
+        try:
+            latents = denoise(
+                self.bundle,
+                **{name: inputs[name] for name in EMBEDDING_INPUTS},
+                height=p["height"],
+                width=p["width"],
+                num_inference_steps=p["num_inference_steps"],
+                guidance_scale=float(p["guidance_scale"]),
+                seed=p["seed"],
+                num_images=p["n"],
+                on_step=progress,
+            )
+        except ValueError as exc:  # shapes or sizes the model cannot take: no replica could
+            raise BadStepInput(str(exc)) from exc
         return {"latents": latents}
+
+    def warm_up(self) -> None:
+        import torch
+
+        from services.denoiser.model import denoise
+
+        cfg = self.bundle.transformer.config
+        clip = torch.zeros(2, 77, 1)
+        denoise(
+            self.bundle,
+            clip_l_embeds=clip,
+            clip_l_pooled=torch.zeros(2, cfg.pooled_projection_dim // 2),
+            clip_g_embeds=clip,
+            clip_g_pooled=torch.zeros(2, cfg.pooled_projection_dim - cfg.pooled_projection_dim // 2),
+            t5_embeds=torch.zeros(2, 8, cfg.joint_attention_dim),
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            seed=0,
+        )
 
 
 def load(model_id: str, settings: Settings) -> DenoiserRunner:

@@ -42,9 +42,7 @@ def encode_clip(bundle: TextEncoderBundle, texts: list[str]) -> dict[str, torch.
     return {"embeds": torch.cat(embeds, dim=0), "pooled": torch.cat(pooled, dim=0)}
 
 
-def encode_t5(
-    bundle: TextEncoderBundle, texts: list[str], max_sequence_length: int = 256
-) -> dict[str, torch.Tensor]:
+def encode_t5(bundle: TextEncoderBundle, texts: list[str], max_sequence_length: int = 256) -> dict[str, torch.Tensor]:
     """T5 prompt embeddings: {"embeds": (n, max_sequence_length, d_model)}."""
     if bundle.kind != "t5":
         raise ValueError(f"{bundle.model_id} is a {bundle.kind} encoder, not t5")

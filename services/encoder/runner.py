@@ -27,6 +27,11 @@ class EncoderRunner:
         # Row 0 is the prompt, row 1 the negative prompt: the denoiser needs both for guidance.
         return encode(self.bundle, [prompt, negative])
 
+    def warm_up(self) -> None:
+        from services.encoder.model import encode
+
+        encode(self.bundle, ["warm up", ""])
+
 
 def load(model_id: str, settings: Settings) -> EncoderRunner:
     from shared.zoo import load_text_encoder

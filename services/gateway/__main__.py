@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="bind port (default: %(default)s)")
-    parser.add_argument("--nats-url", help="NATS server with JetStream (default: $LEGO_NATS_URL or nats://127.0.0.1:4222)")
+    parser.add_argument(
+        "--nats-url", help="NATS server with JetStream (default: $LEGO_NATS_URL or nats://127.0.0.1:4222)"
+    )
     parser.add_argument("--request-timeout", type=float, help="seconds before a request fails with 504 (default 300)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     args = parser.parse_args(argv)

@@ -57,4 +57,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, "internal_error", f"the gateway failed unexpectedly ({type(exc).__name__}); see its log")
+        return error_response(
+            500, "internal_error", f"the gateway failed unexpectedly ({type(exc).__name__}); see its log"
+        )

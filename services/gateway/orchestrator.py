@@ -45,6 +45,7 @@ class RequestState:
     done: set[str] = field(default_factory=set)
     outputs: dict[str, dict[str, TensorRef]] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)  # node -> replica that ran it
+    compute_s: dict[str, float] = field(default_factory=dict)  # node -> seconds in the model
     step: int = 0
     total_steps: int = 0
     error: ErrorInfo | None = None
@@ -142,6 +143,7 @@ class Orchestrator:
         if state is None or state.status != "running" or result.node_id in state.done:
             return  # unknown, finished, or a duplicate: results are idempotent
         state.replicas[result.node_id] = result.replica_id
+        state.compute_s[result.node_id] = round(result.compute_s, 4)
         if not result.ok:
             self._fail(state, result.error or ErrorInfo(code="step_failed", message="a step failed"))
             return

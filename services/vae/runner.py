@@ -25,6 +25,13 @@ class VaeRunner:
             raise BadStepInput("vae_decode needs a 4-D 'latents' input (batch, channels, h, w)")
         return {"images": decode(self.bundle, latents)}
 
+    def warm_up(self) -> None:
+        import torch
+
+        from services.vae.model import decode
+
+        decode(self.bundle, torch.zeros(1, self.bundle.vae.config.latent_channels, 8, 8))
+
 
 def load(model_id: str, settings: Settings) -> VaeRunner:
     from shared.zoo import load_vae

@@ -39,11 +39,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self._fail(
-            ConnectionError(
-                f"connection to producer lost: {exc}" if exc else "producer closed the connection"
-            )
-        )
+        self._fail(ConnectionError(f"connection to producer lost: {exc}" if exc else "producer closed the connection"))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload_view is not None:

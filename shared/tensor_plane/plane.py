@@ -186,9 +186,7 @@ class TensorPlane:
             raise TensorUnavailable(ref.key, f"refused by {ref.uri}: {reply.get('error', 'no reason given')}")
         name = str(reply.get("shm"))
         if reply.get("nbytes") != ref.nbytes:
-            raise TensorUnavailable(
-                ref.key, f"producer reports {reply.get('nbytes')} bytes, ref says {ref.nbytes}"
-            )
+            raise TensorUnavailable(ref.key, f"producer reports {reply.get('nbytes')} bytes, ref says {ref.nbytes}")
         try:
             view = map_segment(name, ref.nbytes)
         except (OSError, ValueError) as exc:

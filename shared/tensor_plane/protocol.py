@@ -25,7 +25,7 @@ def decode_header(line: bytes | bytearray) -> dict[str, Any]:
     """Parse one header line; ValueError when it is not a JSON object."""
     obj = json.loads(line)
     if not isinstance(obj, dict):
-        raise ValueError("header is not a JSON object")  # noqa: TRY004 - callers handle one error type
+        raise ValueError("header is not a JSON object")
     return obj
 
 

@@ -68,9 +68,7 @@ class RawTensor:
         expected = math.prod(shape) * itemsize(self.dtype)
         got = byte_view(self.data).nbytes
         if got != expected:
-            raise ValueError(
-                f"{got} bytes of data for a {self.dtype} tensor of shape {shape} ({expected} bytes)"
-            )
+            raise ValueError(f"{got} bytes of data for a {self.dtype} tensor of shape {shape} ({expected} bytes)")
 
     @property
     def nbytes(self) -> int:
@@ -91,9 +89,7 @@ class RawTensor:
         arr = np.asarray(arr)
         name = arr.dtype.name
         if name not in _DTYPES or _DTYPES[name][0] is None:
-            raise ValueError(
-                f"numpy dtype {arr.dtype} is not one the tensor plane carries ({sorted(_DTYPES)})"
-            )
+            raise ValueError(f"numpy dtype {arr.dtype} is not one the tensor plane carries ({sorted(_DTYPES)})")
         if not arr.dtype.isnative:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         shape = arr.shape

@@ -47,9 +47,7 @@ class TensorServer:
                 try:
                     line = await reader.readline()
                 except ValueError:  # header longer than MAX_HEADER
-                    writer.write(
-                        encode_header({"ok": False, "code": "bad_request", "error": "header too long"})
-                    )
+                    writer.write(encode_header({"ok": False, "code": "bad_request", "error": "header too long"}))
                     break
                 if not line.endswith(b"\n"):
                     break  # EOF (a pooled client going away)

@@ -33,9 +33,7 @@ def to_raw(t: torch.Tensor) -> RawTensor:
     """
     name = _NAMES.get(t.dtype)
     if name is None:
-        raise ValueError(
-            f"torch dtype {t.dtype} is not carried by the tensor plane ({sorted(_TORCH_DTYPES)})"
-        )
+        raise ValueError(f"torch dtype {t.dtype} is not carried by the tensor plane ({sorted(_TORCH_DTYPES)})")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()

@@ -169,11 +169,7 @@ def ensure_tiny_dir(cache_dir: str | os.PathLike[str]) -> Path:
     if is_built(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(
-        tempfile.mkdtemp(
-            prefix=f".{TINY_DIR_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-", dir=final.parent
-        )
-    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_DIR_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-", dir=final.parent))
     try:
         pipe = build_tiny_pipeline()
         pipe.save_pretrained(tmp, safe_serialization=True)

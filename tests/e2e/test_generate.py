@@ -15,7 +15,9 @@ from tests.imaging import assert_images_match, png_to_array
 PROMPT = "a watercolor fox in the snow"
 
 
-def reference_images(pipe, *, prompt, negative_prompt="", width, height, steps, guidance, seed, n=1) -> list[np.ndarray]:
+def reference_images(
+    pipe, *, prompt, negative_prompt="", width, height, steps, guidance, seed, n=1
+) -> list[np.ndarray]:
     out = pipe(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -58,8 +60,15 @@ def test_image_equals_diffusers_pipeline(mesh, reference_pipeline, size, steps, 
     assert len(body["data"]) == n
     width, height = (int(v) for v in size.split("x"))
     want = reference_images(
-        reference_pipeline, prompt=PROMPT, negative_prompt=negative, width=width, height=height,
-        steps=steps, guidance=guidance, seed=seed, n=n,
+        reference_pipeline,
+        prompt=PROMPT,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        n=n,
     )
     for item, expected in zip(body["data"], want, strict=True):
         got = png_to_array(item["b64_json"])
@@ -109,9 +118,27 @@ def test_request_status_after_completion(mesh):
 def test_lego_generate_cli_writes_png(mesh, tmp_path):
     out = tmp_path / "cli.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "lego.cli", "generate", "a lighthouse", "-o", str(out), "--size", "96x64",
-         "--steps", "3", "--seed", "5", "--url", mesh.url, "--progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lego.cli",
+            "generate",
+            "a lighthouse",
+            "-o",
+            str(out),
+            "--size",
+            "96x64",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--url",
+            mesh.url,
+            "--progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout

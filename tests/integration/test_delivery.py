@@ -68,7 +68,11 @@ def test_killing_the_computing_denoiser_still_completes_the_request(mesh, refere
     assert answer.get("status") == 200, answer
     # Redelivered to the surviving replica: the same image as diffusers gives.
     out = reference_pipeline(
-        prompt=PROMPT, height=256, width=256, num_inference_steps=40, guidance_scale=5.0,
+        prompt=PROMPT,
+        height=256,
+        width=256,
+        num_inference_steps=40,
+        guidance_scale=5.0,
         generator=torch.Generator("cpu").manual_seed(99),
     )
     assert_images_match(png_to_array(answer["json"]["data"][0]["b64_json"]), np.asarray(out.images[0]))

@@ -8,7 +8,9 @@ from pydantic import ValidationError
 from services.gateway.schemas import ImageGenerationRequest, parse_size
 
 
-@pytest.mark.parametrize(("size", "expected"), [("512x512", (512, 512)), ("64x1024", (64, 1024)), ("192x128", (192, 128))])
+@pytest.mark.parametrize(
+    ("size", "expected"), [("512x512", (512, 512)), ("64x1024", (64, 1024)), ("192x128", (192, 128))]
+)
 def test_sizes_parse_as_width_by_height(size, expected):
     assert parse_size(size) == expected
 
@@ -22,7 +24,11 @@ def test_bad_sizes_are_refused(size):
 def test_defaults_are_sane():
     req = ImageGenerationRequest(prompt="a cat")
     assert (req.n, req.size, req.response_format, req.num_inference_steps, req.guidance_scale) == (
-        1, "512x512", "b64_json", 28, 7.0
+        1,
+        "512x512",
+        "b64_json",
+        28,
+        7.0,
     )
 
 

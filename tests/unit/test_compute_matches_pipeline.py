@@ -89,16 +89,12 @@ CASES = [
     pytest.param("a photo of a cat on a chair", "", 64, 64, 1, 4, 7.0, 0, id="64x64-n1-cfg7"),
     pytest.param("a red car in the rain, cinematic", "", 128, 96, 2, 3, 5.0, 42, id="128x96-n2-nonsquare"),
     pytest.param("a castle on a hill 🏰", "", 64, 96, 2, 3, 1.0, 7, id="no-cfg-guidance1"),
-    pytest.param(
-        "portrait of a woman", "blurry, low quality, watermark", 96, 64, 1, 3, 4.5, 3, id="negative"
-    ),
+    pytest.param("portrait of a woman", "blurry, low quality, watermark", 96, 64, 1, 3, 4.5, 3, id="negative"),
 ]
 
 
 @pytest.mark.parametrize("prompt,negative,height,width,n,steps,guidance,seed", CASES)
-def test_mesh_chain_equals_pipeline(
-    zoo: Zoo, prompt, negative, height, width, n, steps, guidance, seed
-) -> None:
+def test_mesh_chain_equals_pipeline(zoo: Zoo, prompt, negative, height, width, n, steps, guidance, seed) -> None:
     kw = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance}
     kw |= {"seed": seed, "num_images": n}
     calls: list[tuple[int, int]] = []
@@ -111,9 +107,7 @@ def test_mesh_chain_equals_pipeline(
     ref = np.stack([np.asarray(im.convert("RGB")) for im in ref_images])
     diff = np.abs(pixels.numpy().astype(np.int16) - ref.astype(np.int16))
     identical = float((diff == 0).mean())
-    print(
-        f"{height}x{width} n={n} steps={steps} g={guidance}: max diff {diff.max()}, identical {identical:.4%}"
-    )
+    print(f"{height}x{width} n={n} steps={steps} g={guidance}: max diff {diff.max()}, identical {identical:.4%}")
     assert diff.max() <= 1
     assert identical >= 0.99
     # Not required by the oracle, but what this code achieves; a regression here deserves a look.

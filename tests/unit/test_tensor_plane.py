@@ -49,8 +49,7 @@ def make_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> to
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     assert a.dtype == b.dtype and a.shape == b.shape
     return (
-        a.contiguous().reshape(-1).view(torch.uint8).tolist()
-        == b.contiguous().reshape(-1).view(torch.uint8).tolist()
+        a.contiguous().reshape(-1).view(torch.uint8).tolist() == b.contiguous().reshape(-1).view(torch.uint8).tolist()
     )
 
 
@@ -222,8 +221,7 @@ async def test_put_from_many_threads(make_plane):
     def work(i: int):
         barrier.wait()
         return [
-            (i, j, producer.put(RawTensor.from_numpy(np.full(300, i * 100 + j, np.int64)), f"o{i}"))
-            for j in range(10)
+            (i, j, producer.put(RawTensor.from_numpy(np.full(300, i * 100 + j, np.int64)), f"o{i}")) for j in range(10)
         ]
 
     with ThreadPoolExecutor(8) as pool:

@@ -80,9 +80,7 @@ def test_layout_and_bundles(settings: Settings) -> None:
     assert type(den.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert den.scheduler.config.shift == 3.0
     cfg = den.transformer.config
-    assert (
-        cfg.pooled_projection_dim == clip_l.model.config.projection_dim + clip_g.model.config.projection_dim
-    )
+    assert cfg.pooled_projection_dim == clip_l.model.config.projection_dim + clip_g.model.config.projection_dim
     assert cfg.joint_attention_dim == t5.model.config.d_model
     assert clip_l.model.config.hidden_size + clip_g.model.config.hidden_size <= t5.model.config.d_model
     vae = load_vae("sd3-vae", settings).vae
@@ -143,7 +141,7 @@ def test_concurrent_processes_build_one_identical_cache(settings: Settings, tmp_
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
         assert out.strip() == str(tmp_path / tiny.TINY_DIR_NAME)
     assert [p.name for p in tmp_path.iterdir()] == [tiny.TINY_DIR_NAME]
@@ -183,9 +181,7 @@ def test_tokenizers_handle_odd_input(settings: Settings, model_id: str) -> None:
     tok = bundle.tokenizer
     length = 77 if bundle.kind == "clip" else 256
     for text in ODD_PROMPTS:
-        ids = tok(
-            [text], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        ).input_ids
+        ids = tok([text], padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         assert ids.shape == (1, length)
         assert int(ids.max()) < bundle.model.config.vocab_size
         if bundle.kind == "clip":

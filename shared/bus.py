@@ -9,6 +9,7 @@ a second result. Progress and tensor-release notices are best-effort core NATS m
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -61,6 +62,9 @@ class Bus:
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
                     allow_reconnect=True,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
                 )
                 break
             except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
@@ -71,6 +75,15 @@ class Bus:
                     ) from exc
                 await asyncio.sleep(0.2)
         self._js = self._nc.jetstream(timeout=10)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("nats: %s: %s", type(exc).__name__, exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("nats: disconnected from %s; reconnecting", self.settings.nats_url)
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats: reconnected")
 
     async def close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
@@ -144,12 +157,27 @@ class Bus:
 
     # -- steps and results -------------------------------------------------------------------
 
-    async def publish_step(self, step: StepRequest, headers: dict[str, str] | None = None) -> None:
+    async def publish_step(self, step: StepRequest, headers: dict[str, str] | None = None) -> int:
+        """Publish a step; returns its stream sequence (named by max-delivery advisories)."""
         hdrs = {NATS_MSG_ID: subjects.step_msg_id(step.request_id, step.node_id, step.attempt)}
         hdrs.update(headers or {})
-        await self.js.publish(
+        ack = await self.js.publish(
             subjects.step_subject(step.kind, step.model_id), step.model_dump_json().encode(), headers=hdrs
         )
+        return ack.seq
+
+    async def subscribe_exhausted_steps(self, handler: Callable[[int, int], Awaitable[None]]) -> None:
+        """Call `handler(stream_seq, deliveries)` when JetStream gives up on a step after MaxDeliver
+        (e.g. every replica that took it died): the gateway turns that into an error, not a hang."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                event = json.loads(msg.data)
+                await handler(int(event["stream_seq"]), int(event.get("deliveries", 0)))
+            except (ValueError, KeyError, TypeError):
+                log.warning("dropping malformed max-deliveries advisory")
+
+        await self.nc.subscribe(subjects.max_deliveries_advisory(), cb=on_msg)
 
     async def publish_result(self, subject: str, result: StepResult) -> bool:
         """Publish a node's result once; False when JetStream saw this node's result already."""

@@ -39,6 +39,11 @@ def progress_subject(gateway_id: str) -> str:
     return f"lego.progress.{_check_token(gateway_id, 'gateway id')}"
 
 
+def max_deliveries_advisory() -> str:
+    """JetStream's advisory when a step consumer gives up on a message after MaxDeliver."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STEP_STREAM}.*"
+
+
 def step_msg_id(request_id: str, node_id: str, attempt: int) -> str:
     """`Nats-Msg-Id` of a step publish: JetStream drops a second publish of the same attempt."""
     return f"{request_id}:{node_id}:{attempt}"

@@ -76,3 +76,35 @@ def pytest_runtest_makereport(item, call):
         m = item.funcargs.get("mesh")
         if m is not None and m.config.log_dir:
             _dump_logs(m.config.log_dir)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[str]:
+    """A private nats-server with JetStream on a free port, for bus-level tests."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from lego.launcher import nats_server_binary
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        give_up = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < give_up, "nats-server did not start"
+                time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -46,6 +46,7 @@ class RequestState:
     outputs: dict[str, dict[str, TensorRef]] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)  # node -> replica that ran it
     compute_s: dict[str, float] = field(default_factory=dict)  # node -> seconds in the model
+    step_seqs: list[int] = field(default_factory=list)  # stream sequences of published steps
     step: int = 0
     total_steps: int = 0
     error: ErrorInfo | None = None
@@ -65,10 +66,12 @@ class Orchestrator:
         self.settings = settings
         self.gateway_id = settings.gateway_id
         self.requests: OrderedDict[str, RequestState] = OrderedDict()
+        self._step_seqs: dict[int, tuple[str, str]] = {}  # stream seq -> (request, node) in flight
 
     async def start(self) -> None:
         await self.bus.subscribe_results(self.gateway_id, self._on_result)
         await self.bus.subscribe_progress(self.gateway_id, self._on_progress)
+        await self.bus.subscribe_exhausted_steps(self._on_exhausted)
 
     def get(self, request_id: str) -> RequestState | None:
         return self.requests.get(request_id)
@@ -105,6 +108,8 @@ class Orchestrator:
             )
             raise
         finally:
+            for seq in state.step_seqs:
+                self._step_seqs.pop(seq, None)
             await self.bus.publish_release(request_id)
 
     def _remember(self, state: RequestState) -> None:
@@ -136,7 +141,9 @@ class Orchestrator:
                 deadline=state.deadline,
             )
             state.started.add(node.id)
-            await self.bus.publish_step(step)
+            seq = await self.bus.publish_step(step)
+            self._step_seqs[seq] = (state.request_id, node.id)
+            state.step_seqs.append(seq)
 
     async def _on_result(self, result: StepResult) -> None:
         state = self.requests.get(result.request_id)
@@ -155,6 +162,13 @@ class Orchestrator:
             state.finished.set_result(None)
             return
         await self._advance(state)
+
+    async def _on_exhausted(self, seq: int, deliveries: int) -> None:
+        request_id, node_id = self._step_seqs.pop(seq, ("", ""))
+        state = self.requests.get(request_id)
+        if state is not None and node_id not in state.done:
+            message = f"step {node_id!r} was delivered {deliveries} times and never finished (its replicas died)"
+            self._fail(state, ErrorInfo(code="step_exhausted", message=message, retryable=True))
 
     async def _on_progress(self, progress: StepProgress) -> None:
         state = self.requests.get(progress.request_id)

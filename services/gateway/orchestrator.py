@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,17 +36,23 @@ class RequestFailed(Exception):
 
 @dataclass
 class RequestState:
+    """One request. `request_id` is the client's handle; `run_id` names this run on the bus, so a
+    client re-sending the same id never collides with JetStream's dedupe of an earlier run."""
+
     request_id: str
     workflow: WorkflowSpec
     params: dict[str, Any]
     deadline: float
     created: float = field(default_factory=time.time)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: Literal["running", "succeeded", "failed"] = "running"
     started: set[str] = field(default_factory=set)
     done: set[str] = field(default_factory=set)
     outputs: dict[str, dict[str, TensorRef]] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)  # node -> replica that ran it
     compute_s: dict[str, float] = field(default_factory=dict)  # node -> seconds in the model
+    wall_s: dict[str, float] = field(default_factory=dict)  # node -> publish-to-result seconds
+    published_at: dict[str, float] = field(default_factory=dict)
     step_seqs: list[int] = field(default_factory=list)  # stream sequences of published steps
     step: int = 0
     total_steps: int = 0
@@ -65,7 +72,8 @@ class Orchestrator:
         self.plane = plane
         self.settings = settings
         self.gateway_id = settings.gateway_id
-        self.requests: OrderedDict[str, RequestState] = OrderedDict()
+        self.requests: OrderedDict[str, RequestState] = OrderedDict()  # by client id, for status
+        self.runs: dict[str, RequestState] = {}  # by run id, while running
         self._step_seqs: dict[int, tuple[str, str]] = {}  # stream seq -> (request, node) in flight
 
     async def start(self) -> None:
@@ -87,6 +95,7 @@ class Orchestrator:
             deadline=time.time() + self.settings.request_timeout_s,
         )
         self._remember(state)
+        self.runs[state.run_id] = state
         try:
             await self._advance(state)
             await asyncio.wait_for(asyncio.shield(state.finished), timeout=max(0.0, state.deadline - time.time()))
@@ -110,7 +119,8 @@ class Orchestrator:
         finally:
             for seq in state.step_seqs:
                 self._step_seqs.pop(seq, None)
-            await self.bus.publish_release(request_id)
+            self.runs.pop(state.run_id, None)
+            await self.bus.publish_release(state.run_id)
 
     def _remember(self, state: RequestState) -> None:
         self.requests[state.request_id] = state
@@ -130,7 +140,7 @@ class Orchestrator:
                 self._fail(state, ErrorInfo(code="workflow_error", message=str(exc)))
                 return
             step = StepRequest(
-                request_id=state.request_id,
+                request_id=state.run_id,
                 node_id=node.id,
                 kind=node.kind,
                 model_id=node.model,
@@ -141,16 +151,18 @@ class Orchestrator:
                 deadline=state.deadline,
             )
             state.started.add(node.id)
+            state.published_at[node.id] = time.perf_counter()
             seq = await self.bus.publish_step(step)
-            self._step_seqs[seq] = (state.request_id, node.id)
+            self._step_seqs[seq] = (state.run_id, node.id)
             state.step_seqs.append(seq)
 
     async def _on_result(self, result: StepResult) -> None:
-        state = self.requests.get(result.request_id)
+        state = self.runs.get(result.request_id)
         if state is None or state.status != "running" or result.node_id in state.done:
             return  # unknown, finished, or a duplicate: results are idempotent
         state.replicas[result.node_id] = result.replica_id
         state.compute_s[result.node_id] = round(result.compute_s, 4)
+        state.wall_s[result.node_id] = round(time.perf_counter() - state.published_at[result.node_id], 4)
         if not result.ok:
             self._fail(state, result.error or ErrorInfo(code="step_failed", message="a step failed"))
             return
@@ -164,14 +176,14 @@ class Orchestrator:
         await self._advance(state)
 
     async def _on_exhausted(self, seq: int, deliveries: int) -> None:
-        request_id, node_id = self._step_seqs.pop(seq, ("", ""))
-        state = self.requests.get(request_id)
+        run_id, node_id = self._step_seqs.pop(seq, ("", ""))
+        state = self.runs.get(run_id)
         if state is not None and node_id not in state.done:
             message = f"step {node_id!r} was delivered {deliveries} times and never finished (its replicas died)"
             self._fail(state, ErrorInfo(code="step_exhausted", message=message, retryable=True))
 
     async def _on_progress(self, progress: StepProgress) -> None:
-        state = self.requests.get(progress.request_id)
+        state = self.runs.get(progress.request_id)
         if state is not None and state.status == "running":
             state.step, state.total_steps = progress.step, progress.total
             state.replicas[progress.node_id] = progress.replica_id

@@ -112,6 +112,7 @@ class RequestStatus(BaseModel):
     nodes: dict[str, str]
     replicas: dict[str, str] = Field(default_factory=dict, description="node -> replica that ran it")
     compute_s: dict[str, float] = Field(default_factory=dict, description="node -> seconds spent in the model")
+    wall_s: dict[str, float] = Field(default_factory=dict, description="node -> seconds from publish to result")
     step: int = 0
     total_steps: int = 0
     elapsed_s: float

@@ -145,3 +145,34 @@ def test_lego_generate_cli_writes_png(mesh, tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (96, 64)
+
+
+def test_reusing_a_request_id_runs_again_instead_of_hanging(mesh):
+    body = {"prompt": PROMPT, "size": "64x64", "num_inference_steps": 2, "seed": 3}
+    for _ in range(2):
+        r = httpx.post(
+            f"{mesh.url}/v1/images/generations", json=body, headers={"X-Request-Id": "reused-id"}, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["request_id"] == "reused-id"
+
+
+def test_concurrent_requests_each_get_their_own_image(mesh, reference_pipeline):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [("64x64", 11, "a red apple"), ("96x64", 12, "a blue car"), ("64x128", 13, "a green tree")]
+
+    def call(case):
+        size, seed, prompt = case
+        body = {"prompt": prompt, "size": size, "num_inference_steps": 3, "seed": seed, "guidance_scale": 6.0}
+        return httpx.post(f"{mesh.url}/v1/images/generations", json=body, timeout=300)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(call, cases))
+    for (size, seed, prompt), r in zip(cases, responses, strict=True):
+        assert r.status_code == 200, r.text
+        width, height = (int(v) for v in size.split("x"))
+        [want] = reference_images(
+            reference_pipeline, prompt=prompt, width=width, height=height, steps=3, guidance=6.0, seed=seed
+        )
+        assert_images_match(png_to_array(r.json()["data"][0]["b64_json"]), want)

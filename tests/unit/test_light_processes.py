@@ -1,0 +1,25 @@
+"""The gateway moves references, not tensors: it must not import torch or diffusers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_gateway_imports_no_torch_or_diffusers():
+    code = (
+        "import sys, services.gateway.app, services.gateway.__main__, lego.cli; "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"gateway imported {proc.stdout.strip()} {proc.stderr[-500:]}"
+
+
+def test_every_entry_point_has_help():
+    for module in ("services.gateway", "services.encoder", "services.denoiser", "services.vae", "lego.cli"):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "usage:" in proc.stdout and "--" in proc.stdout

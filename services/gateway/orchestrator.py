@@ -132,7 +132,8 @@ class Orchestrator:
             del self.requests[oldest_id]
 
     async def _advance(self, state: RequestState) -> None:
-        """Publish every node whose inputs are ready."""
+        """Publish every node whose inputs are ready, concurrently (parallel branches start together)."""
+        steps = []
         for node in ready_nodes(state.workflow, state.done, state.started):
             try:
                 inputs = wire_inputs(node, state.outputs)
@@ -152,8 +153,10 @@ class Orchestrator:
             )
             state.started.add(node.id)
             state.published_at[node.id] = time.perf_counter()
-            seq = await self.bus.publish_step(step)
-            self._step_seqs[seq] = (state.run_id, node.id)
+            steps.append(step)
+        seqs = await asyncio.gather(*(self.bus.publish_step(step) for step in steps))
+        for step, seq in zip(steps, seqs, strict=True):
+            self._step_seqs[seq] = (state.run_id, step.node_id)
             state.step_seqs.append(seq)
 
     async def _on_result(self, result: StepResult) -> None:

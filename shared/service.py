@@ -13,16 +13,14 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shared.bus import Bus
-from shared.compute import MainThreadExecutor
 from shared.logs import setup_logging
 from shared.messages import ReplicaInfo, StepKind, StepProgress, StepRequest, StepResult, TensorRef
 from shared.presence import announce_forever
@@ -96,67 +94,29 @@ def parse_args(spec: ServiceSpec, argv: list[str] | None = None) -> tuple[Settin
 
 
 def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
-    """Event loop on a background thread, model compute on the main thread (see shared.compute).
-
-    SIGTERM/SIGINT stop fetching; the step in hand is finished and acked before exit."""
     settings, models = parse_args(spec, argv)
     setup_logging(spec.name, settings.log_level)
+    try:
+        asyncio.run(serve(spec, settings, models))
+    except KeyboardInterrupt:
+        pass
+
+
+async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> None:
+    """Run until SIGTERM/SIGINT; the step in hand is finished and acked before exit."""
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    compute = MainThreadExecutor()
-    stop = _StopSignal()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    failure: list[BaseException] = []
-
-    def event_loop() -> None:
-        try:
-            asyncio.run(serve(spec, settings, models, compute, stop))
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            compute.shutdown()
-
-    loop_thread = threading.Thread(target=event_loop, name=f"{spec.name}-loop")
-    loop_thread.start()
-    compute.run_until_shutdown()
-    loop_thread.join()
-    if failure:
-        log.error("%s failed: %s", spec.name, failure[0])
-        raise SystemExit(1)
-
-
-class _StopSignal:
-    """Bridges a signal (main thread) to an asyncio.Event (loop thread), early signals included."""
-
-    def __init__(self) -> None:
-        self._requested = False
-        self._event: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def bind(self) -> asyncio.Event:
-        self._loop = asyncio.get_running_loop()
-        self._event = asyncio.Event()
-        if self._requested:
-            self._event.set()
-        return self._event
-
-    def set(self) -> None:
-        self._requested = True
-        if self._loop is not None and self._event is not None:
-            self._loop.call_soon_threadsafe(self._event.set)
-
-
-async def serve(
-    spec: ServiceSpec, settings: Settings, model_ids: list[str], compute: Executor, stop_signal: _StopSignal
-) -> None:
-    stop = stop_signal.bind()
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
     replica_id = f"{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}".replace(".", "-")
-    # One compute thread (the main one): torch work never runs on the event loop, and models
-    # hosted by one process take turns instead of fighting over the same cores.
+    # One compute thread: torch work never runs on the event loop, and models in one process
+    # take turns instead of fighting over the same cores.
+    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.name}-compute")
     t0 = time.perf_counter()
     runners = [await loop.run_in_executor(compute, spec.load, m, settings) for m in model_ids]
     for runner in runners:
@@ -192,13 +152,14 @@ async def serve(
     await asyncio.gather(*tasks, return_exceptions=True)
     await bus.close()
     await plane.close()
+    compute.shutdown(wait=False, cancel_futures=True)
     log.info("stopped")
 
 
 class _StepHandler:
     """Pulls a step's input tensors, runs the model off the loop, publishes outputs as refs."""
 
-    def __init__(self, runner: ModelRunner, plane: TensorPlane, bus: Bus, compute: Executor, replica_id: str):
+    def __init__(self, runner: ModelRunner, plane: TensorPlane, bus: Bus, compute: ThreadPoolExecutor, replica_id: str):
         self.runner = runner
         self.plane = plane
         self.bus = bus

@@ -8,27 +8,10 @@ import sys
 import httpx
 import numpy as np
 import pytest
-import torch
 
-from tests.imaging import assert_images_match, png_to_array
+from tests.oracle import assert_images_match, png_to_array, reference_images
 
 PROMPT = "a watercolor fox in the snow"
-
-
-def reference_images(
-    pipe, *, prompt, negative_prompt="", width, height, steps, guidance, seed, n=1
-) -> list[np.ndarray]:
-    out = pipe(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        num_images_per_prompt=n,
-    )
-    return [np.asarray(img.convert("RGB")) for img in out.images]
 
 
 @pytest.mark.parametrize(

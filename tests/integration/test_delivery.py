@@ -11,15 +11,13 @@ import time
 import uuid
 
 import httpx
-import numpy as np
-import torch
 
 from shared.bus import Bus
 from shared.messages import StepKind, StepRequest, StepResult
 from shared.presence import live_replicas
 from shared.settings import Settings
 from shared.subjects import result_subject
-from tests.imaging import assert_images_match, png_to_array
+from tests.oracle import assert_images_match, png_to_array, reference_images
 
 PROMPT = "a castle on a hill, crash test"
 
@@ -41,7 +39,7 @@ def test_killing_the_computing_denoiser_still_completes_the_request(mesh, refere
     pids = asyncio.run(_denoiser_pids(mesh))
     assert len(pids) == 2, f"expected two denoiser replicas, presence shows {pids}"
     request_id = f"crash-{uuid.uuid4().hex[:8]}"
-    body = {"prompt": PROMPT, "size": "256x256", "num_inference_steps": 40, "seed": 99, "guidance_scale": 5.0}
+    body = {"prompt": PROMPT, "size": "256x256", "num_inference_steps": 60, "seed": 99, "guidance_scale": 5.0}
     answer: dict = {}
 
     def post() -> None:
@@ -67,15 +65,8 @@ def test_killing_the_computing_denoiser_still_completes_the_request(mesh, refere
     t.join(300)
     assert answer.get("status") == 200, answer
     # Redelivered to the surviving replica: the same image as diffusers gives.
-    out = reference_pipeline(
-        prompt=PROMPT,
-        height=256,
-        width=256,
-        num_inference_steps=40,
-        guidance_scale=5.0,
-        generator=torch.Generator("cpu").manual_seed(99),
-    )
-    assert_images_match(png_to_array(answer["json"]["data"][0]["b64_json"]), np.asarray(out.images[0]))
+    [want] = reference_images(reference_pipeline, prompt=PROMPT, width=256, height=256, steps=60, guidance=5.0, seed=99)
+    assert_images_match(png_to_array(answer["json"]["data"][0]["b64_json"]), want)
     status = httpx.get(f"{mesh.url}/v1/requests/{request_id}", timeout=10).json()
     assert status["replicas"]["denoise"] != next(k for k, v in pids.items() if v == victim)
     mesh.restart_dead()  # give later tests their second replica back

@@ -22,6 +22,7 @@ from services.encoder.model import encode, encode_clip, encode_t5
 from services.vae.model import decode
 from shared.settings import Settings
 from shared.zoo import build_reference_pipeline, load_denoiser, load_text_encoder, load_vae
+from tests.oracle import reference_images
 
 
 @dataclass
@@ -72,17 +73,18 @@ def _reference(
     num_images,
     output_type="pil",
 ):
-    return zoo.pipe(
+    return reference_images(
+        zoo.pipe,
         prompt=prompt,
         negative_prompt=negative,
-        height=height,
         width=width,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        num_images_per_prompt=num_images,
+        height=height,
+        steps=num_inference_steps,
+        guidance=guidance_scale,
+        seed=seed,
+        n=num_images,
         output_type=output_type,
-    ).images
+    )
 
 
 CASES = [

@@ -227,7 +227,7 @@ class Bus:
             subjects.RELEASE_SUBJECT, ReleaseTensors(request_id=request_id).model_dump_json().encode()
         )
 
-    async def subscribe_release(self, handler: Callable[[str], None]) -> None:
+    async def subscribe_release(self, handler: Callable[[str], object]) -> None:
         """Call `handler(request_id)` whenever a request ends, so its tensors can be freed."""
 
         async def on_msg(msg: Msg) -> None:

@@ -79,7 +79,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._protocol_error("producer sent more bytes than announced")
                 return
             self._payload = np.empty(n, dtype=np.uint8)
-            view = memoryview(self._payload)
+            view = self._payload.data
             view[: len(rest)] = rest
             self._pos = len(rest)
             rest.release()

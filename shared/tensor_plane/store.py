@@ -56,6 +56,7 @@ class TensorStore:
         src = raw.buffer()
         segment = create_segment(raw.nbytes) if self.use_shm else None
         if segment is not None:
+            assert segment.buf is not None  # a freshly created segment is always mapped
             data = segment.buf[: raw.nbytes]
             data[:] = src
         else:

@@ -36,6 +36,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"lego up: {exc}", file=sys.stderr)
         return 2
+    if not _port_free(args.host, args.port):
+        print(f"lego up: {args.host}:{args.port} is in use; stop what holds it or pass --port", file=sys.stderr)
+        return 1
     env = {"LEGO_LOG_LEVEL": args.log_level}
     if args.models_dir:
         env["LEGO_MODELS_DIR"] = str(Path(args.models_dir).resolve())

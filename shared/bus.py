@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from shared import subjects
 from shared.messages import ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
@@ -98,6 +99,15 @@ class Bus:
 
     async def ensure_streams(self) -> None:
         """Create (or update) the step and result streams; idempotent, safe from every process."""
+        try:
+            await self._ensure_streams()
+        except (ServiceUnavailableError, NoRespondersError) as exc:
+            raise ConnectionError(
+                f"NATS at {self.settings.nats_url} has no JetStream: start nats-server with -js "
+                "(lego up does) or point --nats-url at one that has it"
+            ) from exc
+
+    async def _ensure_streams(self) -> None:
         s = self.settings
         await self._ensure_stream(
             api.StreamConfig(

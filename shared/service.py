@@ -100,6 +100,9 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
         asyncio.run(serve(spec, settings, models))
     except KeyboardInterrupt:
         pass
+    except ConnectionError as exc:  # no NATS / no JetStream: one clear line, not a traceback
+        log.error("%s", exc)
+        raise SystemExit(1) from None
 
 
 async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> None:
@@ -117,15 +120,14 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
     # One compute thread: torch work never runs on the event loop, and models in one process
     # take turns instead of fighting over the same cores.
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.name}-compute")
+    bus = Bus(settings, name=replica_id)
+    await bus.connect()  # first: a missing NATS fails in seconds, not after loading models
+    await bus.ensure_streams()
     t0 = time.perf_counter()
     runners = [await loop.run_in_executor(compute, spec.load, m, settings) for m in model_ids]
     for runner in runners:
         await loop.run_in_executor(compute, runner.warm_up)
     log.info("loaded %s in %.1fs", ",".join(model_ids), time.perf_counter() - t0)
-
-    bus = Bus(settings, name=replica_id)
-    await bus.connect()
-    await bus.ensure_streams()
     plane = TensorPlane(settings)
     await plane.start()
     await bus.subscribe_release(plane.release)

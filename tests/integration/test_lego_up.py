@@ -1,4 +1,5 @@
-"""`lego up` starts everything and Ctrl-C (SIGINT) stops everything: no process left behind."""
+"""`lego up` starts everything, restarts a service that dies, and Ctrl-C (SIGINT) stops
+everything: no process left behind."""
 
 from __future__ import annotations
 
@@ -65,6 +66,20 @@ def test_lego_up_serves_then_sigint_stops_every_child(model_cache, tmp_path):
             timeout=120,
         )
         assert r.status_code == 200, r.text
+        # A service that dies is started again by `lego up`, and the mesh serves on.
+        vae = next(c for c in children if b"services.vae" in Path(f"/proc/{c}/cmdline").read_bytes())
+        os.kill(vae, signal.SIGKILL)
+        give_up = time.monotonic() + 120
+        while time.monotonic() < give_up and b"restarted it" not in (tmp_path / "up.log").read_bytes():
+            time.sleep(0.2)
+        assert b"vae-0 exited unexpectedly; restarted it" in (tmp_path / "up.log").read_bytes()
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/images/generations",
+            json={"prompt": "a boat again", "size": "64x64", "num_inference_steps": 2},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        children = _children(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         give_up = time.monotonic() + 30

@@ -62,6 +62,7 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
+                    drain_timeout=5,  # shutdown must not hang on a subscription stuck mid-fetch
                     allow_reconnect=True,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
@@ -194,7 +195,7 @@ class Bus:
         ack = await self.js.publish(
             subject,
             result.model_dump_json().encode(),
-            headers={NATS_MSG_ID: subjects.result_msg_id(result.request_id, result.node_id)},
+            headers={NATS_MSG_ID: subjects.result_msg_id(result.request_id, result.node_id, result.attempt)},
         )
         return not ack.duplicate
 

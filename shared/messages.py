@@ -47,6 +47,7 @@ class ErrorInfo(BaseModel):
     code: str
     message: str
     retryable: bool = False
+    lost_inputs: list[str] = Field(default_factory=list)  # inputs whose producer no longer has them
 
 
 class StepRequest(BaseModel):
@@ -73,6 +74,7 @@ class StepResult(BaseModel):
     request_id: str
     node_id: str
     ok: bool
+    attempt: int = 1  # the step attempt this answers; the gateway ignores stale attempts
     outputs: dict[str, TensorRef] = Field(default_factory=dict)
     error: ErrorInfo | None = None
     replica_id: str = ""

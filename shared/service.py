@@ -26,7 +26,7 @@ from shared.messages import ReplicaInfo, StepKind, StepProgress, StepRequest, St
 from shared.presence import announce_forever
 from shared.settings import Settings
 from shared.tensor_plane import TensorPlane, TensorUnavailable
-from shared.worker import BadStepInput, StepWorker
+from shared.worker import InputLost, StepWorker
 
 log = logging.getLogger("lego.service")
 
@@ -134,7 +134,7 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
 
     tasks = []
     for runner in runners:
-        handler = _StepHandler(runner, plane, bus, compute, replica_id)
+        handler = ModelStepHandler(runner, plane, bus, compute, replica_id)
         worker = StepWorker(bus, runner.kind, runner.model_id, handler, replica_id)
         info = ReplicaInfo(
             replica_id=replica_id,
@@ -158,7 +158,7 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
     log.info("stopped")
 
 
-class _StepHandler:
+class ModelStepHandler:
     """Pulls a step's input tensors, runs the model off the loop, publishes outputs as refs."""
 
     def __init__(self, runner: ModelRunner, plane: TensorPlane, bus: Bus, compute: ThreadPoolExecutor, replica_id: str):
@@ -172,11 +172,15 @@ class _StepHandler:
         from shared.tensor_plane.torch_codec import from_raw, to_raw
 
         loop = asyncio.get_running_loop()
-        try:
-            raws = {name: await self.plane.get(ref) for name, ref in step.inputs.items()}
-        except TensorUnavailable as exc:
-            # The producer is gone or freed it: the request cannot go on from here.
-            raise BadStepInput(f"input tensor unavailable: {exc}") from exc
+        raws, lost, reason = {}, [], ""
+        for name, ref in step.inputs.items():
+            try:
+                raws[name] = await self.plane.get(ref)
+            except TensorUnavailable as exc:
+                lost.append(name)
+                reason = str(exc)
+        if lost:
+            raise InputLost(lost, reason)
 
         def progress(done: int, total: int) -> None:
             if step.progress_to:
@@ -197,6 +201,7 @@ class _StepHandler:
         return StepResult(
             request_id=step.request_id,
             node_id=step.node_id,
+            attempt=step.attempt,
             ok=True,
             outputs=refs,
             replica_id=self.replica_id,

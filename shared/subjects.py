@@ -49,6 +49,7 @@ def step_msg_id(request_id: str, node_id: str, attempt: int) -> str:
     return f"{request_id}:{node_id}:{attempt}"
 
 
-def result_msg_id(request_id: str, node_id: str) -> str:
-    """`Nats-Msg-Id` of a result: a re-run of the same node cannot publish a second result."""
-    return f"{request_id}:{node_id}:result"
+def result_msg_id(request_id: str, node_id: str, attempt: int) -> str:
+    """`Nats-Msg-Id` of a result: a redelivered step cannot publish a second result, while a
+    re-planned attempt (new attempt number) can."""
+    return f"{request_id}:{node_id}:{attempt}:result"

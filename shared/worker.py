@@ -34,6 +34,15 @@ class BadStepInput(ValueError):
     """The step cannot succeed on any replica (bad params, wrong tensor shapes): no retry."""
 
 
+class InputLost(Exception):
+    """Inputs whose producer no longer holds them (it died, or they expired). No replica can
+    fetch them, so the step ends here; the gateway re-runs the producing nodes."""
+
+    def __init__(self, names: list[str], reason: str) -> None:
+        super().__init__(f"inputs {names} are gone from their producer: {reason}")
+        self.names = names
+
+
 StepHandler = Callable[[StepRequest], Awaitable[StepResult]]
 
 
@@ -56,7 +65,7 @@ class StepWorker:
         self.replica_id = replica_id
         self.busy = False
         self.steps_done = 0
-        self._answered: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._answered: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._remember = remember
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -91,9 +100,9 @@ class StepWorker:
             log.error("terminating malformed step on %s: %s", msg.subject, exc.errors()[:1])
             await msg.term()
             return
-        key = (step.request_id, step.node_id)
+        key = (step.request_id, step.node_id, step.attempt)
         if key in self._answered:
-            log.info("duplicate delivery of %s/%s ignored", *key)
+            log.info("duplicate delivery of %s/%s attempt %d ignored", *key)
             await msg.ack()
             return
         delivered = msg.metadata.num_delivered if msg.metadata else 1
@@ -110,15 +119,22 @@ class StepWorker:
             await self._answer(msg, step, _error(step, self, "bad_step_input", str(exc)))
             await msg.term()
             return
+        except InputLost as exc:
+            lost = _error(step, self, "input_lost", str(exc), retryable=True)
+            assert lost.error is not None
+            lost.error.lost_inputs = exc.names
+            await self._answer(msg, step, lost)
+            await msg.term()
+            return
         except Exception as exc:
             if delivered >= self.bus.settings.max_deliver:
-                log.exception("step %s/%s failed on its last attempt", *key)
+                log.exception("step %s/%s (attempt %d) failed on its last delivery", *key)
                 await self._answer(
                     msg, step, _error(step, self, "step_failed", f"{type(exc).__name__}: {exc}", retryable=True)
                 )
                 await msg.term()
             else:
-                log.warning("step %s/%s failed (attempt %d): %s; will retry", *key, delivered, exc)
+                log.warning("step %s/%s failed (delivery %d): %s; will retry", *key[:2], delivered, exc)
                 await msg.nak(delay=NAK_DELAY_S)
             return
         finally:
@@ -133,7 +149,7 @@ class StepWorker:
         fresh = await self.bus.publish_result(step.reply_to, result)
         if not fresh:
             log.info("result for %s/%s was already published; not sent again", step.request_id, step.node_id)
-        self._answered[(step.request_id, step.node_id)] = None
+        self._answered[(step.request_id, step.node_id, step.attempt)] = None
         while len(self._answered) > self._remember:
             self._answered.popitem(last=False)
 
@@ -152,6 +168,7 @@ def _error(step: StepRequest, worker: StepWorker, code: str, message: str, retry
     return StepResult(
         request_id=step.request_id,
         node_id=step.node_id,
+        attempt=step.attempt,
         ok=False,
         error=ErrorInfo(code=code, message=message, retryable=retryable),
         replica_id=worker.replica_id,

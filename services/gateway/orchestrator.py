@@ -26,6 +26,7 @@ from shared.workflows.spec import WorkflowSpec
 log = logging.getLogger("lego.gateway")
 
 KEEP_FINISHED = 1000  # finished requests kept for status queries
+MAX_REPLANS = 3  # re-runs of nodes whose outputs were lost (their replica died), per request
 
 
 class RequestFailed(Exception):
@@ -54,6 +55,8 @@ class RequestState:
     wall_s: dict[str, float] = field(default_factory=dict)  # node -> publish-to-result seconds
     published_at: dict[str, float] = field(default_factory=dict)
     step_seqs: list[int] = field(default_factory=list)  # stream sequences of published steps
+    attempts: dict[str, int] = field(default_factory=dict)  # node -> current attempt (re-plans)
+    replans: int = 0
     step: int = 0
     total_steps: int = 0
     error: ErrorInfo | None = None
@@ -96,16 +99,24 @@ class Orchestrator:
         )
         self._remember(state)
         self.runs[state.run_id] = state
+        out_node, output = split_ref(workflow.output)
         try:
             await self._advance(state)
-            await asyncio.wait_for(asyncio.shield(state.finished), timeout=max(0.0, state.deadline - time.time()))
-            if state.error is not None:
-                raise RequestFailed(state.error)
-            node, output = split_ref(workflow.output)
-            try:
-                return await self.plane.get(state.outputs[node][output])
-            except (KeyError, TensorUnavailable) as exc:
-                raise RequestFailed(ErrorInfo(code="output_unavailable", message=str(exc), retryable=True)) from exc
+            while True:
+                await asyncio.wait_for(asyncio.shield(state.finished), timeout=max(0.0, state.deadline - time.time()))
+                if state.error is not None:
+                    raise RequestFailed(state.error)
+                try:
+                    return await self.plane.get(state.outputs[out_node][output])
+                except (KeyError, TensorUnavailable) as exc:
+                    # The replica that decoded the images died before we pulled them: decode again.
+                    if not self._replan(state, {out_node}):
+                        raise RequestFailed(
+                            ErrorInfo(code="output_unavailable", message=str(exc), retryable=True)
+                        ) from exc
+                    state.status = "running"
+                    state.finished = asyncio.get_running_loop().create_future()
+                    await self._advance(state)
         except TimeoutError:
             self._fail(
                 state,
@@ -150,6 +161,7 @@ class Orchestrator:
                 reply_to=subjects.result_subject(self.gateway_id),
                 progress_to=subjects.progress_subject(self.gateway_id),
                 deadline=state.deadline,
+                attempt=state.attempts.get(node.id, 1),
             )
             state.started.add(node.id)
             state.published_at[node.id] = time.perf_counter()
@@ -163,11 +175,17 @@ class Orchestrator:
         state = self.runs.get(result.request_id)
         if state is None or state.status != "running" or result.node_id in state.done:
             return  # unknown, finished, or a duplicate: results are idempotent
+        if result.attempt != state.attempts.get(result.node_id, 1):
+            return  # an answer to an attempt that was re-planned since
         state.replicas[result.node_id] = result.replica_id
         state.compute_s[result.node_id] = round(result.compute_s, 4)
         state.wall_s[result.node_id] = round(time.perf_counter() - state.published_at[result.node_id], 4)
         if not result.ok:
-            self._fail(state, result.error or ErrorInfo(code="step_failed", message="a step failed"))
+            error = result.error or ErrorInfo(code="step_failed", message="a step failed")
+            if error.code == "input_lost" and self._replan_lost_inputs(state, result.node_id, error.lost_inputs):
+                await self._advance(state)
+                return
+            self._fail(state, error)
             return
         state.done.add(result.node_id)
         state.outputs[result.node_id] = result.outputs
@@ -177,6 +195,24 @@ class Orchestrator:
             state.finished.set_result(None)
             return
         await self._advance(state)
+
+    def _replan_lost_inputs(self, state: RequestState, node_id: str, lost: list[str]) -> bool:
+        node = state.workflow.node(node_id)
+        producers = {split_ref(node.inputs[name])[0] for name in lost if name in node.inputs}
+        return bool(producers) and self._replan(state, producers | {node_id})
+
+    def _replan(self, state: RequestState, nodes: set[str]) -> bool:
+        """Run `nodes` again under a new attempt number (their outputs were lost with a replica)."""
+        if state.replans >= MAX_REPLANS:
+            return False
+        state.replans += 1
+        for node_id in nodes:
+            state.done.discard(node_id)
+            state.started.discard(node_id)
+            state.outputs.pop(node_id, None)
+            state.attempts[node_id] = state.attempts.get(node_id, 1) + 1
+        log.info("request %s: re-running %s, whose outputs were lost", state.request_id, sorted(nodes))
+        return True
 
     async def _on_exhausted(self, seq: int, deliveries: int) -> None:
         run_id, node_id = self._step_seqs.pop(seq, ("", ""))

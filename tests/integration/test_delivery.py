@@ -12,7 +12,7 @@ import uuid
 
 import httpx
 
-from shared.bus import Bus
+from shared.bus import NATS_MSG_ID, Bus
 from shared.messages import StepKind, StepRequest, StepResult
 from shared.presence import live_replicas
 from shared.settings import Settings
@@ -100,10 +100,10 @@ def test_duplicate_delivery_of_a_step_answers_once(mesh):
                 attempt=attempt,
             )
 
-        # Two publishes with different attempt ids get past JetStream's publish dedupe:
-        # the same node is really delivered twice.
-        await bus.publish_step(step("clip_l", 1))
-        await bus.publish_step(step("clip_l", 2))
+        # The same step published under two message ids gets past JetStream's publish dedupe:
+        # the replica really receives the same step twice, as after a lost ack.
+        await bus.publish_step(step("clip_l", 1), headers={NATS_MSG_ID: "dup-a"})
+        await bus.publish_step(step("clip_l", 1), headers={NATS_MSG_ID: "dup-b"})
         # The single clip-l replica works in order: once the probe is answered, so are both copies.
         await bus.publish_step(step("probe", 1))
         await asyncio.wait_for(probe_done.wait(), 120)

@@ -176,5 +176,86 @@ async def test_gateway_fails_a_request_whose_replicas_all_died(nats_server):
         assert time.monotonic() - t0 < 30
     finally:
         dier.cancel()
+        await psub.unsubscribe()
         await bus.close()
         await plane.close()
+
+
+async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
+    """A producer's tensors vanish before the consumer reads them (as when its replica dies):
+    the consumer reports input_lost, the gateway re-runs producer and consumer, and the request
+    completes with the right output."""
+    import torch
+
+    from services.gateway.orchestrator import Orchestrator
+    from shared.service import ModelStepHandler
+    from shared.tensor_plane import TensorPlane
+    from shared.workflows.spec import NodeSpec, WorkflowSpec
+
+    settings = Settings.from_env(nats_url=nats_server, ack_wait_s=2.0, max_deliver=3, gateway_id="gw-replan")
+    calls: list[tuple[str, int]] = []
+
+    class Produce:
+        kind, model_id = StepKind.ENCODE, "producer"
+
+        def run(self, step, inputs, progress):
+            calls.append(("a", step.attempt))
+            return {"x": torch.arange(50_000, dtype=torch.float32)}  # 200 KB: not inline
+
+    class Consume:
+        kind, model_id = StepKind.VAE_DECODE, "consumer"
+
+        def run(self, step, inputs, progress):
+            calls.append(("b", step.attempt))
+            return {"images": (inputs["x"][:12] % 256).to(torch.uint8).reshape(1, 2, 2, 3)}
+
+    buses, planes, tasks = [], [], []
+    stop = asyncio.Event()
+    compute = __import__("concurrent.futures").futures.ThreadPoolExecutor(1)
+    for runner in (Produce(), Consume()):
+        bus, plane = Bus(settings, runner.model_id), TensorPlane(settings)
+        await bus.connect()
+        await bus.ensure_streams()
+        await plane.start()
+        handler = ModelStepHandler(runner, plane, bus, compute, runner.model_id)
+        if runner.model_id == "producer":
+
+            async def lose_first_outputs(step, handler=handler, plane=plane):
+                result = await handler(step)
+                if step.attempt == 1:
+                    plane.release(step.request_id)  # the replica "dies" with what it held
+                return result
+
+            worker = StepWorker(bus, runner.kind, runner.model_id, lose_first_outputs, "producer")
+        else:
+            worker = StepWorker(bus, runner.kind, runner.model_id, handler, "consumer")
+        tasks.append(asyncio.create_task(worker.run(stop)))
+        buses.append(bus)
+        planes.append(plane)
+
+    gw_bus, gw_plane = Bus(settings, "gateway"), TensorPlane(settings)
+    await gw_bus.connect()
+    await gw_plane.start()
+    orchestrator = Orchestrator(gw_bus, gw_plane, settings)
+    await orchestrator.start()
+    spec = WorkflowSpec(
+        name="two",
+        nodes=[
+            NodeSpec(id="a", kind="encode", model="producer"),
+            NodeSpec(id="b", kind="vae_decode", model="consumer", inputs={"x": "a.x"}),
+        ],
+        output="b.images",
+    )
+    try:
+        images = await asyncio.wait_for(orchestrator.run("req-replan", spec, {}), 60)
+        assert images.to_numpy().reshape(-1).tolist() == list(range(12))
+        assert calls == [("a", 1), ("a", 2), ("b", 2)]
+        assert orchestrator.get("req-replan").attempts == {"a": 2, "b": 2}
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for bus in [*buses, gw_bus]:
+            await bus.close()
+        for plane in [*planes, gw_plane]:
+            await plane.close()
+        compute.shutdown()

@@ -38,15 +38,13 @@ def reference_pipeline(settings):
     return build_reference_pipeline(settings)
 
 
-@pytest.fixture(scope="session")
-def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    """The whole mesh, with two denoiser replicas so one can be killed."""
-    log_dir = tmp_path_factory.mktemp("mesh-logs")
+def running_mesh(model_cache: Path, log_dir: Path, replicas: dict[str, int], **env: str) -> Iterator[Mesh]:
+    """Start a mesh as a user's `lego up` would (free port, own nats-server), stop it after."""
     m = Mesh(
         MeshConfig(
             port=free_port(),
-            replicas={"encoder": 1, "denoiser": 2, "vae": 1},
-            env={"LEGO_MODEL_CACHE_DIR": str(model_cache), "LEGO_ACK_WAIT_S": ACK_WAIT_S, "HF_HUB_OFFLINE": "1"},
+            replicas=replicas,
+            env={"LEGO_MODEL_CACHE_DIR": str(model_cache), "LEGO_ACK_WAIT_S": ACK_WAIT_S, "HF_HUB_OFFLINE": "1", **env},
             log_dir=log_dir,
             quiet=True,
         )
@@ -60,6 +58,12 @@ def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     m.stop()
     leftover = [c.name for c in m.children if c.alive()]
     assert not leftover, f"processes left behind: {leftover}"
+
+
+@pytest.fixture(scope="session")
+def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """The whole mesh, with two denoiser replicas so one can be killed."""
+    yield from running_mesh(model_cache, tmp_path_factory.mktemp("mesh-logs"), {"encoder": 1, "denoiser": 2, "vae": 1})
 
 
 def _dump_logs(log_dir: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from nats.js.errors import BucketNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
@@ -33,13 +34,14 @@ def presence_key(info: ReplicaInfo) -> str:
     return f"{info.kind}.{info.model_id}.{info.replica_id}"
 
 
-async def announce_forever(bus: Bus, info: ReplicaInfo, stop: asyncio.Event) -> None:
-    """Refresh this replica's key until `stop` is set, then delete it (a clean exit is seen at once)."""
+async def announce_forever(bus: Bus, describe: Callable[[], ReplicaInfo], stop: asyncio.Event) -> None:
+    """Refresh this replica's key (with its live state from `describe()`) until `stop` is set,
+    then delete it, so a clean exit is seen at once and a crash within TTL_S."""
     kv = await presence_bucket(bus)
-    key = presence_key(info)
+    key = presence_key(describe())
     while not stop.is_set():
         try:
-            await kv.put(key, info.model_dump_json().encode())
+            await kv.put(key, describe().model_dump_json().encode())
         except Exception as exc:
             log.warning("presence refresh failed: %s", exc)
         try:

@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -146,8 +146,12 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
             tensor_uri=plane.uri,
             started_at=time.time(),
         )
+
+        def describe(info: ReplicaInfo = info, worker: StepWorker = worker) -> ReplicaInfo:
+            return info.model_copy(update={"busy": worker.busy, "steps_done": worker.steps_done})
+
         tasks.append(asyncio.create_task(worker.run(stop)))
-        tasks.append(asyncio.create_task(announce_forever(bus, info, stop)))
+        tasks.append(asyncio.create_task(announce_forever(bus, describe, stop)))
     log.info("ready replica=%s tensors=%s", replica_id, plane.uri)
     await stop.wait()
     log.info("stopping: finishing the step in hand")
@@ -161,7 +165,7 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
 class ModelStepHandler:
     """Pulls a step's input tensors, runs the model off the loop, publishes outputs as refs."""
 
-    def __init__(self, runner: ModelRunner, plane: TensorPlane, bus: Bus, compute: ThreadPoolExecutor, replica_id: str):
+    def __init__(self, runner: ModelRunner, plane: TensorPlane, bus: Bus, compute: Executor, replica_id: str):
         self.runner = runner
         self.plane = plane
         self.bus = bus

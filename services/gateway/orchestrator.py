@@ -127,6 +127,9 @@ class Orchestrator:
                 ),
             )
             raise
+        except asyncio.CancelledError:  # the client went away: free the mesh's work for it
+            self._fail(state, ErrorInfo(code="cancelled", message="the client disconnected"))
+            raise
         finally:
             for seq in state.step_seqs:
                 self._step_seqs.pop(seq, None)

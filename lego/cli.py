@@ -114,16 +114,15 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _progress_line(status: dict, started: float) -> str:
-    elapsed = time.monotonic() - started
+def _stage(status: dict) -> str:
+    """What the request is doing now: a denoising bar, or the nodes running."""
     total = status.get("total_steps") or 0
     if total:
         done = status.get("step", 0)
         filled = int(24 * done / total)
-        return f"denoising [{'#' * filled}{'.' * (24 - filled)}] {done}/{total}  {elapsed:5.1f}s"
+        return f"denoising [{'#' * filled}{'.' * (24 - filled)}] {done}/{total}"
     nodes = status.get("nodes", {})
-    running = ",".join(n for n, s in nodes.items() if s == "running") or "queued"
-    return f"{running:<32}  {elapsed:5.1f}s"
+    return ",".join(n for n, s in nodes.items() if s == "running") or "queued"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -164,11 +163,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     status = client.get(f"{args.url}/v1/requests/{request_id}").json()
                 except (httpx.HTTPError, ValueError):
                     continue
-                line = _progress_line(status, started)
+                stage = _stage(status)
+                line = f"{stage:<40} {time.monotonic() - started:5.1f}s"
                 if tty:
                     print(f"\r{line}", end="", file=sys.stderr, flush=True)
-                elif line.split("  ")[0] != shown:  # not a terminal: one line per change of stage/step
-                    shown = line.split("  ")[0]
+                elif stage != shown:  # not a terminal: one line per change of stage or step
+                    shown = stage
                     print(line, file=sys.stderr, flush=True)
     if tty:
         print(file=sys.stderr)

@@ -107,8 +107,7 @@ class StepWorker:
             return
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         if step.expired(received):
-            await self._answer(msg, step, _error(step, self, "deadline_exceeded", "the request's deadline passed"))
-            await msg.term()
+            await self._settle(msg, step, _error(step, self, "deadline_exceeded", "the request's deadline passed"))
             return
 
         self.busy = True
@@ -116,23 +115,15 @@ class StepWorker:
         try:
             result = await self.handler(step)
         except BadStepInput as exc:
-            await self._answer(msg, step, _error(step, self, "bad_step_input", str(exc)))
-            await msg.term()
+            await self._settle(msg, step, _error(step, self, "bad_step_input", str(exc)))
             return
         except InputLost as exc:
-            lost = _error(step, self, "input_lost", str(exc), retryable=True)
-            assert lost.error is not None
-            lost.error.lost_inputs = exc.names
-            await self._answer(msg, step, lost)
-            await msg.term()
+            await self._settle(msg, step, _error(step, self, "input_lost", str(exc), lost_inputs=exc.names))
             return
         except Exception as exc:
             if delivered >= self.bus.settings.max_deliver:
                 log.exception("step %s/%s (attempt %d) failed on its last delivery", *key)
-                await self._answer(
-                    msg, step, _error(step, self, "step_failed", f"{type(exc).__name__}: {exc}", retryable=True)
-                )
-                await msg.term()
+                await self._settle(msg, step, _error(step, self, "step_failed", f"{type(exc).__name__}: {exc}"))
             else:
                 log.warning("step %s/%s failed (delivery %d): %s; will retry", *key[:2], delivered, exc)
                 await msg.nak(delay=NAK_DELAY_S)
@@ -141,17 +132,18 @@ class StepWorker:
             keepalive.cancel()
             self.busy = False
         result.queue_wait_s = max(0.0, received - _published_at(msg, received))
-        await self._answer(msg, step, result)
-        await msg.ack()
+        await self._settle(msg, step, result)
         self.steps_done += 1
 
-    async def _answer(self, msg: Msg, step: StepRequest, result: StepResult) -> None:
+    async def _settle(self, msg: Msg, step: StepRequest, result: StepResult) -> None:
+        """Publish the step's one result, then ack it (success) or term it (an error no retry fixes)."""
         fresh = await self.bus.publish_result(step.reply_to, result)
         if not fresh:
             log.info("result for %s/%s was already published; not sent again", step.request_id, step.node_id)
         self._answered[(step.request_id, step.node_id, step.attempt)] = None
         while len(self._answered) > self._remember:
             self._answered.popitem(last=False)
+        await (msg.ack() if result.ok else msg.term())
 
     async def _keep_alive(self, msg: Msg) -> None:
         """Tell JetStream we still hold the step, well inside AckWait."""
@@ -164,13 +156,17 @@ class StepWorker:
                 pass
 
 
-def _error(step: StepRequest, worker: StepWorker, code: str, message: str, retryable: bool = False) -> StepResult:
+def _error(
+    step: StepRequest, worker: StepWorker, code: str, message: str, lost_inputs: list[str] | None = None
+) -> StepResult:
+    # Lost inputs and exhausted faults may succeed if the whole request is tried again.
+    retryable = code in ("input_lost", "step_failed")
     return StepResult(
         request_id=step.request_id,
         node_id=step.node_id,
         attempt=step.attempt,
         ok=False,
-        error=ErrorInfo(code=code, message=message, retryable=retryable),
+        error=ErrorInfo(code=code, message=message, retryable=retryable, lost_inputs=lost_inputs or []),
         replica_id=worker.replica_id,
     )
 

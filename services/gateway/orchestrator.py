@@ -114,8 +114,6 @@ class Orchestrator:
                         raise RequestFailed(
                             ErrorInfo(code="output_unavailable", message=str(exc), retryable=True)
                         ) from exc
-                    state.status = "running"
-                    state.finished = asyncio.get_running_loop().create_future()
                     await self._advance(state)
         except TimeoutError:
             self._fail(
@@ -209,6 +207,9 @@ class Orchestrator:
         if state.replans >= MAX_REPLANS:
             return False
         state.replans += 1
+        if state.status == "succeeded":  # its images were lost before we pulled them: reopen it
+            state.status = "running"
+            state.finished = asyncio.get_running_loop().create_future()
         for node_id in nodes:
             state.done.discard(node_id)
             state.started.discard(node_id)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -200,12 +201,15 @@ async def test_release_frees(make_plane, transport: str):
 
 @on_session_loop
 async def test_ttl_expiry(make_plane):
-    producer = await make_plane(inline_max_bytes=0, tensor_ttl_s=0.2)
+    producer = await make_plane(inline_max_bytes=0, tensor_ttl_s=1.0)
     consumer = await make_plane()
     ref = producer.put(RawTensor.from_numpy(np.ones(10, np.float64)), owner="r")
     name = producer.store.segment_name(ref.key)
     assert (await consumer.get(ref)).to_numpy().sum() == 10
-    await asyncio.sleep(0.45)  # the background sweeper runs every ttl/4
+    # Nobody releases it: the background sweeper (every ttl/4) frees it once the TTL has passed.
+    give_up = time.monotonic() + 30
+    while producer.stats["stored"]["count"] and time.monotonic() < give_up:
+        await asyncio.sleep(0.05)
     assert producer.stats["stored"]["count"] == 0
     if name:
         assert not segment_exists(name)

@@ -1,0 +1,103 @@
+"""Which models exist, which family each belongs to, and which service hosts it: pure data.
+
+Why a torch-free table: the gateway validates requests (LoRA names, ControlNet ids) and lists
+models, and the launcher decides which processes to start, without importing torch. The
+loaders in `loading.py` read the same table, so a model id means one thing everywhere.
+
+Sharing is decided here: the three families use the same `clip-l` and `t5` ids (SD3 and
+SD3.5-Large also the same `clip-g` and `sd3-vae`), so one loaded copy serves them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["text_encoder", "denoiser", "vae", "controlnet"]
+Family = Literal["sd3", "sd35-large", "flux"]
+
+FAMILIES: tuple[Family, ...] = ("sd3", "sd35-large", "flux")
+
+# The service (process type) that hosts each role.
+SERVICE_OF_ROLE: dict[Role, str] = {
+    "text_encoder": "encoder",
+    "denoiser": "denoiser",
+    "vae": "vae",
+    "controlnet": "adapters",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One loadable model id. `families` lists every family whose workflows use it."""
+
+    model_id: str
+    role: Role
+    families: tuple[Family, ...]
+    description: str
+
+    @property
+    def service(self) -> str:
+        return SERVICE_OF_ROLE[self.role]
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """A LoRA adapter: applied by the denoiser hosting `base` on the requests that name it."""
+
+    name: str
+    base: str  # denoiser model id
+    description: str
+
+
+MODELS: dict[str, ModelInfo] = {
+    m.model_id: m
+    for m in (
+        ModelInfo("clip-l", "text_encoder", ("sd3", "sd35-large", "flux"), "CLIP ViT-L/14 text encoder"),
+        ModelInfo("clip-g", "text_encoder", ("sd3", "sd35-large"), "OpenCLIP ViT-bigG/14 text encoder"),
+        ModelInfo("t5", "text_encoder", ("sd3", "sd35-large", "flux"), "T5 v1.1 XXL encoder"),
+        ModelInfo("sd3-transformer", "denoiser", ("sd3",), "SD3 (Medium-style) MMDiT"),
+        ModelInfo("sd35-large-transformer", "denoiser", ("sd35-large",), "SD3.5-Large-style MMDiT (qk RMS norm)"),
+        ModelInfo("flux-transformer", "denoiser", ("flux",), "Flux.1 (dev-style, guidance-distilled) transformer"),
+        ModelInfo("sd3-vae", "vae", ("sd3", "sd35-large"), "SD3/SD3.5 16-channel VAE"),
+        ModelInfo("flux-vae", "vae", ("flux",), "Flux 16-channel VAE"),
+        ModelInfo("sd3-controlnet", "controlnet", ("sd3",), "SD3ControlNetModel for the SD3 transformer"),
+        ModelInfo("sd35-large-controlnet", "controlnet", ("sd35-large",), "SD3ControlNetModel for SD3.5-Large"),
+        ModelInfo("flux-controlnet", "controlnet", ("flux",), "FluxControlNetModel for the Flux transformer"),
+    )
+}
+
+MODEL_IDS: tuple[str, ...] = tuple(MODELS)
+
+LORAS: dict[str, LoraInfo] = {
+    lora.name: lora
+    for lora in (
+        LoraInfo("sd3-lora-a", "sd3-transformer", "style adapter A for SD3"),
+        LoraInfo("sd3-lora-b", "sd3-transformer", "style adapter B for SD3"),
+        LoraInfo("sd35-large-lora-a", "sd35-large-transformer", "style adapter A for SD3.5-Large"),
+        LoraInfo("sd35-large-lora-b", "sd35-large-transformer", "style adapter B for SD3.5-Large"),
+        LoraInfo("flux-lora-a", "flux-transformer", "style adapter A for Flux"),
+        LoraInfo("flux-lora-b", "flux-transformer", "style adapter B for Flux"),
+    )
+}
+
+# Per family: the base denoiser, its VAE and its ControlNet.
+FAMILY_MODELS: dict[Family, dict[str, str]] = {
+    "sd3": {"denoiser": "sd3-transformer", "vae": "sd3-vae", "controlnet": "sd3-controlnet"},
+    "sd35-large": {"denoiser": "sd35-large-transformer", "vae": "sd3-vae", "controlnet": "sd35-large-controlnet"},
+    "flux": {"denoiser": "flux-transformer", "vae": "flux-vae", "controlnet": "flux-controlnet"},
+}
+
+
+def models_of_service(service: str) -> list[str]:
+    """Every model id a service type hosts, in table order."""
+    return [m.model_id for m in MODELS.values() if m.service == service]
+
+
+def loras_for(base: str) -> list[str]:
+    return [lora.name for lora in LORAS.values() if lora.base == base]
+
+
+def controlnets_for(base: str) -> list[str]:
+    """ControlNet ids whose family's base denoiser is `base`."""
+    return [fam["controlnet"] for fam in FAMILY_MODELS.values() if fam["denoiser"] == base]

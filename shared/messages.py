@@ -111,3 +111,5 @@ class ReplicaInfo(BaseModel):
     started_at: float = 0.0
     steps_done: int = 0
     busy: bool = False
+    param_bytes: int = 0  # memory the model's parameters take on `device`
+    loras: list[str] = Field(default_factory=list)  # LoRA adapters loaded into this replica's base model

@@ -26,6 +26,7 @@ from shared.messages import ReplicaInfo, StepKind, StepProgress, StepRequest, St
 from shared.presence import announce_forever
 from shared.settings import Settings
 from shared.tensor_plane import TensorPlane, TensorUnavailable
+from shared.tensor_plane.plane import TRANSPORTS
 from shared.worker import InputLost, StepWorker
 
 log = logging.getLogger("lego.service")
@@ -77,7 +78,7 @@ def parse_args(spec: ServiceSpec, argv: list[str] | None = None) -> tuple[Settin
     )
     parser.add_argument("--device", help="torch device (default: $LEGO_DEVICE or cpu)")
     parser.add_argument("--models-dir", help="local diffusers SD3 directory; default: tiny seeded models")
-    parser.add_argument("--transport", choices=["auto", "tcp", "shm"], help="force one tensor transport")
+    parser.add_argument("--transport", choices=list(TRANSPORTS), help="force one tensor transport (default: auto)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     args = parser.parse_args(argv)
     settings = Settings.from_env(

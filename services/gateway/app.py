@@ -10,15 +10,15 @@ import asyncio
 import base64
 import io
 import re
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
 
+from services.gateway.admission import admit
 from services.gateway.errors import APIError, install_error_handlers
 from services.gateway.orchestrator import Orchestrator, RequestFailed
 from services.gateway.schemas import (
@@ -27,17 +27,22 @@ from services.gateway.schemas import (
     ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
+    LoraInput,
+    ModelInfo,
+    ModelList,
     NodeInfo,
+    ReplicaSummary,
     RequestStatus,
     WorkflowInfo,
     WorkflowList,
-    parse_size,
 )
 from shared.bus import Bus
+from shared.messages import ReplicaInfo
 from shared.presence import live_replicas
 from shared.settings import Settings
 from shared.tensor_plane import RawTensor, TensorPlane
 from shared.workflows.catalogue import catalogue
+from shared.zoo.registry import MODELS
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 502, 504)}
@@ -80,14 +85,57 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "a model of the default workflow has no live replica"}})
-    async def readyz(settings: Settings = Depends(get_settings), bus: Bus = Depends(get_bus)) -> JSONResponse:
-        workflow = catalogue()[settings.default_workflow]
+    @app.get("/readyz", responses={503: {"description": "a model of the workflow(s) has no live replica"}})
+    async def readyz(
+        workflow: str | None = Query(None, description="a workflow name, or 'all'; default: the default workflow"),
+        settings: Settings = Depends(get_settings),
+        bus: Bus = Depends(get_bus),
+    ) -> JSONResponse:
+        name = workflow or settings.default_workflow
+        if name != "all" and name not in catalogue():
+            raise APIError(404, "unknown_workflow", f"unknown workflow {name!r}; known: all, {', '.join(catalogue())}")
+        wanted = list(catalogue().values()) if name == "all" else [catalogue()[name]]
         live = {(str(r.kind), r.model_id) for r in await live_replicas(bus)}
-        missing = [f"{kind}/{model}" for kind, model in workflow.models() if (str(kind), model) not in live]
+        missing = sorted(
+            {f"{kind}/{model}" for w in wanted for kind, model in w.models() if (str(kind), model) not in live}
+        )
         if missing:
-            return JSONResponse({"status": "not_ready", "missing": missing}, status_code=503)
-        return JSONResponse({"status": "ready", "workflow": workflow.name})
+            return JSONResponse({"status": "not_ready", "workflow": name, "missing": missing}, status_code=503)
+        return JSONResponse({"status": "ready", "workflow": name})
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(bus: Bus = Depends(get_bus)) -> ModelList:
+        """Every model with a live replica, which replicas hold it, and the workflows using it."""
+        by_model: dict[str, list[ReplicaInfo]] = {}
+        for r in await live_replicas(bus):
+            by_model.setdefault(r.model_id, []).append(r)
+        out = []
+        for model_id, replicas in sorted(by_model.items()):
+            info = MODELS.get(model_id)
+            out.append(
+                ModelInfo(
+                    model_id=model_id,
+                    kind=str(replicas[0].kind),
+                    role=info.role if info else "unknown",
+                    service=info.service if info else "unknown",
+                    description=info.description if info else "",
+                    replicas=[
+                        ReplicaSummary(
+                            replica_id=r.replica_id,
+                            host=r.host,
+                            pid=r.pid,
+                            device=r.device,
+                            busy=r.busy,
+                            steps_done=r.steps_done,
+                            param_bytes=r.param_bytes,
+                            loras=r.loras,
+                        )
+                        for r in sorted(replicas, key=lambda r: r.replica_id)
+                    ],
+                    workflows=[w.name for w in catalogue().values() if model_id in {m for _, m in w.models()}],
+                )
+            )
+        return ModelList(models=out)
 
     @app.get("/v1/workflows", response_model=WorkflowList)
     async def workflows(settings: Settings = Depends(get_settings)) -> WorkflowList:
@@ -97,8 +145,12 @@ def create_app(settings: Settings) -> FastAPI:
                 WorkflowInfo(
                     name=w.name,
                     description=w.description,
+                    family=w.family,
                     models=[m for _, m in w.models()],
                     nodes=[NodeInfo(id=n.id, kind=str(n.kind), model=n.model, inputs=n.inputs) for n in w.nodes],
+                    controlnets=w.controlnets,
+                    loras=w.loras,
+                    default_loras=[LoraInput(name=x.name, scale=x.scale) for x in w.default_loras],
                 )
                 for w in catalogue().values()
             ],
@@ -120,20 +172,9 @@ def create_app(settings: Settings) -> FastAPI:
         if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
             raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
         request_id = x_request_id or uuid.uuid4().hex
-        width, height = parse_size(body.size)
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
-        params = {
-            "prompt": body.prompt,
-            "negative_prompt": body.negative_prompt,
-            "height": height,
-            "width": width,
-            "num_inference_steps": body.num_inference_steps,
-            "guidance_scale": body.guidance_scale,
-            "seed": seed,
-            "n": body.n,
-        }
+        admitted = await asyncio.to_thread(admit, body, workflow)
         try:
-            images = await orchestrator.run(request_id, workflow, params)
+            images = await orchestrator.run(request_id, workflow, admitted.params, admitted.tensors)
         except TimeoutError:
             raise APIError(  # noqa: B904 - the timeout itself is the whole story
                 504, "deadline_exceeded", "the request did not finish in time; is every service running?"
@@ -146,7 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
             created=int(time.time()),
             data=[ImageData(b64_json=base64.b64encode(p).decode()) for p in pngs],
             request_id=request_id,
-            seed=seed,
+            seed=admitted.seed,
             workflow=workflow.name,
         )
 

@@ -21,7 +21,7 @@ from shared.messages import ErrorInfo, StepProgress, StepRequest, StepResult, Te
 from shared.settings import Settings
 from shared.tensor_plane import RawTensor, TensorPlane, TensorUnavailable
 from shared.workflows.planner import WorkflowError, ready_nodes, split_ref, wire_inputs
-from shared.workflows.spec import WorkflowSpec
+from shared.workflows.spec import REQUEST, WorkflowSpec
 
 log = logging.getLogger("lego.gateway")
 
@@ -87,8 +87,17 @@ class Orchestrator:
     def get(self, request_id: str) -> RequestState | None:
         return self.requests.get(request_id)
 
-    async def run(self, request_id: str, workflow: WorkflowSpec, params: dict[str, Any]) -> RawTensor:
-        """Run one request to its output tensor, or raise RequestFailed / TimeoutError."""
+    async def run(
+        self,
+        request_id: str,
+        workflow: WorkflowSpec,
+        params: dict[str, Any],
+        tensors: dict[str, RawTensor] | None = None,
+    ) -> RawTensor:
+        """Run one request to its output tensor, or raise RequestFailed / TimeoutError.
+
+        `tensors` are what the request itself carries (a control image): served from this
+        gateway's tensor plane to the nodes that read `request.<name>`."""
         if request_id in self.requests and self.requests[request_id].status == "running":
             raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {request_id} is running"))
         state = RequestState(
@@ -99,6 +108,8 @@ class Orchestrator:
         )
         self._remember(state)
         self.runs[state.run_id] = state
+        carried = tensors or {}
+        state.outputs[REQUEST] = {name: self.plane.put(raw, owner=state.run_id) for name, raw in carried.items()}
         out_node, output = split_ref(workflow.output)
         try:
             await self._advance(state)
@@ -132,6 +143,7 @@ class Orchestrator:
             for seq in state.step_seqs:
                 self._step_seqs.pop(seq, None)
             self.runs.pop(state.run_id, None)
+            self.plane.release(state.run_id)
             await self.bus.publish_release(state.run_id)
 
     def _remember(self, state: RequestState) -> None:
@@ -157,7 +169,7 @@ class Orchestrator:
                 node_id=node.id,
                 kind=node.kind,
                 model_id=node.model,
-                params={k: state.params[k] for k in node.params if k in state.params},
+                params={**node.settings, **{k: state.params[k] for k in node.params if k in state.params}},
                 inputs=inputs,
                 reply_to=subjects.result_subject(self.gateway_id),
                 progress_to=subjects.progress_subject(self.gateway_id),
@@ -199,7 +211,7 @@ class Orchestrator:
 
     def _replan_lost_inputs(self, state: RequestState, node_id: str, lost: list[str]) -> bool:
         node = state.workflow.node(node_id)
-        producers = {split_ref(node.inputs[name])[0] for name in lost if name in node.inputs}
+        producers = {split_ref(node.inputs[name])[0] for name in lost if name in node.inputs} - {REQUEST}
         return bool(producers) and self._replan(state, producers | {node_id})
 
     def _replan(self, state: RequestState, nodes: set[str]) -> bool:

@@ -33,6 +33,28 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+MAX_LORAS = 4
+LORA_SCALE = 2.0  # |scale| above this is almost always a typo (100 for 1.00) and wrecks the image
+MAX_CONDITIONING_SCALE = 2.0
+
+
+class ControlNetInput(BaseModel):
+    """The control image that guides a `*-controlnet` workflow at every denoising step."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str | None = Field(None, description="ControlNet model id; default: the workflow's ControlNet")
+    image: str = Field(min_length=1, description="base64 PNG or JPEG of exactly the requested size")
+    conditioning_scale: float = Field(1.0, ge=0.0, le=MAX_CONDITIONING_SCALE, description="how strongly it guides")
+
+
+class LoraInput(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(min_length=1, description="a LoRA of the workflow's base model (see GET /v1/workflows)")
+    scale: float = Field(1.0, ge=-LORA_SCALE, le=LORA_SCALE)
+
+
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -46,6 +68,10 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random when absent; echoed back")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    controlnet: ControlNetInput | None = Field(None, description="required by *-controlnet workflows")
+    loras: list[LoraInput] | None = Field(
+        None, max_length=MAX_LORAS, description="for *-lora workflows; default: the workflow's default LoRA"
+    )
     # Accepted for OpenAI client compatibility; they do not change the result.
     user: str | None = None
     quality: str | None = None
@@ -96,8 +122,37 @@ class NodeInfo(BaseModel):
 class WorkflowInfo(BaseModel):
     name: str
     description: str
+    family: str
     models: list[str]
     nodes: list[NodeInfo]
+    controlnets: list[str] = Field(default_factory=list, description="accepted `controlnet.model` ids")
+    loras: list[str] = Field(default_factory=list, description="accepted LoRA names")
+    default_loras: list[LoraInput] = Field(default_factory=list)
+
+
+class ReplicaSummary(BaseModel):
+    replica_id: str
+    host: str
+    pid: int
+    device: str
+    busy: bool
+    steps_done: int
+    param_bytes: int = 0
+    loras: list[str] = Field(default_factory=list, description="LoRA adapters this replica holds loaded")
+
+
+class ModelInfo(BaseModel):
+    model_id: str
+    kind: str
+    role: str
+    service: str
+    description: str
+    replicas: list[ReplicaSummary]
+    workflows: list[str] = Field(description="catalogue workflows that use this model")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
 
 
 class WorkflowList(BaseModel):

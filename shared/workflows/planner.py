@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.messages import TensorRef
-from shared.workflows.spec import NodeSpec, WorkflowSpec
+from shared.workflows.spec import REQUEST, NodeSpec, WorkflowSpec
 
 
 class WorkflowError(ValueError):
@@ -23,20 +23,21 @@ def validate(spec: WorkflowSpec) -> None:
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
         raise WorkflowError(f"workflow {spec.name!r}: duplicate node ids {sorted(dupes)}")
-    known = set(ids)
+    known = set(ids) | {REQUEST}
     for n in spec.nodes:
         for name, ref in n.inputs.items():
             src, _ = split_ref(ref)
             if src not in known:
                 raise WorkflowError(f"workflow {spec.name!r}: node {n.id!r} input {name!r} names unknown node {src!r}")
     out_node, _ = split_ref(spec.output)
-    if out_node not in known:
+    if out_node not in ids:
         raise WorkflowError(f"workflow {spec.name!r}: output names unknown node {out_node!r}")
     topological_order(spec)
 
 
 def dependencies(node: NodeSpec) -> set[str]:
-    return {split_ref(ref)[0] for ref in node.inputs.values()}
+    """The nodes that must finish first (request tensors exist from the start)."""
+    return {split_ref(ref)[0] for ref in node.inputs.values()} - {REQUEST}
 
 
 def topological_order(spec: WorkflowSpec) -> list[str]:
@@ -60,7 +61,8 @@ def ready_nodes(spec: WorkflowSpec, done: set[str], started: set[str]) -> list[N
 
 
 def wire_inputs(node: NodeSpec, outputs: dict[str, dict[str, TensorRef]]) -> dict[str, TensorRef]:
-    """The TensorRefs a node consumes, taken from the finished nodes' outputs."""
+    """The TensorRefs a node consumes, taken from the finished nodes' outputs (the request's own
+    tensors under `outputs["request"]`)."""
     wired = {}
     for name, ref in node.inputs.items():
         src, out = split_ref(ref)

@@ -1,25 +1,37 @@
 """A workflow is data: a DAG of model-execution nodes, read from a JSON spec.
 
 The spec stays plain; the rules (cycles, dangling inputs, which node is ready) live in
-`planner.py`.
+`planner.py`. An input named `request.<name>` is a tensor the client sent with the request
+(e.g. `request.control_image`), not the output of a node.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from shared.messages import StepKind
 
+REQUEST = "request"  # the pseudo-node whose outputs are the tensors a request carries
+
 
 class NodeSpec(BaseModel):
     """One model call. `inputs` maps an input name to `"<node>.<output>"`; `params` names the
-    request fields the node receives."""
+    request fields the node receives; `settings` are constant params fixed by the workflow
+    (e.g. which encoder outputs a family needs)."""
 
     id: str
     kind: StepKind
     model: str
     params: list[str] = Field(default_factory=list)
+    settings: dict[str, Any] = Field(default_factory=dict)
     inputs: dict[str, str] = Field(default_factory=dict)
+
+
+class LoraChoice(BaseModel):
+    name: str
+    scale: float = 1.0
 
 
 class WorkflowSpec(BaseModel):
@@ -28,6 +40,9 @@ class WorkflowSpec(BaseModel):
     family: str = ""
     nodes: list[NodeSpec]
     output: str  # "<node>.<output>" holding the images
+    controlnets: list[str] = Field(default_factory=list)  # accepted ControlNet ids; non-empty: needs one
+    loras: list[str] = Field(default_factory=list)  # LoRA names a request may apply; empty: none
+    default_loras: list[LoraChoice] = Field(default_factory=list)  # applied when a request names none
 
     def node(self, node_id: str) -> NodeSpec:
         for n in self.nodes:
@@ -35,9 +50,23 @@ class WorkflowSpec(BaseModel):
                 return n
         raise KeyError(f"workflow {self.name!r} has no node {node_id!r}")
 
+    def node_of_kind(self, kind: StepKind) -> NodeSpec:
+        found = [n for n in self.nodes if n.kind == kind]
+        if len(found) != 1:
+            raise KeyError(f"workflow {self.name!r} has {len(found)} {kind} nodes, expected one")
+        return found[0]
+
     def models(self) -> list[tuple[StepKind, str]]:
-        """The (kind, model) pairs this workflow needs, in node order, without repeats."""
+        """The (kind, model) pairs this workflow needs, in node order, without repeats.
+
+        ControlNets are listed too: the denoiser calls them at every step, so the workflow
+        cannot run without a live replica of one."""
         seen: dict[tuple[StepKind, str], None] = {}
         for n in self.nodes:
             seen[(n.kind, n.model)] = None
+        for cn in self.controlnets:
+            seen[(StepKind.CONTROLNET, cn)] = None
         return list(seen)
+
+    def uses_param(self, name: str) -> bool:
+        return any(name in n.params for n in self.nodes)

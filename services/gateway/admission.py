@@ -1,0 +1,122 @@
+"""Admission: checks a request against its workflow and turns it into step params and tensors.
+
+Why here and not in the schemas: whether `controlnet`, `loras` or a negative prompt are
+allowed, and which names are valid, depends on the chosen workflow. Every refusal is a 422
+that names what was wrong and what is accepted; nothing reaches the mesh that a service would
+have to refuse later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.gateway.errors import APIError
+from services.gateway.schemas import ImageGenerationRequest, parse_size
+from shared.tensor_plane import RawTensor
+from shared.workflows.spec import WorkflowSpec
+from shared.workflows.variants import CONTROL_IMAGE
+
+MAX_CONTROL_IMAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class Admitted:
+    """What the orchestrator runs: params for the nodes, and tensors the request carries."""
+
+    params: dict[str, Any]
+    seed: int
+    tensors: dict[str, RawTensor] = field(default_factory=dict)
+
+
+def _invalid(message: str) -> APIError:
+    return APIError(422, "invalid_request", message)
+
+
+def admit(body: ImageGenerationRequest, workflow: WorkflowSpec) -> Admitted:
+    """Validate `body` for `workflow` (raises APIError 422) and build its params; decodes the
+    control image, so call it off the event loop."""
+    width, height = parse_size(body.size)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
+    params: dict[str, Any] = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "height": height,
+        "width": width,
+        "num_inference_steps": body.num_inference_steps,
+        "guidance_scale": body.guidance_scale,
+        "seed": seed,
+        "n": body.n,
+    }
+    if body.negative_prompt and not workflow.uses_param("negative_prompt"):
+        raise _invalid(f"workflow {workflow.name!r} takes no negative_prompt (its model is guidance-distilled)")
+    tensors: dict[str, RawTensor] = {}
+    if workflow.controlnets:
+        params["controlnet"], tensors[CONTROL_IMAGE] = _controlnet(body, workflow, width, height)
+    elif body.controlnet is not None:
+        raise _invalid(f"workflow {workflow.name!r} takes no controlnet; use {workflow.name}-controlnet")
+    if workflow.loras:
+        params["loras"] = _loras(body, workflow)
+    elif body.loras:
+        raise _invalid(f"workflow {workflow.name!r} takes no loras; use a '-lora' workflow")
+    return Admitted(params=params, seed=seed, tensors=tensors)
+
+
+def _controlnet(
+    body: ImageGenerationRequest, workflow: WorkflowSpec, width: int, height: int
+) -> tuple[dict[str, Any], RawTensor]:
+    cn = body.controlnet
+    if cn is None:
+        raise _invalid(
+            f"workflow {workflow.name!r} needs 'controlnet': {{'image': <base64 PNG of {width}x{height}>, "
+            "'conditioning_scale': 1.0}"
+        )
+    model = cn.model or workflow.controlnets[0]
+    if model not in workflow.controlnets:
+        raise _invalid(
+            f"unknown controlnet {model!r} for workflow {workflow.name!r}; known: {', '.join(workflow.controlnets)}"
+        )
+    pixels = decode_control_image(cn.image, width, height)
+    return {"model": model, "conditioning_scale": cn.conditioning_scale}, pixels
+
+
+def decode_control_image(b64: str, width: int, height: int) -> RawTensor:
+    """base64 PNG/JPEG -> uint8 (H, W, 3). It must already have the requested size: resizing
+    silently would move the edges the ControlNet follows."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if len(b64) > MAX_CONTROL_IMAGE_BYTES * 4 // 3 + 4:
+        raise _invalid(f"controlnet.image is larger than {MAX_CONTROL_IMAGE_BYTES // 2**20} MiB")
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid("controlnet.image is not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size != (width, height):
+                raise _invalid(
+                    f"controlnet.image is {img.size[0]}x{img.size[1]} but size is {width}x{height}; "
+                    "send a control image of the requested size"
+                )
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise _invalid("controlnet.image is not a PNG or JPEG image") from None
+    return RawTensor.from_numpy(np.asarray(rgb, dtype=np.uint8))
+
+
+def _loras(body: ImageGenerationRequest, workflow: WorkflowSpec) -> list[dict[str, Any]]:
+    chosen = body.loras if body.loras is not None else workflow.default_loras
+    names = [lora.name for lora in chosen]
+    unknown = [n for n in names if n not in workflow.loras]
+    if unknown:
+        raise _invalid(
+            f"unknown LoRA {unknown[0]!r} for workflow {workflow.name!r}; known: {', '.join(workflow.loras)}"
+        )
+    if len(set(names)) != len(names):
+        raise _invalid("each LoRA may be named once in 'loras'")
+    return [{"name": lora.name, "scale": float(lora.scale)} for lora in chosen]

@@ -1,0 +1,71 @@
+"""The ControlNet and LoRA variants of a family's text-to-image workflow, derived by rule.
+
+Why derived and not written out: `<family>-controlnet`, `-lora` and `-controlnet-lora` differ
+from the base spec in the same two ways for every family, and twelve hand-kept JSON files
+would drift apart. The rules:
+- ControlNet: a `control` node (the family's VAE encodes the request's control image into
+  latents) feeds the denoise node, which calls the family's ControlNet at every step;
+- LoRA: the denoise node receives the request's `loras` and applies them to the shared base.
+"""
+
+from __future__ import annotations
+
+from shared.messages import StepKind
+from shared.workflows.spec import REQUEST, LoraChoice, NodeSpec, WorkflowSpec
+from shared.zoo.registry import FAMILY_MODELS, loras_for
+
+CONTROL_NODE = "control"
+CONTROL_IMAGE = "control_image"  # the request tensor: uint8 (H, W, 3), the requested size
+CONTROL_PARAMS = ["height", "width", "seed", "n", "guidance_scale"]
+
+
+def with_controlnet(base: WorkflowSpec) -> WorkflowSpec:
+    family = FAMILY_MODELS[base.family]  # type: ignore[index]
+    denoise = base.node_of_kind(StepKind.DENOISE)
+    decode = base.node_of_kind(StepKind.VAE_DECODE)
+    control = NodeSpec(
+        id=CONTROL_NODE,
+        kind=StepKind.VAE_ENCODE,
+        model=decode.model,
+        params=CONTROL_PARAMS,
+        settings={"family": base.family},
+        inputs={"pixels": f"{REQUEST}.{CONTROL_IMAGE}"},
+    )
+    new_denoise = denoise.model_copy(
+        update={
+            "params": [*denoise.params, "controlnet"],
+            "inputs": {**denoise.inputs, "control_latents": f"{CONTROL_NODE}.latents"},
+        }
+    )
+    nodes = [new_denoise if n.id == denoise.id else n for n in base.nodes]
+    nodes.insert(nodes.index(new_denoise), control)
+    return base.model_copy(
+        update={
+            "name": f"{base.name}-controlnet",
+            "description": f"{base.description}; guided at every step by a ControlNet on a control image",
+            "nodes": nodes,
+            "controlnets": [family["controlnet"]],
+        },
+        deep=True,
+    )
+
+
+def with_lora(base: WorkflowSpec) -> WorkflowSpec:
+    denoise = base.node_of_kind(StepKind.DENOISE)
+    loras = loras_for(denoise.model)
+    new_denoise = denoise.model_copy(update={"params": [*denoise.params, "loras"]})
+    return base.model_copy(
+        update={
+            "name": f"{base.name}-lora",
+            "description": f"{base.description}; with the request's LoRAs applied to the shared base model",
+            "nodes": [new_denoise if n.id == denoise.id else n for n in base.nodes],
+            "loras": loras,
+            "default_loras": [LoraChoice(name=loras[0], scale=1.0)],
+        },
+        deep=True,
+    )
+
+
+def variants(base: WorkflowSpec) -> list[WorkflowSpec]:
+    """The base workflow and its three variants, in catalogue order."""
+    return [base, with_controlnet(base), with_lora(base), with_lora(with_controlnet(base))]

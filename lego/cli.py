@@ -15,24 +15,38 @@ from pathlib import Path
 
 import httpx
 
-from lego.launcher import SERVICES, Mesh, MeshConfig, free_port
+from lego.launcher import Mesh, MeshConfig, free_port, plan_units
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _replicas(values: list[str]) -> dict[str, int]:
-    replicas = dict.fromkeys(SERVICES, 1)
+def _workflows(value: str | None) -> list[str] | None:
+    from shared.workflows.catalogue import catalogue
+
+    if not value or value == "all":
+        return None
+    names = [w.strip() for w in value.split(",") if w.strip()]
+    unknown = [w for w in names if w not in catalogue()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--workflows: unknown {unknown}; known: all, {', '.join(catalogue())}")
+    return names
+
+
+def _replicas(values: list[str], workflows: list[str] | None) -> dict[str, int]:
+    units = [u.name for u in plan_units(workflows)]
+    replicas = {}
     for item in values:
         name, _, count = item.partition("=")
-        if name not in SERVICES or not count.isdigit() or int(count) < 1:
-            raise argparse.ArgumentTypeError(f"--replicas {item!r}: use SERVICE=N with SERVICE in {SERVICES}, N >= 1")
+        if name not in units or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"--replicas {item!r}: use UNIT=N with UNIT in {units}, N >= 1")
         replicas[name] = int(count)
     return replicas
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     try:
-        replicas = _replicas(args.replicas)
+        workflows = _workflows(args.workflows)
+        replicas = _replicas(args.replicas, workflows)
     except argparse.ArgumentTypeError as exc:
         print(f"lego up: {exc}", file=sys.stderr)
         return 2
@@ -42,7 +56,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = {"LEGO_LOG_LEVEL": args.log_level}
     if args.models_dir:
         env["LEGO_MODELS_DIR"] = str(Path(args.models_dir).resolve())
-    mesh = Mesh(MeshConfig(host=args.host, port=args.port, nats_url=args.nats_url, replicas=replicas, env=env))
+    config = MeshConfig(
+        host=args.host, port=args.port, nats_url=args.nats_url, workflows=workflows, replicas=replicas, env=env
+    )
+    mesh = Mesh(config)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -76,7 +93,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start the mesh, generate one image through the REST API, stop: the whole system in one go."""
     port = args.port if _port_free(args.host, args.port) else free_port(args.host)
-    mesh = Mesh(MeshConfig(host=args.host, port=port))
+    mesh = Mesh(MeshConfig(host=args.host, port=port, workflows=[args.workflow]))
     try:
         mesh.start(ready_timeout_s=args.ready_timeout)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +111,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 str(args.steps),
                 "--url",
                 mesh.url,
+                "--workflow",
+                args.workflow,
                 "--progress",
             ]
         )
@@ -125,6 +144,13 @@ def _stage(status: dict) -> str:
     return ",".join(n for n, s in nodes.items() if s == "running") or "queued"
 
 
+def _lora(item: str) -> dict:
+    name, _, scale = item.partition(":")
+    if not name:
+        raise ValueError(item)
+    return {"name": name, "scale": float(scale) if scale else 1.0}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     request_id = uuid.uuid4().hex
     body: dict = {"prompt": args.prompt, "size": args.size, "n": args.n, "guidance_scale": args.guidance}
@@ -136,6 +162,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             body[key] = value
+    if args.control_image:
+        try:
+            image = base64.b64encode(Path(args.control_image).read_bytes()).decode()
+        except OSError as exc:
+            print(f"lego generate: cannot read --control-image: {exc}", file=sys.stderr)
+            return 2
+        body["controlnet"] = {"image": image, "conditioning_scale": args.conditioning_scale}
+    if args.lora:
+        try:
+            body["loras"] = [_lora(item) for item in args.lora]
+        except ValueError:
+            print("lego generate: --lora takes NAME or NAME:SCALE, e.g. sd3-lora-a:0.8", file=sys.stderr)
+            return 2
     answer: dict = {}
 
     def post() -> None:
@@ -211,13 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)")
     up.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
     up.add_argument("--nats-url", help="use this NATS server (with JetStream) instead of starting one")
-    up.add_argument("--models-dir", help="local diffusers SD3 directory (default: tiny seeded models)")
+    up.add_argument(
+        "--models-dir",
+        help="your weights: a diffusers SD3 directory, or a directory with sd3/, sd35-large/, flux/, "
+        "controlnets/<id>/ and loras/<name>/ (default: tiny seeded models)",
+    )
+    up.add_argument(
+        "--workflows",
+        default="all",
+        help="comma-separated workflows to serve; only their models are loaded (default: all)",
+    )
     up.add_argument(
         "--replicas",
         nargs="*",
         default=[],
-        metavar="SERVICE=N",
-        help=f"replicas per service, e.g. denoiser=2 (services: {', '.join(SERVICES)})",
+        metavar="UNIT=N",
+        help="replicas per unit, e.g. sd3-transformer=2; units: encoder, vae, adapters and one per base "
+        "model (sd3-transformer, sd35-large-transformer, flux-transformer); default 1 each",
     )
     up.add_argument(
         "--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: %(default)s)"
@@ -237,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default: %(default)s)")
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--n", type=int, default=1, help="number of images (default: %(default)s)")
+    gen.add_argument("--control-image", help="PNG/JPEG of the requested size, for *-controlnet workflows")
+    gen.add_argument("--conditioning-scale", type=float, default=1.0, help="ControlNet strength (default: %(default)s)")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME[:SCALE]",
+        help="a LoRA for *-lora workflows, repeatable (default: the workflow's default LoRA)",
+    )
     gen.add_argument("--url", default=DEFAULT_URL, help="gateway URL (default: %(default)s)")
     gen.add_argument("--timeout", type=float, default=600, help="seconds to wait (default: %(default)s)")
     gen.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
@@ -248,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", default="512x512", help="WIDTHxHEIGHT (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=42, help="seed (default: %(default)s)")
+    demo.add_argument(
+        "--workflow", default="sd3", help="text-to-image workflow; only its models start (default: %(default)s)"
+    )
     demo.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)")
     demo.add_argument("--port", type=int, default=8000, help="gateway port; a free one if taken (default: %(default)s)")
     demo.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for readiness")

@@ -20,7 +20,7 @@ from typing import IO
 
 import httpx
 
-SERVICES = ("encoder", "denoiser", "vae")
+SERVICES = ("encoder", "denoiser", "adapters", "vae")
 STOP_GRACE_S = 15.0
 # Several torch processes share this machine's cores. After each parallel region, OpenMP's idle
 # workers spin (libgomp default: 300k iterations, tens of ms here) and steal the cores of the
@@ -85,12 +85,44 @@ class Child:
             pass
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One kind of service process: a service hosting a set of models; replicas are its copies.
+
+    Encoders, VAEs and ControlNets share one process per service (they take turns on the
+    cores); each base model gets its own denoiser unit, named after the model, because the
+    denoising loop is where the time goes and each base scales on its own."""
+
+    name: str
+    service: str
+    models: tuple[str, ...]
+
+
+def plan_units(workflows: list[str] | None = None) -> list[Unit]:
+    """The processes that serve `workflows` (default: the whole catalogue), each model once."""
+    from shared.workflows.catalogue import catalogue as full_catalogue
+    from shared.workflows.catalogue import get_workflow
+    from shared.zoo.registry import models_of_service
+
+    chosen = [get_workflow(w) for w in workflows] if workflows else list(full_catalogue().values())
+    needed = {model for w in chosen for _, model in w.models()}
+    units = []
+    for service in SERVICES:
+        models = tuple(m for m in models_of_service(service) if m in needed)
+        if service == "denoiser":
+            units.extend(Unit(m, service, (m,)) for m in models)
+        elif models:
+            units.append(Unit(service, service, models))
+    return units
+
+
 @dataclass
 class MeshConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     nats_url: str | None = None  # None: start our own nats-server
-    replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
+    workflows: list[str] | None = None  # None: every workflow of the catalogue
+    replicas: dict[str, int] = field(default_factory=dict)  # unit name -> replicas (default 1)
     env: dict[str, str] = field(default_factory=dict)  # extra LEGO_* settings for every child
     log_dir: Path | None = None  # None: children write to this terminal
     quiet: bool = False
@@ -105,6 +137,7 @@ class Mesh:
         self.nats: Child | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="lego-mesh-"))
         self.nats_url = config.nats_url or ""
+        self.units: dict[str, Unit] = {}
 
     @property
     def url(self) -> str:
@@ -126,11 +159,16 @@ class Mesh:
 
     def start(self, ready_timeout_s: float = 300.0) -> None:
         try:
+            units = {u.name: u for u in plan_units(self.config.workflows)}
+            unknown = sorted(set(self.config.replicas) - set(units))
+            if unknown:
+                raise ValueError(f"replicas named for {unknown}, which this mesh does not run; units: {sorted(units)}")
+            self.units = units
             self._start_nats()
             self._prepare_models()
-            for service in SERVICES:
-                for i in range(self.config.replicas.get(service, 1)):
-                    self.add_replica(service, index=i)
+            for unit in units.values():
+                for i in range(self.config.replicas.get(unit.name, 1)):
+                    self.add_replica(unit.name, index=i)
             gateway = Child(
                 "gateway",
                 [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(self.config.port)],
@@ -178,19 +216,22 @@ class Mesh:
         self._say("preparing models (built once, then cached)")
         subprocess.run([sys.executable, "-m", "shared.zoo"], env=self._env(), check=True)
 
-    def add_replica(self, service: str, index: int = 0) -> Child:
+    def add_replica(self, unit_name: str, index: int = 0) -> Child:
+        unit = self.units[unit_name]
         env = {**SHARED_CORES_ENV, **self._env()}  # the user's own OpenMP settings win
         child = Child(
-            f"{service}-{index}",
-            [sys.executable, "-m", f"services.{service}"],
+            f"{unit.name}-{index}",
+            [sys.executable, "-m", f"services.{unit.service}", "--models", ",".join(unit.models)],
             env,
-            self._log_path(f"{service}-{index}"),
+            self._log_path(f"{unit.name}-{index}"),
         )
         child.start()
         self.children.append(child)
         return child
 
     def wait_ready(self, timeout_s: float) -> None:
+        """Until every workflow this mesh serves has a live replica of each of its models."""
+        wanted = self.config.workflows or ["all"]
         give_up = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < give_up:
@@ -200,11 +241,15 @@ class Mesh:
                     f"{', '.join(dead)} exited during start; see the log above or in {self.config.log_dir}"
                 )
             try:
-                r = httpx.get(f"{self.url}/readyz", timeout=2)
-                if r.status_code == 200:
+                pending = [
+                    w
+                    for w in wanted
+                    if httpx.get(f"{self.url}/readyz", params={"workflow": w}, timeout=2).status_code != 200
+                ]
+                if not pending:
                     self._say(f"ready: gateway on {self.url}")
                     return
-                last = r.text
+                last = f"waiting for {', '.join(pending)}"
             except httpx.HTTPError as exc:
                 last = str(exc)
             time.sleep(0.2)

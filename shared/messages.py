@@ -23,6 +23,11 @@ class StepKind(StrEnum):
     VAE_ENCODE = "vae_encode"
 
 
+# Input-name prefixes of a `controlnet` step: tensors fixed for the whole request (uploaded once,
+# pulled once per request by the adapters service) and tensors of this denoising step.
+CONSTANT_INPUT, VARYING_INPUT = "c.", "v."
+
+
 class TensorRef(BaseModel):
     """A pointer to a tensor held by its producer.
 
@@ -63,6 +68,11 @@ class StepRequest(BaseModel):
     progress_to: str | None = None  # where long steps report progress (core NATS, best effort)
     deadline: float  # unix time after which the result is useless
     attempt: int = 1
+    owner: str = ""  # who the outputs are held for (released by that name); default: request_id
+
+    @property
+    def output_owner(self) -> str:
+        return self.owner or self.request_id
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) > self.deadline

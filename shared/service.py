@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from shared.bus import Bus
 from shared.logs import setup_logging
 from shared.messages import ReplicaInfo, StepKind, StepProgress, StepRequest, StepResult, TensorRef
 from shared.presence import announce_forever
+from shared.remote_steps import RemoteSteps
 from shared.settings import Settings
-from shared.tensor_plane import TensorPlane, TensorUnavailable
+from shared.tensor_plane import RawTensor, TensorPlane, TensorUnavailable
 from shared.tensor_plane.plane import TRANSPORTS
 from shared.worker import InputLost, StepWorker
 
@@ -34,19 +36,41 @@ log = logging.getLogger("lego.service")
 ProgressFn = Callable[[int, int], None]
 
 
-class ModelRunner(Protocol):
-    """One loaded model and the plain function that runs a step on it."""
+@dataclass
+class StepContext:
+    """What a runner may use besides its inputs: progress reports and steps of other models."""
 
-    kind: StepKind
+    progress: ProgressFn
+    remote: RemoteSteps
+    plane: TensorPlane
+
+
+class ModelRunner(Protocol):
+    """One loaded model and the plain functions that run steps on it (one per step kind)."""
+
+    kinds: tuple[StepKind, ...]
     model_id: str
 
-    def run(self, step: StepRequest, inputs: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         """Compute on torch tensors; raise `BadStepInput` for input no replica could serve."""
         ...
 
     def warm_up(self) -> None:
         """One small call at start: the first real request should not pay one-time kernel setup."""
         ...
+
+    def status(self) -> dict[str, Any]:
+        """Live facts for the presence bucket: `param_bytes`, and `loras` where adapters load."""
+        ...
+
+
+def param_bytes(*modules: Any) -> int:
+    """Bytes the parameters and buffers of torch modules take (what a loaded model costs)."""
+    total = 0
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            total += t.numel() * t.element_size()
+    return total
 
 
 RunnerLoader = Callable[[str, Settings], ModelRunner]
@@ -131,28 +155,37 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
     log.info("loaded %s in %.1fs", ",".join(model_ids), time.perf_counter() - t0)
     plane = TensorPlane(settings)
     await plane.start()
-    await bus.subscribe_release(plane.release)
+    cache = InputCache()
+
+    def release(owner: str) -> None:
+        plane.release(owner)
+        cache.drop(owner)
+
+    await bus.subscribe_release(release)
+    remote = RemoteSteps(bus, plane, replica_id)
+    await remote.start()
 
     tasks = []
     for runner in runners:
-        handler = ModelStepHandler(runner, plane, bus, compute, replica_id)
-        worker = StepWorker(bus, runner.kind, runner.model_id, handler, replica_id)
-        info = ReplicaInfo(
-            replica_id=replica_id,
-            kind=runner.kind,
-            model_id=runner.model_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            device=settings.device,
-            tensor_uri=plane.uri,
-            started_at=time.time(),
-        )
+        for kind in runner.kinds:
+            handler = ModelStepHandler(runner, plane, bus, compute, replica_id, remote, cache)
+            worker = StepWorker(bus, kind, runner.model_id, handler, replica_id)
+            info = ReplicaInfo(
+                replica_id=replica_id,
+                kind=kind,
+                model_id=runner.model_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                device=settings.device,
+                tensor_uri=plane.uri,
+                started_at=time.time(),
+            )
 
-        def describe(info: ReplicaInfo = info, worker: StepWorker = worker) -> ReplicaInfo:
-            return info.model_copy(update={"busy": worker.busy, "steps_done": worker.steps_done})
+            def describe(info: ReplicaInfo = info, worker: StepWorker = worker, runner: ModelRunner = runner):
+                return info.model_copy(update={"busy": worker.busy, "steps_done": worker.steps_done, **runner.status()})
 
-        tasks.append(asyncio.create_task(worker.run(stop)))
-        tasks.append(asyncio.create_task(announce_forever(bus, describe, stop)))
+            tasks.append(asyncio.create_task(worker.run(stop)))
+            tasks.append(asyncio.create_task(announce_forever(bus, describe, stop)))
     log.info("ready replica=%s tensors=%s", replica_id, plane.uri)
     await stop.wait()
     log.info("stopping: finishing the step in hand")
@@ -163,30 +196,61 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
     log.info("stopped")
 
 
+class InputCache:
+    """Inputs a step marks as constant for its request (`params["cache_inputs"]`), kept after
+    the first pull. Why: a ControlNet is called at every denoising step with the same prompt
+    embeddings and control latents; pulling them once per request, not once per step, saves
+    a transfer per step. Refs are immutable (a key is never reused), so a hit is always right.
+    Entries go when their request is released, or oldest first beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[str, RawTensor]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, ref: TensorRef) -> RawTensor | None:
+        entry = self._entries.get(ref.key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(ref.key)
+        return entry[1]
+
+    def put(self, ref: TensorRef, owner: str, raw: RawTensor) -> None:
+        if ref.key in self._entries or raw.nbytes > self.max_bytes:
+            return
+        self._entries[ref.key] = (owner, raw)
+        self._bytes += raw.nbytes
+        while self._bytes > self.max_bytes:
+            _, (_, old) = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes
+
+    def drop(self, owner: str) -> None:
+        for key in [k for k, (o, _) in self._entries.items() if o == owner]:
+            self._bytes -= self._entries.pop(key)[1].nbytes
+
+
 class ModelStepHandler:
     """Pulls a step's input tensors, runs the model off the loop, publishes outputs as refs."""
 
-    def __init__(self, runner: ModelRunner, plane: TensorPlane, bus: Bus, compute: Executor, replica_id: str):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        plane: TensorPlane,
+        bus: Bus,
+        compute: Executor,
+        replica_id: str,
+        remote: RemoteSteps | None = None,
+        cache: InputCache | None = None,
+    ) -> None:
         self.runner = runner
         self.plane = plane
         self.bus = bus
         self.compute = compute
         self.replica_id = replica_id
+        self.remote = remote if remote is not None else RemoteSteps(bus, plane, replica_id)
+        self.cache = cache if cache is not None else InputCache()
 
-    async def __call__(self, step: StepRequest) -> StepResult:
-        from shared.tensor_plane.torch_codec import from_raw, to_raw
-
-        loop = asyncio.get_running_loop()
-        raws, lost, reason = {}, [], ""
-        for name, ref in step.inputs.items():
-            try:
-                raws[name] = await self.plane.get(ref)
-            except TensorUnavailable as exc:
-                lost.append(name)
-                reason = str(exc)
-        if lost:
-            raise InputLost(lost, reason)
-
+    def _context(self, step: StepRequest, loop: asyncio.AbstractEventLoop) -> StepContext:
         def progress(done: int, total: int) -> None:
             if step.progress_to:
                 msg = StepProgress(
@@ -194,12 +258,41 @@ class ModelStepHandler:
                 )
                 loop.call_soon_threadsafe(asyncio.ensure_future, self.bus.publish_progress(step.progress_to, msg))
 
+        return StepContext(progress=progress, remote=self.remote, plane=self.plane)
+
+    async def _pull(self, step: StepRequest) -> dict[str, RawTensor]:
+        cacheable = set(step.params.get("cache_inputs") or ())
+        raws, lost, reason = {}, [], ""
+        for name, ref in step.inputs.items():
+            cached = self.cache.get(ref) if name in cacheable else None
+            if cached is not None:
+                raws[name] = cached
+                continue
+            try:
+                raws[name] = await self.plane.get(ref)
+            except TensorUnavailable as exc:
+                lost.append(name)
+                reason = str(exc)
+                continue
+            if name in cacheable:
+                self.cache.put(ref, step.request_id, raws[name])
+        if lost:
+            raise InputLost(lost, reason)
+        return raws
+
+    async def __call__(self, step: StepRequest) -> StepResult:
+        from shared.tensor_plane.torch_codec import from_raw, to_raw
+
+        loop = asyncio.get_running_loop()
+        raws = await self._pull(step)
+        ctx = self._context(step, loop)
+
         def compute() -> tuple[dict[str, TensorRef], float]:
             t0 = time.perf_counter()
             inputs = {name: from_raw(raw) for name, raw in raws.items()}
-            outputs = self.runner.run(step, inputs, progress)
+            outputs = self.runner.run(step, inputs, ctx)
             seconds = time.perf_counter() - t0
-            refs = {name: self.plane.put(to_raw(t), owner=step.request_id) for name, t in outputs.items()}
+            refs = {name: self.plane.put(to_raw(t), owner=step.output_owner) for name, t in outputs.items()}
             return refs, seconds
 
         refs, seconds = await loop.run_in_executor(self.compute, compute)

@@ -36,6 +36,7 @@ class Settings:
     model_cache_dir: str = field(default_factory=_default_cache_dir)
     device: str = "cpu"
     torch_threads: int = 0  # 0 -> torch default
+    lora_cache_mb: float = 1024.0  # LoRA adapters a denoiser keeps loaded; least recently used go first
     # Gateway
     gateway_id: str = field(default_factory=lambda: f"gw-{socket.gethostname()}-{os.getpid()}".replace(".", "-"))
     request_timeout_s: float = 300.0

@@ -38,12 +38,20 @@ def reference_pipeline(settings):
     return build_reference_pipeline(settings)
 
 
-def running_mesh(model_cache: Path, log_dir: Path, replicas: dict[str, int], **env: str) -> Iterator[Mesh]:
-    """Start a mesh as a user's `lego up` would (free port, own nats-server), stop it after."""
+def running_mesh(
+    model_cache: Path,
+    log_dir: Path,
+    replicas: dict[str, int] | None = None,
+    workflows: list[str] | None = None,
+    **env: str,
+) -> Iterator[Mesh]:
+    """Start a mesh as a user's `lego up` would (free port, own nats-server), stop it after.
+    `workflows` limits it to the processes those workflows need (default: the whole catalogue)."""
     m = Mesh(
         MeshConfig(
             port=free_port(),
-            replicas=replicas,
+            workflows=workflows,
+            replicas=replicas or {},
             env={"LEGO_MODEL_CACHE_DIR": str(model_cache), "LEGO_ACK_WAIT_S": ACK_WAIT_S, "HF_HUB_OFFLINE": "1", **env},
             log_dir=log_dir,
             quiet=True,
@@ -62,8 +70,8 @@ def running_mesh(model_cache: Path, log_dir: Path, replicas: dict[str, int], **e
 
 @pytest.fixture(scope="session")
 def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    """The whole mesh, with two denoiser replicas so one can be killed."""
-    yield from running_mesh(model_cache, tmp_path_factory.mktemp("mesh-logs"), {"encoder": 1, "denoiser": 2, "vae": 1})
+    """The whole catalogue's mesh (each model once), with two SD3 denoiser replicas so one can be killed."""
+    yield from running_mesh(model_cache, tmp_path_factory.mktemp("mesh-logs"), {"sd3-transformer": 2})
 
 
 def _dump_logs(log_dir: Path) -> None:

@@ -1,16 +1,25 @@
-"""Denoiser service: the base model and its scheduler run a request's whole denoising loop."""
+"""Denoiser service: a base model and its scheduler run a request's whole denoising loop.
+
+One loaded base serves every workflow of its family: the request's LoRAs are switched on for
+its loop and off after (adapters loaded once, kept in a bounded LRU cache), and ControlNet
+workflows get their residuals from the adapters service at every step.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shared.messages import StepKind, StepRequest
-from shared.service import ProgressFn, ServiceSpec
+from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
 from shared.worker import BadStepInput
 
-EMBEDDING_INPUTS = ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds")
+INPUTS_OF_FAMILY = {
+    "sd3": ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds"),
+    "sd35-large": ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds"),
+    "flux": ("clip_l_pooler", "t5_embeds"),
+}
 INT_PARAMS = ("height", "width", "num_inference_steps", "seed", "n")
 
 
@@ -18,12 +27,15 @@ INT_PARAMS = ("height", "width", "num_inference_steps", "seed", "n")
 class DenoiserRunner:
     model_id: str
     bundle: Any
-    kind: StepKind = StepKind.DENOISE
+    settings: Settings
+    kinds: tuple[StepKind, ...] = (StepKind.DENOISE,)
+    loras: Any = field(default=None)  # LoraCache, built at load
 
-    def run(self, step: StepRequest, inputs: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         from services.denoiser.model import denoise
 
-        missing = [name for name in EMBEDDING_INPUTS if name not in inputs]
+        names = INPUTS_OF_FAMILY[self.bundle.family]
+        missing = [name for name in names if name not in inputs]
         if missing:
             raise BadStepInput(f"denoise step lacks inputs {missing}")
         p = step.params
@@ -32,21 +44,66 @@ class DenoiserRunner:
             raise BadStepInput(f"denoise params must be integers {list(INT_PARAMS)} and a number guidance_scale")
         if p["height"] % 16 or p["width"] % 16:
             raise BadStepInput("height and width must be multiples of 16")
+        control, remote_cn = self._control(step, inputs, ctx)
         try:
-            latents = denoise(
-                self.bundle,
-                **{name: inputs[name] for name in EMBEDDING_INPUTS},
-                height=p["height"],
-                width=p["width"],
-                num_inference_steps=p["num_inference_steps"],
-                guidance_scale=float(p["guidance_scale"]),
-                seed=p["seed"],
-                num_images=p["n"],
-                on_step=progress,
-            )
+            with self.loras.activate(self._lora_set(p), self._lora_path):
+                latents = denoise(
+                    self.bundle,
+                    inputs={name: inputs[name] for name in names},
+                    height=p["height"],
+                    width=p["width"],
+                    num_inference_steps=p["num_inference_steps"],
+                    guidance_scale=float(p["guidance_scale"]),
+                    seed=p["seed"],
+                    num_images=p["n"],
+                    control=control,
+                    on_step=ctx.progress,
+                )
         except ValueError as exc:  # shapes or sizes the model cannot take: no replica could
             raise BadStepInput(str(exc)) from exc
+        finally:
+            if remote_cn is not None:
+                remote_cn.close()
         return {"latents": latents}
+
+    def _control(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> tuple[Any, Any]:
+        """The ControlSpec of a ControlNet workflow (None otherwise), calling the adapters service."""
+        spec = step.params.get("controlnet")
+        if spec is None:
+            return None, None
+        from services.denoiser.model import ControlSpec
+        from services.denoiser.remote_controlnet import RemoteControlNet
+
+        if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
+            raise BadStepInput("param 'controlnet' must be {'model': <id>, 'conditioning_scale': <number>}")
+        if "control_latents" not in inputs:
+            raise BadStepInput("a controlnet step needs the 'control_latents' input")
+        remote_cn = RemoteControlNet(ctx.remote, ctx.plane, step, spec["model"])
+        control = ControlSpec(
+            control_latents=inputs["control_latents"],
+            conditioning_scale=float(spec.get("conditioning_scale", 1.0)),
+            residuals=remote_cn,
+        )
+        return control, remote_cn
+
+    def _lora_set(self, params: dict[str, Any]) -> list[tuple[str, float]]:
+        from shared.zoo.registry import LORAS
+
+        chosen = params.get("loras") or []
+        out = []
+        for lora in chosen:
+            name, scale = (lora.get("name"), lora.get("scale", 1.0)) if isinstance(lora, dict) else (None, None)
+            if not isinstance(name, str) or not isinstance(scale, int | float):
+                raise BadStepInput("param 'loras' must be a list of {'name': <str>, 'scale': <number>}")
+            if name not in LORAS or LORAS[name].base != self.model_id:
+                raise BadStepInput(f"LoRA {name!r} is not a LoRA of {self.model_id}")
+            out.append((name, float(scale)))
+        return out
+
+    def _lora_path(self, name: str) -> Any:
+        from shared.zoo import lora_path
+
+        return lora_path(name, self.settings)
 
     def warm_up(self) -> None:
         import torch
@@ -54,14 +111,24 @@ class DenoiserRunner:
         from services.denoiser.model import denoise
 
         cfg = self.bundle.transformer.config
-        clip = torch.zeros(2, 77, 1)
+        if self.bundle.family == "flux":
+            inputs = {
+                "clip_l_pooler": torch.zeros(1, cfg.pooled_projection_dim),
+                "t5_embeds": torch.zeros(1, 8, cfg.joint_attention_dim),
+            }
+        else:
+            clip = torch.zeros(2, 77, 1)
+            half = cfg.pooled_projection_dim // 2
+            inputs = {
+                "clip_l_embeds": clip,
+                "clip_l_pooled": torch.zeros(2, half),
+                "clip_g_embeds": clip,
+                "clip_g_pooled": torch.zeros(2, cfg.pooled_projection_dim - half),
+                "t5_embeds": torch.zeros(2, 8, cfg.joint_attention_dim),
+            }
         denoise(
             self.bundle,
-            clip_l_embeds=clip,
-            clip_l_pooled=torch.zeros(2, cfg.pooled_projection_dim // 2),
-            clip_g_embeds=clip,
-            clip_g_pooled=torch.zeros(2, cfg.pooled_projection_dim - cfg.pooled_projection_dim // 2),
-            t5_embeds=torch.zeros(2, 8, cfg.joint_attention_dim),
+            inputs=inputs,
             height=64,
             width=64,
             num_inference_steps=2,
@@ -69,16 +136,23 @@ class DenoiserRunner:
             seed=0,
         )
 
+    def status(self) -> dict[str, Any]:
+        return {"param_bytes": param_bytes(self.bundle.transformer), "loras": sorted(self.loras.loaded())}
+
 
 def load(model_id: str, settings: Settings) -> DenoiserRunner:
+    from services.denoiser.lora import LoraCache
     from shared.zoo import load_denoiser
 
-    return DenoiserRunner(model_id=model_id, bundle=load_denoiser(model_id, settings))
+    bundle = load_denoiser(model_id, settings)
+    loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
+    return DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras)
 
 
 SPEC = ServiceSpec(
     name="denoiser",
     default_models=["sd3-transformer"],
     load=load,
-    description="Denoiser service: runs the whole denoising loop of a request on a shared base model.",
+    description="Denoiser service: runs the whole denoising loop of a request on a shared base model, "
+    "applying the request's LoRAs and calling its ControlNet at every step.",
 )

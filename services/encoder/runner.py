@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.messages import StepKind, StepRequest
-from shared.service import ProgressFn, ServiceSpec
+from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
 from shared.worker import BadStepInput
 
@@ -15,22 +15,32 @@ from shared.worker import BadStepInput
 class EncoderRunner:
     model_id: str
     bundle: Any
-    kind: StepKind = StepKind.ENCODE
+    kinds: tuple[StepKind, ...] = (StepKind.ENCODE,)
 
-    def run(self, step: StepRequest, inputs: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         from services.encoder.model import encode
 
-        prompt = step.params.get("prompt")
-        negative = step.params.get("negative_prompt") or ""
+        p = step.params
+        prompt = p.get("prompt")
+        negative = p.get("negative_prompt") or ""
         if not isinstance(prompt, str) or not isinstance(negative, str):
             raise BadStepInput("params 'prompt' and 'negative_prompt' must be strings")
-        # Row 0 is the prompt, row 1 the negative prompt: the denoiser needs both for guidance.
-        return encode(self.bundle, [prompt, negative])
+        options = {k: p[k] for k in ("outputs", "max_sequence_length") if k in p}
+        # Row 0 is the prompt, row 1 the negative prompt (the denoiser needs both for guidance);
+        # guidance-distilled families (Flux) set `negative: false` and get the prompt row only.
+        texts = [prompt, negative] if p.get("negative", True) else [prompt]
+        try:
+            return encode(self.bundle, texts, **options)
+        except ValueError as exc:
+            raise BadStepInput(str(exc)) from exc
 
     def warm_up(self) -> None:
         from services.encoder.model import encode
 
         encode(self.bundle, ["warm up", ""])
+
+    def status(self) -> dict[str, Any]:
+        return {"param_bytes": param_bytes(self.bundle.model)}
 
 
 def load(model_id: str, settings: Settings) -> EncoderRunner:

@@ -6,18 +6,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.messages import StepKind, StepRequest
-from shared.service import ProgressFn, ServiceSpec
+from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
 from shared.worker import BadStepInput
+from shared.zoo.registry import models_of_service
 
 
 @dataclass
 class VaeRunner:
     model_id: str
     bundle: Any
-    kind: StepKind = StepKind.VAE_DECODE
+    kinds: tuple[StepKind, ...] = (StepKind.VAE_DECODE, StepKind.VAE_ENCODE)
 
-    def run(self, step: StepRequest, inputs: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        if step.kind == StepKind.VAE_ENCODE:
+            return {"latents": self._encode_control(step, inputs)}
         from services.vae.model import decode
 
         latents = inputs.get("latents")
@@ -25,12 +28,40 @@ class VaeRunner:
             raise BadStepInput("vae_decode needs a 4-D 'latents' input (batch, channels, h, w)")
         return {"images": decode(self.bundle, latents)}
 
+    def _encode_control(self, step: StepRequest, inputs: dict[str, Any]) -> Any:
+        """The control image of a ControlNet workflow, into latents as its pipeline prepares them."""
+        from services.vae.model import encode_control_image
+
+        pixels = inputs.get("pixels")
+        p = step.params
+        if pixels is None or pixels.ndim != 3 or pixels.shape[-1] != 3 or str(pixels.dtype) != "torch.uint8":
+            raise BadStepInput("vae_encode needs a uint8 'pixels' input of shape (H, W, 3)")
+        bad = [k for k in ("height", "width", "seed", "n") if not isinstance(p.get(k), int) or isinstance(p[k], bool)]
+        if bad or tuple(pixels.shape[:2]) != (p["height"], p["width"]):
+            raise BadStepInput(f"vae_encode needs integer {bad or 'height/width'} matching the control image")
+        try:
+            return encode_control_image(
+                self.bundle,
+                pixels,
+                family=str(p.get("family", "sd3")),
+                height=p["height"],
+                width=p["width"],
+                seed=p["seed"],
+                num_images=p["n"],
+                guidance_scale=float(p.get("guidance_scale", 0.0)),
+            )
+        except ValueError as exc:
+            raise BadStepInput(str(exc)) from exc
+
     def warm_up(self) -> None:
         import torch
 
         from services.vae.model import decode
 
         decode(self.bundle, torch.zeros(1, self.bundle.vae.config.latent_channels, 8, 8))
+
+    def status(self) -> dict[str, Any]:
+        return {"param_bytes": param_bytes(self.bundle.vae)}
 
 
 def load(model_id: str, settings: Settings) -> VaeRunner:
@@ -41,7 +72,7 @@ def load(model_id: str, settings: Settings) -> VaeRunner:
 
 SPEC = ServiceSpec(
     name="vae",
-    default_models=["sd3-vae"],
+    default_models=models_of_service("vae"),
     load=load,
-    description="VAE service: decodes latents to images.",
+    description="VAE service: decodes latents to images and encodes control images to latents.",
 )

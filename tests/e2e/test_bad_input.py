@@ -64,3 +64,41 @@ def test_unknown_request_and_route(mesh):
 def test_bad_request_id_header(mesh):
     r = httpx.post(f"{mesh.url}/v1/images/generations", json=GOOD, headers={"X-Request-Id": "a b/c"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request_id"
+
+
+def _png(width: int, height: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"workflow": "sd3-controlnet"}, "needs 'controlnet'"),
+        ({"workflow": "sd3-controlnet", "controlnet": {"image": _png(64, 64), "model": "flux-controlnet"}}, "known: "),
+        ({"workflow": "sd3-controlnet", "controlnet": {"image": _png(96, 64)}}, "96x64 but size is 64x64"),
+        ({"workflow": "sd3-controlnet", "controlnet": {"image": "aGVsbG8gd29ybGQ="}}, "not a PNG or JPEG"),
+        ({"workflow": "sd3-controlnet", "controlnet": {"image": "%%% not base64"}}, "not valid base64"),
+        ({"workflow": "sd3-controlnet", "controlnet": {"image": _png(64, 64), "conditioning_scale": 9}}, "scale"),
+        ({"workflow": "sd3", "controlnet": {"image": _png(64, 64)}}, "takes no controlnet"),
+        ({"workflow": "sd3-lora", "loras": [{"name": "no-such-lora"}]}, "known: sd3-lora-a, sd3-lora-b"),
+        ({"workflow": "sd3-lora", "loras": [{"name": "flux-lora-a"}]}, "unknown LoRA 'flux-lora-a'"),
+        ({"workflow": "sd3-lora", "loras": [{"name": "sd3-lora-a", "scale": 50}]}, "scale"),
+        ({"workflow": "sd3-lora", "loras": [{"name": "sd3-lora-a"}, {"name": "sd3-lora-a"}]}, "once"),
+        ({"workflow": "sd3-lora", "loras": [{"name": "sd3-lora-a"}] * 5}, "loras"),
+        ({"workflow": "sd3", "loras": [{"name": "sd3-lora-a"}]}, "takes no loras"),
+        ({"workflow": "flux", "negative_prompt": "blurry"}, "takes no negative_prompt"),
+    ],
+)
+def test_bad_controlnet_and_lora_fields_are_refused_with_a_reason(mesh, change, words):
+    r = httpx.post(f"{mesh.url}/v1/images/generations", json={**GOOD, **change}, timeout=30)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_request"
+    assert words in err["message"], err["message"]

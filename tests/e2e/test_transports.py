@@ -18,7 +18,7 @@ def tcp_mesh(model_cache, tmp_path_factory) -> Iterator[Mesh]:
     yield from running_mesh(
         model_cache,
         tmp_path_factory.mktemp("tcp-mesh-logs"),
-        {"encoder": 1, "denoiser": 1, "vae": 1},
+        workflows=["sd3"],
         LEGO_TRANSPORT="tcp",
         LEGO_INLINE_MAX_BYTES="1024",
     )

@@ -40,7 +40,7 @@ def test_lego_up_serves_then_sigint_stops_every_child(model_cache, tmp_path):
     env = {**os.environ, "LEGO_MODEL_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lego.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "lego.cli", "up", "--port", str(port), "--workflows", "sd3"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -196,16 +196,16 @@ async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
     calls: list[tuple[str, int]] = []
 
     class Produce:
-        kind, model_id = StepKind.ENCODE, "producer"
+        kinds, model_id = (StepKind.ENCODE,), "producer"
 
-        def run(self, step, inputs, progress):
+        def run(self, step, inputs, ctx):
             calls.append(("a", step.attempt))
             return {"x": torch.arange(50_000, dtype=torch.float32)}  # 200 KB: not inline
 
     class Consume:
-        kind, model_id = StepKind.VAE_DECODE, "consumer"
+        kinds, model_id = (StepKind.VAE_DECODE,), "consumer"
 
-        def run(self, step, inputs, progress):
+        def run(self, step, inputs, ctx):
             calls.append(("b", step.attempt))
             return {"images": (inputs["x"][:12] % 256).to(torch.uint8).reshape(1, 2, 2, 3)}
 
@@ -226,9 +226,9 @@ async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
                     plane.release(step.request_id)  # the replica "dies" with what it held
                 return result
 
-            worker = StepWorker(bus, runner.kind, runner.model_id, lose_first_outputs, "producer")
+            worker = StepWorker(bus, runner.kinds[0], runner.model_id, lose_first_outputs, "producer")
         else:
-            worker = StepWorker(bus, runner.kind, runner.model_id, handler, "consumer")
+            worker = StepWorker(bus, runner.kinds[0], runner.model_id, handler, "consumer")
         tasks.append(asyncio.create_task(worker.run(stop)))
         buses.append(bus)
         planes.append(plane)

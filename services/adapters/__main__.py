@@ -1,0 +1,4 @@
+from services.adapters.runner import SPEC
+from shared.service import main
+
+main(SPEC)

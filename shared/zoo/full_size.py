@@ -1,0 +1,182 @@
+"""The full-size architectures of every model id, built on torch's `meta` device (no memory).
+
+Why: no real weights can be downloaded here, yet memory claims must hold for the real models.
+These are the published configs (SD3-Medium, SD3.5-Large, Flux.1-dev, their text encoders,
+VAEs and public ControlNets), instantiated as the same diffusers/transformers classes the
+services load, so parameter counts are exact; on a GPU they can be materialised with random
+weights (`device="cuda"`) to time the real shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LORA_RANK = 16  # a typical rank for style LoRAs of these bases
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+BYTES_PER_PARAM = 2  # bf16, as these models are served
+
+
+def _clip(hidden: int, intermediate: int, layers: int, heads: int) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        projection_dim=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def _t5() -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return T5EncoderModel(config)
+
+
+def _sd3_transformer(layers: int, heads: int, caption_dim: int, qk_norm: str | None) -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=layers,
+        attention_head_dim=64,
+        num_attention_heads=heads,
+        joint_attention_dim=4096,
+        caption_projection_dim=caption_dim,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+        qk_norm=qk_norm,
+    )
+
+
+def _sd3_controlnet(layers: int, heads: int, caption_dim: int, qk_norm: str | None) -> Any:
+    from diffusers import SD3ControlNetModel
+
+    return SD3ControlNetModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=layers,
+        attention_head_dim=64,
+        num_attention_heads=heads,
+        joint_attention_dim=4096,
+        caption_projection_dim=caption_dim,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+        qk_norm=qk_norm,
+    )
+
+
+def _flux_transformer() -> Any:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+
+
+def _flux_controlnet() -> Any:
+    from diffusers import FluxControlNetModel
+
+    # InstantX/FLUX.1-dev-Controlnet-Canny: 5 double and 10 single blocks.
+    return FluxControlNetModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=5,
+        num_single_layers=10,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+
+
+def _vae(scaling: float, shift: float) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+_BUILDERS = {
+    "clip-l": lambda: _clip(768, 3072, 12, 12),
+    "clip-g": lambda: _clip(1280, 5120, 32, 20),
+    "t5": _t5,
+    "sd3-transformer": lambda: _sd3_transformer(24, 24, 1536, None),  # SD3-Medium
+    "sd35-large-transformer": lambda: _sd3_transformer(38, 38, 2432, "rms_norm"),
+    "flux-transformer": _flux_transformer,
+    "sd3-vae": lambda: _vae(1.5305, 0.0609),
+    "flux-vae": lambda: _vae(0.3611, 0.1159),
+    # InstantX/SD3-Controlnet-Canny: 6 joint blocks of SD3-Medium's width.
+    "sd3-controlnet": lambda: _sd3_controlnet(6, 24, 1536, None),
+    # stabilityai/stable-diffusion-3.5-large-controlnet-*: 19 blocks of SD3.5-Large's width.
+    "sd35-large-controlnet": lambda: _sd3_controlnet(19, 38, 2432, "rms_norm"),
+    "flux-controlnet": _flux_controlnet,
+}
+
+
+def build_full_size(model_id: str, device: str = "meta") -> Any:
+    """The full-size model of `model_id` on `device` ("meta": shapes only, no memory)."""
+    import torch
+
+    if model_id not in _BUILDERS:
+        raise ValueError(f"no full-size config for {model_id!r}; known: {', '.join(_BUILDERS)}")
+    with torch.device(device):
+        return _BUILDERS[model_id]().eval()
+
+
+def parameter_count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def lora_parameter_count(base: Any, rank: int = LORA_RANK) -> int:
+    """Parameters of a rank-`rank` LoRA on the base's attention projections (A: r x in, B: out x r)."""
+    import torch
+
+    total = 0
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS):
+            total += rank * (module.in_features + module.out_features)
+    return total

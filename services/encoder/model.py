@@ -1,10 +1,16 @@
 """Text encoding for the encoder service: one model (CLIP-L, CLIP-G or T5) per bundle.
 
-Why mirror diffusers line by line: the mesh's image must equal `StableDiffusion3Pipeline`'s,
-so these functions reproduce `_get_clip_prompt_embeds` / `_get_t5_prompt_embeds` (same
-tokenizer arguments, penultimate CLIP hidden state, no T5 attention mask). The pipeline
-encodes the prompt and the negative prompt in two separate batch-1 calls; we encode each
-text alone as well, because a batched matmul may round differently from a batch-1 one.
+Why mirror diffusers line by line: the mesh's image must equal the pipelines', so these
+functions reproduce `_get_clip_prompt_embeds` / `_get_t5_prompt_embeds` of
+`StableDiffusion3Pipeline` and `FluxPipeline` (same tokenizer arguments, penultimate CLIP
+hidden state, no T5 attention mask). The pipelines encode the prompt and the negative
+prompt in separate batch-1 calls; we encode each text alone as well, because a batched
+matmul may round differently from a batch-1 one.
+
+One CLIP model serves both families: SD3 takes the penultimate hidden state ("embeds") and
+the projected pooled output ("pooled" = `CLIPTextModelWithProjection.text_embeds`); Flux
+takes CLIP-L's unprojected pooled output ("pooler" = `CLIPTextModel(...).pooler_output`).
+All three come from one `text_model` call, the very call both transformers classes make.
 """
 
 from __future__ import annotations
@@ -22,24 +28,39 @@ def _device(bundle: TextEncoderBundle) -> torch.device:
     return next(bundle.model.parameters()).device
 
 
-def encode_clip(bundle: TextEncoderBundle, texts: list[str]) -> dict[str, torch.Tensor]:
-    """CLIP prompt embeddings: {"embeds": (n, 77, width), "pooled": (n, projection_dim)}."""
+CLIP_OUTPUTS = ("embeds", "pooled", "pooler")
+
+
+def encode_clip(
+    bundle: TextEncoderBundle, texts: list[str], outputs: str | tuple[str, ...] | list[str] = ("embeds", "pooled")
+) -> dict[str, torch.Tensor]:
+    """CLIP prompt embeddings, one row per text, for the names in `outputs`:
+    "embeds" (n, 77, width) penultimate hidden state (SD3), "pooled" (n, projection_dim)
+    projected pooled output (SD3), "pooler" (n, width) unprojected pooled output (Flux)."""
     if bundle.kind != "clip":
         raise ValueError(f"{bundle.model_id} is a {bundle.kind} encoder, not clip")
+    wanted = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    if not wanted or any(o not in CLIP_OUTPUTS for o in wanted):
+        raise ValueError(f"clip outputs must be among {CLIP_OUTPUTS}, got {list(wanted)}")
     device = _device(bundle)
     max_length = getattr(bundle.tokenizer, "model_max_length", CLIP_MAX_LENGTH)
     if not isinstance(max_length, int) or max_length > 10_000:  # "unbounded" sentinel in HF tokenizers
         max_length = CLIP_MAX_LENGTH
-    embeds, pooled = [], []
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
     with torch.inference_mode():
         for text in texts:
             ids = bundle.tokenizer(
                 [text], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
             ).input_ids
-            out = bundle.model(ids.to(device), output_hidden_states=True)
-            pooled.append(out[0])
-            embeds.append(out.hidden_states[-2].to(dtype=bundle.model.dtype, device=device))
-    return {"embeds": torch.cat(embeds, dim=0), "pooled": torch.cat(pooled, dim=0)}
+            # = CLIPTextModelWithProjection.forward, keeping the pooler output it would drop
+            out = bundle.model.text_model(ids.to(device), output_hidden_states=True)
+            if "embeds" in rows:
+                rows["embeds"].append(out.hidden_states[-2].to(dtype=bundle.model.dtype, device=device))
+            if "pooled" in rows:
+                rows["pooled"].append(bundle.model.text_projection(out.pooler_output))
+            if "pooler" in rows:
+                rows["pooler"].append(out.pooler_output.to(dtype=bundle.model.dtype, device=device))
+    return {name: torch.cat(tensors, dim=0) for name, tensors in rows.items()}
 
 
 def encode_t5(bundle: TextEncoderBundle, texts: list[str], max_sequence_length: int = 256) -> dict[str, torch.Tensor]:
@@ -64,9 +85,14 @@ def encode_t5(bundle: TextEncoderBundle, texts: list[str], max_sequence_length: 
 
 
 def encode(bundle: TextEncoderBundle, texts: list[str], **params: Any) -> dict[str, torch.Tensor]:
-    """Encode with whichever kind of model the bundle holds (params: max_sequence_length for T5)."""
+    """Encode with whichever kind of model the bundle holds.
+
+    params: for CLIP `outputs` (names among "embeds", "pooled", "pooler"; default
+    ("embeds", "pooled"): SD3 and SD3.5 need those, Flux needs ("pooler",) from clip-l);
+    for T5 `max_sequence_length` (SD3/SD3.5: 256, Flux: 512; default 256).
+    """
     if bundle.kind == "clip":
-        return encode_clip(bundle, texts)
+        return encode_clip(bundle, texts, outputs=params.get("outputs") or ("embeds", "pooled"))
     if bundle.kind == "t5":
         return encode_t5(bundle, texts, max_sequence_length=int(params.get("max_sequence_length", 256)))
     raise ValueError(f"unknown encoder kind {bundle.kind!r}")

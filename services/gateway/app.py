@@ -106,16 +106,18 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList)
     async def models(bus: Bus = Depends(get_bus)) -> ModelList:
         """Every model with a live replica, which replicas hold it, and the workflows using it."""
-        by_model: dict[str, list[ReplicaInfo]] = {}
+        by_model: dict[str, dict[str, ReplicaInfo]] = {}
+        kinds: dict[str, set[str]] = {}
         for r in await live_replicas(bus):
-            by_model.setdefault(r.model_id, []).append(r)
+            by_model.setdefault(r.model_id, {})[r.replica_id] = r  # a replica announces once per step kind
+            kinds.setdefault(r.model_id, set()).add(str(r.kind))
         out = []
         for model_id, replicas in sorted(by_model.items()):
             info = MODELS.get(model_id)
             out.append(
                 ModelInfo(
                     model_id=model_id,
-                    kind=str(replicas[0].kind),
+                    kinds=sorted(kinds[model_id]),
                     role=info.role if info else "unknown",
                     service=info.service if info else "unknown",
                     description=info.description if info else "",
@@ -130,7 +132,7 @@ def create_app(settings: Settings) -> FastAPI:
                             param_bytes=r.param_bytes,
                             loras=r.loras,
                         )
-                        for r in sorted(replicas, key=lambda r: r.replica_id)
+                        for _, r in sorted(replicas.items())
                     ],
                     workflows=[w.name for w in catalogue().values() if model_id in {m for _, m in w.models()}],
                 )

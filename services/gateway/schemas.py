@@ -143,7 +143,7 @@ class ReplicaSummary(BaseModel):
 
 class ModelInfo(BaseModel):
     model_id: str
-    kind: str
+    kinds: list[str] = Field(description="step kinds it serves, e.g. vae_decode and vae_encode")
     role: str
     service: str
     description: str

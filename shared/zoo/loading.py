@@ -1,9 +1,30 @@
-"""Load one model of the zoo by id, from the tiny cache or a real SD3 diffusers directory.
+"""Load one model of the zoo by id, from the tiny cache or a user's directory of real weights.
 
-Why one path: services, tests and the benchmark all call `from_pretrained` on the same
-directory layout (text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2,
-tokenizer_3, transformer, vae, scheduler), so the tiny models and a user's real SD3
-checkout go through identical code, and the reference pipeline sees the same weights.
+Why one path: services, tests and the benchmark all call `from_pretrained` on diffusers'
+directory layout, so the tiny models and a user's real checkout go through identical code,
+and the reference pipelines (the oracle) are built from the very same directories.
+
+Where each model comes from:
+
+* Tiny (no `models_dir`): built once with fixed seeds under `settings.model_cache_dir`:
+  `tiny-sd3-v1/` (an SD3 pipeline directory: the shared text encoders and tokenizers, the SD3
+  transformer, scheduler and VAE), `tiny-sd35-large-v1/` and `tiny-flux-v1/` (transformer,
+  scheduler, and Flux's VAE), `tiny-controlnets-v1/<id>/`, `tiny-loras-v1/<name>/`.
+* Real weights (`settings.models_dir`) in this layout (as before, `models_dir` may also itself
+  be an SD3 diffusers directory: it then serves as `sd3/`, and the other pieces are looked up
+  inside it at the same relative paths)::
+
+      <models_dir>/sd3/                  diffusers StableDiffusion3Pipeline directory
+      <models_dir>/sd35-large/           diffusers SD3.5-Large directory (transformer/, scheduler/)
+      <models_dir>/flux/                 diffusers FluxPipeline directory (transformer/, scheduler/, vae/)
+      <models_dir>/controlnets/<id>/     a ControlNet (config.json + weights), e.g. controlnets/flux-controlnet
+      <models_dir>/loras/<name>/         pytorch_lora_weights.safetensors (or loras/<name>.safetensors)
+
+  A family directory needs only what that family does not share: the text encoders (`clip-l`,
+  `clip-g`, `t5`, with their tokenizers) and `sd3-vae` are read from the sd3 directory, or from
+  the sd35-large one when there is no sd3 directory. Flux's CLIP-L and T5 are these shared ones
+  too (Flux uses the same CLIP ViT-L/14 and T5 v1.1 XXL): a Flux directory's own `text_encoder`
+  and `text_encoder_2` are not read. A missing piece raises FileNotFoundError naming the path.
 """
 
 from __future__ import annotations
@@ -12,23 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from shared.zoo import tiny_controlnets, tiny_flux, tiny_loras, tiny_sd35
+from shared.zoo.registry import CONTROL_LATENTS_SHIFTED, FAMILIES, FAMILY_MODELS, LORAS, MODEL_IDS, Family
 from shared.zoo.tiny import ensure_tiny_dir
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import DiffusionPipeline
 
     from shared.settings import Settings
 
-MODEL_IDS: tuple[str, ...] = ("clip-l", "clip-g", "t5", "sd3-transformer", "sd3-vae")
-
-# model id -> (model subfolder, tokenizer subfolder, kind)
+# model id -> (model subfolder, tokenizer subfolder, kind), inside the shared encoders directory
 _TEXT_ENCODERS: dict[str, tuple[str, str, Literal["clip", "t5"]]] = {
     "clip-l": ("text_encoder", "tokenizer", "clip"),
     "clip-g": ("text_encoder_2", "tokenizer_2", "clip"),
     "t5": ("text_encoder_3", "tokenizer_3", "t5"),
 }
-_DENOISERS = ("sd3-transformer",)
-_VAES = ("sd3-vae",)
+_DENOISERS: dict[str, Family] = {fam["denoiser"]: f for f, fam in FAMILY_MODELS.items()}
+_CONTROLNETS: dict[str, Family] = {fam["controlnet"]: f for f, fam in FAMILY_MODELS.items()}
+_VAES: dict[str, Family] = {"sd3-vae": "sd3", "flux-vae": "flux"}  # the family directory holding vae/
+_SHARED_SOURCES: tuple[Family, ...] = ("sd3", "sd35-large")  # where shared encoders / sd3-vae are read
 
 
 @dataclass
@@ -43,41 +66,157 @@ class TextEncoderBundle:
 
 @dataclass
 class DenoiserBundle:
-    """The SD3 transformer with its scheduler (a template: callers copy it per request)."""
+    """A base transformer with its scheduler (a template: callers copy it per request).
+
+    `family` picks the denoising loop: "sd3" and "sd35-large" run StableDiffusion3Pipeline's,
+    "flux" FluxPipeline's.
+    """
 
     model_id: str
     transformer: Any
     scheduler: Any
+    family: Family = "sd3"
 
 
 @dataclass
 class VaeBundle:
-    """The VAE whose decoder turns final latents into pixels."""
+    """A VAE: its decoder turns final latents into pixels, its encoder control images into latents."""
 
     model_id: str
     vae: Any
 
 
-def _unknown(model_id: str, expected: tuple[str, ...]) -> ValueError:
+@dataclass
+class ControlNetBundle:
+    """A ControlNet for the base transformer of `family`; the adapters service hosts it."""
+
+    model_id: str
+    family: Family
+    controlnet: Any
+
+
+def _unknown(model_id: str, expected: tuple[str, ...] | list[str]) -> ValueError:
     return ValueError(
         f"unknown model id {model_id!r}; known ids for this loader: {', '.join(expected)} "
         f"(all model ids: {', '.join(MODEL_IDS)})"
     )
 
 
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: expected {path}, which does not exist")
+    return path
+
+
+def _user_root(settings: Settings) -> Path | None:
+    return Path(settings.models_dir).expanduser() if settings.models_dir else None
+
+
+def _is_pipeline_dir(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "transformer").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories
+
+
 def ensure_tiny_models(settings: Settings) -> Path:
-    """Build the tiny seeded models into `settings.model_cache_dir` once, then reuse them."""
+    """Build the tiny SD3 models (and shared encoders) into `settings.model_cache_dir` once."""
     return ensure_tiny_dir(settings.model_cache_dir)
 
 
+def family_dir(family: Family, settings: Settings) -> Path:
+    """The diffusers directory of a family's own models (transformer/, scheduler/, maybe vae/)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    root = _user_root(settings)
+    if root is None:
+        cache = settings.model_cache_dir
+        if family == "sd3":
+            return ensure_tiny_dir(cache)
+        return tiny_sd35.ensure_dir(cache) if family == "sd35-large" else tiny_flux.ensure_dir(cache)
+    if family == "sd3" and _is_pipeline_dir(root):
+        return root  # today's layout: models_dir is itself an SD3 directory
+    path = root / family
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"models_dir {root} has no {family} models: expected a diffusers directory {path}"
+            + (" (or models_dir itself an SD3 diffusers directory)" if family == "sd3" else "")
+        )
+    return path
+
+
+def shared_dir(settings: Settings) -> Path:
+    """Where the shared text encoders, their tokenizers and `sd3-vae` are read."""
+    root = _user_root(settings)
+    if root is None:
+        return ensure_tiny_dir(settings.model_cache_dir)
+    candidates = [root] if _is_pipeline_dir(root) else [root / f for f in _SHARED_SOURCES]
+    for path in candidates:
+        if (path / "text_encoder").is_dir():
+            return path
+    raise FileNotFoundError(
+        f"no shared text encoders in models_dir {root}: expected {candidates[0] / 'text_encoder'}"
+        + (f" or {candidates[1] / 'text_encoder'}" if len(candidates) > 1 else "")
+    )
+
+
 def models_root(settings: Settings) -> Path:
-    """The directory every loader reads: `settings.models_dir` if set, else the tiny cache."""
-    if settings.models_dir:
-        root = Path(settings.models_dir).expanduser()
-        if not (root / "model_index.json").is_file() and not (root / "transformer").is_dir():
-            raise FileNotFoundError(f"models_dir {root} is not an SD3 diffusers directory")
-        return root
-    return ensure_tiny_models(settings)
+    """The SD3 directory (shared encoders, SD3 transformer and VAE): tiny cache or `models_dir`."""
+    root = _user_root(settings)
+    if root is not None and not _is_pipeline_dir(root) and not _is_pipeline_dir(root / "sd3"):
+        raise FileNotFoundError(
+            f"models_dir {root} is not an SD3 diffusers directory and has no {root / 'sd3'} directory"
+        )
+    return family_dir("sd3", settings)
+
+
+def controlnet_dir(model_id: str, settings: Settings) -> Path:
+    if model_id not in _CONTROLNETS:
+        raise _unknown(model_id, tuple(_CONTROLNETS))
+    root = _user_root(settings)
+    if root is None:
+        return tiny_controlnets.ensure_dir(settings.model_cache_dir, model_id)
+    return _need(root / "controlnets" / model_id, f"ControlNet {model_id}")
+
+
+def lora_path(name: str, settings: Settings) -> Path:
+    """What `load_lora_weights` / `LoraCache` read for a LoRA: its directory (or .safetensors file)."""
+    if name not in LORAS:
+        raise ValueError(f"unknown LoRA {name!r}; known LoRAs: {', '.join(LORAS)}")
+    root = _user_root(settings)
+    if root is None:
+        return tiny_loras.ensure_dir(settings.model_cache_dir, name)
+    directory, file = root / "loras" / name, root / "loras" / f"{name}.safetensors"
+    if (directory / tiny_loras.WEIGHT_NAME).is_file():
+        return directory
+    if file.is_file():
+        return file
+    raise FileNotFoundError(f"LoRA {name}: expected {directory / tiny_loras.WEIGHT_NAME} or {file}")
+
+
+def prepare_zoo(settings: Settings) -> dict[str, Path]:
+    """Build every tiny model once (what `python -m shared.zoo` runs before services start).
+
+    With `models_dir` set nothing is built; the directories found are returned and missing
+    pieces are left out (they fail, naming the path, only when a service loads them).
+    """
+    found: dict[str, Path] = {}
+    steps: list[tuple[str, Any]] = [("shared", lambda: shared_dir(settings))]
+    steps += [(f, lambda f=f: family_dir(f, settings)) for f in FAMILIES]
+    steps += [(c, lambda c=c: controlnet_dir(c, settings)) for c in _CONTROLNETS]
+    steps += [(n, lambda n=n: lora_path(n, settings)) for n in LORAS]
+    for key, step in steps:
+        try:
+            found[key] = step()
+        except FileNotFoundError:
+            if not settings.models_dir:
+                raise
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
 
 
 def load_text_encoder(model_id: str, settings: Settings) -> TextEncoderBundle:
@@ -86,42 +225,115 @@ def load_text_encoder(model_id: str, settings: Settings) -> TextEncoderBundle:
         raise _unknown(model_id, tuple(_TEXT_ENCODERS))
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    root = models_root(settings)
+    root = shared_dir(settings)
     sub, tok_sub, kind = _TEXT_ENCODERS[model_id]
     if kind == "clip":
-        model = CLIPTextModelWithProjection.from_pretrained(root / sub)
-        tokenizer = CLIPTokenizer.from_pretrained(root / tok_sub)
+        model = CLIPTextModelWithProjection.from_pretrained(_need(root / sub, model_id))
+        tokenizer = CLIPTokenizer.from_pretrained(_need(root / tok_sub, f"{model_id} tokenizer"))
     else:
-        model = T5EncoderModel.from_pretrained(root / sub)
-        tokenizer = T5TokenizerFast.from_pretrained(root / tok_sub)
+        model = T5EncoderModel.from_pretrained(_need(root / sub, model_id))
+        tokenizer = T5TokenizerFast.from_pretrained(_need(root / tok_sub, f"{model_id} tokenizer"))
     model = model.to(settings.device).eval()
     return TextEncoderBundle(model_id=model_id, model=model, tokenizer=tokenizer, kind=kind)
 
 
-def load_denoiser(model_id: str, settings: Settings) -> DenoiserBundle:
-    """Load the SD3 transformer and the FlowMatch scheduler saved beside it."""
-    if model_id not in _DENOISERS:
-        raise _unknown(model_id, _DENOISERS)
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+def _transformer_class(family: Family):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    root = models_root(settings)
-    transformer = SD3Transformer2DModel.from_pretrained(root / "transformer").to(settings.device).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-    return DenoiserBundle(model_id=model_id, transformer=transformer, scheduler=scheduler)
+    return FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+
+
+def load_denoiser(model_id: str, settings: Settings) -> DenoiserBundle:
+    """Load a base transformer and the FlowMatch scheduler saved beside it."""
+    if model_id not in _DENOISERS:
+        raise _unknown(model_id, tuple(_DENOISERS))
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family = _DENOISERS[model_id]
+    root = family_dir(family, settings)
+    transformer = _transformer_class(family).from_pretrained(_need(root / "transformer", model_id))
+    transformer = transformer.to(settings.device).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_need(root / "scheduler", f"{model_id} scheduler"))
+    return DenoiserBundle(model_id=model_id, transformer=transformer, scheduler=scheduler, family=family)
+
+
+def vae_dir(model_id: str, settings: Settings) -> Path:
+    if model_id not in _VAES:
+        raise _unknown(model_id, tuple(_VAES))
+    root = shared_dir(settings) if model_id == "sd3-vae" else family_dir(_VAES[model_id], settings)
+    return _need(root / "vae", model_id)
 
 
 def load_vae(model_id: str, settings: Settings) -> VaeBundle:
-    """Load the SD3 VAE (its config carries scaling_factor and shift_factor)."""
+    """Load `sd3-vae` or `flux-vae` (the config carries scaling_factor and shift_factor)."""
     if model_id not in _VAES:
-        raise _unknown(model_id, _VAES)
+        raise _unknown(model_id, tuple(_VAES))
     from diffusers import AutoencoderKL
 
-    root = models_root(settings)
-    vae = AutoencoderKL.from_pretrained(root / "vae").to(settings.device).eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir(model_id, settings)).to(settings.device).eval()
     return VaeBundle(model_id=model_id, vae=vae)
 
 
-def load_model(model_id: str, settings: Settings) -> TextEncoderBundle | DenoiserBundle | VaeBundle:
+def _sd3_pos_embed_from_transformer(family: Family, settings: Settings):
+    """SD3.5's official ControlNets have no pos_embed of their own (`use_pos_embed=False`):
+    StableDiffusion3ControlNetPipeline copies the base transformer's into them. The adapters
+    service does the same from the transformer's files, reading only `pos_embed.*` tensors."""
+    import json
+
+    from diffusers.models.embeddings import PatchEmbed
+    from safetensors import safe_open
+
+    tdir = _need(family_dir(family, settings) / "transformer", f"{FAMILY_MODELS[family]['denoiser']}")
+    cfg = json.loads((tdir / "config.json").read_text())
+    state: dict[str, Any] = {}
+    for file in sorted(tdir.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            state |= {k.removeprefix("pos_embed."): f.get_tensor(k) for k in f.keys() if k.startswith("pos_embed.")}
+    pos_embed = PatchEmbed(
+        height=cfg["sample_size"],
+        width=cfg["sample_size"],
+        patch_size=cfg["patch_size"],
+        in_channels=cfg["in_channels"],
+        embed_dim=cfg["num_attention_heads"] * cfg["attention_head_dim"],
+        pos_embed_max_size=cfg["pos_embed_max_size"],
+    )
+    pos_embed.load_state_dict(state, strict=True)
+    return pos_embed
+
+
+def load_controlnet(model_id: str, settings: Settings) -> ControlNetBundle:
+    """Load a family's ControlNet (SD3ControlNetModel or FluxControlNetModel), in eval mode.
+
+    Raises ValueError for a ControlNet that does not take its inputs the family's way
+    (`registry.CONTROL_LATENTS_SHIFTED`), NotImplementedError for kinds the mesh does not
+    run (Flux ControlNet-Union, XLabs-style Flux ControlNets with a pixel hint block).
+    """
+    if model_id not in _CONTROLNETS:
+        raise _unknown(model_id, tuple(_CONTROLNETS))
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+    family = _CONTROLNETS[model_id]
+    path = controlnet_dir(model_id, settings)
+    if family == "flux":
+        cn = FluxControlNetModel.from_pretrained(path)
+        if cn.union or cn.input_hint_block is not None:
+            raise NotImplementedError(f"{path}: Flux ControlNet-Union and hint-block ControlNets are not supported")
+    else:
+        cn = SD3ControlNetModel.from_pretrained(path)
+        zeros = bool(cn.config.force_zeros_for_pooled_projection)
+        if zeros == CONTROL_LATENTS_SHIFTED[family]:
+            raise ValueError(
+                f"{path}: force_zeros_for_pooled_projection={zeros}, but {family} ControlNets must have "
+                f"{not CONTROL_LATENTS_SHIFTED[family]} (the VAE service encodes {family} control images "
+                f"{'with' if CONTROL_LATENTS_SHIFTED[family] else 'without'} the shift factor)"
+            )
+        if cn.pos_embed is None:
+            cn.pos_embed = _sd3_pos_embed_from_transformer(family, settings).to(cn.dtype)
+    cn = cn.to(settings.device).eval()
+    return ControlNetBundle(model_id=model_id, family=family, controlnet=cn)
+
+
+def load_model(model_id: str, settings: Settings) -> TextEncoderBundle | DenoiserBundle | VaeBundle | ControlNetBundle:
     """Any model by id: convenient for a generic service entry point."""
     if model_id in _TEXT_ENCODERS:
         return load_text_encoder(model_id, settings)
@@ -129,14 +341,88 @@ def load_model(model_id: str, settings: Settings) -> TextEncoderBundle | Denoise
         return load_denoiser(model_id, settings)
     if model_id in _VAES:
         return load_vae(model_id, settings)
+    if model_id in _CONTROLNETS:
+        return load_controlnet(model_id, settings)
     raise _unknown(model_id, MODEL_IDS)
 
 
-def build_reference_pipeline(settings: Settings) -> StableDiffusion3Pipeline:
-    """diffusers' own StableDiffusion3Pipeline from the same directory: the correctness oracle."""
-    from diffusers import StableDiffusion3Pipeline
+# ---------------------------------------------------------------------------------------------
+# Reference pipelines: the correctness oracle
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(models_root(settings))
+
+def build_reference_pipeline(settings: Settings, family: Family = "sd3", controlnet: bool = False) -> DiffusionPipeline:
+    """diffusers' own pipeline over the same directories the services load: the oracle.
+
+    sd3 / sd35-large: StableDiffusion3Pipeline, or StableDiffusion3ControlNetPipeline with
+    the family's ControlNet; flux: FluxPipeline or FluxControlNetPipeline, whose
+    `text_encoder` is a `CLIPTextModel` loaded from the shared CLIP-L weights (its projection
+    unused) and `text_encoder_2` the shared T5, with the shared tokenizers.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if family == "sd3" and not controlnet:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(models_root(settings))
+    else:
+        pipe = _compose_reference(settings, family, controlnet)
     pipe = pipe.to(settings.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _compose_reference(settings: Settings, family: Family, controlnet: bool) -> DiffusionPipeline:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    shared = shared_dir(settings)
+    fam = family_dir(family, settings)
+    models = FAMILY_MODELS[family]
+    common: dict[str, Any] = {
+        "transformer": _transformer_class(family).from_pretrained(fam / "transformer"),
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(fam / "scheduler"),
+        "vae": load_vae(models["vae"], settings).vae,
+        "tokenizer": CLIPTokenizer.from_pretrained(shared / "tokenizer"),
+    }
+    if controlnet:  # straight from_pretrained: the pipeline itself adapts it (e.g. SD3.5's pos_embed)
+        from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+        cn_cls = FluxControlNetModel if family == "flux" else SD3ControlNetModel
+        common["controlnet"] = cn_cls.from_pretrained(controlnet_dir(models["controlnet"], settings))
+    if family == "flux":
+        from diffusers import FluxControlNetPipeline, FluxPipeline
+
+        flux_cls = FluxControlNetPipeline if controlnet else FluxPipeline
+        return flux_cls(
+            text_encoder=CLIPTextModel.from_pretrained(shared / "text_encoder"),
+            text_encoder_2=T5EncoderModel.from_pretrained(shared / "text_encoder_3"),
+            tokenizer_2=T5TokenizerFast.from_pretrained(shared / "tokenizer_3"),
+            **common,
+        )
+    from diffusers import StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
+
+    sd3_cls = StableDiffusion3ControlNetPipeline if controlnet else StableDiffusion3Pipeline
+    return sd3_cls(
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder_2"),
+        text_encoder_3=T5EncoderModel.from_pretrained(shared / "text_encoder_3"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(shared / "tokenizer_2"),
+        tokenizer_3=T5TokenizerFast.from_pretrained(shared / "tokenizer_3"),
+        **common,
+    )
+
+
+def load_reference_loras(pipe: DiffusionPipeline, loras: list[tuple[str, float]], settings: Settings) -> None:
+    """Apply LoRAs to a reference pipeline the documented diffusers way:
+    `pipe.load_lora_weights(path, adapter_name=name)` once per name, then
+    `pipe.set_adapters(names, adapter_weights=scales)`. An empty list disables LoRA."""
+    if not loras:
+        if getattr(pipe.transformer, "peft_config", None):
+            pipe.disable_lora()
+        return
+    loaded = set(getattr(pipe.transformer, "peft_config", {}) or {})
+    for name, _ in loras:
+        if name not in loaded:
+            pipe.load_lora_weights(lora_path(name, settings), adapter_name=name)
+    pipe.enable_lora()
+    pipe.set_adapters([n for n, _ in loras], adapter_weights=[float(s) for _, s in loras])

@@ -101,3 +101,19 @@ def loras_for(base: str) -> list[str]:
 def controlnets_for(base: str) -> list[str]:
     """ControlNet ids whose family's base denoiser is `base`."""
     return [fam["controlnet"] for fam in FAMILY_MODELS.values() if fam["denoiser"] == base]
+
+
+# How each family's ControlNets take their inputs (diffusers' `force_zeros_for_pooled_projection`
+# in the ControlNet config): SD3's (InstantX-style) ControlNets get zero pooled projections and
+# control latents encoded *without* the VAE's shift factor; SD3.5-Large's (Stability's) and
+# Flux's get the pooled prompt and shifted latents. The VAE service encodes control images by
+# this rule (it never sees the ControlNet), and `load_controlnet` refuses a model that breaks it.
+CONTROL_LATENTS_SHIFTED: dict[Family, bool] = {"sd3": False, "sd35-large": True, "flux": True}
+
+
+def family_of(model_id: str) -> Family:
+    """The one family a denoiser or ControlNet id belongs to (shared models have several)."""
+    families = MODELS[model_id].families
+    if len(families) != 1:
+        raise ValueError(f"{model_id} is shared by several families: {', '.join(families)}")
+    return families[0]

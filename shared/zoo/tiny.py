@@ -1,5 +1,8 @@
 """Tiny SD3 models with seeded random weights, cached on disk in diffusers' layout.
 
+(The other families, ControlNets and LoRAs are built by `tiny_sd35`, `tiny_flux`,
+`tiny_controlnets` and `tiny_loras` with the helpers here: `seeded`, `build_once`.)
+
 Why: no weights can be downloaded, but the mesh must run the real model classes and be
 checked against diffusers' own `StableDiffusion3Pipeline`. Small configs of the real
 classes give the same code paths at a fraction of the cost; a fixed seed per model means
@@ -21,9 +24,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 TINY_DIR_NAME = "tiny-sd3-v1"
 _MARKER = "lego-tiny.json"
@@ -37,7 +41,7 @@ T5_WIDTH = 96
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Run a build under a fixed seed without disturbing the caller's global RNG state."""
     import torch
 
@@ -46,7 +50,7 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _build_clip(width: int, seed: int, tokenizer):
+def build_clip(width: int, seed: int, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -62,11 +66,11 @@ def _build_clip(width: int, seed: int, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with _seeded(seed):
+    with seeded(seed):
         return CLIPTextModelWithProjection(config).eval()
 
 
-def _build_t5(seed: int, tokenizer):
+def build_t5(seed: int, tokenizer):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -83,33 +87,36 @@ def _build_t5(seed: int, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    with _seeded(seed):
+    with seeded(seed):
         return T5EncoderModel(config).eval()
 
 
-def _build_transformer(seed: int):
+def build_sd3_transformer(seed: int, **overrides: Any):
+    """The tiny SD3 MMDiT; `overrides` turn it into a variant (SD3.5-Large: qk RMS norm)."""
     from diffusers import SD3Transformer2DModel
 
-    with _seeded(seed):
-        return SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=T5_WIDTH,
-            caption_projection_dim=32,  # must equal heads * head_dim in SD3's joint blocks
-            pooled_projection_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
-            pos_embed_max_size=96,  # as SD3: 96 patches a side, so up to 1536 px (1024 px needs 64)
-        ).eval()
+    config: dict[str, Any] = {
+        "sample_size": 32,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "joint_attention_dim": T5_WIDTH,
+        "caption_projection_dim": 32,  # must equal heads * head_dim in SD3's joint blocks
+        "pooled_projection_dim": CLIP_L_WIDTH + CLIP_G_WIDTH,
+        "pos_embed_max_size": 96,  # as SD3: 96 patches a side, so up to 1536 px (1024 px needs 64)
+    }
+    with seeded(seed):
+        return SD3Transformer2DModel(**(config | overrides)).eval()
 
 
-def _build_vae(seed: int):
+def build_vae(seed: int, *, scaling_factor: float = 1.5305, shift_factor: float = 0.0609):
+    """The tiny 16-channel VAE (SD3's latent scaling by default; Flux passes its own)."""
     from diffusers import AutoencoderKL
 
-    with _seeded(seed):
+    with seeded(seed):
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -120,8 +127,8 @@ def _build_vae(seed: int):
             latent_channels=16,
             norm_num_groups=8,
             sample_size=256,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
             use_quant_conv=False,
             use_post_quant_conv=False,
         ).eval()
@@ -136,14 +143,14 @@ def build_tiny_pipeline():
     clip_tok = build_clip_tokenizer()
     t5_tok = build_t5_tokenizer()
     return StableDiffusion3Pipeline(
-        transformer=_build_transformer(SEEDS["sd3-transformer"]),
+        transformer=build_sd3_transformer(SEEDS["sd3-transformer"]),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_build_vae(SEEDS["sd3-vae"]),
-        text_encoder=_build_clip(CLIP_L_WIDTH, SEEDS["clip-l"], clip_tok),
+        vae=build_vae(SEEDS["sd3-vae"]),
+        text_encoder=build_clip(CLIP_L_WIDTH, SEEDS["clip-l"], clip_tok),
         tokenizer=clip_tok,
-        text_encoder_2=_build_clip(CLIP_G_WIDTH, SEEDS["clip-g"], clip_tok),
+        text_encoder_2=build_clip(CLIP_G_WIDTH, SEEDS["clip-g"], clip_tok),
         tokenizer_2=clip_tok,
-        text_encoder_3=_build_t5(SEEDS["t5"], t5_tok),
+        text_encoder_3=build_t5(SEEDS["t5"], t5_tok),
         tokenizer_3=t5_tok,
     )
 
@@ -159,21 +166,29 @@ def is_built(path: Path) -> bool:
 
 
 def ensure_tiny_dir(cache_dir: str | os.PathLike[str]) -> Path:
-    """Build the tiny models into the cache once; reuse them afterwards.
+    """Build the tiny SD3 models into the cache once; reuse them afterwards (see `build_once`)."""
+
+    def build(tmp: Path) -> None:
+        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+
+    return build_once(tiny_dir(cache_dir), build, {"name": TINY_DIR_NAME, "seeds": SEEDS})
+
+
+def build_once(final: Path, build: Callable[[Path], None], info: dict[str, Any]) -> Path:
+    """Run `build(tmp)` into a fresh temporary directory and rename it to `final`, once.
 
     Safe when several processes start at once: each builds into its own temporary
-    directory and renames it into place; a loser of the race discards its copy and uses
-    the winner's (the copies are identical anyway, thanks to the fixed seeds).
+    directory beside `final` and renames it into place; a loser of the race discards its
+    copy and uses the winner's (the copies are identical anyway, thanks to the fixed seeds).
+    The marker file `info` is written last, so a directory without it was never finished.
     """
-    final = tiny_dir(cache_dir)
     if is_built(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_DIR_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-", dir=final.parent))
     try:
-        pipe = build_tiny_pipeline()
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / _MARKER).write_text(json.dumps({"name": TINY_DIR_NAME, "seeds": SEEDS}, indent=1))
+        build(tmp)
+        (tmp / _MARKER).write_text(json.dumps(info, indent=1))
         if final.exists() and not is_built(final):
             # A half-written directory can only come from a non-atomic copy by hand: replace it.
             shutil.rmtree(final, ignore_errors=True)

@@ -7,7 +7,8 @@ in-memory vocabulary:
 
 * CLIP: byte-level BPE whose base alphabet covers all 256 bytes (with and without the
   `</w>` end-of-word suffix), so every input, emoji included, maps to known tokens;
-  merges are learned from `CORPUS` so common words are a few tokens, not one per letter.
+  merges are learned from `CORPUS` (ties broken by the pair, not by hash order) so common
+  words are a few tokens, not one per letter.
 * T5: a Unigram (sentencepiece-style) vocabulary with `<pad>`=0, `</s>`=1, `<unk>`=2,
   whole words from `CORPUS` plus single characters; anything else becomes `<unk>`.
 
@@ -16,12 +17,12 @@ Both are deterministic: the same code builds the same vocabulary in every proces
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
+from itertools import pairwise
 
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 CLIP_MAX_LENGTH = 77
@@ -50,8 +51,8 @@ _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{
 _CLIP_MERGES = 400
 
 
-def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn byte-level BPE merges on CORPUS with the same pre-tokenization as CLIPTokenizer."""
+def _clip_pre_tokenizer() -> Tokenizer:
+    """CLIPTokenizer's normalisation and pre-tokenization, as a `tokenizers` pipeline."""
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -62,18 +63,56 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
+    return tok
+
+
+def _learn_merges(words: Counter[tuple[str, ...]], vocab: set[str], vocab_size: int) -> list[tuple[str, str]]:
+    """Byte-pair merges, most frequent pair first, ties broken by the pair itself.
+
+    Why not `tokenizers.trainers.BpeTrainer`: it breaks frequency ties by hash order, so two
+    processes learned different vocabularies from the same text (a cache built on another
+    host would tokenize the same prompt differently). Same algorithm, same stopping rule
+    (the vocabulary reaches `vocab_size`, or no pair occurs twice), but deterministic.
+    """
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in pairwise(word):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        if pairs[best] < 2:  # min_frequency
+            break
+        merges.append(best)
+        vocab.add(best[0] + best[1])
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, count in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn byte-level BPE merges on CORPUS with the same pre-tokenization as CLIPTokenizer."""
+    tok = _clip_pre_tokenizer()
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in CORPUS.strip().splitlines() * 3:  # x3, as the vocabulary was first trained
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line)):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2 * len(alphabet) + _CLIP_MERGES,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        special_tokens=[],
-    )
-    tok.train_from_iterator(CORPUS.strip().splitlines() * 3, trainer=trainer)  # x3: min_frequency
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else (m[0], m[1]) for m in model["merges"]]
+    symbols = set(alphabet) | {symbol for word in words for symbol in word}
+    merges = _learn_merges(words, symbols, vocab_size=2 * len(alphabet) + _CLIP_MERGES)
     # Base tokens first (every byte, bare and word-final), like CLIP's real vocab, then merges.
     base = sorted(alphabet)
     ordered = base + [b + "</w>" for b in base]

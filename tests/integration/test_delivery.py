@@ -30,14 +30,18 @@ async def _denoiser_pids(mesh) -> dict[str, int]:
     bus = Bus(_bus_settings(mesh), name="test-presence")
     await bus.connect()
     try:
-        return {r.replica_id: r.pid for r in await live_replicas(bus) if r.kind == StepKind.DENOISE}
+        return {
+            r.replica_id: r.pid
+            for r in await live_replicas(bus)
+            if r.kind == StepKind.DENOISE and r.model_id == "sd3-transformer"
+        }
     finally:
         await bus.close()
 
 
 def test_killing_the_computing_denoiser_still_completes_the_request(mesh, reference_pipeline):
     pids = asyncio.run(_denoiser_pids(mesh))
-    assert len(pids) == 2, f"expected two denoiser replicas, presence shows {pids}"
+    assert len(pids) == 2, f"expected two SD3 denoiser replicas, presence shows {pids}"
     request_id = f"crash-{uuid.uuid4().hex[:8]}"
     body = {"prompt": PROMPT, "size": "256x256", "num_inference_steps": 60, "seed": 99, "guidance_scale": 5.0}
     answer: dict = {}

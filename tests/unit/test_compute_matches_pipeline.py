@@ -2,7 +2,8 @@
 
 The services' compute functions are chained exactly as the mesh chains them (each encoder on
 [prompt, negative_prompt], then the denoiser, then the VAE) and compared with the pipeline
-built from the same directory, same prompt/seed/size/steps/guidance.
+built from the same directory, same prompt/seed/size/steps/guidance. (All twelve workflows,
+ControlNets and LoRAs included: test_workflows_match_pipeline.py.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.denoiser.model import DenoiseCancelled, denoise
+from services.denoiser.model import DenoiseCancelled, denoise, warm_up_inputs
 from services.encoder.model import encode, encode_clip, encode_t5
 from services.vae.model import decode
 from shared.settings import Settings
@@ -34,8 +35,7 @@ class Zoo:
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    settings = Settings(model_cache_dir=str(tmp_path_factory.mktemp("oracle-cache")))
+def zoo(settings: Settings) -> Zoo:
     return Zoo(
         encoders={m: load_text_encoder(m, settings) for m in ("clip-l", "clip-g", "t5")},
         denoiser=load_denoiser("sd3-transformer", settings),
@@ -171,6 +171,30 @@ def test_should_stop_cancels_and_template_scheduler_untouched(zoo: Zoo) -> None:
         )
     assert calls == [1, 2]
     assert zoo.denoiser.scheduler.step_index is None  # each call used its own scheduler copy
+
+
+def test_inputs_dict_equals_keyword_form(zoo: Zoo) -> None:
+    texts = ["a fox in the snow", "blurry"]
+    clip_l, clip_g = encode(zoo.encoders["clip-l"], texts), encode(zoo.encoders["clip-g"], texts)
+    inputs = {
+        "clip_l_embeds": clip_l["embeds"],
+        "clip_l_pooled": clip_l["pooled"],
+        "clip_g_embeds": clip_g["embeds"],
+        "clip_g_pooled": clip_g["pooled"],
+        "t5_embeds": encode(zoo.encoders["t5"], texts)["embeds"],
+    }
+    kw = {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 4.0, "seed": 3, "num_images": 1}
+    assert torch.equal(denoise(zoo.denoiser, inputs=inputs, **kw), denoise(zoo.denoiser, **inputs, **kw))
+    with pytest.raises(ValueError, match="missing"):
+        denoise(zoo.denoiser, inputs={k: v for k, v in inputs.items() if k != "t5_embeds"}, **kw)
+
+
+@pytest.mark.parametrize("model_id", ["sd3-transformer", "sd35-large-transformer", "flux-transformer"])
+def test_warm_up_inputs_fit_every_denoiser(settings: Settings, model_id: str) -> None:
+    bundle = load_denoiser(model_id, settings)
+    kw = {"height": 32, "width": 32, "num_inference_steps": 1, "guidance_scale": 3.0, "seed": 0}
+    latents = denoise(bundle, inputs=warm_up_inputs(bundle), **kw)
+    assert latents.shape == (1, 16, 4, 4) and torch.isfinite(latents).all()
 
 
 def test_denoise_rejects_bad_inputs(zoo: Zoo) -> None:

@@ -1,4 +1,5 @@
-"""The model zoo: ids, errors, deterministic weights, the on-disk cache, tokenizers."""
+"""The model zoo: ids, errors, deterministic weights, the on-disk cache, tokenizers, the
+models_dir layout of real weights."""
 
 from __future__ import annotations
 
@@ -18,23 +19,28 @@ from shared.settings import Settings
 from shared.zoo import (
     MODEL_IDS,
     build_reference_pipeline,
+    controlnet_dir,
     ensure_tiny_models,
+    family_dir,
+    load_controlnet,
     load_denoiser,
     load_model,
     load_text_encoder,
     load_vae,
+    lora_path,
     models_root,
+    prepare_zoo,
+    registry,
+    shared_dir,
     tiny,
+    tiny_controlnets,
+    tiny_flux,
+    tiny_loras,
+    tiny_sd35,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    s = Settings(model_cache_dir=str(tmp_path_factory.mktemp("zoo-cache")))
-    ensure_tiny_models(s)
-    return s
+# The `settings` fixture (tests/conftest.py) is the session's model cache, built once.
 
 
 def _weights(root: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -42,7 +48,8 @@ def _weights(root: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_model_ids() -> None:
-    assert MODEL_IDS == ("clip-l", "clip-g", "t5", "sd3-transformer", "sd3-vae")
+    assert MODEL_IDS == registry.MODEL_IDS
+    assert {"clip-l", "clip-g", "t5", "sd3-transformer", "sd3-vae"} < set(MODEL_IDS) and len(MODEL_IDS) == 11
     assert all(m.replace("-", "").isalnum() for m in MODEL_IDS)  # safe as a NATS subject token
 
 
@@ -55,6 +62,10 @@ def test_unknown_id_names_known_ids(settings: Settings) -> None:
         load_text_encoder("sd3-vae", settings)
     with pytest.raises(ValueError, match="sd3-vae"):
         load_vae("t5", settings)
+    with pytest.raises(ValueError, match="flux-controlnet"):
+        load_controlnet("flux-transformer", settings)
+    with pytest.raises(ValueError, match="flux-lora-a"):
+        lora_path("flux-lora-c", settings)
 
 
 def test_layout_and_bundles(settings: Settings) -> None:
@@ -104,7 +115,9 @@ def test_build_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(4)
     torch.manual_seed(123)
-    tiny._build_vae(tiny.SEEDS["sd3-vae"])
+    tiny.build_vae(tiny.SEEDS["sd3-vae"])
+    tiny_controlnets.build_controlnet("flux-controlnet")
+    tiny_loras.build_lora_state_dict("sd35-large-lora-b")
     assert torch.equal(torch.rand(4), expected)
 
 
@@ -150,6 +163,10 @@ def test_concurrent_processes_build_one_identical_cache(settings: Settings, tmp_
     for f in mine:
         for k in mine[f]:
             assert torch.equal(mine[f][k], other[f][k]), (f, k)
+    # The tokenizers too (other processes, other hash seeds: a prompt must tokenize alike everywhere).
+    for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        for f in sorted((ensure_tiny_models(settings) / sub).iterdir()):
+            assert f.read_bytes() == (tmp_path / tiny.TINY_DIR_NAME / sub / f.name).read_bytes(), f
 
 
 def test_models_dir_overrides_cache(settings: Settings, tmp_path: Path) -> None:
@@ -211,3 +228,197 @@ def test_transformer_accepts_1024px(settings: Settings) -> None:
             return_dict=False,
         )[0]
     assert out.shape == (1, 16, 128, 128)
+
+
+def test_every_model_id_loads(settings: Settings) -> None:
+    """Each id loads as its real diffusers/transformers class, sized to take the shared encoders."""
+    bundles = {m: load_model(m, settings) for m in MODEL_IDS}
+    clip_l, t5 = bundles["clip-l"].model.config, bundles["t5"].model.config
+    expected = {
+        "sd3-transformer": "SD3Transformer2DModel",
+        "sd35-large-transformer": "SD3Transformer2DModel",
+        "flux-transformer": "FluxTransformer2DModel",
+        "sd3-controlnet": "SD3ControlNetModel",
+        "sd35-large-controlnet": "SD3ControlNetModel",
+        "flux-controlnet": "FluxControlNetModel",
+    }
+    for model_id, cls in expected.items():
+        model = getattr(bundles[model_id], "transformer", None) or bundles[model_id].controlnet
+        assert type(model).__name__ == cls, model_id
+        assert not model.training
+        assert bundles[model_id].family == registry.family_of(model_id)
+
+    sd35 = bundles["sd35-large-transformer"].transformer.config
+    sd3 = bundles["sd3-transformer"].transformer.config
+    assert sd35.qk_norm == "rms_norm" and not sd35.dual_attention_layers and sd3.qk_norm is None
+    assert (sd35.joint_attention_dim, sd35.pooled_projection_dim) == (
+        sd3.joint_attention_dim,
+        sd3.pooled_projection_dim,
+    )
+
+    flux = bundles["flux-transformer"]
+    cfg = flux.transformer.config
+    assert cfg.guidance_embeds and cfg.in_channels == 64 and sum(cfg.axes_dims_rope) == cfg.attention_head_dim
+    assert cfg.joint_attention_dim == t5.d_model and cfg.pooled_projection_dim == clip_l.hidden_size
+    sched = flux.scheduler.config
+    assert sched.use_dynamic_shifting and (sched.base_shift, sched.max_shift) == (0.5, 1.15)
+    assert (sched.base_image_seq_len, sched.max_image_seq_len) == (256, 4096)
+    assert bundles["sd35-large-transformer"].scheduler.config.shift == 3.0
+
+    vae = bundles["flux-vae"].vae.config
+    assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels) == (0.3611, 0.1159, 16)
+    assert len(vae.block_out_channels) == 4
+
+    for model_id in ("sd3-controlnet", "sd35-large-controlnet", "flux-controlnet"):
+        cn = bundles[model_id].controlnet
+        assert cn.config.num_layers == 1
+        outputs = [*cn.controlnet_blocks, *getattr(cn, "controlnet_single_blocks", [])]
+        inputs = cn.controlnet_x_embedder if model_id == "flux-controlnet" else cn.pos_embed_input.proj
+        for layer in [*outputs, inputs]:  # zero-initialised by diffusers: re-seeded here
+            assert layer.weight.abs().sum() > 0, model_id
+    shifted = registry.CONTROL_LATENTS_SHIFTED
+    assert bundles["sd3-controlnet"].controlnet.config.force_zeros_for_pooled_projection == (not shifted["sd3"])
+    assert bundles["sd35-large-controlnet"].controlnet.config.force_zeros_for_pooled_projection == (
+        not shifted["sd35-large"]
+    )
+
+
+def test_new_models_are_deterministic_and_cached_as_built(settings: Settings) -> None:
+    def same(a: dict, b: dict, what: str) -> None:
+        assert a.keys() == b.keys(), what
+        for k in a:
+            assert torch.equal(a[k], b[k]), (what, k)
+
+    prepare_zoo(settings)
+    builds = {
+        "sd35-large transformer": (tiny_sd35.build_transformer, family_dir("sd35-large", settings) / "transformer"),
+        "flux transformer": (tiny_flux.build_transformer, family_dir("flux", settings) / "transformer"),
+        "flux vae": (tiny_flux.build_flux_vae, family_dir("flux", settings) / "vae"),
+    }
+    for cn in tiny_controlnets.SEEDS:
+        builds[cn] = (lambda cn=cn: tiny_controlnets.build_controlnet(cn), controlnet_dir(cn, settings))
+    for what, (build, path) in builds.items():
+        first = build().state_dict()
+        same(first, build().state_dict(), what)
+        [file] = path.glob("*.safetensors")
+        same(first, load_file(file), what)
+    for name in tiny_loras.SEEDS:
+        built = {f"transformer.{k}": v for k, v in tiny_loras.build_lora_state_dict(name).items()}
+        same(built, load_file(lora_path(name, settings) / tiny_loras.WEIGHT_NAME), name)
+        assert len(built) > 0 and all(".lora_A." in k or ".lora_B." in k for k in built)
+
+
+def test_python_m_shared_zoo_builds_everything(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "LEGO_MODEL_CACHE_DIR": str(tmp_path)}
+    env.pop("LEGO_MODELS_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.zoo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = {"tiny-sd3-v1", "tiny-sd35-large-v1", "tiny-flux-v1", "tiny-controlnets-v1", "tiny-loras-v1"}
+    assert {p.name for p in tmp_path.iterdir()} == names  # and no temporary directory left behind
+    assert {p.name for p in (tmp_path / "tiny-controlnets-v1").iterdir()} == set(tiny_controlnets.SEEDS)
+    assert {p.name for p in (tmp_path / "tiny-loras-v1").iterdir()} == set(registry.LORAS)
+    for d in [
+        *tmp_path.iterdir(),
+        *(tmp_path / "tiny-controlnets-v1").iterdir(),
+        *(tmp_path / "tiny-loras-v1").iterdir(),
+    ]:
+        assert tiny.is_built(d) or d.name in ("tiny-controlnets-v1", "tiny-loras-v1"), d
+    for name in registry.LORAS:
+        assert (tmp_path / "tiny-loras-v1" / name / tiny_loras.WEIGHT_NAME).is_file()
+    assert "flux-lora-b" in done.stdout
+
+
+def _link_layout(settings: Settings, root: Path, families=("sd3", "sd35-large", "flux"), controlnets=(), loras=()):
+    """A models_dir in the documented layout, made of links to the tiny models."""
+    root.mkdir(parents=True, exist_ok=True)
+    for f in families:
+        (root / f).symlink_to(family_dir(f, settings))
+    for c in controlnets:
+        (root / "controlnets").mkdir(exist_ok=True)
+        (root / "controlnets" / c).symlink_to(controlnet_dir(c, settings))
+    for n in loras:
+        (root / "loras").mkdir(exist_ok=True)
+        (root / "loras" / n).symlink_to(lora_path(n, settings))
+    return Settings(models_dir=str(root), model_cache_dir=str(root.parent / "unused-cache"))
+
+
+def test_models_dir_layout(settings: Settings, tmp_path: Path) -> None:
+    """<models_dir>/{sd3,sd35-large,flux,controlnets/<id>,loras/<name>} load the same weights."""
+    prepare_zoo(settings)
+    user = _link_layout(
+        settings, tmp_path / "models", controlnets=tiny_controlnets.SEEDS, loras=["flux-lora-a", "sd3-lora-b"]
+    )
+    assert shared_dir(user) == tmp_path / "models" / "sd3" and models_root(user) == tmp_path / "models" / "sd3"
+    for model_id in MODEL_IDS:
+        mine, cached = load_model(model_id, user), load_model(model_id, settings)
+        a = getattr(mine, "model", None) or getattr(mine, "transformer", None) or getattr(mine, "vae", None)
+        b = getattr(cached, "model", None) or getattr(cached, "transformer", None) or getattr(cached, "vae", None)
+        a, b = (a, b) if a is not None else (mine.controlnet, cached.controlnet)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sb), model_id
+    assert lora_path("flux-lora-a", user) == tmp_path / "models" / "loras" / "flux-lora-a"
+    assert not (tmp_path / "unused-cache").exists()  # nothing built when a models dir is given
+
+    # A LoRA may also be a bare file <models_dir>/loras/<name>.safetensors.
+    (tmp_path / "models" / "loras" / "sd3-lora-a.safetensors").symlink_to(
+        lora_path("sd3-lora-a", settings) / tiny_loras.WEIGHT_NAME
+    )
+    assert lora_path("sd3-lora-a", user).name == "sd3-lora-a.safetensors"
+
+    # Without sd3, the shared encoders and sd3-vae come from a full sd35-large directory.
+    sd35 = tmp_path / "models35" / "sd35-large"
+    sd35.mkdir(parents=True)
+    for sub in ("transformer", "scheduler"):
+        (sd35 / sub).symlink_to(family_dir("sd35-large", settings) / sub)
+    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "vae"):
+        (sd35 / sub).symlink_to(shared_dir(settings) / sub)
+    only35 = Settings(models_dir=str(tmp_path / "models35"))
+    assert shared_dir(only35) == sd35
+    assert load_text_encoder("clip-g", only35).kind == "clip" and load_vae("sd3-vae", only35).vae is not None
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "models35" / "sd3")):
+        load_denoiser("sd3-transformer", only35)
+
+
+def test_models_dir_errors_name_the_missing_path(settings: Settings, tmp_path: Path) -> None:
+    user = _link_layout(settings, tmp_path / "models", families=("sd3",))
+    root = tmp_path / "models"
+    with pytest.raises(FileNotFoundError, match=str(root / "flux")):
+        load_denoiser("flux-transformer", user)
+    with pytest.raises(FileNotFoundError, match=str(root / "flux")):
+        load_vae("flux-vae", user)
+    with pytest.raises(FileNotFoundError, match=str(root / "sd35-large")):
+        load_denoiser("sd35-large-transformer", user)
+    with pytest.raises(FileNotFoundError, match=str(root / "controlnets" / "sd3-controlnet")):
+        load_controlnet("sd3-controlnet", user)
+    with pytest.raises(FileNotFoundError, match=str(root / "loras" / "sd3-lora-a")):
+        lora_path("sd3-lora-a", user)
+    assert load_text_encoder("t5", user).kind == "t5"  # what is there still loads
+    assert set(prepare_zoo(user)) == {"shared", "sd3"}  # `python -m shared.zoo` lists what it found
+
+    empty = Settings(models_dir=str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty" / "sd3" / "text_encoder")):
+        load_text_encoder("clip-l", empty)
+
+    # Today's layout: models_dir is itself an SD3 directory; other families are looked up inside it.
+    legacy = Settings(models_dir=str(ensure_tiny_models(settings)), model_cache_dir=str(tmp_path / "unused"))
+    assert load_denoiser("sd3-transformer", legacy).family == "sd3"
+    with pytest.raises(FileNotFoundError, match=str(ensure_tiny_models(settings) / "flux")):
+        load_denoiser("flux-transformer", legacy)
+
+
+def test_controlnet_that_breaks_the_family_rule_is_refused(settings: Settings, tmp_path: Path) -> None:
+    """An SD3 ControlNet wanting the pooled prompt would need shifted control latents, which the
+    VAE service does not make for sd3: refuse it at load rather than draw a wrong image."""
+    import json
+    import shutil
+
+    root = tmp_path / "models"
+    user = _link_layout(settings, root, families=("sd3",))
+    target = root / "controlnets" / "sd3-controlnet"
+    shutil.copytree(controlnet_dir("sd3-controlnet", settings), target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {"force_zeros_for_pooled_projection": False}))
+    with pytest.raises(ValueError, match="force_zeros_for_pooled_projection"):
+        load_controlnet("sd3-controlnet", user)

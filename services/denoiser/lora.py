@@ -1,0 +1,133 @@
+"""LoRA adapters on a shared base transformer: loaded once, kept within a byte budget, switched per request.
+
+Why a cache: loading a LoRA file costs far more than switching adapters, and a denoiser
+serves many requests naming a few LoRAs. Each named adapter is loaded into the transformer
+once (by the same code diffusers' `pipe.load_lora_weights` runs for the transformer), kept
+while its parameters fit in `max_bytes` (least recently used evicted first with
+`delete_adapters`), and for each request `set_adapters(names, weights)` activates the
+request's set; afterwards LoRA is disabled, so a request without LoRAs gets exactly the
+base model's output (disabled peft layers return the base layer's result untouched).
+
+Adapters switch for the whole model: one forward pass serves one LoRA set, so the caller
+runs requests with different sets one after another. Not thread-safe: every call happens on
+the denoiser's single compute thread, which also runs the forward passes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _loader_mixin(transformer: Any) -> Any:
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin, SD3LoraLoaderMixin
+
+    name = type(transformer).__name__
+    if name == "FluxTransformer2DModel":
+        return FluxLoraLoaderMixin
+    if name == "SD3Transformer2DModel":
+        return SD3LoraLoaderMixin
+    raise ValueError(f"no LoRA loader for {name}")
+
+
+def load_lora_into_transformer(transformer: Any, path: str | Path, adapter_name: str) -> None:
+    """The transformer part of `StableDiffusion3Pipeline.load_lora_weights` /
+    `FluxPipeline.load_lora_weights`: same state-dict reading (and Flux's key conversion and
+    shape expansion), same `load_lora_adapter` call, for a transformer without its pipeline."""
+    mixin = _loader_mixin(transformer)
+    if mixin.__name__ == "FluxLoraLoaderMixin":
+        state, alphas, metadata = mixin.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
+        lora = {k: state.get(k) for k in list(state) if k.startswith("transformer.") and "lora" in k}
+        norm_keys = mixin._control_lora_supported_norm_keys
+        if any(k.startswith("transformer.") and any(nk in k for nk in norm_keys) for k in state):
+            raise NotImplementedError(f"{path}: Control-LoRA norm layers are not supported")
+        if not lora:
+            raise ValueError(f"{path}: invalid LoRA checkpoint (no transformer LoRA parameters)")
+        mixin._maybe_expand_transformer_param_shape_or_error_(transformer, lora, {})
+        state |= mixin._maybe_expand_lora_state_dict(transformer=transformer, lora_state_dict=lora)
+        mixin.load_lora_into_transformer(
+            state, network_alphas=alphas, transformer=transformer, adapter_name=adapter_name, metadata=metadata
+        )
+        return
+    state, metadata = mixin.lora_state_dict(str(path), return_lora_metadata=True)
+    if not all("lora" in key for key in state):
+        raise ValueError(f"{path}: invalid LoRA checkpoint (every parameter name must contain 'lora')")
+    mixin.load_lora_into_transformer(state, transformer=transformer, adapter_name=adapter_name, metadata=metadata)
+
+
+def _adapter_bytes(transformer: Any, name: str) -> int:
+    marker = f".{name}."
+    return sum(
+        p.numel() * p.element_size() for key, p in transformer.named_parameters() if "lora_" in key and marker in key
+    )
+
+
+class LoraCache:
+    """The LoRAs loaded into one transformer, least recently used first."""
+
+    def __init__(self, transformer: Any, max_bytes: int) -> None:
+        self.transformer = transformer
+        self.max_bytes = max_bytes
+        self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> parameter bytes
+
+    def loaded(self) -> dict[str, int]:
+        """Loaded adapters (least recently used first) and their parameter bytes, for /v1/models."""
+        return dict(self._loaded)
+
+    def total_bytes(self) -> int:
+        return sum(self._loaded.values())
+
+    def _evict_for(self, keep: set[str]) -> None:
+        """Delete least recently used adapters not in `keep` until the cache fits its budget."""
+        for name in list(self._loaded):
+            if self.total_bytes() <= self.max_bytes:
+                return
+            if name not in keep:
+                self.transformer.delete_adapters(name)
+                del self._loaded[name]
+
+    def _ensure(self, name: str, path_of: Callable[[str], Path], keep: set[str]) -> None:
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return
+        with warnings.catch_warnings():  # peft warns on every adapter after the first: that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            load_lora_into_transformer(self.transformer, path_of(name), name)
+        self._loaded[name] = _adapter_bytes(self.transformer, name)
+        self._evict_for(keep)  # before the next load: the budget bounds the peak, not only the end
+
+    def deactivate(self) -> None:
+        """Back to the base model: LoRA layers stay loaded but are bypassed."""
+        if self._loaded:
+            self.transformer.disable_lora()
+
+    def activate_now(self, loras: list[tuple[str, float]], path_of: Callable[[str], Path]) -> None:
+        """Load what is missing and activate `loras` [(name, scale)] in that order (none: base model).
+
+        A request's own LoRAs are never evicted for each other: if together they exceed
+        `max_bytes`, the cache holds them all until a later request lets it shrink.
+        """
+        names = [name for name, _ in loras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a LoRA may be named once per request, got {names}")
+        if not loras:
+            self.deactivate()
+            return
+        for name in names:
+            self._ensure(name, path_of, keep=set(names))
+        self._evict_for(keep=set(names))
+        self.transformer.enable_lora()
+        self.transformer.set_adapters(names, [float(scale) for _, scale in loras])
+
+    @contextmanager
+    def activate(self, loras: list[tuple[str, float]], path_of: Callable[[str], Path]) -> Iterator[None]:
+        """`with cache.activate([("sd3-lora-a", 0.8)], path_of): denoise(...)`; LoRA off afterwards."""
+        try:
+            self.activate_now(loras, path_of)
+            yield
+        finally:
+            self.deactivate()

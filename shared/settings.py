@@ -29,10 +29,13 @@ class Settings:
     tensor_host: str = "127.0.0.1"  # address other services reach this process's tensor server on
     tensor_bind: str = "127.0.0.1"
     inline_max_bytes: int = 65536  # tensors up to this size ride inside the message
-    transport: str = "auto"  # auto | tcp | shm: force one transport for every pair
+    transport: str = "auto"  # auto | tcp | shm | ucx: force one transport for every pair
+    # Offer the UCX transport (extra `.[ucx]`): auto = when ucxx is installed and there is a GPU;
+    # on = whenever ucxx is installed; off = never. In auto mode UCX carries GPU tensors only.
+    ucx_enabled: str = "auto"
     tensor_ttl_s: float = 600.0  # a tensor nobody released is freed after this
     # Models
-    models_dir: str = ""  # a local diffusers SD3 directory; empty -> tiny seeded models
+    models_dir: str = ""  # your weights (an SD3 directory, or sd3/ sd35-large/ flux/ controlnets/ loras/); empty: tiny
     model_cache_dir: str = field(default_factory=_default_cache_dir)
     device: str = "cpu"
     torch_threads: int = 0  # 0 -> torch default

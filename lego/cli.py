@@ -56,9 +56,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = {"LEGO_LOG_LEVEL": args.log_level}
     if args.models_dir:
         env["LEGO_MODELS_DIR"] = str(Path(args.models_dir).resolve())
+    try:
+        env.update(_autoscale_env(args, replicas))
+    except ValueError as exc:
+        print(f"lego up: {exc}", file=sys.stderr)
+        return 2
     config = MeshConfig(
-        host=args.host, port=args.port, nats_url=args.nats_url, workflows=workflows, replicas=replicas, env=env
+        host=args.host,
+        port=args.port,
+        nats_url=args.nats_url,
+        workflows=workflows,
+        replicas=replicas,
+        env=env,
+        autoscale=not args.no_autoscale,
     )
+    if config.autoscale:  # its decisions are log lines of this process
+        from shared.logs import setup_logging
+
+        setup_logging("autoscaler", args.log_level)
     mesh = Mesh(config)
     stopping = threading.Event()
 
@@ -77,7 +92,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         f'  lego generate "a red fox in the snow" -o fox.png --url {mesh.url}\n'
         f"  curl -s {mesh.url}/v1/images/generations -H 'content-type: application/json' \\\n"
         f'       -d \'{{"prompt": "a red fox", "size": "256x256"}}\'\n'
-        f"  API docs: {mesh.url}/docs    Ctrl-C stops everything.\n",
+        f"  API docs: {mesh.url}/docs    Ctrl-C stops everything.\n"
+        + (
+            f"  Autoscaling: replicas per unit {env['LEGO_AUTOSCALE_MIN']}..{env['LEGO_AUTOSCALE_MAX']}, "
+            f"SLO {env['LEGO_AUTOSCALE_SLO']}; `lego status --url {mesh.url}` shows it.\n"
+            if config.autoscale
+            else "  Autoscaling: off (--no-autoscale).\n"
+        ),
         flush=True,
     )
     try:
@@ -88,6 +109,94 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("lego: stopping", file=sys.stderr, flush=True)
         mesh.stop()
     return 0
+
+
+def _autoscale_env(args: argparse.Namespace, replicas: dict[str, int]) -> dict[str, str]:
+    """LEGO_AUTOSCALE_* for the embedded autoscaler: flags win over the environment; a unit
+    started with --replicas U=N keeps at least N."""
+    import os
+
+    from services.autoscaler.policy import Slo, parse_limits
+
+    def pick(flag: object, name: str, default: str) -> str:
+        return str(flag) if flag is not None else os.environ.get(name, default)
+
+    low, low_units = parse_limits(pick(args.min, "LEGO_AUTOSCALE_MIN", "1"), 1)
+    high, high_units = parse_limits(pick(args.max, "LEGO_AUTOSCALE_MAX", "3"), 3)
+    low_units.update({u: max(n, low_units.get(u, low)) for u, n in replicas.items()})
+    slo = pick(args.slo, "LEGO_AUTOSCALE_SLO", "5x")
+    Slo.parse(slo)
+    env = {
+        "LEGO_AUTOSCALE_MIN": ",".join([str(low), *(f"{u}={n}" for u, n in sorted(low_units.items()))]),
+        "LEGO_AUTOSCALE_MAX": ",".join([str(high), *(f"{u}={n}" for u, n in sorted(high_units.items()))]),
+        "LEGO_AUTOSCALE_SLO": slo,
+    }
+    if args.cooldown is not None:
+        env["LEGO_AUTOSCALE_COOLDOWN_S"] = str(args.cooldown)
+    if args.scale_interval is not None:
+        env["LEGO_AUTOSCALE_INTERVAL_S"] = str(args.scale_interval)
+    return env
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the gateway's GET /v1/status: replicas and backlog per unit, the latest decisions."""
+    try:
+        r = httpx.get(f"{args.url}/v1/status", timeout=10)
+        r.raise_for_status()
+        status = r.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"lego status: cannot read {args.url}/v1/status: {exc} (is `lego up` running?)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    """Tables: units (from the autoscaler), consumers (backlog per kind/model), decisions."""
+    lines = []
+    scaler = status.get("autoscaler")
+    if scaler:
+        lines.append(f"autoscaler: {scaler['actuator']} actuator, SLO {scaler['slo']}")
+        rows = [("UNIT", "REPLICAS", "LIVE", "WANTS", "MIN..MAX", "BACKLOG", "RATE/S", "STEP S", "MEM MIB")]
+        for u in scaler["units"]:
+            rows.append(
+                (
+                    u["unit"],
+                    str(u["replicas"]),
+                    str(u["live"]),
+                    str(u["desired"]),
+                    f"{u['min_replicas']}..{u['max_replicas']}",
+                    str(u["backlog"]),
+                    f"{u['arrival_rate']:.2f}",
+                    f"{u['seconds_per_item']:.3f}",
+                    f"{u['memory_bytes'] / 2**20:.0f}",
+                )
+            )
+        lines += _table(rows)
+    else:
+        lines.append("autoscaler: not running (lego up --no-autoscale, or none deployed)")
+    lines.append("")
+    rows = [("KIND", "MODEL", "REPLICAS", "PENDING", "ACK PENDING", "BACKLOG")]
+    for c in status.get("consumers", []):
+        rows.append(
+            (c["kind"], c["model_id"], str(c["replicas"]), str(c["pending"]), str(c["ack_pending"]), str(c["backlog"]))
+        )
+    lines += _table(rows)
+    decisions = (scaler or {}).get("decisions") or []
+    if decisions:
+        lines += ["", "latest decisions:"]
+        for d in decisions[-10:]:
+            when = time.strftime("%H:%M:%S", time.localtime(d["at"]))
+            lines.append(f"  {when} {d['unit']} {d['from_replicas']} -> {d['to_replicas']}: {d['reason']}")
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -133,15 +242,62 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _stage(status: dict) -> str:
-    """What the request is doing now: a denoising bar, or the nodes running."""
-    total = status.get("total_steps") or 0
-    if total:
-        done = status.get("step", 0)
-        filled = int(24 * done / total)
+class _Refused(Exception):
+    """The gateway refused or failed the request; the message says why."""
+
+
+def _refusal(status: int, text: str) -> _Refused:
+    try:
+        err = json.loads(text).get("error", {})
+        return _Refused(f"HTTP {status} {err.get('code')}: {err.get('message')}")
+    except (ValueError, AttributeError):
+        return _Refused(f"HTTP {status}: {text[:300]}")
+
+
+def _follow(args: argparse.Namespace, body: dict, request_id: str, show: bool, tty: bool, started: float) -> dict:
+    """Submit in async mode, then follow the request's server-sent events to its answer,
+    drawing a progress bar from the `progress` events."""
+    with httpx.Client(timeout=httpx.Timeout(30, read=args.timeout)) as client:
+        r = client.post(f"{args.url}/v1/images/generations", json=body, headers={"X-Request-Id": request_id})
+        if r.status_code == 200:  # answered at once
+            return r.json()
+        if r.status_code != 202:
+            raise _refusal(r.status_code, r.text)
+        shown = ""
+        with client.stream("GET", f"{args.url}{r.json()['events_url']}") as events:
+            kind = ""
+            for line in events.iter_lines():
+                if line.startswith("event: "):
+                    kind = line.removeprefix("event: ")
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if kind == "result":
+                    if tty and shown:
+                        print(file=sys.stderr)
+                    return event
+                if kind == "error":
+                    if tty and shown:
+                        print(file=sys.stderr)
+                    raise _Refused(f"{event.get('code')}: {event.get('message')}")
+                stage = _event_stage(event)
+                if show and stage and stage != shown:
+                    shown = stage
+                    line_out = f"{stage:<40} {time.monotonic() - started:5.1f}s"
+                    print(f"\r{line_out}" if tty else line_out, end="" if tty else "\n", file=sys.stderr, flush=True)
+    raise _Refused("the event stream ended before the result; see GET /v1/requests/" + request_id)
+
+
+def _event_stage(event: dict) -> str:
+    if event.get("type") == "progress":
+        done, total = event["step"], event["total"]
+        filled = int(24 * done / total) if total else 0
         return f"denoising [{'#' * filled}{'.' * (24 - filled)}] {done}/{total}"
-    nodes = status.get("nodes", {})
-    return ",".join(n for n, s in nodes.items() if s == "running") or "queued"
+    if event.get("type") == "node" and event.get("state") == "running":
+        return f"running {event['node']}"
+    if event.get("type") == "queued":
+        return "queued"
+    return ""
 
 
 def _lora(item: str) -> dict:
@@ -175,56 +331,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ValueError:
             print("lego generate: --lora takes NAME or NAME:SCALE, e.g. sd3-lora-a:0.8", file=sys.stderr)
             return 2
-    answer: dict = {}
-
-    def post() -> None:
-        try:
-            r = httpx.post(
-                f"{args.url}/v1/images/generations",
-                json=body,
-                headers={"X-Request-Id": request_id},
-                timeout=args.timeout,
-            )
-            answer["status"], answer["body"] = r.status_code, r.text
-        except httpx.HTTPError as exc:
-            answer["error"] = str(exc)
-
+    body["wait"] = False
     started = time.monotonic()
-    worker = threading.Thread(target=post, daemon=True)
-    worker.start()
     tty = sys.stderr.isatty()
-    shown = ""
-    with httpx.Client(timeout=5) as client:
-        while worker.is_alive():
-            worker.join(0.25)
-            if (tty or args.progress) and worker.is_alive():
-                try:
-                    status = client.get(f"{args.url}/v1/requests/{request_id}").json()
-                except (httpx.HTTPError, ValueError):
-                    continue
-                stage = _stage(status)
-                line = f"{stage:<40} {time.monotonic() - started:5.1f}s"
-                if tty:
-                    print(f"\r{line}", end="", file=sys.stderr, flush=True)
-                elif stage != shown:  # not a terminal: one line per change of stage or step
-                    shown = stage
-                    print(line, file=sys.stderr, flush=True)
-    if tty:
-        print(file=sys.stderr)
-    if "error" in answer:
-        print(
-            f"lego generate: cannot reach the gateway at {args.url}: {answer['error']} (is `lego up` running?)",
-            file=sys.stderr,
-        )
-        return 1
     try:
-        payload = json.loads(answer["body"])
-    except ValueError:
-        print(f"lego generate: HTTP {answer['status']}: {answer['body'][:300]}", file=sys.stderr)
+        payload = _follow(args, body, request_id, show=tty or args.progress, tty=tty, started=started)
+    except httpx.HTTPError as exc:
+        print(f"lego generate: cannot reach the gateway at {args.url}: {exc} (is `lego up` running?)", file=sys.stderr)
         return 1
-    if answer["status"] != 200:
-        err = payload.get("error", {})
-        print(f"lego generate: HTTP {answer['status']} {err.get('code')}: {err.get('message')}", file=sys.stderr)
+    except _Refused as exc:
+        print(f"lego generate: {exc}", file=sys.stderr)
         return 1
     out = Path(args.output)
     images = payload["data"]
@@ -272,7 +388,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: %(default)s)"
     )
     up.add_argument("--log-level", default="INFO", help="services' log level (default: %(default)s)")
+    up.add_argument(
+        "--no-autoscale", action="store_true", help="keep the replica counts fixed (default: autoscale each unit)"
+    )
+    up.add_argument(
+        "--min",
+        help="autoscaling: replicas at least, N or N,UNIT=N,... (default: $LEGO_AUTOSCALE_MIN or 1; "
+        "--replicas U=N raises U's to N)",
+    )
+    up.add_argument(
+        "--max", help="autoscaling: replicas at most, N or N,UNIT=N,... (default: $LEGO_AUTOSCALE_MAX or 3)"
+    )
+    up.add_argument(
+        "--slo", help="autoscaling: latency SLO, '5x' (times the solo latency) or seconds, e.g. '10s' (default 5x)"
+    )
+    up.add_argument("--cooldown", type=float, help="autoscaling: seconds a unit must want fewer before it shrinks (30)")
+    up.add_argument("--scale-interval", type=float, help="autoscaling: seconds between decisions (default 1)")
     up.set_defaults(func=cmd_up)
+
+    st = sub.add_parser("status", help="replicas, backlogs and the autoscaler's latest decisions (GET /v1/status)")
+    st.add_argument("--url", default=DEFAULT_URL, help="gateway URL (default: %(default)s)")
+    st.add_argument("--json", action="store_true", help="print the JSON as the gateway answers it")
+    st.set_defaults(func=cmd_status)
 
     gen = sub.add_parser("generate", help="generate an image through the gateway's REST API")
     gen.add_argument("prompt", help="what to draw")

@@ -13,15 +13,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
 SERVICES = ("encoder", "denoiser", "adapters", "vae")
 STOP_GRACE_S = 15.0
+RETIRE_GRACE_S = 120.0  # a replica told to stop may finish its step this long before SIGKILL
 # Several torch processes share this machine's cores. After each parallel region, OpenMP's idle
 # workers spin (libgomp default: 300k iterations, tens of ms here) and steal the cores of the
 # service that computes next: the denoiser's spinning threads slow the vae decode that follows
@@ -57,6 +59,8 @@ class Child:
     log_path: Path | None
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    unit: str = ""  # the unit it is a replica of ("" for nats and the gateway)
+    retiring_since: float | None = None  # told to stop on purpose (scale-down): never restarted
 
     def start(self) -> None:
         out: IO | int | None = None
@@ -98,6 +102,14 @@ class Unit:
     models: tuple[str, ...]
 
 
+def plan_monolith_units(workflows: list[str] | None = None) -> list[Unit]:
+    """The monolithic baseline (services/monolith): one unit per workflow, its whole pipeline."""
+    from shared.workflows.catalogue import catalogue as full_catalogue
+
+    names = workflows or list(full_catalogue())
+    return [Unit(f"mono-{w}", "monolith", (w,)) for w in names]
+
+
 def plan_units(workflows: list[str] | None = None) -> list[Unit]:
     """The processes that serve `workflows` (default: the whole catalogue), each model once."""
     from shared.workflows.catalogue import catalogue as full_catalogue
@@ -126,6 +138,10 @@ class MeshConfig:
     env: dict[str, str] = field(default_factory=dict)  # extra LEGO_* settings for every child
     log_dir: Path | None = None  # None: children write to this terminal
     quiet: bool = False
+    # Scale each unit on its backlog (services/autoscaler, local actuator, in a thread of this
+    # process); its settings are the LEGO_AUTOSCALE_* of `env` and the environment.
+    autoscale: bool = False
+    monolithic: bool = False  # the baseline: one services.monolith unit per workflow, no gateway
 
 
 class Mesh:
@@ -138,6 +154,8 @@ class Mesh:
         self.workdir = Path(tempfile.mkdtemp(prefix="lego-mesh-"))
         self.nats_url = config.nats_url or ""
         self.units: dict[str, Unit] = {}
+        self.autoscaler: Any = None  # services.autoscaler.controller.AutoscalerThread when autoscaling
+        self._lock = threading.RLock()  # children change from the autoscaler's thread too
 
     @property
     def url(self) -> str:
@@ -159,7 +177,8 @@ class Mesh:
 
     def start(self, ready_timeout_s: float = 300.0) -> None:
         try:
-            units = {u.name: u for u in plan_units(self.config.workflows)}
+            plan = plan_monolith_units if self.config.monolithic else plan_units
+            units = {u.name: u for u in plan(self.config.workflows)}
             unknown = sorted(set(self.config.replicas) - set(units))
             if unknown:
                 raise ValueError(f"replicas named for {unknown}, which this mesh does not run; units: {sorted(units)}")
@@ -169,6 +188,11 @@ class Mesh:
             for unit in units.values():
                 for i in range(self.config.replicas.get(unit.name, 1)):
                     self.add_replica(unit.name, index=i)
+            if self.config.monolithic:  # no gateway: its clients send `pipeline` steps themselves
+                self._wait_replicas(ready_timeout_s)
+                if self.config.autoscale:
+                    self.start_autoscaler()
+                return
             gateway = Child(
                 "gateway",
                 [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(self.config.port)],
@@ -178,6 +202,8 @@ class Mesh:
             gateway.start()
             self.children.append(gateway)
             self.wait_ready(ready_timeout_s)
+            if self.config.autoscale:
+                self.start_autoscaler()
         except BaseException:
             self.stop()
             raise
@@ -216,17 +242,67 @@ class Mesh:
         self._say("preparing models (built once, then cached)")
         subprocess.run([sys.executable, "-m", "shared.zoo"], env=self._env(), check=True)
 
-    def add_replica(self, unit_name: str, index: int = 0) -> Child:
+    def settings(self) -> Any:
+        """The Settings every child sees (this environment, `config.env`, the mesh's NATS)."""
+        from shared.settings import Settings
+
+        return Settings.from_env(self._env())
+
+    def start_autoscaler(
+        self, policy_overrides: dict[str, Any] | None = None, memory_per_replica: dict[str, int] | None = None
+    ) -> None:
+        """Scale the units on their backlogs from now on (a thread of this process). The policy
+        comes from the LEGO_AUTOSCALE_* settings; `memory_per_replica` (unit -> bytes) replaces
+        what the heartbeats report (bench/burst.py counts full-size model bytes against a budget)."""
+        from services.autoscaler.actuators.local import LocalActuator
+        from services.autoscaler.controller import AutoscalerThread
+
+        self.autoscaler = AutoscalerThread(self.settings(), LocalActuator(self), policy_overrides, memory_per_replica)
+        self.autoscaler.start()
+        if self.autoscaler.error is not None:
+            raise RuntimeError(f"the autoscaler did not start: {self.autoscaler.error}")
+        self._say("autoscaler on (local processes)")
+
+    def unit_models(self) -> dict[str, tuple[str, ...]]:
+        return {name: unit.models for name, unit in self.units.items()}
+
+    def replicas_of(self, unit_name: str) -> list[Child]:
+        """The unit's replicas that are meant to run (crashed ones too: they get restarted)."""
+        with self._lock:
+            return [c for c in self.children if c.unit == unit_name and c.retiring_since is None]
+
+    def replica_count(self, unit_name: str) -> int:
+        return len(self.replicas_of(unit_name))
+
+    def add_replica(self, unit_name: str, index: int | None = None) -> Child:
         unit = self.units[unit_name]
-        env = {**SHARED_CORES_ENV, **self._env()}  # the user's own OpenMP settings win
-        child = Child(
-            f"{unit.name}-{index}",
-            [sys.executable, "-m", f"services.{unit.service}", "--models", ",".join(unit.models)],
-            env,
-            self._log_path(f"{unit.name}-{index}"),
-        )
-        child.start()
-        self.children.append(child)
+        with self._lock:
+            if index is None:  # the lowest number no replica of the unit holds (log files are reused)
+                taken = {c.name for c in self.children if c.unit == unit_name}
+                index = next(i for i in range(len(taken) + 1) if f"{unit.name}-{i}" not in taken)
+            env = {**SHARED_CORES_ENV, **self._env()}  # the user's own OpenMP settings win
+            child = Child(
+                f"{unit.name}-{index}",
+                [sys.executable, "-m", f"services.{unit.service}", "--models", ",".join(unit.models)],
+                env,
+                self._log_path(f"{unit.name}-{index}"),
+                unit=unit.name,
+            )
+            child.start()
+            self.children.append(child)
+        return child
+
+    def remove_replica(self, unit_name: str) -> Child | None:
+        """Stop the unit's newest replica gracefully: SIGTERM to its group (it stops fetching,
+        finishes and acks the step in hand, then exits); it is never restarted. Returns at once."""
+        with self._lock:
+            replicas = self.replicas_of(unit_name)
+            if not replicas:
+                return None
+            child = replicas[-1]
+            child.retiring_since = time.monotonic()
+            child.signal_group(signal.SIGTERM)
+            self._say(f"stopping {child.name} (scale-down)")
         return child
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -255,18 +331,56 @@ class Mesh:
             time.sleep(0.2)
         raise TimeoutError(f"mesh not ready within {timeout_s:.0f}s (last answer: {last})")
 
+    def _wait_replicas(self, timeout_s: float) -> None:
+        """Until every replica started so far announces itself (the gateway-less readiness)."""
+        import asyncio
+
+        from shared.bus import Bus
+        from shared.presence import live_replicas
+
+        async def count() -> int:
+            bus = Bus(self.settings(), name="launcher")
+            await bus.connect()
+            try:
+                return len({r.replica_id for r in await live_replicas(bus)})
+            finally:
+                await bus.close()
+
+        give_up = time.monotonic() + timeout_s
+        while time.monotonic() < give_up:
+            dead = [c.name for c in self.children if not c.alive()]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited during start; see {self.config.log_dir}")
+            if asyncio.run(count()) >= len(self.children):
+                self._say("ready: every replica announced itself")
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"replicas not ready within {timeout_s:.0f}s")
+
     def restart_dead(self) -> list[str]:
-        """Start again any service child that died; returns their names."""
+        """Start again any service child that died; returns their names. Replicas stopped on
+        purpose are not restarted: once gone they leave the list (or are killed after
+        RETIRE_GRACE_S if their step never ends)."""
         restarted = []
-        for child in self.children:
-            if not child.alive():
-                child.restarts += 1
-                child.start()
-                restarted.append(child.name)
+        with self._lock:
+            for child in list(self.children):
+                if child.retiring_since is not None:
+                    if not child.alive():
+                        self.children.remove(child)
+                    elif time.monotonic() - child.retiring_since > RETIRE_GRACE_S:
+                        child.signal_group(signal.SIGKILL)
+                    continue
+                if not child.alive():
+                    child.restarts += 1
+                    child.start()
+                    restarted.append(child.name)
         return restarted
 
     def stop(self) -> None:
         """SIGTERM every group (services finish their step), then SIGKILL what is left."""
+        if self.autoscaler is not None:  # first: nothing may start replicas while we stop them
+            self.autoscaler.stop()
+            self.autoscaler = None
         everyone = list(reversed(self.children)) + ([self.nats] if self.nats else [])
         for child in reversed(self.children):
             child.signal_group(signal.SIGTERM)

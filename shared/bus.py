@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import nats
 from nats.aio.client import Client as NATS
@@ -20,13 +21,29 @@ from nats.errors import NoRespondersError
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
-from shared import subjects
+from shared import subjects, tracing
 from shared.messages import ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
 from shared.settings import Settings
 
 log = logging.getLogger("lego.bus")
 
 NATS_MSG_ID = "Nats-Msg-Id"
+
+
+class ConsumerCounters(NamedTuple):
+    """One (kind, model) step consumer's counters. Backlog = pending + ack_pending (as KEDA's
+    NATS JetStream scaler counts it); pending + delivered only grows: arrivals (redeliveries
+    included) are its rate of change."""
+
+    kind: str
+    model_id: str
+    pending: int
+    ack_pending: int
+    delivered: int
+
+    @property
+    def backlog(self) -> int:
+        return self.pending + self.ack_pending
 
 
 class Bus:
@@ -162,6 +179,24 @@ class Bus:
             return None
         return info.num_pending or 0, info.num_ack_pending or 0
 
+    async def step_consumers(self) -> list[ConsumerCounters]:
+        """Every step consumer's counters, in one request per page: what the autoscaler samples."""
+        out = []
+        for info in await self.js.consumers_info(subjects.STEP_STREAM):
+            kind, sep, model_id = (info.name or "").partition("__")
+            if not sep:
+                continue
+            out.append(
+                ConsumerCounters(
+                    kind=kind,
+                    model_id=model_id,
+                    pending=info.num_pending or 0,
+                    ack_pending=info.num_ack_pending or 0,
+                    delivered=info.delivered.consumer_seq if info.delivered and info.delivered.consumer_seq else 0,
+                )
+            )
+        return out
+
     async def pull_subscription(self, kind: StepKind | str, model_id: str) -> JetStreamContext.PullSubscription:
         durable = await self.ensure_consumer(kind, model_id)
         return await self.js.pull_subscribe_bind(durable=durable, stream=subjects.STEP_STREAM)
@@ -169,9 +204,13 @@ class Bus:
     # -- steps and results -------------------------------------------------------------------
 
     async def publish_step(self, step: StepRequest, headers: dict[str, str] | None = None) -> int:
-        """Publish a step; returns its stream sequence (named by max-delivery advisories)."""
+        """Publish a step; returns its stream sequence (named by max-delivery advisories).
+
+        The step carries a trace context (`traceparent`): the one in `headers`, else the current one."""
         hdrs = {NATS_MSG_ID: subjects.step_msg_id(step.request_id, step.node_id, step.attempt)}
         hdrs.update(headers or {})
+        if tracing.TRACEPARENT not in hdrs:
+            tracing.inject(hdrs)
         ack = await self.js.publish(
             subjects.step_subject(step.kind, step.model_id), step.model_dump_json().encode(), headers=hdrs
         )
@@ -237,6 +276,17 @@ class Bus:
         await self.nc.publish(
             subjects.RELEASE_SUBJECT, ReleaseTensors(request_id=request_id).model_dump_json().encode()
         )
+
+    async def publish_cancel(self, request_id: str) -> None:
+        await self.nc.publish(subjects.CANCEL_SUBJECT, request_id.encode())
+
+    async def subscribe_cancel(self, handler: Callable[[str], object]) -> None:
+        """Call `handler(request_id)` when a request is cancelled, so its steps stop or are dropped."""
+
+        async def on_msg(msg: Msg) -> None:
+            handler(msg.data.decode(errors="replace"))
+
+        await self.nc.subscribe(subjects.CANCEL_SUBJECT, cb=on_msg)
 
     async def subscribe_release(self, handler: Callable[[str], object]) -> None:
         """Call `handler(request_id)` whenever a request ends, so its tensors can be freed."""

@@ -21,6 +21,9 @@ class StepKind(StrEnum):
     CONTROLNET = "controlnet"
     VAE_DECODE = "vae_decode"
     VAE_ENCODE = "vae_encode"
+    # A whole workflow in one step: the monolithic baseline (services/monolith) serves it with one
+    # diffusers pipeline per replica; the mesh never publishes it.
+    PIPELINE = "pipeline"
 
 
 # Input-name prefixes of a `controlnet` step: tensors fixed for the whole request (uploaded once,
@@ -44,6 +47,7 @@ class TensorRef(BaseModel):
     host: str = ""  # producer's host identity: same host enables the shm transport
     device: str = "cpu"
     inline: str | None = None  # base64 of the raw bytes, for tiny tensors
+    ucx_uri: str | None = None  # e.g. "ucx://127.0.0.1:40124" when the producer offers UCX
 
 
 class ErrorInfo(BaseModel):
@@ -123,3 +127,46 @@ class ReplicaInfo(BaseModel):
     busy: bool = False
     param_bytes: int = 0  # memory the model's parameters take on `device`
     loras: list[str] = Field(default_factory=list)  # LoRA adapters loaded into this replica's base model
+    tensors_held: int = 0  # tensors its tensor plane holds for requests now (0 when idle: all freed)
+    tensor_bytes_held: int = 0
+    seconds_per_item: float = 0.0  # measured: moving average of one step's compute time here (0: none yet)
+    batch_size: int = 1  # steps this replica handles at once
+    rss_bytes: int = 0  # the replica process's resident memory
+    metrics_url: str = ""  # its Prometheus endpoint, e.g. "http://10.0.0.5:40125/metrics"
+
+
+class UnitScale(BaseModel):
+    """The autoscaler's view of one unit (a process kind hosting some models) at its last tick."""
+
+    unit: str
+    models: list[str]
+    replicas: int  # what the actuator runs now (starting ones included)
+    live: int  # replicas announcing themselves in the presence bucket
+    desired: int  # what the policy asks for
+    min_replicas: int
+    max_replicas: int
+    backlog: int  # num_pending + num_ack_pending over the unit's consumers
+    arrival_rate: float  # steps per second arriving, over the rate window
+    seconds_per_item: float  # measured step time (or the default before any was measured)
+    memory_bytes: int  # one replica's memory, as the budget counts it
+    reason: str
+
+
+class ScalingDecision(BaseModel):
+    """One change of a unit's replica count, with the numbers that led to it."""
+
+    at: float
+    unit: str
+    from_replicas: int
+    to_replicas: int
+    reason: str
+
+
+class AutoscalerStatus(BaseModel):
+    """What the autoscaler publishes each tick (a key with a TTL: gone when it is)."""
+
+    at: float
+    actuator: str
+    slo: str
+    units: list[UnitScale] = Field(default_factory=list)
+    decisions: list[ScalingDecision] = Field(default_factory=list)  # the latest changes, oldest first

@@ -1,26 +1,31 @@
 """Replica presence: each model replica refreshes a key in a JetStream KV bucket with a TTL.
 
 A replica that dies stops refreshing and its key expires, so "is anyone serving model X"
-needs no cleanup and no polling of processes.
+needs no cleanup and no polling of processes. The autoscaler's status lives the same way in a
+second bucket: the gateway's `GET /v1/status` reads it, and it is gone when the autoscaler is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
 from nats.js.errors import BucketNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from shared.bus import Bus
-from shared.messages import ReplicaInfo
+from shared.messages import AutoscalerStatus, ReplicaInfo
 
 log = logging.getLogger("lego.presence")
 
 BUCKET = "lego_replicas"
 REFRESH_S = 2.0
 TTL_S = 3 * REFRESH_S
+STATUS_BUCKET = "lego_autoscaler"
+STATUS_KEY = "status"
+STATUS_TTL_S = 15.0
 
 
 async def presence_bucket(bus: Bus) -> KeyValue:
@@ -70,3 +75,35 @@ async def live_replicas(bus: Bus) -> list[ReplicaInfo]:
         if entry.value:
             replicas.append(ReplicaInfo.model_validate_json(entry.value))
     return replicas
+
+
+def process_rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 where unavailable): cheap enough per refresh."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+async def _status_bucket(bus: Bus) -> KeyValue:
+    try:
+        return await bus.js.key_value(STATUS_BUCKET)
+    except BucketNotFoundError:
+        return await bus.js.create_key_value(bucket=STATUS_BUCKET, ttl=STATUS_TTL_S, history=1)
+
+
+async def publish_autoscaler_status(bus: Bus, status: AutoscalerStatus) -> None:
+    """The autoscaler's latest view (expires STATUS_TTL_S after its last tick)."""
+    kv = await _status_bucket(bus)
+    await kv.put(STATUS_KEY, status.model_dump_json().encode())
+
+
+async def autoscaler_status(bus: Bus) -> AutoscalerStatus | None:
+    """The autoscaler's latest published status, or None when no autoscaler runs."""
+    kv = await _status_bucket(bus)
+    try:
+        entry = await kv.get(STATUS_KEY)
+    except Exception:  # KeyNotFoundError, or a key deleted by its TTL
+        return None
+    return AutoscalerStatus.model_validate_json(entry.value) if entry.value else None

@@ -14,7 +14,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from shared import subjects
+from shared import subjects, tracing
 from shared.bus import Bus
 from shared.messages import ErrorInfo, StepKind, StepRequest, StepResult, TensorRef
 from shared.tensor_plane import RawTensor, TensorPlane
@@ -95,7 +95,8 @@ class RemoteSteps:
         if self._loop is None:
             coro.close()
             raise RuntimeError("RemoteSteps.start() was not awaited")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        # Under the calling thread's trace context: the steps it publishes nest under its span.
+        return asyncio.run_coroutine_threadsafe(tracing.bind(coro), self._loop).result()
 
     def call_sync(self, **kwargs: Any) -> StepResult:
         return self._run(self.call(**kwargs))

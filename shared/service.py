@@ -21,15 +21,16 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from shared import metrics, tracing
 from shared.bus import Bus
 from shared.logs import setup_logging
 from shared.messages import ReplicaInfo, StepKind, StepProgress, StepRequest, StepResult, TensorRef
-from shared.presence import announce_forever
+from shared.presence import announce_forever, process_rss_bytes
 from shared.remote_steps import RemoteSteps
 from shared.settings import Settings
 from shared.tensor_plane import RawTensor, TensorPlane, TensorUnavailable
 from shared.tensor_plane.plane import TRANSPORTS
-from shared.worker import InputLost, StepWorker
+from shared.worker import CancelledRuns, InputLost, StepWorker
 
 log = logging.getLogger("lego.service")
 
@@ -43,6 +44,7 @@ class StepContext:
     progress: ProgressFn
     remote: RemoteSteps
     plane: TensorPlane
+    should_stop: Callable[[], bool] = lambda: False  # true once the step's request is cancelled
 
 
 class ModelRunner(Protocol):
@@ -121,6 +123,7 @@ def parse_args(spec: ServiceSpec, argv: list[str] | None = None) -> tuple[Settin
 def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
     settings, models = parse_args(spec, argv)
     setup_logging(spec.name, settings.log_level)
+    tracing.setup(spec.name)  # on only where OTEL_* asks for it
     try:
         asyncio.run(serve(spec, settings, models))
     except KeyboardInterrupt:
@@ -128,6 +131,8 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
     except ConnectionError as exc:  # no NATS / no JetStream: one clear line, not a traceback
         log.error("%s", exc)
         raise SystemExit(1) from None
+    finally:
+        tracing.shutdown()  # send the spans still batched
 
 
 async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> None:
@@ -155,6 +160,10 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
     log.info("loaded %s in %.1fs", ",".join(model_ids), time.perf_counter() - t0)
     plane = TensorPlane(settings)
     await plane.start()
+    metrics.watch_plane(plane)
+    metrics.watch_models(runners, settings.device)
+    metrics_server = metrics.MetricsServer()
+    metrics_server.start(settings.tensor_bind, settings.metrics_port)
     cache = InputCache()
 
     def release(owner: str) -> None:
@@ -162,14 +171,16 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
         cache.drop(owner)
 
     await bus.subscribe_release(release)
+    cancelled = CancelledRuns()
+    await bus.subscribe_cancel(cancelled.add)
     remote = RemoteSteps(bus, plane, replica_id)
     await remote.start()
 
     tasks = []
     for runner in runners:
         for kind in runner.kinds:
-            handler = ModelStepHandler(runner, plane, bus, compute, replica_id, remote, cache)
-            worker = StepWorker(bus, kind, runner.model_id, handler, replica_id)
+            handler = ModelStepHandler(runner, plane, bus, compute, replica_id, remote, cache, cancelled)
+            worker = StepWorker(bus, kind, runner.model_id, handler, replica_id, cancelled=cancelled)
             info = ReplicaInfo(
                 replica_id=replica_id,
                 kind=kind,
@@ -179,19 +190,34 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
                 device=settings.device,
                 tensor_uri=plane.uri,
                 started_at=time.time(),
+                metrics_url=metrics_server.url(settings.tensor_host),
             )
 
             def describe(info: ReplicaInfo = info, worker: StepWorker = worker, runner: ModelRunner = runner):
-                return info.model_copy(update={"busy": worker.busy, "steps_done": worker.steps_done, **runner.status()})
+                held = plane.stats["stored"]  # a property
+                return info.model_copy(
+                    update={
+                        "busy": worker.busy,
+                        "steps_done": worker.steps_done,
+                        "tensors_held": held["count"],
+                        "tensor_bytes_held": held["bytes"],
+                        "seconds_per_item": worker.seconds_per_item,
+                        "rss_bytes": process_rss_bytes(),
+                        **runner.status(),
+                    }
+                )
 
             tasks.append(asyncio.create_task(worker.run(stop)))
             tasks.append(asyncio.create_task(announce_forever(bus, describe, stop)))
-    log.info("ready replica=%s tensors=%s", replica_id, plane.uri)
+    consumers = [(str(kind), r.model_id) for r in runners for kind in r.kinds]
+    tasks.append(asyncio.create_task(metrics.sample_backlog(bus.consumer_backlog, consumers, stop)))
+    log.info("ready replica=%s tensors=%s metrics=%s", replica_id, plane.uri, metrics_server.url(settings.tensor_host))
     await stop.wait()
     log.info("stopping: finishing the step in hand")
     await asyncio.gather(*tasks, return_exceptions=True)
     await bus.close()
     await plane.close()
+    metrics_server.stop()
     compute.shutdown(wait=False, cancel_futures=True)
     log.info("stopped")
 
@@ -241,6 +267,7 @@ class ModelStepHandler:
         replica_id: str,
         remote: RemoteSteps | None = None,
         cache: InputCache | None = None,
+        cancelled: CancelledRuns | None = None,
     ) -> None:
         self.runner = runner
         self.plane = plane
@@ -249,6 +276,7 @@ class ModelStepHandler:
         self.replica_id = replica_id
         self.remote = remote if remote is not None else RemoteSteps(bus, plane, replica_id)
         self.cache = cache if cache is not None else InputCache()
+        self.cancelled = cancelled if cancelled is not None else CancelledRuns()
 
     def _context(self, step: StepRequest, loop: asyncio.AbstractEventLoop) -> StepContext:
         def progress(done: int, total: int) -> None:
@@ -258,7 +286,12 @@ class ModelStepHandler:
                 )
                 loop.call_soon_threadsafe(asyncio.ensure_future, self.bus.publish_progress(step.progress_to, msg))
 
-        return StepContext(progress=progress, remote=self.remote, plane=self.plane)
+        return StepContext(
+            progress=progress,
+            remote=self.remote,
+            plane=self.plane,
+            should_stop=lambda: step.request_id in self.cancelled,
+        )
 
     async def _pull(self, step: StepRequest) -> dict[str, RawTensor]:
         cacheable = set(step.params.get("cache_inputs") or ())
@@ -295,7 +328,7 @@ class ModelStepHandler:
             refs = {name: self.plane.put(to_raw(t), owner=step.output_owner) for name, t in outputs.items()}
             return refs, seconds
 
-        refs, seconds = await loop.run_in_executor(self.compute, compute)
+        refs, seconds = await loop.run_in_executor(self.compute, tracing.carry(compute))  # spans nest in the step's
         return StepResult(
             request_id=step.request_id,
             node_id=step.node_id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class Settings:
     # on = whenever ucxx is installed; off = never. In auto mode UCX carries GPU tensors only.
     ucx_enabled: str = "auto"
     tensor_ttl_s: float = 600.0  # a tensor nobody released is freed after this
+    # A model service's /metrics and /healthz (HTTP, on tensor_bind); 0: a free port, announced in presence
+    metrics_port: int = 0
     # Models
     models_dir: str = ""  # your weights (an SD3 directory, or sd3/ sd35-large/ flux/ controlnets/ loras/); empty: tiny
     model_cache_dir: str = field(default_factory=_default_cache_dir)
@@ -44,14 +47,25 @@ class Settings:
     gateway_id: str = field(default_factory=lambda: f"gw-{socket.gethostname()}-{os.getpid()}".replace(".", "-"))
     request_timeout_s: float = 300.0
     default_workflow: str = "sd3"
+    # Autoscaler (services/autoscaler; on by default under `lego up`)
+    autoscale_slo: str = "5x"  # latency SLO: "5x" = 5 times the solo latency, or seconds ("12s")
+    autoscale_min: str = "1"  # replicas per unit: "N" for every unit, or "N,UNIT=N,..." per unit
+    autoscale_max: str = "3"
+    autoscale_utilisation: float = 0.7  # target busy fraction of a replica at the arrival rate
+    autoscale_cooldown_s: float = 30.0  # a unit scales down only after wanting fewer for this long
+    autoscale_interval_s: float = 1.0  # one observe -> decide -> act tick
+    autoscale_window_s: float = 10.0  # arrival rates are measured over this window
+    autoscale_memory_budget_gb: float = 0.0  # per device, all replicas together; 0: 80% of this host's RAM
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, **overrides: object) -> Settings:
-        """Build from `LEGO_*` variables; keyword overrides (e.g. CLI flags) win when not None."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build from `LEGO_*` variables (of `environ`, default the process's); keyword overrides
+        (e.g. CLI flags) win when not None."""
+        env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = os.environ.get(f"LEGO_{f.name.upper()}")
+            raw = env.get(f"LEGO_{f.name.upper()}")
             if raw is not None:
                 kind = type(getattr(cls(), f.name))
                 try:

@@ -11,6 +11,7 @@ STEP_SUBJECTS = "lego.step.>"
 RESULT_STREAM = "LEGO_RESULTS"
 RESULT_SUBJECTS = "lego.result.>"
 RELEASE_SUBJECT = "lego.release"
+CANCEL_SUBJECT = "lego.cancel"  # core NATS: a request was cancelled; payload = its run id
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -19,10 +19,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from pydantic import ValidationError
 
+from shared import tracing
 from shared.bus import Bus
 from shared.messages import ErrorInfo, StepKind, StepRequest, StepResult
+from shared.metrics import StepMetrics
 
 log = logging.getLogger("lego.worker")
 
@@ -43,6 +46,29 @@ class InputLost(Exception):
         self.names = names
 
 
+class StepCancelled(Exception):
+    """The step's request was cancelled while it ran (e.g. the denoiser left its loop)."""
+
+
+class CancelledRuns:
+    """Run ids cancelled recently (a `lego.cancel` broadcast): their steps are dropped before
+    they start, and running ones stop at their next check. Forgotten after `keep_s`, since a
+    cancelled request's steps are all gone from the queue by then."""
+
+    def __init__(self, keep_s: float = 3600.0) -> None:
+        self.keep_s = keep_s
+        self._runs: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, run_id: str) -> None:
+        now = time.monotonic()
+        self._runs[run_id] = now
+        while self._runs and next(iter(self._runs.values())) < now - self.keep_s:
+            self._runs.popitem(last=False)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._runs
+
+
 StepHandler = Callable[[StepRequest], Awaitable[StepResult]]
 
 
@@ -57,6 +83,7 @@ class StepWorker:
         handler: StepHandler,
         replica_id: str,
         remember: int = 4096,
+        cancelled: CancelledRuns | None = None,
     ) -> None:
         self.bus = bus
         self.kind = kind
@@ -65,8 +92,12 @@ class StepWorker:
         self.replica_id = replica_id
         self.busy = False
         self.steps_done = 0
+        self.seconds_per_item = 0.0  # moving average of a step's compute time (the autoscaler reads it)
+        self.cancelled = cancelled if cancelled is not None else CancelledRuns()
         self._answered: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._remember = remember
+        self._metrics = StepMetrics(str(kind), model_id)
+        self._span_name = f"{kind} {model_id}"
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and handle steps until `stop` is set; the step in hand is finished first."""
@@ -87,39 +118,82 @@ class StepWorker:
                 for msg in msgs:
                     await self.process(msg)
         finally:
+            await self._hand_back(psub)
             try:
                 await psub.unsubscribe()
             except Exception:
                 pass
 
     async def process(self, msg: Msg) -> None:
+        """Handle one delivery in its trace span `<kind> <model>` (a child of the span that
+        published the step, beside a `queue.wait` span) and count it in the step metrics."""
         received = time.time()
+        published = _published_at(msg, received)
+        waited = max(0.0, received - published)
+        parent = tracing.extract(msg.headers)
+        attributes = None
+        if tracing.enabled():
+            attributes = {
+                "lego.kind": str(self.kind),
+                "lego.model_id": self.model_id,
+                "lego.replica_id": self.replica_id,
+                "lego.queue_wait_s": waited,
+                "lego.delivery": msg.metadata.num_delivered if msg.metadata else 1,
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+            }
+            tracing.record("queue.wait", published, received, attributes, parent)
+        self._metrics.queue_wait.observe(waited)
+        self._metrics.in_flight.inc()
+        outcome = "error"
+        try:
+            with tracing.span(self._span_name, attributes, parent) as sp:
+                outcome = await self._handle(msg, received, sp)
+                tracing.annotate(sp, {"lego.outcome": outcome}, None if outcome in ("ok", "duplicate") else outcome)
+        finally:
+            self._metrics.in_flight.dec()
+            self._metrics.finished(outcome, time.time() - received)
+
+    async def _handle(self, msg: Msg, received: float, sp: tracing.Span | None) -> str:
+        """Settle one delivery (ack / term / nak); returns its outcome: "ok" or an error code."""
         try:
             step = StepRequest.model_validate_json(msg.data)
         except ValidationError as exc:
             log.error("terminating malformed step on %s: %s", msg.subject, exc.errors()[:1])
             await msg.term()
-            return
+            return "malformed"
+        tracing.annotate(
+            sp, {"lego.request_id": step.request_id, "lego.node_id": step.node_id, "lego.attempt": step.attempt}
+        )
         key = (step.request_id, step.node_id, step.attempt)
         if key in self._answered:
             log.info("duplicate delivery of %s/%s attempt %d ignored", *key)
             await msg.ack()
-            return
+            return "duplicate"
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         if step.expired(received):
             await self._settle(msg, step, _error(step, self, "deadline_exceeded", "the request's deadline passed"))
-            return
+            return "deadline_exceeded"
+        if step.request_id in self.cancelled:
+            log.info("dropping step %s/%s: its request was cancelled", step.request_id, step.node_id)
+            await self._settle(msg, step, _error(step, self, "cancelled", "the request was cancelled"))
+            return "cancelled"
 
         self.busy = True
+        started = time.perf_counter()
         keepalive = asyncio.create_task(self._keep_alive(msg))
+        self._metrics.batch.observe(1)  # one step per model call today
         try:
             result = await self.handler(step)
         except BadStepInput as exc:
             await self._settle(msg, step, _error(step, self, "bad_step_input", str(exc)))
-            return
+            return "bad_step_input"
         except InputLost as exc:
             await self._settle(msg, step, _error(step, self, "input_lost", str(exc), lost_inputs=exc.names))
-            return
+            return "input_lost"
+        except StepCancelled as exc:
+            await self._settle(msg, step, _error(step, self, "cancelled", str(exc) or "the request was cancelled"))
+            return "cancelled"
         except Exception as exc:
             if delivered >= self.bus.settings.max_deliver:
                 log.exception("step %s/%s (attempt %d) failed on its last delivery", *key)
@@ -127,13 +201,36 @@ class StepWorker:
             else:
                 log.warning("step %s/%s failed (delivery %d): %s; will retry", *key[:2], delivered, exc)
                 await msg.nak(delay=NAK_DELAY_S)
-            return
+            return "step_failed" if delivered >= self.bus.settings.max_deliver else "retry"
         finally:
             keepalive.cancel()
             self.busy = False
         result.queue_wait_s = max(0.0, received - _published_at(msg, received))
         await self._settle(msg, step, result)
         self.steps_done += 1
+        # Compute time (the replica's compute thread busy on this step), else the whole handling.
+        self._measured(result.compute_s or (time.perf_counter() - started))
+        return "ok" if result.ok else "error"
+
+    def _measured(self, seconds: float, weight: float = 0.3) -> None:
+        """Fold one step's time into `seconds_per_item` (exponential moving average)."""
+        old = self.seconds_per_item
+        self.seconds_per_item = seconds if old == 0.0 else (1 - weight) * old + weight * seconds
+
+    async def _hand_back(self, psub: JetStreamContext.PullSubscription) -> None:
+        """On the way out: a step JetStream delivered after the last fetch gave up (a pull that
+        expired as the message arrived) sits in the subscription's buffer; nak it so another
+        replica takes it now instead of after AckWait."""
+        while psub.pending_msgs:
+            try:
+                msgs = await psub.fetch(1, timeout=0.2)  # served from the buffer, no new pull
+            except Exception:
+                return
+            for msg in msgs:
+                try:
+                    await msg.nak()
+                except Exception:
+                    pass
 
     async def _settle(self, msg: Msg, step: StepRequest, result: StepResult) -> None:
         """Publish the step's one result, then ack it (success) or term it (an error no retry fixes)."""

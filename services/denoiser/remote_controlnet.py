@@ -21,7 +21,7 @@ from shared.messages import StepKind, StepRequest, TensorRef
 from shared.remote_steps import RemoteStepFailed, RemoteSteps
 from shared.tensor_plane import TensorPlane
 from shared.tensor_plane.torch_codec import from_raw, to_raw
-from shared.worker import BadStepInput
+from shared.worker import BadStepInput, StepCancelled
 
 
 class RemoteControlNet:
@@ -68,6 +68,8 @@ class RemoteControlNet:
             )
             return {name: from_raw(self.remote.get_sync(ref)).clone() for name, ref in result.outputs.items()}
         except RemoteStepFailed as exc:
+            if exc.error.code == "cancelled":
+                raise StepCancelled("the request was cancelled") from exc
             if exc.error.code == "bad_step_input":
                 raise BadStepInput(f"controlnet {self.model_id}: {exc.error.message}") from exc
             raise RuntimeError(f"controlnet {self.model_id} failed: {exc}") from exc

@@ -13,7 +13,7 @@ from typing import Any
 from shared.messages import StepKind, StepRequest
 from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
-from shared.worker import BadStepInput
+from shared.worker import BadStepInput, StepCancelled
 
 INPUTS_OF_FAMILY = {
     "sd3": ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds"),
@@ -32,7 +32,7 @@ class DenoiserRunner:
     loras: Any = field(default=None)  # LoraCache, built at load
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        from services.denoiser.model import denoise
+        from services.denoiser.model import DenoiseCancelled, denoise
 
         names = INPUTS_OF_FAMILY[self.bundle.family]
         missing = [name for name in names if name not in inputs]
@@ -58,7 +58,10 @@ class DenoiserRunner:
                     num_images=p["n"],
                     control=control,
                     on_step=ctx.progress,
+                    should_stop=ctx.should_stop,
                 )
+        except DenoiseCancelled as exc:
+            raise StepCancelled(str(exc)) from exc
         except ValueError as exc:  # shapes or sizes the model cannot take: no replica could
             raise BadStepInput(str(exc)) from exc
         finally:

@@ -7,24 +7,23 @@ decoded image, uint8) arrives through the tensor plane as raw bytes.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
+import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from services.gateway import status as status_api
 from services.gateway.admission import admit
 from services.gateway.errors import APIError, install_error_handlers
-from services.gateway.orchestrator import Orchestrator, RequestFailed
+from services.gateway.orchestrator import Orchestrator, RequestFailed, RequestState
+from services.gateway.requests_api import answer, router
 from services.gateway.schemas import (
-    ErrorBody,
+    AsyncAccepted,
     ErrorResponse,
-    ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
     LoraInput,
@@ -32,10 +31,10 @@ from services.gateway.schemas import (
     ModelList,
     NodeInfo,
     ReplicaSummary,
-    RequestStatus,
     WorkflowInfo,
     WorkflowList,
 )
+from shared import metrics, tracing
 from shared.bus import Bus
 from shared.messages import ReplicaInfo
 from shared.presence import live_replicas
@@ -44,6 +43,7 @@ from shared.tensor_plane import RawTensor, TensorPlane
 from shared.workflows.catalogue import catalogue
 from shared.zoo.registry import MODELS
 
+log = logging.getLogger("lego.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 502, 504)}
 
@@ -51,17 +51,20 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 502, 5
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tracing.setup("gateway")  # on only where OTEL_* asks for it
         bus = Bus(settings, name=settings.gateway_id)
         await bus.connect()
         await bus.ensure_streams()
         plane = TensorPlane(settings)
         await plane.start()
+        metrics.watch_plane(plane)
         orchestrator = Orchestrator(bus, plane, settings)
         await orchestrator.start()
         app.state.bus, app.state.orchestrator = bus, orchestrator
         yield
         await bus.close()
         await plane.close()
+        tracing.shutdown()  # send the spans still batched
 
     app = FastAPI(
         title="LegoDiffusion gateway",
@@ -71,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    app.include_router(status_api.router)  # GET /v1/status: replicas, backlogs, the autoscaler's view
 
     def get_settings(request: Request) -> Settings:
         return request.app.state.settings
@@ -84,6 +88,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus metrics of this gateway (requests by workflow and status, latency, bytes moved)."""
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.get("/readyz", responses={503: {"description": "a model of the workflow(s) has no live replica"}})
     async def readyz(
@@ -158,13 +168,21 @@ def create_app(settings: Settings) -> FastAPI:
             ],
         )
 
-    @app.post("/v1/images/generations", response_model=ImageGenerationResponse, responses=ERRORS)
+    background: set[asyncio.Task[None]] = set()  # async requests in flight (a reference keeps them alive)
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImageGenerationResponse,
+        responses={**ERRORS, 202: {"model": AsyncAccepted, "description": "accepted (`wait: false`)"}},
+    )
     async def generate(
         body: ImageGenerationRequest,
         x_request_id: str | None = Header(None, description="optional id to follow the request's progress"),
         settings: Settings = Depends(get_settings),
         orchestrator: Orchestrator = Depends(get_orchestrator),
-    ) -> ImageGenerationResponse:
+    ) -> ImageGenerationResponse | JSONResponse:
+        """Generate images. With `wait: false` answer 202 at once; follow the request's
+        `events_url` (server-sent events) or poll its `status_url` for the images."""
         name = body.workflow or body.model or settings.default_workflow
         workflow = catalogue().get(name)
         if workflow is None:
@@ -176,55 +194,37 @@ def create_app(settings: Settings) -> FastAPI:
         request_id = x_request_id or uuid.uuid4().hex
         admitted = await asyncio.to_thread(admit, body, workflow)
         try:
-            images = await orchestrator.run(request_id, workflow, admitted.params, admitted.tensors)
-        except TimeoutError:
-            raise APIError(  # noqa: B904 - the timeout itself is the whole story
-                504, "deadline_exceeded", "the request did not finish in time; is every service running?"
-            )
+            state = orchestrator.create(request_id, workflow, admitted.params)
         except RequestFailed as exc:
-            status = {"duplicate_request": 409, "bad_step_input": 422}.get(exc.error.code, 502)
-            raise APIError(status, exc.error.code, exc.error.message) from exc
-        pngs = await asyncio.to_thread(encode_pngs, images)
-        return ImageGenerationResponse(
-            created=int(time.time()),
-            data=[ImageData(b64_json=base64.b64encode(p).decode()) for p in pngs],
-            request_id=request_id,
-            seed=admitted.seed,
-            workflow=workflow.name,
+            raise APIError(409, exc.error.code, exc.error.message) from exc
+        if body.wait:
+            return await answer(orchestrator, state, admitted.tensors, admitted.seed)
+        task = asyncio.create_task(_answer_in_background(orchestrator, state, admitted.tensors, admitted.seed))
+        background.add(task)
+        task.add_done_callback(background.discard)
+        return JSONResponse(
+            AsyncAccepted(
+                request_id=request_id,
+                status="running",
+                seed=admitted.seed,
+                workflow=workflow.name,
+                status_url=f"/v1/requests/{request_id}",
+                events_url=f"/v1/requests/{request_id}/events",
+            ).model_dump(),
+            status_code=202,
         )
 
-    @app.get("/v1/requests/{request_id}", response_model=RequestStatus, responses={404: {"model": ErrorResponse}})
-    async def request_status(request_id: str, orchestrator: Orchestrator = Depends(get_orchestrator)) -> RequestStatus:
-        state = orchestrator.get(request_id)
-        if state is None:
-            raise APIError(404, "unknown_request", f"no request {request_id!r} on this gateway")
-        return RequestStatus(
-            request_id=state.request_id,
-            workflow=state.workflow.name,
-            status=state.status,
-            nodes=state.node_status(),
-            replicas=state.replicas,
-            compute_s=state.compute_s,
-            wall_s=state.wall_s,
-            step=state.step,
-            total_steps=state.total_steps,
-            elapsed_s=round(time.time() - state.created, 3),
-            error=ErrorBody(code=state.error.code, message=state.error.message) if state.error else None,
-        )
-
+    app.include_router(router)
     return app
 
 
-def encode_pngs(images: RawTensor) -> list[bytes]:
-    """(n, H, W, 3) uint8 -> one PNG per image. Runs in a thread: it is CPU work."""
-    from PIL import Image
-
-    array = images.to_numpy()
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise APIError(502, "bad_output", f"the VAE returned images of shape {array.shape}, expected (n, H, W, 3)")
-    out = []
-    for img in array:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-        out.append(buf.getvalue())
-    return out
+async def _answer_in_background(
+    orchestrator: Orchestrator, state: RequestState, tensors: dict[str, RawTensor], seed: int
+) -> None:
+    """An async request's run: its outcome is kept on the request (status, events), not returned."""
+    try:
+        await answer(orchestrator, state, tensors, seed)
+    except APIError:
+        pass  # the failure is on the request already (status + `error` event)
+    except Exception:
+        log.exception("async request %s failed unexpectedly", state.request_id)

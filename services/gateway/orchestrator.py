@@ -15,9 +15,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from shared import subjects
+from shared import metrics, subjects, tracing
 from shared.bus import Bus
-from shared.messages import ErrorInfo, StepProgress, StepRequest, StepResult, TensorRef
+from shared.messages import ErrorInfo, StepKind, StepProgress, StepRequest, StepResult, TensorRef
 from shared.settings import Settings
 from shared.tensor_plane import RawTensor, TensorPlane, TensorUnavailable
 from shared.workflows.planner import WorkflowError, ready_nodes, split_ref, wire_inputs
@@ -46,7 +46,7 @@ class RequestState:
     deadline: float
     created: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    status: Literal["running", "succeeded", "failed"] = "running"
+    status: Literal["running", "succeeded", "failed", "cancelled"] = "running"
     started: set[str] = field(default_factory=set)
     done: set[str] = field(default_factory=set)
     outputs: dict[str, dict[str, TensorRef]] = field(default_factory=dict)
@@ -61,6 +61,22 @@ class RequestState:
     total_steps: int = 0
     error: ErrorInfo | None = None
     finished: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    events: list[dict[str, Any]] = field(default_factory=list)  # what /events streams, in order
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on each event
+    result: dict[str, Any] | None = None  # the answer body of a finished request, for async callers
+    trace: tracing.Scope = field(default_factory=tracing.Scope)  # its root span while it runs (tracing on)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Record an event and wake every listener (each waits on the Event it saw last)."""
+        event = {"seq": len(self.events), "elapsed_s": round(time.time() - self.created, 3), **event}
+        self.events.append(event)
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    @property
+    def ended(self) -> bool:
+        """True once the terminal event (result or error) was emitted."""
+        return bool(self.events) and self.events[-1]["type"] in ("result", "error")
 
     def node_status(self) -> dict[str, str]:
         return {
@@ -94,10 +110,11 @@ class Orchestrator:
         params: dict[str, Any],
         tensors: dict[str, RawTensor] | None = None,
     ) -> RawTensor:
-        """Run one request to its output tensor, or raise RequestFailed / TimeoutError.
+        """Run one request to its output tensor, or raise RequestFailed / TimeoutError."""
+        return await self.execute(self.create(request_id, workflow, params), tensors)
 
-        `tensors` are what the request itself carries (a control image): served from this
-        gateway's tensor plane to the nodes that read `request.<name>`."""
+    def create(self, request_id: str, workflow: WorkflowSpec, params: dict[str, Any]) -> RequestState:
+        """Register a request (so it can be followed and cancelled) before it runs."""
         if request_id in self.requests and self.requests[request_id].status == "running":
             raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {request_id} is running"))
         state = RequestState(
@@ -108,9 +125,23 @@ class Orchestrator:
         )
         self._remember(state)
         self.runs[state.run_id] = state
+        state.emit({"type": "queued", "workflow": workflow.name})
+        return state
+
+    async def execute(self, state: RequestState, tensors: dict[str, RawTensor] | None = None) -> RawTensor:
+        """Drive a created request to its output tensor, or raise RequestFailed / TimeoutError.
+
+        `tensors` are what the request itself carries (a control image): served from this
+        gateway's tensor plane to the nodes that read `request.<name>`."""
+        workflow = state.workflow
         carried = tensors or {}
         state.outputs[REQUEST] = {name: self.plane.put(raw, owner=state.run_id) for name, raw in carried.items()}
         out_node, output = split_ref(workflow.output)
+        state.trace = tracing.begin(
+            f"generate {workflow.name}",
+            {"lego.workflow": workflow.name, "lego.request_id": state.request_id, "lego.run_id": state.run_id},
+        )
+        metrics.request_started(workflow.name)
         try:
             await self._advance(state)
             while True:
@@ -138,8 +169,12 @@ class Orchestrator:
             raise
         except asyncio.CancelledError:  # the client went away: free the mesh's work for it
             self._fail(state, ErrorInfo(code="cancelled", message="the client disconnected"))
+            await self.bus.publish_cancel(state.run_id)
             raise
         finally:
+            status = "failed" if state.status == "running" else state.status
+            state.trace.close({"lego.status": status}, error=state.error.code if state.error else None)
+            metrics.request_finished(workflow.name, status, time.time() - state.created)
             for seq in state.step_seqs:
                 self._step_seqs.pop(seq, None)
             self.runs.pop(state.run_id, None)
@@ -178,8 +213,9 @@ class Orchestrator:
             )
             state.started.add(node.id)
             state.published_at[node.id] = time.perf_counter()
+            state.emit({"type": "node", "node": node.id, "state": "running", "attempt": step.attempt})
             steps.append(step)
-        seqs = await asyncio.gather(*(self.bus.publish_step(step) for step in steps))
+        seqs = await asyncio.gather(*(self.bus.publish_step(step, state.trace.headers) for step in steps))
         for step, seq in zip(steps, seqs, strict=True):
             self._step_seqs[seq] = (state.run_id, step.node_id)
             state.step_seqs.append(seq)
@@ -202,6 +238,15 @@ class Orchestrator:
             return
         state.done.add(result.node_id)
         state.outputs[result.node_id] = result.outputs
+        state.emit(
+            {
+                "type": "node",
+                "node": result.node_id,
+                "state": "done",
+                "replica": result.replica_id,
+                "compute_s": state.compute_s[result.node_id],
+            }
+        )
         out_node, _ = split_ref(state.workflow.output)
         if out_node in state.done:
             state.status = "succeeded"
@@ -239,15 +284,48 @@ class Orchestrator:
 
     async def _on_progress(self, progress: StepProgress) -> None:
         state = self.runs.get(progress.request_id)
-        if state is not None and state.status == "running":
+        if state is not None and state.status == "running" and progress.step != state.step:
             state.step, state.total_steps = progress.step, progress.total
             state.replicas[progress.node_id] = progress.replica_id
+            state.emit({"type": "progress", "node": progress.node_id, "step": progress.step, "total": progress.total})
+
+    async def cancel(self, request_id: str) -> RequestState | None:
+        """Stop a running request: the denoiser leaves its loop at the next step, steps not yet
+        started are dropped by the services, and its tensors are freed when `execute` returns."""
+        state = self.requests.get(request_id)
+        if state is None or state.status != "running":
+            return state
+        self._fail(state, ErrorInfo(code="cancelled", message="cancelled by the client (DELETE)"))
+        await self.bus.publish_cancel(state.run_id)
+        return state
+
+    def queue_position(self, state: RequestState) -> int:
+        """Requests ahead of this one for its base model, as this gateway sees them (0: it is
+        being served, or has passed the denoiser)."""
+        try:
+            denoise = state.workflow.node_of_kind(StepKind.DENOISE)
+        except KeyError:
+            return 0
+        if state.status != "running" or denoise.id in state.done or state.step > 0:
+            return 0
+        ahead = 0
+        for other in self.runs.values():
+            if other is state or other.created > state.created or other.status != "running":
+                continue
+            try:
+                other_denoise = other.workflow.node_of_kind(StepKind.DENOISE)
+            except KeyError:
+                continue
+            if other_denoise.model == denoise.model and other_denoise.id not in other.done:
+                ahead += 1
+        return ahead
 
     def _fail(self, state: RequestState, error: ErrorInfo) -> None:
         if state.status != "running":
             return
-        state.status = "failed"
+        state.status = "cancelled" if error.code == "cancelled" else "failed"
         state.error = error
+        state.emit({"type": "error", "code": error.code, "message": error.message})
         if not state.finished.done():
             state.finished.set_result(None)
         log.info("request %s failed: %s %s", state.request_id, error.code, error.message)

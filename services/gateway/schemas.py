@@ -72,6 +72,7 @@ class ImageGenerationRequest(BaseModel):
     loras: list[LoraInput] | None = Field(
         None, max_length=MAX_LORAS, description="for *-lora workflows; default: the workflow's default LoRA"
     )
+    wait: bool = Field(True, description="false: answer 202 at once with the request id (async mode)")
     # Accepted for OpenAI client compatibility; they do not change the result.
     user: str | None = None
     quality: str | None = None
@@ -160,15 +161,27 @@ class WorkflowList(BaseModel):
     workflows: list[WorkflowInfo]
 
 
+class AsyncAccepted(BaseModel):
+    request_id: str
+    status: Literal["running"]
+    seed: int
+    workflow: str
+    status_url: str
+    events_url: str = Field(description="server-sent events: queued, node, progress, then result or error")
+
+
 class RequestStatus(BaseModel):
     request_id: str
     workflow: str
-    status: Literal["running", "succeeded", "failed"]
+    status: Literal["running", "succeeded", "failed", "cancelled"]
     nodes: dict[str, str]
     replicas: dict[str, str] = Field(default_factory=dict, description="node -> replica that ran it")
     compute_s: dict[str, float] = Field(default_factory=dict, description="node -> seconds spent in the model")
     wall_s: dict[str, float] = Field(default_factory=dict, description="node -> seconds from publish to result")
     step: int = 0
     total_steps: int = 0
+    queue_position: int = Field(0, description="requests ahead of it for its base model (0: being served)")
     elapsed_s: float
     error: ErrorBody | None = None
+    data: list[ImageData] = Field(default_factory=list, description="the images, once done (kept for recent ones)")
+    seed: int | None = None

@@ -1,4 +1,6 @@
-"""The producer's asyncio TCP server: checks key + token, then sends bytes or a segment name."""
+"""The producer's asyncio TCP server: checks key + token, then sends bytes or a segment name.
+
+`answer` (the key + token check and the reply) is shared with the UCX server."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 from shared.tensor_plane.errors import TensorUnavailable
 from shared.tensor_plane.protocol import CHUNK, MAX_HEADER, decode_header, encode_header
 from shared.tensor_plane.stats import TransferStats
-from shared.tensor_plane.store import TensorStore
+from shared.tensor_plane.store import StoredTensor, TensorStore
 
 
 class TensorServer:
@@ -51,9 +53,11 @@ class TensorServer:
                     break
                 if not line.endswith(b"\n"):
                     break  # EOF (a pooled client going away)
-                reply, payload = self._answer(line)
+                reply, entry = self._answer(line)
                 writer.write(encode_header(reply))
-                if payload is not None:
+                if entry is not None:
+                    # A CUDA tensor held on the device is copied to the host off the loop.
+                    payload = entry.data if entry.device_data is None else await asyncio.to_thread(entry.host_view)
                     # Chunks + drain: memory stays bounded and nothing is copied more than once.
                     for off in range(0, len(payload), CHUNK):
                         writer.write(payload[off : off + CHUNK])
@@ -69,32 +73,42 @@ class TensorServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    def _answer(self, line: bytes) -> tuple[dict[str, Any], memoryview | None]:
+    def _answer(self, line: bytes) -> tuple[dict[str, Any], StoredTensor | None]:
         try:
             req = decode_header(line)
         except ValueError:
             return {"ok": False, "code": "bad_request", "error": "malformed request header"}, None
-        mode = req.get("mode", "tcp")
-        if req.get("op") != "get" or mode not in ("tcp", "shm"):
+        return answer(self._store, self._stats, req, ("tcp", "shm"))
+
+
+def answer(
+    store: TensorStore, stats: TransferStats, req: dict[str, Any], modes: tuple[str, ...]
+) -> tuple[dict[str, Any], StoredTensor | None]:
+    """The reply to one request, and the entry whose bytes follow it (None: no payload).
+
+    Shared by the TCP and UCX servers: the key + token check is the same on every transport.
+    """
+    mode = req.get("mode", modes[0])
+    if req.get("op") != "get" or mode not in modes:
+        return {
+            "ok": False,
+            "code": "bad_request",
+            "error": f"unsupported op/mode {req.get('op')}/{mode}",
+        }, None
+    key = str(req.get("key", ""))
+    try:
+        entry = store.lookup(key, str(req.get("token", "")))
+    except TensorUnavailable as exc:
+        stats.add("refused", mode)
+        return {"ok": False, "code": "unavailable", "error": exc.reason}, None
+    if mode == "shm":
+        if entry.shm_name is None:
             return {
                 "ok": False,
-                "code": "bad_request",
-                "error": f"unsupported op/mode {req.get('op')}/{mode}",
+                "code": "no_shm",
+                "error": "producer holds this tensor outside shared memory",
             }, None
-        key = str(req.get("key", ""))
-        try:
-            entry = self._store.lookup(key, str(req.get("token", "")))
-        except TensorUnavailable as exc:
-            self._stats.add("refused", mode)
-            return {"ok": False, "code": "unavailable", "error": exc.reason}, None
-        if mode == "shm":
-            if entry.shm_name is None:
-                return {
-                    "ok": False,
-                    "code": "no_shm",
-                    "error": "producer holds this tensor outside shared memory",
-                }, None
-            self._stats.add("served", "shm", entry.nbytes)
-            return {"ok": True, "nbytes": entry.nbytes, "shm": entry.shm_name}, None
-        self._stats.add("served", "tcp", entry.nbytes)
-        return {"ok": True, "nbytes": entry.nbytes}, entry.data
+        stats.add("served", "shm", entry.nbytes)
+        return {"ok": True, "nbytes": entry.nbytes, "shm": entry.shm_name}, None
+    stats.add("served", mode, entry.nbytes)
+    return {"ok": True, "nbytes": entry.nbytes}, entry

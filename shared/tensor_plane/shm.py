@@ -11,6 +11,7 @@ copy that a retried step may read again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
@@ -24,6 +25,7 @@ SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^lego_[0-9a-f]{24}$")
 # Leave this much of /dev/shm free: a full tmpfs turns a write into SIGBUS, not an exception.
 _SHM_HEADROOM = 64 * 1024 * 1024
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Python < 3.13 lacks the constant
 
 
 @functools.cache
@@ -128,4 +130,8 @@ def map_segment(name: str, nbytes: int) -> memoryview:
         mm = mmap.mmap(fd, nbytes, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
+    with contextlib.suppress(OSError, ValueError):
+        # Map every page now, read-only (writes still copy-on-write): one call instead of one page
+        # fault per 4 KiB as the consumer reads (64 MiB: 14 vs 8-10 GB/s). Linux >= 5.14.
+        mm.madvise(_MADV_POPULATE_READ)
     return memoryview(mm)

@@ -12,16 +12,23 @@ import secrets
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from shared.tensor_plane.errors import TensorUnavailable
-from shared.tensor_plane.raw import RawTensor
+from shared.tensor_plane.raw import RawTensor, byte_view
 from shared.tensor_plane.shm import Segment, create_segment
 
 
 @dataclass
 class StoredTensor:
-    """One stored tensor. `data` is a flat byte view over the segment or a private bytearray."""
+    """One stored tensor. `data` is a flat byte view over the segment or a private bytearray.
+
+    A tensor kept in GPU memory has `device` "cuda:N" and `device_data` (a flat uint8 device
+    buffer exposing `__cuda_array_interface__`, e.g. a torch tensor); `data` is then empty until a
+    host reader asks for it (`host_view`, one device-to-host copy, kept for further host reads).
+    """
 
     key: str
     owner: str
@@ -32,10 +39,19 @@ class StoredTensor:
     data: memoryview
     segment: Segment | None
     expires_at: float
+    device: str = "cpu"
+    device_data: Any = None
+    to_host: Callable[[], Any] | None = None
 
     @property
     def shm_name(self) -> str | None:
         return self.segment.name if self.segment is not None else None
+
+    def host_view(self) -> memoryview:
+        """The bytes in host memory (copied from the device on first use)."""
+        if self.device_data is not None and len(self.data) != self.nbytes and self.to_host is not None:
+            self.data = byte_view(self.to_host())
+        return self.data
 
 
 class TensorStore:
@@ -72,11 +88,42 @@ class TensorStore:
             segment=segment,
             expires_at=time.monotonic() + self.ttl_s,
         )
+        self._add(entry)
+        return entry
+
+    def _add(self, entry: StoredTensor) -> None:
         with self._lock:
             self._entries[entry.key] = entry
-            self._by_owner[owner].add(entry.key)
+            self._by_owner[entry.owner].add(entry.key)
             self._nbytes += entry.nbytes
         self.sweep()
+
+    def put_device(
+        self,
+        device_data: Any,
+        dtype: str,
+        shape: tuple[int, ...],
+        nbytes: int,
+        device: str,
+        to_host: Callable[[], Any],
+        owner: str,
+    ) -> StoredTensor:
+        """Keep a device buffer (already a private copy, see `put_tensor`) without touching the host."""
+        entry = StoredTensor(
+            key=secrets.token_hex(12),
+            owner=owner,
+            token=secrets.token_urlsafe(24),
+            dtype=dtype,
+            shape=tuple(shape),
+            nbytes=nbytes,
+            data=memoryview(b""),
+            segment=None,
+            expires_at=time.monotonic() + self.ttl_s,
+            device=device,
+            device_data=device_data,
+            to_host=to_host,
+        )
+        self._add(entry)
         return entry
 
     def lookup(self, key: str, token: str) -> StoredTensor:
@@ -150,7 +197,11 @@ class TensorStore:
 
     @staticmethod
     def _free(entries: list[StoredTensor]) -> int:
-        """Unlink segments outside the lock. Views already handed out stay valid."""
+        """Unlink segments outside the lock. Views already handed out stay valid.
+
+        A device entry's memory goes back to its allocator when the last reference to the entry
+        (a send in flight) is gone.
+        """
         for entry in entries:
             if entry.segment is not None:
                 entry.data = memoryview(b"")  # drop our view so the mapping can go now

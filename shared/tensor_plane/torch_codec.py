@@ -1,7 +1,8 @@
 """RawTensor <-> torch.Tensor, bit-exact for every dtype the plane carries (bf16 included).
 
 The only tensor-plane module that imports torch, so torch-free processes (the gateway) can use
-the rest of the package.
+the rest of the package. `device_bytes`/`from_device_bytes` are the device-side (CUDA) twins of
+`to_raw`/`from_raw`: flat uint8 tensors that UCX sends and receives in device memory.
 """
 
 from __future__ import annotations
@@ -57,3 +58,37 @@ def from_raw(r: RawTensor) -> torch.Tensor:
     if mv.readonly:
         mv = memoryview(bytearray(mv))
     return torch.frombuffer(mv, dtype=dtype).reshape(r.shape)
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    """The plane's name of `t`'s dtype; ValueError for a dtype it does not carry."""
+    name = _NAMES.get(t.dtype)
+    if name is None:
+        raise ValueError(f"torch dtype {t.dtype} is not carried by the tensor plane ({sorted(_TORCH_DTYPES)})")
+    return name
+
+
+def device_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A private, contiguous copy of `t`'s bytes as a flat uint8 tensor on `t`'s device.
+
+    The copy is a snapshot (the caller may reuse `t`), made on the device, and finished before
+    this returns (the current stream is synchronised), so UCX can send it from any thread.
+    """
+    dtype_name(t)
+    flat = t.detach().reshape(-1).contiguous()
+    flat = (flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).view(torch.uint8).clone()
+    if flat.is_cuda:
+        torch.cuda.current_stream(flat.device).synchronize()
+    return flat
+
+
+def from_device_bytes(flat: torch.Tensor, dtype: str, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The tensor of `dtype` and `shape` over a flat uint8 buffer (any device), without a copy."""
+    return flat.view(_TORCH_DTYPES[dtype]).reshape(tuple(shape))
+
+
+def resolve_device(device: str) -> str:
+    """A concrete torch device name: "auto" is "cuda" when torch sees a GPU, else "cpu"."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

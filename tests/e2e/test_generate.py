@@ -125,6 +125,7 @@ def test_lego_generate_cli_writes_png(mesh, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
+    assert "denoising [" in proc.stderr and "3/3" in proc.stderr, proc.stderr  # progress from the events
     from PIL import Image
 
     assert Image.open(out).size == (96, 64)

@@ -1,0 +1,136 @@
+"""What the autoscaler observes each tick, turned into one `UnitSignal` per unit.
+
+- Backlog: every step consumer's `num_pending + num_ack_pending` (as KEDA's NATS JetStream
+  scaler counts it), one JetStream request for all consumers.
+- Arrival rate: `pending + delivered` of a consumer only grows with arrivals (a redelivery
+  counts as one: it is work too); its rise over the last `window_s` seconds is the rate.
+- Seconds per step, memory, device: the replicas' heartbeats in the presence bucket (a
+  replica announces each model it hosts; one process, one replica id).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.autoscaler.policy import UnitSignal
+from shared.bus import Bus, ConsumerCounters
+from shared.messages import ReplicaInfo
+from shared.presence import live_replicas
+
+Consumer = tuple[str, str]  # (kind, model_id)
+
+
+@dataclass
+class Observation:
+    """One unit as seen this tick: the policy's input and what the status page shows."""
+
+    signal: UnitSignal
+    models: tuple[str, ...]
+    live: int  # replicas announcing themselves
+    consumers: list[ConsumerCounters] = field(default_factory=list)
+
+
+class RateMeter:
+    """Rate of change of a monotone counter over a sliding window; restarts if it goes down."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, value: int) -> float:
+        if self._samples and value < self._samples[-1][1]:
+            self._samples.clear()  # the consumer was recreated
+        self._samples.append((now, value))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        t0, v0 = self._samples[0]
+        return (value - v0) / (now - t0) if now - t0 > 0 else 0.0
+
+
+class Observer:
+    """Samples the bus and the presence bucket; keeps rate windows and last-known figures."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        window_s: float = 10.0,
+        default_service_s: float = 0.0,
+        memory_per_replica: dict[str, int] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.window_s = window_s
+        self.default_service_s = default_service_s
+        self.memory_per_replica = dict(memory_per_replica or {})  # unit -> bytes, overrides heartbeats
+        self._meters: dict[Consumer, RateMeter] = {}
+        self._service: dict[Consumer, float] = {}
+        self._memory: dict[str, int] = {}
+        self._device: dict[str, str] = {}
+
+    async def observe(
+        self, units: dict[str, tuple[str, ...]], current: dict[str, int], now: float
+    ) -> list[Observation]:
+        counters = await self.bus.step_consumers()
+        replicas = await live_replicas(self.bus)
+        rates = {}
+        for c in counters:
+            meter = self._meters.setdefault((c.kind, c.model_id), RateMeter(self.window_s))
+            rates[(c.kind, c.model_id)] = meter.add(now, c.pending + c.delivered)
+        measured: dict[Consumer, list[float]] = {}
+        for r in replicas:
+            if r.seconds_per_item > 0:
+                measured.setdefault((str(r.kind), r.model_id), []).append(r.seconds_per_item)
+        for key, values in measured.items():
+            self._service[key] = sum(values) / len(values)
+        return [
+            self._unit(name, models, current.get(name, 0), counters, rates, replicas) for name, models in units.items()
+        ]
+
+    def _unit(
+        self,
+        name: str,
+        models: tuple[str, ...],
+        current: int,
+        counters: list[ConsumerCounters],
+        rates: dict[Consumer, float],
+        replicas: list[ReplicaInfo],
+    ) -> Observation:
+        mine = [c for c in counters if c.model_id in models]
+        backlog = work = load = arrivals = 0.0
+        for c in mine:
+            seconds = self._service.get((c.kind, c.model_id)) or self.default_service_s
+            rate = rates.get((c.kind, c.model_id), 0.0)
+            backlog += c.backlog
+            work += c.backlog * seconds
+            load += rate * seconds
+            arrivals += rate
+        served = [r for r in replicas if r.model_id in models]
+        by_process: dict[str, list[ReplicaInfo]] = {}
+        for r in served:
+            by_process.setdefault(r.replica_id, []).append(r)
+        if by_process:  # the largest replica now; with none live, the last one seen
+            self._memory[name] = max(_replica_memory(announced) for announced in by_process.values())
+            self._device[name] = next(iter(by_process.values()))[0].device
+        known = [self._service[(c.kind, c.model_id)] for c in mine if self._service.get((c.kind, c.model_id))]
+        service_s = max(known, default=0.0)  # measured only: 0 tells the policy nothing is known yet
+        signal = UnitSignal(
+            unit=name,
+            current=current,
+            backlog=int(backlog),
+            work_s=work,
+            load=load,
+            arrival_rate=arrivals,
+            service_s=service_s,
+            memory_bytes=self.memory_per_replica.get(name, self._memory.get(name, 0)),
+            device=self._device.get(name, "cpu"),
+        )
+        return Observation(signal=signal, models=models, live=len(by_process), consumers=mine)
+
+
+def _replica_memory(announced: list[ReplicaInfo]) -> int:
+    """One process's memory as a budget counts it: its resident set on a CPU; on an
+    accelerator, its models' parameters (what takes the device's memory)."""
+    first = announced[0]
+    if first.device == "cpu" and first.rss_bytes:
+        return first.rss_bytes
+    return sum({r.model_id: r.param_bytes for r in announced}.values())

@@ -1,0 +1,111 @@
+"""Monolith service: serves whole workflows, each with its own diffusers pipeline.
+
+`python -m services.monolith --models sd3-lora` loads diffusers' own pipeline for that workflow
+(StableDiffusion3Pipeline / ...ControlNetPipeline / FluxPipeline / FluxControlNetPipeline,
+with the workflow's default LoRAs) from the same weights the mesh loads, and answers `pipeline`
+steps on `lego.step.pipeline.<workflow>`: prompt and settings in, uint8 images out. Everything
+the mesh does in five services happens here in one call, with every model of the workflow
+resident in this process — which is the point of the comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared.messages import StepKind, StepRequest
+from shared.service import ServiceSpec, StepContext, param_bytes
+from shared.settings import Settings
+from shared.worker import BadStepInput
+
+
+@dataclass
+class MonolithRunner:
+    model_id: str  # the workflow's name: one replica, one workflow
+    pipe: Any
+    family: str
+    kinds: tuple[StepKind, ...] = (StepKind.PIPELINE,)
+
+    def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        p = step.params
+        try:
+            kwargs: dict[str, Any] = {
+                "prompt": str(p["prompt"]),
+                "height": int(p["height"]),
+                "width": int(p["width"]),
+                "num_inference_steps": int(p["num_inference_steps"]),
+                "guidance_scale": float(p["guidance_scale"]),
+                "generator": torch.Generator("cpu").manual_seed(int(p["seed"])),
+                "num_images_per_prompt": int(p.get("n", 1)),
+                "output_type": "np",
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadStepInput(
+                f"pipeline step needs prompt/height/width/num_inference_steps/guidance_scale/seed: {exc}"
+            ) from exc
+        if self.family == "flux":
+            kwargs["max_sequence_length"] = 512
+        else:
+            kwargs["negative_prompt"] = str(p.get("negative_prompt", ""))
+        control = inputs.get("control_image")
+        if control is not None:
+            from PIL import Image
+
+            kwargs["control_image"] = Image.fromarray(control.numpy().astype(np.uint8))
+            kwargs["controlnet_conditioning_scale"] = float(p.get("conditioning_scale", 1.0))
+            if self.family != "flux":
+                torch.manual_seed(int(p["seed"]))  # as the mesh seeds the control latents
+
+        def on_step(pipe: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            ctx.progress(i + 1, kwargs["num_inference_steps"])
+            return kw
+
+        images = self.pipe(**kwargs, callback_on_step_end=on_step).images
+        return {"images": torch.from_numpy((np.clip(images, 0, 1) * 255).round().astype(np.uint8))}
+
+    def warm_up(self) -> None:
+        self.pipe(
+            prompt="warm up",
+            height=64,
+            width=64,
+            num_inference_steps=1,
+            output_type="np",
+            **({"max_sequence_length": 512} if self.family == "flux" else {}),
+            **({"control_image": _blank(64)} if hasattr(self.pipe, "controlnet") else {}),
+        )
+
+    def status(self) -> dict[str, Any]:
+        modules = [m for m in self.pipe.components.values() if hasattr(m, "parameters")]
+        return {
+            "param_bytes": param_bytes(*modules),
+            "loras": sorted(getattr(self.pipe.transformer, "peft_config", {})),
+        }
+
+
+def _blank(size: int) -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (size, size))
+
+
+def load(workflow: str, settings: Settings) -> MonolithRunner:
+    from shared.workflows.catalogue import get_workflow
+    from shared.zoo import build_reference_pipeline, load_reference_loras
+
+    spec = get_workflow(workflow)
+    pipe = build_reference_pipeline(settings, family=spec.family, controlnet=bool(spec.controlnets))
+    if spec.default_loras:
+        load_reference_loras(pipe, [(x.name, x.scale) for x in spec.default_loras], settings)
+    return MonolithRunner(model_id=workflow, pipe=pipe, family=spec.family)
+
+
+SPEC = ServiceSpec(
+    name="monolith",
+    default_models=["sd3"],
+    load=load,
+    description="Monolithic baseline: each workflow as one diffusers pipeline in this process (--models names "
+    "workflows).",
+)

@@ -1,0 +1,98 @@
+"""The autoscaler on a real nats-server: it reads consumer backlogs and heartbeats, scales the
+unit with the backlog (and only it) through its actuator, shrinks it after the cooldown, and
+publishes its status where the gateway reads it. (The whole mesh under `lego up`:
+tests/integration/test_autoscaling_mesh.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from services.autoscaler.controller import Autoscaler
+from services.autoscaler.policy import Limits, PolicyConfig, Slo
+from shared.bus import Bus
+from shared.messages import ReplicaInfo, StepKind, StepRequest
+from shared.presence import autoscaler_status, presence_bucket, presence_key
+from shared.settings import Settings
+
+
+class FakeActuator:
+    """Counts replicas instead of starting processes."""
+
+    name = "fake"
+
+    def __init__(self, units: dict[str, tuple[str, ...]]) -> None:
+        self._units = units
+        self.replicas = dict.fromkeys(units, 1)
+        self.calls: list[tuple[str, int]] = []
+
+    def units(self) -> dict[str, tuple[str, ...]]:
+        return dict(self._units)
+
+    def current(self, unit: str) -> int:
+        return self.replicas[unit]
+
+    def scale(self, unit: str, replicas: int) -> None:
+        self.calls.append((unit, replicas))
+        self.replicas[unit] = replicas
+
+
+def _step(i: int) -> StepRequest:
+    return StepRequest(
+        request_id=f"r{i}",
+        node_id="denoise",
+        kind=StepKind.DENOISE,
+        model_id="sd3-transformer",
+        reply_to="lego.result.nobody",
+        deadline=time.time() + 600,
+    )
+
+
+async def test_backlog_scales_its_unit_only_then_the_cooldown_brings_it_back(nats_server: str) -> None:
+    bus = Bus(Settings.from_env(nats_url=nats_server), name="test-autoscaler")
+    await bus.connect()
+    try:
+        await bus.ensure_streams()
+        await bus.ensure_consumer(StepKind.ENCODE, "clip-l")
+        psub = await bus.pull_subscription(StepKind.DENOISE, "sd3-transformer")
+        # One live denoiser replica has measured 1 s a step; the encoder 10 ms.
+        kv = await presence_bucket(bus)
+        for kind, model, seconds in ((StepKind.DENOISE, "sd3-transformer", 1.0), (StepKind.ENCODE, "clip-l", 0.01)):
+            info = ReplicaInfo(
+                replica_id=f"r-{model}", kind=kind, model_id=model, host="h", pid=1, seconds_per_item=seconds
+            )
+            await kv.put(presence_key(info), info.model_dump_json().encode())
+        for i in range(12):
+            await bus.publish_step(_step(i))
+
+        actuator = FakeActuator({"encoder": ("clip-l",), "sd3-transformer": ("sd3-transformer",)})
+        config = PolicyConfig(slo=Slo(factor=5.0), utilisation=0.7, cooldown_s=1.0, default_limits=Limits(1, 3))
+        autoscaler = Autoscaler(bus, actuator, config, window_s=2.0)
+        tick = await autoscaler.tick()
+        # 12 steps x 1 s to drain in (5 - 1) x 1 s -> 3 replicas; the encoder has nothing queued.
+        assert actuator.replicas == {"encoder": 1, "sd3-transformer": 3}
+        [decision] = tick.decisions
+        assert decision.unit == "sd3-transformer" and (decision.from_replicas, decision.to_replicas) == (1, 3)
+        assert "backlog 12" in decision.reason
+
+        status = await autoscaler_status(bus)
+        assert status is not None and status.actuator == "fake" and status.slo == "5x solo latency"
+        units = {u.unit: u for u in status.units}
+        assert units["sd3-transformer"].backlog == 12 and units["sd3-transformer"].replicas == 3
+        assert units["sd3-transformer"].seconds_per_item == 1.0 and units["encoder"].backlog == 0
+
+        # The work is done (acked): after a cooldown of wanting 1, down to 1 (the window's peak).
+        for msg in await psub.fetch(12, timeout=5):
+            await msg.ack()
+        give_up = time.monotonic() + 20
+        while actuator.replicas["sd3-transformer"] > 1 and time.monotonic() < give_up:
+            await autoscaler.tick()
+            await asyncio.sleep(0.2)
+        assert actuator.replicas == {"encoder": 1, "sd3-transformer": 1}
+        assert [c for c in actuator.calls if c[0] == "sd3-transformer"] == [
+            ("sd3-transformer", 3),
+            ("sd3-transformer", 1),
+        ]
+        assert not [c for c in actuator.calls if c[0] == "encoder"]
+    finally:
+        await bus.close()

@@ -1,0 +1,186 @@
+"""`lego up` autoscales: under a burst for one workflow the bottleneck unit (the SD3 denoiser)
+grows while the encoder and the VAE stay at one replica; after the burst it falls back to the
+minimum without losing a request; a replica killed with SIGKILL is replaced and its in-flight
+step completes elsewhere. Real processes: nats-server, services, gateway, the local actuator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lego.launcher import free_port
+
+BURST = 16
+# Big enough that the denoising loop is the bottleneck by far (the encoders and the VAE take
+# milliseconds here), small enough that a burst drains in seconds on two cores.
+REQUEST = {"prompt": "a lighthouse in a storm", "size": "256x256", "num_inference_steps": 40, "guidance_scale": 5.0}
+
+
+@pytest.fixture(scope="module")
+def lego_up(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    log_path = tmp_path_factory.mktemp("lego-up") / "up.log"
+    port = free_port()
+    env = {
+        **os.environ,
+        "LEGO_MODEL_CACHE_DIR": str(model_cache),
+        "HF_HUB_OFFLINE": "1",
+        "LEGO_ACK_WAIT_S": "4",  # the killed replica's step is redelivered after 4 s
+        "LEGO_AUTOSCALE_WINDOW_S": "5",
+        # One core per replica: on this two-core box more replicas then really do more work at
+        # once (several multi-threaded torch processes would only fight over the same cores).
+        "LEGO_TORCH_THREADS": "1",
+    }
+    argv = [sys.executable, "-m", "lego.cli", "up", "--port", str(port), "--workflows", "sd3"]
+    argv += ["--max", "3", "--cooldown", "4", "--scale-interval", "0.5", "--slo", "5x"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        give_up = time.monotonic() + 300
+        while time.monotonic() < give_up:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/v1/status", timeout=2).json().get("autoscaler"):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("lego up never autoscaled:\n" + log_path.read_text()[-3000:])
+        yield url, log_path
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: lego up stops every child it started
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _units(url: str) -> dict[str, dict]:
+    status = httpx.get(f"{url}/v1/status", timeout=10).json()
+    return {u["unit"]: u for u in (status.get("autoscaler") or {}).get("units", [])}
+
+
+def _generate(url: str, results: list, seed: int) -> None:
+    try:
+        r = httpx.post(f"{url}/v1/images/generations", json={**REQUEST, "seed": seed}, timeout=180)
+        results.append(r.status_code if r.status_code == 200 else (r.status_code, r.text[:300]))
+    except httpx.HTTPError as exc:
+        results.append(repr(exc))
+
+
+def test_burst_scales_the_bottleneck_only_then_back_to_one_losing_nothing(lego_up) -> None:
+    url, log_path = lego_up
+    results: list = []
+    _generate(url, results, seed=0)  # every stage measures its step time once
+    assert results == [200], results
+
+    seen: dict[str, set[int]] = {}
+    live: dict[str, set[int]] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                for name, u in _units(url).items():
+                    seen.setdefault(name, set()).add(u["replicas"])
+                    live.setdefault(name, set()).add(u["live"])
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        burst = [threading.Thread(target=_generate, args=(url, results, 100 + i)) for i in range(BURST)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(300)
+        assert results.count(200) == 1 + BURST, results
+        assert max(seen["sd3-transformer"]) >= 2, f"the denoiser never scaled: {seen}\n{_decisions(url)}"
+        assert max(live["sd3-transformer"]) >= 2, f"no second denoiser came up in the burst: {live}"
+        assert seen["encoder"] == {1} and seen["vae"] == {1}, f"only the bottleneck may scale: {seen}"
+
+        # Requests keep coming, one at a time, while the denoiser shrinks back: none is lost.
+        trickle: list = []
+        give_up = time.monotonic() + 90
+        while time.monotonic() < give_up:
+            units = _units(url)
+            if units["sd3-transformer"]["replicas"] == 1 and units["sd3-transformer"]["live"] == 1:
+                break
+            _generate(url, trickle, seed=1000 + len(trickle))
+            time.sleep(0.5)
+        assert _units(url)["sd3-transformer"]["replicas"] == 1, _decisions(url)
+        assert trickle and all(r == 200 for r in trickle), trickle
+        assert seen["encoder"] == {1} and seen["vae"] == {1}, seen
+    finally:
+        done.set()
+        watcher.join()
+    log = log_path.read_text()
+    assert "(scale-down)" in log and "exited unexpectedly" not in log, log[-3000:]
+
+
+def test_a_killed_replica_is_replaced_and_its_step_completes(lego_up) -> None:
+    url, log_path = lego_up
+    before = _denoiser_pids(url)
+    assert len(before) == 1, before
+    request_id = f"kill-{uuid.uuid4().hex[:8]}"
+    answer: dict = {}
+
+    def post() -> None:
+        r = httpx.post(
+            f"{url}/v1/images/generations",
+            json={**REQUEST, "num_inference_steps": 100, "seed": 5},  # a second or two of denoising
+            headers={"X-Request-Id": request_id},
+            timeout=180,
+        )
+        answer["status"], answer["text"] = r.status_code, r.text[:300]
+
+    t = threading.Thread(target=post)
+    t.start()
+    give_up = time.monotonic() + 60
+    while time.monotonic() < give_up:  # until the denoising loop is visibly running
+        r = httpx.get(f"{url}/v1/requests/{request_id}", timeout=10)
+        if r.status_code == 200 and r.json().get("step", 0) >= 1:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the denoise step never started")
+    os.kill(before[0], signal.SIGKILL)
+    t.join(180)
+    assert answer.get("status") == 200, answer  # redelivered after AckWait, to the replacement
+    give_up = time.monotonic() + 60
+    while time.monotonic() < give_up and (len(_denoiser_pids(url)) != 1 or _denoiser_pids(url) == before):
+        time.sleep(0.3)  # the dead one's heartbeat expires (TTL), the replacement announces itself
+    after = _denoiser_pids(url)
+    assert len(after) == 1 and after != before, (before, after)
+    assert "exited unexpectedly; restarted it" in log_path.read_text()
+    assert _units(url)["sd3-transformer"]["replicas"] == 1
+    # `lego status` prints the same as tables.
+    out = subprocess.run(
+        [sys.executable, "-m", "lego.cli", "status", "--url", url], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "autoscaler: local actuator, SLO 5x solo latency" in out and "latest decisions:" in out, out
+    assert any(line.split()[:2] == ["sd3-transformer", "1"] for line in out.splitlines()), out
+
+
+def _denoiser_pids(url: str) -> list[int]:
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
+    return sorted(r["pid"] for m in models if m["model_id"] == "sd3-transformer" for r in m["replicas"])
+
+
+def _decisions(url: str) -> str:
+    status = httpx.get(f"{url}/v1/status", timeout=10).json()
+    return "\n".join(str(d) for d in (status.get("autoscaler") or {}).get("decisions", []))

@@ -140,6 +140,8 @@ def create_app(settings: Settings) -> FastAPI:
                             busy=r.busy,
                             steps_done=r.steps_done,
                             param_bytes=r.param_bytes,
+                            metrics_url=r.metrics_url,
+                            tensors_held=r.tensors_held,
                             loras=r.loras,
                         )
                         for _, r in sorted(replicas.items())

@@ -139,6 +139,8 @@ class ReplicaSummary(BaseModel):
     busy: bool
     steps_done: int
     param_bytes: int = 0
+    metrics_url: str = ""
+    tensors_held: int = 0
     loras: list[str] = Field(default_factory=list, description="LoRA adapters this replica holds loaded")
 
 

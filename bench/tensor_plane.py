@@ -9,7 +9,10 @@ transfers (limit, transfer, limit, ...), so both see the same load on a shared m
   tcp, ucx     a raw loopback socket from another process (sendall -> recv_into); UCX runs over
                TCP on a machine without GPU
   ucx-cuda     (--device cuda) `put_tensor`/`get_tensor` of a CUDA tensor, device to device over
-               UCX, against a device-to-device copy
+               UCX (cuda_ipc on one host), against a device-to-device copy
+  shm-cuda     (--device cuda) the same CUDA tensor through host shared memory (device -> host
+               at put, map + host -> device at get), against the same limit: the same-host
+               alternative to CUDA IPC
 Inline is measured up to 64 MiB for completeness but is not a bulk transport (the bus caps a
 message at 1 MB; inline_max_bytes is 64 KiB), so it is left out of the worst ratio.
 
@@ -47,7 +50,7 @@ from shared.tensor_plane.ucx import ucx_installed  # noqa: E402
 
 MiB = 1 << 20
 INLINE_MAX_MIB = 64
-BULK = ("shm", "tcp", "ucx", "ucx-cuda")
+BULK = ("shm", "tcp", "ucx", "ucx-cuda", "shm-cuda")
 PAGE = 4096
 WARMUP = 3
 
@@ -67,7 +70,7 @@ async def serve(transport: str, sizes: list[int], device: str) -> None:
         refs = []
         for mib in sizes:
             data = np.random.default_rng(mib).integers(0, 255, mib * MiB, dtype=np.uint8)
-            if transport == "ucx-cuda":
+            if transport.endswith("-cuda"):
                 import torch
 
                 refs.append(plane.put_tensor(torch.from_numpy(data).to(device), owner="bench"))
@@ -166,7 +169,7 @@ class DeviceCopyLimit:
 
 
 LIMITS = {"memcpy": MemcpyLimit, "socket": SocketLimit, "d2d": DeviceCopyLimit}
-LIMIT_OF = {"inline": "memcpy", "shm": "memcpy", "tcp": "socket", "ucx": "socket", "ucx-cuda": "d2d"}
+LIMIT_OF = {"inline": "memcpy", "shm": "memcpy", "tcp": "socket", "ucx": "socket", "ucx-cuda": "d2d", "shm-cuda": "d2d"}
 
 
 async def paired(get: Callable[[], Awaitable[Any]], limit: Any, repeats: int) -> tuple[list[float], list[float]]:
@@ -209,7 +212,7 @@ async def measure_transport(
         results: dict[int, tuple[list[float], list[float]]] = {}
         async with TensorPlane(settings) as plane:
             for mib, ref in zip(sizes, refs, strict=True):
-                if transport == "ucx-cuda":
+                if transport.endswith("-cuda"):
                     import torch
 
                     async def get(ref: TensorRef = ref) -> None:
@@ -245,7 +248,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024], help="MiB")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--transports", nargs="+", default=["inline", "shm", "tcp", "ucx"])
-    parser.add_argument("--device", default="cpu", help="cuda: add the ucx-cuda row (device to device)")
+    parser.add_argument("--device", default="cpu", help="cuda: add the ucx-cuda and shm-cuda rows")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--raw-sender", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -265,6 +268,8 @@ def main() -> None:
         transports.remove("ucx")
     if args.device.startswith("cuda") and ucx_installed():
         transports.append("ucx-cuda")
+    if args.device.startswith("cuda") and shm_supported():
+        transports.append("shm-cuda")
 
     load_before = os.getloadavg()[0]
     print(f"measuring {', '.join(transports)} at {args.sizes} MiB, {args.repeats} repeats")

@@ -104,6 +104,10 @@ class RemoteSteps:
     def get_sync(self, ref: TensorRef) -> RawTensor:
         return self._run(self.plane.get(ref))
 
+    def get_tensor_sync(self, ref: TensorRef, device: str) -> Any:
+        """A torch tensor on `device` (GPU to GPU without a host copy where UCX allows)."""
+        return self._run(self.plane.get_tensor(ref, device=device))
+
     def release_everywhere(self, owner: str) -> None:
         """Ask every service to free what it holds for `owner` (fire and forget)."""
         if self._loop is not None:

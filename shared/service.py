@@ -137,9 +137,12 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
 
 async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> None:
     """Run until SIGTERM/SIGINT; the step in hand is finished and acked before exit."""
-    if settings.torch_threads:
-        import torch
+    import torch
 
+    from shared.tensor_plane.torch_codec import resolve_device
+
+    settings.device = resolve_device(settings.device)  # "auto": cuda when torch sees a GPU
+    if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -276,6 +279,7 @@ class ModelStepHandler:
         self.replica_id = replica_id
         self.remote = remote if remote is not None else RemoteSteps(bus, plane, replica_id)
         self.cache = cache if cache is not None else InputCache()
+        self.device = plane.settings.device
         self.cancelled = cancelled if cancelled is not None else CancelledRuns()
 
     def _context(self, step: StepRequest, loop: asyncio.AbstractEventLoop) -> StepContext:
@@ -293,15 +297,21 @@ class ModelStepHandler:
             should_stop=lambda: step.request_id in self.cancelled,
         )
 
-    async def _pull(self, step: StepRequest) -> dict[str, RawTensor]:
+    async def _pull(self, step: StepRequest) -> dict[str, Any]:
+        """Input tensors: RawTensors (host bytes), or torch tensors already on this service's
+        GPU when the producer held them on a GPU (they then never touch host memory)."""
         cacheable = set(step.params.get("cache_inputs") or ())
-        raws, lost, reason = {}, [], ""
+        raws: dict[str, Any] = {}
+        lost, reason = [], ""
         for name, ref in step.inputs.items():
             cached = self.cache.get(ref) if name in cacheable else None
             if cached is not None:
                 raws[name] = cached
                 continue
             try:
+                if ref.device != "cpu" and self.device != "cpu":
+                    raws[name] = await self.plane.get_tensor(ref, device=self.device)
+                    continue  # device tensors are not cached: the cache holds host bytes
                 raws[name] = await self.plane.get(ref)
             except TensorUnavailable as exc:
                 lost.append(name)
@@ -314,7 +324,9 @@ class ModelStepHandler:
         return raws
 
     async def __call__(self, step: StepRequest) -> StepResult:
-        from shared.tensor_plane.torch_codec import from_raw, to_raw
+        import torch
+
+        from shared.tensor_plane.torch_codec import from_raw
 
         loop = asyncio.get_running_loop()
         raws = await self._pull(step)
@@ -322,10 +334,11 @@ class ModelStepHandler:
 
         def compute() -> tuple[dict[str, TensorRef], float]:
             t0 = time.perf_counter()
-            inputs = {name: from_raw(raw) for name, raw in raws.items()}
+            inputs = {name: raw if isinstance(raw, torch.Tensor) else from_raw(raw) for name, raw in raws.items()}
             outputs = self.runner.run(step, inputs, ctx)
             seconds = time.perf_counter() - t0
-            refs = {name: self.plane.put(to_raw(t), owner=step.output_owner) for name, t in outputs.items()}
+            # put_tensor keeps a GPU output in device memory when the plane offers UCX.
+            refs = {name: self.plane.put_tensor(t, owner=step.output_owner) for name, t in outputs.items()}
             return refs, seconds
 
         refs, seconds = await loop.run_in_executor(self.compute, tracing.carry(compute))  # spans nest in the step's

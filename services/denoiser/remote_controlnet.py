@@ -20,7 +20,6 @@ from shared.messages import VARYING_INPUT as VARYING
 from shared.messages import StepKind, StepRequest, TensorRef
 from shared.remote_steps import RemoteStepFailed, RemoteSteps
 from shared.tensor_plane import TensorPlane
-from shared.tensor_plane.torch_codec import from_raw, to_raw
 from shared.worker import BadStepInput, StepCancelled
 
 
@@ -43,7 +42,7 @@ class RemoteControlNet:
         if self._constant_of != id(constant):
             self.plane.release(f"{self.prefix}/const")
             self._constant_refs = {
-                CONSTANT + name: self.plane.put(to_raw(t), owner=f"{self.prefix}/const") for name, t in constant.items()
+                CONSTANT + name: self.plane.put_tensor(t, owner=f"{self.prefix}/const") for name, t in constant.items()
             }
             self._constant_of = id(constant)
         return self._constant_refs
@@ -54,7 +53,7 @@ class RemoteControlNet:
         i = next(self._counter)
         owner = f"{self.prefix}/{i}"
         inputs = dict(self._upload_constant(constant))
-        inputs.update({VARYING + name: self.plane.put(to_raw(t), owner=owner) for name, t in varying.items()})
+        inputs.update({VARYING + name: self.plane.put_tensor(t, owner=owner) for name, t in varying.items()})
         try:
             result = self.remote.call_sync(
                 kind=StepKind.CONTROLNET,
@@ -66,7 +65,10 @@ class RemoteControlNet:
                 inputs=inputs,
                 deadline=self.step.deadline,
             )
-            return {name: from_raw(self.remote.get_sync(ref)).clone() for name, ref in result.outputs.items()}
+            device = self.plane.settings.device
+            # GPU residuals come device to device over UCX where offered; host ones are copied
+            # out of the producer's segment, which is freed right below.
+            return {name: _owned(self.remote.get_tensor_sync(ref, device)) for name, ref in result.outputs.items()}
         except RemoteStepFailed as exc:
             if exc.error.code == "cancelled":
                 raise StepCancelled("the request was cancelled") from exc
@@ -79,3 +81,7 @@ class RemoteControlNet:
 
     def close(self) -> None:
         self.plane.release(f"{self.prefix}/const")
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.device.type == "cpu" else t

@@ -17,9 +17,29 @@ def test_gateway_imports_no_torch_or_diffusers():
 
 
 def test_every_entry_point_has_help():
-    for module in ("services.gateway", "services.encoder", "services.denoiser", "services.vae", "lego.cli"):
+    for module in (
+        "services.gateway",
+        "services.encoder",
+        "services.denoiser",
+        "services.vae",
+        "services.autoscaler",
+        "services.monolith",
+        "lego.cli",
+    ):
         proc = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120, check=False
         )
         assert proc.returncode == 0, proc.stderr
         assert "usage:" in proc.stdout and "--" in proc.stdout
+
+
+def test_autoscaler_imports_no_torch_or_diffusers():
+    code = (
+        "import sys, services.autoscaler.__main__, services.autoscaler.controller, services.autoscaler.signals, "
+        "services.autoscaler.actuators.local, services.autoscaler.actuators.kubernetes, "
+        "services.autoscaler.actuators.compose, services.gateway.status; "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"autoscaler imported {proc.stdout.strip()} {proc.stderr[-500:]}"

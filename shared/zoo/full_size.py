@@ -49,77 +49,62 @@ def _t5() -> Any:
     return T5EncoderModel(config)
 
 
+def _sd3_config(layers: int, heads: int, caption_dim: int, qk_norm: str | None) -> dict[str, Any]:
+    """SD3-family MMDiT widths; the transformer and its ControlNets share them."""
+    return {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": layers,
+        "attention_head_dim": 64,
+        "num_attention_heads": heads,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": caption_dim,
+        "pooled_projection_dim": 2048,
+        "out_channels": 16,
+        "pos_embed_max_size": 192,
+        "qk_norm": qk_norm,
+    }
+
+
 def _sd3_transformer(layers: int, heads: int, caption_dim: int, qk_norm: str | None) -> Any:
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        num_layers=layers,
-        attention_head_dim=64,
-        num_attention_heads=heads,
-        joint_attention_dim=4096,
-        caption_projection_dim=caption_dim,
-        pooled_projection_dim=2048,
-        out_channels=16,
-        pos_embed_max_size=192,
-        qk_norm=qk_norm,
-    )
+    return SD3Transformer2DModel(**_sd3_config(layers, heads, caption_dim, qk_norm))
 
 
 def _sd3_controlnet(layers: int, heads: int, caption_dim: int, qk_norm: str | None) -> Any:
     from diffusers import SD3ControlNetModel
 
-    return SD3ControlNetModel(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        num_layers=layers,
-        attention_head_dim=64,
-        num_attention_heads=heads,
-        joint_attention_dim=4096,
-        caption_projection_dim=caption_dim,
-        pooled_projection_dim=2048,
-        out_channels=16,
-        pos_embed_max_size=192,
-        qk_norm=qk_norm,
-    )
+    return SD3ControlNetModel(**_sd3_config(layers, heads, caption_dim, qk_norm))
+
+
+def _flux_config(layers: int, single_layers: int) -> dict[str, Any]:
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": layers,
+        "num_single_layers": single_layers,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": (16, 56, 56),
+    }
 
 
 def _flux_transformer() -> Any:
     from diffusers import FluxTransformer2DModel
 
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
+    return FluxTransformer2DModel(**_flux_config(19, 38))
 
 
 def _flux_controlnet() -> Any:
     from diffusers import FluxControlNetModel
 
     # InstantX/FLUX.1-dev-Controlnet-Canny: 5 double and 10 single blocks.
-    return FluxControlNetModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=5,
-        num_single_layers=10,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
+    return FluxControlNetModel(**_flux_config(5, 10))
 
 
 def _vae(scaling: float, shift: float) -> Any:

@@ -1,5 +1,8 @@
-"""The oracle holds whichever transport carries the tensors: here every pair is forced to TCP
-(the cross-host path), with latents and images too big to ride inline."""
+"""The oracle holds whichever transport carries the tensors: every pair is forced to TCP (the
+cross-host path), then to UCX (the optional `.[ucx]` extra; over TCP on a CPU machine), with
+latents and images too big to ride inline. Forced means a read that cannot use that transport
+fails the request; every process, gateway included, must also exit cleanly (running_mesh
+checks none is left behind, e.g. by a UCX thread blocking exit)."""
 
 from __future__ import annotations
 
@@ -9,24 +12,27 @@ import httpx
 import pytest
 
 from lego.launcher import Mesh
+from shared.tensor_plane.ucx import ucx_installed
 from tests.conftest import running_mesh
 from tests.oracle import assert_images_match, png_to_array, reference_images
 
+NEEDS_UCX = pytest.mark.skipif(not ucx_installed(), reason="needs the ucx extra: pip install '.[ucx]'")
 
-@pytest.fixture(scope="module")
-def tcp_mesh(model_cache, tmp_path_factory) -> Iterator[Mesh]:
+
+@pytest.fixture(scope="module", params=["tcp", pytest.param("ucx", marks=NEEDS_UCX)])
+def forced_mesh(request, model_cache, tmp_path_factory) -> Iterator[Mesh]:
     yield from running_mesh(
         model_cache,
-        tmp_path_factory.mktemp("tcp-mesh-logs"),
+        tmp_path_factory.mktemp(f"{request.param}-mesh-logs"),
         workflows=["sd3"],
-        LEGO_TRANSPORT="tcp",
+        LEGO_TRANSPORT=request.param,
         LEGO_INLINE_MAX_BYTES="1024",
     )
 
 
-def test_tcp_transport_gives_the_pipeline_image(tcp_mesh, reference_pipeline):
+def test_forced_transport_gives_the_pipeline_image(forced_mesh, reference_pipeline):
     body = {"prompt": "a tram at night", "size": "320x320", "num_inference_steps": 4, "seed": 21, "guidance_scale": 6.0}
-    r = httpx.post(f"{tcp_mesh.url}/v1/images/generations", json=body, timeout=300)
+    r = httpx.post(f"{forced_mesh.url}/v1/images/generations", json=body, timeout=300)
     assert r.status_code == 200, r.text
     [want] = reference_images(
         reference_pipeline, prompt=body["prompt"], width=320, height=320, steps=4, guidance=6.0, seed=21

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from shared.bus import Bus
@@ -60,17 +60,20 @@ async def announce_forever(bus: Bus, describe: Callable[[], ReplicaInfo], stop: 
 
 
 async def live_replicas(bus: Bus) -> list[ReplicaInfo]:
-    """Every replica whose key has not expired."""
+    """Every replica whose key has not expired.
+
+    Why not `kv.keys()`: nats-py lists keys through a new ephemeral consumer per call, and
+    readiness probes, `/v1/models` and the autoscaler ask many times a second; the consumers
+    pile up until the server refuses more ("maximum consumers limit reached"). The stream's
+    own subject counts (one API request) and direct gets create nothing."""
     kv = await presence_bucket(bus)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
+    prefix = f"$KV.{BUCKET}."
+    info = await bus.js.stream_info(f"KV_{BUCKET}", subjects_filter=f"{prefix}>")
     replicas = []
-    for key in keys:
+    for subject in sorted((info.state.subjects or {}) if info.state else {}):
         try:
-            entry = await kv.get(key)
-        except Exception:
+            entry = await kv.get(subject.removeprefix(prefix))
+        except Exception:  # deleted (a replica that stopped) or expired meanwhile
             continue
         if entry.value:
             replicas.append(ReplicaInfo.model_validate_json(entry.value))

@@ -135,6 +135,7 @@ class Bus:
                 storage=api.StorageType.FILE,
                 max_age=s.step_stream_max_age_s,
                 duplicate_window=s.duplicate_window_s,
+                num_replicas=s.stream_replicas,
             )
         )
         await self._ensure_stream(
@@ -145,6 +146,7 @@ class Bus:
                 storage=api.StorageType.FILE,
                 max_age=s.step_stream_max_age_s,
                 duplicate_window=s.duplicate_window_s,
+                num_replicas=s.stream_replicas,
             )
         )
 

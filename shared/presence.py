@@ -32,7 +32,7 @@ async def presence_bucket(bus: Bus) -> KeyValue:
     try:
         return await bus.js.key_value(BUCKET)
     except BucketNotFoundError:
-        return await bus.js.create_key_value(bucket=BUCKET, ttl=TTL_S, history=1)
+        return await bus.js.create_key_value(bucket=BUCKET, ttl=TTL_S, history=1, replicas=bus.settings.stream_replicas)
 
 
 def presence_key(info: ReplicaInfo) -> str:
@@ -93,7 +93,9 @@ async def _status_bucket(bus: Bus) -> KeyValue:
     try:
         return await bus.js.key_value(STATUS_BUCKET)
     except BucketNotFoundError:
-        return await bus.js.create_key_value(bucket=STATUS_BUCKET, ttl=STATUS_TTL_S, history=1)
+        return await bus.js.create_key_value(
+            bucket=STATUS_BUCKET, ttl=STATUS_TTL_S, history=1, replicas=bus.settings.stream_replicas
+        )
 
 
 async def publish_autoscaler_status(bus: Bus, status: AutoscalerStatus) -> None:

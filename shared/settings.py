@@ -26,6 +26,7 @@ class Settings:
     max_deliver: int = 5  # attempts before a step becomes an error result
     step_stream_max_age_s: float = 3600.0
     duplicate_window_s: float = 120.0
+    stream_replicas: int = 1  # copies of each stream and bucket on a NATS cluster (3 on a 3-server one)
     # Tensor plane
     tensor_host: str = "127.0.0.1"  # address other services reach this process's tensor server on
     tensor_bind: str = "127.0.0.1"

@@ -387,6 +387,8 @@ def test_nats_is_a_jetstream_cluster_of_three(k8s: list[dict[str, Any]], tmp_pat
     assert check.returncode == 0, check.stdout + check.stderr
     probes = _container(nats)
     assert "js-enabled-only" in probes["livenessProbe"]["httpGet"]["path"]
+    # ...and the mesh's streams and buckets keep a copy on every server of the cluster.
+    assert _of_kind(k8s, "ConfigMap")["lego-config"]["data"]["LEGO_STREAM_REPLICAS"] == str(replicas)
 
 
 def test_one_deployment_per_model_service_with_probes_resources_gpus(k8s: list[dict[str, Any]]) -> None:

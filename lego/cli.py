@@ -202,7 +202,7 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start the mesh, generate one image through the REST API, stop: the whole system in one go."""
     port = args.port if _port_free(args.host, args.port) else free_port(args.host)
-    mesh = Mesh(MeshConfig(host=args.host, port=port, workflows=[args.workflow]))
+    mesh = Mesh(MeshConfig(host=args.host, port=port))
     try:
         mesh.start(ready_timeout_s=args.ready_timeout)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=42, help="seed (default: %(default)s)")
     demo.add_argument(
-        "--workflow", default="sd3", help="text-to-image workflow; only its models start (default: %(default)s)"
+        "--workflow", default="sd3", help="the workflow that draws the image (default: %(default)s)"
     )
     demo.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)")
     demo.add_argument("--port", type=int, default=8000, help="gateway port; a free one if taken (default: %(default)s)")

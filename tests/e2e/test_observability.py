@@ -9,11 +9,10 @@ import base64
 import gzip
 import io
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -25,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lego.launcher import Mesh
 from tests.conftest import running_mesh
+from tests.waiting import wait_for
 
-T = TypeVar("T")
 # Every encoder, the denoiser and the VAE of the sd3 workflow: (span name, service.name).
 STEP_SPANS = {
     "encode clip-l": "encoder",
@@ -142,16 +141,6 @@ def generate(mesh: Mesh, request_id: str, **extra: Any) -> dict[str, Any]:
     )
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 30.0) -> T:
-    give_up = time.monotonic() + timeout_s
-    while True:
-        got = probe()
-        if got:
-            return got
-        assert time.monotonic() < give_up, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_one_request_is_one_trace_across_the_mesh(mesh: Mesh, receiver: OtlpReceiver) -> None:

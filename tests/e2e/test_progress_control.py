@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 
@@ -13,6 +12,7 @@ from shared.bus import Bus
 from shared.presence import live_replicas
 from shared.settings import Settings
 from tests.oracle import png_to_array
+from tests.waiting import wait_for
 
 PROMPT = "a paper boat on a pond"
 
@@ -32,16 +32,6 @@ def _events(url: str, timeout: float = 300) -> list[dict]:
                 assert event["type"] == kind
                 out.append(event)
     return out
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_async_request_streams_ordered_progress_and_ends_with_the_result(mesh):
@@ -85,7 +75,7 @@ def test_cancel_stops_the_denoiser_within_a_step_or_two_and_frees_tensors(mesh):
     r = httpx.post(f"{mesh.url}/v1/images/generations", json=body, timeout=30)
     assert r.status_code == 202, r.text
     status_url = mesh.url + r.json()["status_url"]
-    _wait_for(lambda: httpx.get(status_url, timeout=10).json()["step"] >= 2, 120, "denoising to start")
+    wait_for("denoising to start", lambda: httpx.get(status_url, timeout=10).json()["step"] >= 2, 120)
 
     r = httpx.delete(status_url, timeout=30)
     assert r.status_code == 200, r.text
@@ -101,13 +91,13 @@ def test_cancel_stops_the_denoiser_within_a_step_or_two_and_frees_tensors(mesh):
         [sd3] = [m for m in models if m["model_id"] == "sd3-transformer"]
         return not next(x for x in sd3["replicas"] if x["replica_id"] == replica)["busy"]
 
-    _wait_for(idle, 60, "the denoiser to leave the cancelled loop")
+    wait_for("the denoiser to leave the cancelled loop", idle, 60)
     final = httpx.get(status_url, timeout=10).json()
     assert final["status"] == "cancelled"
     assert final["step"] <= at_cancel + 2, (at_cancel, final["step"])
     assert final["step"] < 100
     # ...and every service frees what it held for the request.
-    _wait_for(lambda: asyncio.run(_held_tensors(mesh)) == 0, 30, "tensors to be freed")
+    wait_for("tensors to be freed", lambda: asyncio.run(_held_tensors(mesh)) == 0, 30)
 
     # Its event stream ends with the cancellation; a second cancel is refused.
     events = _events(status_url + "/events", timeout=30)
@@ -128,8 +118,8 @@ def test_queue_position_counts_requests_ahead_for_the_same_base(mesh):
         assert r.status_code == 202, r.text
         urls.append(mesh.url + r.json()["status_url"])
     try:
-        third = _wait_for(
-            lambda: (s := httpx.get(urls[2], timeout=10).json())["queue_position"] > 0 and s, 60, "a queue position"
+        third = wait_for(
+            "a queue position", lambda: (s := httpx.get(urls[2], timeout=10).json())["queue_position"] > 0 and s, 60
         )
         assert third["status"] == "running" and third["step"] == 0
         assert third["queue_position"] <= 2

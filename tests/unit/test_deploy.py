@@ -399,7 +399,11 @@ def test_one_deployment_per_model_service_with_probes_resources_gpus(k8s: list[d
         deployment = deployments[name]
         container = _container(deployment)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert probe in container, f"{name}: no {probe}"
+            assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, f"{name}: {probe}"
+        metrics_port = int(_of_kind(k8s, "ConfigMap")["lego-config"]["data"]["LEGO_METRICS_PORT"])
+        assert {"name": "metrics", "containerPort": metrics_port} in container["ports"], name
+        pod_annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert pod_annotations["prometheus.io/port"] == str(metrics_port), name
         requests, limits = container["resources"]["requests"], container["resources"]["limits"]
         assert {"cpu", "memory"} <= requests.keys() and "memory" in limits, name
         env = _env(container)

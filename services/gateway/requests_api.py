@@ -67,9 +67,13 @@ async def answer(
 
 
 def _forget_old_results(orchestrator: Orchestrator) -> None:
+    """Drop the images of all but the newest finished requests, from the status and from the
+    final event alike (both hold them), so finished requests cost no more than their record."""
     with_results = [s for s in orchestrator.requests.values() if s.result is not None]
     for old in with_results[:-KEEP_RESULTS]:
         old.result = None
+        if old.events and old.events[-1]["type"] == "result":
+            old.events[-1] = {**old.events[-1], "data": [], "images_dropped": True}
 
 
 def encode_pngs(images: RawTensor) -> list[bytes]:

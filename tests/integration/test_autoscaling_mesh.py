@@ -20,10 +20,13 @@ import pytest
 
 from lego.launcher import free_port
 
-BURST = 16
-# Big enough that the denoising loop is the bottleneck by far (the encoders and the VAE take
-# milliseconds here), small enough that a burst drains in seconds on two cores.
-REQUEST = {"prompt": "a lighthouse in a storm", "size": "256x256", "num_inference_steps": 40, "guidance_scale": 5.0}
+# The policy asks a unit for rate x step time / 0.7 + backlog x step time / drain replicas, the
+# drain time scaling with the slowest (denoise) step. The denoising loop must dominate by far
+# even when contention slows the encoders tenfold (busy CI machines): a few seconds of denoising
+# per request, and a burst whose rate keeps the encoders' share under one replica unless an
+# encode step took over ~0.2 s. Both still drain in seconds on two cores.
+BURST = 4
+REQUEST = {"prompt": "a lighthouse in a storm", "size": "384x384", "num_inference_steps": 80, "guidance_scale": 5.0}
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +114,11 @@ def test_burst_scales_the_bottleneck_only_then_back_to_one_losing_nothing(lego_u
         assert results.count(200) == 1 + BURST, results
         assert max(seen["sd3-transformer"]) >= 2, f"the denoiser never scaled: {seen}\n{_decisions(url)}"
         assert max(live["sd3-transformer"]) >= 2, f"no second denoiser came up in the burst: {live}"
-        assert seen["encoder"] == {1} and seen["vae"] == {1}, f"only the bottleneck may scale: {seen}"
+        assert seen["encoder"] == {1} and seen["vae"] == {1}, (
+            f"only the bottleneck may scale: {seen}\n{_decisions(url)}"
+        )
 
-        # Requests keep coming, one at a time, while the denoiser shrinks back: none is lost.
+        # Requests keep coming, one at a time, until the denoiser has shrunk back: none is lost.
         trickle: list = []
         give_up = time.monotonic() + 90
         while time.monotonic() < give_up:
@@ -121,9 +126,9 @@ def test_burst_scales_the_bottleneck_only_then_back_to_one_losing_nothing(lego_u
             if units["sd3-transformer"]["replicas"] == 1 and units["sd3-transformer"]["live"] == 1:
                 break
             _generate(url, trickle, seed=1000 + len(trickle))
-            time.sleep(0.5)
+            time.sleep(4)  # a trickle (< 0.2/s) that one replica serves: the policy wants one
         assert _units(url)["sd3-transformer"]["replicas"] == 1, _decisions(url)
-        assert trickle and all(r == 200 for r in trickle), trickle
+        assert all(r == 200 for r in trickle), trickle  # (empty when it shrank while the burst drained)
         assert seen["encoder"] == {1} and seen["vae"] == {1}, seen
     finally:
         done.set()
@@ -134,6 +139,9 @@ def test_burst_scales_the_bottleneck_only_then_back_to_one_losing_nothing(lego_u
 
 def test_a_killed_replica_is_replaced_and_its_step_completes(lego_up) -> None:
     url, log_path = lego_up
+    give_up = time.monotonic() + 90  # a replica from an earlier burst may still be leaving
+    while time.monotonic() < give_up and len(_denoiser_pids(url)) != 1:
+        time.sleep(0.3)
     before = _denoiser_pids(url)
     assert len(before) == 1, before
     request_id = f"kill-{uuid.uuid4().hex[:8]}"
@@ -142,7 +150,7 @@ def test_a_killed_replica_is_replaced_and_its_step_completes(lego_up) -> None:
     def post() -> None:
         r = httpx.post(
             f"{url}/v1/images/generations",
-            json={**REQUEST, "num_inference_steps": 100, "seed": 5},  # a second or two of denoising
+            json={**REQUEST, "num_inference_steps": 100, "seed": 5},  # several seconds of denoising
             headers={"X-Request-Id": request_id},
             timeout=180,
         )
@@ -162,18 +170,19 @@ def test_a_killed_replica_is_replaced_and_its_step_completes(lego_up) -> None:
     t.join(180)
     assert answer.get("status") == 200, answer  # redelivered after AckWait, to the replacement
     give_up = time.monotonic() + 60
-    while time.monotonic() < give_up and (len(_denoiser_pids(url)) != 1 or _denoiser_pids(url) == before):
-        time.sleep(0.3)  # the dead one's heartbeat expires (TTL), the replacement announces itself
+    # The dead one's heartbeat expires (TTL) and its replacement announces itself (the
+    # autoscaler may add another for the redelivered work: at least one new one is enough).
+    while time.monotonic() < give_up and (before[0] in _denoiser_pids(url) or not _denoiser_pids(url)):
+        time.sleep(0.3)
     after = _denoiser_pids(url)
-    assert len(after) == 1 and after != before, (before, after)
+    assert before[0] not in after and after, (before, after)
     assert "exited unexpectedly; restarted it" in log_path.read_text()
-    assert _units(url)["sd3-transformer"]["replicas"] == 1
     # `lego status` prints the same as tables.
     out = subprocess.run(
         [sys.executable, "-m", "lego.cli", "status", "--url", url], capture_output=True, text=True, timeout=60
     ).stdout
     assert "autoscaler: local actuator, SLO 5x solo latency" in out and "latest decisions:" in out, out
-    assert any(line.split()[:2] == ["sd3-transformer", "1"] for line in out.splitlines()), out
+    assert any(line.split()[:1] == ["sd3-transformer"] and int(line.split()[1]) >= 1 for line in out.splitlines()), out
 
 
 def _denoiser_pids(url: str) -> list[int]:

@@ -21,12 +21,13 @@ import pytest
 from lego.launcher import free_port
 
 # The policy asks a unit for rate x step time / 0.7 + backlog x step time / drain replicas, the
-# drain time scaling with the slowest (denoise) step. The denoising loop must dominate by far
-# even when contention slows the encoders tenfold (busy CI machines): a few seconds of denoising
-# per request, and a burst whose rate keeps the encoders' share under one replica unless an
-# encode step took over ~0.2 s. Both still drain in seconds on two cores.
+# drain time scaling with the slowest (denoise) step. The denoising loop must dominate by far,
+# even when contention slows the encoders tenfold on a busy machine: seconds of denoising per
+# request (long enough for a new replica to start within the burst, and for the autoscaler to
+# shrink back while the last requests still run), and a burst whose rate keeps the encoders'
+# share under one replica unless an encode step took over ~0.2 s.
 BURST = 4
-REQUEST = {"prompt": "a lighthouse in a storm", "size": "384x384", "num_inference_steps": 80, "guidance_scale": 5.0}
+REQUEST = {"prompt": "a lighthouse in a storm", "size": "512x512", "num_inference_steps": 100, "guidance_scale": 5.0}
 
 
 @pytest.fixture(scope="module")
@@ -111,24 +112,25 @@ def test_burst_scales_the_bottleneck_only_then_back_to_one_losing_nothing(lego_u
             t.start()
         for t in burst:
             t.join(300)
-        assert results.count(200) == 1 + BURST, results
+        burst_ended = time.time()
+        assert results.count(200) == 1 + BURST, results  # none lost, though it shrank meanwhile:
+        decisions = (httpx.get(f"{url}/v1/status", timeout=10).json().get("autoscaler") or {}).get("decisions", [])
+        downs = [d for d in decisions if d["unit"] == "sd3-transformer" and d["to_replicas"] < d["from_replicas"]]
+        assert any(d["at"] < burst_ended for d in downs), f"no scale-down while requests ran:\n{_decisions(url)}"
         assert max(seen["sd3-transformer"]) >= 2, f"the denoiser never scaled: {seen}\n{_decisions(url)}"
         assert max(live["sd3-transformer"]) >= 2, f"no second denoiser came up in the burst: {live}"
         assert seen["encoder"] == {1} and seen["vae"] == {1}, (
             f"only the bottleneck may scale: {seen}\n{_decisions(url)}"
         )
 
-        # Requests keep coming, one at a time, until the denoiser has shrunk back: none is lost.
-        trickle: list = []
+        # Once the work is gone it settles back at the minimum.
         give_up = time.monotonic() + 90
         while time.monotonic() < give_up:
             units = _units(url)
             if units["sd3-transformer"]["replicas"] == 1 and units["sd3-transformer"]["live"] == 1:
                 break
-            _generate(url, trickle, seed=1000 + len(trickle))
-            time.sleep(4)  # a trickle (< 0.2/s) that one replica serves: the policy wants one
+            time.sleep(0.5)
         assert _units(url)["sd3-transformer"]["replicas"] == 1, _decisions(url)
-        assert all(r == 200 for r in trickle), trickle  # (empty when it shrank while the burst drained)
         assert seen["encoder"] == {1} and seen["vae"] == {1}, seen
     finally:
         done.set()

@@ -56,6 +56,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = {"LEGO_LOG_LEVEL": args.log_level}
     if args.models_dir:
         env["LEGO_MODELS_DIR"] = str(Path(args.models_dir).resolve())
+    if args.device:
+        env["LEGO_DEVICE"] = args.device
+    if args.dtype:
+        env["LEGO_DTYPE"] = args.dtype
     try:
         env.update(_autoscale_env(args, replicas))
     except ValueError as exc:
@@ -371,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="your weights: a diffusers SD3 directory, or a directory with sd3/, sd35-large/, flux/, "
         "controlnets/<id>/ and loras/<name>/ (default: tiny seeded models)",
     )
+    up.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: $LEGO_DEVICE or cpu)")
+    up.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights' dtype; auto: bfloat16 on a GPU, float32 on the CPU (default: $LEGO_DTYPE or auto)",
+    )
     up.add_argument(
         "--workflows",
         default="all",
@@ -443,9 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", default="512x512", help="WIDTHxHEIGHT (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=42, help="seed (default: %(default)s)")
-    demo.add_argument(
-        "--workflow", default="sd3", help="the workflow that draws the image (default: %(default)s)"
-    )
+    demo.add_argument("--workflow", default="sd3", help="the workflow that draws the image (default: %(default)s)")
     demo.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)")
     demo.add_argument("--port", type=int, default=8000, help="gateway port; a free one if taken (default: %(default)s)")
     demo.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for readiness")

@@ -103,6 +103,11 @@ def parse_args(spec: ServiceSpec, argv: list[str] | None = None) -> tuple[Settin
         "--nats-url", help="NATS server with JetStream (default: $LEGO_NATS_URL or nats://127.0.0.1:4222)"
     )
     parser.add_argument("--device", help="torch device (default: $LEGO_DEVICE or cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights' dtype; auto: bfloat16 on a GPU, float32 on the CPU (default: $LEGO_DTYPE or auto)",
+    )
     parser.add_argument("--models-dir", help="local diffusers SD3 directory; default: tiny seeded models")
     parser.add_argument("--transport", choices=list(TRANSPORTS), help="force one tensor transport (default: auto)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
@@ -110,6 +115,7 @@ def parse_args(spec: ServiceSpec, argv: list[str] | None = None) -> tuple[Settin
     settings = Settings.from_env(
         nats_url=args.nats_url,
         device=args.device,
+        dtype=args.dtype,
         models_dir=args.models_dir,
         transport=args.transport,
         log_level=args.log_level,

@@ -41,7 +41,10 @@ class Settings:
     # Models
     models_dir: str = ""  # your weights (an SD3 directory, or sd3/ sd35-large/ flux/ controlnets/ loras/); empty: tiny
     model_cache_dir: str = field(default_factory=_default_cache_dir)
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when torch sees a GPU)
+    # Weights' dtype: auto = bfloat16 on a GPU (as these models are served), float32 on the CPU
+    # (bf16 matmuls are slow there); or bfloat16 | float16 | float32.
+    dtype: str = "auto"
     torch_threads: int = 0  # 0 -> torch default
     lora_cache_mb: float = 1024.0  # LoRA adapters a denoiser keeps loaded; least recently used go first
     # Gateway

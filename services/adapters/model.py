@@ -16,6 +16,14 @@ import torch
 
 from shared.zoo import ControlNetBundle
 
+# Inputs that meet the ControlNet's weights directly: in its dtype, should the denoiser run in
+# another. Timesteps, guidance and position ids are left as sent: the model casts those itself.
+_WEIGHT_INPUTS = frozenset({"hidden_states", "prompt_embeds", "pooled_projections", "controlnet_cond"})
+
+
+def _here(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype) if name in _WEIGHT_INPUTS else t.to(device)
+
 
 def _named(prefix: str, samples) -> dict[str, torch.Tensor]:
     return {f"{prefix}_{i}": s for i, s in enumerate(samples or ())}
@@ -41,8 +49,8 @@ def controlnet_residuals(
     cfg = cn.config
     device = next(cn.parameters()).device
     scale = float(params["conditioning_scale"])
-    c = {k: v.to(device) for k, v in constant.items()}
-    v = {k: t.to(device) for k, t in varying.items()}
+    c = {k: _here(k, t, device, cn.dtype) for k, t in constant.items()}
+    v = {k: _here(k, t, device, cn.dtype) for k, t in varying.items()}
     with torch.inference_mode():
         if bundle.family == "flux":
             blocks, singles = cn(

@@ -208,11 +208,13 @@ def _denoise_sd3(
         pos_g, neg_g = _rows(tensors["clip_g_embeds"], "clip_g_embeds")
         pos_gp, neg_gp = _rows(tensors["clip_g_pooled"], "clip_g_pooled")
         pos_t5, neg_t5 = _rows(tensors["t5_embeds"], "t5_embeds")
-        prompt_embeds = _joint(_repeat(pos_l, n), _repeat(pos_g, n), _repeat(pos_t5, n)).to(device)
-        pooled = torch.cat([_repeat(pos_lp, n), _repeat(pos_gp, n)], dim=-1).to(device)
+        # In the transformer's dtype: the encoders may run in another (e.g. float32 on a CPU host).
+        here = {"device": device, "dtype": transformer.dtype}
+        prompt_embeds = _joint(_repeat(pos_l, n), _repeat(pos_g, n), _repeat(pos_t5, n)).to(**here)
+        pooled = torch.cat([_repeat(pos_lp, n), _repeat(pos_gp, n)], dim=-1).to(**here)
         if do_cfg:
-            neg_embeds = _joint(_repeat(neg_l, n), _repeat(neg_g, n), _repeat(neg_t5, n)).to(device)
-            neg_pooled = torch.cat([_repeat(neg_lp, n), _repeat(neg_gp, n)], dim=-1).to(device)
+            neg_embeds = _joint(_repeat(neg_l, n), _repeat(neg_g, n), _repeat(neg_t5, n)).to(**here)
+            neg_pooled = torch.cat([_repeat(neg_lp, n), _repeat(neg_gp, n)], dim=-1).to(**here)
             prompt_embeds = torch.cat([neg_embeds, prompt_embeds], dim=0)
             pooled = torch.cat([neg_pooled, pooled], dim=0)
 
@@ -227,7 +229,7 @@ def _denoise_sd3(
             constant = {
                 "prompt_embeds": prompt_embeds,
                 "pooled_projections": pooled,
-                "controlnet_cond": control.control_latents.to(device),
+                "controlnet_cond": control.control_latents.to(**here),
             }
 
         shape = (n, transformer.config.in_channels, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
@@ -299,8 +301,9 @@ def _denoise_flux(
     scheduler = type(bundle.scheduler).from_config(bundle.scheduler.config)
 
     with torch.inference_mode():
-        pooled = _repeat(tensors["clip_l_pooler"][0:1], n).to(device)
-        prompt_embeds = _repeat(tensors["t5_embeds"][0:1], n).to(device)
+        here = {"device": device, "dtype": transformer.dtype}  # as in the SD3 loop
+        pooled = _repeat(tensors["clip_l_pooler"][0:1], n).to(**here)
+        prompt_embeds = _repeat(tensors["t5_embeds"][0:1], n).to(**here)
         text_ids = torch.zeros(prompt_embeds.shape[1], 3).to(device=device, dtype=pooled.dtype)
 
         channels = transformer.config.in_channels // 4
@@ -350,7 +353,7 @@ def _denoise_flux(
             constant = {
                 "prompt_embeds": prompt_embeds,
                 "pooled_projections": pooled,
-                "controlnet_cond": control.control_latents.to(device),
+                "controlnet_cond": control.control_latents.to(**here),
                 "txt_ids": text_ids,
                 "img_ids": img_ids,
                 "guidance": guidance_all,  # the adapter drops it for a ControlNet without guidance_embeds

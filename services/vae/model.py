@@ -32,7 +32,7 @@ def decode(bundle: VaeBundle, latents: torch.Tensor) -> torch.Tensor:
     device = next(vae.parameters()).device
     processor = VaeImageProcessor(vae_scale_factor=_scale_factor(bundle))
     with torch.inference_mode():
-        scaled = (latents.to(device) / vae.config.scaling_factor) + vae.config.shift_factor
+        scaled = (latents.to(device=device, dtype=vae.dtype) / vae.config.scaling_factor) + vae.config.shift_factor
         image = vae.decode(scaled, return_dict=False)[0]
         image_np = processor.postprocess(image, output_type="np")
     pixels = (image_np * 255).round().astype("uint8")  # as VaeImageProcessor.numpy_to_pil

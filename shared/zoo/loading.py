@@ -116,6 +116,35 @@ def _is_pipeline_dir(path: Path) -> bool:
     return (path / "model_index.json").is_file() or (path / "transformer").is_dir()
 
 
+_DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+}
+
+
+def model_dtype(settings: Settings):
+    """The torch dtype weights are loaded in: `settings.dtype`, where "auto" means bfloat16 on a
+    GPU (how these models are served: half the memory of float32, tensor cores) and float32 on
+    the CPU (where bf16 matmuls are slower, and the tiny models' oracle runs)."""
+    import torch
+
+    name = settings.dtype.lower()
+    if name == "auto":
+        return torch.bfloat16 if settings.device.startswith("cuda") else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"LEGO_DTYPE={settings.dtype!r} is not a dtype; use auto, bfloat16, float16 or float32")
+    return getattr(torch, _DTYPES[name])
+
+
+def _place(module: Any, settings: Settings) -> Any:
+    """A loaded model on the service's device and dtype, in eval mode."""
+    return module.to(device=settings.device, dtype=model_dtype(settings)).eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # Directories
 
@@ -228,12 +257,12 @@ def load_text_encoder(model_id: str, settings: Settings) -> TextEncoderBundle:
     root = shared_dir(settings)
     sub, tok_sub, kind = _TEXT_ENCODERS[model_id]
     if kind == "clip":
-        model = CLIPTextModelWithProjection.from_pretrained(_need(root / sub, model_id))
+        model = CLIPTextModelWithProjection.from_pretrained(_need(root / sub, model_id), dtype=model_dtype(settings))
         tokenizer = CLIPTokenizer.from_pretrained(_need(root / tok_sub, f"{model_id} tokenizer"))
     else:
-        model = T5EncoderModel.from_pretrained(_need(root / sub, model_id))
+        model = T5EncoderModel.from_pretrained(_need(root / sub, model_id), dtype=model_dtype(settings))
         tokenizer = T5TokenizerFast.from_pretrained(_need(root / tok_sub, f"{model_id} tokenizer"))
-    model = model.to(settings.device).eval()
+    model = _place(model, settings)
     return TextEncoderBundle(model_id=model_id, model=model, tokenizer=tokenizer, kind=kind)
 
 
@@ -251,8 +280,10 @@ def load_denoiser(model_id: str, settings: Settings) -> DenoiserBundle:
 
     family = _DENOISERS[model_id]
     root = family_dir(family, settings)
-    transformer = _transformer_class(family).from_pretrained(_need(root / "transformer", model_id))
-    transformer = transformer.to(settings.device).eval()
+    transformer = _transformer_class(family).from_pretrained(
+        _need(root / "transformer", model_id), dtype=model_dtype(settings)
+    )
+    transformer = _place(transformer, settings)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_need(root / "scheduler", f"{model_id} scheduler"))
     return DenoiserBundle(model_id=model_id, transformer=transformer, scheduler=scheduler, family=family)
 
@@ -270,7 +301,7 @@ def load_vae(model_id: str, settings: Settings) -> VaeBundle:
         raise _unknown(model_id, tuple(_VAES))
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(vae_dir(model_id, settings)).to(settings.device).eval()
+    vae = _place(AutoencoderKL.from_pretrained(vae_dir(model_id, settings), dtype=model_dtype(settings)), settings)
     return VaeBundle(model_id=model_id, vae=vae)
 
 
@@ -315,11 +346,11 @@ def load_controlnet(model_id: str, settings: Settings) -> ControlNetBundle:
     family = _CONTROLNETS[model_id]
     path = controlnet_dir(model_id, settings)
     if family == "flux":
-        cn = FluxControlNetModel.from_pretrained(path)
+        cn = FluxControlNetModel.from_pretrained(path, dtype=model_dtype(settings))
         if cn.union or cn.input_hint_block is not None:
             raise NotImplementedError(f"{path}: Flux ControlNet-Union and hint-block ControlNets are not supported")
     else:
-        cn = SD3ControlNetModel.from_pretrained(path)
+        cn = SD3ControlNetModel.from_pretrained(path, dtype=model_dtype(settings))
         zeros = bool(cn.config.force_zeros_for_pooled_projection)
         if zeros == CONTROL_LATENTS_SHIFTED[family]:
             raise ValueError(
@@ -329,7 +360,7 @@ def load_controlnet(model_id: str, settings: Settings) -> ControlNetBundle:
             )
         if cn.pos_embed is None:
             cn.pos_embed = _sd3_pos_embed_from_transformer(family, settings).to(cn.dtype)
-    cn = cn.to(settings.device).eval()
+    cn = _place(cn, settings)
     return ControlNetBundle(model_id=model_id, family=family, controlnet=cn)
 
 
@@ -363,10 +394,10 @@ def build_reference_pipeline(settings: Settings, family: Family = "sd3", control
     if family == "sd3" and not controlnet:
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(models_root(settings))
+        pipe = StableDiffusion3Pipeline.from_pretrained(models_root(settings), dtype=model_dtype(settings))
     else:
         pipe = _compose_reference(settings, family, controlnet)
-    pipe = pipe.to(settings.device)
+    pipe = pipe.to(settings.device, model_dtype(settings))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -9,6 +9,7 @@ weights (`device="cuda"`) to time the real shapes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 LORA_RANK = 16  # a typical rank for style LoRAs of these bases
@@ -16,7 +17,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 BYTES_PER_PARAM = 2  # bf16, as these models are served
 
 
-def _clip(hidden: int, intermediate: int, layers: int, heads: int) -> Any:
+def _clip(hidden: int, intermediate: int, layers: int, heads: int, **token_ids: int) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -28,11 +29,12 @@ def _clip(hidden: int, intermediate: int, layers: int, heads: int) -> Any:
         num_attention_heads=heads,
         max_position_embeddings=77,
         hidden_act="gelu",
+        **token_ids,
     )
     return CLIPTextModelWithProjection(config)
 
 
-def _t5() -> Any:
+def _t5(layers: int = 24, **token_ids: int) -> Any:
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -40,11 +42,12 @@ def _t5() -> Any:
         d_model=4096,
         d_kv=64,
         d_ff=10240,
-        num_layers=24,
+        num_layers=layers,
         num_heads=64,
         feed_forward_proj="gated-gelu",
         is_encoder_decoder=False,
         use_cache=False,
+        **token_ids,
     )
     return T5EncoderModel(config)
 
@@ -165,3 +168,53 @@ def lora_parameter_count(base: Any, rank: int = LORA_RANK) -> int:
         if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in LORA_TARGETS):
             total += rank * (module.in_features + module.out_features)
     return total
+
+
+FULL_SIZE_SD3_DIR = "full-size-sd3-medium-v1"
+
+
+def write_full_size_sd3(directory: Path, device: str = "cpu", dtype: str = "bfloat16", max_layers: int = 0) -> Path:
+    """An SD3-Medium diffusers directory with the published architecture and random weights.
+
+    Why: no weights can be downloaded, but the mesh's overhead must be measured at the real
+    shapes (333 text tokens, a 2 B MMDiT over 4096 image tokens at 1024 px, T5-XXL). The
+    tokenizers, scheduler and model_index.json are the tiny zoo's (so the text encoders see
+    the tiny vocabulary's ids, which their 49408/32128-row embeddings hold); every model is
+    replaced by its full-size twin, built on `device` one at a time (seeded) and saved in
+    `dtype`. `max_layers` > 0 caps every stack's depth, widths unchanged: a quick smoke run of
+    the same code on a CPU. The directory is written once (see `build_once`) and then reused.
+    """
+    import shutil
+
+    import torch
+
+    from shared.zoo.tiny import build_once, build_tiny_pipeline
+
+    def depth(n: int) -> int:
+        return min(n, max_layers) if max_layers > 0 else n
+
+    def build(tmp: Path) -> None:
+        tiny = build_tiny_pipeline()
+        tiny.save_pretrained(tmp, safe_serialization=True)  # tokenizers, scheduler, model_index.json
+        clip_ids = {k: getattr(tiny.tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        t5_ids = {k: getattr(tiny.tokenizer_3, k) for k in ("eos_token_id", "pad_token_id")}
+        models: dict[str, Any] = {
+            "text_encoder": lambda: _clip(768, 3072, depth(12), 12, **clip_ids),  # CLIP ViT-L/14
+            "text_encoder_2": lambda: _clip(1280, 5120, depth(32), 20, **clip_ids),  # OpenCLIP bigG/14
+            "text_encoder_3": lambda: _t5(depth(24), **t5_ids),  # T5 v1.1 XXL
+            "transformer": lambda: _sd3_transformer(depth(24), 24, 1536, None),  # SD3-Medium MMDiT
+            "vae": lambda: _vae(1.5305, 0.0609),
+        }
+        for seed, (sub, make) in enumerate(models.items()):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                model = make().eval()
+            model = model.to(getattr(torch, dtype))
+            shutil.rmtree(tmp / sub)
+            model.save_pretrained(tmp / sub, safe_serialization=True)
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    info = {"name": FULL_SIZE_SD3_DIR, "dtype": dtype, "max_layers": max_layers, "weights": "random"}
+    return build_once(Path(directory), build, info)

@@ -141,8 +141,10 @@ def model_dtype(settings: Settings):
 
 
 def _place(module: Any, settings: Settings) -> Any:
-    """A loaded model on the service's device and dtype, in eval mode."""
-    return module.to(device=settings.device, dtype=model_dtype(settings)).eval()
+    """A loaded model on the service's device, in eval mode. (Its dtype was chosen at
+    `from_pretrained`, which keeps a class's `_keep_in_fp32_modules` in float32: a cast after
+    loading would not.)"""
+    return module.to(settings.device).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +399,7 @@ def build_reference_pipeline(settings: Settings, family: Family = "sd3", control
         pipe = StableDiffusion3Pipeline.from_pretrained(models_root(settings), dtype=model_dtype(settings))
     else:
         pipe = _compose_reference(settings, family, controlnet)
-    pipe = pipe.to(settings.device, model_dtype(settings))
+    pipe = pipe.to(settings.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -406,11 +408,12 @@ def _compose_reference(settings: Settings, family: Family, controlnet: bool) -> 
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+    dt = {"dtype": model_dtype(settings)}
     shared = shared_dir(settings)
     fam = family_dir(family, settings)
     models = FAMILY_MODELS[family]
     common: dict[str, Any] = {
-        "transformer": _transformer_class(family).from_pretrained(fam / "transformer"),
+        "transformer": _transformer_class(family).from_pretrained(fam / "transformer", **dt),
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(fam / "scheduler"),
         "vae": load_vae(models["vae"], settings).vae,
         "tokenizer": CLIPTokenizer.from_pretrained(shared / "tokenizer"),
@@ -419,14 +422,14 @@ def _compose_reference(settings: Settings, family: Family, controlnet: bool) -> 
         from diffusers import FluxControlNetModel, SD3ControlNetModel
 
         cn_cls = FluxControlNetModel if family == "flux" else SD3ControlNetModel
-        common["controlnet"] = cn_cls.from_pretrained(controlnet_dir(models["controlnet"], settings))
+        common["controlnet"] = cn_cls.from_pretrained(controlnet_dir(models["controlnet"], settings), **dt)
     if family == "flux":
         from diffusers import FluxControlNetPipeline, FluxPipeline
 
         flux_cls = FluxControlNetPipeline if controlnet else FluxPipeline
         return flux_cls(
-            text_encoder=CLIPTextModel.from_pretrained(shared / "text_encoder"),
-            text_encoder_2=T5EncoderModel.from_pretrained(shared / "text_encoder_3"),
+            text_encoder=CLIPTextModel.from_pretrained(shared / "text_encoder", **dt),
+            text_encoder_2=T5EncoderModel.from_pretrained(shared / "text_encoder_3", **dt),
             tokenizer_2=T5TokenizerFast.from_pretrained(shared / "tokenizer_3"),
             **common,
         )
@@ -434,9 +437,9 @@ def _compose_reference(settings: Settings, family: Family, controlnet: bool) -> 
 
     sd3_cls = StableDiffusion3ControlNetPipeline if controlnet else StableDiffusion3Pipeline
     return sd3_cls(
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder_2"),
-        text_encoder_3=T5EncoderModel.from_pretrained(shared / "text_encoder_3"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder", **dt),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder_2", **dt),
+        text_encoder_3=T5EncoderModel.from_pretrained(shared / "text_encoder_3", **dt),
         tokenizer_2=CLIPTokenizer.from_pretrained(shared / "tokenizer_2"),
         tokenizer_3=T5TokenizerFast.from_pretrained(shared / "tokenizer_3"),
         **common,

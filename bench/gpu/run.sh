@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU measurements, one command, on a lent GPU machine (the `device` tool), repo root:
+#
+#   here:   bash bench/gpu/bundle.sh                       # once: packs what that machine lacks
+#   there:  run(command="bash bench/gpu/run.sh", carry=[".gpu"])
+#
+# Steps (default: all, in this order; name some to run only those, e.g. `run.sh plane`):
+#   sd3       full-size SD3-Medium (random weights, bf16), 1024x1024, 28 steps: the mesh over
+#             the REST API against diffusers' in-process StableDiffusion3Pipeline, interleaved,
+#             with UCX between the services (GPU tensors device to device)
+#   sd3-host  the same mesh with UCX off: GPU tensors hop through host shared memory
+#   plane     bench/tensor_plane.py --device cuda: ucx-cuda and shm-cuda against a device copy
+# Output: $OUT (the device tool's) or bench/results/gpu: one text log per step, the JSON results,
+# the mesh logs as one archive. RUNS (default 5) sets the timed runs per system; DEVICE, SIZE,
+# STEPS and SD3_ARGS (e.g. "--max-layers 1") exist to smoke-test this script on a CPU.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-bench/results/gpu}"
+RUNS="${RUNS:-5}" DEVICE="${DEVICE:-cuda}" SIZE="${SIZE:-1024}" STEPS="${STEPS:-28}"
+mkdir -p "$OUT"
+BUNDLE="${BUNDLE:-.gpu/site.tar.xz}"  # BUNDLE=none: use this Python's own packages
+if [ -f "$BUNDLE" ]; then
+  tar -xJf "$BUNDLE" -C /tmp || exit 1
+  export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY="${PYTHON:-python3}"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(sd3 sd3-host plane)
+
+nvidia-smi -L || echo "run.sh: no nvidia-smi; these measurements need a GPU"
+$PY - <<'PY' || exit 1
+import torch, diffusers, transformers, nats
+try:
+    import ucxx; u = ucxx.__version__
+except ImportError as exc:
+    u = f"missing ({exc})"
+print(f"torch {torch.__version__} (cuda {torch.version.cuda}, GPU {torch.cuda.is_available()}), "
+      f"diffusers {diffusers.__version__}, transformers {transformers.__version__}, ucxx {u}")
+PY
+
+sd3() {  # $1: result folder name, rest: extra environment
+  local name="$1"; shift
+  local t0=$SECONDS
+  # shellcheck disable=SC2086
+  env "$@" $PY bench/overhead.py --full-size --device "$DEVICE" --sizes "$SIZE" --steps "$STEPS" --runs "$RUNS" \
+    --warmup 2 ${SD3_ARGS:-} --out "$OUT/$name" 2>&1 | tee "$OUT/$name.txt"
+  local rc=$?
+  tar -czf "$OUT/$name-mesh-logs.tgz" -C "$OUT/$name" mesh-logs 2>/dev/null && rm -rf "$OUT/$name/mesh-logs"
+  echo "run.sh: $name took $((SECONDS - t0)) s (exit $rc)"
+  return $rc
+}
+status=0
+for step in "${steps[@]}"; do
+  case "$step" in
+    sd3) sd3 sd3 LEGO_UCX_ENABLED=auto || status=1 ;;
+    sd3-host) sd3 sd3-host LEGO_UCX_ENABLED=off || status=1 ;;
+    plane)
+      t0=$SECONDS
+      $PY bench/tensor_plane.py --device "$DEVICE" --out "$OUT/plane" 2>&1 | tee "$OUT/plane.txt" || status=1
+      echo "run.sh: plane took $((SECONDS - t0)) s" ;;
+    *) echo "run.sh: unknown step $step (sd3, sd3-host, plane)"; exit 2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,50 @@
+"""The full-size architectures: the published parameter counts, and the random-weight SD3
+directory that the GPU benchmark (`bench/overhead.py --full-size`) serves through the mesh.
+
+Why test here: the GPU run happens only in sessions lent a GPU; its first step (writing the
+directory) and the loaders' reading it must already work on this CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.settings import Settings
+from shared.zoo import load_denoiser, load_text_encoder, load_vae
+from shared.zoo.full_size import build_full_size, parameter_count, write_full_size_sd3
+
+
+@pytest.mark.parametrize(
+    "model_id,billions",
+    [("sd3-transformer", 2.03), ("t5", 4.76), ("clip-g", 0.69), ("clip-l", 0.12), ("flux-transformer", 11.90)],
+)
+def test_published_sizes(model_id: str, billions: float) -> None:
+    assert parameter_count(build_full_size(model_id)) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_random_weight_sd3_directory_loads_at_full_width(settings: Settings, tmp_path: Path) -> None:
+    directory = write_full_size_sd3(tmp_path / "sd3", device="cpu", dtype="bfloat16", max_layers=1)
+    assert (directory / "model_index.json").is_file()
+    full = dataclasses.replace(settings, models_dir=str(directory), dtype="bfloat16")
+    t5 = load_text_encoder("t5", full)
+    assert t5.model.config.d_model == 4096 and t5.model.config.num_layers == 1
+    assert t5.model.dtype == torch.bfloat16
+    assert load_text_encoder("clip-g", full).model.config.hidden_size == 1280
+    transformer = load_denoiser("sd3-transformer", full).transformer
+    assert transformer.config.caption_projection_dim == 1536 and transformer.config.num_layers == 1
+    assert load_vae("sd3-vae", full).vae.config.block_out_channels == [128, 256, 512, 512]
+    # The tiny tokenizers' special ids are the text encoders' (CLIP pools at its eos token).
+    clip_l = load_text_encoder("clip-l", full)
+    assert clip_l.model.config.eos_token_id == clip_l.tokenizer.eos_token_id
+    # Written once: a second call reuses the directory.
+    mtime = (directory / "transformer").stat().st_mtime
+    assert write_full_size_sd3(tmp_path / "sd3", device="cpu", dtype="bfloat16", max_layers=1) == directory
+    assert (directory / "transformer").stat().st_mtime == mtime

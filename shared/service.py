@@ -187,9 +187,17 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
 
     tasks = []
     for runner in runners:
+        # A runner that batches (the denoiser's engine) takes several steps at once: each waits
+        # on a thread of its own while the runner's engine thread computes them together.
+        concurrency = getattr(runner, "concurrency", 1)
+        waiters = compute
+        if concurrency > 1:
+            waiters = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{runner.model_id}-steps")
         for kind in runner.kinds:
-            handler = ModelStepHandler(runner, plane, bus, compute, replica_id, remote, cache, cancelled)
-            worker = StepWorker(bus, kind, runner.model_id, handler, replica_id, cancelled=cancelled)
+            handler = ModelStepHandler(runner, plane, bus, waiters, replica_id, remote, cache, cancelled)
+            worker = StepWorker(
+                bus, kind, runner.model_id, handler, replica_id, cancelled=cancelled, concurrency=concurrency
+            )
             info = ReplicaInfo(
                 replica_id=replica_id,
                 kind=kind,
@@ -224,6 +232,10 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
     await stop.wait()
     log.info("stopping: finishing the step in hand")
     await asyncio.gather(*tasks, return_exceptions=True)
+    for runner in runners:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
     await bus.close()
     await plane.close()
     metrics_server.stop()

@@ -46,6 +46,9 @@ class Settings:
     # (bf16 matmuls are slow there); or bfloat16 | float16 | float32.
     dtype: str = "auto"
     torch_threads: int = 0  # 0 -> torch default
+    # Requests per batched transformer call in a denoiser (step-level batching: requests join
+    # and leave between steps); 0: auto = 8 on a GPU, 1 on the CPU (no gain there: the cores are busy).
+    denoise_max_batch: int = 0
     lora_cache_mb: float = 1024.0  # LoRA adapters a denoiser keeps loaded; least recently used go first
     # Gateway
     gateway_id: str = field(default_factory=lambda: f"gw-{socket.gethostname()}-{os.getpid()}".replace(".", "-"))

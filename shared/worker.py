@@ -84,13 +84,16 @@ class StepWorker:
         replica_id: str,
         remember: int = 4096,
         cancelled: CancelledRuns | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.bus = bus
         self.kind = kind
         self.model_id = model_id
         self.handler = handler
         self.replica_id = replica_id
-        self.busy = False
+        # Steps in hand at once: 1, or a batching runner's max batch (it computes them together).
+        self.concurrency = max(1, concurrency)
+        self._running = 0
         self.steps_done = 0
         self.seconds_per_item = 0.0  # moving average of a step's compute time (the autoscaler reads it)
         self.cancelled = cancelled if cancelled is not None else CancelledRuns()
@@ -99,14 +102,33 @@ class StepWorker:
         self._metrics = StepMetrics(str(kind), model_id)
         self._span_name = f"{kind} {model_id}"
 
+    @property
+    def busy(self) -> bool:
+        return self._running > 0
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Fetch and handle steps until `stop` is set; the step in hand is finished first."""
+        """Fetch and handle steps until `stop` is set; the steps in hand are finished first.
+
+        Up to `concurrency` steps are in hand at once, each handled in its own task; a step is
+        fetched only when there is room for it, so the rest stay in the stream for other replicas.
+        """
         psub = await self.bus.pull_subscription(self.kind, self.model_id)
-        log.info("consuming kind=%s model=%s replica=%s", self.kind, self.model_id, self.replica_id)
+        log.info(
+            "consuming kind=%s model=%s replica=%s concurrency=%d",
+            self.kind,
+            self.model_id,
+            self.replica_id,
+            self.concurrency,
+        )
+        in_hand: set[asyncio.Task] = set()
         try:
             while not stop.is_set():
+                room = self.concurrency - len(in_hand)
+                if room <= 0:
+                    await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 try:
-                    msgs = await psub.fetch(1, timeout=FETCH_POLL_S)
+                    msgs = await psub.fetch(room, timeout=FETCH_POLL_S)
                 except TimeoutError:
                     continue
                 except Exception as exc:
@@ -115,9 +137,17 @@ class StepWorker:
                     log.warning("fetch failed (%s); retrying", exc)
                     await asyncio.sleep(0.5)
                     continue
+                if self.concurrency == 1:
+                    for msg in msgs:
+                        await self.process(msg)
+                    continue
                 for msg in msgs:
-                    await self.process(msg)
+                    task = asyncio.create_task(self.process(msg))
+                    in_hand.add(task)
+                    task.add_done_callback(in_hand.discard)
         finally:
+            if in_hand:
+                await asyncio.gather(*in_hand, return_exceptions=True)
             await self._hand_back(psub)
             try:
                 await psub.unsubscribe()
@@ -179,10 +209,11 @@ class StepWorker:
             await self._settle(msg, step, _error(step, self, "cancelled", "the request was cancelled"))
             return "cancelled"
 
-        self.busy = True
+        self._running += 1
         started = time.perf_counter()
         keepalive = asyncio.create_task(self._keep_alive(msg))
-        self._metrics.batch.observe(1)  # one step per model call today
+        if self.concurrency == 1:
+            self._metrics.batch.observe(1)  # one step per model call (a batching runner reports its own)
         try:
             result = await self.handler(step)
         except BadStepInput as exc:
@@ -204,7 +235,7 @@ class StepWorker:
             return "step_failed" if delivered >= self.bus.settings.max_deliver else "retry"
         finally:
             keepalive.cancel()
-            self.busy = False
+            self._running -= 1
         result.queue_wait_s = max(0.0, received - _published_at(msg, received))
         await self._settle(msg, step, result)
         self.steps_done += 1

@@ -2,7 +2,10 @@
 
 One loaded base serves every workflow of its family: the request's LoRAs are switched on for
 its loop and off after (adapters loaded once, kept in a bounded LRU cache), and ControlNet
-workflows get their residuals from the adapters service at every step.
+workflows get their residuals from the adapters service at every step. With a max batch > 1
+(`LEGO_DENOISE_MAX_BATCH`; 8 by default on a GPU) up to that many requests are in hand at
+once and share transformer calls step by step (`batching.py`); requests with different LoRA
+sets or sizes take turns, step by step.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ class DenoiserRunner:
     settings: Settings
     kinds: tuple[StepKind, ...] = (StepKind.DENOISE,)
     loras: Any = field(default=None)  # LoraCache, built at load
+    engine: Any = field(default=None)  # BatchEngine when batching (max batch > 1), else loops run alone
+    concurrency: int = 1  # steps in hand at once: the engine's max batch
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        from services.denoiser.model import DenoiseCancelled, denoise
+        from services.denoiser.model import DenoiseCancelled, denoise_loop, run_loop
 
         names = INPUTS_OF_FAMILY[self.bundle.family]
         missing = [name for name in names if name not in inputs]
@@ -44,22 +49,27 @@ class DenoiserRunner:
             raise BadStepInput(f"denoise params must be integers {list(INT_PARAMS)} and a number guidance_scale")
         if p["height"] % 16 or p["width"] % 16:
             raise BadStepInput("height and width must be multiples of 16")
+        loras = self._lora_set(p)
         control, remote_cn = self._control(step, inputs, ctx)
         try:
-            with self.loras.activate(self._lora_set(p), self._lora_path):
-                latents = denoise(
-                    self.bundle,
-                    inputs={name: inputs[name] for name in names},
-                    height=p["height"],
-                    width=p["width"],
-                    num_inference_steps=p["num_inference_steps"],
-                    guidance_scale=float(p["guidance_scale"]),
-                    seed=p["seed"],
-                    num_images=p["n"],
-                    control=control,
-                    on_step=ctx.progress,
-                    should_stop=ctx.should_stop,
-                )
+            loop = denoise_loop(
+                self.bundle,
+                {name: inputs[name] for name in names},
+                height=p["height"],
+                width=p["width"],
+                num_inference_steps=p["num_inference_steps"],
+                guidance_scale=float(p["guidance_scale"]),
+                seed=p["seed"],
+                n=p["n"],
+                control=control,
+                on_step=ctx.progress,
+                should_stop=ctx.should_stop,
+            )
+            if self.engine is not None:  # joins the running batch at its next step
+                latents = self.engine.submit(loop, loras).result()
+            else:
+                with self.loras.activate(loras, self._lora_path):
+                    latents = run_loop(self.bundle.transformer, loop)
         except DenoiseCancelled as exc:
             raise StepCancelled(str(exc)) from exc
         except ValueError as exc:  # shapes or sizes the model cannot take: no replica could
@@ -142,14 +152,40 @@ class DenoiserRunner:
     def status(self) -> dict[str, Any]:
         return {"param_bytes": param_bytes(self.bundle.transformer), "loras": sorted(self.loras.loaded())}
 
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def max_batch(settings: Settings) -> int:
+    """`settings.denoise_max_batch`, where 0 (auto) is 8 on a GPU and 1 (no batching) on the CPU:
+    a CPU's cores are already busy with one request's matrix products."""
+    if settings.denoise_max_batch > 0:
+        return settings.denoise_max_batch
+    return 8 if settings.device.startswith("cuda") else 1
+
 
 def load(model_id: str, settings: Settings) -> DenoiserRunner:
     from services.denoiser.lora import LoraCache
+    from shared import metrics
     from shared.zoo import load_denoiser
 
     bundle = load_denoiser(model_id, settings)
     loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
-    return DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras)
+    runner = DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras)
+    batch = max_batch(settings)
+    if batch > 1:
+        from services.denoiser.batching import BatchEngine
+
+        runner.engine = BatchEngine(
+            bundle.transformer,
+            batch,
+            activate_loras=lambda chosen: loras.activate_now(chosen, runner._lora_path),
+            on_batch=metrics.StepMetrics(str(StepKind.DENOISE), model_id).batch.observe,
+            name=f"batcher-{model_id}",
+        )
+        runner.concurrency = batch
+    return runner
 
 
 SPEC = ServiceSpec(

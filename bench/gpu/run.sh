@@ -10,13 +10,15 @@
 #             with UCX between the services (GPU tensors device to device)
 #   sd3-host  the same mesh with UCX off: GPU tensors hop through host shared memory
 #   plane     bench/tensor_plane.py --device cuda: ucx-cuda and shm-cuda against a device copy
-# Output: $OUT (the device tool's) or bench/results/gpu: one text log per step, the JSON results,
-# the mesh logs as one archive. RUNS (default 5) sets the timed runs per system; DEVICE, SIZE,
+#   batch     bench/batching.py on the full-size transformer: 16 requests at once, max batch 1-8
+# Output: $OUT (the device tool's) or bench/results/gpu: one text log per step (what each
+# script prints), and details.tgz (every step's JSON results and the mesh logs). RUNS (default 5) sets the timed runs per system; DEVICE, SIZE,
 # STEPS and SD3_ARGS (e.g. "--max-layers 1") exist to smoke-test this script on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench/results/gpu}"
 RUNS="${RUNS:-5}" DEVICE="${DEVICE:-cuda}" SIZE="${SIZE:-1024}" STEPS="${STEPS:-28}"
+DETAILS="$(mktemp -d)"
 mkdir -p "$OUT"
 BUNDLE="${BUNDLE:-.gpu/site.tar.xz}"  # BUNDLE=none: use this Python's own packages
 if [ -f "$BUNDLE" ]; then
@@ -26,7 +28,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY="${PYTHON:-python3}"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(sd3 sd3-host plane)
+[ ${#steps[@]} -eq 0 ] && steps=(sd3 sd3-host plane batch)
 
 nvidia-smi -L || echo "run.sh: no nvidia-smi; these measurements need a GPU"
 $PY - <<'PY' || exit 1
@@ -44,9 +46,8 @@ sd3() {  # $1: result folder name, rest: extra environment
   local t0=$SECONDS
   # shellcheck disable=SC2086
   env "$@" $PY bench/overhead.py --full-size --device "$DEVICE" --sizes "$SIZE" --steps "$STEPS" --runs "$RUNS" \
-    --warmup 2 ${SD3_ARGS:-} --out "$OUT/$name" 2>&1 | tee "$OUT/$name.txt"
+    --warmup 2 ${SD3_ARGS:-} --out "$DETAILS/$name" 2>&1 | tee "$OUT/$name.txt"
   local rc=$?
-  tar -czf "$OUT/$name-mesh-logs.tgz" -C "$OUT/$name" mesh-logs 2>/dev/null && rm -rf "$OUT/$name/mesh-logs"
   echo "run.sh: $name took $((SECONDS - t0)) s (exit $rc)"
   return $rc
 }
@@ -57,9 +58,16 @@ for step in "${steps[@]}"; do
     sd3-host) sd3 sd3-host LEGO_UCX_ENABLED=off || status=1 ;;
     plane)
       t0=$SECONDS
-      $PY bench/tensor_plane.py --device "$DEVICE" --out "$OUT/plane" 2>&1 | tee "$OUT/plane.txt" || status=1
+      $PY bench/tensor_plane.py --device "$DEVICE" --out "$DETAILS/plane" 2>&1 | tee "$OUT/plane.txt" || status=1
       echo "run.sh: plane took $((SECONDS - t0)) s" ;;
-    *) echo "run.sh: unknown step $step (sd3, sd3-host, plane)"; exit 2 ;;
+    batch)
+      t0=$SECONDS
+      # shellcheck disable=SC2086
+      $PY bench/batching.py --full-size --device "$DEVICE" --size "$SIZE" --steps "$STEPS" ${SD3_ARGS:-} \
+        --out "$DETAILS/batch" 2>&1 | tee "$OUT/batch.txt" || status=1
+      echo "run.sh: batch took $((SECONDS - t0)) s" ;;
+    *) echo "run.sh: unknown step $step (sd3, sd3-host, plane, batch)"; exit 2 ;;
   esac
 done
+tar -czf "$OUT/details.tgz" -C "$DETAILS" . && rm -rf "$DETAILS"
 exit $status

@@ -3,8 +3,8 @@
 Why: on a GPU one transformer call over several requests costs little more than a call over
 one, so a replica that runs each request's loop alone wastes most of its device while
 requests queue. Here every request's loop (`model.denoise_loop`, a generator) hands over its
-next `TransformerCall`; one engine thread per loaded base model picks the request that has
-waited longest, gathers the other waiting requests whose calls fit with it (same shapes bar
+next `TransformerCall`; one engine thread per loaded base model takes the oldest request,
+gathers the other waiting requests whose calls fit with it (same shapes bar
 the batch dimension, same position ids, same LoRA set: `compatible`), runs them as one call,
 and hands each request its slice of the output. A request that arrives joins at the next
 step; one that finishes (or is cancelled) leaves without holding up the rest.
@@ -42,7 +42,7 @@ class _Job:
     context: contextvars.Context
     future: Future[torch.Tensor] = field(default_factory=Future)
     call: TransformerCall | None = None
-    ready_since: float = 0.0  # when its current call became ready (the longest waiting leads)
+    arrived: float = field(default_factory=time.monotonic)  # the oldest request leads (first come, first served)
 
 
 def _fits(a: object, b: object) -> bool:
@@ -183,12 +183,15 @@ class BatchEngine:
         except Exception as exc:  # cancelled, bad input, a ControlNet step that failed: this job only
             job.future.set_exception(exc)
             return False
-        job.ready_since = time.monotonic()
         return True
 
     def _group(self, active: list[_Job]) -> list[_Job]:
-        """The longest-waiting request and, up to max_batch, the others whose calls fit with it."""
-        waiting = sorted(active, key=lambda j: j.ready_since)
+        """The oldest request and, up to max_batch, the next oldest whose calls fit with it.
+
+        First come, first served across groups that cannot share a call (other sizes or LoRA
+        sets wait for the oldest to finish rather than slowing every request by taking turns);
+        within a group, anyone who fits rides along."""
+        waiting = sorted(active, key=lambda j: j.arrived)
         leader = waiting[0]
         assert leader.call is not None
         group = [leader]

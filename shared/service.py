@@ -219,6 +219,7 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
                         "tensors_held": held["count"],
                         "tensor_bytes_held": held["bytes"],
                         "seconds_per_item": worker.seconds_per_item,
+                        "batch_size": worker.concurrency,
                         "rss_bytes": process_rss_bytes(),
                         **runner.status(),
                     }

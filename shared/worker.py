@@ -94,6 +94,8 @@ class StepWorker:
         # Steps in hand at once: 1, or a batching runner's max batch (it computes them together).
         self.concurrency = max(1, concurrency)
         self._running = 0
+        self._busy_since = 0.0  # with several steps in hand: when the current busy stretch began
+        self._last_done = 0.0
         self.steps_done = 0
         self.seconds_per_item = 0.0  # moving average of a step's compute time (the autoscaler reads it)
         self.cancelled = cancelled if cancelled is not None else CancelledRuns()
@@ -209,8 +211,10 @@ class StepWorker:
             await self._settle(msg, step, _error(step, self, "cancelled", "the request was cancelled"))
             return "cancelled"
 
-        self._running += 1
         started = time.perf_counter()
+        if self._running == 0:
+            self._busy_since = started
+        self._running += 1
         keepalive = asyncio.create_task(self._keep_alive(msg))
         if self.concurrency == 1:
             self._metrics.batch.observe(1)  # one step per model call (a batching runner reports its own)
@@ -239,8 +243,15 @@ class StepWorker:
         result.queue_wait_s = max(0.0, received - _published_at(msg, received))
         await self._settle(msg, step, result)
         self.steps_done += 1
-        # Compute time (the replica's compute thread busy on this step), else the whole handling.
-        self._measured(result.compute_s or (time.perf_counter() - started))
+        if self.concurrency == 1:
+            # Compute time (the replica's compute thread busy on this step), else the whole handling.
+            self._measured(result.compute_s or (time.perf_counter() - started))
+        else:
+            # Steps computed together: what one costs is the busy time between completions (a
+            # replica batching 4 at once serves each in a quarter of a loop's wall time).
+            now = time.perf_counter()
+            self._measured(now - max(self._busy_since, self._last_done))
+            self._last_done = now
         return "ok" if result.ok else "error"
 
     def _measured(self, seconds: float, weight: float = 0.3) -> None:

@@ -34,8 +34,9 @@ def _ok(step: StepRequest) -> StepResult:
 class Harness:
     """One bus, one worker on (encode, m1) with the given handler, and the results it publishes."""
 
-    def __init__(self, url: str, handler, **settings) -> None:
+    def __init__(self, url: str, handler, concurrency: int = 1, **settings) -> None:
         self.settings = Settings.from_env(nats_url=url, ack_wait_s=1.0, max_deliver=2, **settings)
+        self.concurrency = concurrency
         self.bus = Bus(self.settings, "test")
         self.handler = handler
         self.results: list[StepResult] = []
@@ -49,7 +50,8 @@ class Harness:
             self.results.append(result)
 
         await self.bus.subscribe_results("gw", collect)
-        worker = StepWorker(self.bus, StepKind.ENCODE, "m1", self.handler, "replica-1")
+        worker = StepWorker(self.bus, StepKind.ENCODE, "m1", self.handler, "replica-1", concurrency=self.concurrency)
+        self.worker = worker
         self.task = asyncio.create_task(worker.run(self.stop))
         return self
 
@@ -259,3 +261,27 @@ async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
         for plane in [*planes, gw_plane]:
             await plane.close()
         compute.shutdown()
+
+
+async def test_a_batching_worker_keeps_several_steps_in_hand_and_measures_per_step_cost(nats_server):
+    """concurrency=3 (a denoiser batching 3): three steps run at once, a fourth waits for room,
+    none is lost, and the per-step cost the autoscaler reads is about a third of a step's time."""
+    running, peak = 0, 0
+
+    async def handler(step):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.6)  # three of these side by side, as a batched loop would be
+        running -= 1
+        return _ok(step)
+
+    async with Harness(nats_server, handler, concurrency=3) as h:
+        for i in range(6):
+            await h.bus.publish_step(_step(node=f"n{i}"))
+        results = await h.wait_results(6)
+        assert sorted(r.node_id for r in results) == [f"n{i}" for i in range(6)]
+        assert all(r.ok for r in results)
+        assert peak == 3
+        assert 0.05 < h.worker.seconds_per_item < 0.45, h.worker.seconds_per_item
+        assert await h.backlog() == 0

@@ -46,6 +46,11 @@ def request_started(workflow: str) -> None:
     REQUESTS_IN_FLIGHT.labels(workflow).inc()
 
 
+def request_refused(workflow: str, status: str) -> None:
+    """Count a request refused before it ran (`status`: overloaded)."""
+    REQUESTS.labels(workflow, status).inc()
+
+
 def request_finished(workflow: str, status: str, seconds: float) -> None:
     """Count a request that ended (`status`: succeeded, failed, cancelled) and its wall time."""
     REQUESTS_IN_FLIGHT.labels(workflow).dec()

@@ -20,6 +20,7 @@ from services.gateway import status as status_api
 from services.gateway.admission import admit
 from services.gateway.errors import APIError, install_error_handlers
 from services.gateway.orchestrator import Orchestrator, RequestFailed, RequestState
+from services.gateway.overload import LoadView, refuse_if_overloaded
 from services.gateway.requests_api import answer, router
 from services.gateway.schemas import (
     AsyncAccepted,
@@ -45,7 +46,7 @@ from shared.zoo.registry import MODELS
 
 log = logging.getLogger("lego.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 502, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 429, 502, 504)}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -61,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
         orchestrator = Orchestrator(bus, plane, settings)
         await orchestrator.start()
         app.state.bus, app.state.orchestrator = bus, orchestrator
+        app.state.load_view = LoadView(bus)
         yield
         await bus.close()
         await plane.close()
@@ -81,6 +83,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     def get_orchestrator(request: Request) -> Orchestrator:
         return request.app.state.orchestrator
+
+    def get_load_view(request: Request) -> LoadView:
+        return request.app.state.load_view
 
     def get_bus(request: Request) -> Bus:
         return request.app.state.bus
@@ -182,6 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
         x_request_id: str | None = Header(None, description="optional id to follow the request's progress"),
         settings: Settings = Depends(get_settings),
         orchestrator: Orchestrator = Depends(get_orchestrator),
+        load_view: LoadView = Depends(get_load_view),
     ) -> ImageGenerationResponse | JSONResponse:
         """Generate images. With `wait: false` answer 202 at once; follow the request's
         `events_url` (server-sent events) or poll its `status_url` for the images."""
@@ -196,7 +202,12 @@ def create_app(settings: Settings) -> FastAPI:
         request_id = x_request_id or uuid.uuid4().hex
         admitted = await asyncio.to_thread(admit, body, workflow)
         try:
-            state = orchestrator.create(request_id, workflow, admitted.params)
+            await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s)
+        except APIError:
+            metrics.request_refused(workflow.name, "overloaded")
+            raise
+        try:
+            state = orchestrator.create(request_id, workflow, admitted.params, timeout_s=body.timeout_s)
         except RequestFailed as exc:
             raise APIError(409, exc.error.code, exc.error.message) from exc
         if body.wait:

@@ -113,15 +113,18 @@ class Orchestrator:
         """Run one request to its output tensor, or raise RequestFailed / TimeoutError."""
         return await self.execute(self.create(request_id, workflow, params), tensors)
 
-    def create(self, request_id: str, workflow: WorkflowSpec, params: dict[str, Any]) -> RequestState:
-        """Register a request (so it can be followed and cancelled) before it runs."""
+    def create(
+        self, request_id: str, workflow: WorkflowSpec, params: dict[str, Any], timeout_s: float | None = None
+    ) -> RequestState:
+        """Register a request (so it can be followed and cancelled) before it runs; its deadline
+        is `timeout_s` from now (default: the server's request timeout)."""
         if request_id in self.requests and self.requests[request_id].status == "running":
             raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {request_id} is running"))
         state = RequestState(
             request_id=request_id,
             workflow=workflow,
             params=params,
-            deadline=time.time() + self.settings.request_timeout_s,
+            deadline=time.time() + (timeout_s or self.settings.request_timeout_s),
         )
         self._remember(state)
         self.runs[state.run_id] = state
@@ -162,7 +165,7 @@ class Orchestrator:
                 state,
                 ErrorInfo(
                     code="deadline_exceeded",
-                    message=f"no result within {self.settings.request_timeout_s:.0f}s; the mesh may lack replicas",
+                    message=f"no result within {state.deadline - state.created:.0f}s; the mesh may lack replicas",
                     retryable=True,
                 ),
             )

@@ -73,6 +73,13 @@ class ImageGenerationRequest(BaseModel):
         None, max_length=MAX_LORAS, description="for *-lora workflows; default: the workflow's default LoRA"
     )
     wait: bool = Field(True, description="false: answer 202 at once with the request id (async mode)")
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="seconds this request may take (default: the server's, 300); a request whose models "
+        "already have more work queued than that is refused at once with 429 and Retry-After",
+    )
     # Accepted for OpenAI client compatibility; they do not change the result.
     user: str | None = None
     quality: str | None = None

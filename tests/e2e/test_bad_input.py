@@ -29,6 +29,8 @@ GOOD = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2}
         ({"prompt": 42}, 422, "invalid_request", "prompt"),
         ({"response_format": "url"}, 422, "invalid_request", "response_format"),
         ({"num_inference_step": 5}, 422, "invalid_request", "unknown field"),
+        ({"timeout_s": 0}, 422, "invalid_request", "timeout_s"),
+        ({"timeout_s": 99999}, 422, "invalid_request", "timeout_s"),
     ],
 )
 def test_bad_fields_are_refused_with_a_reason(mesh, change, status, code, words):

@@ -1,0 +1,96 @@
+"""Refusing what cannot finish in time: 429 + Retry-After when the backlog outlasts a deadline.
+
+Why: a request that will surely miss its deadline only takes a place in every queue it joins
+and makes the requests behind it late too; its client is better served by an immediate "come
+back in N seconds" than by a timeout. The estimate is deliberately low (so nothing that could
+make it is refused): for each model of the workflow, the steps queued or in hand on its
+consumer, times the step time its replicas measure, spread over its replicas; the request
+must wait at least the largest of these before its own step of that model can start. Models
+without a measured step time, or without live replicas, count as no wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+from services.gateway.errors import APIError
+from shared.bus import Bus
+from shared.presence import live_replicas
+from shared.workflows.spec import WorkflowSpec
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """One (kind, model) step consumer: what is queued, and how fast its replicas drain it."""
+
+    backlog: int
+    replicas: int
+    # Measured, averaged over its replicas (0: none yet). A batching replica measures the busy
+    # time between completions, so this is per step whatever its batch size.
+    seconds_per_item: float
+
+    def wait_s(self) -> float:
+        """Seconds until a new step could start here, at the least."""
+        if self.replicas == 0 or self.seconds_per_item <= 0 or self.backlog == 0:
+            return 0.0
+        return self.backlog * self.seconds_per_item / max(1, self.replicas)
+
+
+class LoadView:
+    """Every step consumer's load, read from JetStream and the presence bucket at most every
+    `max_age_s` (a burst of requests shares one read instead of each making two)."""
+
+    def __init__(self, bus: Bus, max_age_s: float = 1.0) -> None:
+        self.bus = bus
+        self.max_age_s = max_age_s
+        self._loads: dict[tuple[str, str], ModelLoad] = {}
+        self._read_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def loads(self) -> dict[tuple[str, str], ModelLoad]:
+        async with self._lock:
+            if time.monotonic() - self._read_at > self.max_age_s:
+                self._loads = await self._read()
+                self._read_at = time.monotonic()
+            return self._loads
+
+    async def _read(self) -> dict[tuple[str, str], ModelLoad]:
+        replicas = await live_replicas(self.bus)
+        loads = {}
+        for c in await self.bus.step_consumers():
+            mine = [r for r in replicas if str(r.kind) == c.kind and r.model_id == c.model_id]
+            measured = [r.seconds_per_item for r in mine if r.seconds_per_item > 0]
+            loads[(c.kind, c.model_id)] = ModelLoad(
+                backlog=c.backlog,
+                replicas=len(mine),
+                seconds_per_item=sum(measured) / len(measured) if measured else 0.0,
+            )
+        return loads
+
+
+def queue_wait_s(loads: dict[tuple[str, str], ModelLoad], workflow: WorkflowSpec) -> tuple[float, str]:
+    """The least a new request of `workflow` must wait, and the model it waits on ("" if none)."""
+    worst, where = 0.0, ""
+    for node in workflow.nodes:
+        load = loads.get((str(node.kind), node.model))
+        if load is not None and load.wait_s() > worst:
+            worst, where = load.wait_s(), node.model
+    return worst, where
+
+
+async def refuse_if_overloaded(view: LoadView, workflow: WorkflowSpec, deadline_s: float) -> None:
+    """Raise a 429 (with Retry-After) when the backlog alone outlasts the request's deadline."""
+    wait, model = queue_wait_s(await view.loads(), workflow)
+    if wait <= deadline_s:
+        return
+    retry_after = max(1, math.ceil(wait - deadline_s))
+    raise APIError(
+        429,
+        "overloaded",
+        f"{model} has about {wait:.0f}s of work queued ahead of this request, more than its {deadline_s:.0f}s "
+        f"deadline; retry in {retry_after}s, or allow more time with timeout_s",
+        headers={"Retry-After": str(retry_after)},
+    )

@@ -1,0 +1,51 @@
+"""The gateway's overload check: what the backlog ahead of a request costs, and the 429."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.gateway.errors import APIError
+from services.gateway.overload import ModelLoad, queue_wait_s, refuse_if_overloaded
+from shared.workflows.catalogue import catalogue
+
+
+class FixedView:
+    def __init__(self, loads: dict[tuple[str, str], ModelLoad]) -> None:
+        self._loads = loads
+
+    async def loads(self) -> dict[tuple[str, str], ModelLoad]:
+        return self._loads
+
+
+def test_the_slowest_model_of_the_workflow_sets_the_wait() -> None:
+    loads = {
+        ("denoise", "sd3-transformer"): ModelLoad(backlog=6, replicas=2, seconds_per_item=2.0),  # 6 s
+        ("encode", "t5"): ModelLoad(backlog=10, replicas=1, seconds_per_item=0.1),  # 1 s
+        ("denoise", "flux-transformer"): ModelLoad(backlog=100, replicas=1, seconds_per_item=5.0),  # not sd3's
+    }
+    assert queue_wait_s(loads, catalogue()["sd3"]) == (6.0, "sd3-transformer")
+    assert queue_wait_s(loads, catalogue()["flux"]) == (500.0, "flux-transformer")
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        ModelLoad(backlog=50, replicas=1, seconds_per_item=0.0),  # never measured: unknown, not refused
+        ModelLoad(backlog=50, replicas=0, seconds_per_item=3.0),  # no replica (yet): the autoscaler's call
+        ModelLoad(backlog=0, replicas=1, seconds_per_item=3.0),
+    ],
+)
+def test_unknown_or_empty_queues_count_as_no_wait(load: ModelLoad) -> None:
+    assert load.wait_s() == 0.0
+
+
+def test_a_request_that_cannot_make_its_deadline_gets_429_with_retry_after() -> None:
+    view = FixedView({("denoise", "sd3-transformer"): ModelLoad(backlog=6, replicas=2, seconds_per_item=2.0)})
+    with pytest.raises(APIError) as refused:
+        asyncio.run(refuse_if_overloaded(view, catalogue()["sd3"], deadline_s=2.5))  # type: ignore[arg-type]
+    assert refused.value.status == 429 and refused.value.code == "overloaded"
+    assert refused.value.headers == {"Retry-After": "4"}
+    assert "sd3-transformer" in refused.value.message and "timeout_s" in refused.value.message
+    asyncio.run(refuse_if_overloaded(view, catalogue()["sd3"], deadline_s=6.0))  # type: ignore[arg-type]

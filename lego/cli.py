@@ -336,6 +336,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print("lego generate: --lora takes NAME or NAME:SCALE, e.g. sd3-lora-a:0.8", file=sys.stderr)
             return 2
     body["wait"] = False
+    body["timeout_s"] = min(args.timeout, 3600)  # the gateway's deadline too: it refuses what cannot make it
     started = time.monotonic()
     tty = sys.stderr.isatty()
     try:
@@ -443,7 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a LoRA for *-lora workflows, repeatable (default: the workflow's default LoRA)",
     )
     gen.add_argument("--url", default=DEFAULT_URL, help="gateway URL (default: %(default)s)")
-    gen.add_argument("--timeout", type=float, default=600, help="seconds to wait (default: %(default)s)")
+    gen.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds the request may take, waited here and sent as its deadline; with more work queued "
+        "than that, the gateway refuses at once (HTTP 429) (default: %(default)s)",
+    )
     gen.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
     gen.set_defaults(func=cmd_generate)
 

@@ -49,6 +49,10 @@ class Settings:
     # Requests per batched transformer call in a denoiser (step-level batching: requests join
     # and leave between steps); 0: auto = 8 on a GPU, 1 on the CPU (no gain there: the cores are busy).
     denoise_max_batch: int = 0
+    # Steps an encoder (texts) or VAE (images) runs in one call when they queue up; 0: auto = 16
+    # texts / 4 images on a GPU, 1 on the CPU.
+    encode_max_batch: int = 0
+    vae_max_batch: int = 0
     lora_cache_mb: float = 1024.0  # LoRA adapters a denoiser keeps loaded; least recently used go first
     # Gateway
     gateway_id: str = field(default_factory=lambda: f"gw-{socket.gethostname()}-{os.getpid()}".replace(".", "-"))

@@ -157,23 +157,16 @@ class DenoiserRunner:
             self.engine.close()
 
 
-def max_batch(settings: Settings) -> int:
-    """`settings.denoise_max_batch`, where 0 (auto) is 8 on a GPU and 1 (no batching) on the CPU:
-    a CPU's cores are already busy with one request's matrix products."""
-    if settings.denoise_max_batch > 0:
-        return settings.denoise_max_batch
-    return 8 if settings.device.startswith("cuda") else 1
-
-
 def load(model_id: str, settings: Settings) -> DenoiserRunner:
     from services.denoiser.lora import LoraCache
     from shared import metrics
+    from shared.coalesce import max_batch
     from shared.zoo import load_denoiser
 
     bundle = load_denoiser(model_id, settings)
     loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
     runner = DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras)
-    batch = max_batch(settings)
+    batch = max_batch(settings.denoise_max_batch, settings.device, gpu_default=8)
     if batch > 1:
         from services.denoiser.batching import BatchEngine
 

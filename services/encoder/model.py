@@ -32,11 +32,16 @@ CLIP_OUTPUTS = ("embeds", "pooled", "pooler")
 
 
 def encode_clip(
-    bundle: TextEncoderBundle, texts: list[str], outputs: str | tuple[str, ...] | list[str] = ("embeds", "pooled")
+    bundle: TextEncoderBundle,
+    texts: list[str],
+    outputs: str | tuple[str, ...] | list[str] = ("embeds", "pooled"),
+    together: bool = False,
 ) -> dict[str, torch.Tensor]:
     """CLIP prompt embeddings, one row per text, for the names in `outputs`:
     "embeds" (n, 77, width) penultimate hidden state (SD3), "pooled" (n, projection_dim)
-    projected pooled output (SD3), "pooler" (n, width) unprojected pooled output (Flux)."""
+    projected pooled output (SD3), "pooler" (n, width) unprojected pooled output (Flux).
+    `together`: all texts in one call (batching several requests: equal up to float rounding)
+    instead of one call per text (the pipelines' way, bit for bit)."""
     if bundle.kind != "clip":
         raise ValueError(f"{bundle.model_id} is a {bundle.kind} encoder, not clip")
     wanted = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -48,9 +53,9 @@ def encode_clip(
         max_length = CLIP_MAX_LENGTH
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
     with torch.inference_mode():
-        for text in texts:
+        for chunk in [texts] if together else [[text] for text in texts]:
             ids = bundle.tokenizer(
-                [text], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+                chunk, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
             ).input_ids
             # = CLIPTextModelWithProjection.forward, keeping the pooler output it would drop
             out = bundle.model.text_model(ids.to(device), output_hidden_states=True)
@@ -63,16 +68,18 @@ def encode_clip(
     return {name: torch.cat(tensors, dim=0) for name, tensors in rows.items()}
 
 
-def encode_t5(bundle: TextEncoderBundle, texts: list[str], max_sequence_length: int = 256) -> dict[str, torch.Tensor]:
-    """T5 prompt embeddings: {"embeds": (n, max_sequence_length, d_model)}."""
+def encode_t5(
+    bundle: TextEncoderBundle, texts: list[str], max_sequence_length: int = 256, together: bool = False
+) -> dict[str, torch.Tensor]:
+    """T5 prompt embeddings: {"embeds": (n, max_sequence_length, d_model)}; `together` as for CLIP."""
     if bundle.kind != "t5":
         raise ValueError(f"{bundle.model_id} is a {bundle.kind} encoder, not t5")
     device = _device(bundle)
     embeds = []
     with torch.inference_mode():
-        for text in texts:
+        for chunk in [texts] if together else [[text] for text in texts]:
             ids = bundle.tokenizer(
-                [text],
+                chunk,
                 padding="max_length",
                 max_length=max_sequence_length,
                 truncation=True,
@@ -84,7 +91,9 @@ def encode_t5(bundle: TextEncoderBundle, texts: list[str], max_sequence_length: 
     return {"embeds": torch.cat(embeds, dim=0)}
 
 
-def encode(bundle: TextEncoderBundle, texts: list[str], **params: Any) -> dict[str, torch.Tensor]:
+def encode(
+    bundle: TextEncoderBundle, texts: list[str], together: bool = False, **params: Any
+) -> dict[str, torch.Tensor]:
     """Encode with whichever kind of model the bundle holds.
 
     params: for CLIP `outputs` (names among "embeds", "pooled", "pooler"; default
@@ -92,7 +101,8 @@ def encode(bundle: TextEncoderBundle, texts: list[str], **params: Any) -> dict[s
     for T5 `max_sequence_length` (SD3/SD3.5: 256, Flux: 512; default 256).
     """
     if bundle.kind == "clip":
-        return encode_clip(bundle, texts, outputs=params.get("outputs") or ("embeds", "pooled"))
+        return encode_clip(bundle, texts, outputs=params.get("outputs") or ("embeds", "pooled"), together=together)
     if bundle.kind == "t5":
-        return encode_t5(bundle, texts, max_sequence_length=int(params.get("max_sequence_length", 256)))
+        length = int(params.get("max_sequence_length", 256))
+        return encode_t5(bundle, texts, max_sequence_length=length, together=together)
     raise ValueError(f"unknown encoder kind {bundle.kind!r}")

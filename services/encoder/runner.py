@@ -1,7 +1,13 @@
-"""Encoder service: CLIP-L, CLIP-G and T5 text encoders, each its own model id and subject."""
+"""Encoder service: CLIP-L, CLIP-G and T5 text encoders, each its own model id and subject.
+
+Texts of steps that queue up for one model are encoded in one call when batching is on
+(`LEGO_ENCODE_MAX_BATCH`, 16 on a GPU, off on the CPU); a step alone is encoded text by text,
+as the pipelines do, so its embeddings are theirs bit for bit.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +22,36 @@ class EncoderRunner:
     model_id: str
     bundle: Any
     kinds: tuple[StepKind, ...] = (StepKind.ENCODE,)
+    # With a max batch > 1 (`LEGO_ENCODE_MAX_BATCH`; 16 on a GPU): steps that queue up are
+    # encoded in one call (`shared.coalesce`); `concurrency` steps are taken in hand at once.
+    coalescer: Any = None
+    concurrency: int = 1
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        texts, options = self._texts(step)
+        if self.coalescer is not None:
+            return self.coalescer.submit((texts, options)).result()
+        return self._encode_many([(texts, options)])[0]
+
+    def _encode_many(self, items: list[tuple[list[str], dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Encode several steps' texts (same options) in one call; one step alone as the pipeline would."""
+        import torch
+
         from services.encoder.model import encode
 
+        options = items[0][1]
+        texts = [text for item_texts, _ in items for text in item_texts]
+        try:
+            out = encode(self.bundle, texts, together=len(items) > 1, **options)
+        except ValueError as exc:
+            raise BadStepInput(str(exc)) from exc
+        if len(items) == 1:
+            return [out]
+        sizes = [len(item_texts) for item_texts, _ in items]
+        split = {name: torch.split(t, sizes) for name, t in out.items()}
+        return [{name: parts[i] for name, parts in split.items()} for i in range(len(items))]
+
+    def _texts(self, step: StepRequest) -> tuple[list[str], dict[str, Any]]:
         p = step.params
         prompt = p.get("prompt")
         negative = p.get("negative_prompt") or ""
@@ -29,10 +61,7 @@ class EncoderRunner:
         # Row 0 is the prompt, row 1 the negative prompt (the denoiser needs both for guidance);
         # guidance-distilled families (Flux) set `negative: false` and get the prompt row only.
         texts = [prompt, negative] if p.get("negative", True) else [prompt]
-        try:
-            return encode(self.bundle, texts, **options)
-        except ValueError as exc:
-            raise BadStepInput(str(exc)) from exc
+        return texts, options
 
     def warm_up(self) -> None:
         from services.encoder.model import encode
@@ -42,11 +71,32 @@ class EncoderRunner:
     def status(self) -> dict[str, Any]:
         return {"param_bytes": param_bytes(self.bundle.model)}
 
+    def close(self) -> None:
+        if self.coalescer is not None:
+            self.coalescer.close()
+
+
+def _options_key(item: tuple[list[str], dict[str, Any]]) -> str:
+    return json.dumps(item[1], sort_keys=True)
+
 
 def load(model_id: str, settings: Settings) -> EncoderRunner:
+    from shared import metrics
+    from shared.coalesce import Coalescer, max_batch
     from shared.zoo import load_text_encoder
 
-    return EncoderRunner(model_id=model_id, bundle=load_text_encoder(model_id, settings))
+    runner = EncoderRunner(model_id=model_id, bundle=load_text_encoder(model_id, settings))
+    batch = max_batch(settings.encode_max_batch, settings.device, gpu_default=16)
+    if batch > 1:
+        runner.coalescer = Coalescer(
+            runner._encode_many,
+            key=_options_key,  # steps wanting other outputs or lengths are encoded apart
+            max_batch=batch,
+            name=f"coalesce-{model_id}",
+            on_batch=metrics.StepMetrics(str(StepKind.ENCODE), model_id).batch.observe,
+        )
+        runner.concurrency = batch
+    return runner
 
 
 SPEC = ServiceSpec(

@@ -1,4 +1,9 @@
-"""VAE service: decodes latents into uint8 RGB images."""
+"""VAE service: decodes latents into uint8 RGB images, and encodes ControlNet control images.
+
+Decode steps that queue up with latents of one shape are decoded in one call when batching is
+on (`LEGO_VAE_MAX_BATCH`, 4 on a GPU, off on the CPU); a step alone is decoded as the pipeline
+decodes it.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +22,31 @@ class VaeRunner:
     model_id: str
     bundle: Any
     kinds: tuple[StepKind, ...] = (StepKind.VAE_DECODE, StepKind.VAE_ENCODE)
+    # With a max batch > 1 (`LEGO_VAE_MAX_BATCH`; 4 on a GPU): decode steps that queue up with
+    # latents of one shape are decoded in one call (`shared.coalesce`).
+    coalescer: Any = None
+    concurrency: int = 1
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         if step.kind == StepKind.VAE_ENCODE:
             return {"latents": self._encode_control(step, inputs)}
-        from services.vae.model import decode
-
         latents = inputs.get("latents")
         if latents is None or latents.ndim != 4:
             raise BadStepInput("vae_decode needs a 4-D 'latents' input (batch, channels, h, w)")
-        return {"images": decode(self.bundle, latents)}
+        if self.coalescer is not None:
+            return {"images": self.coalescer.submit(latents).result()}
+        return {"images": self._decode_many([latents])[0]}
+
+    def _decode_many(self, batch: list[Any]) -> list[Any]:
+        """Decode several steps' latents (same shape) in one call; one step's as the pipeline does."""
+        import torch
+
+        from services.vae.model import decode
+
+        if len(batch) == 1:
+            return [decode(self.bundle, batch[0])]
+        images = decode(self.bundle, torch.cat(batch))
+        return list(torch.split(images, [latents.shape[0] for latents in batch]))
 
     def _encode_control(self, step: StepRequest, inputs: dict[str, Any]) -> Any:
         """The control image of a ControlNet workflow, into latents as its pipeline prepares them."""
@@ -63,11 +83,32 @@ class VaeRunner:
     def status(self) -> dict[str, Any]:
         return {"param_bytes": param_bytes(self.bundle.vae)}
 
+    def close(self) -> None:
+        if self.coalescer is not None:
+            self.coalescer.close()
+
+
+def _latents_key(latents: Any) -> tuple:
+    return (tuple(latents.shape[1:]), str(latents.dtype), str(latents.device))
+
 
 def load(model_id: str, settings: Settings) -> VaeRunner:
+    from shared import metrics
+    from shared.coalesce import Coalescer, max_batch
     from shared.zoo import load_vae
 
-    return VaeRunner(model_id=model_id, bundle=load_vae(model_id, settings))
+    runner = VaeRunner(model_id=model_id, bundle=load_vae(model_id, settings))
+    batch = max_batch(settings.vae_max_batch, settings.device, gpu_default=4)
+    if batch > 1:
+        runner.coalescer = Coalescer(
+            runner._decode_many,
+            key=_latents_key,  # other sizes are decoded apart
+            max_batch=batch,
+            name=f"coalesce-{model_id}",
+            on_batch=metrics.StepMetrics(str(StepKind.VAE_DECODE), model_id).batch.observe,
+        )
+        runner.concurrency = batch
+    return runner
 
 
 SPEC = ServiceSpec(

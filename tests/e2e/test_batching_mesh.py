@@ -1,5 +1,6 @@
-"""Step-level batching through the mesh: with LEGO_DENOISE_MAX_BATCH=4, requests sent at once
-share the denoiser's transformer calls, and each still gets the pipeline's image.
+"""Batching through the mesh: with LEGO_DENOISE_MAX_BATCH=4 (and the encoders and VAE batching
+what queues up), requests sent at once share the denoiser's transformer calls, and each still
+gets the pipeline's image.
 
 (Batching is on by default only on a GPU; this mesh turns it on, on the CPU, to test it.)
 """
@@ -24,7 +25,12 @@ PROMPTS = ["a fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "a pa
 @pytest.fixture(scope="module")
 def batching_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     yield from running_mesh(
-        model_cache, tmp_path_factory.mktemp("batching-logs"), workflows=["sd3"], LEGO_DENOISE_MAX_BATCH="4"
+        model_cache,
+        tmp_path_factory.mktemp("batching-logs"),
+        workflows=["sd3"],
+        LEGO_DENOISE_MAX_BATCH="4",
+        LEGO_ENCODE_MAX_BATCH="4",
+        LEGO_VAE_MAX_BATCH="4",
     )
 
 

@@ -4,6 +4,9 @@
 #   here:   bash bench/gpu/bundle.sh                       # once: packs what that machine lacks
 #   there:  run(command="bash bench/gpu/run.sh", carry=[".gpu"])
 #
+# One device call may run 10 minutes: if all four steps do not fit, run them as two calls,
+# `run.sh sd3 sd3-host` and `run.sh plane batch` (each call unpacks the bundle again; a fresh
+# machine also rebuilds the full-size weights, about a minute).
 # Steps (default: all, in this order; name some to run only those, e.g. `run.sh plane`):
 #   sd3       full-size SD3-Medium (random weights, bf16), 1024x1024, 28 steps: the mesh over
 #             the REST API against diffusers' in-process StableDiffusion3Pipeline, interleaved,

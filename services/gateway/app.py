@@ -148,6 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
                             metrics_url=r.metrics_url,
                             tensors_held=r.tensors_held,
                             loras=r.loras,
+                            batch_size=r.batch_size,
                         )
                         for _, r in sorted(replicas.items())
                     ],

@@ -149,6 +149,7 @@ class ReplicaSummary(BaseModel):
     metrics_url: str = ""
     tensors_held: int = 0
     loras: list[str] = Field(default_factory=list, description="LoRA adapters this replica holds loaded")
+    batch_size: int = Field(1, description="steps it computes together at most (1: no batching)")
 
 
 class ModelInfo(BaseModel):

@@ -39,6 +39,7 @@ def _batch_sizes(mesh: Mesh) -> tuple[float, float]:
     models = httpx.get(f"{mesh.url}/v1/models", timeout=10).json()["models"]
     [sd3] = [m for m in models if m["model_id"] == "sd3-transformer"]
     [replica] = sd3["replicas"]
+    assert replica["batch_size"] == 4  # what /v1/models tells a user
     count = ones = 0.0
     for family in text_string_to_metric_families(httpx.get(replica["metrics_url"], timeout=10).text):
         for s in family.samples:

@@ -1,0 +1,94 @@
+"""The cluster simulator (services/autoscaler/simulator.py): queues, stages, cold starts, the
+memory budget, all driven by the autoscaler's own policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.autoscaler.policy import Limits, PolicyConfig, Slo
+from services.autoscaler.simulator import ModelProfile, Simulation, attainment
+
+GIB = 2**30
+
+
+def _fixed(units: list[str], n: int = 1) -> PolicyConfig:
+    return PolicyConfig(limits={u: Limits(n, n) for u in units})
+
+
+def test_one_replica_serves_first_come_first_served() -> None:
+    sim = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": ModelProfile(step_s=1.0, memory_bytes=GIB, load_s=5.0)},
+        units={"u": ["m"]},
+        policy=_fixed(["u"]),
+    )
+    outcomes = sim.run([(0.0, "w"), (0.0, "w"), (0.5, "w")], until=100)
+    assert [o.latency_s for o in outcomes] == [1.0, 2.0, 2.5]
+    assert sim.starts == 0
+
+
+def test_stages_run_in_order_and_their_models_in_parallel() -> None:
+    models = {
+        "a": ModelProfile(0.2, GIB, 1),
+        "b": ModelProfile(0.5, GIB, 1),
+        "c": ModelProfile(1.0, GIB, 1),
+    }
+    sim = Simulation(
+        workflows={"w": [["a", "b"], ["c"]]},
+        models=models,
+        units={"ua": ["a"], "ub": ["b"], "uc": ["c"]},
+        policy=_fixed(["ua", "ub", "uc"]),
+        hop_s=0.01,
+    )
+    [outcome] = sim.run([(0.0, "w")], until=10)
+    assert outcome.latency_s == pytest.approx(0.5 + 0.01 + 1.0 + 0.01)
+    assert sim.solo_latency("w") == pytest.approx(outcome.latency_s)
+
+
+def test_a_burst_makes_the_policy_start_replicas_that_serve_after_their_load_time() -> None:
+    policy = PolicyConfig(slo=Slo(factor=5.0), cooldown_s=5.0, limits={"u": Limits(1, 6)})
+    sim = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": ModelProfile(step_s=1.0, memory_bytes=GIB, load_s=3.0)},
+        units={"u": ["m"]},
+        policy=policy,
+    )
+    outcomes = sim.run([(0.0, "w")] * 24, until=200)
+    assert all(o.latency_s is not None for o in outcomes)
+    assert sim.starts >= 3
+    # One replica alone would take 24 s; the extra ones (serving from t=3 s) cut that well down.
+    assert max(o.latency_s for o in outcomes) < 12
+    assert sim.replicas_now() == {"u": 1}  # and go away once the burst is served (after the cooldown)
+
+
+def test_memory_budget_limits_what_can_be_resident() -> None:
+    """Two 60 GiB pipelines, 100 GiB of memory: they take turns (a cold start each time)."""
+    models = {"p1": ModelProfile(1.0, 60 * GIB, 10.0), "p2": ModelProfile(1.0, 60 * GIB, 10.0)}
+    policy = PolicyConfig(
+        memory_budget_bytes=100 * GIB, cooldown_s=2.0, limits={"u1": Limits(0, 2), "u2": Limits(0, 2)}
+    )
+    sim = Simulation(
+        workflows={"w1": [["p1"]], "w2": [["p2"]]},
+        models=models,
+        units={"u1": ["p1"], "u2": ["p2"]},
+        policy=policy,
+        start_replicas={"u1": 1},
+    )
+    outcomes = sim.run([(0.0, "w1"), (1.0, "w2"), (30.0, "w1")], until=200)
+    latencies = [o.latency_s for o in outcomes]
+    assert latencies[0] == 1.0  # resident
+    assert latencies[1] is not None and latencies[1] >= 10.0  # waited for p1 to go and p2 to load
+    assert latencies[2] is not None and latencies[2] >= 10.0  # p1 was evicted for p2: loaded again
+    assert sim.starts >= 2
+
+
+def test_attainment_counts_unfinished_requests_as_missed() -> None:
+    sim = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": ModelProfile(step_s=1.0, memory_bytes=GIB, load_s=1.0)},
+        units={"u": ["m"]},
+        policy=_fixed(["u"]),
+    )
+    outcomes = sim.run([(0.0, "w")] * 4, until=2.5)
+    assert [o.latency_s for o in outcomes] == [1.0, 2.0, None, None]
+    assert attainment(outcomes, {"w": 1.5}) == 0.25

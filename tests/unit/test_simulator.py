@@ -92,3 +92,28 @@ def test_attainment_counts_unfinished_requests_as_missed() -> None:
     outcomes = sim.run([(0.0, "w")] * 4, until=2.5)
     assert [o.latency_s for o in outcomes] == [1.0, 2.0, None, None]
     assert attainment(outcomes, {"w": 1.5}) == 0.25
+
+
+def test_replicas_on_one_gpu_share_its_compute_and_need_its_memory() -> None:
+    models = {"a": ModelProfile(4.0, 10 * GIB, 1.0), "b": ModelProfile(0.5, 10 * GIB, 1.0)}
+    sim = Simulation(
+        workflows={"wa": [["a"]], "wb": [["b"]]},
+        models=models,
+        units={"ua": ["a"], "ub": ["b"]},
+        policy=_fixed(["ua", "ub"]),
+        gpus=1,
+    )
+    outcomes = sim.run([(0.0, "wa"), (0.0, "wb")], until=10)
+    # Time slicing: the short step runs at half speed beside the long one (1 s, not 0.5 s and not
+    # 4.5 s behind it); the long one then has the GPU to itself again (4 + 0.5 s in all).
+    assert [o.latency_s for o in outcomes] == pytest.approx([4.5, 1.0])
+
+    big = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": ModelProfile(step_s=1.0, memory_bytes=50 * GIB, load_s=1.0)},
+        units={"u": ["m"]},
+        policy=PolicyConfig(limits={"u": Limits(1, 4)}),
+        gpus=2,
+    )
+    big.run([(0.0, "w")] * 20, until=100)
+    assert big.starts == 1 and big.unplaced >= 1  # a second GPU holds one more; a third copy fits nowhere

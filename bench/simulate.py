@@ -1,0 +1,238 @@
+"""Micro-served vs monolithic serving on a simulated GPU cluster, scaled by the real policy.
+
+The 2-core dev box cannot show what the design is for (bench/burst.py says why), so this
+replays the same kind of trace on a simulated cluster (services/autoscaler/simulator.py): G
+GPUs of 80 GiB, each computing one step at a time; replicas placed by memory; the autoscaler's
+own ScalePolicy deciding replicas every second for both systems (SLO 5x, utilisation 0.7,
+cooldown 30 s, 1 to 16 replicas a unit). Micro-served: a unit per model kind (encoder with
+CLIP-L, CLIP-G and T5; VAEs; one denoiser per base model, its LoRA workflows served by the
+same replicas), plus a fixed hop per stage. Monolithic: a unit per workflow, each replica the
+whole pipeline (its encoders one after the other, as in-process), no hops.
+
+Profiles (`--profile FILE` to use others, e.g. figures measured by bench/gpu/run.sh): memory is
+the full-size bf16 parameter bytes (bench/memory.py) plus 2 GiB a process; step times for
+1024x1024, 28 steps on an H100 are ASSUMED, not measured (no GPU was lent to measure them);
+load time = 5 s + bytes at 2 GB/s.
+
+Capacity: the highest Poisson rate at which >= 90% of requests meet the SLO (5x the
+monolithic pipeline's solo latency of their workflow, for both systems). Burst tolerance: the
+largest burst (k x a base rate for 30 s) after which >= 90% of the burst's and the next 60 s's
+requests meet it. The last two lines are the capacity and burst ratios micro/monolithic.
+
+    python bench/simulate.py [--gpus 4] [--rates 0.2 0.4 ...] [--bursts 2 4 8 16] [--profile FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.autoscaler.policy import Limits, PolicyConfig, Slo  # noqa: E402
+from services.autoscaler.simulator import ModelProfile, Simulation, attainment  # noqa: E402
+from shared.workflows.catalogue import catalogue  # noqa: E402
+
+GIB = 2**30
+ASSUMED_H100 = {
+    "source": "assumed H100 figures (not measured): 1024x1024, 28 steps, bf16; memory from full-size configs",
+    "step_s": {
+        "clip-l": 0.004,
+        "clip-g": 0.010,
+        "t5": 0.030,
+        "sd3-transformer": 1.6,
+        "sd35-large-transformer": 5.2,
+        "flux-transformer": 5.6,
+        "sd3-vae": 0.12,
+        "flux-vae": 0.12,
+    },
+    "memory_gib": {
+        "clip-l": 0.23,
+        "clip-g": 1.29,
+        "t5": 8.87,
+        "sd3-transformer": 3.78,
+        "sd35-large-transformer": 15.01,
+        "flux-transformer": 22.17,
+        "sd3-vae": 0.16,
+        "flux-vae": 0.16,
+    },
+    "process_gib": 2.0,
+    "load_gbps": 2.0,
+    "start_s": 5.0,
+    "hop_s": 0.01,
+}
+# The trace's workflows and popularity: skewed, as in bench/burst.py, plus each family's LoRA.
+MIX = {"sd3": 0.35, "sd3-lora": 0.15, "flux": 0.25, "flux-lora": 0.05, "sd35-large": 0.15, "sd35-large-lora": 0.05}
+UNITS = {
+    "encoder": ["clip-l", "clip-g", "t5"],
+    "vae": ["sd3-vae", "flux-vae"],
+    "sd3-transformer": ["sd3-transformer"],
+    "sd35-large-transformer": ["sd35-large-transformer"],
+    "flux-transformer": ["flux-transformer"],
+}
+
+
+def stages_of(workflow: str) -> list[list[str]]:
+    """The workflow's models by dependency level: encoders, then the denoiser, then the VAE."""
+    spec = catalogue()[workflow]
+    level: dict[str, int] = {}
+    for node in spec.nodes:  # specs list nodes after their inputs
+        deps = [ref.split(".")[0] for ref in node.inputs.values() if not ref.startswith("request.")]
+        level[node.id] = 1 + max((level[d] for d in deps), default=-1)
+    out: list[list[str]] = [[] for _ in range(max(level.values()) + 1)]
+    for node in spec.nodes:
+        out[level[node.id]].append(node.model)
+    return out
+
+
+def _profile(models: list[str], p: dict, step_s: float | None = None) -> ModelProfile:
+    memory = (sum(p["memory_gib"][m] for m in models) + p["process_gib"]) * GIB
+    step = step_s if step_s is not None else max(p["step_s"][m] for m in models)
+    return ModelProfile(step_s=step, memory_bytes=int(memory), load_s=p["start_s"] + memory / (p["load_gbps"] * 1e9))
+
+
+def micro(p: dict, policy: PolicyConfig, gpus: int) -> Simulation:
+    # The simulator adds up the memory of a unit's models for one replica, and loads a replica
+    # in its slowest model's load time: the process overhead goes on the unit's first model,
+    # and every model gets its whole unit's load time.
+    models = {}
+    for unit_models in UNITS.values():
+        load_s = _profile(unit_models, p).load_s
+        for i, m in enumerate(unit_models):
+            memory = (p["memory_gib"][m] + (p["process_gib"] if i == 0 else 0.0)) * GIB
+            models[m] = ModelProfile(step_s=p["step_s"][m], memory_bytes=int(memory), load_s=load_s)
+    return Simulation(
+        workflows={w: stages_of(w) for w in MIX},
+        models=models,
+        units=UNITS,
+        policy=policy,
+        hop_s=p["hop_s"],
+        gpus=gpus,
+    )
+
+
+def monolithic_solo_s(workflow: str, p: dict) -> float:
+    """In-process: every model one after the other."""
+    return sum(p["step_s"][m] for stage in stages_of(workflow) for m in stage)
+
+
+def monolithic(p: dict, policy: PolicyConfig, gpus: int) -> Simulation:
+    models, units, workflows = {}, {}, {}
+    for w in MIX:
+        used = sorted({m for stage in stages_of(w) for m in stage})
+        models[w] = _profile(used, p, step_s=monolithic_solo_s(w, p))
+        units[w] = [w]
+        workflows[w] = [[w]]
+    return Simulation(workflows=workflows, models=models, units=units, policy=policy, gpus=gpus)
+
+
+def poisson(rate: float, start: float, end: float, rng: random.Random) -> list[tuple[float, str]]:
+    names, weights = list(MIX), list(MIX.values())
+    out, t = [], start
+    while True:
+        t += rng.expovariate(rate)
+        if t >= end:
+            return out
+        out.append((t, rng.choices(names, weights)[0]))
+
+
+def run_both(
+    p: dict, gpus: int, arrivals: list[tuple[float, str]], until: float, window: tuple[float, float], warm_all: bool
+):
+    def policy(min_of: dict[str, int]) -> PolicyConfig:
+        return PolicyConfig(
+            slo=Slo(factor=5.0),
+            cooldown_s=30.0,
+            memory_budget_bytes=gpus * 80 * GIB,
+            default_limits=Limits(1, 16),
+            limits={unit: Limits(n, max(n, 16)) for unit, n in min_of.items()},
+        )
+
+    # Each system keeps warm what its memory allows: the mesh a replica of every base model on
+    # every GPU (all three together take 47 GiB of a GPU's 80), the monolith one replica of
+    # every workflow (one of each takes 166 GiB: a second of each would not fit in 4 x 80).
+    mins = {"micro": {u: gpus for u in UNITS if u.endswith("-transformer")} if warm_all else {}, "monolithic": {}}
+    slo = {w: 5.0 * monolithic_solo_s(w, p) for w in MIX}
+    out = {}
+    for name, build in (("micro", micro), ("monolithic", monolithic)):
+        sim = build(p, policy(mins[name]), gpus)
+        outcomes = [o for o in sim.run(arrivals, until) if window[0] <= o.arrived < window[1]]
+        out[name] = {"attainment": attainment(outcomes, slo), "requests": len(outcomes), "starts": sim.starts}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=4)
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(2, 15)], help="req/s phases"
+    )
+    parser.add_argument("--burst-base", type=float, default=0.2, help="req/s before and after a burst")
+    parser.add_argument("--bursts", type=float, nargs="+", default=[2, 3, 4, 6, 8, 12, 16, 24, 32])
+    parser.add_argument("--phase-s", type=float, default=900.0, help="seconds of each Poisson phase")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--no-warm",
+        dest="warm",
+        action="store_false",
+        help="the mesh keeps only one replica of each unit warm (default: every base model on every GPU)",
+    )
+    parser.add_argument("--profile", help="JSON with the keys of the built-in assumed H100 profile")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    p = json.loads(Path(args.profile).read_text()) if args.profile else ASSUMED_H100
+    print(f"{args.gpus} GPUs of 80 GiB; profile: {p['source']}")
+    print("solo latency (monolithic, s): " + ", ".join(f"{w} {monolithic_solo_s(w, p):.2f}" for w in MIX))
+
+    rows = []
+    print(f"\n{'phase':>14} {'micro':>7} {'mono':>7}   cold starts micro/mono")
+    for rate in args.rates:
+        rng = random.Random(args.seed)
+        warm = 120.0
+        arrivals = poisson(rate, 0.0, warm + args.phase_s, rng)
+        res = run_both(p, args.gpus, arrivals, warm + args.phase_s + 600, (warm, warm + args.phase_s), args.warm)
+        rows.append({"phase": f"{rate:g} req/s", "rate": rate, **res})
+        print(
+            f"{rate:>9g} req/s {res['micro']['attainment']:>7.0%} {res['monolithic']['attainment']:>7.0%}"
+            f"   {res['micro']['starts']}/{res['monolithic']['starts']}"
+        )
+    for k in args.bursts:
+        rng = random.Random(args.seed)
+        base, burst_at, burst_s = args.burst_base, 300.0, 30.0
+        arrivals = poisson(base, 0.0, burst_at, rng)
+        arrivals += poisson(base * k, burst_at, burst_at + burst_s, rng)
+        arrivals += poisson(base, burst_at + burst_s, burst_at + burst_s + 300, rng)
+        res = run_both(p, args.gpus, arrivals, burst_at + 1800, (burst_at, burst_at + burst_s + 60), args.warm)
+        rows.append({"phase": f"burst {k:g}x", "burst": k, **res})
+        print(
+            f"{f'burst {k:g}x':>14} {res['micro']['attainment']:>7.0%} {res['monolithic']['attainment']:>7.0%}"
+            f"   {res['micro']['starts']}/{res['monolithic']['starts']}"
+        )
+
+    def best(system: str, key: str) -> float:
+        ok = [r[key] for r in rows if key in r and r[system]["attainment"] >= 0.9]
+        return max(ok, default=0.0)
+
+    cap = {s: best(s, "rate") for s in ("micro", "monolithic")}
+    bur = {s: best(s, "burst") for s in ("micro", "monolithic")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulate.json").write_text(
+        json.dumps({"gpus": args.gpus, "profile": p, "rows": rows, "capacity": cap, "burst": bur}, indent=2)
+    )
+    print(f"\nhighest rate at >= 90%: micro {cap['micro']:g} req/s, monolithic {cap['monolithic']:g} req/s")
+    print(f"largest burst at >= 90%: micro {bur['micro']:g}x, monolithic {bur['monolithic']:g}x")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}" if b > 0 else ("> " + f"{a / min(args.rates):.2f}" if a else "n/a")
+
+    print(f"capacity ratio micro/monolithic: {ratio(cap['micro'], cap['monolithic'])}")
+    print(f"burst ratio micro/monolithic: {ratio(bur['micro'], bur['monolithic'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,8 @@ CLIP-L, CLIP-G and T5; VAEs; one denoiser per base model, its LoRA workflows ser
 same replicas), plus a fixed hop per stage. Monolithic: a unit per workflow, each replica the
 whole pipeline (its encoders one after the other, as in-process), no hops.
 
-Profiles (`--profile FILE` to use others, e.g. figures measured by bench/gpu/run.sh): memory is
+Profiles (`--profile FILE` overrides any of the figures below, per model: e.g. step times that
+bench/gpu/run.sh measured for SD3's stages, {"step_s": {"sd3-transformer": 1.4}}): memory is
 the full-size bf16 parameter bytes (bench/memory.py) plus 2 GiB a process; step times for
 1024x1024, 28 steps on an H100 are ASSUMED, not measured (no GPU was lent to measure them);
 load time = 5 s + bytes at 2 GB/s.
@@ -74,6 +75,16 @@ UNITS = {
     "sd35-large-transformer": ["sd35-large-transformer"],
     "flux-transformer": ["flux-transformer"],
 }
+
+
+def with_overrides(base: dict, given: dict) -> dict:
+    """`given` over `base`, per model inside "step_s" and "memory_gib": a profile measured for a
+    few models (e.g. SD3's stages by bench/gpu/run.sh) keeps the assumed figures of the rest."""
+    out = {**base, **{k: v for k, v in given.items() if k not in ("step_s", "memory_gib")}}
+    for key in ("step_s", "memory_gib"):
+        out[key] = {**base[key], **given.get(key, {})}
+    out["source"] = given.get("source", "measured figures over " + base["source"])
+    return out
 
 
 def stages_of(workflow: str) -> list[list[str]]:
@@ -184,7 +195,7 @@ def main() -> None:
     parser.add_argument("--profile", help="JSON with the keys of the built-in assumed H100 profile")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
-    p = json.loads(Path(args.profile).read_text()) if args.profile else ASSUMED_H100
+    p = with_overrides(ASSUMED_H100, json.loads(Path(args.profile).read_text())) if args.profile else ASSUMED_H100
     print(f"{args.gpus} GPUs of 80 GiB; profile: {p['source']}")
     print("solo latency (monolithic, s): " + ", ".join(f"{w} {monolithic_solo_s(w, p):.2f}" for w in MIX))
 

@@ -117,3 +117,27 @@ def test_replicas_on_one_gpu_share_its_compute_and_need_its_memory() -> None:
     )
     big.run([(0.0, "w")] * 20, until=100)
     assert big.starts == 1 and big.unplaced >= 1  # a second GPU holds one more; a third copy fits nowhere
+
+
+def test_the_cluster_benchmark_runs_both_systems_on_the_catalogue(tmp_path) -> None:
+    """bench/simulate.py end to end on a short trace: both systems serve every request type."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "bench/simulate.py", "--rates", "0.3", "--bursts", "2", "--phase-s", "300", "--out", tmp_path],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "capacity ratio micro/monolithic" in out and "burst ratio micro/monolithic" in out
+    rows = json.loads((tmp_path / "simulate.json").read_text())["rows"]
+    assert [r["phase"] for r in rows] == ["0.3 req/s", "burst 2x"]
+    for row in rows:
+        for system in ("micro", "monolithic"):
+            assert row[system]["requests"] > 0 and 0.9 <= row[system]["attainment"] <= 1.0  # light load: served

@@ -50,20 +50,11 @@ sys.path.insert(0, str(ROOT))
 
 from lego.launcher import Mesh, MeshConfig, free_port  # noqa: E402
 from shared.logs import quiet_libraries, setup_logging  # noqa: E402
+from shared.zoo.full_size import PARAM_GIB  # noqa: E402
 
 GIB = 2**30
 # Full-size bf16 parameter bytes of each model (bench/memory.py, bench/RESULTS.md "Memory").
-FULL_SIZE_GIB = {
-    "clip-l": 0.23,
-    "clip-g": 1.29,
-    "t5": 8.87,
-    "sd3-transformer": 3.78,
-    "sd35-large-transformer": 15.01,
-    "flux-transformer": 22.17,
-    "sd3-vae": 0.16,
-    "flux-vae": 0.16,
-    "lora": 0.02,
-}
+FULL_SIZE_GIB = {**PARAM_GIB, "lora": 0.02}
 # Popularity (skewed) of the workflows in the trace.
 POPULARITY = {"sd3": 0.45, "flux": 0.25, "sd35-large": 0.15, "sd3-lora": 0.15}
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from services.autoscaler.policy import Limits, PolicyConfig, Slo  # noqa: E402
 from services.autoscaler.simulator import ModelProfile, Simulation, attainment  # noqa: E402
 from shared.workflows.catalogue import catalogue  # noqa: E402
+from shared.zoo.full_size import PARAM_GIB  # noqa: E402
 
 GIB = 2**30
 ASSUMED_H100 = {
@@ -51,16 +52,7 @@ ASSUMED_H100 = {
         "sd3-vae": 0.12,
         "flux-vae": 0.12,
     },
-    "memory_gib": {
-        "clip-l": 0.23,
-        "clip-g": 1.29,
-        "t5": 8.87,
-        "sd3-transformer": 3.78,
-        "sd35-large-transformer": 15.01,
-        "flux-transformer": 22.17,
-        "sd3-vae": 0.16,
-        "flux-vae": 0.16,
-    },
+    "memory_gib": dict(PARAM_GIB),
     "process_gib": 2.0,
     "load_gbps": 2.0,
     "start_s": 5.0,

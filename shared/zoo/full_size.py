@@ -12,6 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# GiB of bf16 parameters of each base model's full-size config, as `build_full_size` counts them
+# (tests/unit/test_full_size.py checks it): for scripts that need the figures without torch.
+PARAM_GIB = {
+    "clip-l": 0.23,
+    "clip-g": 1.29,
+    "t5": 8.87,
+    "sd3-transformer": 3.78,
+    "sd35-large-transformer": 15.01,
+    "flux-transformer": 22.17,
+    "sd3-vae": 0.16,
+    "flux-vae": 0.16,
+}
 LORA_RANK = 16  # a typical rank for style LoRAs of these bases
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 BYTES_PER_PARAM = 2  # bf16, as these models are served

@@ -19,7 +19,13 @@ import torch
 
 from shared.settings import Settings
 from shared.zoo import load_denoiser, load_text_encoder, load_vae
-from shared.zoo.full_size import build_full_size, parameter_count, write_full_size_sd3
+from shared.zoo.full_size import (
+    BYTES_PER_PARAM,
+    PARAM_GIB,
+    build_full_size,
+    parameter_count,
+    write_full_size_sd3,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,6 +34,12 @@ from shared.zoo.full_size import build_full_size, parameter_count, write_full_si
 )
 def test_published_sizes(model_id: str, billions: float) -> None:
     assert parameter_count(build_full_size(model_id)) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+@pytest.mark.parametrize("model_id", sorted(PARAM_GIB))
+def test_the_memory_table_the_benchmarks_use_is_the_configs(model_id: str) -> None:
+    gib = parameter_count(build_full_size(model_id)) * BYTES_PER_PARAM / 2**30
+    assert PARAM_GIB[model_id] == pytest.approx(gib, abs=0.006)
 
 
 def test_random_weight_sd3_directory_loads_at_full_width(settings: Settings, tmp_path: Path) -> None:

@@ -230,11 +230,14 @@ def main() -> None:
     print(f"\nhighest rate at >= 90%: micro {cap['micro']:g} req/s, monolithic {cap['monolithic']:g} req/s")
     print(f"largest burst at >= 90%: micro {bur['micro']:g}x, monolithic {bur['monolithic']:g}x")
 
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}" if b > 0 else ("> " + f"{a / min(args.rates):.2f}" if a else "n/a")
+    def ratio(a: float, b: float, tried: list[float]) -> str:
+        """a / b; when the monolith met none of the values tried, a lower bound against the smallest."""
+        if b > 0:
+            return f"{a / b:.2f}"
+        return f"> {a / min(tried):.2f}" if a else "n/a"
 
-    print(f"capacity ratio micro/monolithic: {ratio(cap['micro'], cap['monolithic'])}")
-    print(f"burst ratio micro/monolithic: {ratio(bur['micro'], bur['monolithic'])}")
+    print(f"capacity ratio micro/monolithic: {ratio(cap['micro'], cap['monolithic'], args.rates)}")
+    print(f"burst ratio micro/monolithic: {ratio(bur['micro'], bur['monolithic'], args.bursts)}")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,10 @@ def main() -> None:
         action="store_false",
         help="the mesh keeps only one replica of each unit warm (default: every base model on every GPU)",
     )
-    parser.add_argument("--profile", help="JSON with the keys of the built-in assumed H100 profile")
+    parser.add_argument(
+        "--profile",
+        help='JSON overriding the assumed H100 figures per model, e.g. {"step_s": {"sd3-transformer": 1.4}}',
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     p = with_overrides(ASSUMED_H100, json.loads(Path(args.profile).read_text())) if args.profile else ASSUMED_H100

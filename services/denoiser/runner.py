@@ -186,5 +186,6 @@ SPEC = ServiceSpec(
     default_models=["sd3-transformer"],
     load=load,
     description="Denoiser service: runs the whole denoising loop of a request on a shared base model, "
-    "applying the request's LoRAs and calling its ControlNet at every step.",
+    "applying the request's LoRAs and calling its ControlNet at every step; with LEGO_DENOISE_MAX_BATCH > 1 "
+    "(default on a GPU: 8) requests share each transformer call, joining and leaving between steps.",
 )

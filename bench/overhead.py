@@ -114,27 +114,40 @@ def breakdown(total_s: float, record: dict) -> dict[str, float]:
 
 
 def gpu_memory_report(mesh_pids: set[int]) -> dict[str, float]:
-    """GiB of GPU memory held by the mesh's processes and by this one (the in-process pipeline),
-    from nvidia-smi; empty without a GPU (or where nvidia-smi cannot see processes)."""
+    """GiB of GPU memory held by the mesh's processes and by this one (the in-process pipeline);
+    empty without a GPU. Per process from nvidia-smi; where it cannot see the processes (a
+    container's own PID namespace), the mesh's share is the device's used memory less what this
+    process's CUDA caching allocator holds."""
     import subprocess
 
-    try:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+
+    def smi(query: str) -> list[list[int]]:
         out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=30,
             check=True,
         ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    held = {"mesh_gib": 0.0, "in_process_gib": 0.0}
-    for line in out.strip().splitlines():
-        pid, mib = (int(x) for x in line.split(","))
-        if pid in mesh_pids:
-            held["mesh_gib"] += mib / 1024
-        elif pid == os.getpid():
-            held["in_process_gib"] += mib / 1024
+        return [[int(x) for x in line.split(",")] for line in out.strip().splitlines() if line.strip()]
+
+    mine = torch.cuda.memory_reserved() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    held = {"mesh_gib": 0.0, "in_process_gib": mine, "in_process_peak_allocated_gib": peak}
+    try:
+        apps = smi("compute-apps=pid,used_memory")
+        seen = [mib for pid, mib in apps if pid in mesh_pids]
+        if seen:
+            held["mesh_gib"] = sum(seen) / 1024
+        else:
+            used = smi("gpu=memory.used")[0][0] / 1024
+            held["mesh_gib"] = max(0.0, used - mine)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        pass
     return held
 
 
@@ -244,8 +257,8 @@ def main() -> None:
         )
     if memory:
         print(
-            f"GPU memory: mesh processes {memory['mesh_gib']:.1f} GiB, "
-            f"in-process pipeline {memory['in_process_gib']:.1f} GiB"
+            f"GPU memory: mesh processes {memory['mesh_gib']:.1f} GiB, in-process pipeline "
+            f"{memory['in_process_gib']:.1f} GiB reserved ({memory['in_process_peak_allocated_gib']:.1f} GiB peak)"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

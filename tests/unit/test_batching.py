@@ -193,3 +193,40 @@ def test_a_failing_loop_fails_only_its_request(sd3) -> None:
         assert torch.allclose(good.result(timeout=120), _alone(sd3, 1), atol=ATOL)
     finally:
         engine.close()
+
+
+def test_controlnet_waits_of_batched_requests_overlap(settings: Settings, sd3) -> None:
+    """Each ControlNet request's loop waits on the adapters service for its residuals; in a batch
+    those waits run side by side instead of one after the other."""
+    cn = load_controlnet("sd3-controlnet", settings)
+    vae = load_vae("sd3-vae", settings)
+    pixels = torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    waiting, peak, lock = 0, 0, threading.Lock()
+
+    def slow_remote(c, v, p):
+        nonlocal waiting, peak
+        with lock:
+            waiting += 1
+            peak = max(peak, waiting)
+        threading.Event().wait(0.05)  # a round trip to the adapters service
+        try:
+            return controlnet_residuals(cn, c, v, p)
+        finally:
+            with lock:
+                waiting -= 1
+
+    def control(seed: int) -> ControlSpec:
+        latents = encode_control_image(vae, pixels, family="sd3", height=64, width=64, seed=seed, guidance_scale=4.0)
+        return ControlSpec(control_latents=latents, conditioning_scale=1.0, residuals=slow_remote)
+
+    engine = _engine(sd3)
+    try:
+        futures = [engine.submit(_loop(sd3, seed, control=control(seed))) for seed in (1, 2, 3)]
+        got = [f.result(timeout=120) for f in futures]
+    finally:
+        engine.close()
+    assert engine.batch_sizes[3] >= 1, engine.batch_sizes
+    assert peak == 3
+    for seed, g in zip((1, 2, 3), got, strict=True):
+        want = _alone(sd3, seed, control=ControlSpec(control(seed).control_latents, 1.0, slow_remote))
+        assert torch.allclose(g, want, atol=ATOL)

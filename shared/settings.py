@@ -53,6 +53,7 @@ class Settings:
     # texts / 4 images on a GPU, 1 on the CPU.
     encode_max_batch: int = 0
     vae_max_batch: int = 0
+    controlnet_max_batch: int = 0  # ControlNet steps an adapters replica runs in one call; 0: 8 on a GPU, else 1
     lora_cache_mb: float = 1024.0  # LoRA adapters a denoiser keeps loaded; least recently used go first
     # Gateway
     gateway_id: str = field(default_factory=lambda: f"gw-{socket.gethostname()}-{os.getpid()}".replace(".", "-"))

@@ -18,25 +18,63 @@ from shared.settings import Settings
 from shared.worker import BadStepInput
 from shared.zoo.registry import models_of_service
 
+# Flux's position ids have no batch dimension: requests of one size share them.
+_UNBATCHED = frozenset({"txt_ids", "img_ids"})
+
+Call = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]  # constant, varying, params
+
+
+def _call_key(call: Call) -> tuple:
+    """Calls that can run as one: same scale, and inputs alike bar the batch dimension."""
+    constant, varying, params = call
+    shapes = tuple(
+        (name, tuple(t.shape) if name in _UNBATCHED else tuple(t.shape[1:]), str(t.dtype))
+        for group in (constant, varying)
+        for name, t in sorted(group.items())
+    )
+    return (float(params.get("conditioning_scale", 1.0)), shapes)
+
 
 @dataclass
 class ControlNetRunner:
     model_id: str
     bundle: Any
     kinds: tuple[StepKind, ...] = (StepKind.CONTROLNET,)
+    # With a max batch > 1 (`LEGO_CONTROLNET_MAX_BATCH`; 8 on a GPU): the steps that queue up
+    # (the denoising steps of several requests, or of a batching denoiser) run as one call.
+    coalescer: Any = None
+    concurrency: int = 1
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        from services.adapters.model import controlnet_residuals
-
         constant = {k.removeprefix(CONSTANT): v for k, v in inputs.items() if k.startswith(CONSTANT)}
         varying = {k.removeprefix(VARYING): v for k, v in inputs.items() if k.startswith(VARYING)}
         if not varying:
             raise BadStepInput("a controlnet step needs 'v.*' (per-step) inputs: latents and timestep")
         params = {k: v for k, v in step.params.items() if k != "cache_inputs"}
+        if self.coalescer is not None:
+            return self.coalescer.submit((constant, varying, params)).result()
+        return self._residuals_many([(constant, varying, params)])[0]
+
+    def _residuals_many(self, calls: list[Call]) -> list[dict[str, Any]]:
+        """Several steps' residuals from one ControlNet call (rows stacked); one step as the pipeline."""
+        import torch
+
+        from services.adapters.model import controlnet_residuals
+
         try:
-            return controlnet_residuals(self.bundle, constant, varying, params)
+            if len(calls) == 1:
+                return [controlnet_residuals(self.bundle, *calls[0])]
+            rows = [varying["hidden_states"].shape[0] for _, varying, _ in calls]
+            constant = {
+                name: t if name in _UNBATCHED else torch.cat([c[name] for c, _, _ in calls])
+                for name, t in calls[0][0].items()
+            }
+            varying = {name: torch.cat([v[name] for _, v, _ in calls]) for name in calls[0][1]}
+            out = controlnet_residuals(self.bundle, constant, varying, calls[0][2])
         except (KeyError, ValueError) as exc:  # names or shapes no replica could run
             raise BadStepInput(f"{type(exc).__name__}: {exc}") from exc
+        parts = {name: torch.split(t, rows) for name, t in out.items()}
+        return [{name: p[i] for name, p in parts.items()} for i in range(len(calls))]
 
     def warm_up(self) -> None:
         """ControlNet inputs depend on the calling denoiser's shapes; the first call warms it."""
@@ -44,11 +82,28 @@ class ControlNetRunner:
     def status(self) -> dict[str, Any]:
         return {"param_bytes": param_bytes(self.bundle.controlnet)}
 
+    def close(self) -> None:
+        if self.coalescer is not None:
+            self.coalescer.close()
+
 
 def load(model_id: str, settings: Settings) -> ControlNetRunner:
+    from shared import metrics
+    from shared.coalesce import Coalescer, max_batch
     from shared.zoo import load_controlnet
 
-    return ControlNetRunner(model_id=model_id, bundle=load_controlnet(model_id, settings))
+    runner = ControlNetRunner(model_id=model_id, bundle=load_controlnet(model_id, settings))
+    batch = max_batch(settings.controlnet_max_batch, settings.device, gpu_default=8)
+    if batch > 1:
+        runner.coalescer = Coalescer(
+            runner._residuals_many,
+            key=_call_key,
+            max_batch=batch,
+            name=f"coalesce-{model_id}",
+            on_batch=metrics.StepMetrics(str(StepKind.CONTROLNET), model_id).batch.observe,
+        )
+        runner.concurrency = batch
+    return runner
 
 
 SPEC = ServiceSpec(

@@ -1,6 +1,6 @@
-"""Batching through the mesh: with LEGO_DENOISE_MAX_BATCH=4 (and the encoders and VAE batching
-what queues up), requests sent at once share the denoiser's transformer calls, and each still
-gets the pipeline's image.
+"""Batching through the mesh: with LEGO_DENOISE_MAX_BATCH=4 (and the encoders, VAE and ControlNet
+batching what queues up), requests sent at once share the denoiser's transformer calls (and
+ControlNet requests the adapters' ControlNet calls), and each still gets the pipeline's image.
 
 (Batching is on by default only on a GPU; this mesh turns it on, on the CPU, to test it.)
 """
@@ -27,23 +27,24 @@ def batching_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -
     yield from running_mesh(
         model_cache,
         tmp_path_factory.mktemp("batching-logs"),
-        workflows=["sd3"],
+        workflows=["sd3", "sd3-controlnet"],
         LEGO_DENOISE_MAX_BATCH="4",
+        LEGO_CONTROLNET_MAX_BATCH="4",
         LEGO_ENCODE_MAX_BATCH="4",
         LEGO_VAE_MAX_BATCH="4",
     )
 
 
-def _batch_sizes(mesh: Mesh) -> tuple[float, float]:
-    """(denoise calls, calls of one request) from the denoiser's /metrics histogram."""
+def _batch_sizes(mesh: Mesh, kind: str = "denoise", model: str = "sd3-transformer") -> tuple[float, float]:
+    """(calls, calls of one step) from the /metrics batch-size histogram of the model's replica."""
     models = httpx.get(f"{mesh.url}/v1/models", timeout=10).json()["models"]
-    [sd3] = [m for m in models if m["model_id"] == "sd3-transformer"]
-    [replica] = sd3["replicas"]
+    [info] = [m for m in models if m["model_id"] == model]
+    [replica] = info["replicas"]
     assert replica["batch_size"] == 4  # what /v1/models tells a user
     count = ones = 0.0
     for family in text_string_to_metric_families(httpx.get(replica["metrics_url"], timeout=10).text):
         for s in family.samples:
-            if s.labels.get("kind") != "denoise" or s.labels.get("model") != "sd3-transformer":
+            if s.labels.get("kind") != kind or s.labels.get("model") != model:
                 continue
             if s.name == "lego_batch_size_count":
                 count = s.value
@@ -79,3 +80,44 @@ def test_requests_at_once_share_calls_and_each_gets_its_image(batching_mesh: Mes
     calls, alone = _batch_sizes(batching_mesh)
     # 4 x 30 steps in fewer calls than that: some calls carried several requests.
     assert alone < calls < len(bodies) * steps, (calls, alone)
+
+
+def test_controlnet_requests_at_once_share_the_adapters_calls(batching_mesh: Mesh, settings) -> None:
+    from shared.zoo import build_reference_pipeline
+    from tests.e2e.test_catalogue_oracle import _b64png, control_image
+
+    steps, size = 20, 256
+    control = control_image(size, size)
+    bodies = [
+        {
+            "workflow": "sd3-controlnet",
+            "prompt": p,
+            "size": f"{size}x{size}",
+            "num_inference_steps": steps,
+            "guidance_scale": 5.0,
+            "seed": 50 + i,
+            "controlnet": {"image": _b64png(control), "conditioning_scale": 0.8},
+        }
+        for i, p in enumerate(PROMPTS[:3])
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(
+            pool.map(lambda b: httpx.post(f"{batching_mesh.url}/v1/images/generations", json=b, timeout=300), bodies)
+        )
+    pipe = build_reference_pipeline(settings, family="sd3", controlnet=True)
+    for body, r in zip(bodies, answers, strict=True):
+        assert r.status_code == 200, r.text
+        want = reference_images(
+            pipe,
+            prompt=body["prompt"],
+            width=size,
+            height=size,
+            steps=steps,
+            guidance=5.0,
+            seed=body["seed"],
+            control_image=control,
+            conditioning_scale=0.8,
+        )[0]
+        assert_images_match(png_to_array(r.json()["data"][0]["b64_json"]), want)
+    calls, alone = _batch_sizes(batching_mesh, "controlnet", "sd3-controlnet")
+    assert alone < calls < len(bodies) * steps, (calls, alone)  # some ControlNet calls served several requests

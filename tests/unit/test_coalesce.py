@@ -98,3 +98,47 @@ def test_vae_decodes_queued_latents_of_one_shape_together(settings: Settings) ->
         assert got.shape == alone.shape == (latents.shape[0], 64, 64, 3)
         assert (got.int() - alone.int()).abs().max() <= 1  # uint8 pixels: at most a rounding apart
     assert not torch.equal(together[0][0], together[2][0])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_adapters_run_queued_controlnet_steps_as_one_call(settings: Settings, family: str) -> None:
+    """Three requests' ControlNet steps (as their denoisers send them) in one call: each gets
+    its own residuals, up to float rounding."""
+    from services.adapters.runner import ControlNetRunner, _call_key
+    from services.denoiser.model import ControlSpec, denoise, warm_up_inputs
+    from services.vae.model import encode_control_image
+    from shared.zoo import load_controlnet, load_denoiser, load_vae
+
+    model = f"{family}-controlnet"
+    runner = ControlNetRunner(model_id=model, bundle=load_controlnet(model, settings))
+    denoiser = load_denoiser(f"{family}-transformer", settings)
+    vae = load_vae("flux-vae" if family == "flux" else "sd3-vae", settings)
+    calls = []
+
+    def capture(constant, varying, params):  # what the denoiser would send the adapters
+        calls.append((constant, {k: v.clone() for k, v in varying.items()}, dict(params)))
+        return runner._residuals_many([calls[-1]])[0]
+
+    for seed in (1, 2, 3):
+        gen = torch.Generator().manual_seed(seed)
+        inputs = {k: torch.randn(v.shape, generator=gen) for k, v in warm_up_inputs(denoiser).items()}
+        pixels = torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8, generator=gen)
+        latents = encode_control_image(vae, pixels, family=family, height=64, width=64, seed=seed, guidance_scale=4.0)
+        control = ControlSpec(control_latents=latents, conditioning_scale=0.7, residuals=capture)
+        denoise(
+            denoiser,
+            inputs=inputs,
+            height=64,
+            width=64,
+            num_inference_steps=1,
+            guidance_scale=4.0,
+            seed=seed,
+            control=control,
+        )
+    assert len({_call_key(c) for c in calls}) == 1  # alike: they may run together
+    together = runner._residuals_many(calls)
+    for call, got in zip(calls, together, strict=True):
+        [alone] = runner._residuals_many([call])
+        assert got.keys() == alone.keys() and got
+        for name in alone:
+            assert torch.allclose(got[name], alone[name], atol=1e-5), (name, (got[name] - alone[name]).abs().max())

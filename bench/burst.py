@@ -48,6 +48,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.plots import attainment_plot  # noqa: E402
 from lego.launcher import Mesh, MeshConfig, free_port  # noqa: E402
 from shared.logs import quiet_libraries, setup_logging  # noqa: E402
 from shared.zoo.full_size import PARAM_GIB  # noqa: E402
@@ -300,35 +301,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def plot(table: dict, rates: list[float], path: Path) -> None:
-    """Attainment versus rate, one line per system (PIL: no plotting library needed)."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 640, 400, 60
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    top = max(rates)
-    d.rectangle([m, 20, w - 20, h - m], outline="black")
-
-    def xy(rate: float, att: float) -> tuple[float, float]:
-        return m + (w - 20 - m) * rate / top, h - m - (h - m - 20) * att
-
-    for att in (0.0, 0.5, 0.9, 1.0):
-        y = xy(0, att)[1]
-        d.line([m, y, w - 20, y], fill=(210, 210, 210))
-        d.text((8, y - 6), f"{att:.0%}", fill="black")
-    for r in rates:
-        x = xy(r, 0)[0]
-        d.text((x - 8, h - m + 6), f"{r:g}", fill="black")
-    d.text((w // 2 - 60, h - 25), "request rate (req/s)", fill="black")
-    d.text((m, 4), "SLO attainment vs rate (bench/burst.py)", fill="black")
-    colours = {"micro": (31, 119, 180), "monolithic": (214, 39, 40)}
-    for i, (system, phases) in enumerate(table.items()):
-        pts = [xy(r, phases[f"rate={r:g}"]["attainment"]) for r in rates]
-        d.line(pts, fill=colours.get(system, "black"), width=3)
-        for x, y in pts:
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colours.get(system, "black"))
-        d.text((w - 160, 30 + 16 * i), system, fill=colours.get(system, "black"))
-    img.save(path)
+    """Attainment versus rate, one line per system."""
+    series = {system: [(r, phases[f"rate={r:g}"]["attainment"]) for r in rates] for system, phases in table.items()}
+    attainment_plot(series, "SLO attainment vs rate (bench/burst.py)", "request rate (req/s)", path)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ Capacity: the highest Poisson rate at which >= 90% of requests meet the SLO (5x 
 monolithic pipeline's solo latency of their workflow, for both systems). Burst tolerance: the
 largest burst (k x a base rate for 30 s) after which >= 90% of the burst's and the next 60 s's
 requests meet it. The last two lines are the capacity and burst ratios micro/monolithic.
+Writes simulate.json and two plots (simulate-rates.png, simulate-bursts.png) to --out.
 
     python bench/simulate.py [--gpus 4] [--rates 0.2 0.4 ...] [--bursts 2 4 8 16] [--profile FILE]
 """
@@ -34,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.plots import attainment_plot  # noqa: E402
 from services.autoscaler.policy import Limits, PolicyConfig, Slo  # noqa: E402
 from services.autoscaler.simulator import ModelProfile, Simulation, attainment  # noqa: E402
 from shared.workflows.catalogue import catalogue  # noqa: E402
@@ -230,6 +232,10 @@ def main() -> None:
     (out / "simulate.json").write_text(
         json.dumps({"gpus": args.gpus, "profile": p, "rows": rows, "capacity": cap, "burst": bur}, indent=2)
     )
+    for key, name, label in (("rate", "rates", "request rate (req/s)"), ("burst", "bursts", "burst (x the base rate)")):
+        series = {s: [(r[key], r[s]["attainment"]) for r in rows if key in r] for s in ("micro", "monolithic")}
+        title = f"simulated {args.gpus} x 80 GiB GPUs: SLO attainment vs {label.split(' (')[0]} (bench/simulate.py)"
+        attainment_plot(series, title, label, out / f"simulate-{name}.png")
     print(f"\nhighest rate at >= 90%: micro {cap['micro']:g} req/s, monolithic {cap['monolithic']:g} req/s")
     print(f"largest burst at >= 90%: micro {bur['micro']:g}x, monolithic {bur['monolithic']:g}x")
 

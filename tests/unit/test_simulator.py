@@ -136,6 +136,7 @@ def test_the_cluster_benchmark_runs_both_systems_on_the_catalogue(tmp_path) -> N
         check=True,
     ).stdout
     assert "capacity ratio micro/monolithic" in out and "burst ratio micro/monolithic" in out
+    assert (tmp_path / "simulate-rates.png").stat().st_size > 0 and (tmp_path / "simulate-bursts.png").is_file()
     rows = json.loads((tmp_path / "simulate.json").read_text())["rows"]
     assert [r["phase"] for r in rows] == ["0.3 req/s", "burst 2x"]
     for row in rows:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from services.gateway.errors import APIError
 from shared.bus import Bus
+from shared.messages import ReplicaInfo
 from shared.presence import live_replicas
 from shared.workflows.spec import WorkflowSpec
 
@@ -61,14 +62,16 @@ class LoadView:
         replicas = await live_replicas(self.bus)
         loads = {}
         for c in await self.bus.step_consumers():
-            mine = [r for r in replicas if str(r.kind) == c.kind and r.model_id == c.model_id]
-            measured = [r.seconds_per_item for r in mine if r.seconds_per_item > 0]
-            loads[(c.kind, c.model_id)] = ModelLoad(
-                backlog=c.backlog,
-                replicas=len(mine),
-                seconds_per_item=sum(measured) / len(measured) if measured else 0.0,
-            )
+            count, step_s = serving(replicas, c.kind, c.model_id)
+            loads[(c.kind, c.model_id)] = ModelLoad(backlog=c.backlog, replicas=count, seconds_per_item=step_s)
         return loads
+
+
+def serving(replicas: list[ReplicaInfo], kind: str, model_id: str) -> tuple[int, float]:
+    """The live replicas consuming (kind, model) and their measured step time, averaged (0: none yet)."""
+    mine = [r for r in replicas if str(r.kind) == kind and r.model_id == model_id]
+    measured = [r.seconds_per_item for r in mine if r.seconds_per_item > 0]
+    return len(mine), (sum(measured) / len(measured) if measured else 0.0)
 
 
 def queue_wait_s(loads: dict[tuple[str, str], ModelLoad], workflow: WorkflowSpec) -> tuple[float, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from services.gateway.overload import serving
 from shared.bus import Bus
 from shared.messages import AutoscalerStatus
 from shared.presence import autoscaler_status, live_replicas
@@ -43,8 +44,7 @@ async def mesh_status(request: Request) -> MeshStatus:
     replicas = await live_replicas(bus)
     consumers = []
     for c in sorted(await bus.step_consumers(), key=lambda c: (c.model_id, c.kind)):
-        mine = [r for r in replicas if str(r.kind) == c.kind and r.model_id == c.model_id]
-        measured = [r.seconds_per_item for r in mine if r.seconds_per_item > 0]
+        count, step_s = serving(replicas, c.kind, c.model_id)
         consumers.append(
             ConsumerStatus(
                 kind=c.kind,
@@ -52,8 +52,8 @@ async def mesh_status(request: Request) -> MeshStatus:
                 pending=c.pending,
                 ack_pending=c.ack_pending,
                 backlog=c.backlog,
-                replicas=len(mine),
-                seconds_per_item=round(sum(measured) / len(measured), 4) if measured else 0.0,
+                replicas=count,
+                seconds_per_item=round(step_s, 4),
             )
         )
     return MeshStatus(consumers=consumers, autoscaler=await autoscaler_status(bus))

@@ -35,6 +35,12 @@ def batching_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -
     )
 
 
+def _post_at_once(mesh: Mesh, bodies: list[dict]) -> list[httpx.Response]:
+    """All requests sent at the same moment, so their steps meet in the services' queues."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: httpx.post(f"{mesh.url}/v1/images/generations", json=b, timeout=300), bodies))
+
+
 def _batch_sizes(mesh: Mesh, kind: str = "denoise", model: str = "sd3-transformer") -> tuple[float, float]:
     """(calls, calls of one step) from the /metrics batch-size histogram of the model's replica."""
     models = httpx.get(f"{mesh.url}/v1/models", timeout=10).json()["models"]
@@ -61,10 +67,7 @@ def test_requests_at_once_share_calls_and_each_gets_its_image(batching_mesh: Mes
         {"prompt": p, "size": f"{size}x{size}", "num_inference_steps": steps, "guidance_scale": 5.0, "seed": 30 + i}
         for i, p in enumerate(PROMPTS)
     ]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(
-            pool.map(lambda b: httpx.post(f"{batching_mesh.url}/v1/images/generations", json=b, timeout=300), bodies)
-        )
+    answers = _post_at_once(batching_mesh, bodies)
     for body, r in zip(bodies, answers, strict=True):
         assert r.status_code == 200, r.text
         want = reference_images(
@@ -100,10 +103,7 @@ def test_controlnet_requests_at_once_share_the_adapters_calls(batching_mesh: Mes
         }
         for i, p in enumerate(PROMPTS[:3])
     ]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(
-            pool.map(lambda b: httpx.post(f"{batching_mesh.url}/v1/images/generations", json=b, timeout=300), bodies)
-        )
+    answers = _post_at_once(batching_mesh, bodies)
     pipe = build_reference_pipeline(settings, family="sd3", controlnet=True)
     for body, r in zip(bodies, answers, strict=True):
         assert r.status_code == 200, r.text

@@ -17,6 +17,8 @@
 # Output: $OUT (the device tool's) or bench/results/gpu: one text log per step (what each
 # script prints), and details.tgz (every step's JSON results and the mesh logs). RUNS (default 5) sets the timed runs per system; DEVICE, SIZE,
 # STEPS and SD3_ARGS (e.g. "--max-layers 1") exist to smoke-test this script on a CPU.
+# STEP_TIMEOUT (seconds, default none) stops a step that hangs so the next one still runs: a
+# device call is cut at 10 minutes, and what a cut call's steps printed is all that comes back.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench/results/gpu}"
@@ -30,6 +32,11 @@ if [ -f "$BUNDLE" ]; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY="${PYTHON:-python3}"
+# The mesh's processes run in sessions of their own (lego/launcher.py), so a step stopped by
+# STEP_TIMEOUT would leave them holding GPU memory for the next step: reap them between steps.
+reap() { pkill -9 -f -- '-m services\.' ; pkill -9 -x nats-server; true; }
+trap reap EXIT
+limit() { if [ "${STEP_TIMEOUT:-0}" -gt 0 ]; then timeout "$STEP_TIMEOUT" "$@"; else "$@"; fi; }
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(sd3 sd3-host plane batch)
 
@@ -48,7 +55,7 @@ sd3() {  # $1: result folder name, rest: extra environment
   local name="$1"; shift
   local t0=$SECONDS
   # shellcheck disable=SC2086
-  env "$@" $PY bench/overhead.py --full-size --device "$DEVICE" --sizes "$SIZE" --steps "$STEPS" --runs "$RUNS" \
+  limit env "$@" $PY bench/overhead.py --full-size --device "$DEVICE" --sizes "$SIZE" --steps "$STEPS" --runs "$RUNS" \
     --warmup 2 ${SD3_ARGS:-} --out "$DETAILS/$name" 2>&1 | tee "$OUT/$name.txt"
   local rc=$?
   echo "run.sh: $name took $((SECONDS - t0)) s (exit $rc)"
@@ -56,17 +63,18 @@ sd3() {  # $1: result folder name, rest: extra environment
 }
 status=0
 for step in "${steps[@]}"; do
+  reap
   case "$step" in
     sd3) sd3 sd3 LEGO_UCX_ENABLED=auto || status=1 ;;
     sd3-host) sd3 sd3-host LEGO_UCX_ENABLED=off || status=1 ;;
     plane)
       t0=$SECONDS
-      $PY bench/tensor_plane.py --device "$DEVICE" --out "$DETAILS/plane" 2>&1 | tee "$OUT/plane.txt" || status=1
+      limit $PY bench/tensor_plane.py --device "$DEVICE" --out "$DETAILS/plane" 2>&1 | tee "$OUT/plane.txt" || status=1
       echo "run.sh: plane took $((SECONDS - t0)) s" ;;
     batch)
       t0=$SECONDS
       # shellcheck disable=SC2086
-      $PY bench/batching.py --full-size --device "$DEVICE" --size "$SIZE" --steps "$STEPS" ${SD3_ARGS:-} \
+      limit $PY bench/batching.py --full-size --device "$DEVICE" --size "$SIZE" --steps "$STEPS" ${SD3_ARGS:-} \
         --out "$DETAILS/batch" 2>&1 | tee "$OUT/batch.txt" || status=1
       echo "run.sh: batch took $((SECONDS - t0)) s" ;;
     *) echo "run.sh: unknown step $step (sd3, sd3-host, plane, batch)"; exit 2 ;;

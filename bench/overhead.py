@@ -166,6 +166,11 @@ def main() -> None:
         help="SD3-Medium's real architecture, random weights (written once under the model cache)",
     )
     parser.add_argument("--max-layers", type=int, default=0, help="with --full-size: cap each stack's depth (smoke)")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="the mesh prints its spans (OTEL_TRACES_EXPORTER=console); a table of where its time goes follows",
+    )
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds for the mesh to load its models")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -192,6 +197,8 @@ def main() -> None:
     os.environ |= {"LEGO_DEVICE": device, "LEGO_DTYPE": args.dtype}
     if models_dir:
         os.environ["LEGO_MODELS_DIR"] = models_dir
+    if args.trace:  # printing spans costs the services a little time: a diagnosis, not the headline run
+        os.environ |= {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "500"}
 
     print("starting the mesh (nats-server, encoder, denoiser, vae, gateway) ...", flush=True)
     log_dir = Path(args.out) / "mesh-logs"
@@ -260,9 +267,16 @@ def main() -> None:
             f"GPU memory: mesh processes {memory['mesh_gib']:.1f} GiB, in-process pipeline "
             f"{memory['in_process_gib']:.1f} GiB reserved ({memory['in_process_peak_allocated_gib']:.1f} GiB peak)"
         )
+    spans: list[dict[str, float]] = []
+    if args.trace:
+        from bench.spans import per_request, read_spans, report
+
+        spans = per_request(read_spans(log_dir), [r["request_id"] for recs in records.values() for r in recs])
+        print(report(spans))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"steps": args.steps, "runs": args.runs, "device": device, "dtype": args.dtype}
+    result = {"spans": spans} if args.trace else {}
+    result |= {"steps": args.steps, "runs": args.runs, "device": device, "dtype": args.dtype}
     result |= {"full_size": args.full_size, "max_layers": args.max_layers, "gpu_memory": memory, "rows": rows}
     (out / "overhead.json").write_text(json.dumps(result, indent=2))
     last = rows[-1]

@@ -352,10 +352,12 @@ class ModelStepHandler:
         ctx = self._context(step, loop)
 
         def compute() -> tuple[dict[str, TensorRef], float]:
-            t0 = time.perf_counter()
+            started, t0 = time.time(), time.perf_counter()
             inputs = {name: raw if isinstance(raw, torch.Tensor) else from_raw(raw) for name, raw in raws.items()}
             outputs = self.runner.run(step, inputs, ctx)
             seconds = time.perf_counter() - t0
+            # Recorded, not made current: steps this one publishes (ControlNet) stay children of the step.
+            tracing.record("model.run", started, started + seconds)
             # put_tensor keeps a GPU output in device memory when the plane offers UCX.
             refs = {name: self.plane.put_tensor(t, owner=step.output_owner) for name, t in outputs.items()}
             return refs, seconds

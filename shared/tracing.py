@@ -220,10 +220,14 @@ class Scope:
         self.span = sp
         self._token = token
         self.headers: dict[str, str] = {}
+        # Kept after close: work done for the request after its span ended (the gateway's PNG
+        # encoding) still belongs under it.
+        self.context: Context | None = None
         if sp is not None:
             from opentelemetry import trace
 
-            inject(self.headers, trace.set_span_in_context(sp))
+            self.context = trace.set_span_in_context(sp)
+            inject(self.headers, self.context)
 
     def close(self, attributes: Mapping[str, Any] | None = None, error: str | None = None) -> None:
         if self.span is None:

@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from services.gateway.errors import APIError
 from services.gateway.orchestrator import Orchestrator, RequestFailed, RequestState
 from services.gateway.schemas import ErrorBody, ErrorResponse, ImageData, ImageGenerationResponse, RequestStatus
+from shared import tracing
 from shared.tensor_plane import RawTensor
 
 router = APIRouter()
@@ -52,10 +53,12 @@ async def answer(
         )
     except RequestFailed as exc:
         raise APIError(STATUS_OF_ERROR.get(exc.error.code, 502), exc.error.code, exc.error.message) from exc
-    pngs = await asyncio.to_thread(encode_pngs, images)
+    with tracing.span("images.encode", {"lego.images": images.shape[0] if images.shape else 0}, state.trace.context):
+        pngs = await asyncio.to_thread(encode_pngs, images)
+        data = [ImageData(b64_json=base64.b64encode(p).decode()) for p in pngs]
     response = ImageGenerationResponse(
         created=int(time.time()),
-        data=[ImageData(b64_json=base64.b64encode(p).decode()) for p in pngs],
+        data=data,
         request_id=state.request_id,
         seed=seed,
         workflow=state.workflow.name,

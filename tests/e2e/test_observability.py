@@ -44,6 +44,7 @@ class Span:
     span_id: str
     parent_id: str
     attributes: dict[str, Any]
+    duration_s: float = 0.0
 
 
 def _value(v: Any) -> Any:
@@ -93,6 +94,7 @@ class OtlpReceiver:
                             span_id=s.span_id.hex(),
                             parent_id=s.parent_span_id.hex(),
                             attributes={a.key: _value(a.value) for a in s.attributes},
+                            duration_s=(s.end_time_unix_nano - s.start_time_unix_nano) / 1e9,
                         )
                     )
         with self._lock:
@@ -153,7 +155,7 @@ def test_one_request_is_one_trace_across_the_mesh(mesh: Mesh, receiver: OtlpRece
             return None
         trace = [s for s in spans if s.trace_id == root.trace_id]
         names = {s.name for s in trace}
-        if not set(STEP_SPANS) <= names or "tensor.pull" not in names:
+        if not set(STEP_SPANS) <= names or not {"tensor.pull", "images.encode"} <= names:
             return None
         return root, trace
 
@@ -178,6 +180,8 @@ def test_one_request_is_one_trace_across_the_mesh(mesh: Mesh, receiver: OtlpRece
             if s.name == "queue.wait" and s.attributes.get("lego.model_id") == step.attributes["lego.model_id"]
         ]
         assert wait.parent_id == root.span_id and wait.service == service
+        (run,) = [s for s in trace if s.name == "model.run" and s.parent_id == step.span_id]
+        assert run.service == service and 0 < run.duration_s <= step.duration_s
     pulls = [s for s in trace if s.name == "tensor.pull"]
     assert any(p.attributes["tensor.bytes"] > 0 for p in pulls)
     for pull in pulls:
@@ -188,6 +192,10 @@ def test_one_request_is_one_trace_across_the_mesh(mesh: Mesh, receiver: OtlpRece
     assert any(p.service == "gateway" and p.parent_id == root.span_id for p in pulls)
     denoise = next(s for s in trace if s.name == "denoise sd3-transformer")
     assert any(p.parent_id == denoise.span_id for p in pulls)
+    # The PNG encoding, after the request's span ended, is still under it.
+    (encode,) = [s for s in trace if s.name == "images.encode"]
+    assert encode.service == "gateway" and encode.parent_id == root.span_id
+    assert encode.attributes["lego.images"] == 1
 
 
 def test_controlnet_steps_nest_under_the_denoise_step(mesh: Mesh, receiver: OtlpReceiver) -> None:

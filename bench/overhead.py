@@ -75,7 +75,7 @@ def in_process_runner(steps: int):
     return run
 
 
-def mesh_runner(client: httpx.Client, url: str, steps: int):
+def mesh_runner(client: httpx.Client, url: str, steps: int, output_format: str = "png"):
     """One REST request through the mesh; returns `run(size, seed) -> (seconds, node record)`."""
 
     def run(size: int, seed: int) -> tuple[float, dict, np.ndarray]:
@@ -89,13 +89,14 @@ def mesh_runner(client: httpx.Client, url: str, steps: int):
                 "num_inference_steps": steps,
                 "guidance_scale": 7.0,
                 "seed": seed,
+                "output_format": output_format,
             },
             headers={"X-Request-Id": request_id},
         )
         elapsed = time.perf_counter() - t0
         r.raise_for_status()
-        png = base64.b64decode(r.json()["data"][0]["b64_json"])
-        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        encoded = base64.b64decode(r.json()["data"][0]["b64_json"])
+        image = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
         return elapsed, client.get(f"{url}/v1/requests/{request_id}").json(), image
 
     return run
@@ -171,6 +172,12 @@ def main() -> None:
         action="store_true",
         help="the mesh prints its spans (OTEL_TRACES_EXPORTER=console); a table of where its time goes follows",
     )
+    parser.add_argument(
+        "--output-format",
+        default="png",
+        choices=["png", "jpeg", "webp"],
+        help="what the mesh returns (png: lossless, so the pixel difference is exact)",
+    )
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds for the mesh to load its models")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -218,7 +225,7 @@ def main() -> None:
     try:
         in_process = in_process_runner(args.steps)
         with httpx.Client(timeout=600) as client:
-            through_mesh = mesh_runner(client, mesh.url, args.steps)
+            through_mesh = mesh_runner(client, mesh.url, args.steps, args.output_format)
             for size in args.sizes:
                 for i in range(args.warmup + args.runs):
                     lt, want = in_process(size, i)
@@ -234,6 +241,7 @@ def main() -> None:
 
     rows = []
     where = f"{device}, {'full-size SD3-Medium' if args.full_size else 'tiny models'}, dtype {args.dtype}"
+    where += f", mesh returns {args.output_format}"
     print(f"\nsd3, {args.steps} steps, guidance 7, medians of {args.runs} runs ({where})")
     print(
         f"{'size':>9} {'in-process':>11} {'mesh':>9} {'added':>9} {'ratio':>7} {'max px diff':>12}"
@@ -277,6 +285,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"spans": spans} if args.trace else {}
     result |= {"steps": args.steps, "runs": args.runs, "device": device, "dtype": args.dtype}
+    result["output_format"] = args.output_format
     result |= {"full_size": args.full_size, "max_layers": args.max_layers, "gpu_memory": memory, "rows": rows}
     (out / "overhead.json").write_text(json.dumps(result, indent=2))
     last = rows[-1]

@@ -311,6 +311,9 @@ def _lora(item: str) -> dict:
     return {"name": name, "scale": float(scale) if scale else 1.0}
 
 
+SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     request_id = uuid.uuid4().hex
     body: dict = {"prompt": args.prompt, "size": args.size, "n": args.n, "guidance_scale": args.guidance}
@@ -322,6 +325,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             body[key] = value
+    fmt = SUFFIX_FORMATS.get(Path(args.output).suffix.lower())
+    if fmt is None:
+        print(f"lego generate: -o must end in {', '.join(SUFFIX_FORMATS)} (it picks the format)", file=sys.stderr)
+        return 2
+    body["output_format"] = fmt
+    if args.quality is not None:
+        if fmt == "png":
+            print("lego generate: --quality applies to .jpg and .webp outputs; png is lossless", file=sys.stderr)
+            return 2
+        body["output_quality"] = args.quality
     if args.control_image:
         try:
             image = base64.b64encode(Path(args.control_image).read_bytes()).decode()
@@ -425,8 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate an image through the gateway's REST API")
     gen.add_argument("prompt", help="what to draw")
     gen.add_argument(
-        "-o", "--output", default="out.png", help="PNG path; with --n > 1, -1, -2... are added (default: %(default)s)"
+        "-o",
+        "--output",
+        default="out.png",
+        help="image path; .png, .jpg or .webp picks the format; with --n > 1, -1, -2... are added "
+        "(default: %(default)s)",
     )
+    gen.add_argument("--quality", type=int, help="for .jpg / .webp: 1-100 (default: the server's, 90)")
     gen.add_argument("--workflow", help="catalogue workflow (default: the server's, sd3)")
     gen.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 16 (default: %(default)s)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the server's, 28)")

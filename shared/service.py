@@ -345,7 +345,7 @@ class ModelStepHandler:
     async def __call__(self, step: StepRequest) -> StepResult:
         import torch
 
-        from shared.tensor_plane.torch_codec import from_raw
+        from shared.tensor_plane.torch_codec import from_raw, settle
 
         loop = asyncio.get_running_loop()
         raws = await self._pull(step)
@@ -355,6 +355,7 @@ class ModelStepHandler:
             started, t0 = time.time(), time.perf_counter()
             inputs = {name: raw if isinstance(raw, torch.Tensor) else from_raw(raw) for name, raw in raws.items()}
             outputs = self.runner.run(step, inputs, ctx)
+            settle(outputs.values())
             seconds = time.perf_counter() - t0
             # Recorded, not made current: steps this one publishes (ControlNet) stay children of the step.
             tracing.record("model.run", started, started + seconds)

@@ -25,6 +25,7 @@ PACKAGES=(
   opentelemetry-semantic-conventions==0.66b2 googleapis-common-protos==1.76.0
   opentelemetry-exporter-http-transport==0.66b2 opentelemetry-exporter-otlp-common==0.66b2
   typing-extensions==4.16.0  # pydantic needs at least this one
+  pytest-asyncio==1.5.0  # run.sh's `tests` step (pytest itself is there)
   # the tensor plane's UCX transport, CUDA 13 build (the device's torch is cu130)
   ucxx-cu13==0.52.0 libucxx-cu13==0.52.0 libucx-cu13==1.21.0
   rmm-cu13==26.10.0 librmm-cu13==26.10.0 rapids-logger==0.3.0

@@ -14,6 +14,8 @@
 #   sd3-host  the same mesh with UCX off: GPU tensors hop through host shared memory
 #   plane     bench/tensor_plane.py --device cuda: ucx-cuda and shm-cuda against a device copy
 #   batch     bench/batching.py on the full-size transformer: 16 requests at once, max batch 1-8
+#   tests     (not in the default list) the GPU-only tests and the mesh's equality tests on the
+#             GPU (TESTS overrides which)
 # Output: $OUT (the device tool's) or bench/results/gpu: one text log per step (what each
 # script prints), and details.tgz (every step's JSON results and the mesh logs). RUNS (default 5) sets the timed runs per system; DEVICE, SIZE,
 # STEPS and SD3_ARGS (e.g. "--max-layers 1") exist to smoke-test this script on a CPU.
@@ -37,6 +39,9 @@ PY="${PYTHON:-python3}"
 reap() { pkill -9 -f -- '-m services\.' ; pkill -9 -x nats-server; true; }
 trap reap EXIT
 limit() { if [ "${STEP_TIMEOUT:-0}" -gt 0 ]; then timeout "$STEP_TIMEOUT" "$@"; else "$@"; fi; }
+# The tests whose GPU paths skip on a CPU (CUDA tensors over UCX, bf16), and the mesh's own
+# equality tests, which on a GPU run every service and diffusers' oracle on the GPU.
+GPU_TESTS="tests/unit/test_tensor_plane_ucx.py tests/unit/test_dtype.py tests/e2e/test_transports.py tests/e2e/test_generate.py"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(sd3 sd3-host plane batch)
 
@@ -77,7 +82,12 @@ for step in "${steps[@]}"; do
       limit $PY bench/batching.py --full-size --device "$DEVICE" --size "$SIZE" --steps "$STEPS" ${SD3_ARGS:-} \
         --out "$DETAILS/batch" 2>&1 | tee "$OUT/batch.txt" || status=1
       echo "run.sh: batch took $((SECONDS - t0)) s" ;;
-    *) echo "run.sh: unknown step $step (sd3, sd3-host, plane, batch)"; exit 2 ;;
+    tests)
+      t0=$SECONDS
+      # shellcheck disable=SC2086
+      limit $PY -m pytest -q -p no:cacheprovider ${TESTS:-$GPU_TESTS} 2>&1 | tee "$OUT/tests.txt" || status=1
+      echo "run.sh: tests took $((SECONDS - t0)) s" ;;
+    *) echo "run.sh: unknown step $step (sd3, sd3-host, plane, batch, tests)"; exit 2 ;;
   esac
 done
 tar -czf "$OUT/details.tgz" -C "$DETAILS" . && rm -rf "$DETAILS"

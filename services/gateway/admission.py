@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.errors import APIError
+from services.gateway.images import DEFAULT_QUALITY, ImageEncoding
 from services.gateway.schemas import ImageGenerationRequest, parse_size
 from shared.tensor_plane import RawTensor
 from shared.workflows.spec import WorkflowSpec
@@ -31,6 +32,7 @@ class Admitted:
     params: dict[str, Any]
     seed: int
     tensors: dict[str, RawTensor] = field(default_factory=dict)
+    encoding: ImageEncoding = field(default_factory=ImageEncoding)
 
 
 def _invalid(message: str) -> APIError:
@@ -63,7 +65,13 @@ def admit(body: ImageGenerationRequest, workflow: WorkflowSpec) -> Admitted:
         params["loras"] = _loras(body, workflow)
     elif body.loras:
         raise _invalid(f"workflow {workflow.name!r} takes no loras; use a '-lora' workflow")
-    return Admitted(params=params, seed=seed, tensors=tensors)
+    return Admitted(params=params, seed=seed, tensors=tensors, encoding=_encoding(body))
+
+
+def _encoding(body: ImageGenerationRequest) -> ImageEncoding:
+    if body.output_quality is not None and body.output_format == "png":
+        raise _invalid("output_quality applies to jpeg and webp only; png is lossless")
+    return ImageEncoding(body.output_format, body.output_quality or DEFAULT_QUALITY)
 
 
 def _controlnet(

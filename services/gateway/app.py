@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from services.gateway import status as status_api
 from services.gateway.admission import admit
 from services.gateway.errors import APIError, install_error_handlers
+from services.gateway.images import ImageEncoding
 from services.gateway.orchestrator import Orchestrator, RequestFailed, RequestState
 from services.gateway.overload import LoadView, refuse_if_overloaded
 from services.gateway.requests_api import answer, router
@@ -212,8 +213,10 @@ def create_app(settings: Settings) -> FastAPI:
         except RequestFailed as exc:
             raise APIError(409, exc.error.code, exc.error.message) from exc
         if body.wait:
-            return await answer(orchestrator, state, admitted.tensors, admitted.seed)
-        task = asyncio.create_task(_answer_in_background(orchestrator, state, admitted.tensors, admitted.seed))
+            return await answer(orchestrator, state, admitted.tensors, admitted.seed, admitted.encoding)
+        task = asyncio.create_task(
+            _answer_in_background(orchestrator, state, admitted.tensors, admitted.seed, admitted.encoding)
+        )
         background.add(task)
         task.add_done_callback(background.discard)
         return JSONResponse(
@@ -233,11 +236,11 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 async def _answer_in_background(
-    orchestrator: Orchestrator, state: RequestState, tensors: dict[str, RawTensor], seed: int
+    orchestrator: Orchestrator, state: RequestState, tensors: dict[str, RawTensor], seed: int, encoding: ImageEncoding
 ) -> None:
     """An async request's run: its outcome is kept on the request (status, events), not returned."""
     try:
-        await answer(orchestrator, state, tensors, seed)
+        await answer(orchestrator, state, tensors, seed, encoding)
     except APIError:
         pass  # the failure is on the request already (status + `error` event)
     except Exception:

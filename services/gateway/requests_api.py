@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from services.gateway.errors import APIError
+from services.gateway.images import ImageEncoding, encode_images
 from services.gateway.orchestrator import Orchestrator, RequestFailed, RequestState
 from services.gateway.schemas import ErrorBody, ErrorResponse, ImageData, ImageGenerationResponse, RequestStatus
 from shared import tracing
@@ -41,7 +41,11 @@ def _state(request: Request, request_id: str) -> RequestState:
 
 
 async def answer(
-    orchestrator: Orchestrator, state: RequestState, tensors: dict[str, RawTensor], seed: int
+    orchestrator: Orchestrator,
+    state: RequestState,
+    tensors: dict[str, RawTensor],
+    seed: int,
+    encoding: ImageEncoding = ImageEncoding(),
 ) -> ImageGenerationResponse:
     """Run a created request to its answer (or raise APIError); the answer is kept on the
     request for async callers and streamed as its final `result` event."""
@@ -53,12 +57,14 @@ async def answer(
         )
     except RequestFailed as exc:
         raise APIError(STATUS_OF_ERROR.get(exc.error.code, 502), exc.error.code, exc.error.message) from exc
-    with tracing.span("images.encode", {"lego.images": images.shape[0] if images.shape else 0}, state.trace.context):
-        pngs = await asyncio.to_thread(encode_pngs, images)
-        data = [ImageData(b64_json=base64.b64encode(p).decode()) for p in pngs]
+    attributes = {"lego.images": images.shape[0] if images.shape else 0, "lego.format": encoding.format}
+    with tracing.span("images.encode", attributes, state.trace.context):
+        encoded = await asyncio.to_thread(encode_images, images, encoding)
+        data = [ImageData(b64_json=base64.b64encode(e).decode()) for e in encoded]
     response = ImageGenerationResponse(
         created=int(time.time()),
         data=data,
+        output_format=encoding.format,
         request_id=state.request_id,
         seed=seed,
         workflow=state.workflow.name,
@@ -77,21 +83,6 @@ def _forget_old_results(orchestrator: Orchestrator) -> None:
         old.result = None
         if old.events and old.events[-1]["type"] == "result":
             old.events[-1] = {**old.events[-1], "data": [], "images_dropped": True}
-
-
-def encode_pngs(images: RawTensor) -> list[bytes]:
-    """(n, H, W, 3) uint8 -> one PNG per image. Runs in a thread: it is CPU work."""
-    from PIL import Image
-
-    array = images.to_numpy()
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise APIError(502, "bad_output", f"the VAE returned images of shape {array.shape}, expected (n, H, W, 3)")
-    out = []
-    for img in array:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-        out.append(buf.getvalue())
-    return out
 
 
 def status_of(orchestrator: Orchestrator, state: RequestState) -> RequestStatus:

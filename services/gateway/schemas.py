@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.gateway.images import DEFAULT_QUALITY
+
 MAX_PROMPT_CHARS = 2000
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 1024, 16
 MAX_IMAGES = 4
@@ -62,6 +64,12 @@ class ImageGenerationRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="images to generate")
     size: str = Field("512x512", description="WIDTHxHEIGHT, multiples of 16, 64..1024")
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: images come inline")
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="png (lossless), or jpeg / webp: much faster to encode and smaller"
+    )
+    output_quality: int | None = Field(
+        None, ge=1, le=100, description=f"jpeg / webp only: 1-100 (default {DEFAULT_QUALITY})"
+    )
     workflow: str | None = Field(None, description="catalogue workflow; default from the server (sd3)")
     model: str | None = Field(None, description="OpenAI-compatible alias of `workflow`")
     num_inference_steps: int = Field(28, ge=1, le=MAX_STEPS)
@@ -106,6 +114,7 @@ class ImageData(BaseModel):
 class ImageGenerationResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: str = Field("png", description="the format of every image in `data`")
     request_id: str
     seed: int
     workflow: str

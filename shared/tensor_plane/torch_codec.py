@@ -7,6 +7,8 @@ the rest of the package. `device_bytes`/`from_device_bytes` are the device-side 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -80,6 +82,14 @@ def device_bytes(t: torch.Tensor) -> torch.Tensor:
     if flat.is_cuda:
         torch.cuda.current_stream(flat.device).synchronize()
     return flat
+
+
+def settle(tensors: Iterable[torch.Tensor]) -> None:
+    """Wait for the GPU work that produces `tensors`. A model call on a GPU returns once its
+    kernels are queued, not run: a step's compute time must include them (the autoscaler prices
+    steps by it), and its outputs are synchronised anyway before they are served."""
+    for device in {t.device for t in tensors if t.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
 
 
 def from_device_bytes(flat: torch.Tensor, dtype: str, shape: tuple[int, ...] | list[int]) -> torch.Tensor:

@@ -31,6 +31,9 @@ GOOD = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2}
         ({"num_inference_step": 5}, 422, "invalid_request", "unknown field"),
         ({"timeout_s": 0}, 422, "invalid_request", "timeout_s"),
         ({"timeout_s": 99999}, 422, "invalid_request", "timeout_s"),
+        ({"output_format": "gif"}, 422, "invalid_request", "output_format"),
+        ({"output_quality": 80}, 422, "invalid_request", "jpeg and webp only"),
+        ({"output_format": "jpeg", "output_quality": 0}, 422, "invalid_request", "output_quality"),
     ],
 )
 def test_bad_fields_are_refused_with_a_reason(mesh, change, status, code, words):

@@ -74,6 +74,33 @@ def test_same_seed_same_image_different_seed_different_image(mesh):
     assert not np.array_equal(a, c)
 
 
+def test_jpeg_and_webp_carry_the_png_image(mesh):
+    """The lossy formats (faster to write than PNG) carry the image the PNG carries, near enough:
+    far nearer than another seed's image (the tiny models draw noise, the hardest case for them)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def generate(seed: int = 11, **fmt) -> dict:
+        body = {"prompt": PROMPT, "size": "128x96", "num_inference_steps": 2, "seed": seed, **fmt}
+        r = httpx.post(f"{mesh.url}/v1/images/generations", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    png = generate()
+    assert png["output_format"] == "png"
+    exact = png_to_array(png["data"][0]["b64_json"]).astype(int)
+    other = np.abs(png_to_array(generate(seed=12)["data"][0]["b64_json"]).astype(int) - exact).mean()
+    for fmt, pil_name, options in (("jpeg", "JPEG", {}), ("webp", "WEBP", {"output_quality": 95})):
+        got = generate(output_format=fmt, **options)
+        assert got["output_format"] == fmt
+        image = Image.open(io.BytesIO(base64.b64decode(got["data"][0]["b64_json"])))
+        assert image.format == pil_name and image.size == (128, 96)
+        error = np.abs(np.asarray(image.convert("RGB")).astype(int) - exact).mean()
+        assert error < other / 2, (fmt, error, other)
+
+
 def test_workflows_and_health(mesh):
     wf = httpx.get(f"{mesh.url}/v1/workflows", timeout=10).json()
     assert wf["default"] == "sd3"
@@ -129,6 +156,21 @@ def test_lego_generate_cli_writes_png(mesh, tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (96, 64)
+
+
+def test_lego_generate_picks_the_format_from_the_file_name(mesh, tmp_path):
+    def cli(output: str, *extra: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "lego.cli", "generate", "a lighthouse", "-o", str(tmp_path / output)]
+        argv += ["--size", "64x64", "--steps", "2", "--url", mesh.url, *extra]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    proc = cli("out.jpg", "--quality", "80")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG
+    refused = cli("out.gif")
+    assert refused.returncode == 2 and ".png, .jpg, .jpeg, .webp" in refused.stderr
+    refused = cli("out.png", "--quality", "80")
+    assert refused.returncode == 2 and "lossless" in refused.stderr
 
 
 def test_reusing_a_request_id_runs_again_instead_of_hanging(mesh):

@@ -350,10 +350,12 @@ class ModelStepHandler:
         loop = asyncio.get_running_loop()
         raws = await self._pull(step)
         ctx = self._context(step, loop)
+        device = self.device
 
         def compute() -> tuple[dict[str, TensorRef], float]:
             started, t0 = time.time(), time.perf_counter()
-            inputs = {name: raw if isinstance(raw, torch.Tensor) else from_raw(raw) for name, raw in raws.items()}
+            # Inputs that came as host bytes (inline, shm, tcp) join the ones already on this GPU.
+            inputs = {n: r if isinstance(r, torch.Tensor) else from_raw(r).to(device) for n, r in raws.items()}
             outputs = self.runner.run(step, inputs, ctx)
             settle(outputs.values())
             seconds = time.perf_counter() - t0

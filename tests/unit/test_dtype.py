@@ -57,7 +57,10 @@ def test_loaders_honour_dtype(settings: Settings) -> None:
     assert load_text_encoder("t5", bf16).model.dtype == torch.bfloat16
     assert load_denoiser("sd3-transformer", bf16).transformer.dtype == torch.bfloat16
     assert load_vae("sd3-vae", bf16).vae.dtype == torch.bfloat16
-    assert load_denoiser("sd3-transformer", settings).transformer.dtype == torch.float32  # auto on a CPU
+    auto = dataclasses.replace(settings, dtype="auto")
+    assert load_denoiser("sd3-transformer", auto).transformer.dtype == (
+        torch.bfloat16 if auto.device.startswith("cuda") else torch.float32
+    )
 
 
 def test_bf16_chain_equals_bf16_pipeline(settings: Settings) -> None:
@@ -80,10 +83,11 @@ def test_bf16_chain_equals_bf16_pipeline(settings: Settings) -> None:
     )
     assert np.array_equal(got[0], want)
     # bf16 really ran: the float32 chain draws a (slightly) different image.
-    assert not np.array_equal(_chain(settings, settings).numpy()[0], want)
+    fp32 = dataclasses.replace(settings, dtype="float32")
+    assert not np.array_equal(_chain(fp32, fp32).numpy()[0], want)
 
 
 def test_float32_encoders_feed_a_bf16_denoiser(settings: Settings) -> None:
     """Services configured apart (encoders on a CPU host in float32, the rest in bf16) still connect."""
-    pixels = _chain(settings, dataclasses.replace(settings, dtype="bfloat16"))
+    pixels = _chain(dataclasses.replace(settings, dtype="float32"), dataclasses.replace(settings, dtype="bfloat16"))
     assert pixels.dtype == torch.uint8 and pixels.shape == (1, 64, 64, 3) and pixels.float().std() > 5

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 on_session_loop = pytest.mark.asyncio(loop_scope="session")
 needs_ucx = pytest.mark.skipif(not ucx.ucx_installed(), reason="needs the ucx extra: pip install '.[ucx]'")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

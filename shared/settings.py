@@ -47,7 +47,10 @@ class Settings:
     dtype: str = "auto"
     torch_threads: int = 0  # 0 -> torch default
     # Requests per batched transformer call in a denoiser (step-level batching: requests join
-    # and leave between steps); 0: auto = 8 on a GPU, 1 on the CPU (no gain there: the cores are busy).
+    # and leave between steps); 0: auto = 2 on a GPU, 1 on the CPU (no gain there: the cores are busy).
+    # On an H100 at 1024x1024, 2 gave +5% throughput at the same mean latency, 8 gave +9% at +27%
+    # latency (bench/RESULTS.md): the transformer is compute-bound there, and a replica holding
+    # many steps keeps them from replicas the autoscaler adds.
     denoise_max_batch: int = 0
     # Steps an encoder (texts) or VAE (images) runs in one call when they queue up; 0: auto = 16
     # texts / 4 images on a GPU, 1 on the CPU.

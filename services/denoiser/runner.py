@@ -3,7 +3,7 @@
 One loaded base serves every workflow of its family: the request's LoRAs are switched on for
 its loop and off after (adapters loaded once, kept in a bounded LRU cache), and ControlNet
 workflows get their residuals from the adapters service at every step. With a max batch > 1
-(`LEGO_DENOISE_MAX_BATCH`; 8 by default on a GPU) up to that many requests are in hand at
+(`LEGO_DENOISE_MAX_BATCH`; 2 by default on a GPU) up to that many requests are in hand at
 once and share transformer calls step by step (`batching.py`); requests with different LoRA
 sets or sizes take turns, step by step.
 """
@@ -166,7 +166,7 @@ def load(model_id: str, settings: Settings) -> DenoiserRunner:
     bundle = load_denoiser(model_id, settings)
     loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
     runner = DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras)
-    batch = max_batch(settings.denoise_max_batch, settings.device, gpu_default=8)
+    batch = max_batch(settings.denoise_max_batch, settings.device, gpu_default=2)
     if batch > 1:
         from services.denoiser.batching import BatchEngine
 

@@ -1,9 +1,9 @@
 """The images a request returns, encoded in the format it asked for.
 
-Why a choice: PNG is lossless but slow to write. At 1024x1024 it takes 30-50 ms for a photo and
-up to 200 ms for a noisy image (what random weights draw) on one core, the largest single
-cost the mesh adds to a request on a GPU (bench/RESULTS.md). JPEG or WebP take a few ms, and the
-image is then a fraction of the size.
+Why a choice: PNG is lossless but slow to write. At 1024x1024 it takes about 15 ms for a smooth
+image and 100-200 ms for a noisy one (what random weights draw) on one core: on an H100 it was
+the largest cost the mesh added to a request (bench/RESULTS.md). A JPEG takes about 12 ms
+whatever the image, and is a fraction of the size.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.gateway.images import DEFAULT_QUALITY
+from services.gateway.images import DEFAULT_QUALITY, OutputFormat
 
 MAX_PROMPT_CHARS = 2000
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 1024, 16
@@ -64,7 +64,7 @@ class ImageGenerationRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="images to generate")
     size: str = Field("512x512", description="WIDTHxHEIGHT, multiples of 16, 64..1024")
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: images come inline")
-    output_format: Literal["png", "jpeg", "webp"] = Field(
+    output_format: OutputFormat = Field(
         "png", description="png (lossless), or jpeg / webp: much faster to encode and smaller"
     )
     output_quality: int | None = Field(
@@ -114,7 +114,7 @@ class ImageData(BaseModel):
 class ImageGenerationResponse(BaseModel):
     created: int
     data: list[ImageData]
-    output_format: str = Field("png", description="the format of every image in `data`")
+    output_format: OutputFormat = Field("png", description="the format of every image in `data`")
     request_id: str
     seed: int
     workflow: str

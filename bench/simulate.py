@@ -12,8 +12,8 @@ whole pipeline (its encoders one after the other, as in-process), no hops.
 Profiles (`--profile FILE` overrides any of the figures below, per model: e.g. step times that
 bench/gpu/run.sh measured for SD3's stages, {"step_s": {"sd3-transformer": 1.4}}): memory is
 the full-size bf16 parameter bytes (bench/memory.py) plus 2 GiB a process; step times for
-1024x1024, 28 steps on an H100 are ASSUMED, not measured (no GPU was lent to measure them);
-load time = 5 s + bytes at 2 GB/s.
+1024x1024, 28 steps on an H100 are ASSUMED by default. SD3-Medium's stages were measured on one
+H100: `--profile bench/profiles/h100-sd3.json`. Load time = 5 s + bytes at 2 GB/s.
 
 Capacity: the highest Poisson rate at which >= 90% of requests meet the SLO (5x the
 monolithic pipeline's solo latency of their workflow, for both systems). Burst tolerance: the

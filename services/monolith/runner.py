@@ -81,7 +81,7 @@ class MonolithRunner:
         modules = [m for m in self.pipe.components.values() if hasattr(m, "parameters")]
         return {
             "param_bytes": param_bytes(*modules),
-            "loras": sorted(getattr(self.pipe.transformer, "peft_config", {})),
+            "loras": sorted(getattr(getattr(self.pipe, "transformer", None), "peft_config", None) or {}),
         }
 
 

@@ -1,4 +1,4 @@
-"""Memory to serve all twelve workflows: micro-served (each model once) versus monolithic.
+"""Memory to serve the whole catalogue: micro-served (each model once) versus monolithic.
 
 Monolithic serving loads one diffusers pipeline per workflow, each with its own copy of every
 model it uses (its text encoders, base, VAE, ControlNet, LoRA). The mesh loads each model id
@@ -7,9 +7,9 @@ LoRAs switched per request. Three figures:
 
 1. tiny configs, parameter bytes (exact: the zoo's models, as the services load them);
 2. tiny configs, resident memory measured: one process loading every model once, against one
-   process holding the twelve reference pipelines (RSS growth after imports; the torch
+   process holding one reference pipeline per workflow (RSS growth after imports; the torch
    runtime itself is not counted for either, though monolithic serving pays it per replica);
-3. full-size architectures (SD3-Medium, SD3.5-Large, Flux.1-dev, CLIP-L/G, T5-XXL, VAEs,
+3. full-size architectures (SD3-Medium, SD3.5-Large, Flux.1-dev, SD1.5, CLIP-L/G, T5-XXL, VAEs,
    public ControlNets, rank-16 LoRAs) from their configs on the meta device, in bf16.
 
 Run: `python bench/memory.py` (about a minute). The last line is the full-size ratio.
@@ -155,7 +155,8 @@ def main() -> None:
     models, loras = tiny_bytes(settings)
     micro, mono = totals(models, loras)
     figures["tiny_params"] = {"micro": micro, "monolithic": mono, "ratio": micro / mono}
-    print(f"micro-served: {mib(micro)}   monolithic (12 pipelines): {mib(mono)}   ratio {micro / mono:.3f}")
+    pipelines = len(workflow_models())
+    print(f"micro-served: {mib(micro)}   monolithic ({pipelines} pipelines): {mib(mono)}   ratio {micro / mono:.3f}")
 
     if not args.no_rss:
         print("== tiny configs, resident memory measured (RSS growth of a fresh process) ==")
@@ -175,7 +176,7 @@ def main() -> None:
     )
     micro, mono = totals(models, loras)
     figures["full_size_params"] = {"micro": micro, "monolithic": mono, "ratio": micro / mono}
-    print(f"micro-served: {gib(micro)}   monolithic (12 pipelines): {gib(mono)}")
+    print(f"micro-served: {gib(micro)}   monolithic ({len(workflow_models())} pipelines): {gib(mono)}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     print(f"ratio micro/monolithic (full size): {micro / mono:.3f}")

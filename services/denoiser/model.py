@@ -9,7 +9,8 @@ timesteps and loop, using diffusers' own helpers:
 * sd3, sd35-large: `StableDiffusion3Pipeline` / `StableDiffusion3ControlNetPipeline`
   (classifier-free guidance over [negative, prompt] rows);
 * flux: `FluxPipeline` / `FluxControlNetPipeline` (guidance-distilled: `guidance_scale` goes
-  into the transformer as the `guidance` embedding, no second pass; latents packed 2x2).
+  into the transformer as the `guidance` embedding, no second pass; latents packed 2x2);
+* sd15: `StableDiffusionPipeline` on a UNet (`sd15.py`; no ControlNet).
 
 With a `ControlSpec`, the ControlNet runs elsewhere (the adapters service): at each step the
 loop hands it the tensors the pipeline's ControlNet call would get and adds the residuals
@@ -36,7 +37,13 @@ from shared.zoo import DenoiserBundle
 VAE_SCALE_FACTOR = 8
 SD3_INPUTS = ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds")
 FLUX_INPUTS = ("clip_l_pooler", "t5_embeds")
-INPUTS_OF_FAMILY: dict[str, tuple[str, ...]] = {"sd3": SD3_INPUTS, "sd35-large": SD3_INPUTS, "flux": FLUX_INPUTS}
+SD15_INPUTS = ("clip_embeds",)
+INPUTS_OF_FAMILY: dict[str, tuple[str, ...]] = {
+    "sd3": SD3_INPUTS,
+    "sd35-large": SD3_INPUTS,
+    "flux": FLUX_INPUTS,
+    "sd15": SD15_INPUTS,
+}
 
 # residuals(constant, varying, params) -> {"block_0": ..., "single_0": ...}; see ControlSpec.
 ControlNetFn = Callable[
@@ -114,6 +121,8 @@ def _residual_list(res: dict[str, torch.Tensor], prefix: str, device: torch.devi
 def warm_up_inputs(bundle: DenoiserBundle) -> dict[str, torch.Tensor]:
     """Zero encoder outputs of the right widths for `bundle`'s family (for a warm-up `denoise`)."""
     cfg = bundle.transformer.config
+    if bundle.family == "sd15":
+        return {"clip_embeds": torch.zeros(2, 77, cfg.cross_attention_dim)}
     t5 = torch.zeros(2, 8, cfg.joint_attention_dim)
     if bundle.family == "flux":
         return {"clip_l_pooler": torch.zeros(2, cfg.pooled_projection_dim), "t5_embeds": t5}
@@ -129,13 +138,14 @@ def warm_up_inputs(bundle: DenoiserBundle) -> dict[str, torch.Tensor]:
 
 @dataclass
 class TransformerCall:
-    """One call of the base transformer that a request's loop asks for (see `_sd3_loop`).
+    """One call of the base transformer (or UNet) that a request's loop asks for (see `_sd3_loop`).
 
     `batched`: keyword arguments whose first dimension is the request's batch (tensors, lists
     of tensors such as ControlNet residuals, or None); `shared`: the rest (position ids,
     flags), which must be equal for calls to run together. `cache_context`: the diffusers
     cache context the pipeline wraps this call in (Flux: "cond"). Why: the same loop then
     runs alone (`denoise`) or with other requests in one batched call (`batching.py`).
+    The first entry of `batched` is the latent input (`hidden_states`; the UNet's `sample`).
     """
 
     batched: dict[str, object]
@@ -143,7 +153,7 @@ class TransformerCall:
     cache_context: str | None = None
 
     def rows(self) -> int:
-        return int(self.batched["hidden_states"].shape[0])  # type: ignore[union-attr]
+        return int(next(iter(self.batched.values())).shape[0])  # type: ignore[union-attr]
 
 
 # A request's loop: yields the transformer calls it needs, is sent each call's output (the
@@ -193,6 +203,8 @@ def denoise(
     guidance_scale > 1 (classifier-free guidance), as in the pipeline.
     flux: clip_l_pooler (CLIP-L's unprojected pooled output) and t5_embeds (512 tokens, as
     FluxPipeline); row 0 (the prompt) is used, further rows are ignored.
+    sd15: clip_embeds (the CLIP text encoder's last hidden state), two rows as for sd3;
+    returns (n, 4, H/8, W/8).
     Raises DenoiseCancelled if `should_stop()` turns true (checked before every step), and
     ValueError for inputs the model cannot take.
     """
@@ -234,11 +246,29 @@ def denoise_loop(
     missing = [name for name in INPUTS_OF_FAMILY[family] if name not in tensors]
     if missing:
         raise ValueError(f"{family} denoising needs inputs {list(INPUTS_OF_FAMILY[family])}; missing {missing}")
-    multiple = 16  # sd3: VAE 8 x patch 2; flux: VAE 8 x 2x2 packing
+    # sd3: VAE 8 x patch 2; flux: VAE 8 x 2x2 packing; sd15: VAE 8 (the UNet pads odd sizes itself)
+    multiple = 8 if family == "sd15" else 16
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
     if n < 1 or num_inference_steps < 1:
         raise ValueError("num_images and num_inference_steps must be >= 1")
+    if family == "sd15":
+        if control is not None:
+            raise ValueError(f"{bundle.model_id} takes no ControlNet")
+        from services.denoiser.sd15 import sd15_loop
+
+        return sd15_loop(
+            bundle,
+            tensors,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            n=n,
+            on_step=on_step,
+            should_stop=should_stop,
+        )
     run = _flux_loop if family == "flux" else _sd3_loop
     return run(
         bundle,

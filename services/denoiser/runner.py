@@ -1,4 +1,5 @@
-"""Denoiser service: a base model and its scheduler run a request's whole denoising loop.
+"""Denoiser service: a base model (an MMDiT, or SD1.5's UNet) and its scheduler run a request's
+whole denoising loop.
 
 One loaded base serves every workflow of its family: the request's LoRAs are switched on for
 its loop and off after (adapters loaded once, kept in a bounded LRU cache), and ControlNet
@@ -22,6 +23,7 @@ INPUTS_OF_FAMILY = {
     "sd3": ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds"),
     "sd35-large": ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds"),
     "flux": ("clip_l_pooler", "t5_embeds"),
+    "sd15": ("clip_embeds",),
 }
 INT_PARAMS = ("height", "width", "num_inference_steps", "seed", "n")
 
@@ -119,29 +121,11 @@ class DenoiserRunner:
         return lora_path(name, self.settings)
 
     def warm_up(self) -> None:
-        import torch
+        from services.denoiser.model import denoise, warm_up_inputs
 
-        from services.denoiser.model import denoise
-
-        cfg = self.bundle.transformer.config
-        if self.bundle.family == "flux":
-            inputs = {
-                "clip_l_pooler": torch.zeros(1, cfg.pooled_projection_dim),
-                "t5_embeds": torch.zeros(1, 8, cfg.joint_attention_dim),
-            }
-        else:
-            clip = torch.zeros(2, 77, 1)
-            half = cfg.pooled_projection_dim // 2
-            inputs = {
-                "clip_l_embeds": clip,
-                "clip_l_pooled": torch.zeros(2, half),
-                "clip_g_embeds": clip,
-                "clip_g_pooled": torch.zeros(2, cfg.pooled_projection_dim - half),
-                "t5_embeds": torch.zeros(2, 8, cfg.joint_attention_dim),
-            }
         denoise(
             self.bundle,
-            inputs=inputs,
+            inputs=warm_up_inputs(self.bundle),
             height=64,
             width=64,
             num_inference_steps=2,

@@ -10,7 +10,9 @@ matmul may round differently from a batch-1 one.
 One CLIP model serves both families: SD3 takes the penultimate hidden state ("embeds") and
 the projected pooled output ("pooled" = `CLIPTextModelWithProjection.text_embeds`); Flux
 takes CLIP-L's unprojected pooled output ("pooler" = `CLIPTextModel(...).pooler_output`).
-All three come from one `text_model` call, the very call both transformers classes make.
+SD1.5's `sd15-clip` (a `CLIPTextModel`, no projection) gives its last hidden state ("last" =
+`CLIPTextModel(...)[0]`, as `StableDiffusionPipeline.encode_prompt` without clip skip).
+All of them come from one `text_model` call, the very call both transformers classes make.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ def _device(bundle: TextEncoderBundle) -> torch.device:
     return next(bundle.model.parameters()).device
 
 
-CLIP_OUTPUTS = ("embeds", "pooled", "pooler")
+CLIP_OUTPUTS = ("embeds", "pooled", "pooler", "last")
+
+
+def default_clip_outputs(bundle: TextEncoderBundle) -> tuple[str, ...]:
+    """What a CLIP gives when a step names no outputs: SD3's pair, or for a CLIP without a
+    projection (SD1.5's `CLIPTextModel`, which has no "pooled") its last hidden state."""
+    return ("embeds", "pooled") if hasattr(bundle.model, "text_projection") else ("last",)
 
 
 def encode_clip(
@@ -39,7 +47,8 @@ def encode_clip(
 ) -> dict[str, torch.Tensor]:
     """CLIP prompt embeddings, one row per text, for the names in `outputs`:
     "embeds" (n, 77, width) penultimate hidden state (SD3), "pooled" (n, projection_dim)
-    projected pooled output (SD3), "pooler" (n, width) unprojected pooled output (Flux).
+    projected pooled output (SD3), "pooler" (n, width) unprojected pooled output (Flux),
+    "last" (n, 77, width) last hidden state (SD1.5).
     `together`: all texts in one call (batching several requests: equal up to float rounding)
     instead of one call per text (the pipelines' way, bit for bit)."""
     if bundle.kind != "clip":
@@ -58,13 +67,17 @@ def encode_clip(
                 chunk, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
             ).input_ids
             # = CLIPTextModelWithProjection.forward, keeping the pooler output it would drop
-            out = bundle.model.text_model(ids.to(device), output_hidden_states=True)
+            # (a CLIPTextModel, SD1.5's, is itself the text model: the pipeline's very call)
+            text_model = getattr(bundle.model, "text_model", bundle.model)
+            out = text_model(ids.to(device), output_hidden_states=True)
             if "embeds" in rows:
                 rows["embeds"].append(out.hidden_states[-2].to(dtype=bundle.model.dtype, device=device))
             if "pooled" in rows:
                 rows["pooled"].append(bundle.model.text_projection(out.pooler_output))
             if "pooler" in rows:
                 rows["pooler"].append(out.pooler_output.to(dtype=bundle.model.dtype, device=device))
+            if "last" in rows:
+                rows["last"].append(out.last_hidden_state.to(dtype=bundle.model.dtype, device=device))
     return {name: torch.cat(tensors, dim=0) for name, tensors in rows.items()}
 
 
@@ -96,12 +109,14 @@ def encode(
 ) -> dict[str, torch.Tensor]:
     """Encode with whichever kind of model the bundle holds.
 
-    params: for CLIP `outputs` (names among "embeds", "pooled", "pooler"; default
-    ("embeds", "pooled"): SD3 and SD3.5 need those, Flux needs ("pooler",) from clip-l);
+    params: for CLIP `outputs` (names among "embeds", "pooled", "pooler", "last"; default
+    `default_clip_outputs`: SD3 and SD3.5 need ("embeds", "pooled"), Flux ("pooler",) from
+    clip-l, SD1.5 ("last",) from sd15-clip);
     for T5 `max_sequence_length` (SD3/SD3.5: 256, Flux: 512; default 256).
     """
     if bundle.kind == "clip":
-        return encode_clip(bundle, texts, outputs=params.get("outputs") or ("embeds", "pooled"), together=together)
+        outputs = params.get("outputs") or default_clip_outputs(bundle)
+        return encode_clip(bundle, texts, outputs=outputs, together=together)
     if bundle.kind == "t5":
         length = int(params.get("max_sequence_length", 256))
         return encode_t5(bundle, texts, max_sequence_length=length, together=together)

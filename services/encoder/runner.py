@@ -1,4 +1,4 @@
-"""Encoder service: CLIP-L, CLIP-G and T5 text encoders, each its own model id and subject.
+"""Encoder service: CLIP-L, CLIP-G, T5 (and SD1.5's CLIP) text encoders, each its own model id and subject.
 
 Texts of steps that queue up for one model are encoded in one call when batching is on
 (`LEGO_ENCODE_MAX_BATCH`, 16 on a GPU, off on the CPU); a step alone is encoded text by text,
@@ -103,5 +103,5 @@ SPEC = ServiceSpec(
     name="encoder",
     default_models=["clip-l", "clip-g", "t5"],
     load=load,
-    description="Text encoder service: hosts one or several of clip-l, clip-g, t5, each on its own subject.",
+    description="Text encoder service: hosts one or several of clip-l, clip-g, t5, sd15-clip, each on its own subject.",
 )

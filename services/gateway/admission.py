@@ -19,6 +19,7 @@ from services.gateway.errors import APIError
 from services.gateway.images import DEFAULT_QUALITY, ImageEncoding
 from services.gateway.schemas import ImageGenerationRequest, parse_size
 from shared.tensor_plane import RawTensor
+from shared.workflows.catalogue import catalogue
 from shared.workflows.spec import WorkflowSpec
 from shared.workflows.variants import CONTROL_IMAGE
 
@@ -60,12 +61,20 @@ def admit(body: ImageGenerationRequest, workflow: WorkflowSpec) -> Admitted:
     if workflow.controlnets:
         params["controlnet"], tensors[CONTROL_IMAGE] = _controlnet(body, workflow, width, height)
     elif body.controlnet is not None:
-        raise _invalid(f"workflow {workflow.name!r} takes no controlnet; use {workflow.name}-controlnet")
+        raise _invalid(f"workflow {workflow.name!r} takes no controlnet" + _variant_hint(workflow, "-controlnet"))
     if workflow.loras:
         params["loras"] = _loras(body, workflow)
     elif body.loras:
-        raise _invalid(f"workflow {workflow.name!r} takes no loras; use a '-lora' workflow")
+        raise _invalid(f"workflow {workflow.name!r} takes no loras" + _variant_hint(workflow, "-lora"))
     return Admitted(params=params, seed=seed, tensors=tensors, encoding=_encoding(body))
+
+
+def _variant_hint(workflow: WorkflowSpec, suffix: str) -> str:
+    """Where to go instead: the family's `suffix` variants, or that it has none (sd15)."""
+    has = [w for w in catalogue().values() if w.family == workflow.family and (w.controlnets or w.loras)]
+    if not any(w.controlnets if suffix == "-controlnet" else w.loras for w in has):
+        return f" (the {workflow.family} family has no {suffix[1:]} workflows)"
+    return f"; use {workflow.name}-controlnet" if suffix == "-controlnet" else "; use a '-lora' workflow"
 
 
 def _encoding(body: ImageGenerationRequest) -> ImageEncoding:

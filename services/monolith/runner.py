@@ -60,7 +60,9 @@ class MonolithRunner:
                 torch.manual_seed(int(p["seed"]))  # as the mesh seeds the control latents
 
         def on_step(pipe: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-            ctx.progress(i + 1, kwargs["num_inference_steps"])
+            # SD1.5's PNDM calls the UNet once more than num_inference_steps: never past the total.
+            total = kwargs["num_inference_steps"]
+            ctx.progress(min(i + 1, total), total)
             return kw
 
         images = self.pipe(**kwargs, callback_on_step_end=on_step).images
@@ -81,7 +83,7 @@ class MonolithRunner:
         modules = [m for m in self.pipe.components.values() if hasattr(m, "parameters")]
         return {
             "param_bytes": param_bytes(*modules),
-            "loras": sorted(getattr(self.pipe.transformer, "peft_config", {})),
+            "loras": sorted(getattr(getattr(self.pipe, "transformer", None), "peft_config", None) or {}),
         }
 
 

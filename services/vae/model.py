@@ -26,13 +26,17 @@ def decode(bundle: VaeBundle, latents: torch.Tensor) -> torch.Tensor:
 
     Works for every family: SD3's and Flux's pipelines both decode `latents / scaling_factor
     + shift_factor` (Flux after unpacking, which the denoiser has done), with the factors
-    read from the VAE's config.
+    read from the VAE's config; SD1.5's VAE has no shift factor (None) and its pipeline
+    decodes `latents / scaling_factor` (no NSFW check: every image is denormalised).
     """
     vae = bundle.vae
     device = next(vae.parameters()).device
     processor = VaeImageProcessor(vae_scale_factor=_scale_factor(bundle))
+    shift = vae.config.shift_factor
     with torch.inference_mode():
-        scaled = (latents.to(device=device, dtype=vae.dtype) / vae.config.scaling_factor) + vae.config.shift_factor
+        scaled = latents.to(device=device, dtype=vae.dtype) / vae.config.scaling_factor
+        if shift is not None:
+            scaled = scaled + shift
         image = vae.decode(scaled, return_dict=False)[0]
         image_np = processor.postprocess(image, output_type="np")
     pixels = (image_np * 255).round().astype("uint8")  # as VaeImageProcessor.numpy_to_pil
@@ -69,6 +73,8 @@ def encode_control_image(
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if family not in CONTROL_LATENTS_SHIFTED:
+        raise ValueError(f"family {family!r} has no ControlNet, so no control latents")
     if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != torch.uint8:
         raise ValueError(f"a control image must be uint8 (H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
     from PIL import Image

@@ -6,6 +6,8 @@ would drift apart. The rules:
 - ControlNet: a `control` node (the family's VAE encodes the request's control image into
   latents) feeds the denoise node, which calls the family's ControlNet at every step;
 - LoRA: the denoise node receives the request's `loras` and applies them to the shared base.
+A family gets only the variants the zoo can serve: none with ControlNet unless the registry
+names one for it, none with LoRA unless it lists LoRAs of its base (sd15 has neither).
 """
 
 from __future__ import annotations
@@ -67,5 +69,14 @@ def with_lora(base: WorkflowSpec) -> WorkflowSpec:
 
 
 def variants(base: WorkflowSpec) -> list[WorkflowSpec]:
-    """The base workflow and its three variants, in catalogue order."""
-    return [base, with_controlnet(base), with_lora(base), with_lora(with_controlnet(base))]
+    """The base workflow and the variants its family has models for, in catalogue order."""
+    controlnet = "controlnet" in FAMILY_MODELS.get(base.family, {})  # type: ignore[call-overload]
+    lora = bool(loras_for(base.node_of_kind(StepKind.DENOISE).model))
+    out = [base]
+    if controlnet:
+        out.append(with_controlnet(base))
+    if lora:
+        out.append(with_lora(base))
+    if controlnet and lora:
+        out.append(with_lora(with_controlnet(base)))
+    return out

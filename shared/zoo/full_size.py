@@ -1,8 +1,8 @@
 """The full-size architectures of every model id, built on torch's `meta` device (no memory).
 
 Why: no real weights can be downloaded here, yet memory claims must hold for the real models.
-These are the published configs (SD3-Medium, SD3.5-Large, Flux.1-dev, their text encoders,
-VAEs and public ControlNets), instantiated as the same diffusers/transformers classes the
+These are the published configs (SD3-Medium, SD3.5-Large, Flux.1-dev, SD1.5, their text
+encoders, VAEs and public ControlNets), instantiated as the same diffusers/transformers classes the
 services load, so parameter counts are exact; on a GPU they can be materialised with random
 weights (`device="cuda"`) to time the real shapes.
 """
@@ -23,14 +23,17 @@ PARAM_GIB = {
     "flux-transformer": 22.17,
     "sd3-vae": 0.16,
     "flux-vae": 0.16,
+    "sd15-clip": 0.23,
+    "sd15-unet": 1.60,
+    "sd15-vae": 0.16,
 }
 LORA_RANK = 16  # a typical rank for style LoRAs of these bases
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 BYTES_PER_PARAM = 2  # bf16, as these models are served
 
 
-def _clip(hidden: int, intermediate: int, layers: int, heads: int, **token_ids: int) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip(hidden: int, intermediate: int, layers: int, heads: int, projection: bool = True, **token_ids: int) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=49408,
@@ -43,7 +46,7 @@ def _clip(hidden: int, intermediate: int, layers: int, heads: int, **token_ids: 
         hidden_act="gelu",
         **token_ids,
     )
-    return CLIPTextModelWithProjection(config)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def _t5(layers: int = 24, **token_ids: int) -> Any:
@@ -122,9 +125,11 @@ def _flux_controlnet() -> Any:
     return FluxControlNetModel(**_flux_config(5, 10))
 
 
-def _vae(scaling: float, shift: float) -> Any:
+def _vae(scaling: float, shift: float | None, latent_channels: int = 16) -> Any:
+    """SD3's and Flux's 16-channel VAE; with 4 channels (and quant convs) SD1.5's."""
     from diffusers import AutoencoderKL
 
+    quant = latent_channels == 4
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -132,11 +137,28 @@ def _vae(scaling: float, shift: float) -> Any:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(128, 256, 512, 512),
         layers_per_block=2,
-        latent_channels=16,
+        latent_channels=latent_channels,
         scaling_factor=scaling,
         shift_factor=shift,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+        use_quant_conv=quant,
+        use_post_quant_conv=quant,
+    )
+
+
+def _sd15_unet() -> Any:
+    """stable-diffusion-v1-5's unet/config.json."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
     )
 
 
@@ -154,6 +176,9 @@ _BUILDERS = {
     # stabilityai/stable-diffusion-3.5-large-controlnet-*: 19 blocks of SD3.5-Large's width.
     "sd35-large-controlnet": lambda: _sd3_controlnet(19, 38, 2432, "rms_norm"),
     "flux-controlnet": _flux_controlnet,
+    "sd15-clip": lambda: _clip(768, 3072, 12, 12, projection=False),
+    "sd15-unet": _sd15_unet,
+    "sd15-vae": lambda: _vae(0.18215, None, latent_channels=4),
 }
 
 

@@ -9,7 +9,8 @@ Where each model comes from:
 * Tiny (no `models_dir`): built once with fixed seeds under `settings.model_cache_dir`:
   `tiny-sd3-v1/` (an SD3 pipeline directory: the shared text encoders and tokenizers, the SD3
   transformer, scheduler and VAE), `tiny-sd35-large-v1/` and `tiny-flux-v1/` (transformer,
-  scheduler, and Flux's VAE), `tiny-controlnets-v1/<id>/`, `tiny-loras-v1/<name>/`.
+  scheduler, and Flux's VAE), `tiny-sd15-v1/` (a whole SD1.5 pipeline directory),
+  `tiny-controlnets-v1/<id>/`, `tiny-loras-v1/<name>/`.
 * Real weights (`settings.models_dir`) in this layout (as before, `models_dir` may also itself
   be an SD3 diffusers directory: it then serves as `sd3/`, and the other pieces are looked up
   inside it at the same relative paths)::
@@ -17,6 +18,8 @@ Where each model comes from:
       <models_dir>/sd3/                  diffusers StableDiffusion3Pipeline directory
       <models_dir>/sd35-large/           diffusers SD3.5-Large directory (transformer/, scheduler/)
       <models_dir>/flux/                 diffusers FluxPipeline directory (transformer/, scheduler/, vae/)
+      <models_dir>/sd15/                 diffusers StableDiffusionPipeline directory (text_encoder/,
+                                         tokenizer/, unet/, vae/, scheduler/; no safety checker read)
       <models_dir>/controlnets/<id>/     a ControlNet (config.json + weights), e.g. controlnets/flux-controlnet
       <models_dir>/loras/<name>/         pytorch_lora_weights.safetensors (or loras/<name>.safetensors)
 
@@ -24,7 +27,8 @@ Where each model comes from:
   `clip-g`, `t5`, with their tokenizers) and `sd3-vae` are read from the sd3 directory, or from
   the sd35-large one when there is no sd3 directory. Flux's CLIP-L and T5 are these shared ones
   too (Flux uses the same CLIP ViT-L/14 and T5 v1.1 XXL): a Flux directory's own `text_encoder`
-  and `text_encoder_2` are not read. A missing piece raises FileNotFoundError naming the path.
+  and `text_encoder_2` are not read. SD1.5 shares nothing: `sd15-clip` is its own directory's
+  `text_encoder/` (a `CLIPTextModel`). A missing piece raises FileNotFoundError naming the path.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from shared.zoo import tiny_controlnets, tiny_flux, tiny_loras, tiny_sd35
+from shared.zoo import tiny_controlnets, tiny_flux, tiny_loras, tiny_sd15, tiny_sd35
 from shared.zoo.registry import CONTROL_LATENTS_SHIFTED, FAMILIES, FAMILY_MODELS, LORAS, MODEL_IDS, Family
 from shared.zoo.tiny import ensure_tiny_dir
 
@@ -47,10 +51,16 @@ _TEXT_ENCODERS: dict[str, tuple[str, str, Literal["clip", "t5"]]] = {
     "clip-l": ("text_encoder", "tokenizer", "clip"),
     "clip-g": ("text_encoder_2", "tokenizer_2", "clip"),
     "t5": ("text_encoder_3", "tokenizer_3", "t5"),
+    "sd15-clip": ("text_encoder", "tokenizer", "clip"),
 }
+# Text encoders read from their family's own directory as a `CLIPTextModel` (no projection),
+# not from the shared one as a `CLIPTextModelWithProjection`.
+_OWN_TEXT_ENCODERS: dict[str, Family] = {"sd15-clip": "sd15"}
 _DENOISERS: dict[str, Family] = {fam["denoiser"]: f for f, fam in FAMILY_MODELS.items()}
-_CONTROLNETS: dict[str, Family] = {fam["controlnet"]: f for f, fam in FAMILY_MODELS.items()}
-_VAES: dict[str, Family] = {"sd3-vae": "sd3", "flux-vae": "flux"}  # the family directory holding vae/
+_CONTROLNETS: dict[str, Family] = {fam["controlnet"]: f for f, fam in FAMILY_MODELS.items() if "controlnet" in fam}
+# the family directory holding vae/
+_VAES: dict[str, Family] = {"sd3-vae": "sd3", "flux-vae": "flux", "sd15-vae": "sd15"}
+_TINY_FAMILY_DIRS = {"sd35-large": tiny_sd35.ensure_dir, "flux": tiny_flux.ensure_dir, "sd15": tiny_sd15.ensure_dir}
 _SHARED_SOURCES: tuple[Family, ...] = ("sd3", "sd35-large")  # where shared encoders / sd3-vae are read
 
 
@@ -66,10 +76,12 @@ class TextEncoderBundle:
 
 @dataclass
 class DenoiserBundle:
-    """A base transformer with its scheduler (a template: callers copy it per request).
+    """A base denoising network with its scheduler (a template: callers copy it per request).
 
     `family` picks the denoising loop: "sd3" and "sd35-large" run StableDiffusion3Pipeline's,
-    "flux" FluxPipeline's.
+    "flux" FluxPipeline's, "sd15" StableDiffusionPipeline's. `transformer` is the network the
+    loop calls, whatever its architecture: for sd15 a `UNet2DConditionModel` (one field, so the
+    runner, the batching engine and the LoRA cache need not tell them apart).
     """
 
     model_id: str
@@ -163,9 +175,7 @@ def family_dir(family: Family, settings: Settings) -> Path:
     root = _user_root(settings)
     if root is None:
         cache = settings.model_cache_dir
-        if family == "sd3":
-            return ensure_tiny_dir(cache)
-        return tiny_sd35.ensure_dir(cache) if family == "sd35-large" else tiny_flux.ensure_dir(cache)
+        return ensure_tiny_dir(cache) if family == "sd3" else _TINY_FAMILY_DIRS[family](cache)
     if family == "sd3" and _is_pipeline_dir(root):
         return root  # today's layout: models_dir is itself an SD3 directory
     path = root / family
@@ -251,15 +261,23 @@ def prepare_zoo(settings: Settings) -> dict[str, Path]:
 
 
 def load_text_encoder(model_id: str, settings: Settings) -> TextEncoderBundle:
-    """Load `clip-l`, `clip-g` or `t5` with its tokenizer, in eval mode on `settings.device`."""
+    """Load `clip-l`, `clip-g`, `t5` or `sd15-clip` with its tokenizer, in eval mode on `settings.device`."""
     if model_id not in _TEXT_ENCODERS:
         raise _unknown(model_id, tuple(_TEXT_ENCODERS))
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
-    root = shared_dir(settings)
+    own = _OWN_TEXT_ENCODERS.get(model_id)
+    root = family_dir(own, settings) if own else shared_dir(settings)
     sub, tok_sub, kind = _TEXT_ENCODERS[model_id]
     if kind == "clip":
-        model = CLIPTextModelWithProjection.from_pretrained(_need(root / sub, model_id), dtype=model_dtype(settings))
+        clip_cls = CLIPTextModel if own else CLIPTextModelWithProjection
+        model = clip_cls.from_pretrained(_need(root / sub, model_id), dtype=model_dtype(settings))
         tokenizer = CLIPTokenizer.from_pretrained(_need(root / tok_sub, f"{model_id} tokenizer"))
     else:
         model = T5EncoderModel.from_pretrained(_need(root / sub, model_id), dtype=model_dtype(settings))
@@ -274,20 +292,39 @@ def _transformer_class(family: Family):
     return FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
 
 
+def _scheduler_of(family: Family, path: Path):
+    """The transformer families' FlowMatch scheduler; for sd15 the class its scheduler config
+    names (PNDM in SD1.5's repository), as `StableDiffusionPipeline.from_pretrained` picks it."""
+    import diffusers
+
+    if family != "sd15":
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path)
+    import json
+
+    name = json.loads((path / "scheduler_config.json").read_text()).get("_class_name", "PNDMScheduler")
+    cls = getattr(diffusers, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise ValueError(f"{path}: unknown scheduler class {name!r}")
+    return cls.from_pretrained(path)
+
+
 def load_denoiser(model_id: str, settings: Settings) -> DenoiserBundle:
-    """Load a base transformer and the FlowMatch scheduler saved beside it."""
+    """Load a base transformer (sd15: UNet) and the scheduler saved beside it."""
     if model_id not in _DENOISERS:
         raise _unknown(model_id, tuple(_DENOISERS))
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     family = _DENOISERS[model_id]
     root = family_dir(family, settings)
-    transformer = _transformer_class(family).from_pretrained(
-        _need(root / "transformer", model_id), dtype=model_dtype(settings)
-    )
-    transformer = _place(transformer, settings)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_need(root / "scheduler", f"{model_id} scheduler"))
-    return DenoiserBundle(model_id=model_id, transformer=transformer, scheduler=scheduler, family=family)
+    if family == "sd15":
+        from diffusers import UNet2DConditionModel
+
+        network = UNet2DConditionModel.from_pretrained(_need(root / "unet", model_id), dtype=model_dtype(settings))
+    else:
+        network = _transformer_class(family).from_pretrained(
+            _need(root / "transformer", model_id), dtype=model_dtype(settings)
+        )
+    network = _place(network, settings)
+    scheduler = _scheduler_of(family, _need(root / "scheduler", f"{model_id} scheduler"))
+    return DenoiserBundle(model_id=model_id, transformer=network, scheduler=scheduler, family=family)
 
 
 def vae_dir(model_id: str, settings: Settings) -> Path:
@@ -298,7 +335,7 @@ def vae_dir(model_id: str, settings: Settings) -> Path:
 
 
 def load_vae(model_id: str, settings: Settings) -> VaeBundle:
-    """Load `sd3-vae` or `flux-vae` (the config carries scaling_factor and shift_factor)."""
+    """Load `sd3-vae`, `flux-vae` or `sd15-vae` (the config carries scaling_factor and shift_factor)."""
     if model_id not in _VAES:
         raise _unknown(model_id, tuple(_VAES))
     from diffusers import AutoencoderKL
@@ -389,11 +426,24 @@ def build_reference_pipeline(settings: Settings, family: Family = "sd3", control
     sd3 / sd35-large: StableDiffusion3Pipeline, or StableDiffusion3ControlNetPipeline with
     the family's ControlNet; flux: FluxPipeline or FluxControlNetPipeline, whose
     `text_encoder` is a `CLIPTextModel` loaded from the shared CLIP-L weights (its projection
-    unused) and `text_encoder_2` the shared T5, with the shared tokenizers.
+    unused) and `text_encoder_2` the shared T5, with the shared tokenizers; sd15:
+    StableDiffusionPipeline over its directory, without safety checker (none is served).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    if family == "sd3" and not controlnet:
+    if controlnet and "controlnet" not in FAMILY_MODELS[family]:
+        raise ValueError(f"family {family!r} has no ControlNet")
+    if family == "sd15":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            family_dir(family, settings),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            dtype=model_dtype(settings),
+        )
+    elif family == "sd3" and not controlnet:
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(models_root(settings), dtype=model_dtype(settings))

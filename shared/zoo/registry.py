@@ -4,8 +4,12 @@ Why a torch-free table: the gateway validates requests (LoRA names, ControlNet i
 models, and the launcher decides which processes to start, without importing torch. The
 loaders in `loading.py` read the same table, so a model id means one thing everywhere.
 
-Sharing is decided here: the three families use the same `clip-l` and `t5` ids (SD3 and
-SD3.5-Large also the same `clip-g` and `sd3-vae`), so one loaded copy serves them all.
+Sharing is decided here: the three transformer families use the same `clip-l` and `t5` ids
+(SD3 and SD3.5-Large also the same `clip-g` and `sd3-vae`), so one loaded copy serves them all.
+SD1.5 (`sd15`, a UNet) shares nothing: its text encoder is a `CLIPTextModel` read for its last
+hidden state (SD3's `clip-l` is a `CLIPTextModelWithProjection` read for its penultimate one and
+its projected pool), as wide as its UNet's cross-attention, and shipped in its own directory;
+its VAE has 4 latent channels. It has no ControlNet and no LoRAs here, so no variants.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Role = Literal["text_encoder", "denoiser", "vae", "controlnet"]
-Family = Literal["sd3", "sd35-large", "flux"]
+Family = Literal["sd3", "sd35-large", "flux", "sd15"]
 
-FAMILIES: tuple[Family, ...] = ("sd3", "sd35-large", "flux")
+FAMILIES: tuple[Family, ...] = ("sd3", "sd35-large", "flux", "sd15")
 
 # The service (process type) that hosts each role.
 SERVICE_OF_ROLE: dict[Role, str] = {
@@ -61,6 +65,9 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("flux-transformer", "denoiser", ("flux",), "Flux.1 (dev-style, guidance-distilled) transformer"),
         ModelInfo("sd3-vae", "vae", ("sd3", "sd35-large"), "SD3/SD3.5 16-channel VAE"),
         ModelInfo("flux-vae", "vae", ("flux",), "Flux 16-channel VAE"),
+        ModelInfo("sd15-clip", "text_encoder", ("sd15",), "SD1.5 CLIP ViT-L/14 text encoder (last hidden state)"),
+        ModelInfo("sd15-unet", "denoiser", ("sd15",), "SD1.5 UNet2DConditionModel"),
+        ModelInfo("sd15-vae", "vae", ("sd15",), "SD1.5 4-channel VAE"),
         ModelInfo("sd3-controlnet", "controlnet", ("sd3",), "SD3ControlNetModel for the SD3 transformer"),
         ModelInfo("sd35-large-controlnet", "controlnet", ("sd35-large",), "SD3ControlNetModel for SD3.5-Large"),
         ModelInfo("flux-controlnet", "controlnet", ("flux",), "FluxControlNetModel for the Flux transformer"),
@@ -81,11 +88,13 @@ LORAS: dict[str, LoraInfo] = {
     )
 }
 
-# Per family: the base denoiser, its VAE and its ControlNet.
+# Per family: the base denoiser, its VAE and its ControlNet (a family without one has no
+# "controlnet" key, and so no -controlnet workflows).
 FAMILY_MODELS: dict[Family, dict[str, str]] = {
     "sd3": {"denoiser": "sd3-transformer", "vae": "sd3-vae", "controlnet": "sd3-controlnet"},
     "sd35-large": {"denoiser": "sd35-large-transformer", "vae": "sd3-vae", "controlnet": "sd35-large-controlnet"},
     "flux": {"denoiser": "flux-transformer", "vae": "flux-vae", "controlnet": "flux-controlnet"},
+    "sd15": {"denoiser": "sd15-unet", "vae": "sd15-vae"},
 }
 
 
@@ -100,7 +109,7 @@ def loras_for(base: str) -> list[str]:
 
 def controlnets_for(base: str) -> list[str]:
     """ControlNet ids whose family's base denoiser is `base`."""
-    return [fam["controlnet"] for fam in FAMILY_MODELS.values() if fam["denoiser"] == base]
+    return [fam["controlnet"] for fam in FAMILY_MODELS.values() if fam["denoiser"] == base and "controlnet" in fam]
 
 
 # How each family's ControlNets take their inputs (diffusers' `force_zeros_for_pooled_projection`

@@ -50,8 +50,10 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def build_clip(width: int, seed: int, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def build_clip(width: int, seed: int, tokenizer, *, with_projection: bool = True):
+    """A tiny CLIP text encoder: `CLIPTextModelWithProjection` (SD3's, with the pooled
+    projection) or, `with_projection=False`, `CLIPTextModel` (SD1.5's)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -67,7 +69,7 @@ def build_clip(width: int, seed: int, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
     )
     with seeded(seed):
-        return CLIPTextModelWithProjection(config).eval()
+        return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
 def build_t5(seed: int, tokenizer):
@@ -112,26 +114,28 @@ def build_sd3_transformer(seed: int, **overrides: Any):
         return SD3Transformer2DModel(**(config | overrides)).eval()
 
 
-def build_vae(seed: int, *, scaling_factor: float = 1.5305, shift_factor: float = 0.0609):
-    """The tiny 16-channel VAE (SD3's latent scaling by default; Flux passes its own)."""
+def build_vae(seed: int, *, scaling_factor: float = 1.5305, shift_factor: float | None = 0.0609, **overrides: Any):
+    """The tiny 16-channel VAE (SD3's latent scaling by default; Flux passes its own, and SD1.5
+    its 4 latent channels with quant convs and no shift through `overrides`)."""
     from diffusers import AutoencoderKL
 
+    config: dict[str, Any] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (16, 32, 32, 32),  # 4 blocks: the real 8x downscale
+        "layers_per_block": 1,
+        "latent_channels": 16,
+        "norm_num_groups": 8,
+        "sample_size": 256,
+        "scaling_factor": scaling_factor,
+        "shift_factor": shift_factor,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
     with seeded(seed):
-        return AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 32, 32, 32),  # 4 blocks: the real 8x downscale
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=256,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).eval()
+        return AutoencoderKL(**(config | overrides)).eval()
 
 
 def build_tiny_pipeline():

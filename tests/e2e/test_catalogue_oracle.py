@@ -1,8 +1,8 @@
 """Every workflow of the catalogue, through the REST API, equals diffusers' own pipeline for it
 (`StableDiffusion3Pipeline`, `StableDiffusion3ControlNetPipeline`, `FluxPipeline`,
-`FluxControlNetPipeline`, with the same LoRAs loaded) built from the same components, seed
-and parameters. Also: requests with different LoRAs on one base, arriving together, each get
-their own workflow's image."""
+`FluxControlNetPipeline`, `StableDiffusionPipeline` for sd15, with the same LoRAs loaded) built
+from the same components, seed and parameters. Also: requests with different LoRAs on one base,
+arriving together, each get their own workflow's image."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.oracle import assert_images_match, png_to_array
 
 PROMPT = "a lighthouse on a cliff, ink drawing"
 SEED = 77
-GUIDANCE = {"sd3": 5.0, "sd35-large": 4.5, "flux": 3.5}
+GUIDANCE = {"sd3": 5.0, "sd35-large": 4.5, "flux": 3.5, "sd15": 7.5}
 
 
 def control_image(width: int, height: int) -> Image.Image:
@@ -114,6 +114,7 @@ CASES = [
     ("flux-controlnet", {"controlnet": {"conditioning_scale": 1.2}}),
     ("flux-lora", {"loras": [{"name": "flux-lora-a", "scale": 1.0}, {"name": "flux-lora-b", "scale": 0.5}]}),
     ("flux-controlnet-lora", {"controlnet": {}, "n": 2}),
+    ("sd15", {"negative_prompt": "blurry", "size": "64x96"}),
 ]
 
 

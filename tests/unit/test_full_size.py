@@ -30,7 +30,16 @@ from shared.zoo.full_size import (
 
 @pytest.mark.parametrize(
     "model_id,billions",
-    [("sd3-transformer", 2.03), ("t5", 4.76), ("clip-g", 0.69), ("clip-l", 0.12), ("flux-transformer", 11.90)],
+    [
+        ("sd3-transformer", 2.03),
+        ("t5", 4.76),
+        ("clip-g", 0.69),
+        ("clip-l", 0.12),
+        ("flux-transformer", 11.90),
+        ("sd15-unet", 0.86),
+        ("sd15-clip", 0.12),
+        ("sd15-vae", 0.08),
+    ],
 )
 def test_published_sizes(model_id: str, billions: float) -> None:
     assert parameter_count(build_full_size(model_id)) / 1e9 == pytest.approx(billions, abs=0.01)

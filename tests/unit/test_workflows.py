@@ -60,3 +60,44 @@ def test_wire_inputs_takes_refs_from_finished_nodes():
     assert wire_inputs(node, {"a": {"embeds": ref}}) == {"emb": ref}
     with pytest.raises(WorkflowError, match="did not produce"):
         wire_inputs(node, {"a": {}})
+
+
+def test_the_catalogue_is_twelve_transformer_workflows_and_sd15_alone():
+    """sd3, sd35-large and flux each get their ControlNet/LoRA variants; sd15 (no ControlNet,
+    no LoRAs in the zoo) only its text-to-image workflow."""
+    names = set(catalogue())
+    families = ("sd3", "sd35-large", "flux")
+    suffixes = ("", "-controlnet", "-lora", "-controlnet-lora")
+    assert names == {f + s for f in families for s in suffixes} | {"sd15"}
+    sd15 = get_workflow("sd15")
+    assert sd15.family == "sd15" and not sd15.controlnets and not sd15.loras
+    assert [m for _, m in sd15.models()] == ["sd15-clip", "sd15-unet", "sd15-vae"]
+    assert topological_order(sd15) == ["clip", "denoise", "decode"]
+    assert sd15.node("clip").settings["outputs"] == ["last"] and sd15.uses_param("negative_prompt")
+
+
+def test_the_launcher_starts_sd15_models_only_for_sd15():
+    from lego.launcher import plan_units
+
+    units = {u.name: u.models for u in plan_units(["sd15"])}
+    assert units == {"encoder": ("sd15-clip",), "sd15-unet": ("sd15-unet",), "vae": ("sd15-vae",)}
+    everything = {u.name: u.models for u in plan_units()}
+    assert "sd15-clip" in everything["encoder"] and "sd15-vae" in everything["vae"] and "sd15-unet" in everything
+    assert all(not m.startswith("sd15") for m in everything["adapters"])
+
+
+def test_sd15_requests_refuse_controlnet_and_loras():
+    from services.gateway.admission import admit
+    from services.gateway.errors import APIError
+    from services.gateway.schemas import ImageGenerationRequest
+
+    sd15 = get_workflow("sd15")
+    ok = admit(ImageGenerationRequest(prompt="a cat", negative_prompt="blurry", workflow="sd15", seed=1), sd15)
+    assert ok.params["negative_prompt"] == "blurry" and "loras" not in ok.params and not ok.tensors
+    refusals = [({"controlnet": {"image": "AAAA"}}, "controlnet"), ({"loras": [{"name": "sd3-lora-a"}]}, "lora")]
+    for extra, what in refusals:
+        body = ImageGenerationRequest(prompt="a cat", workflow="sd15", **extra)
+        with pytest.raises(APIError) as refused:
+            admit(body, sd15)
+        assert refused.value.status == 422
+        assert f"takes no {what}" in str(refused.value.message) and "sd15 family has no" in str(refused.value.message)

@@ -36,8 +36,10 @@ from shared.zoo import (
     tiny_controlnets,
     tiny_flux,
     tiny_loras,
+    tiny_sd15,
     tiny_sd35,
 )
+from shared.zoo.tokenizers import build_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 # The `settings` fixture (tests/conftest.py) is the session's model cache, built once.
@@ -49,7 +51,7 @@ def _weights(root: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def test_model_ids() -> None:
     assert MODEL_IDS == registry.MODEL_IDS
-    assert {"clip-l", "clip-g", "t5", "sd3-transformer", "sd3-vae"} < set(MODEL_IDS) and len(MODEL_IDS) == 11
+    assert {"clip-l", "clip-g", "t5", "sd3-transformer", "sd3-vae"} < set(MODEL_IDS) and len(MODEL_IDS) == 14
     assert all(m.replace("-", "").isalnum() for m in MODEL_IDS)  # safe as a NATS subject token
 
 
@@ -241,6 +243,7 @@ def test_every_model_id_loads(settings: Settings) -> None:
         "sd3-controlnet": "SD3ControlNetModel",
         "sd35-large-controlnet": "SD3ControlNetModel",
         "flux-controlnet": "FluxControlNetModel",
+        "sd15-unet": "UNet2DConditionModel",
     }
     for model_id, cls in expected.items():
         model = getattr(bundles[model_id], "transformer", None) or bundles[model_id].controlnet
@@ -269,6 +272,14 @@ def test_every_model_id_loads(settings: Settings) -> None:
     assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels) == (0.3611, 0.1159, 16)
     assert len(vae.block_out_channels) == 4
 
+    # SD1.5: its own CLIPTextModel (no projection) as wide as the UNet's cross-attention, PNDM.
+    sd15 = bundles["sd15-unet"]
+    assert type(bundles["sd15-clip"].model).__name__ == "CLIPTextModel"
+    assert sd15.transformer.config.cross_attention_dim == bundles["sd15-clip"].model.config.hidden_size
+    assert type(sd15.scheduler).__name__ == "PNDMScheduler" and sd15.scheduler.config.skip_prk_steps
+    vae = bundles["sd15-vae"].vae.config
+    assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels) == (0.18215, None, 4)
+
     for model_id in ("sd3-controlnet", "sd35-large-controlnet", "flux-controlnet"):
         cn = bundles[model_id].controlnet
         assert cn.config.num_layers == 1
@@ -294,6 +305,12 @@ def test_new_models_are_deterministic_and_cached_as_built(settings: Settings) ->
         "sd35-large transformer": (tiny_sd35.build_transformer, family_dir("sd35-large", settings) / "transformer"),
         "flux transformer": (tiny_flux.build_transformer, family_dir("flux", settings) / "transformer"),
         "flux vae": (tiny_flux.build_flux_vae, family_dir("flux", settings) / "vae"),
+        "sd15 unet": (tiny_sd15.build_unet, family_dir("sd15", settings) / "unet"),
+        "sd15 vae": (tiny_sd15.build_sd15_vae, family_dir("sd15", settings) / "vae"),
+        "sd15 clip": (
+            lambda: tiny_sd15.build_text_encoder(build_clip_tokenizer()),
+            family_dir("sd15", settings) / "text_encoder",
+        ),
     }
     for cn in tiny_controlnets.SEEDS:
         builds[cn] = (lambda cn=cn: tiny_controlnets.build_controlnet(cn), controlnet_dir(cn, settings))
@@ -315,7 +332,8 @@ def test_python_m_shared_zoo_builds_everything(tmp_path: Path) -> None:
         [sys.executable, "-m", "shared.zoo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    names = {"tiny-sd3-v1", "tiny-sd35-large-v1", "tiny-flux-v1", "tiny-controlnets-v1", "tiny-loras-v1"}
+    names = {"tiny-sd3-v1", "tiny-sd35-large-v1", "tiny-flux-v1", "tiny-sd15-v1"}
+    names |= {"tiny-controlnets-v1", "tiny-loras-v1"}
     assert {p.name for p in tmp_path.iterdir()} == names  # and no temporary directory left behind
     assert {p.name for p in (tmp_path / "tiny-controlnets-v1").iterdir()} == set(tiny_controlnets.SEEDS)
     assert {p.name for p in (tmp_path / "tiny-loras-v1").iterdir()} == set(registry.LORAS)
@@ -330,7 +348,9 @@ def test_python_m_shared_zoo_builds_everything(tmp_path: Path) -> None:
     assert "flux-lora-b" in done.stdout
 
 
-def _link_layout(settings: Settings, root: Path, families=("sd3", "sd35-large", "flux"), controlnets=(), loras=()):
+def _link_layout(
+    settings: Settings, root: Path, families=("sd3", "sd35-large", "flux", "sd15"), controlnets=(), loras=()
+):
     """A models_dir in the documented layout, made of links to the tiny models."""
     root.mkdir(parents=True, exist_ok=True)
     for f in families:
@@ -345,7 +365,7 @@ def _link_layout(settings: Settings, root: Path, families=("sd3", "sd35-large", 
 
 
 def test_models_dir_layout(settings: Settings, tmp_path: Path) -> None:
-    """<models_dir>/{sd3,sd35-large,flux,controlnets/<id>,loras/<name>} load the same weights."""
+    """<models_dir>/{sd3,sd35-large,flux,sd15,controlnets/<id>,loras/<name>} load the same weights."""
     prepare_zoo(settings)
     user = _link_layout(
         settings, tmp_path / "models", controlnets=tiny_controlnets.SEEDS, loras=["flux-lora-a", "sd3-lora-b"]

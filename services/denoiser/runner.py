@@ -19,12 +19,6 @@ from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
 from shared.worker import BadStepInput, StepCancelled
 
-INPUTS_OF_FAMILY = {
-    "sd3": ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds"),
-    "sd35-large": ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds"),
-    "flux": ("clip_l_pooler", "t5_embeds"),
-    "sd15": ("clip_embeds",),
-}
 INT_PARAMS = ("height", "width", "num_inference_steps", "seed", "n")
 
 
@@ -39,7 +33,7 @@ class DenoiserRunner:
     concurrency: int = 1  # steps in hand at once: the engine's max batch
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        from services.denoiser.model import DenoiseCancelled, denoise_loop, run_loop
+        from services.denoiser.model import INPUTS_OF_FAMILY, DenoiseCancelled, denoise_loop, run_loop
 
         names = INPUTS_OF_FAMILY[self.bundle.family]
         missing = [name for name in names if name not in inputs]

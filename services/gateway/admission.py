@@ -71,10 +71,11 @@ def admit(body: ImageGenerationRequest, workflow: WorkflowSpec) -> Admitted:
 
 def _variant_hint(workflow: WorkflowSpec, suffix: str) -> str:
     """Where to go instead: the family's `suffix` variants, or that it has none (sd15)."""
-    has = [w for w in catalogue().values() if w.family == workflow.family and (w.controlnets or w.loras)]
-    if not any(w.controlnets if suffix == "-controlnet" else w.loras for w in has):
+    controlnet = suffix == "-controlnet"
+    family = [w for w in catalogue().values() if w.family == workflow.family]
+    if not any(w.controlnets if controlnet else w.loras for w in family):
         return f" (the {workflow.family} family has no {suffix[1:]} workflows)"
-    return f"; use {workflow.name}-controlnet" if suffix == "-controlnet" else "; use a '-lora' workflow"
+    return f"; use {workflow.name}-controlnet" if controlnet else "; use a '-lora' workflow"
 
 
 def _encoding(body: ImageGenerationRequest) -> ImageEncoding:

@@ -80,6 +80,9 @@ _TINY_FAMILY_DIRS = {
     "sd15": tiny_sd15.ensure_dir,
     "sdxl": tiny_sdxl.ensure_dir,
 }
+# VAEs whose pipeline decodes in float32 when loaded in float16 with `force_upcast` (SDXL's
+# `upcast_vae`); the SD3, Flux and SD1.5 pipelines decode in the VAE's own dtype.
+_UPCAST_VAES = ("sdxl-vae",)
 # The scheduler a UNet family's pipeline uses when its scheduler config names none.
 _DEFAULT_SCHEDULERS: dict[Family, str] = {"sd15": "PNDMScheduler", "sdxl": "EulerDiscreteScheduler"}
 _SHARED_SOURCES: tuple[Family, ...] = ("sd3", "sd35-large")  # where shared encoders / sd3-vae are read
@@ -375,10 +378,15 @@ def load_vae(model_id: str, settings: Settings) -> VaeBundle:
     """Load `sd3-vae`, `flux-vae`, `sd15-vae` or `sdxl-vae` (the config carries scaling_factor and shift_factor)."""
     if model_id not in _VAES:
         raise _unknown(model_id, tuple(_VAES))
+    import torch
     from diffusers import AutoencoderKL
 
-    vae = _place(AutoencoderKL.from_pretrained(vae_dir(model_id, settings), dtype=model_dtype(settings)), settings)
-    return VaeBundle(model_id=model_id, vae=vae)
+    vae = AutoencoderKL.from_pretrained(vae_dir(model_id, settings), dtype=model_dtype(settings))
+    if model_id in _UPCAST_VAES and vae.dtype == torch.float16 and vae.config.force_upcast:
+        # As StableDiffusionXLPipeline's decode: the float16 weights widened (exactly) to float32,
+        # once at load rather than per request (the pipeline's in-place upcast would race here).
+        vae = vae.to(torch.float32)
+    return VaeBundle(model_id=model_id, vae=_place(vae, settings))
 
 
 def _sd3_pos_embed_from_transformer(family: Family, settings: Settings):
@@ -496,13 +504,13 @@ def build_reference_pipeline(settings: Settings, family: Family = "sd3", control
 
 
 def _sdxl_reference(settings: Settings) -> DiffusionPipeline:
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     dt = {"dtype": model_dtype(settings)}
     shared, fam = shared_dir(settings), family_dir("sdxl", settings)
     return StableDiffusionXLPipeline(
-        vae=load_vae("sdxl-vae", settings).vae,
+        vae=AutoencoderKL.from_pretrained(vae_dir("sdxl-vae", settings), **dt),  # the pipeline upcasts it itself
         text_encoder=CLIPTextModel.from_pretrained(shared / "text_encoder", **dt),
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder_2", **dt),
         tokenizer=CLIPTokenizer.from_pretrained(shared / "tokenizer"),

@@ -192,3 +192,23 @@ def test_sdxl_refuses_what_it_cannot_take(sdxl: Sdxl, settings: Settings) -> Non
         denoise_loop(sdxl.denoiser, wrong, height=64, width=64, **kw)
     with pytest.raises(ValueError, match="no ControlNet"):
         build_reference_pipeline(settings, family="sdxl", controlnet=True)
+
+
+def test_float16_decodes_in_float32_as_the_pipeline_upcasts(settings: Settings) -> None:
+    """SDXL's pipeline decodes a float16 VAE with `force_upcast` in float32 (its float16 weights
+    widened); the VAE service loads sdxl-vae so, and the image stays the pipeline's."""
+    fp16 = dataclasses.replace(settings, dtype="float16")
+    vae = load_vae("sdxl-vae", fp16)
+    assert vae.vae.dtype == torch.float32
+    assert load_vae("sd15-vae", fp16).vae.dtype == torch.float16  # SD1.5's pipeline does not upcast
+    sdxl = Sdxl(
+        clip_l=load_text_encoder("clip-l", fp16),
+        clip_g=load_text_encoder("clip-g", fp16),
+        denoiser=load_denoiser("sdxl-unet", fp16),
+        vae=vae,
+        pipe=build_reference_pipeline(fp16, family="sdxl"),
+    )
+    kw = {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 3}
+    pixels = decode(sdxl.vae, mesh_latents(sdxl, "a lighthouse", "", **kw))
+    want = reference_images(sdxl.pipe, prompt="a lighthouse", width=64, height=64, steps=2, guidance=5.0, seed=3)
+    assert np.array_equal(pixels[0].numpy(), np.asarray(want[0].convert("RGB")))

@@ -282,7 +282,7 @@ def test_every_model_id_loads(settings: Settings) -> None:
     vae = bundles["sd15-vae"].vae.config
     assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels) == (0.18215, None, 4)
 
-    # SDXL: the shared CLIP-L and CLIP-G, side by side on channels and CLIG-G's pool + 6 time ids, Euler.
+    # SDXL: the shared CLIP-L and CLIP-G, side by side on channels and CLIP-G's pool + 6 time ids, Euler.
     sdxl, clip_g = bundles["sdxl-unet"], bundles["clip-g"].model.config
     unet = sdxl.transformer.config
     assert unet.addition_embed_type == "text_time"

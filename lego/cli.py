@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nats-url", help="use this NATS server (with JetStream) instead of starting one")
     up.add_argument(
         "--models-dir",
-        help="your weights: a diffusers SD3 directory, or a directory with sd3/, sd35-large/, flux/, sd15/, "
+        help="your weights: a diffusers SD3 directory, or a directory with sd3/, sd35-large/, flux/, sd15/, sdxl/, "
         "controlnets/<id>/ and loras/<name>/ (default: tiny seeded models)",
     )
     up.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: $LEGO_DEVICE or cpu)")
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="UNIT=N",
         help="replicas per unit, e.g. sd3-transformer=2; units: encoder, vae, adapters and one per base "
-        "model (sd3-transformer, sd35-large-transformer, flux-transformer, sd15-unet); default 1 each",
+        "model (sd3-transformer, sd35-large-transformer, flux-transformer, sd15-unet, sdxl-unet); default 1 each",
     )
     up.add_argument(
         "--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: %(default)s)"

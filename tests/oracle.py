@@ -20,6 +20,15 @@ def _is_flux(pipe) -> bool:
     return type(pipe).__name__.startswith("Flux")
 
 
+def pipeline_negative_prompt(pipe, negative_prompt: str) -> str | None:
+    """The pipeline's argument for the request's negative prompt: the text, except that SDXL's
+    pipeline zeros the negative embeddings (`force_zeros_for_empty_prompt`) only for None, which
+    is what the mesh's empty negative prompt means for sdxl."""
+    if type(pipe).__name__.startswith("StableDiffusionXL") and not negative_prompt:
+        return None
+    return negative_prompt
+
+
 def reference_images(
     pipe,
     *,
@@ -55,7 +64,7 @@ def reference_images(
     if _is_flux(pipe):
         kwargs["max_sequence_length"] = 512
     else:
-        kwargs["negative_prompt"] = negative_prompt
+        kwargs["negative_prompt"] = pipeline_negative_prompt(pipe, negative_prompt)
     if control_image is not None:
         if not isinstance(control_image, Image.Image):
             control_image = Image.fromarray(np.asarray(control_image, dtype=np.uint8))

@@ -46,10 +46,14 @@ class _Job:
 
 
 def _fits(a: object, b: object) -> bool:
-    """Two batched arguments can be concatenated: both None, or tensors (or lists of tensors)
-    alike in everything but the first dimension."""
+    """Two batched arguments can be concatenated: both None, or tensors (or lists or dicts of
+    tensors) alike in everything but the first dimension."""
     if a is None or b is None:
         return a is None and b is None
+    if isinstance(a, dict) or isinstance(b, dict):  # SDXL's added_cond_kwargs
+        return (
+            isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_fits(a[k], b[k]) for k in a)
+        )
     if isinstance(a, list | tuple) or isinstance(b, list | tuple):
         return (
             isinstance(a, list | tuple)
@@ -87,6 +91,8 @@ def compatible(a: TransformerCall, b: TransformerCall) -> bool:
 def _concat(values: list[Any]) -> Any:
     if values[0] is None:
         return None
+    if isinstance(values[0], dict):
+        return {k: _concat([v[k] for v in values]) for k in values[0]}
     if isinstance(values[0], list | tuple):
         return [torch.cat([v[i] for v in values]) for i in range(len(values[0]))]
     return torch.cat(values)

@@ -10,7 +10,9 @@ timesteps and loop, using diffusers' own helpers:
   (classifier-free guidance over [negative, prompt] rows);
 * flux: `FluxPipeline` / `FluxControlNetPipeline` (guidance-distilled: `guidance_scale` goes
   into the transformer as the `guidance` embedding, no second pass; latents packed 2x2);
-* sd15: `StableDiffusionPipeline` on a UNet (`sd15.py`; no ControlNet).
+* sd15: `StableDiffusionPipeline` on a UNet (`sd15.py`; no ControlNet);
+* sdxl: `StableDiffusionXLPipeline` on a UNet (`sdxl.py`; no ControlNet). Both UNet families
+  share one loop (`unet.py`).
 
 With a `ControlSpec`, the ControlNet runs elsewhere (the adapters service): at each step the
 loop hands it the tensors the pipeline's ControlNet call would get and adds the residuals
@@ -33,16 +35,19 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from shared.zoo import DenoiserBundle
+from shared.zoo.registry import UNET_FAMILIES
 
 VAE_SCALE_FACTOR = 8
 SD3_INPUTS = ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds")
 FLUX_INPUTS = ("clip_l_pooler", "t5_embeds")
 SD15_INPUTS = ("clip_embeds",)
+SDXL_INPUTS = ("clip_l_embeds", "clip_g_embeds", "clip_g_pooled")
 INPUTS_OF_FAMILY: dict[str, tuple[str, ...]] = {
     "sd3": SD3_INPUTS,
     "sd35-large": SD3_INPUTS,
     "flux": FLUX_INPUTS,
     "sd15": SD15_INPUTS,
+    "sdxl": SDXL_INPUTS,
 }
 
 # residuals(constant, varying, params) -> {"block_0": ..., "single_0": ...}; see ControlSpec.
@@ -123,6 +128,13 @@ def warm_up_inputs(bundle: DenoiserBundle) -> dict[str, torch.Tensor]:
     cfg = bundle.transformer.config
     if bundle.family == "sd15":
         return {"clip_embeds": torch.zeros(2, 77, cfg.cross_attention_dim)}
+    if bundle.family == "sdxl":  # CLIP-L | CLIP-G on channels: any split of the width will do
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        return {
+            "clip_l_embeds": torch.zeros(2, 77, 1),
+            "clip_g_embeds": torch.zeros(2, 77, cfg.cross_attention_dim - 1),
+            "clip_g_pooled": torch.zeros(2, pooled),
+        }
     t5 = torch.zeros(2, 8, cfg.joint_attention_dim)
     if bundle.family == "flux":
         return {"clip_l_pooler": torch.zeros(2, cfg.pooled_projection_dim), "t5_embeds": t5}
@@ -193,6 +205,7 @@ def denoise(
     control: ControlSpec | None = None,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    negative_prompt: str | None = None,
     **named_inputs: torch.Tensor,
 ) -> torch.Tensor:
     """Run all denoising steps; return the final latents (n, 16, H/8, W/8), before VAE scaling.
@@ -205,6 +218,9 @@ def denoise(
     FluxPipeline); row 0 (the prompt) is used, further rows are ignored.
     sd15: clip_embeds (the CLIP text encoder's last hidden state), two rows as for sd3;
     returns (n, 4, H/8, W/8).
+    sdxl: clip_l_embeds, clip_g_embeds, clip_g_pooled, two rows as for sd3; returns (n, 4, H/8,
+    W/8). `negative_prompt` (the text, read by sdxl only): empty or None means zero negative
+    embeddings when the bundle has `force_zeros_for_empty_prompt`, as the pipeline's None.
     Raises DenoiseCancelled if `should_stop()` turns true (checked before every step), and
     ValueError for inputs the model cannot take.
     """
@@ -220,6 +236,7 @@ def denoise(
         control=control,
         on_step=on_step,
         should_stop=should_stop,
+        negative_prompt=negative_prompt,
     )
     return run_loop(bundle.transformer, loop)
 
@@ -237,6 +254,7 @@ def denoise_loop(
     control: ControlSpec | None = None,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    negative_prompt: str | None = None,
 ) -> DenoiseLoop:
     """A request's loop, checked but not yet started (arguments as `denoise` takes them): for
     `run_loop`, or for the batching engine to interleave with other requests' loops."""
@@ -246,20 +264,23 @@ def denoise_loop(
     missing = [name for name in INPUTS_OF_FAMILY[family] if name not in tensors]
     if missing:
         raise ValueError(f"{family} denoising needs inputs {list(INPUTS_OF_FAMILY[family])}; missing {missing}")
-    # sd3: VAE 8 x patch 2; flux: VAE 8 x 2x2 packing; sd15: VAE 8 (the UNet pads odd sizes itself)
-    multiple = 8 if family == "sd15" else 16
+    # sd3: VAE 8 x patch 2; flux: VAE 8 x 2x2 packing; sd15, sdxl: VAE 8 (the UNet pads odd sizes itself)
+    multiple = 8 if family in UNET_FAMILIES else 16
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
     if n < 1 or num_inference_steps < 1:
         raise ValueError("num_images and num_inference_steps must be >= 1")
-    if family == "sd15":
+    if family in UNET_FAMILIES:
         if control is not None:
             raise ValueError(f"{bundle.model_id} takes no ControlNet")
         from services.denoiser.sd15 import sd15_loop
+        from services.denoiser.sdxl import sdxl_loop
 
-        return sd15_loop(
+        extra = {"negative_prompt": negative_prompt} if family == "sdxl" else {}
+        return (sdxl_loop if family == "sdxl" else sd15_loop)(
             bundle,
             tensors,
+            **extra,
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,

@@ -60,6 +60,7 @@ class DenoiserRunner:
                 control=control,
                 on_step=ctx.progress,
                 should_stop=ctx.should_stop,
+                negative_prompt=p.get("negative_prompt"),
             )
             if self.engine is not None:  # joins the running batch at its next step
                 latents = self.engine.submit(loop, loras).result()

@@ -49,7 +49,10 @@ class MonolithRunner:
         if self.family == "flux":
             kwargs["max_sequence_length"] = 512
         else:
-            kwargs["negative_prompt"] = str(p.get("negative_prompt", ""))
+            negative = str(p.get("negative_prompt", ""))
+            # SDXL zeros the negative embeddings for None only (force_zeros_for_empty_prompt): the
+            # request's empty negative prompt means that, in the mesh as here.
+            kwargs["negative_prompt"] = (negative or None) if self.family == "sdxl" else negative
         control = inputs.get("control_image")
         if control is not None:
             from PIL import Image

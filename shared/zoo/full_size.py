@@ -1,7 +1,7 @@
 """The full-size architectures of every model id, built on torch's `meta` device (no memory).
 
 Why: no real weights can be downloaded here, yet memory claims must hold for the real models.
-These are the published configs (SD3-Medium, SD3.5-Large, Flux.1-dev, SD1.5, their text
+These are the published configs (SD3-Medium, SD3.5-Large, Flux.1-dev, SD1.5, SDXL-base, their text
 encoders, VAEs and public ControlNets), instantiated as the same diffusers/transformers classes the
 services load, so parameter counts are exact; on a GPU they can be materialised with random
 weights (`device="cuda"`) to time the real shapes.
@@ -26,6 +26,8 @@ PARAM_GIB = {
     "sd15-clip": 0.23,
     "sd15-unet": 1.60,
     "sd15-vae": 0.16,
+    "sdxl-unet": 4.78,
+    "sdxl-vae": 0.16,
 }
 LORA_RANK = 16  # a typical rank for style LoRAs of these bases
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -126,7 +128,7 @@ def _flux_controlnet() -> Any:
 
 
 def _vae(scaling: float, shift: float | None, latent_channels: int = 16) -> Any:
-    """SD3's and Flux's 16-channel VAE; with 4 channels (and quant convs) SD1.5's."""
+    """SD3's and Flux's 16-channel VAE; with 4 channels (and quant convs) SD1.5's and SDXL's."""
     from diffusers import AutoencoderKL
 
     quant = latent_channels == 4
@@ -162,6 +164,28 @@ def _sd15_unet() -> Any:
     )
 
 
+def _sdxl_unet() -> Any:
+    """stable-diffusion-xl-base-1.0's unet/config.json."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,  # CLIP-L 768 + OpenCLIP bigG 1280
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + bigG's 1280 projection
+    )
+
+
 _BUILDERS = {
     "clip-l": lambda: _clip(768, 3072, 12, 12),
     "clip-g": lambda: _clip(1280, 5120, 32, 20),
@@ -179,6 +203,8 @@ _BUILDERS = {
     "sd15-clip": lambda: _clip(768, 3072, 12, 12, projection=False),
     "sd15-unet": _sd15_unet,
     "sd15-vae": lambda: _vae(0.18215, None, latent_channels=4),
+    "sdxl-unet": _sdxl_unet,
+    "sdxl-vae": lambda: _vae(0.13025, None, latent_channels=4),
 }
 
 

@@ -10,6 +10,7 @@ Where each model comes from:
   `tiny-sd3-v1/` (an SD3 pipeline directory: the shared text encoders and tokenizers, the SD3
   transformer, scheduler and VAE), `tiny-sd35-large-v1/` and `tiny-flux-v1/` (transformer,
   scheduler, and Flux's VAE), `tiny-sd15-v1/` (a whole SD1.5 pipeline directory),
+  `tiny-sdxl-v1/` (SDXL's unet/, vae/ and scheduler/),
   `tiny-controlnets-v1/<id>/`, `tiny-loras-v1/<name>/`.
 * Real weights (`settings.models_dir`) in this layout (as before, `models_dir` may also itself
   be an SD3 diffusers directory: it then serves as `sd3/`, and the other pieces are looked up
@@ -20,6 +21,8 @@ Where each model comes from:
       <models_dir>/flux/                 diffusers FluxPipeline directory (transformer/, scheduler/, vae/)
       <models_dir>/sd15/                 diffusers StableDiffusionPipeline directory (text_encoder/,
                                          tokenizer/, unet/, vae/, scheduler/; no safety checker read)
+      <models_dir>/sdxl/                 diffusers StableDiffusionXLPipeline directory (unet/, vae/,
+                                         scheduler/, model_index.json; its text encoders not read)
       <models_dir>/controlnets/<id>/     a ControlNet (config.json + weights), e.g. controlnets/flux-controlnet
       <models_dir>/loras/<name>/         pytorch_lora_weights.safetensors (or loras/<name>.safetensors)
 
@@ -28,7 +31,10 @@ Where each model comes from:
   the sd35-large one when there is no sd3 directory. Flux's CLIP-L and T5 are these shared ones
   too (Flux uses the same CLIP ViT-L/14 and T5 v1.1 XXL): a Flux directory's own `text_encoder`
   and `text_encoder_2` are not read. SD1.5 shares nothing: `sd15-clip` is its own directory's
-  `text_encoder/` (a `CLIPTextModel`). A missing piece raises FileNotFoundError naming the path.
+  `text_encoder/` (a `CLIPTextModel`). SDXL's two text encoders are the shared `clip-l` and
+  `clip-g` (the same CLIP ViT-L/14 and OpenCLIP bigG/14 as SD3's), so an SDXL directory's own
+  `text_encoder*` and `tokenizer*` are not read either. A missing piece raises FileNotFoundError
+  naming the path.
 """
 
 from __future__ import annotations
@@ -37,8 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from shared.zoo import tiny_controlnets, tiny_flux, tiny_loras, tiny_sd15, tiny_sd35
-from shared.zoo.registry import CONTROL_LATENTS_SHIFTED, FAMILIES, FAMILY_MODELS, LORAS, MODEL_IDS, Family
+from shared.zoo import tiny_controlnets, tiny_flux, tiny_loras, tiny_sd15, tiny_sd35, tiny_sdxl
+from shared.zoo.registry import (
+    CONTROL_LATENTS_SHIFTED,
+    FAMILIES,
+    FAMILY_MODELS,
+    LORAS,
+    MODEL_IDS,
+    UNET_FAMILIES,
+    Family,
+)
 from shared.zoo.tiny import ensure_tiny_dir
 
 if TYPE_CHECKING:
@@ -59,8 +73,18 @@ _OWN_TEXT_ENCODERS: dict[str, Family] = {"sd15-clip": "sd15"}
 _DENOISERS: dict[str, Family] = {fam["denoiser"]: f for f, fam in FAMILY_MODELS.items()}
 _CONTROLNETS: dict[str, Family] = {fam["controlnet"]: f for f, fam in FAMILY_MODELS.items() if "controlnet" in fam}
 # the family directory holding vae/
-_VAES: dict[str, Family] = {"sd3-vae": "sd3", "flux-vae": "flux", "sd15-vae": "sd15"}
-_TINY_FAMILY_DIRS = {"sd35-large": tiny_sd35.ensure_dir, "flux": tiny_flux.ensure_dir, "sd15": tiny_sd15.ensure_dir}
+_VAES: dict[str, Family] = {"sd3-vae": "sd3", "flux-vae": "flux", "sd15-vae": "sd15", "sdxl-vae": "sdxl"}
+_TINY_FAMILY_DIRS = {
+    "sd35-large": tiny_sd35.ensure_dir,
+    "flux": tiny_flux.ensure_dir,
+    "sd15": tiny_sd15.ensure_dir,
+    "sdxl": tiny_sdxl.ensure_dir,
+}
+# VAEs whose pipeline decodes in float32 when loaded in float16 with `force_upcast` (SDXL's
+# `upcast_vae`); the SD3, Flux and SD1.5 pipelines decode in the VAE's own dtype.
+_UPCAST_VAES = ("sdxl-vae",)
+# The scheduler a UNet family's pipeline uses when its scheduler config names none.
+_DEFAULT_SCHEDULERS: dict[Family, str] = {"sd15": "PNDMScheduler", "sdxl": "EulerDiscreteScheduler"}
 _SHARED_SOURCES: tuple[Family, ...] = ("sd3", "sd35-large")  # where shared encoders / sd3-vae are read
 
 
@@ -79,15 +103,18 @@ class DenoiserBundle:
     """A base denoising network with its scheduler (a template: callers copy it per request).
 
     `family` picks the denoising loop: "sd3" and "sd35-large" run StableDiffusion3Pipeline's,
-    "flux" FluxPipeline's, "sd15" StableDiffusionPipeline's. `transformer` is the network the
-    loop calls, whatever its architecture: for sd15 a `UNet2DConditionModel` (one field, so the
-    runner, the batching engine and the LoRA cache need not tell them apart).
+    "flux" FluxPipeline's, "sd15" StableDiffusionPipeline's, "sdxl" StableDiffusionXLPipeline's.
+    `transformer` is the network the loop calls, whatever its architecture: for sd15 and sdxl a
+    `UNet2DConditionModel` (one field, so the runner, the batching engine and the LoRA cache
+    need not tell them apart). `force_zeros_for_empty_prompt`: SDXL's pipeline option (its
+    model_index.json), zero negative embeddings when no negative prompt is given.
     """
 
     model_id: str
     transformer: Any
     scheduler: Any
     family: Family = "sd3"
+    force_zeros_for_empty_prompt: bool = False
 
 
 @dataclass
@@ -293,15 +320,16 @@ def _transformer_class(family: Family):
 
 
 def _scheduler_of(family: Family, path: Path):
-    """The transformer families' FlowMatch scheduler; for sd15 the class its scheduler config
-    names (PNDM in SD1.5's repository), as `StableDiffusionPipeline.from_pretrained` picks it."""
+    """The transformer families' FlowMatch scheduler; for the UNet families the class their
+    scheduler config names (PNDM in SD1.5's repository, Euler in SDXL's), as the pipeline's
+    `from_pretrained` picks it."""
     import diffusers
 
-    if family != "sd15":
+    if family not in UNET_FAMILIES:
         return diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path)
     import json
 
-    name = json.loads((path / "scheduler_config.json").read_text()).get("_class_name", "PNDMScheduler")
+    name = json.loads((path / "scheduler_config.json").read_text()).get("_class_name", _DEFAULT_SCHEDULERS[family])
     cls = getattr(diffusers, name, None)
     if not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
         raise ValueError(f"{path}: unknown scheduler class {name!r}")
@@ -309,12 +337,12 @@ def _scheduler_of(family: Family, path: Path):
 
 
 def load_denoiser(model_id: str, settings: Settings) -> DenoiserBundle:
-    """Load a base transformer (sd15: UNet) and the scheduler saved beside it."""
+    """Load a base transformer (sd15, sdxl: UNet) and the scheduler saved beside it."""
     if model_id not in _DENOISERS:
         raise _unknown(model_id, tuple(_DENOISERS))
     family = _DENOISERS[model_id]
     root = family_dir(family, settings)
-    if family == "sd15":
+    if family in UNET_FAMILIES:
         from diffusers import UNet2DConditionModel
 
         network = UNet2DConditionModel.from_pretrained(_need(root / "unet", model_id), dtype=model_dtype(settings))
@@ -324,7 +352,19 @@ def load_denoiser(model_id: str, settings: Settings) -> DenoiserBundle:
         )
     network = _place(network, settings)
     scheduler = _scheduler_of(family, _need(root / "scheduler", f"{model_id} scheduler"))
-    return DenoiserBundle(model_id=model_id, transformer=network, scheduler=scheduler, family=family)
+    zeros = family == "sdxl" and _force_zeros_for_empty_prompt(root)
+    return DenoiserBundle(
+        model_id=model_id, transformer=network, scheduler=scheduler, family=family, force_zeros_for_empty_prompt=zeros
+    )
+
+
+def _force_zeros_for_empty_prompt(root: Path) -> bool:
+    """StableDiffusionXLPipeline's option as a directory's model_index.json sets it; True (the
+    pipeline's default, SDXL-base's value) where the directory has none (the tiny one)."""
+    import json
+
+    index = root / "model_index.json"
+    return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True)) if index.is_file() else True
 
 
 def vae_dir(model_id: str, settings: Settings) -> Path:
@@ -335,13 +375,18 @@ def vae_dir(model_id: str, settings: Settings) -> Path:
 
 
 def load_vae(model_id: str, settings: Settings) -> VaeBundle:
-    """Load `sd3-vae`, `flux-vae` or `sd15-vae` (the config carries scaling_factor and shift_factor)."""
+    """Load `sd3-vae`, `flux-vae`, `sd15-vae` or `sdxl-vae` (the config carries scaling_factor and shift_factor)."""
     if model_id not in _VAES:
         raise _unknown(model_id, tuple(_VAES))
+    import torch
     from diffusers import AutoencoderKL
 
-    vae = _place(AutoencoderKL.from_pretrained(vae_dir(model_id, settings), dtype=model_dtype(settings)), settings)
-    return VaeBundle(model_id=model_id, vae=vae)
+    vae = AutoencoderKL.from_pretrained(vae_dir(model_id, settings), dtype=model_dtype(settings))
+    if model_id in _UPCAST_VAES and vae.dtype == torch.float16 and vae.config.force_upcast:
+        # As StableDiffusionXLPipeline's decode: the float16 weights widened (exactly) to float32,
+        # once at load rather than per request (the pipeline's in-place upcast would race here).
+        vae = vae.to(torch.float32)
+    return VaeBundle(model_id=model_id, vae=_place(vae, settings))
 
 
 def _sd3_pos_embed_from_transformer(family: Family, settings: Settings):
@@ -427,7 +472,9 @@ def build_reference_pipeline(settings: Settings, family: Family = "sd3", control
     the family's ControlNet; flux: FluxPipeline or FluxControlNetPipeline, whose
     `text_encoder` is a `CLIPTextModel` loaded from the shared CLIP-L weights (its projection
     unused) and `text_encoder_2` the shared T5, with the shared tokenizers; sd15:
-    StableDiffusionPipeline over its directory, without safety checker (none is served).
+    StableDiffusionPipeline over its directory, without safety checker (none is served);
+    sdxl: StableDiffusionXLPipeline over its directory's unet/, vae/ and scheduler/ with the
+    shared CLIP-L (as SDXL's `CLIPTextModel`) and CLIP-G, without watermarker (none is served).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
@@ -443,6 +490,8 @@ def build_reference_pipeline(settings: Settings, family: Family = "sd3", control
             requires_safety_checker=False,
             dtype=model_dtype(settings),
         )
+    elif family == "sdxl":
+        pipe = _sdxl_reference(settings)
     elif family == "sd3" and not controlnet:
         from diffusers import StableDiffusion3Pipeline
 
@@ -452,6 +501,25 @@ def build_reference_pipeline(settings: Settings, family: Family = "sd3", control
     pipe = pipe.to(settings.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _sdxl_reference(settings: Settings) -> DiffusionPipeline:
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    dt = {"dtype": model_dtype(settings)}
+    shared, fam = shared_dir(settings), family_dir("sdxl", settings)
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir("sdxl-vae", settings), **dt),  # the pipeline upcasts it itself
+        text_encoder=CLIPTextModel.from_pretrained(shared / "text_encoder", **dt),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder_2", **dt),
+        tokenizer=CLIPTokenizer.from_pretrained(shared / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(shared / "tokenizer_2"),
+        unet=UNet2DConditionModel.from_pretrained(fam / "unet", **dt),
+        scheduler=_scheduler_of("sdxl", fam / "scheduler"),
+        force_zeros_for_empty_prompt=_force_zeros_for_empty_prompt(fam),
+        add_watermarker=False,
+    )
 
 
 def _compose_reference(settings: Settings, family: Family, controlnet: bool) -> DiffusionPipeline:

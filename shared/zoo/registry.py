@@ -10,6 +10,10 @@ SD1.5 (`sd15`, a UNet) shares nothing: its text encoder is a `CLIPTextModel` rea
 hidden state (SD3's `clip-l` is a `CLIPTextModelWithProjection` read for its penultimate one and
 its projected pool), as wide as its UNet's cross-attention, and shipped in its own directory;
 its VAE has 4 latent channels. It has no ControlNet and no LoRAs here, so no variants.
+SDXL (`sdxl`, a UNet too) reads the shared `clip-l` and `clip-g`: its two text encoders are
+the same CLIP ViT-L/14 and OpenCLIP bigG/14 as SD3's, read the same way (penultimate hidden
+states, bigG's projected pool), so one loaded copy serves SD3, SD3.5 and SDXL. Its UNet and its
+4-channel VAE are its own; like sd15 it has no ControlNet and no LoRAs here.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Role = Literal["text_encoder", "denoiser", "vae", "controlnet"]
-Family = Literal["sd3", "sd35-large", "flux", "sd15"]
+Family = Literal["sd3", "sd35-large", "flux", "sd15", "sdxl"]
 
-FAMILIES: tuple[Family, ...] = ("sd3", "sd35-large", "flux", "sd15")
+FAMILIES: tuple[Family, ...] = ("sd3", "sd35-large", "flux", "sd15", "sdxl")
 
 # The service (process type) that hosts each role.
 SERVICE_OF_ROLE: dict[Role, str] = {
@@ -57,8 +61,8 @@ class LoraInfo:
 MODELS: dict[str, ModelInfo] = {
     m.model_id: m
     for m in (
-        ModelInfo("clip-l", "text_encoder", ("sd3", "sd35-large", "flux"), "CLIP ViT-L/14 text encoder"),
-        ModelInfo("clip-g", "text_encoder", ("sd3", "sd35-large"), "OpenCLIP ViT-bigG/14 text encoder"),
+        ModelInfo("clip-l", "text_encoder", ("sd3", "sd35-large", "flux", "sdxl"), "CLIP ViT-L/14 text encoder"),
+        ModelInfo("clip-g", "text_encoder", ("sd3", "sd35-large", "sdxl"), "OpenCLIP ViT-bigG/14 text encoder"),
         ModelInfo("t5", "text_encoder", ("sd3", "sd35-large", "flux"), "T5 v1.1 XXL encoder"),
         ModelInfo("sd3-transformer", "denoiser", ("sd3",), "SD3 (Medium-style) MMDiT"),
         ModelInfo("sd35-large-transformer", "denoiser", ("sd35-large",), "SD3.5-Large-style MMDiT (qk RMS norm)"),
@@ -68,6 +72,8 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("sd15-clip", "text_encoder", ("sd15",), "SD1.5 CLIP ViT-L/14 text encoder (last hidden state)"),
         ModelInfo("sd15-unet", "denoiser", ("sd15",), "SD1.5 UNet2DConditionModel"),
         ModelInfo("sd15-vae", "vae", ("sd15",), "SD1.5 4-channel VAE"),
+        ModelInfo("sdxl-unet", "denoiser", ("sdxl",), "SDXL UNet2DConditionModel (text_time added conditions)"),
+        ModelInfo("sdxl-vae", "vae", ("sdxl",), "SDXL 4-channel VAE"),
         ModelInfo("sd3-controlnet", "controlnet", ("sd3",), "SD3ControlNetModel for the SD3 transformer"),
         ModelInfo("sd35-large-controlnet", "controlnet", ("sd35-large",), "SD3ControlNetModel for SD3.5-Large"),
         ModelInfo("flux-controlnet", "controlnet", ("flux",), "FluxControlNetModel for the Flux transformer"),
@@ -95,7 +101,11 @@ FAMILY_MODELS: dict[Family, dict[str, str]] = {
     "sd35-large": {"denoiser": "sd35-large-transformer", "vae": "sd3-vae", "controlnet": "sd35-large-controlnet"},
     "flux": {"denoiser": "flux-transformer", "vae": "flux-vae", "controlnet": "flux-controlnet"},
     "sd15": {"denoiser": "sd15-unet", "vae": "sd15-vae"},
+    "sdxl": {"denoiser": "sdxl-unet", "vae": "sdxl-vae"},
 }
+
+# The families whose denoiser is a `UNet2DConditionModel` (the rest are MMDiT transformers).
+UNET_FAMILIES: tuple[Family, ...] = ("sd15", "sdxl")
 
 
 def models_of_service(service: str) -> list[str]:

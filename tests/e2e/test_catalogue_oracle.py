@@ -1,8 +1,8 @@
 """Every workflow of the catalogue, through the REST API, equals diffusers' own pipeline for it
 (`StableDiffusion3Pipeline`, `StableDiffusion3ControlNetPipeline`, `FluxPipeline`,
-`FluxControlNetPipeline`, `StableDiffusionPipeline` for sd15, with the same LoRAs loaded) built
-from the same components, seed and parameters. Also: requests with different LoRAs on one base,
-arriving together, each get their own workflow's image."""
+`FluxControlNetPipeline`, `StableDiffusionPipeline` for sd15, `StableDiffusionXLPipeline` for
+sdxl, with the same LoRAs loaded) built from the same components, seed and parameters. Also:
+requests with different LoRAs on one base, arriving together, each get their own workflow's image."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from shared.workflows.catalogue import catalogue
-from tests.oracle import assert_images_match, png_to_array
+from tests.oracle import assert_images_match, pipeline_negative_prompt, png_to_array
 
 PROMPT = "a lighthouse on a cliff, ink drawing"
 SEED = 77
-GUIDANCE = {"sd3": 5.0, "sd35-large": 4.5, "flux": 3.5, "sd15": 7.5}
+GUIDANCE = {"sd3": 5.0, "sd35-large": 4.5, "flux": 3.5, "sd15": 7.5, "sdxl": 5.0}
 
 
 def control_image(width: int, height: int) -> Image.Image:
@@ -78,7 +78,7 @@ def reference_images(references, settings, workflow: str, body: dict, control: I
     if spec.family == "flux":
         kwargs["max_sequence_length"] = 512
     else:
-        kwargs["negative_prompt"] = body.get("negative_prompt", "")
+        kwargs["negative_prompt"] = pipeline_negative_prompt(pipe, body.get("negative_prompt", ""))
     if control is not None:
         kwargs["control_image"] = control
         kwargs["controlnet_conditioning_scale"] = body["controlnet"].get("conditioning_scale", 1.0)
@@ -115,6 +115,7 @@ CASES = [
     ("flux-lora", {"loras": [{"name": "flux-lora-a", "scale": 1.0}, {"name": "flux-lora-b", "scale": 0.5}]}),
     ("flux-controlnet-lora", {"controlnet": {}, "n": 2}),
     ("sd15", {"negative_prompt": "blurry", "size": "64x96"}),
+    ("sdxl", {"size": "96x64", "n": 2}),  # empty negative prompt: zero negative embeddings
 ]
 
 

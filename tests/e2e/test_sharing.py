@@ -42,15 +42,18 @@ def test_every_model_id_is_loaded_exactly_once(mesh):
 
 def test_models_list_the_workflows_that_share_them(mesh):
     models = _models(mesh)
-    every = {name for name, w in catalogue().items() if w.family != "sd15"}  # the MMDiT families
+    every = {name for name, w in catalogue().items() if w.family not in ("sd15", "sdxl")}  # the MMDiT families
     assert set(models["t5"]["workflows"]) == every  # one T5 for SD3, SD3.5-Large and Flux
-    assert set(models["clip-l"]["workflows"]) == every
-    assert set(models["clip-g"]["workflows"]) == {w for w in every if not w.startswith("flux")}
+    # one CLIP-L for them and SDXL, one CLIP-G for SD3, SD3.5-Large and SDXL
+    assert set(models["clip-l"]["workflows"]) == every | {"sdxl"}
+    assert set(models["clip-g"]["workflows"]) == {w for w in every if not w.startswith("flux")} | {"sdxl"}
     assert set(models["sd3-vae"]["workflows"]) == {w for w in every if w.startswith("sd3")}
     assert set(models["sd3-controlnet"]["workflows"]) == {"sd3-controlnet", "sd3-controlnet-lora"}
     assert set(models["flux-transformer"]["workflows"]) == {w for w in every if w.startswith("flux")}
     for sd15_model in ("sd15-clip", "sd15-unet", "sd15-vae"):  # SD1.5 shares nothing with them
         assert set(models[sd15_model]["workflows"]) == {"sd15"}
+    for sdxl_model in ("sdxl-unet", "sdxl-vae"):  # SDXL's own models
+        assert set(models[sdxl_model]["workflows"]) == {"sdxl"}
 
 
 def test_one_t5_replica_serves_all_three_families(mesh):

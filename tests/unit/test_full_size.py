@@ -39,6 +39,8 @@ from shared.zoo.full_size import (
         ("sd15-unet", 0.86),
         ("sd15-clip", 0.12),
         ("sd15-vae", 0.08),
+        ("sdxl-unet", 2.57),
+        ("sdxl-vae", 0.08),
     ],
 )
 def test_published_sizes(model_id: str, billions: float) -> None:

@@ -62,13 +62,13 @@ def test_wire_inputs_takes_refs_from_finished_nodes():
         wire_inputs(node, {"a": {}})
 
 
-def test_the_catalogue_is_twelve_transformer_workflows_and_sd15_alone():
-    """sd3, sd35-large and flux each get their ControlNet/LoRA variants; sd15 (no ControlNet,
-    no LoRAs in the zoo) only its text-to-image workflow."""
+def test_the_catalogue_is_twelve_transformer_workflows_and_the_unet_ones_alone():
+    """sd3, sd35-large and flux each get their ControlNet/LoRA variants; sd15 and sdxl (no
+    ControlNet, no LoRAs in the zoo) only their text-to-image workflows."""
     names = set(catalogue())
     families = ("sd3", "sd35-large", "flux")
     suffixes = ("", "-controlnet", "-lora", "-controlnet-lora")
-    assert names == {f + s for f in families for s in suffixes} | {"sd15"}
+    assert names == {f + s for f in families for s in suffixes} | {"sd15", "sdxl"}
     sd15 = get_workflow("sd15")
     assert sd15.family == "sd15" and not sd15.controlnets and not sd15.loras
     assert [m for _, m in sd15.models()] == ["sd15-clip", "sd15-unet", "sd15-vae"]
@@ -76,28 +76,48 @@ def test_the_catalogue_is_twelve_transformer_workflows_and_sd15_alone():
     assert sd15.node("clip").settings["outputs"] == ["last"] and sd15.uses_param("negative_prompt")
 
 
-def test_the_launcher_starts_sd15_models_only_for_sd15():
+def test_sdxl_reads_the_shared_clips_and_tells_the_unet_the_negative_prompt():
+    """SDXL's encoders are SD3's clip-l (penultimate state only) and clip-g (with its pool); the
+    denoise node gets the negative prompt's text, for `force_zeros_for_empty_prompt`."""
+    sdxl = get_workflow("sdxl")
+    assert sdxl.family == "sdxl" and not sdxl.controlnets and not sdxl.loras
+    assert [m for _, m in sdxl.models()] == ["clip-l", "clip-g", "sdxl-unet", "sdxl-vae"]
+    assert sdxl.node("clip_l").settings["outputs"] == ["embeds"]
+    assert sdxl.node("clip_g").settings["outputs"] == ["embeds", "pooled"]
+    assert "negative_prompt" in sdxl.node("denoise").params
+
+
+@pytest.mark.parametrize(
+    "family,units",
+    [
+        ("sd15", {"encoder": ("sd15-clip",), "sd15-unet": ("sd15-unet",), "vae": ("sd15-vae",)}),
+        ("sdxl", {"encoder": ("clip-l", "clip-g"), "sdxl-unet": ("sdxl-unet",), "vae": ("sdxl-vae",)}),
+    ],
+)
+def test_the_launcher_starts_a_unet_familys_models_only_for_it(family, units):
     from lego.launcher import plan_units
 
-    units = {u.name: u.models for u in plan_units(["sd15"])}
-    assert units == {"encoder": ("sd15-clip",), "sd15-unet": ("sd15-unet",), "vae": ("sd15-vae",)}
+    assert {u.name: u.models for u in plan_units([family])} == units
     everything = {u.name: u.models for u in plan_units()}
-    assert "sd15-clip" in everything["encoder"] and "sd15-vae" in everything["vae"] and "sd15-unet" in everything
-    assert all(not m.startswith("sd15") for m in everything["adapters"])
+    unet, vae = f"{family}-unet", f"{family}-vae"
+    assert vae in everything["vae"] and unet in everything
+    assert all(not m.startswith(family) for m in everything["adapters"])
 
 
-def test_sd15_requests_refuse_controlnet_and_loras():
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_unet_requests_refuse_controlnet_and_loras(family):
     from services.gateway.admission import admit
     from services.gateway.errors import APIError
     from services.gateway.schemas import ImageGenerationRequest
 
-    sd15 = get_workflow("sd15")
-    ok = admit(ImageGenerationRequest(prompt="a cat", negative_prompt="blurry", workflow="sd15", seed=1), sd15)
+    workflow = get_workflow(family)
+    ok = admit(ImageGenerationRequest(prompt="a cat", negative_prompt="blurry", workflow=family, seed=1), workflow)
     assert ok.params["negative_prompt"] == "blurry" and "loras" not in ok.params and not ok.tensors
     refusals = [({"controlnet": {"image": "AAAA"}}, "controlnet"), ({"loras": [{"name": "sd3-lora-a"}]}, "lora")]
     for extra, what in refusals:
-        body = ImageGenerationRequest(prompt="a cat", workflow="sd15", **extra)
+        body = ImageGenerationRequest(prompt="a cat", workflow=family, **extra)
         with pytest.raises(APIError) as refused:
-            admit(body, sd15)
+            admit(body, workflow)
         assert refused.value.status == 422
-        assert f"takes no {what}" in str(refused.value.message) and "sd15 family has no" in str(refused.value.message)
+        message = str(refused.value.message)
+        assert f"takes no {what}" in message and f"{family} family has no" in message

@@ -38,6 +38,7 @@ from shared.zoo import (
     tiny_loras,
     tiny_sd15,
     tiny_sd35,
+    tiny_sdxl,
 )
 from shared.zoo.tokenizers import build_clip_tokenizer
 
@@ -51,13 +52,13 @@ def _weights(root: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def test_model_ids() -> None:
     assert MODEL_IDS == registry.MODEL_IDS
-    assert {"clip-l", "clip-g", "t5", "sd3-transformer", "sd3-vae"} < set(MODEL_IDS) and len(MODEL_IDS) == 14
+    assert {"clip-l", "clip-g", "t5", "sd3-transformer", "sd3-vae"} < set(MODEL_IDS) and len(MODEL_IDS) == 16
     assert all(m.replace("-", "").isalnum() for m in MODEL_IDS)  # safe as a NATS subject token
 
 
 def test_unknown_id_names_known_ids(settings: Settings) -> None:
     with pytest.raises(ValueError, match="clip-l"):
-        load_model("sdxl-unet", settings)
+        load_model("sd2-unet", settings)
     with pytest.raises(ValueError, match="sd3-transformer"):
         load_denoiser("clip-l", settings)
     with pytest.raises(ValueError, match="t5"):
@@ -244,6 +245,7 @@ def test_every_model_id_loads(settings: Settings) -> None:
         "sd35-large-controlnet": "SD3ControlNetModel",
         "flux-controlnet": "FluxControlNetModel",
         "sd15-unet": "UNet2DConditionModel",
+        "sdxl-unet": "UNet2DConditionModel",
     }
     for model_id, cls in expected.items():
         model = getattr(bundles[model_id], "transformer", None) or bundles[model_id].controlnet
@@ -280,6 +282,16 @@ def test_every_model_id_loads(settings: Settings) -> None:
     vae = bundles["sd15-vae"].vae.config
     assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels) == (0.18215, None, 4)
 
+    # SDXL: the shared CLIP-L and CLIP-G, side by side on channels and CLIP-G's pool + 6 time ids, Euler.
+    sdxl, clip_g = bundles["sdxl-unet"], bundles["clip-g"].model.config
+    unet = sdxl.transformer.config
+    assert unet.addition_embed_type == "text_time"
+    assert unet.cross_attention_dim == clip_l.hidden_size + clip_g.hidden_size
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + clip_g.projection_dim
+    assert type(sdxl.scheduler).__name__ == "EulerDiscreteScheduler" and sdxl.force_zeros_for_empty_prompt
+    vae = bundles["sdxl-vae"].vae.config
+    assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels, vae.force_upcast) == (0.13025, None, 4, True)
+
     for model_id in ("sd3-controlnet", "sd35-large-controlnet", "flux-controlnet"):
         cn = bundles[model_id].controlnet
         assert cn.config.num_layers == 1
@@ -307,6 +319,8 @@ def test_new_models_are_deterministic_and_cached_as_built(settings: Settings) ->
         "flux vae": (tiny_flux.build_flux_vae, family_dir("flux", settings) / "vae"),
         "sd15 unet": (tiny_sd15.build_unet, family_dir("sd15", settings) / "unet"),
         "sd15 vae": (tiny_sd15.build_sd15_vae, family_dir("sd15", settings) / "vae"),
+        "sdxl unet": (tiny_sdxl.build_unet, family_dir("sdxl", settings) / "unet"),
+        "sdxl vae": (tiny_sdxl.build_sdxl_vae, family_dir("sdxl", settings) / "vae"),
         "sd15 clip": (
             lambda: tiny_sd15.build_text_encoder(build_clip_tokenizer()),
             family_dir("sd15", settings) / "text_encoder",
@@ -332,7 +346,7 @@ def test_python_m_shared_zoo_builds_everything(tmp_path: Path) -> None:
         [sys.executable, "-m", "shared.zoo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    names = {"tiny-sd3-v1", "tiny-sd35-large-v1", "tiny-flux-v1", "tiny-sd15-v1"}
+    names = {"tiny-sd3-v1", "tiny-sd35-large-v1", "tiny-flux-v1", "tiny-sd15-v1", "tiny-sdxl-v1"}
     names |= {"tiny-controlnets-v1", "tiny-loras-v1"}
     assert {p.name for p in tmp_path.iterdir()} == names  # and no temporary directory left behind
     assert {p.name for p in (tmp_path / "tiny-controlnets-v1").iterdir()} == set(tiny_controlnets.SEEDS)
@@ -349,7 +363,7 @@ def test_python_m_shared_zoo_builds_everything(tmp_path: Path) -> None:
 
 
 def _link_layout(
-    settings: Settings, root: Path, families=("sd3", "sd35-large", "flux", "sd15"), controlnets=(), loras=()
+    settings: Settings, root: Path, families=("sd3", "sd35-large", "flux", "sd15", "sdxl"), controlnets=(), loras=()
 ):
     """A models_dir in the documented layout, made of links to the tiny models."""
     root.mkdir(parents=True, exist_ok=True)
@@ -365,7 +379,7 @@ def _link_layout(
 
 
 def test_models_dir_layout(settings: Settings, tmp_path: Path) -> None:
-    """<models_dir>/{sd3,sd35-large,flux,sd15,controlnets/<id>,loras/<name>} load the same weights."""
+    """<models_dir>/{sd3,sd35-large,flux,sd15,sdxl,controlnets/<id>,loras/<name>} load the same weights."""
     prepare_zoo(settings)
     user = _link_layout(
         settings, tmp_path / "models", controlnets=tiny_controlnets.SEEDS, loras=["flux-lora-a", "sd3-lora-b"]

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from services.denoiser.batching import BatchEngine
 from services.denoiser.model import denoise, denoise_loop, warm_up_inputs
 from services.encoder.model import encode
 from services.vae.model import decode
 from shared.settings import Settings
 from shared.zoo import build_reference_pipeline, load_denoiser, load_text_encoder, load_vae
+from tests.engine import assert_batched_like_alone
 from tests.oracle import reference_images
 
 
@@ -148,23 +148,14 @@ def test_batched_requests_share_unet_calls_and_keep_their_own_schedulers(setting
         ("a bowl of fruit", "", 7.5, 3, 1),
         ("a city at night", "daylight", 5.0, 4, 2),
     ]
-    alone, loops = [], []
+    cases = []
     for prompt, negative, guidance, steps, seed in requests:
         l_out = encode(clip_l, [prompt, negative], outputs=("embeds",))
         g_out = encode(clip_g, [prompt, negative], outputs=("embeds", "pooled"))
         inputs = {"clip_l_embeds": l_out["embeds"], "clip_g_embeds": g_out["embeds"], "clip_g_pooled": g_out["pooled"]}
         kw = {"height": 64, "width": 64, "num_inference_steps": steps, "guidance_scale": guidance, "seed": seed}
-        alone.append(denoise(denoiser, inputs=inputs, negative_prompt=negative, **kw))
-        loops.append(denoise_loop(denoiser, inputs, negative_prompt=negative, **kw))
-    engine = BatchEngine(denoiser.transformer, max_batch=2, activate_loras=lambda chosen: None)
-    try:
-        futures = [engine.submit(loop) for loop in loops]
-        together = [f.result(timeout=120) for f in futures]
-    finally:
-        engine.close()
-    assert engine.batch_sizes[2] >= 1, f"the requests never shared a UNet call: {dict(engine.batch_sizes)}"
-    for got, want in zip(together, alone, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        cases.append((inputs, {**kw, "negative_prompt": negative}))
+    assert_batched_like_alone(denoiser, cases)
 
 
 def test_warm_up_inputs_fit_the_unet(sdxl: Sdxl) -> None:

@@ -35,7 +35,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from shared.zoo import DenoiserBundle
-from shared.zoo.registry import UNET_FAMILIES
+from shared.zoo.families import FAMILIES
 
 VAE_SCALE_FACTOR = 8
 SD3_INPUTS = ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds")
@@ -265,12 +265,10 @@ def denoise_loop(
     if missing:
         raise ValueError(f"{family} denoising needs inputs {list(INPUTS_OF_FAMILY[family])}; missing {missing}")
     # sd3: VAE 8 x patch 2; flux: VAE 8 x 2x2 packing; sd15, sdxl: VAE 8 (the UNet pads odd sizes itself)
-    multiple = 8 if family in UNET_FAMILIES else 16
-    if height % multiple or width % multiple:
-        raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+    FAMILIES[family].check_size(height, width)
     if n < 1 or num_inference_steps < 1:
         raise ValueError("num_images and num_inference_steps must be >= 1")
-    if family in UNET_FAMILIES:
+    if FAMILIES[family].is_unet:
         if control is not None:
             raise ValueError(f"{bundle.model_id} takes no ControlNet")
         from services.denoiser.sd15 import sd15_loop

@@ -14,7 +14,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
 from shared.zoo import VaeBundle
-from shared.zoo.registry import CONTROL_LATENTS_SHIFTED, FAMILIES
+from shared.zoo.families import family as family_descriptor
 
 
 def _scale_factor(bundle: VaeBundle) -> int:
@@ -61,7 +61,7 @@ def encode_control_image(
     `num_images` times (and, for sd3/sd35-large with guidance_scale > 1, doubled for
     classifier-free guidance), encoded, sampled from the latent distribution, then
     `(sample - shift) * scaling_factor` (shift 0 for sd3's InstantX-style ControlNets, see
-    `registry.CONTROL_LATENTS_SHIFTED`); Flux's are then packed 2x2.
+    `FamilyDescriptor.control_latents_shifted`); Flux's are then packed 2x2.
     Returns sd3/sd35-large (n or 2n, 16, H/8, W/8); flux (n, H/16 * W/16, 64).
 
     The sample is drawn from `torch.Generator("cpu").manual_seed(seed)`:
@@ -71,9 +71,8 @@ def encode_control_image(
       torch's global RNG. The mesh seeds it from the request seed; a reference run matches
       when `torch.manual_seed(seed)` is called just before the pipeline call.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    if family not in CONTROL_LATENTS_SHIFTED:
+    desc = family_descriptor(family)
+    if desc.control_latents_shifted is None:
         raise ValueError(f"family {family!r} has no ControlNet, so no control latents")
     if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != torch.uint8:
         raise ValueError(f"a control image must be uint8 (H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
@@ -81,19 +80,19 @@ def encode_control_image(
 
     vae = bundle.vae
     device = next(vae.parameters()).device
-    flux = family == "flux"
+    packed = desc.packs_latents
     # FluxControlNetPipeline's image processor rounds sizes to 16 (8 x the 2x2 packing); SD3's to 8.
-    processor = VaeImageProcessor(vae_scale_factor=_scale_factor(bundle) * (2 if flux else 1))
+    processor = VaeImageProcessor(vae_scale_factor=_scale_factor(bundle) * (2 if packed else 1))
     image = processor.preprocess(Image.fromarray(pixels.cpu().numpy()), height=height, width=width)
     image = image.repeat_interleave(num_images, dim=0).to(device=device, dtype=vae.dtype)
-    if not flux and guidance_scale > 1:
+    if desc.cfg and guidance_scale > 1:
         image = torch.cat([image] * 2)
-    shift = vae.config.shift_factor if CONTROL_LATENTS_SHIFTED[family] else 0  # type: ignore[index]
+    shift = vae.config.shift_factor if desc.control_latents_shifted else 0
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.inference_mode():
         latents = vae.encode(image).latent_dist.sample(generator)
         latents = (latents - shift) * vae.config.scaling_factor
-        if flux:
+        if packed:
             n, c, h, w = latents.shape
             latents = FluxPipeline._pack_latents(latents, n, c, h, w)
     return latents

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from shared.messages import StepKind
 from shared.workflows.spec import REQUEST, LoraChoice, NodeSpec, WorkflowSpec
-from shared.zoo.registry import FAMILY_MODELS, loras_for
+from shared.zoo.families import family
+from shared.zoo.registry import loras_for
 
 CONTROL_NODE = "control"
 CONTROL_IMAGE = "control_image"  # the request tensor: uint8 (H, W, 3), the requested size
@@ -22,7 +23,7 @@ CONTROL_PARAMS = ["height", "width", "seed", "n", "guidance_scale"]
 
 
 def with_controlnet(base: WorkflowSpec) -> WorkflowSpec:
-    family = FAMILY_MODELS[base.family]  # type: ignore[index]
+    controlnet = family(base.family).controlnet
     denoise = base.node_of_kind(StepKind.DENOISE)
     decode = base.node_of_kind(StepKind.VAE_DECODE)
     control = NodeSpec(
@@ -46,7 +47,7 @@ def with_controlnet(base: WorkflowSpec) -> WorkflowSpec:
             "name": f"{base.name}-controlnet",
             "description": f"{base.description}; guided at every step by a ControlNet on a control image",
             "nodes": nodes,
-            "controlnets": [family["controlnet"]],
+            "controlnets": [controlnet],
         },
         deep=True,
     )
@@ -70,7 +71,7 @@ def with_lora(base: WorkflowSpec) -> WorkflowSpec:
 
 def variants(base: WorkflowSpec) -> list[WorkflowSpec]:
     """The base workflow and the variants its family has models for, in catalogue order."""
-    controlnet = "controlnet" in FAMILY_MODELS.get(base.family, {})  # type: ignore[call-overload]
+    controlnet = family(base.family).controlnet is not None
     lora = bool(loras_for(base.node_of_kind(StepKind.DENOISE).model))
     out = [base]
     if controlnet:

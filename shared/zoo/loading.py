@@ -44,15 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.zoo import tiny_controlnets, tiny_flux, tiny_loras, tiny_sd15, tiny_sd35, tiny_sdxl
-from shared.zoo.registry import (
-    CONTROL_LATENTS_SHIFTED,
-    FAMILIES,
-    FAMILY_MODELS,
-    LORAS,
-    MODEL_IDS,
-    UNET_FAMILIES,
-    Family,
-)
+from shared.zoo.families import FAMILIES, Family, resolve_class
+from shared.zoo.registry import LORAS, MODEL_IDS
 from shared.zoo.tiny import ensure_tiny_dir
 
 if TYPE_CHECKING:
@@ -70,8 +63,8 @@ _TEXT_ENCODERS: dict[str, tuple[str, str, Literal["clip", "t5"]]] = {
 # Text encoders read from their family's own directory as a `CLIPTextModel` (no projection),
 # not from the shared one as a `CLIPTextModelWithProjection`.
 _OWN_TEXT_ENCODERS: dict[str, Family] = {"sd15-clip": "sd15"}
-_DENOISERS: dict[str, Family] = {fam["denoiser"]: f for f, fam in FAMILY_MODELS.items()}
-_CONTROLNETS: dict[str, Family] = {fam["controlnet"]: f for f, fam in FAMILY_MODELS.items() if "controlnet" in fam}
+_DENOISERS: dict[str, Family] = {d.denoiser: f for f, d in FAMILIES.items()}
+_CONTROLNETS: dict[str, Family] = {d.controlnet: f for f, d in FAMILIES.items() if d.controlnet}
 # the family directory holding vae/
 _VAES: dict[str, Family] = {"sd3-vae": "sd3", "flux-vae": "flux", "sd15-vae": "sd15", "sdxl-vae": "sdxl"}
 _TINY_FAMILY_DIRS = {
@@ -83,8 +76,6 @@ _TINY_FAMILY_DIRS = {
 # VAEs whose pipeline decodes in float32 when loaded in float16 with `force_upcast` (SDXL's
 # `upcast_vae`); the SD3, Flux and SD1.5 pipelines decode in the VAE's own dtype.
 _UPCAST_VAES = ("sdxl-vae",)
-# The scheduler a UNet family's pipeline uses when its scheduler config names none.
-_DEFAULT_SCHEDULERS: dict[Family, str] = {"sd15": "PNDMScheduler", "sdxl": "EulerDiscreteScheduler"}
 _SHARED_SOURCES: tuple[Family, ...] = ("sd3", "sd35-large")  # where shared encoders / sd3-vae are read
 
 
@@ -313,10 +304,8 @@ def load_text_encoder(model_id: str, settings: Settings) -> TextEncoderBundle:
     return TextEncoderBundle(model_id=model_id, model=model, tokenizer=tokenizer, kind=kind)
 
 
-def _transformer_class(family: Family):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    return FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+def _network_class(family: Family):
+    return resolve_class(FAMILIES[family].network)
 
 
 def _scheduler_of(family: Family, path: Path):
@@ -325,11 +314,12 @@ def _scheduler_of(family: Family, path: Path):
     `from_pretrained` picks it."""
     import diffusers
 
-    if family not in UNET_FAMILIES:
-        return diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path)
+    desc = FAMILIES[family]
+    if not desc.is_unet:
+        return resolve_class(desc.scheduler).from_pretrained(path)
     import json
 
-    name = json.loads((path / "scheduler_config.json").read_text()).get("_class_name", _DEFAULT_SCHEDULERS[family])
+    name = json.loads((path / "scheduler_config.json").read_text()).get("_class_name", desc.scheduler)
     cls = getattr(diffusers, name, None)
     if not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
         raise ValueError(f"{path}: unknown scheduler class {name!r}")
@@ -342,14 +332,8 @@ def load_denoiser(model_id: str, settings: Settings) -> DenoiserBundle:
         raise _unknown(model_id, tuple(_DENOISERS))
     family = _DENOISERS[model_id]
     root = family_dir(family, settings)
-    if family in UNET_FAMILIES:
-        from diffusers import UNet2DConditionModel
-
-        network = UNet2DConditionModel.from_pretrained(_need(root / "unet", model_id), dtype=model_dtype(settings))
-    else:
-        network = _transformer_class(family).from_pretrained(
-            _need(root / "transformer", model_id), dtype=model_dtype(settings)
-        )
+    sub = FAMILIES[family].network_subfolder
+    network = _network_class(family).from_pretrained(_need(root / sub, model_id), dtype=model_dtype(settings))
     network = _place(network, settings)
     scheduler = _scheduler_of(family, _need(root / "scheduler", f"{model_id} scheduler"))
     zeros = family == "sdxl" and _force_zeros_for_empty_prompt(root)
@@ -398,7 +382,7 @@ def _sd3_pos_embed_from_transformer(family: Family, settings: Settings):
     from diffusers.models.embeddings import PatchEmbed
     from safetensors import safe_open
 
-    tdir = _need(family_dir(family, settings) / "transformer", f"{FAMILY_MODELS[family]['denoiser']}")
+    tdir = _need(family_dir(family, settings) / "transformer", FAMILIES[family].denoiser)
     cfg = json.loads((tdir / "config.json").read_text())
     state: dict[str, Any] = {}
     for file in sorted(tdir.glob("*.safetensors")):
@@ -420,7 +404,7 @@ def load_controlnet(model_id: str, settings: Settings) -> ControlNetBundle:
     """Load a family's ControlNet (SD3ControlNetModel or FluxControlNetModel), in eval mode.
 
     Raises ValueError for a ControlNet that does not take its inputs the family's way
-    (`registry.CONTROL_LATENTS_SHIFTED`), NotImplementedError for kinds the mesh does not
+    (`FamilyDescriptor.control_latents_shifted`), NotImplementedError for kinds the mesh does not
     run (Flux ControlNet-Union, XLabs-style Flux ControlNets with a pixel hint block).
     """
     if model_id not in _CONTROLNETS:
@@ -436,11 +420,12 @@ def load_controlnet(model_id: str, settings: Settings) -> ControlNetBundle:
     else:
         cn = SD3ControlNetModel.from_pretrained(path, dtype=model_dtype(settings))
         zeros = bool(cn.config.force_zeros_for_pooled_projection)
-        if zeros == CONTROL_LATENTS_SHIFTED[family]:
+        shifted = FAMILIES[family].control_latents_shifted
+        if zeros == shifted:
             raise ValueError(
                 f"{path}: force_zeros_for_pooled_projection={zeros}, but {family} ControlNets must have "
-                f"{not CONTROL_LATENTS_SHIFTED[family]} (the VAE service encodes {family} control images "
-                f"{'with' if CONTROL_LATENTS_SHIFTED[family] else 'without'} the shift factor)"
+                f"{not shifted} (the VAE service encodes {family} control images "
+                f"{'with' if shifted else 'without'} the shift factor)"
             )
         if cn.pos_embed is None:
             cn.pos_embed = _sd3_pos_embed_from_transformer(family, settings).to(cn.dtype)
@@ -478,7 +463,7 @@ def build_reference_pipeline(settings: Settings, family: Family = "sd3", control
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    if controlnet and "controlnet" not in FAMILY_MODELS[family]:
+    if controlnet and FAMILIES[family].controlnet is None:
         raise ValueError(f"family {family!r} has no ControlNet")
     if family == "sd15":
         from diffusers import StableDiffusionPipeline
@@ -529,18 +514,18 @@ def _compose_reference(settings: Settings, family: Family, controlnet: bool) -> 
     dt = {"dtype": model_dtype(settings)}
     shared = shared_dir(settings)
     fam = family_dir(family, settings)
-    models = FAMILY_MODELS[family]
+    desc = FAMILIES[family]
     common: dict[str, Any] = {
-        "transformer": _transformer_class(family).from_pretrained(fam / "transformer", **dt),
+        "transformer": _network_class(family).from_pretrained(fam / "transformer", **dt),
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(fam / "scheduler"),
-        "vae": load_vae(models["vae"], settings).vae,
+        "vae": load_vae(desc.vae, settings).vae,
         "tokenizer": CLIPTokenizer.from_pretrained(shared / "tokenizer"),
     }
     if controlnet:  # straight from_pretrained: the pipeline itself adapts it (e.g. SD3.5's pos_embed)
         from diffusers import FluxControlNetModel, SD3ControlNetModel
 
         cn_cls = FluxControlNetModel if family == "flux" else SD3ControlNetModel
-        common["controlnet"] = cn_cls.from_pretrained(controlnet_dir(models["controlnet"], settings), **dt)
+        common["controlnet"] = cn_cls.from_pretrained(controlnet_dir(desc.controlnet, settings), **dt)
     if family == "flux":
         from diffusers import FluxControlNetPipeline, FluxPipeline
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["text_encoder", "denoiser", "vae", "controlnet"]
-Family = Literal["sd3", "sd35-large", "flux", "sd15", "sdxl"]
+from shared.zoo.families import Family
 
-FAMILIES: tuple[Family, ...] = ("sd3", "sd35-large", "flux", "sd15", "sdxl")
+Role = Literal["text_encoder", "denoiser", "vae", "controlnet"]
+# What differs between families (classes, channels, sizes, encoders, each family's denoiser, VAE
+# and ControlNet) is one table: `shared.zoo.families`.
 
 # The service (process type) that hosts each role.
 SERVICE_OF_ROLE: dict[Role, str] = {
@@ -94,19 +95,6 @@ LORAS: dict[str, LoraInfo] = {
     )
 }
 
-# Per family: the base denoiser, its VAE and its ControlNet (a family without one has no
-# "controlnet" key, and so no -controlnet workflows).
-FAMILY_MODELS: dict[Family, dict[str, str]] = {
-    "sd3": {"denoiser": "sd3-transformer", "vae": "sd3-vae", "controlnet": "sd3-controlnet"},
-    "sd35-large": {"denoiser": "sd35-large-transformer", "vae": "sd3-vae", "controlnet": "sd35-large-controlnet"},
-    "flux": {"denoiser": "flux-transformer", "vae": "flux-vae", "controlnet": "flux-controlnet"},
-    "sd15": {"denoiser": "sd15-unet", "vae": "sd15-vae"},
-    "sdxl": {"denoiser": "sdxl-unet", "vae": "sdxl-vae"},
-}
-
-# The families whose denoiser is a `UNet2DConditionModel` (the rest are MMDiT transformers).
-UNET_FAMILIES: tuple[Family, ...] = ("sd15", "sdxl")
-
 
 def models_of_service(service: str) -> list[str]:
     """Every model id a service type hosts, in table order."""
@@ -115,19 +103,6 @@ def models_of_service(service: str) -> list[str]:
 
 def loras_for(base: str) -> list[str]:
     return [lora.name for lora in LORAS.values() if lora.base == base]
-
-
-def controlnets_for(base: str) -> list[str]:
-    """ControlNet ids whose family's base denoiser is `base`."""
-    return [fam["controlnet"] for fam in FAMILY_MODELS.values() if fam["denoiser"] == base and "controlnet" in fam]
-
-
-# How each family's ControlNets take their inputs (diffusers' `force_zeros_for_pooled_projection`
-# in the ControlNet config): SD3's (InstantX-style) ControlNets get zero pooled projections and
-# control latents encoded *without* the VAE's shift factor; SD3.5-Large's (Stability's) and
-# Flux's get the pooled prompt and shifted latents. The VAE service encodes control images by
-# this rule (it never sees the ControlNet), and `load_controlnet` refuses a model that breaks it.
-CONTROL_LATENTS_SHIFTED: dict[Family, bool] = {"sd3": False, "sd35-large": True, "flux": True}
 
 
 def family_of(model_id: str) -> Family:

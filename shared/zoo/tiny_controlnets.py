@@ -12,7 +12,7 @@ joint block copied from the family's base transformer), with two deliberate diff
   the ControlNet visibly changes the image.
 
 The SD3 ControlNet is InstantX-style (`force_zeros_for_pooled_projection=True`), the
-SD3.5-Large one Stability-style (`False`): see `registry.CONTROL_LATENTS_SHIFTED`.
+SD3.5-Large one Stability-style (`False`): see `FamilyDescriptor.control_latents_shifted`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.zoo.registry import CONTROL_LATENTS_SHIFTED
+from shared.zoo.families import FAMILIES
 from shared.zoo.tiny import SEEDS as SD3_SEEDS
 from shared.zoo.tiny import build_once, build_sd3_transformer, seeded
 
@@ -94,10 +94,12 @@ def build_controlnet(model_id: str):
     seed = SEEDS[model_id]
     if model_id == "sd3-controlnet":
         base = build_sd3_transformer(SD3_SEEDS["sd3-transformer"])
-        return _build_sd3_family(base, seed, force_zeros_for_pooled_projection=not CONTROL_LATENTS_SHIFTED["sd3"])
+        return _build_sd3_family(
+            base, seed, force_zeros_for_pooled_projection=not FAMILIES["sd3"].control_latents_shifted
+        )
     if model_id == "sd35-large-controlnet":
         base = tiny_sd35.build_transformer()
-        shifted = CONTROL_LATENTS_SHIFTED["sd35-large"]
+        shifted = FAMILIES["sd35-large"].control_latents_shifted
         return _build_sd3_family(base, seed, force_zeros_for_pooled_projection=not shifted)
     if model_id == "flux-controlnet":
         return _build_flux(tiny_flux.build_transformer(), seed)

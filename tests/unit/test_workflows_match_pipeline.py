@@ -40,7 +40,7 @@ from shared.zoo import (
     load_vae,
     lora_path,
 )
-from shared.zoo.registry import FAMILY_MODELS
+from shared.zoo.families import FAMILIES
 from tests.oracle import assert_images_match, image_diff, reference_images
 
 
@@ -70,12 +70,12 @@ class Lab:
 
     def family(self, name: str) -> FamilyModels:
         if name not in self.families:
-            ids = FAMILY_MODELS[name]  # type: ignore[index]
-            den = load_denoiser(ids["denoiser"], self.settings)
+            ids = FAMILIES[name]  # type: ignore[index]
+            den = load_denoiser(ids.denoiser, self.settings)
             self.families[name] = FamilyModels(
                 denoiser=den,
-                vae=load_vae(ids["vae"], self.settings),
-                controlnet=load_controlnet(ids["controlnet"], self.settings),
+                vae=load_vae(ids.vae, self.settings),
+                controlnet=load_controlnet(ids.controlnet, self.settings),
                 loras=LoraCache(den.transformer, max_bytes=1 << 30),
             )
         return self.families[name]

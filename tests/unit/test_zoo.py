@@ -40,6 +40,7 @@ from shared.zoo import (
     tiny_sd35,
     tiny_sdxl,
 )
+from shared.zoo.families import FAMILIES
 from shared.zoo.tokenizers import build_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -299,7 +300,7 @@ def test_every_model_id_loads(settings: Settings) -> None:
         inputs = cn.controlnet_x_embedder if model_id == "flux-controlnet" else cn.pos_embed_input.proj
         for layer in [*outputs, inputs]:  # zero-initialised by diffusers: re-seeded here
             assert layer.weight.abs().sum() > 0, model_id
-    shifted = registry.CONTROL_LATENTS_SHIFTED
+    shifted = {name: d.control_latents_shifted for name, d in FAMILIES.items()}
     assert bundles["sd3-controlnet"].controlnet.config.force_zeros_for_pooled_projection == (not shifted["sd3"])
     assert bundles["sd35-large-controlnet"].controlnet.config.force_zeros_for_pooled_projection == (
         not shifted["sd35-large"]

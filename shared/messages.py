@@ -10,7 +10,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StepKind(StrEnum):
@@ -59,20 +59,118 @@ class ErrorInfo(BaseModel):
     lost_inputs: list[str] = Field(default_factory=list)  # inputs whose producer no longer has them
 
 
+class _Params(BaseModel):
+    """Step parameters: strict (`"2"` is not 2, `true` is not 1) and closed (a misspelt name is an
+    error, not a silently ignored default). Built and validated once, at the gateway's planning."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class LoraChoice(_Params):
+    """A LoRA to switch on for a request, at `scale`."""
+
+    name: str
+    scale: float = 1.0
+
+
+class ControlNetChoice(_Params):
+    """The ControlNet guiding a request's denoising, and how strongly."""
+
+    model: str
+    conditioning_scale: float = 1.0
+
+
+class EncodeParams(_Params):
+    """Encode the prompt (row 0) and, with `negative`, the negative prompt (row 1: classifier-free
+    guidance needs both; guidance-distilled families read the prompt only)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    negative: bool = True
+    outputs: list[str] | None = None  # CLIP outputs wanted; None: the encoder's default
+    max_sequence_length: int | None = Field(None, ge=1)  # T5 only
+
+
+class DenoiseParams(_Params):
+    """A request's whole denoising loop. `negative_prompt` is read by families whose loop needs
+    the text itself (SDXL: an empty one means zero embeddings)."""
+
+    height: int = Field(ge=8)
+    width: int = Field(ge=8)
+    num_inference_steps: int = Field(ge=1)
+    guidance_scale: float
+    seed: int = Field(ge=0)
+    n: int = Field(1, ge=1)
+    negative_prompt: str | None = None
+    controlnet: ControlNetChoice | None = None
+    loras: list[LoraChoice] = Field(default_factory=list)
+
+
+class ControlNetParams(_Params):
+    """One denoising step's ControlNet call. `cache_inputs`: inputs constant for the request,
+    which the adapters service pulls once and keeps (see `CONSTANT_INPUT`)."""
+
+    conditioning_scale: float
+    step: int = Field(ge=0)
+    num_steps: int = Field(ge=1)
+    cache_inputs: list[str] = Field(default_factory=list)
+
+
+class VaeDecodeParams(_Params):
+    """Decoding needs nothing but the latents: the VAE's config holds its factors."""
+
+
+class VaeEncodeParams(_Params):
+    """A control image to ControlNet latents, as the family's ControlNet pipeline prepares them
+    (same size, seed, images per prompt and guidance as the request)."""
+
+    family: str
+    height: int = Field(ge=8)
+    width: int = Field(ge=8)
+    seed: int = Field(ge=0)
+    n: int = Field(1, ge=1)
+    guidance_scale: float = 0.0
+
+
+StepParams = EncodeParams | DenoiseParams | ControlNetParams | VaeDecodeParams | VaeEncodeParams
+
+PARAMS_OF_KIND: dict[StepKind, type[_Params]] = {
+    StepKind.ENCODE: EncodeParams,
+    StepKind.DENOISE: DenoiseParams,
+    StepKind.CONTROLNET: ControlNetParams,
+    StepKind.VAE_DECODE: VaeDecodeParams,
+    StepKind.VAE_ENCODE: VaeEncodeParams,
+}
+
+
 class StepRequest(BaseModel):
-    """One model-execution node of one request, as published on `lego.step.<kind>.<model>`."""
+    """One model-execution node of one request, as published on `lego.step.<kind>.<model>`.
+
+    `params` is the typed model of its kind (`PARAMS_OF_KIND`); a dict (as JSON brings it) is
+    validated into that model, so a service receives `step.params.height`, never a guess."""
 
     request_id: str
     node_id: str
     kind: StepKind
     model_id: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: StepParams
     inputs: dict[str, TensorRef] = Field(default_factory=dict)
     reply_to: str  # the gateway's result subject
     progress_to: str | None = None  # where long steps report progress (core NATS, best effort)
     deadline: float  # unix time after which the result is useless
     attempt: int = 1
     owner: str = ""  # who the outputs are held for (released by that name); default: request_id
+
+    @model_validator(mode="before")
+    @classmethod
+    def _params_of_kind(cls, data: Any) -> Any:
+        """Parse `params` as the model of the step's kind (a union alone cannot tell them apart)."""
+        if isinstance(data, dict):
+            kind = data.get("kind")
+            model = PARAMS_OF_KIND.get(StepKind(kind)) if kind in StepKind._value2member_map_ else None
+            if model is not None and not isinstance(data.get("params"), model):
+                data = {**data, "params": model.model_validate(data.get("params") or {})}
+        return data
 
     @property
     def output_owner(self) -> str:

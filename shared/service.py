@@ -319,7 +319,7 @@ class ModelStepHandler:
     async def _pull(self, step: StepRequest) -> dict[str, Any]:
         """Input tensors: RawTensors (host bytes), or torch tensors already on this service's
         GPU when the producer held them on a GPU (they then never touch host memory)."""
-        cacheable = set(step.params.get("cache_inputs") or ())
+        cacheable = set(getattr(step.params, "cache_inputs", ()))
         raws: dict[str, Any] = {}
         lost, reason = [], ""
         for name, ref in step.inputs.items():

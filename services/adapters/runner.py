@@ -50,7 +50,7 @@ class ControlNetRunner:
         varying = {k.removeprefix(VARYING): v for k, v in inputs.items() if k.startswith(VARYING)}
         if not varying:
             raise BadStepInput("a controlnet step needs 'v.*' (per-step) inputs: latents and timestep")
-        params = {k: v for k, v in step.params.items() if k != "cache_inputs"}
+        params = step.params.model_dump(exclude={"cache_inputs"})
         if self.coalescer is not None:
             return self.coalescer.submit((constant, varying, params)).result()
         return self._residuals_many([(constant, varying, params)])[0]

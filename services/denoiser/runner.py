@@ -14,12 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.messages import StepKind, StepRequest
+from shared.messages import DenoiseParams, StepKind, StepRequest
 from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
 from shared.worker import BadStepInput, StepCancelled
-
-INT_PARAMS = ("height", "width", "num_inference_steps", "seed", "n")
 
 
 @dataclass
@@ -40,27 +38,24 @@ class DenoiserRunner:
         if missing:
             raise BadStepInput(f"denoise step lacks inputs {missing}")
         p = step.params
-        bad = [k for k in INT_PARAMS if not isinstance(p.get(k), int) or isinstance(p.get(k), bool)]
-        if bad or not isinstance(p.get("guidance_scale"), int | float):
-            raise BadStepInput(f"denoise params must be integers {list(INT_PARAMS)} and a number guidance_scale")
-        if p["height"] % 16 or p["width"] % 16:
-            raise BadStepInput("height and width must be multiples of 16")
+        if not isinstance(p, DenoiseParams):
+            raise BadStepInput(f"a denoise step needs DenoiseParams, got {type(p).__name__}")
         loras = self._lora_set(p)
         control, remote_cn = self._control(step, inputs, ctx)
         try:
             loop = denoise_loop(
                 self.bundle,
                 {name: inputs[name] for name in names},
-                height=p["height"],
-                width=p["width"],
-                num_inference_steps=p["num_inference_steps"],
-                guidance_scale=float(p["guidance_scale"]),
-                seed=p["seed"],
-                n=p["n"],
+                height=p.height,
+                width=p.width,
+                num_inference_steps=p.num_inference_steps,
+                guidance_scale=p.guidance_scale,
+                seed=p.seed,
+                n=p.n,
                 control=control,
                 on_step=ctx.progress,
                 should_stop=ctx.should_stop,
-                negative_prompt=p.get("negative_prompt"),
+                negative_prompt=p.negative_prompt,
             )
             if self.engine is not None:  # joins the running batch at its next step
                 latents = self.engine.submit(loop, loras).result()
@@ -78,37 +73,29 @@ class DenoiserRunner:
 
     def _control(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> tuple[Any, Any]:
         """The ControlSpec of a ControlNet workflow (None otherwise), calling the adapters service."""
-        spec = step.params.get("controlnet")
+        spec = step.params.controlnet  # type: ignore[union-attr]
         if spec is None:
             return None, None
         from services.denoiser.model import ControlSpec
         from services.denoiser.remote_controlnet import RemoteControlNet
 
-        if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
-            raise BadStepInput("param 'controlnet' must be {'model': <id>, 'conditioning_scale': <number>}")
         if "control_latents" not in inputs:
             raise BadStepInput("a controlnet step needs the 'control_latents' input")
-        remote_cn = RemoteControlNet(ctx.remote, ctx.plane, step, spec["model"])
+        remote_cn = RemoteControlNet(ctx.remote, ctx.plane, step, spec.model)
         control = ControlSpec(
             control_latents=inputs["control_latents"],
-            conditioning_scale=float(spec.get("conditioning_scale", 1.0)),
+            conditioning_scale=spec.conditioning_scale,
             residuals=remote_cn,
         )
         return control, remote_cn
 
-    def _lora_set(self, params: dict[str, Any]) -> list[tuple[str, float]]:
+    def _lora_set(self, params: DenoiseParams) -> list[tuple[str, float]]:
         from shared.zoo.registry import LORAS
 
-        chosen = params.get("loras") or []
-        out = []
-        for lora in chosen:
-            name, scale = (lora.get("name"), lora.get("scale", 1.0)) if isinstance(lora, dict) else (None, None)
-            if not isinstance(name, str) or not isinstance(scale, int | float):
-                raise BadStepInput("param 'loras' must be a list of {'name': <str>, 'scale': <number>}")
-            if name not in LORAS or LORAS[name].base != self.model_id:
-                raise BadStepInput(f"LoRA {name!r} is not a LoRA of {self.model_id}")
-            out.append((name, float(scale)))
-        return out
+        for lora in params.loras:
+            if lora.name not in LORAS or LORAS[lora.name].base != self.model_id:
+                raise BadStepInput(f"LoRA {lora.name!r} is not a LoRA of {self.model_id}")
+        return [(lora.name, lora.scale) for lora in params.loras]
 
     def _lora_path(self, name: str) -> Any:
         from shared.zoo import lora_path
@@ -166,5 +153,5 @@ SPEC = ServiceSpec(
     load=load,
     description="Denoiser service: runs the whole denoising loop of a request on a shared base model, "
     "applying the request's LoRAs and calling its ControlNet at every step; with LEGO_DENOISE_MAX_BATCH > 1 "
-    "(default on a GPU: 8) requests share each transformer call, joining and leaving between steps.",
+    "(default on a GPU: 2) requests share each transformer call, joining and leaving between steps.",
 )

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from shared.messages import StepKind, StepRequest
+from shared.messages import EncodeParams, StepKind, StepRequest
 from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
 from shared.worker import BadStepInput
@@ -53,14 +53,12 @@ class EncoderRunner:
 
     def _texts(self, step: StepRequest) -> tuple[list[str], dict[str, Any]]:
         p = step.params
-        prompt = p.get("prompt")
-        negative = p.get("negative_prompt") or ""
-        if not isinstance(prompt, str) or not isinstance(negative, str):
-            raise BadStepInput("params 'prompt' and 'negative_prompt' must be strings")
-        options = {k: p[k] for k in ("outputs", "max_sequence_length") if k in p}
+        if not isinstance(p, EncodeParams):
+            raise BadStepInput(f"an encode step needs EncodeParams, got {type(p).__name__}")
+        options = p.model_dump(include={"outputs", "max_sequence_length"}, exclude_none=True)
         # Row 0 is the prompt, row 1 the negative prompt (the denoiser needs both for guidance);
         # guidance-distilled families (Flux) set `negative: false` and get the prompt row only.
-        texts = [prompt, negative] if p.get("negative", True) else [prompt]
+        texts = [p.prompt, p.negative_prompt or ""] if p.negative else [p.prompt]
         return texts, options
 
     def warm_up(self) -> None:

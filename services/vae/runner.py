@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared.messages import StepKind, StepRequest
+from shared.messages import StepKind, StepRequest, VaeEncodeParams
 from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
 from shared.worker import BadStepInput
@@ -54,21 +54,22 @@ class VaeRunner:
 
         pixels = inputs.get("pixels")
         p = step.params
+        if not isinstance(p, VaeEncodeParams):
+            raise BadStepInput(f"a vae_encode step needs VaeEncodeParams, got {type(p).__name__}")
         if pixels is None or pixels.ndim != 3 or pixels.shape[-1] != 3 or str(pixels.dtype) != "torch.uint8":
             raise BadStepInput("vae_encode needs a uint8 'pixels' input of shape (H, W, 3)")
-        bad = [k for k in ("height", "width", "seed", "n") if not isinstance(p.get(k), int) or isinstance(p[k], bool)]
-        if bad or tuple(pixels.shape[:2]) != (p["height"], p["width"]):
-            raise BadStepInput(f"vae_encode needs integer {bad or 'height/width'} matching the control image")
+        if tuple(pixels.shape[:2]) != (p.height, p.width):
+            raise BadStepInput(f"vae_encode: the control image is {tuple(pixels.shape[:2])}, not {p.height}x{p.width}")
         try:
             return encode_control_image(
                 self.bundle,
                 pixels,
-                family=str(p.get("family", "sd3")),
-                height=p["height"],
-                width=p["width"],
-                seed=p["seed"],
-                num_images=p["n"],
-                guidance_scale=float(p.get("guidance_scale", 0.0)),
+                family=p.family,
+                height=p.height,
+                width=p.width,
+                seed=p.seed,
+                num_images=p.n,
+                guidance_scale=p.guidance_scale,
             )
         except ValueError as exc:
             raise BadStepInput(str(exc)) from exc

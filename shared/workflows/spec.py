@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shared.messages import StepKind
+from shared.messages import LoraChoice, StepKind
 
 REQUEST = "request"  # the pseudo-node whose outputs are the tensors a request carries
 
@@ -27,11 +27,6 @@ class NodeSpec(BaseModel):
     params: list[str] = Field(default_factory=list)
     settings: dict[str, Any] = Field(default_factory=dict)
     inputs: dict[str, str] = Field(default_factory=dict)
-
-
-class LoraChoice(BaseModel):
-    name: str
-    scale: float = 1.0
 
 
 class WorkflowSpec(BaseModel):

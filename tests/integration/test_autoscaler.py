@@ -43,6 +43,7 @@ def _step(i: int) -> StepRequest:
         node_id="denoise",
         kind=StepKind.DENOISE,
         model_id="sd3-transformer",
+        params={"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 0},
         reply_to="lego.result.nobody",
         deadline=time.time() + 600,
     )

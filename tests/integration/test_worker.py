@@ -22,6 +22,7 @@ def _step(node: str = "n1", request: str = "r1") -> StepRequest:
         node_id=node,
         kind=StepKind.ENCODE,
         model_id="m1",
+        params={"prompt": "a test"},
         reply_to=result_subject("gw"),
         deadline=time.time() + 60,
     )

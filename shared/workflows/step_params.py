@@ -1,0 +1,109 @@
+"""A request's step parameters, built and validated once, before any step is published.
+
+Why here and from the family descriptor: what each node of a workflow receives (which encoder
+outputs, T5's length, whether the negative prompt is encoded, the size multiple, whether the
+loop reads the negative text) is family data (`shared.zoo.families`), and the services must
+receive exactly what they run, typed (`shared.messages`). The gateway calls `step_params` at
+admission, so a size the family cannot take is a 422 there, never a failed step later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.messages import (
+    ControlNetChoice,
+    DenoiseParams,
+    EncodeParams,
+    LoraChoice,
+    StepKind,
+    StepParams,
+    VaeDecodeParams,
+    VaeEncodeParams,
+)
+from shared.workflows.spec import NodeSpec, WorkflowSpec
+from shared.zoo.families import EncoderUse, FamilyDescriptor, family
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """What one request asks for, already checked against its API's bounds."""
+
+    prompt: str
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    n: int = 1
+    negative_prompt: str = ""
+    controlnet: ControlNetChoice | None = None
+    loras: list[LoraChoice] = field(default_factory=list)
+
+
+def _encoder_use(desc: FamilyDescriptor, model_id: str) -> EncoderUse:
+    for use in desc.encoders:
+        if use.model_id == model_id:
+            return use
+    raise ValueError(f"the {desc.name} family reads no text encoder {model_id!r}")
+
+
+def _encode(desc: FamilyDescriptor, node: NodeSpec, req: RequestParams) -> EncodeParams:
+    use = _encoder_use(desc, node.model)
+    return EncodeParams(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt if use.negative else None,
+        negative=use.negative,
+        outputs=list(use.outputs) if use.outputs else None,
+        max_sequence_length=use.max_sequence_length,
+    )
+
+
+def _denoise(desc: FamilyDescriptor, workflow: WorkflowSpec, req: RequestParams) -> DenoiseParams:
+    return DenoiseParams(
+        height=req.height,
+        width=req.width,
+        num_inference_steps=req.num_inference_steps,
+        guidance_scale=req.guidance_scale,
+        seed=req.seed,
+        n=req.n,
+        negative_prompt=req.negative_prompt if desc.reads_negative_text else None,
+        controlnet=req.controlnet if workflow.controlnets else None,
+        loras=list(req.loras) if workflow.loras else [],
+    )
+
+
+def _control(desc: FamilyDescriptor, req: RequestParams) -> VaeEncodeParams:
+    return VaeEncodeParams(
+        family=desc.name,
+        height=req.height,
+        width=req.width,
+        seed=req.seed,
+        n=req.n,
+        guidance_scale=req.guidance_scale,
+    )
+
+
+def step_params(workflow: WorkflowSpec, req: RequestParams) -> dict[str, StepParams]:
+    """Each node's typed params for `req` (node id -> params). Raises ValueError for a request
+    the workflow's family cannot take (a size off its multiple, a negative prompt for a
+    guidance-distilled family, a ControlNet workflow without a ControlNet)."""
+    desc = family(workflow.family)
+    desc.check_size(req.height, req.width)
+    if req.negative_prompt and not desc.cfg:
+        raise ValueError(f"workflow {workflow.name!r} takes no negative_prompt (its model is guidance-distilled)")
+    if workflow.controlnets and req.controlnet is None:
+        raise ValueError(f"workflow {workflow.name!r} needs a controlnet")
+    out: dict[str, StepParams] = {}
+    for node in workflow.nodes:
+        if node.kind == StepKind.ENCODE:
+            out[node.id] = _encode(desc, node, req)
+        elif node.kind == StepKind.DENOISE:
+            out[node.id] = _denoise(desc, workflow, req)
+        elif node.kind == StepKind.VAE_ENCODE:
+            out[node.id] = _control(desc, req)
+        elif node.kind == StepKind.VAE_DECODE:
+            out[node.id] = VaeDecodeParams()
+        else:
+            raise ValueError(f"workflow {workflow.name!r}: node {node.id!r} of kind {node.kind} is not planned")
+    return out

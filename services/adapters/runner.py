@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shared.coalescing_runner import CoalescingRunner
 from shared.messages import CONSTANT_INPUT as CONSTANT
 from shared.messages import VARYING_INPUT as VARYING
 from shared.messages import StepKind, StepRequest
 from shared.service import ServiceSpec, StepContext, param_bytes
-from shared.settings import Settings
 from shared.worker import BadStepInput
+from shared.zoo import load_controlnet
 from shared.zoo.registry import models_of_service
 
 # Flux's position ids have no batch dimension: requests of one size share them.
@@ -24,26 +25,11 @@ _UNBATCHED = frozenset({"txt_ids", "img_ids"})
 Call = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]  # constant, varying, params
 
 
-def _call_key(call: Call) -> tuple:
-    """Calls that can run as one: same scale, and inputs alike bar the batch dimension."""
-    constant, varying, params = call
-    shapes = tuple(
-        (name, tuple(t.shape) if name in _UNBATCHED else tuple(t.shape[1:]), str(t.dtype))
-        for group in (constant, varying)
-        for name, t in sorted(group.items())
-    )
-    return (float(params.get("conditioning_scale", 1.0)), shapes)
-
-
 @dataclass
-class ControlNetRunner:
-    model_id: str
-    bundle: Any
-    kinds: tuple[StepKind, ...] = (StepKind.CONTROLNET,)
+class ControlNetRunner(CoalescingRunner[Call, dict[str, Any]]):
     # With a max batch > 1 (`LEGO_CONTROLNET_MAX_BATCH`; 8 on a GPU): the steps that queue up
     # (the denoising steps of several requests, or of a batching denoiser) run as one call.
-    coalescer: Any = None
-    concurrency: int = 1
+    kinds: tuple[StepKind, ...] = (StepKind.CONTROLNET,)
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         constant = {k.removeprefix(CONSTANT): v for k, v in inputs.items() if k.startswith(CONSTANT)}
@@ -51,11 +37,9 @@ class ControlNetRunner:
         if not varying:
             raise BadStepInput("a controlnet step needs 'v.*' (per-step) inputs: latents and timestep")
         params = step.params.model_dump(exclude={"cache_inputs"})
-        if self.coalescer is not None:
-            return self.coalescer.submit((constant, varying, params)).result()
-        return self._residuals_many([(constant, varying, params)])[0]
+        return self.run_one((constant, varying, params))
 
-    def _residuals_many(self, calls: list[Call]) -> list[dict[str, Any]]:
+    def run_many(self, calls: list[Call]) -> list[dict[str, Any]]:
         """Several steps' residuals from one ControlNet call (rows stacked); one step as the pipeline."""
         import torch
 
@@ -76,39 +60,28 @@ class ControlNetRunner:
         parts = {name: torch.split(t, rows) for name, t in out.items()}
         return [{name: p[i] for name, p in parts.items()} for i in range(len(calls))]
 
-    def warm_up(self) -> None:
-        """ControlNet inputs depend on the calling denoiser's shapes; the first call warms it."""
+    def batch_key(self, item: Call) -> tuple:
+        """Calls that can run as one: same scale, and inputs alike bar the batch dimension."""
+        constant, varying, params = item
+        shapes = tuple(
+            (name, tuple(t.shape) if name in _UNBATCHED else tuple(t.shape[1:]), str(t.dtype))
+            for group in (constant, varying)
+            for name, t in sorted(group.items())
+        )
+        return (float(params.get("conditioning_scale", 1.0)), shapes)
 
     def status(self) -> dict[str, Any]:
         return {"param_bytes": param_bytes(self.bundle.controlnet)}
 
-    def close(self) -> None:
-        if self.coalescer is not None:
-            self.coalescer.close()
-
-
-def load(model_id: str, settings: Settings) -> ControlNetRunner:
-    from shared import metrics
-    from shared.coalesce import Coalescer, max_batch
-    from shared.zoo import load_controlnet
-
-    runner = ControlNetRunner(model_id=model_id, bundle=load_controlnet(model_id, settings))
-    batch = max_batch(settings.controlnet_max_batch, settings.device, gpu_default=8)
-    if batch > 1:
-        runner.coalescer = Coalescer(
-            runner._residuals_many,
-            key=_call_key,
-            max_batch=batch,
-            name=f"coalesce-{model_id}",
-            on_batch=metrics.StepMetrics(str(StepKind.CONTROLNET), model_id).batch.observe,
-        )
-        runner.concurrency = batch
-    return runner
+    def warm_up(self) -> None:
+        """ControlNet inputs depend on the calling denoiser's shapes; the first call warms it."""
 
 
 SPEC = ServiceSpec(
     name="adapters",
     default_models=models_of_service("adapters"),
-    load=load,
+    load=ControlNetRunner.loader(
+        load_controlnet, lambda settings: settings.controlnet_max_batch, gpu_default=8, kind=StepKind.CONTROLNET
+    ),
     description="Adapters service: hosts ControlNets; one replica serves every workflow and base model using it.",
 )

@@ -11,29 +11,25 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from shared.coalescing_runner import CoalescingRunner
 from shared.messages import EncodeParams, StepKind, StepRequest
 from shared.service import ServiceSpec, StepContext, param_bytes
-from shared.settings import Settings
 from shared.worker import BadStepInput
+from shared.zoo import load_text_encoder
+
+Texts = tuple[list[str], dict[str, Any]]  # a step's texts (prompt, maybe negative) and its encode options
 
 
 @dataclass
-class EncoderRunner:
-    model_id: str
-    bundle: Any
+class EncoderRunner(CoalescingRunner[Texts, dict[str, Any]]):
+    # With a max batch > 1 (`LEGO_ENCODE_MAX_BATCH`; 16 on a GPU): the texts of steps that
+    # queue up are encoded in one call (`shared.coalescing_runner`).
     kinds: tuple[StepKind, ...] = (StepKind.ENCODE,)
-    # With a max batch > 1 (`LEGO_ENCODE_MAX_BATCH`; 16 on a GPU): steps that queue up are
-    # encoded in one call (`shared.coalesce`); `concurrency` steps are taken in hand at once.
-    coalescer: Any = None
-    concurrency: int = 1
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        texts, options = self._texts(step)
-        if self.coalescer is not None:
-            return self.coalescer.submit((texts, options)).result()
-        return self._encode_many([(texts, options)])[0]
+        return self.run_one(self._texts(step))
 
-    def _encode_many(self, items: list[tuple[list[str], dict[str, Any]]]) -> list[dict[str, Any]]:
+    def run_many(self, items: list[Texts]) -> list[dict[str, Any]]:
         """Encode several steps' texts (same options) in one call; one step alone as the pipeline would."""
         import torch
 
@@ -51,7 +47,11 @@ class EncoderRunner:
         split = {name: torch.split(t, sizes) for name, t in out.items()}
         return [{name: parts[i] for name, parts in split.items()} for i in range(len(items))]
 
-    def _texts(self, step: StepRequest) -> tuple[list[str], dict[str, Any]]:
+    def batch_key(self, item: Texts) -> str:
+        """Steps wanting other outputs or lengths are encoded apart."""
+        return json.dumps(item[1], sort_keys=True)
+
+    def _texts(self, step: StepRequest) -> Texts:
         p = step.params
         if not isinstance(p, EncodeParams):
             raise BadStepInput(f"an encode step needs EncodeParams, got {type(p).__name__}")
@@ -61,45 +61,20 @@ class EncoderRunner:
         texts = [p.prompt, p.negative_prompt or ""] if p.negative else [p.prompt]
         return texts, options
 
+    def status(self) -> dict[str, Any]:
+        return {"param_bytes": param_bytes(self.bundle.model)}
+
     def warm_up(self) -> None:
         from services.encoder.model import encode
 
         encode(self.bundle, ["warm up", ""])
 
-    def status(self) -> dict[str, Any]:
-        return {"param_bytes": param_bytes(self.bundle.model)}
-
-    def close(self) -> None:
-        if self.coalescer is not None:
-            self.coalescer.close()
-
-
-def _options_key(item: tuple[list[str], dict[str, Any]]) -> str:
-    return json.dumps(item[1], sort_keys=True)
-
-
-def load(model_id: str, settings: Settings) -> EncoderRunner:
-    from shared import metrics
-    from shared.coalesce import Coalescer, max_batch
-    from shared.zoo import load_text_encoder
-
-    runner = EncoderRunner(model_id=model_id, bundle=load_text_encoder(model_id, settings))
-    batch = max_batch(settings.encode_max_batch, settings.device, gpu_default=16)
-    if batch > 1:
-        runner.coalescer = Coalescer(
-            runner._encode_many,
-            key=_options_key,  # steps wanting other outputs or lengths are encoded apart
-            max_batch=batch,
-            name=f"coalesce-{model_id}",
-            on_batch=metrics.StepMetrics(str(StepKind.ENCODE), model_id).batch.observe,
-        )
-        runner.concurrency = batch
-    return runner
-
 
 SPEC = ServiceSpec(
     name="encoder",
     default_models=["clip-l", "clip-g", "t5"],
-    load=load,
+    load=EncoderRunner.loader(
+        load_text_encoder, lambda settings: settings.encode_max_batch, gpu_default=16, kind=StepKind.ENCODE
+    ),
     description="Text encoder service: hosts one or several of clip-l, clip-g, t5, sd15-clip, each on its own subject.",
 )

@@ -10,22 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shared.coalescing_runner import CoalescingRunner
 from shared.messages import StepKind, StepRequest, VaeEncodeParams
 from shared.service import ServiceSpec, StepContext, param_bytes
-from shared.settings import Settings
 from shared.worker import BadStepInput
+from shared.zoo import load_vae
 from shared.zoo.registry import models_of_service
 
 
 @dataclass
-class VaeRunner:
-    model_id: str
-    bundle: Any
-    kinds: tuple[StepKind, ...] = (StepKind.VAE_DECODE, StepKind.VAE_ENCODE)
+class VaeRunner(CoalescingRunner[Any, Any]):  # latents in, uint8 images out (torch tensors)
     # With a max batch > 1 (`LEGO_VAE_MAX_BATCH`; 4 on a GPU): decode steps that queue up with
-    # latents of one shape are decoded in one call (`shared.coalesce`).
-    coalescer: Any = None
-    concurrency: int = 1
+    # latents of one shape are decoded in one call (`shared.coalescing_runner`). Encode steps
+    # (one control image per ControlNet request) run alone.
+    kinds: tuple[StepKind, ...] = (StepKind.VAE_DECODE, StepKind.VAE_ENCODE)
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         if step.kind == StepKind.VAE_ENCODE:
@@ -33,20 +31,22 @@ class VaeRunner:
         latents = inputs.get("latents")
         if latents is None or latents.ndim != 4:
             raise BadStepInput("vae_decode needs a 4-D 'latents' input (batch, channels, h, w)")
-        if self.coalescer is not None:
-            return {"images": self.coalescer.submit(latents).result()}
-        return {"images": self._decode_many([latents])[0]}
+        return {"images": self.run_one(latents)}
 
-    def _decode_many(self, batch: list[Any]) -> list[Any]:
+    def run_many(self, items: list[Any]) -> list[Any]:
         """Decode several steps' latents (same shape) in one call; one step's as the pipeline does."""
         import torch
 
         from services.vae.model import decode
 
-        if len(batch) == 1:
-            return [decode(self.bundle, batch[0])]
-        images = decode(self.bundle, torch.cat(batch))
-        return list(torch.split(images, [latents.shape[0] for latents in batch]))
+        if len(items) == 1:
+            return [decode(self.bundle, items[0])]
+        images = decode(self.bundle, torch.cat(items))
+        return list(torch.split(images, [latents.shape[0] for latents in items]))
+
+    def batch_key(self, item: Any) -> tuple:
+        """Latents of other sizes (or dtypes, devices) are decoded apart."""
+        return (tuple(item.shape[1:]), str(item.dtype), str(item.device))
 
     def _encode_control(self, step: StepRequest, inputs: dict[str, Any]) -> Any:
         """The control image of a ControlNet workflow, into latents as its pipeline prepares them."""
@@ -74,6 +74,9 @@ class VaeRunner:
         except ValueError as exc:
             raise BadStepInput(str(exc)) from exc
 
+    def status(self) -> dict[str, Any]:
+        return {"param_bytes": param_bytes(self.bundle.vae)}
+
     def warm_up(self) -> None:
         import torch
 
@@ -81,40 +84,10 @@ class VaeRunner:
 
         decode(self.bundle, torch.zeros(1, self.bundle.vae.config.latent_channels, 8, 8))
 
-    def status(self) -> dict[str, Any]:
-        return {"param_bytes": param_bytes(self.bundle.vae)}
-
-    def close(self) -> None:
-        if self.coalescer is not None:
-            self.coalescer.close()
-
-
-def _latents_key(latents: Any) -> tuple:
-    return (tuple(latents.shape[1:]), str(latents.dtype), str(latents.device))
-
-
-def load(model_id: str, settings: Settings) -> VaeRunner:
-    from shared import metrics
-    from shared.coalesce import Coalescer, max_batch
-    from shared.zoo import load_vae
-
-    runner = VaeRunner(model_id=model_id, bundle=load_vae(model_id, settings))
-    batch = max_batch(settings.vae_max_batch, settings.device, gpu_default=4)
-    if batch > 1:
-        runner.coalescer = Coalescer(
-            runner._decode_many,
-            key=_latents_key,  # other sizes are decoded apart
-            max_batch=batch,
-            name=f"coalesce-{model_id}",
-            on_batch=metrics.StepMetrics(str(StepKind.VAE_DECODE), model_id).batch.observe,
-        )
-        runner.concurrency = batch
-    return runner
-
 
 SPEC = ServiceSpec(
     name="vae",
     default_models=models_of_service("vae"),
-    load=load,
+    load=VaeRunner.loader(load_vae, lambda settings: settings.vae_max_batch, gpu_default=4, kind=StepKind.VAE_DECODE),
     description="VAE service: decodes latents to images and encodes control images to latents.",
 )

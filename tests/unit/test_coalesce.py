@@ -1,8 +1,10 @@
-"""Coalescing one-shot model calls (shared/coalesce.py) and the encoder's batched texts.
+"""Coalescing one-shot model calls (shared/coalesce.py), the runner base the encoder, VAE and
+adapters share (shared/coalescing_runner.py), and their batched calls.
 
 What a user would notice: under load, queued steps of one model share a call; steps that
-cannot (other options) never do; one bad input fails only its own step; and a step's
-embeddings are its own (alone: bit for bit the pipeline's; batched: up to float rounding).
+cannot (other options) never do; one bad input fails only its own step; without batching a
+step runs alone, as the pipeline runs it; and a step's result is its own (alone: bit for bit
+the pipeline's; batched: up to float rounding).
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import importlib
 import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from services.encoder.runner import EncoderRunner
+from shared import metrics
 from shared.coalesce import Coalescer, max_batch
+from shared.coalescing_runner import CoalescingRunner
+from shared.messages import StepKind
 from shared.settings import Settings
 from shared.zoo import load_text_encoder
 
@@ -71,13 +81,152 @@ def test_max_batch_defaults_to_batching_only_on_a_gpu() -> None:
     assert max_batch(4, "cpu", gpu_default=16) == 4
 
 
+@dataclass
+class _Upper(CoalescingRunner[str, str]):
+    """A runner over a fake model: upper-cases strings, keyed by their first letter, and
+    records each `run_many` call (its items and thread); a call may be held at `gate`."""
+
+    calls: list[tuple[list[str], str]] = field(default_factory=list)
+    started: threading.Event = field(default_factory=threading.Event)
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def run_many(self, items: list[str]) -> list[str]:
+        self.calls.append((items, threading.current_thread().name))
+        self.started.set()
+        assert self.gate.wait(10)
+        if "bad" in items:
+            raise ValueError(f"bad input in {items}")
+        return [item.upper() for item in items]
+
+    def batch_key(self, item: str) -> Hashable:
+        return item[0]
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_runner_with_max_batch_1_runs_each_item_alone_on_the_calling_thread() -> None:
+    runner = _Upper(model_id="upper-alone", bundle=None)
+    runner.gate.set()
+    runner.start_coalescing(0, "cpu", gpu_default=8, kind=StepKind.ENCODE)  # the CPU default: no batching
+    assert runner.concurrency == 1
+    assert runner.run_one("abc") == "ABC"
+    assert runner.run_one("abd") == "ABD"
+    here = threading.current_thread().name
+    assert runner.calls == [(["abc"], here), (["abd"], here)]
+    with pytest.raises(ValueError, match="bad input"):  # the runner's own error, unchanged
+        runner.run_one("bad")
+    runner.close()  # nothing to stop
+    assert runner.run_one("b") == "B"
+
+
+def test_a_coalescing_runner_runs_queued_items_together_and_counts_its_batches() -> None:
+    model_id, kind = "upper-batched", StepKind.VAE_DECODE
+    labels = {"kind": str(kind), "model": model_id}
+    runner = _Upper(model_id=model_id, bundle=None)
+    runner.start_coalescing(0, "cuda", gpu_default=3, kind=kind)  # the GPU default
+    assert runner.concurrency == 3
+    try:
+        with ThreadPoolExecutor(8) as steps:
+            first = steps.submit(runner.run_one, "a0")
+            assert runner.started.wait(10)  # a0 holds the model while the rest queue up
+            rest = [steps.submit(runner.run_one, item) for item in ["a1", "b0", "a2", "a3", "a4"]]
+            _eventually(lambda: len(runner._coalescer._queue) == len(rest))  # type: ignore[union-attr]
+            runner.gate.set()
+            assert first.result(10) == "A0"
+            assert [f.result(10) for f in rest] == ["A1", "B0", "A2", "A3", "A4"]
+    finally:
+        runner.close()
+    assert [items for items, _ in runner.calls] == [["a0"], ["a1", "a2", "a3"], ["b0"], ["a4"]]
+    assert {thread for _, thread in runner.calls} == {f"coalesce-{model_id}"}
+    assert metrics.REGISTRY.get_sample_value("lego_batch_size_count", labels) == 4
+    assert metrics.REGISTRY.get_sample_value("lego_batch_size_sum", labels) == 1 + 3 + 1 + 1
+
+
+def test_a_bad_item_in_a_coalesced_call_fails_only_its_own_step() -> None:
+    runner = _Upper(model_id="upper-bad", bundle=None)
+    runner.start_coalescing(4, "cpu", gpu_default=1, kind=StepKind.ENCODE)  # set: batches on the CPU too
+    try:
+        with ThreadPoolExecutor(4) as steps:
+            first = steps.submit(runner.run_one, "b0")
+            assert runner.started.wait(10)
+            rest = [steps.submit(runner.run_one, item) for item in ["b1", "bad", "b2"]]
+            _eventually(lambda: len(runner._coalescer._queue) == len(rest))  # type: ignore[union-attr]
+            runner.gate.set()
+            assert [first.result(10), rest[0].result(10), rest[2].result(10)] == ["B0", "B1", "B2"]
+            with pytest.raises(ValueError, match="bad input"):
+                rest[1].result(10)
+    finally:
+        runner.close()
+    assert [items for items, _ in runner.calls] == [["b0"], ["b1", "bad", "b2"], ["b1"], ["bad"], ["b2"]]
+
+
+def test_closing_a_coalescing_runner_stops_its_thread() -> None:
+    runner = _Upper(model_id="upper-closed", bundle=None)
+    runner.gate.set()
+    runner.start_coalescing(2, "cpu", gpu_default=1, kind=StepKind.ENCODE)
+    assert runner.run_one("x") == "X"
+    coalescing = [t for t in threading.enumerate() if t.name == "coalesce-upper-closed"]
+    assert len(coalescing) == 1 and coalescing[0].is_alive()
+    runner.close()
+    assert not coalescing[0].is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.run_one("y")
+    with pytest.raises(RuntimeError, match="already"):  # one coalescer a runner
+        runner.start_coalescing(2, "cpu", gpu_default=1, kind=StepKind.ENCODE)
+
+
+def test_a_runner_loader_builds_the_runner_from_settings() -> None:
+    loaded: list[str] = []
+
+    def load_bundle(model_id: str, settings: Settings) -> str:
+        loaded.append(model_id)
+        return f"weights of {model_id}"
+
+    load = _Upper.loader(load_bundle, lambda settings: settings.vae_max_batch, gpu_default=5, kind=StepKind.ENCODE)
+    on_gpu = load("upper-gpu", Settings.from_env({}, device="cuda"))
+    on_cpu = load("upper-cpu", Settings.from_env({}, device="cpu"))
+    set_on_cpu = load("upper-set", Settings.from_env({"LEGO_VAE_MAX_BATCH": "2"}, device="cpu"))
+    try:
+        assert isinstance(on_gpu, _Upper) and on_gpu.model_id == "upper-gpu"
+        assert on_gpu.bundle == "weights of upper-gpu" and loaded == ["upper-gpu", "upper-cpu", "upper-set"]
+        assert (on_gpu.concurrency, on_cpu.concurrency, set_on_cpu.concurrency) == (5, 1, 2)
+    finally:
+        for runner in (on_gpu, on_cpu, set_on_cpu):
+            runner.close()
+
+
+@pytest.mark.parametrize(
+    "service,model_id,variable",
+    [
+        ("encoder", "clip-l", "LEGO_ENCODE_MAX_BATCH"),
+        ("vae", "sd3-vae", "LEGO_VAE_MAX_BATCH"),
+        ("adapters", "sd3-controlnet", "LEGO_CONTROLNET_MAX_BATCH"),
+    ],
+)
+def test_each_service_reads_its_own_max_batch(settings: Settings, service: str, model_id: str, variable: str) -> None:
+    spec = importlib.import_module(f"services.{service}.runner").SPEC
+    env = {**settings.to_env(), "LEGO_DEVICE": "cpu"}
+    alone = spec.load(model_id, Settings.from_env({**env, variable: "0"}))  # the CPU's default: no batching
+    batched = spec.load(model_id, Settings.from_env({**env, variable: "3"}))
+    try:
+        assert (alone.model_id, alone.concurrency, batched.concurrency) == (model_id, 1, 3)
+    finally:
+        alone.close()
+        batched.close()
+
+
 @pytest.mark.parametrize("model_id,options", [("t5", {"max_sequence_length": 256}), ("clip-l", {}), ("clip-g", {})])
 def test_encoder_batches_texts_of_several_steps(settings: Settings, model_id: str, options: dict) -> None:
     runner = EncoderRunner(model_id=model_id, bundle=load_text_encoder(model_id, settings))
     items = [(["a red fox", ""], options), (["a blue whale", "blurry"], options), (["a tiny house"], options)]
-    together = runner._encode_many(items)
+    together = runner.run_many(items)
     for item, got in zip(items, together, strict=True):
-        [alone] = runner._encode_many([item])
+        [alone] = runner.run_many([item])
         assert got.keys() == alone.keys()
         for name in alone:
             assert got[name].shape == alone[name].shape
@@ -92,9 +241,9 @@ def test_vae_decodes_queued_latents_of_one_shape_together(settings: Settings) ->
     runner = VaeRunner(model_id="sd3-vae", bundle=load_vae("sd3-vae", settings))
     gen = torch.Generator().manual_seed(0)
     batch = [torch.randn(n, 16, 8, 8, generator=gen) for n in (1, 2, 1)]
-    together = runner._decode_many(batch)
+    together = runner.run_many(batch)
     for latents, got in zip(batch, together, strict=True):
-        [alone] = runner._decode_many([latents])
+        [alone] = runner.run_many([latents])
         assert got.shape == alone.shape == (latents.shape[0], 64, 64, 3)
         assert (got.int() - alone.int()).abs().max() <= 1  # uint8 pixels: at most a rounding apart
     assert not torch.equal(together[0][0], together[2][0])
@@ -104,7 +253,7 @@ def test_vae_decodes_queued_latents_of_one_shape_together(settings: Settings) ->
 def test_adapters_run_queued_controlnet_steps_as_one_call(settings: Settings, family: str) -> None:
     """Three requests' ControlNet steps (as their denoisers send them) in one call: each gets
     its own residuals, up to float rounding."""
-    from services.adapters.runner import ControlNetRunner, _call_key
+    from services.adapters.runner import ControlNetRunner
     from services.denoiser.model import ControlSpec, denoise, warm_up_inputs
     from services.vae.model import encode_control_image
     from shared.zoo import load_controlnet, load_denoiser, load_vae
@@ -117,7 +266,7 @@ def test_adapters_run_queued_controlnet_steps_as_one_call(settings: Settings, fa
 
     def capture(constant, varying, params):  # what the denoiser would send the adapters
         calls.append((constant, {k: v.clone() for k, v in varying.items()}, dict(params)))
-        return runner._residuals_many([calls[-1]])[0]
+        return runner.run_many([calls[-1]])[0]
 
     for seed in (1, 2, 3):
         gen = torch.Generator().manual_seed(seed)
@@ -135,10 +284,10 @@ def test_adapters_run_queued_controlnet_steps_as_one_call(settings: Settings, fa
             seed=seed,
             control=control,
         )
-    assert len({_call_key(c) for c in calls}) == 1  # alike: they may run together
-    together = runner._residuals_many(calls)
+    assert len({runner.batch_key(c) for c in calls}) == 1  # alike: they may run together
+    together = runner.run_many(calls)
     for call, got in zip(calls, together, strict=True):
-        [alone] = runner._residuals_many([call])
+        [alone] = runner.run_many([call])
         assert got.keys() == alone.keys() and got
         for name in alone:
             assert torch.allclose(got[name], alone[name], atol=1e-5), (name, (got[name] - alone[name]).abs().max())

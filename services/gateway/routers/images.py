@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
@@ -24,7 +25,9 @@ from shared.workflows.spec import WorkflowSpec
 
 router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 429, 502, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 429, 502, 504)
+}
 
 
 @router.post(

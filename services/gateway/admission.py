@@ -15,8 +15,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.gateway.encoding import DEFAULT_QUALITY, ImageEncoding
 from services.gateway.errors import APIError
-from services.gateway.images import DEFAULT_QUALITY, ImageEncoding
 from services.gateway.schemas import ImageGenerationRequest, parse_size
 from shared.tensor_plane import RawTensor
 from shared.workflows.catalogue import catalogue

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.gateway.images import DEFAULT_QUALITY, OutputFormat
+from services.gateway.encoding import DEFAULT_QUALITY, OutputFormat
 
 MAX_PROMPT_CHARS = 2000
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 1024, 16

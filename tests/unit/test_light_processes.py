@@ -37,7 +37,7 @@ def test_autoscaler_imports_no_torch_or_diffusers():
     code = (
         "import sys, services.autoscaler.__main__, services.autoscaler.controller, services.autoscaler.signals, "
         "services.autoscaler.actuators.local, services.autoscaler.actuators.kubernetes, "
-        "services.autoscaler.actuators.compose, services.gateway.status; "
+        "services.autoscaler.actuators.compose, services.gateway.routers.status; "
         "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

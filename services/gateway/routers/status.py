@@ -7,11 +7,11 @@ the autoscaler's status key (absent when no autoscaler runs). No torch: numbers 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from services.gateway.deps import BusDep
 from services.gateway.overload import serving
-from shared.bus import Bus
 from shared.messages import AutoscalerStatus
 from shared.presence import autoscaler_status, live_replicas
 
@@ -38,9 +38,8 @@ class MeshStatus(BaseModel):
 
 
 @router.get("/v1/status", response_model=MeshStatus, tags=["status"])
-async def mesh_status(request: Request) -> MeshStatus:
+async def mesh_status(bus: BusDep) -> MeshStatus:
     """Replicas and backlog of every model, and the autoscaler's current view and decisions."""
-    bus: Bus = request.app.state.bus
     replicas = await live_replicas(bus)
     consumers = []
     for c in sorted(await bus.step_consumers(), key=lambda c: (c.model_id, c.kind)):

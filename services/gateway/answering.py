@@ -1,0 +1,104 @@
+"""The one path (sync or async) from a created request to its answer: run it, encode its images,
+keep the answer on the request for async callers and stream it as the final `result` event.
+
+Why separate from the routes: the generation endpoint admits a request and either awaits this
+path or hands it to `InFlight`; everything the answer is made of lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+
+from services.gateway.encoding import ImageEncoding, encode_images
+from services.gateway.errors import APIError
+from services.gateway.orchestrator import Orchestrator, RequestFailed
+from services.gateway.request_state import RequestState
+from services.gateway.schemas import ImageData, ImageGenerationResponse
+from shared import tracing
+from shared.tensor_plane import RawTensor
+
+log = logging.getLogger("lego.gateway")
+KEEP_RESULTS = 64  # finished requests whose images stay fetchable (GET /v1/requests/{id})
+STATUS_OF_ERROR = {"duplicate_request": 409, "bad_step_input": 422, "cancelled": 409}
+
+
+async def answer(
+    orchestrator: Orchestrator,
+    state: RequestState,
+    tensors: dict[str, RawTensor],
+    seed: int,
+    encoding: ImageEncoding = ImageEncoding(),
+) -> ImageGenerationResponse:
+    """Run a created request to its answer (or raise APIError); the answer is kept on the
+    request for async callers and streamed as its final `result` event."""
+    try:
+        images = await orchestrator.execute(state, tensors)
+    except TimeoutError:
+        raise APIError(  # noqa: B904 - the timeout itself is the whole story
+            504, "deadline_exceeded", "the request did not finish in time; is every service running?"
+        )
+    except RequestFailed as exc:
+        raise APIError(STATUS_OF_ERROR.get(exc.error.code, 502), exc.error.code, exc.error.message) from exc
+    attributes = {"lego.images": images.shape[0] if images.shape else 0, "lego.format": encoding.format}
+    with tracing.span("images.encode", attributes, state.trace.context):
+        encoded = await asyncio.to_thread(encode_images, images, encoding)
+        data = [ImageData(b64_json=base64.b64encode(e).decode()) for e in encoded]
+    response = ImageGenerationResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=encoding.format,
+        request_id=state.request_id,
+        seed=seed,
+        workflow=state.workflow.name,
+    )
+    state.result = response.model_dump()
+    state.log.emit({"type": "result", **state.result})
+    forget_old_results(orchestrator)
+    return response
+
+
+def forget_old_results(orchestrator: Orchestrator) -> None:
+    """Drop the images of all but the newest finished requests, from the status and from the
+    final event alike (both hold them), so finished requests cost no more than their record."""
+    with_results = [s for s in orchestrator.requests.values() if s.result is not None]
+    for old in with_results[:-KEEP_RESULTS]:
+        old.result = None
+        events = old.log.events
+        if events and events[-1]["type"] == "result":
+            events[-1] = {**events[-1], "data": [], "images_dropped": True}
+
+
+class InFlight:
+    """Async requests being answered (`wait: false`). A task the event loop alone refers to may
+    be collected mid-run, so each is held here until it ends."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def answer(
+        self,
+        orchestrator: Orchestrator,
+        state: RequestState,
+        tensors: dict[str, RawTensor],
+        seed: int,
+        encoding: ImageEncoding,
+    ) -> None:
+        """`answer` in the background: the outcome is kept on the request (status, events)."""
+        task = asyncio.create_task(_answer_in_background(orchestrator, state, tensors, seed, encoding))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _answer_in_background(
+    orchestrator: Orchestrator, state: RequestState, tensors: dict[str, RawTensor], seed: int, encoding: ImageEncoding
+) -> None:
+    """An async request's run: its outcome is kept on the request (status, events), not returned."""
+    try:
+        await answer(orchestrator, state, tensors, seed, encoding)
+    except APIError:
+        pass  # the failure is on the request already (status + `error` event)
+    except Exception:
+        log.exception("async request %s failed unexpectedly", state.request_id)

@@ -1,0 +1,57 @@
+"""What the routes depend on, read from `app.state` (built by `create_app` and its lifespan).
+
+Why `Depends` and not closures or module globals: a route declares what it needs, and a test
+can hand it something else with `app.dependency_overrides`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from services.gateway.answering import InFlight
+from services.gateway.errors import APIError
+from services.gateway.orchestrator import Orchestrator
+from services.gateway.overload import LoadView
+from services.gateway.request_state import RequestState
+from shared.bus import Bus
+from shared.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_bus(request: Request) -> Bus:
+    return request.app.state.bus
+
+
+def get_orchestrator(request: Request) -> Orchestrator:
+    return request.app.state.orchestrator
+
+
+def get_load_view(request: Request) -> LoadView:
+    return request.app.state.load_view
+
+
+def get_in_flight(request: Request) -> InFlight:
+    return request.app.state.in_flight
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BusDep = Annotated[Bus, Depends(get_bus)]
+OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
+LoadViewDep = Annotated[LoadView, Depends(get_load_view)]
+InFlightDep = Annotated[InFlight, Depends(get_in_flight)]
+
+
+def get_request_state(request_id: str, orchestrator: OrchestratorDep) -> RequestState:
+    """The request named in the path, or a 404."""
+    state = orchestrator.get(request_id)
+    if state is None:
+        raise APIError(404, "unknown_request", f"no request {request_id!r} on this gateway")
+    return state
+
+
+RequestStateDep = Annotated[RequestState, Depends(get_request_state)]

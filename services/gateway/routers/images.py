@@ -1,0 +1,82 @@
+"""`POST /v1/images/generations`: admit a request, refuse it if the mesh cannot finish it in time,
+then answer it (or, with `wait: false`, answer 202 and let `InFlight` run it)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
+
+from services.gateway.admission import admit
+from services.gateway.answering import answer
+from services.gateway.deps import InFlightDep, LoadViewDep, OrchestratorDep, SettingsDep
+from services.gateway.errors import APIError
+from services.gateway.orchestrator import RequestFailed
+from services.gateway.overload import refuse_if_overloaded
+from services.gateway.schemas import AsyncAccepted, ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
+from shared import metrics
+from shared.settings import Settings
+from shared.workflows.catalogue import catalogue
+from shared.workflows.spec import WorkflowSpec
+
+router = APIRouter()
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 429, 502, 504)
+}
+
+
+@router.post(
+    "/v1/images/generations",
+    response_model=ImageGenerationResponse,
+    responses={**ERRORS, 202: {"model": AsyncAccepted, "description": "accepted (`wait: false`)"}},
+)
+async def generate(
+    body: ImageGenerationRequest,
+    settings: SettingsDep,
+    orchestrator: OrchestratorDep,
+    load_view: LoadViewDep,
+    in_flight: InFlightDep,
+    x_request_id: str | None = Header(None, description="optional id to follow the request's progress"),
+) -> ImageGenerationResponse | JSONResponse:
+    """Generate images. With `wait: false` answer 202 at once; follow the request's
+    `events_url` (server-sent events) or poll its `status_url` for the images."""
+    workflow = _workflow(body, settings)
+    if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
+        raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
+    request_id = x_request_id or uuid.uuid4().hex
+    admitted = await asyncio.to_thread(admit, body, workflow)
+    try:
+        await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s)
+    except APIError:
+        metrics.request_refused(workflow.name, "overloaded")
+        raise
+    try:
+        state = orchestrator.create(request_id, workflow, admitted.params, timeout_s=body.timeout_s)
+    except RequestFailed as exc:
+        raise APIError(409, exc.error.code, exc.error.message) from exc
+    if body.wait:
+        return await answer(orchestrator, state, admitted.tensors, admitted.seed, admitted.encoding)
+    in_flight.answer(orchestrator, state, admitted.tensors, admitted.seed, admitted.encoding)
+    accepted = AsyncAccepted(
+        request_id=request_id,
+        status="running",
+        seed=admitted.seed,
+        workflow=workflow.name,
+        status_url=f"/v1/requests/{request_id}",
+        events_url=f"/v1/requests/{request_id}/events",
+    )
+    return JSONResponse(accepted.model_dump(), status_code=202)
+
+
+def _workflow(body: ImageGenerationRequest, settings: Settings) -> WorkflowSpec:
+    """The workflow the body names (or its OpenAI `model` alias, or the server's default); 404 if unknown."""
+    name = body.workflow or body.model or settings.default_workflow
+    workflow = catalogue().get(name)
+    if workflow is None:
+        raise APIError(404, "unknown_workflow", f"unknown workflow {name!r}; known: {', '.join(sorted(catalogue()))}")
+    return workflow

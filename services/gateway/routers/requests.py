@@ -1,0 +1,87 @@
+"""Following and controlling a request that exists: its status, its server-sent progress events,
+and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from services.gateway.deps import OrchestratorDep, RequestStateDep
+from services.gateway.errors import APIError
+from services.gateway.orchestrator import Orchestrator
+from services.gateway.request_state import RequestState
+from services.gateway.schemas import ErrorBody, ErrorResponse, ImageData, RequestStatus
+
+router = APIRouter()
+HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing a quiet stream
+
+
+def status_of(orchestrator: Orchestrator, state: RequestState) -> RequestStatus:
+    result = state.result or {}
+    return RequestStatus(
+        request_id=state.request_id,
+        workflow=state.workflow.name,
+        status=state.status.value,
+        nodes=state.nodes.status(state.workflow),
+        replicas=state.nodes.replicas,
+        compute_s=state.nodes.compute_s,
+        wall_s=state.nodes.wall_s,
+        step=state.denoising.step,
+        total_steps=state.denoising.total,
+        queue_position=orchestrator.queue_position(state),
+        elapsed_s=round(time.time() - state.created, 3),
+        error=ErrorBody(code=state.error.code, message=state.error.message) if state.error else None,
+        data=[ImageData(**d) for d in result.get("data", [])],
+        seed=result.get("seed"),
+    )
+
+
+@router.get("/v1/requests/{request_id}", response_model=RequestStatus, responses={404: {"model": ErrorResponse}})
+async def request_status(request_id: str, state: RequestStateDep, orchestrator: OrchestratorDep) -> RequestStatus:
+    """Status, queue position, denoising progress; the images once an async request is done."""
+    return status_of(orchestrator, state)
+
+
+@router.delete(
+    "/v1/requests/{request_id}", response_model=RequestStatus, responses={404: {"model": ErrorResponse}, 409: {}}
+)
+async def cancel_request(request_id: str, state: RequestStateDep, orchestrator: OrchestratorDep) -> RequestStatus:
+    """Cancel a running request: the denoiser stops within a step, its queued steps are dropped
+    and its tensors are freed. A request that already ended answers 409."""
+    if not state.running:
+        raise APIError(409, "not_running", f"request {request_id!r} already ended ({state.status.value})")
+    await orchestrator.cancel(request_id)
+    return status_of(orchestrator, state)
+
+
+@router.get(
+    "/v1/requests/{request_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": ErrorResponse}},
+)
+async def request_events(request_id: str, state: RequestStateDep) -> StreamingResponse:
+    """Server-sent events, from the first: `queued`, `node` (running/done), `progress`
+    (denoising step/total), and last `result` (the answer, images included) or `error`."""
+    return StreamingResponse(_stream(state), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _stream(state: RequestState) -> AsyncIterator[str]:
+    """Every event of `state`, from the first, until its `result` or `error`; a comment every
+    HEARTBEAT_S while nothing happens."""
+    log, sent = state.log, 0
+    while True:
+        changed = log.changed
+        while sent < len(log.events):
+            event = log.events[sent]
+            sent += 1
+            yield f"id: {event['seq']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            if event["type"] in ("result", "error"):
+                return
+        try:
+            await asyncio.wait_for(changed.wait(), timeout=HEARTBEAT_S)
+        except TimeoutError:
+            yield ": still running\n\n"

@@ -13,14 +13,15 @@ import binascii
 import io
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
 
 from services.gateway.encoding import DEFAULT_QUALITY, ImageEncoding
 from services.gateway.errors import APIError
 from services.gateway.schemas import ImageGenerationRequest, parse_size
+from shared.messages import ControlNetChoice, LoraChoice, StepParams
 from shared.tensor_plane import RawTensor
 from shared.workflows.catalogue import catalogue
 from shared.workflows.spec import WorkflowSpec
+from shared.workflows.step_params import RequestParams, step_params
 from shared.workflows.variants import CONTROL_IMAGE
 
 MAX_CONTROL_IMAGE_BYTES = 16 * 1024 * 1024
@@ -28,10 +29,10 @@ MAX_CONTROL_IMAGE_BYTES = 16 * 1024 * 1024
 
 @dataclass
 class Admitted:
-    """What the orchestrator runs: params for the nodes, and tensors the request carries."""
+    """What the orchestrator runs: the request, each node's typed params, and tensors it carries."""
 
-    params: dict[str, Any]
-    seed: int
+    request: RequestParams
+    steps: dict[str, StepParams]
     tensors: dict[str, RawTensor] = field(default_factory=dict)
     encoding: ImageEncoding = field(default_factory=ImageEncoding)
 
@@ -44,29 +45,31 @@ def admit(body: ImageGenerationRequest, workflow: WorkflowSpec) -> Admitted:
     """Validate `body` for `workflow` (raises APIError 422) and build its params; decodes the
     control image, so call it off the event loop."""
     width, height = parse_size(body.size)
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
-    params: dict[str, Any] = {
-        "prompt": body.prompt,
-        "negative_prompt": body.negative_prompt,
-        "height": height,
-        "width": width,
-        "num_inference_steps": body.num_inference_steps,
-        "guidance_scale": body.guidance_scale,
-        "seed": seed,
-        "n": body.n,
-    }
-    if body.negative_prompt and not workflow.uses_param("negative_prompt"):
-        raise _invalid(f"workflow {workflow.name!r} takes no negative_prompt (its model is guidance-distilled)")
     tensors: dict[str, RawTensor] = {}
+    controlnet = None
     if workflow.controlnets:
-        params["controlnet"], tensors[CONTROL_IMAGE] = _controlnet(body, workflow, width, height)
+        controlnet, tensors[CONTROL_IMAGE] = _controlnet(body, workflow, width, height)
     elif body.controlnet is not None:
         raise _invalid(f"workflow {workflow.name!r} takes no controlnet" + _variant_hint(workflow, "-controlnet"))
-    if workflow.loras:
-        params["loras"] = _loras(body, workflow)
-    elif body.loras:
+    if not workflow.loras and body.loras:
         raise _invalid(f"workflow {workflow.name!r} takes no loras" + _variant_hint(workflow, "-lora"))
-    return Admitted(params=params, seed=seed, tensors=tensors, encoding=_encoding(body))
+    request = RequestParams(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        height=height,
+        width=width,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**63),
+        n=body.n,
+        controlnet=controlnet,
+        loras=_loras(body, workflow) if workflow.loras else [],
+    )
+    try:
+        steps = step_params(workflow, request)
+    except ValueError as exc:  # what the workflow's family cannot take (its size multiple, ...)
+        raise _invalid(str(exc)) from exc
+    return Admitted(request=request, steps=steps, tensors=tensors, encoding=_encoding(body))
 
 
 def _variant_hint(workflow: WorkflowSpec, suffix: str) -> str:
@@ -86,7 +89,7 @@ def _encoding(body: ImageGenerationRequest) -> ImageEncoding:
 
 def _controlnet(
     body: ImageGenerationRequest, workflow: WorkflowSpec, width: int, height: int
-) -> tuple[dict[str, Any], RawTensor]:
+) -> tuple[ControlNetChoice, RawTensor]:
     cn = body.controlnet
     if cn is None:
         raise _invalid(
@@ -99,7 +102,7 @@ def _controlnet(
             f"unknown controlnet {model!r} for workflow {workflow.name!r}; known: {', '.join(workflow.controlnets)}"
         )
     pixels = decode_control_image(cn.image, width, height)
-    return {"model": model, "conditioning_scale": cn.conditioning_scale}, pixels
+    return ControlNetChoice(model=model, conditioning_scale=cn.conditioning_scale), pixels
 
 
 def decode_control_image(b64: str, width: int, height: int) -> RawTensor:
@@ -127,7 +130,7 @@ def decode_control_image(b64: str, width: int, height: int) -> RawTensor:
     return RawTensor.from_numpy(np.asarray(rgb, dtype=np.uint8))
 
 
-def _loras(body: ImageGenerationRequest, workflow: WorkflowSpec) -> list[dict[str, Any]]:
+def _loras(body: ImageGenerationRequest, workflow: WorkflowSpec) -> list[LoraChoice]:
     chosen = body.loras if body.loras is not None else workflow.default_loras
     names = [lora.name for lora in chosen]
     unknown = [n for n in names if n not in workflow.loras]
@@ -137,4 +140,4 @@ def _loras(body: ImageGenerationRequest, workflow: WorkflowSpec) -> list[dict[st
         )
     if len(set(names)) != len(names):
         raise _invalid("each LoRA may be named once in 'loras'")
-    return [{"name": lora.name, "scale": float(lora.scale)} for lora in chosen]
+    return [LoraChoice(name=lora.name, scale=float(lora.scale)) for lora in chosen]

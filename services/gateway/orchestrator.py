@@ -11,12 +11,11 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
 
 from services.gateway.request_state import RequestState, RunStatus
 from shared import metrics, subjects, tracing
 from shared.bus import Bus
-from shared.messages import ErrorInfo, StepKind, StepProgress, StepRequest, StepResult
+from shared.messages import ErrorInfo, StepKind, StepParams, StepProgress, StepRequest, StepResult
 from shared.settings import Settings
 from shared.tensor_plane import RawTensor, TensorPlane, TensorUnavailable
 from shared.workflows.planner import WorkflowError, ready_nodes, split_ref, wire_inputs
@@ -53,10 +52,18 @@ class Orchestrator:
         return self.requests.get(request_id)
 
     def create(
-        self, request_id: str, workflow: WorkflowSpec, params: dict[str, Any], timeout_s: float | None = None
+        self,
+        request_id: str,
+        workflow: WorkflowSpec,
+        params: dict[str, StepParams],
+        timeout_s: float | None = None,
     ) -> RequestState:
         """Register a request (so it can be followed and cancelled) before it runs; its deadline
-        is `timeout_s` from now (default: the server's request timeout)."""
+        is `timeout_s` from now (default: the server's request timeout). `params`: each node's
+        typed step params (`shared.workflows.step_params`), by node id."""
+        missing = [n.id for n in workflow.nodes if n.id not in params]
+        if missing:
+            raise ValueError(f"workflow {workflow.name!r}: no step params for nodes {missing}")
         if request_id in self.requests and self.requests[request_id].running:
             raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {request_id} is running"))
         state = RequestState(
@@ -152,7 +159,7 @@ class Orchestrator:
                 node_id=node.id,
                 kind=node.kind,
                 model_id=node.model,
-                params={**node.settings, **{k: state.params[k] for k in node.params if k in state.params}},
+                params=state.params[node.id],
                 inputs=inputs,
                 reply_to=subjects.result_subject(self.gateway_id),
                 progress_to=subjects.progress_subject(self.gateway_id),

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from shared import tracing
-from shared.messages import ErrorInfo, TensorRef
+from shared.messages import ErrorInfo, StepParams, TensorRef
 from shared.workflows.spec import WorkflowSpec
 
 
@@ -115,7 +115,7 @@ class RequestState:
 
     request_id: str
     workflow: WorkflowSpec
-    params: dict[str, Any]
+    params: dict[str, StepParams]  # each node's typed step params, by node id
     deadline: float
     created: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)

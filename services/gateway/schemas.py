@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.gateway.encoding import DEFAULT_QUALITY, OutputFormat
 
 MAX_PROMPT_CHARS = 2000
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 1024, 16
+# Every family's VAE works on an 8x grid; the MMDiT families need 16 (their 2x2 patches or
+# packing): that rule is the family descriptor's, checked at admission once the workflow is known.
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 1024, 8
 MAX_IMAGES = 4
 MAX_STEPS = 100
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -62,7 +64,9 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="images to generate")
-    size: str = Field("512x512", description="WIDTHxHEIGHT, multiples of 16, 64..1024")
+    size: str = Field(
+        "512x512", description="WIDTHxHEIGHT, 64..1024, multiples of 16 (sd3, sd35-large, flux) or 8 (sd15, sdxl)"
+    )
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: images come inline")
     output_format: OutputFormat = Field(
         "png", description="png (lossless), or jpeg / webp: much faster to encode and smaller"

@@ -7,8 +7,6 @@ The spec stays plain; the rules (cycles, dangling inputs, which node is ready) l
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, Field
 
 from shared.messages import LoraChoice, StepKind
@@ -17,15 +15,13 @@ REQUEST = "request"  # the pseudo-node whose outputs are the tensors a request c
 
 
 class NodeSpec(BaseModel):
-    """One model call. `inputs` maps an input name to `"<node>.<output>"`; `params` names the
-    request fields the node receives; `settings` are constant params fixed by the workflow
-    (e.g. which encoder outputs a family needs)."""
+    """One model call. `inputs` maps an input name to `"<node>.<output>"`. What the node is
+    told besides its inputs (its typed step params) follows from the workflow's family:
+    `shared.workflows.step_params`."""
 
     id: str
     kind: StepKind
     model: str
-    params: list[str] = Field(default_factory=list)
-    settings: dict[str, Any] = Field(default_factory=dict)
     inputs: dict[str, str] = Field(default_factory=dict)
 
 
@@ -62,6 +58,3 @@ class WorkflowSpec(BaseModel):
         for cn in self.controlnets:
             seen[(StepKind.CONTROLNET, cn)] = None
         return list(seen)
-
-    def uses_param(self, name: str) -> bool:
-        return any(name in n.params for n in self.nodes)

@@ -19,7 +19,6 @@ from shared.zoo.registry import loras_for
 
 CONTROL_NODE = "control"
 CONTROL_IMAGE = "control_image"  # the request tensor: uint8 (H, W, 3), the requested size
-CONTROL_PARAMS = ["height", "width", "seed", "n", "guidance_scale"]
 
 
 def with_controlnet(base: WorkflowSpec) -> WorkflowSpec:
@@ -30,13 +29,10 @@ def with_controlnet(base: WorkflowSpec) -> WorkflowSpec:
         id=CONTROL_NODE,
         kind=StepKind.VAE_ENCODE,
         model=decode.model,
-        params=CONTROL_PARAMS,
-        settings={"family": base.family},
         inputs={"pixels": f"{REQUEST}.{CONTROL_IMAGE}"},
     )
     new_denoise = denoise.model_copy(
         update={
-            "params": [*denoise.params, "controlnet"],
             "inputs": {**denoise.inputs, "control_latents": f"{CONTROL_NODE}.latents"},
         }
     )
@@ -56,12 +52,10 @@ def with_controlnet(base: WorkflowSpec) -> WorkflowSpec:
 def with_lora(base: WorkflowSpec) -> WorkflowSpec:
     denoise = base.node_of_kind(StepKind.DENOISE)
     loras = loras_for(denoise.model)
-    new_denoise = denoise.model_copy(update={"params": [*denoise.params, "loras"]})
     return base.model_copy(
         update={
             "name": f"{base.name}-lora",
             "description": f"{base.description}; with the request's LoRAs applied to the shared base model",
-            "nodes": [new_denoise if n.id == denoise.id else n for n in base.nodes],
             "loras": loras,
             "default_loras": [LoraChoice(name=loras[0], scale=1.0)],
         },

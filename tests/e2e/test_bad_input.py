@@ -12,7 +12,8 @@ GOOD = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2}
     ("change", "status", "code", "words"),
     [
         ({"workflow": "no-such-workflow"}, 404, "unknown_workflow", "sd3"),
-        ({"size": "100x100"}, 422, "invalid_request", "multiples of 16"),
+        ({"size": "100x100"}, 422, "invalid_request", "multiples of 8"),
+        ({"size": "72x72"}, 422, "invalid_request", "multiples of 16"),  # sd3's 2x2 patches; sd15/sdxl take it
         ({"size": "2048x2048"}, 422, "invalid_request", "between"),
         ({"size": "32x32"}, 422, "invalid_request", "between"),
         ({"size": "big"}, 422, "invalid_request", "WIDTHxHEIGHT"),

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from shared.bus import Bus
-from shared.messages import StepKind, StepRequest, StepResult
+from shared.messages import EncodeParams, StepKind, StepRequest, StepResult, VaeDecodeParams
 from shared.settings import Settings
 from shared.subjects import result_subject
 from shared.worker import BadStepInput, StepWorker
@@ -184,7 +184,7 @@ async def test_gateway_fails_a_request_whose_replicas_all_died(nats_server):
     try:
         t0 = time.monotonic()
         with pytest.raises(RequestFailed) as info:
-            await orchestrator.execute(orchestrator.create("req-1", spec, {}))
+            await orchestrator.execute(orchestrator.create("req-1", spec, {"a": EncodeParams(prompt="a cat")}))
         assert info.value.error.code == "step_exhausted"
         assert time.monotonic() - t0 < 30
     finally:
@@ -260,7 +260,12 @@ async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
         output="b.images",
     )
     try:
-        images = await asyncio.wait_for(orchestrator.execute(orchestrator.create("req-replan", spec, {})), 60)
+        images = await asyncio.wait_for(
+            orchestrator.execute(
+                orchestrator.create("req-replan", spec, {"a": EncodeParams(prompt="a cat"), "b": VaeDecodeParams()})
+            ),
+            60,
+        )
         assert images.to_numpy().reshape(-1).tolist() == list(range(12))
         assert calls == [("a", 1), ("a", 2), ("b", 2)]
         assert orchestrator.get("req-replan").nodes.attempts == {"a": 2, "b": 2}

@@ -8,6 +8,7 @@ from shared.messages import StepKind, TensorRef
 from shared.workflows.catalogue import catalogue, get_workflow
 from shared.workflows.planner import WorkflowError, ready_nodes, topological_order, validate, wire_inputs
 from shared.workflows.spec import NodeSpec, WorkflowSpec
+from shared.workflows.step_params import RequestParams, step_params
 
 
 def _spec(nodes: list[NodeSpec], output: str = "b.x") -> WorkflowSpec:
@@ -73,7 +74,8 @@ def test_the_catalogue_is_twelve_transformer_workflows_and_the_unet_ones_alone()
     assert sd15.family == "sd15" and not sd15.controlnets and not sd15.loras
     assert [m for _, m in sd15.models()] == ["sd15-clip", "sd15-unet", "sd15-vae"]
     assert topological_order(sd15) == ["clip", "denoise", "decode"]
-    assert sd15.node("clip").settings["outputs"] == ["last"] and sd15.uses_param("negative_prompt")
+    clip = step_params(sd15, RequestParams("a cat", 64, 64, 2, 5.0, seed=1, negative_prompt="blurry"))["clip"]
+    assert clip.outputs == ["last"] and clip.negative and clip.negative_prompt == "blurry"
 
 
 def test_sdxl_reads_the_shared_clips_and_tells_the_unet_the_negative_prompt():
@@ -82,9 +84,10 @@ def test_sdxl_reads_the_shared_clips_and_tells_the_unet_the_negative_prompt():
     sdxl = get_workflow("sdxl")
     assert sdxl.family == "sdxl" and not sdxl.controlnets and not sdxl.loras
     assert [m for _, m in sdxl.models()] == ["clip-l", "clip-g", "sdxl-unet", "sdxl-vae"]
-    assert sdxl.node("clip_l").settings["outputs"] == ["embeds"]
-    assert sdxl.node("clip_g").settings["outputs"] == ["embeds", "pooled"]
-    assert "negative_prompt" in sdxl.node("denoise").params
+    params = step_params(sdxl, RequestParams("a cat", 64, 64, 2, 5.0, seed=1, negative_prompt="blurry"))
+    assert params["clip_l"].outputs == ["embeds"]
+    assert params["clip_g"].outputs == ["embeds", "pooled"]
+    assert params["denoise"].negative_prompt == "blurry"
 
 
 @pytest.mark.parametrize(
@@ -112,7 +115,8 @@ def test_unet_requests_refuse_controlnet_and_loras(family):
 
     workflow = get_workflow(family)
     ok = admit(ImageGenerationRequest(prompt="a cat", negative_prompt="blurry", workflow=family, seed=1), workflow)
-    assert ok.params["negative_prompt"] == "blurry" and "loras" not in ok.params and not ok.tensors
+    assert ok.steps["denoise"].loras == [] and ok.steps["denoise"].controlnet is None and not ok.tensors
+    assert ok.request.negative_prompt == "blurry"
     refusals = [({"controlnet": {"image": "AAAA"}}, "controlnet"), ({"loras": [{"name": "sd3-lora-a"}]}, "lora")]
     for extra, what in refusals:
         body = ImageGenerationRequest(prompt="a cat", workflow=family, **extra)

@@ -56,16 +56,16 @@ async def generate(
         metrics.request_refused(workflow.name, "overloaded")
         raise
     try:
-        state = orchestrator.create(request_id, workflow, admitted.params, timeout_s=body.timeout_s)
+        state = orchestrator.create(request_id, workflow, admitted.steps, timeout_s=body.timeout_s)
     except RequestFailed as exc:
         raise APIError(409, exc.error.code, exc.error.message) from exc
     if body.wait:
-        return await answer(orchestrator, state, admitted.tensors, admitted.seed, admitted.encoding)
-    in_flight.answer(orchestrator, state, admitted.tensors, admitted.seed, admitted.encoding)
+        return await answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding)
+    in_flight.answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding)
     accepted = AsyncAccepted(
         request_id=request_id,
         status="running",
-        seed=admitted.seed,
+        seed=admitted.request.seed,
         workflow=workflow.name,
         status_url=f"/v1/requests/{request_id}",
         events_url=f"/v1/requests/{request_id}/events",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 
 class StepKind(StrEnum):
@@ -21,9 +21,15 @@ class StepKind(StrEnum):
     CONTROLNET = "controlnet"
     VAE_DECODE = "vae_decode"
     VAE_ENCODE = "vae_encode"
-    # A whole workflow in one step: the monolithic baseline (services/monolith) serves it with one
-    # diffusers pipeline per replica; the mesh never publishes it.
-    PIPELINE = "pipeline"
+
+
+# A step's kind as it travels: one of the mesh's `StepKind`s, or a kind that a program built on
+# this library defines for services of its own (any subject token; the bus, the worker and
+# presence treat it alike). StepKind is tried first, so the mesh's kinds arrive as its members.
+AnyStepKind = Annotated[
+    StepKind | Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+$")],
+    Field(union_mode="left_to_right"),
+]
 
 
 # Input-name prefixes of a `controlnet` step: tensors fixed for the whole request (uploaded once,
@@ -64,7 +70,7 @@ class StepRequest(BaseModel):
 
     request_id: str
     node_id: str
-    kind: StepKind
+    kind: AnyStepKind
     model_id: str
     params: dict[str, Any] = Field(default_factory=dict)
     inputs: dict[str, TensorRef] = Field(default_factory=dict)
@@ -116,7 +122,7 @@ class ReplicaInfo(BaseModel):
     """What a live model replica announces in the presence bucket (refreshed; expires on death)."""
 
     replica_id: str
-    kind: StepKind
+    kind: AnyStepKind
     model_id: str
     host: str
     pid: int

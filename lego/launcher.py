@@ -61,7 +61,7 @@ class MeshConfig:
 class Mesh:
     """The running mesh. `start()` returns once the gateway reports ready.
 
-    What a subclass may change (a system run the same way, e.g. the benchmarks' baseline):
+    What a subclass may change (another system run the same way on this machine):
     `plan()` (which units), `replica_command()` (what a replica runs) and `start_front()`
     (what starts after the replicas and says when all is ready)."""
 

@@ -1,8 +1,9 @@
 """Sending whole-workflow requests to the monolithic baseline: the gateway's part, in small.
 
 The baseline has no gateway of its own (the comparison is about serving, not HTTP): a client
-publishes one `pipeline` step (`baseline.monolith.steps`) per request, waits for its result on its own result subject,
-and pulls the images from the replica's tensor plane, as the mesh's gateway does. No torch.
+publishes one `pipeline` step (`baseline.monolith.steps`) per request, waits for its result on
+its own result subject, and pulls the images from the replica's tensor plane, as the mesh's
+gateway does. No torch.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Why one place: services, tests and the benchmark all call `from_pretrained` on diffusers'
 directory layout, so the tiny models and a user's real checkout go through identical code,
-and the reference pipelines (the oracle, `baseline.pipelines`) are built from the very same
-directories. The loaders (`shared.zoo.loaders`) ask this module for every path.
+and the reference pipelines (the oracle) are built from the very same directories. The
+loaders (`shared.zoo.loaders`) ask this module for every path.
 
 Where each model comes from:
 

@@ -37,8 +37,8 @@ def load_transformer(args: argparse.Namespace):
     device = resolve_device(args.device)
     settings = Settings.from_env(device=device, dtype=args.dtype)
     if args.full_size:
+        from shared.zoo.dtypes import model_dtype
         from shared.zoo.full_size import FULL_SIZE_SD3_DIR, write_full_size_sd3
-        from shared.zoo.loading import model_dtype
 
         dtype = str(model_dtype(settings)).removeprefix("torch.")
         name = f"{FULL_SIZE_SD3_DIR}{f'-L{args.max_layers}' if args.max_layers else ''}-{dtype}"

@@ -6,7 +6,7 @@ machine, same run, same trace, same budget.
   recovery period at the base rate. The same seeded trace is replayed against both systems.
 - (a) micro: `lego.launcher.Mesh` (nats-server, encoder / one denoiser per base model /
   vae processes, gateway) with the autoscaler's local actuator, requests over REST.
-  (b) monolithic: `services.monolith`, one diffusers pipeline per replica process and
+  (b) monolithic: `baseline.monolith`, one diffusers pipeline per replica process and
   workflow, scaled by the same autoscaler code at whole-workflow granularity, requests as
   `pipeline` steps over NATS (no HTTP: this favours the baseline by the gateway's cost).
 - Budget: the cores (every replica runs torch on one thread; both systems start with the
@@ -42,12 +42,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from baseline.monolith.launcher import MonolithMesh, plan_monolith_units  # noqa: E402
 from bench.plots import attainment_plot  # noqa: E402
 from lego.launcher import Mesh, MeshConfig, free_port  # noqa: E402
 from shared.logs import quiet_libraries, setup_logging  # noqa: E402
@@ -110,7 +112,7 @@ def workflow_models() -> dict[str, list[str]]:
 
 def memory_per_unit(monolithic: bool) -> dict[str, int]:
     """Full-size bytes one replica of each unit holds resident."""
-    from lego.launcher import plan_monolith_units, plan_units
+    from lego.launcher import plan_units
 
     def gib(models: list[str] | tuple[str, ...], loras: int = 0) -> int:
         return int((sum(FULL_SIZE_GIB[m] for m in models) + loras * FULL_SIZE_GIB["lora"]) * GIB)
@@ -157,11 +159,10 @@ class System:
                 fits = used + self.memory[unit] <= args.budget_gib * GIB
                 replicas[unit] = 1 if fits else 0
                 used += self.memory[unit] if fits else 0
-        self.mesh = Mesh(
+        self.mesh = (MonolithMesh if monolithic else Mesh)(
             MeshConfig(
                 port=free_port(),
                 workflows=list(POPULARITY),
-                monolithic=monolithic,
                 replicas=replicas,
                 env=env,
                 log_dir=log_dir,
@@ -201,43 +202,71 @@ def params(workflow: str, args: argparse.Namespace, seed: int) -> dict:
     }
 
 
+class Requests:
+    """Sends one request to a system: REST to the mesh's gateway, a `pipeline` step over NATS
+    to the monolithic baseline (which has no gateway)."""
+
+    def __init__(self, system: System, args: argparse.Namespace) -> None:
+        self.system, self.args = system, args
+        self.bus: Any = None
+        self.plane: Any = None
+        self.client: Any = None
+        self.http: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        from baseline.monolith.client import MonolithClient
+        from shared.bus import Bus
+        from shared.settings import Settings
+        from shared.tensor_plane import TensorPlane
+
+        if self.system.name != "monolithic":
+            self.http = httpx.AsyncClient(timeout=self.args.timeout + 10, limits=httpx.Limits(max_connections=500))
+            return
+        self.bus = Bus(Settings.from_env(nats_url=self.system.mesh.nats_url), name="bench-burst")
+        await self.bus.connect()
+        self.plane = TensorPlane(self.bus.settings)
+        await self.plane.start()
+        self.client = MonolithClient(self.bus, self.plane)
+        await self.client.start()
+
+    async def send(self, workflow: str, seed: int) -> bool:
+        """Whether the request was answered with images (raises on a transport failure)."""
+        args = self.args
+        p = params(workflow, args, seed)
+        if self.client is not None:
+            await self.client.generate(workflow, p, timeout_s=args.timeout)
+            return True
+        assert self.http is not None
+        body = {
+            "prompt": p["prompt"],
+            "workflow": workflow,
+            "size": f"{args.size}x{args.size}",
+            "num_inference_steps": args.steps,
+            "guidance_scale": p["guidance_scale"],
+            "seed": seed,
+        }
+        r = await self.http.post(f"{self.system.mesh.url}/v1/images/generations", json=body)
+        return r.status_code == 200
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        if self.bus is not None:
+            await self.bus.close()
+            await self.plane.close()
+
+
 async def run_system(system: System, phases, args: argparse.Namespace) -> tuple[dict[str, float], list[Outcome]]:
     """Solo latencies per workflow, then every phase of the trace (open loop)."""
-    from services.monolith.client import MonolithClient
-    from shared.bus import Bus
-    from shared.settings import Settings
-    from shared.tensor_plane import TensorPlane
-
-    bus = plane = client = http = None
-    if system.name == "monolithic":
-        bus = Bus(Settings.from_env(nats_url=system.mesh.nats_url), name="bench-burst")
-        await bus.connect()
-        plane = TensorPlane(bus.settings)
-        await plane.start()
-        client = MonolithClient(bus, plane)
-        await client.start()
-    else:
-        http = httpx.AsyncClient(timeout=args.timeout + 10, limits=httpx.Limits(max_connections=500))
+    requests = Requests(system, args)
+    await requests.start()
 
     async def one(workflow: str, seed: int, scheduled: float | None = None) -> float | None:
         """Latency from the scheduled arrival (a late client does not hide queueing), None if failed."""
         t0 = time.perf_counter() if scheduled is None else scheduled
         try:
-            if client is not None:
-                await client.generate(workflow, params(workflow, args, seed), timeout_s=args.timeout)
-            else:
-                p = params(workflow, args, seed)
-                body = {
-                    "prompt": p["prompt"],
-                    "workflow": workflow,
-                    "size": f"{args.size}x{args.size}",
-                    "num_inference_steps": args.steps,
-                    "guidance_scale": p["guidance_scale"],
-                    "seed": seed,
-                }
-                r = await http.post(f"{system.mesh.url}/v1/images/generations", json=body)
-                if r.status_code != 200:
-                    return None
+            if not await requests.send(workflow, seed):
+                return None
         except Exception:
             return None
         return time.perf_counter() - t0
@@ -266,11 +295,7 @@ async def run_system(system: System, phases, args: argparse.Namespace) -> tuple[
         ok = sum(1 for o in done if o.latency_s is not None)
         print(f"  {system.name} {phase}: {len(done)} requests, {ok} answered", flush=True)
         await asyncio.sleep(args.gap_s)  # let queues drain and the autoscaler settle a little
-    if http is not None:
-        await http.aclose()
-    if bus is not None:
-        await bus.close()
-        await plane.close()
+    await requests.close()
     return solo, outcomes
 
 

@@ -112,7 +112,8 @@ import torch, diffusers, transformers
 from bench.memory import _rss_kib, catalogue, workflow_loras
 from shared.settings import Settings
 settings = Settings(model_cache_dir={cache_dir!r})
-from shared.zoo import build_reference_pipeline, load_model, load_reference_loras
+from baseline.pipelines import build_reference_pipeline, load_reference_loras
+from shared.zoo import load_model
 from shared.zoo.registry import MODEL_IDS
 torch.set_grad_enabled(False)
 gc.collect(); before = _rss_kib()

@@ -52,9 +52,9 @@ def in_process_runner(steps: int):
     import numpy as np
     import torch
 
+    from baseline.pipelines import build_reference_pipeline
     from shared.settings import Settings
     from shared.tensor_plane.torch_codec import resolve_device
-    from shared.zoo import build_reference_pipeline
 
     settings = Settings.from_env()
     settings.device = resolve_device(settings.device)
@@ -190,8 +190,8 @@ def main() -> None:
     device = resolve_device(args.device)
     models_dir = args.models_dir
     if args.full_size:
+        from shared.zoo.dtypes import model_dtype
         from shared.zoo.full_size import FULL_SIZE_SD3_DIR, write_full_size_sd3
-        from shared.zoo.loading import model_dtype
 
         dtype = str(model_dtype(Settings(device=device, dtype=args.dtype))).removeprefix("torch.")
         name = FULL_SIZE_SD3_DIR + (f"-L{args.max_layers}" if args.max_layers else "") + f"-{dtype}"

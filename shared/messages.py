@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, StringConstraints, model_validator
 
 
 class StepKind(StrEnum):
@@ -21,9 +21,15 @@ class StepKind(StrEnum):
     CONTROLNET = "controlnet"
     VAE_DECODE = "vae_decode"
     VAE_ENCODE = "vae_encode"
-    # A whole workflow in one step: the monolithic baseline (services/monolith) serves it with one
-    # diffusers pipeline per replica; the mesh never publishes it.
-    PIPELINE = "pipeline"
+
+
+# A step's kind as it travels: one of the mesh's `StepKind`s, or a kind that a program built on
+# this library defines for services of its own (any subject token; the bus, the worker and
+# presence treat it alike). StepKind is tried first, so the mesh's kinds arrive as its members.
+AnyStepKind = Annotated[
+    StepKind | Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+$")],
+    Field(union_mode="left_to_right"),
+]
 
 
 # Input-name prefixes of a `controlnet` step: tensors fixed for the whole request (uploaded once,
@@ -59,28 +65,29 @@ class ErrorInfo(BaseModel):
     lost_inputs: list[str] = Field(default_factory=list)  # inputs whose producer no longer has them
 
 
-class _Params(BaseModel):
+class StepParamsModel(BaseModel):
     """Step parameters: strict (`"2"` is not 2, `true` is not 1) and closed (a misspelt name is an
-    error, not a silently ignored default). Built and validated once, at the gateway's planning."""
+    error, not a silently ignored default). Built and validated once, at the gateway's planning.
+    One subclass per step kind (`PARAMS_OF_KIND`)."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
-class LoraChoice(_Params):
+class LoraChoice(StepParamsModel):
     """A LoRA to switch on for a request, at `scale`."""
 
     name: str
     scale: float = 1.0
 
 
-class ControlNetChoice(_Params):
+class ControlNetChoice(StepParamsModel):
     """The ControlNet guiding a request's denoising, and how strongly."""
 
     model: str
     conditioning_scale: float = 1.0
 
 
-class EncodeParams(_Params):
+class EncodeParams(StepParamsModel):
     """Encode the prompt (row 0) and, with `negative`, the negative prompt (row 1: classifier-free
     guidance needs both; guidance-distilled families read the prompt only)."""
 
@@ -91,7 +98,7 @@ class EncodeParams(_Params):
     max_sequence_length: int | None = Field(None, ge=1)  # T5 only
 
 
-class DenoiseParams(_Params):
+class DenoiseParams(StepParamsModel):
     """A request's whole denoising loop. `negative_prompt` is read by families whose loop needs
     the text itself (SDXL: an empty one means zero embeddings)."""
 
@@ -106,7 +113,7 @@ class DenoiseParams(_Params):
     loras: list[LoraChoice] = Field(default_factory=list)
 
 
-class ControlNetParams(_Params):
+class ControlNetParams(StepParamsModel):
     """One denoising step's ControlNet call. `cache_inputs`: inputs constant for the request,
     which the adapters service pulls once and keeps (see `CONSTANT_INPUT`)."""
 
@@ -116,11 +123,11 @@ class ControlNetParams(_Params):
     cache_inputs: list[str] = Field(default_factory=list)
 
 
-class VaeDecodeParams(_Params):
+class VaeDecodeParams(StepParamsModel):
     """Decoding needs nothing but the latents: the VAE's config holds its factors."""
 
 
-class VaeEncodeParams(_Params):
+class VaeEncodeParams(StepParamsModel):
     """A control image to ControlNet latents, as the family's ControlNet pipeline prepares them
     (same size, seed, images per prompt and guidance as the request)."""
 
@@ -134,13 +141,22 @@ class VaeEncodeParams(_Params):
 
 StepParams = EncodeParams | DenoiseParams | ControlNetParams | VaeDecodeParams | VaeEncodeParams
 
-PARAMS_OF_KIND: dict[StepKind, type[_Params]] = {
+# The params model of each kind. A program that defines a kind of its own (see `AnyStepKind`)
+# registers its model with `register_params`.
+PARAMS_OF_KIND: dict[str, type[StepParamsModel]] = {
     StepKind.ENCODE: EncodeParams,
     StepKind.DENOISE: DenoiseParams,
     StepKind.CONTROLNET: ControlNetParams,
     StepKind.VAE_DECODE: VaeDecodeParams,
     StepKind.VAE_ENCODE: VaeEncodeParams,
 }
+
+
+def register_params(kind: str, model: type[StepParamsModel]) -> None:
+    """Declare the params model of a step kind that is not one of the mesh's `StepKind`s."""
+    if kind in PARAMS_OF_KIND and PARAMS_OF_KIND[kind] is not model:
+        raise ValueError(f"step kind {kind!r} already has params {PARAMS_OF_KIND[kind].__name__}")
+    PARAMS_OF_KIND[kind] = model
 
 
 class StepRequest(BaseModel):
@@ -151,9 +167,9 @@ class StepRequest(BaseModel):
 
     request_id: str
     node_id: str
-    kind: StepKind
+    kind: AnyStepKind
     model_id: str
-    params: StepParams
+    params: SerializeAsAny[StepParamsModel]
     inputs: dict[str, TensorRef] = Field(default_factory=dict)
     reply_to: str  # the gateway's result subject
     progress_to: str | None = None  # where long steps report progress (core NATS, best effort)
@@ -167,8 +183,10 @@ class StepRequest(BaseModel):
         """Parse `params` as the model of the step's kind (a union alone cannot tell them apart)."""
         if isinstance(data, dict):
             kind = data.get("kind")
-            model = PARAMS_OF_KIND.get(StepKind(kind)) if kind in StepKind._value2member_map_ else None
-            if model is not None and not isinstance(data.get("params"), model):
+            model = PARAMS_OF_KIND.get(kind) if isinstance(kind, str) else None
+            if model is None:
+                raise ValueError(f"step kind {kind!r} has no params model; known: {', '.join(PARAMS_OF_KIND)}")
+            if not isinstance(data.get("params"), model):
                 data = {**data, "params": model.model_validate(data.get("params") or {})}
         return data
 
@@ -214,7 +232,7 @@ class ReplicaInfo(BaseModel):
     """What a live model replica announces in the presence bucket (refreshed; expires on death)."""
 
     replica_id: str
-    kind: StepKind
+    kind: AnyStepKind
     model_id: str
     host: str
     pid: int

@@ -50,7 +50,7 @@ class StepContext:
 class ModelRunner(Protocol):
     """One loaded model and the plain functions that run steps on it (one per step kind)."""
 
-    kinds: tuple[StepKind, ...]
+    kinds: tuple[StepKind | str, ...]  # a kind of its own, outside StepKind, is any subject token
     model_id: str
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
@@ -80,17 +80,23 @@ RunnerLoader = Callable[[str, Settings], ModelRunner]
 
 @dataclass
 class ServiceSpec:
-    """What a service module declares: its name, default models and how to load one."""
+    """What a service module declares: its name, default models and how to load one.
+    `module`: what `python -m` runs it as, where that is not `services.<name>`."""
 
     name: str
     default_models: list[str]
     load: RunnerLoader
     description: str
+    module: str = ""
+
+    @property
+    def entry_point(self) -> str:
+        return self.module or f"services.{self.name}"
 
 
 def parse_args(spec: ServiceSpec, argv: list[str] | None = None) -> tuple[Settings, list[str]]:
     parser = argparse.ArgumentParser(
-        prog=f"python -m services.{spec.name}",
+        prog=f"python -m {spec.entry_point}",
         description=spec.description,
         epilog="Every flag also reads an environment variable (LEGO_NATS_URL, LEGO_DEVICE, ...).",
     )

@@ -78,7 +78,7 @@ class StepWorker:
     def __init__(
         self,
         bus: Bus,
-        kind: StepKind,
+        kind: StepKind | str,
         model_id: str,
         handler: StepHandler,
         replica_id: str,

@@ -33,7 +33,7 @@ def settings(model_cache: Path):
 @pytest.fixture(scope="session")
 def reference_pipeline(settings):
     """diffusers' own StableDiffusion3Pipeline over the same zoo components: the oracle."""
-    from shared.zoo import build_reference_pipeline
+    from baseline.pipelines import build_reference_pipeline
 
     return build_reference_pipeline(settings)
 

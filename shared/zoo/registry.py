@@ -2,7 +2,7 @@
 
 Why a torch-free table: the gateway validates requests (LoRA names, ControlNet ids) and lists
 models, and the launcher decides which processes to start, without importing torch. The
-loaders in `loading.py` read the same table, so a model id means one thing everywhere.
+loaders in `loaders.py` read the same table, so a model id means one thing everywhere.
 
 Sharing is decided here: the three transformer families use the same `clip-l` and `t5` ids
 (SD3 and SD3.5-Large also the same `clip-g` and `sd3-vae`), so one loaded copy serves them all.

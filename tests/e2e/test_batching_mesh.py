@@ -86,7 +86,7 @@ def test_requests_at_once_share_calls_and_each_gets_its_image(batching_mesh: Mes
 
 
 def test_controlnet_requests_at_once_share_the_adapters_calls(batching_mesh: Mesh, settings) -> None:
-    from shared.zoo import build_reference_pipeline
+    from baseline.pipelines import build_reference_pipeline
     from tests.e2e.test_catalogue_oracle import _b64png, control_image
 
     steps, size = 20, 256

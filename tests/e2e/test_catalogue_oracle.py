@@ -42,7 +42,7 @@ def _b64png(img: Image.Image) -> str:
 @pytest.fixture(scope="module")
 def references(settings):
     """One reference pipeline per (family, ControlNet or not); LoRA cases build their own."""
-    from shared.zoo import build_reference_pipeline
+    from baseline.pipelines import build_reference_pipeline
 
     cache: dict = {}
 
@@ -58,7 +58,7 @@ def references(settings):
 
 def reference_images(references, settings, workflow: str, body: dict, control: Image.Image | None) -> list:
     """What diffusers' pipeline for `workflow` draws for the same request."""
-    from shared.zoo import load_reference_loras
+    from baseline.pipelines import load_reference_loras
 
     spec = catalogue()[workflow]
     loras = [(x["name"], x["scale"]) for x in body.get("loras", [])] or [(x.name, x.scale) for x in spec.default_loras]

@@ -30,7 +30,7 @@ def unet_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture(scope="module")
 def pipelines(settings) -> dict:
-    from shared.zoo import build_reference_pipeline
+    from baseline.pipelines import build_reference_pipeline
 
     return {family: build_reference_pipeline(settings, family=family) for family in MODELS}
 

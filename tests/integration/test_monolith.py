@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from baseline.monolith.client import MonolithClient
+from baseline.monolith.launcher import MonolithMesh
+from baseline.monolith.steps import PIPELINE
 from lego.launcher import Mesh, MeshConfig, free_port
-from services.monolith.client import MonolithClient
 from shared.bus import Bus
-from shared.messages import StepKind
 from shared.presence import live_replicas
 from shared.settings import Settings
 from shared.tensor_plane import TensorPlane
@@ -21,11 +22,10 @@ from tests.oracle import assert_images_match, reference_images
 
 @pytest.fixture(scope="module")
 def monolith(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    mesh = Mesh(
+    mesh = MonolithMesh(
         MeshConfig(
             port=free_port(),
             workflows=["sd3"],
-            monolithic=True,
             env={"LEGO_MODEL_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1"},
             log_dir=tmp_path_factory.mktemp("monolith-logs"),
             quiet=True,
@@ -59,7 +59,7 @@ def test_monolith_serves_the_workflow_as_its_pipeline(monolith, reference_pipeli
             await client.start()
             images = await client.generate("sd3", params, timeout_s=120)
             for _ in range(40):  # the heartbeat after the step (every 2 s) carries its count and time
-                replicas = [r for r in await live_replicas(bus) if r.kind == StepKind.PIPELINE]
+                replicas = [r for r in await live_replicas(bus) if r.kind == PIPELINE]
                 if replicas and replicas[0].steps_done:
                     break
                 await asyncio.sleep(0.25)

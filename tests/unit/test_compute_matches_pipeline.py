@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from baseline.pipelines import build_reference_pipeline
 from services.denoiser.model import DenoiseCancelled, denoise, warm_up_inputs
 from services.encoder.model import encode, encode_clip, encode_t5
 from services.vae.model import decode
 from shared.settings import Settings
-from shared.zoo import build_reference_pipeline, load_denoiser, load_text_encoder, load_vae
+from shared.zoo import load_denoiser, load_text_encoder, load_vae
 from tests.oracle import reference_images
 
 

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from baseline.pipelines import build_reference_pipeline
 from services.denoiser.model import denoise
 from services.encoder.model import encode
 from services.vae.model import decode
 from shared.settings import Settings
-from shared.zoo import build_reference_pipeline, load_denoiser, load_text_encoder, load_vae
-from shared.zoo.loading import model_dtype
+from shared.zoo import load_denoiser, load_text_encoder, load_vae
+from shared.zoo.dtypes import model_dtype
 
 KW = {"height": 64, "width": 64, "num_inference_steps": 3, "guidance_scale": 5.0, "seed": 5, "num_images": 1}
 PROMPT, NEGATIVE = "a lighthouse at dusk", "blurry"

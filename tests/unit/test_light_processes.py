@@ -23,7 +23,7 @@ def test_every_entry_point_has_help():
         "services.denoiser",
         "services.vae",
         "services.autoscaler",
-        "services.monolith",
+        "baseline.monolith",
         "lego.cli",
     ):
         proc = subprocess.run(

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 
+from baseline.pipelines import build_reference_pipeline
 from services.denoiser.model import denoise, denoise_loop, warm_up_inputs
 from services.encoder.model import encode
 from services.vae.model import decode
 from shared.settings import Settings
-from shared.zoo import build_reference_pipeline, load_denoiser, load_text_encoder, load_vae
+from shared.zoo import load_denoiser, load_text_encoder, load_vae
 from tests.engine import assert_batched_like_alone
 from tests.oracle import reference_images
 

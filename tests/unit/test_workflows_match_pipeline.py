@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from baseline.pipelines import build_reference_pipeline, load_reference_loras
 from services.adapters.model import controlnet_residuals
 from services.denoiser.lora import LoraCache
 from services.denoiser.model import ControlSpec, denoise
@@ -32,10 +33,8 @@ from services.encoder.model import encode
 from services.vae.model import decode, encode_control_image
 from shared.settings import Settings
 from shared.zoo import (
-    build_reference_pipeline,
     load_controlnet,
     load_denoiser,
-    load_reference_loras,
     load_text_encoder,
     load_vae,
     lora_path,

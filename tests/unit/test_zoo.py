@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from baseline.pipelines import build_reference_pipeline
 from shared.settings import Settings
 from shared.zoo import (
     MODEL_IDS,
-    build_reference_pipeline,
     controlnet_dir,
     ensure_tiny_models,
     family_dir,

@@ -1,21 +1,22 @@
 """Sending whole-workflow requests to the monolithic baseline: the gateway's part, in small.
 
 The baseline has no gateway of its own (the comparison is about serving, not HTTP): a client
-publishes one `pipeline` step per request, waits for its result on its own result subject,
-and pulls the images from the replica's tensor plane, as the mesh's gateway does. No torch.
+publishes one `pipeline` step (`baseline.monolith.steps`) per request, waits for its result on
+its own result subject, and pulls the images from the replica's tensor plane, as the mesh's
+gateway does. No torch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any
 
 import numpy as np
 
+from baseline.monolith.steps import PIPELINE, pipeline_step
 from shared.bus import Bus
-from shared.messages import StepKind, StepRequest, StepResult
+from shared.messages import StepResult
 from shared.subjects import result_subject
 from shared.tensor_plane import TensorPlane
 
@@ -41,22 +42,14 @@ class MonolithClient:
         if workflow not in self._consumers:
             # The consumer is its backlog: it must exist while no replica of the workflow runs,
             # so that the autoscaler sees the requests waiting for one.
-            await self.bus.ensure_consumer(StepKind.PIPELINE, workflow)
+            await self.bus.ensure_consumer(PIPELINE, workflow)
             self._consumers.add(workflow)
         request_id = uuid.uuid4().hex
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
             await self.bus.publish_step(
-                StepRequest(
-                    request_id=request_id,
-                    node_id="pipeline",
-                    kind=StepKind.PIPELINE,
-                    model_id=workflow,
-                    params=params,
-                    reply_to=result_subject(self.client_id),
-                    deadline=time.time() + timeout_s,
-                )
+                pipeline_step(request_id, workflow, params, result_subject(self.client_id), timeout_s)
             )
             result = await asyncio.wait_for(future, timeout_s)
             if not result.ok or "images" not in result.outputs:

@@ -1,4 +1,4 @@
-from services.monolith.runner import SPEC
+from baseline.monolith.runner import SPEC
 from shared.service import main
 
 main(SPEC)

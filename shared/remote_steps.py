@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from shared import subjects, tracing
 from shared.bus import Bus
-from shared.messages import ErrorInfo, StepKind, StepRequest, StepResult, TensorRef
+from shared.messages import ErrorInfo, StepKind, StepParamsModel, StepRequest, StepResult, TensorRef
 from shared.tensor_plane import RawTensor, TensorPlane
 
 T = TypeVar("T")
@@ -56,7 +56,7 @@ class RemoteSteps:
         model_id: str,
         request_id: str,
         node_id: str,
-        params: dict[str, Any],
+        params: StepParamsModel,
         inputs: dict[str, TensorRef],
         deadline: float,
         owner: str = "",

@@ -24,7 +24,7 @@ from shared.worker import BadStepInput, StepCancelled
 
 
 class RemoteControlNet:
-    """A `ControlNetFn` (see services.denoiser.model) backed by the adapters service."""
+    """A `ControlNetFn` (see services.denoiser.loop) backed by the adapters service."""
 
     def __init__(self, remote: RemoteSteps, plane: TensorPlane, step: StepRequest, model_id: str) -> None:
         self.remote = remote

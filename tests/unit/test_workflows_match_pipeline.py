@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 import torch
 
+import services.denoiser.families  # noqa: F401  (registers every family's loop)
 from services.adapters.model import controlnet_residuals
+from services.denoiser.loop import ControlSpec, DenoiseInputs, denoise
 from services.denoiser.lora import LoraCache
-from services.denoiser.model import ControlSpec, denoise
 from services.encoder.model import encode
 from services.vae.model import decode, encode_control_image
 from shared.settings import Settings
@@ -145,17 +146,17 @@ def mesh_images(
         cn = fam.controlnet
         spec = ControlSpec(latents, conditioning_scale, lambda c, v, p: controlnet_residuals(cn, c, v, p))
     with fam.loras.activate(loras or [], lambda name: lora_path(name, lab.settings)):
-        latents = denoise(
-            fam.denoiser,
-            inputs=encoder_outputs(lab, family, prompt, negative),
+        inputs = DenoiseInputs(
+            encoder_outputs(lab, family, prompt, negative),
             height=height,
             width=width,
             num_inference_steps=steps,
             guidance_scale=guidance,
             seed=seed,
-            num_images=n,
+            n=n,
             control=spec,
         )
+        latents = denoise(fam.denoiser, inputs)
     if output == "latents":
         return latents
     return decode(fam.vae, latents).numpy()

@@ -274,13 +274,15 @@ def test_control_latents_must_fit_the_request(lab: Lab) -> None:
     with pytest.raises(ValueError, match="control_latents"):  # encoded without CFG, denoised with
         denoise(
             fam.denoiser,
-            inputs=encoder_outputs(lab, "sd3", "a", ""),
-            height=64,
-            width=64,
-            num_inference_steps=1,
-            guidance_scale=5.0,
-            seed=0,
-            control=spec,
+            DenoiseInputs(
+                encoder_outputs(lab, "sd3", "a", ""),
+                height=64,
+                width=64,
+                num_inference_steps=1,
+                guidance_scale=5.0,
+                seed=0,
+                control=spec,
+            ),
         )
     with pytest.raises(ValueError, match="uint8"):
         encode_control_image(fam.vae, CN.float(), family="sd3", height=64, width=64, seed=0)
@@ -299,13 +301,15 @@ def test_residuals_cross_as_plain_named_tensors(lab: Lab) -> None:
     latents = encode_control_image(fam.vae, CN, family="flux", height=64, width=64, seed=1)
     denoise(
         fam.denoiser,
-        inputs=encoder_outputs(lab, "flux", "a", ""),
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        seed=1,
-        control=ControlSpec(latents, 0.7, residuals),
+        DenoiseInputs(
+            encoder_outputs(lab, "flux", "a", ""),
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=3.5,
+            seed=1,
+            control=ControlSpec(latents, 0.7, residuals),
+        ),
     )
     assert len({s[0] for s in seen}) == 1 and len(seen) == 2
     assert [s[1] for s in seen] == [{"conditioning_scale": 0.7, "step": i, "num_steps": 2} for i in range(2)]

@@ -284,6 +284,8 @@ WarmUpFn = Callable[[DenoiserBundle], dict[str, torch.Tensor]]
 
 @dataclass(frozen=True)
 class FamilyLoop:
+    """What a family's module registers: its loop, and how to build zero inputs for a warm-up."""
+
     loop: LoopFn
     warm_up_inputs: WarmUpFn
 

@@ -51,7 +51,7 @@ def request_inputs(bundle, seed: int):
     """Encoder outputs of SD3's real sequence lengths (77 CLIP + 256 T5 tokens), random values."""
     import torch
 
-    from services.denoiser.model import warm_up_inputs
+    from services.denoiser.denoise import warm_up_inputs
 
     gen = torch.Generator().manual_seed(seed)
     shapes = {k: v.shape for k, v in warm_up_inputs(bundle).items()}
@@ -65,14 +65,15 @@ def burst(bundle, max_batch: int, args: argparse.Namespace) -> dict:
     import torch
 
     from services.denoiser.batching import BatchEngine
-    from services.denoiser.model import denoise_loop
+    from services.denoiser.denoise import denoise_loop
+    from services.denoiser.loop import DenoiseInputs
 
     engine = BatchEngine(bundle.transformer, max_batch, activate_loras=lambda loras: None)
     inputs = [request_inputs(bundle, seed) for seed in range(args.requests)]
     kw = {"height": args.size, "width": args.size, "num_inference_steps": args.steps, "guidance_scale": 5.0}
     try:
         t0 = time.perf_counter()
-        futures = [engine.submit(denoise_loop(bundle, x, seed=i, **kw)) for i, x in enumerate(inputs)]
+        futures = [engine.submit(denoise_loop(bundle, DenoiseInputs(x, seed=i, **kw))) for i, x in enumerate(inputs)]
         done_at = []
         for f in futures:  # results come in order of submission; each is timed when it is there
             f.result()

@@ -8,16 +8,17 @@ from typing import Any
 import torch
 
 from services.denoiser.batching import BatchEngine
-from services.denoiser.model import denoise, denoise_loop
+from services.denoiser.denoise import denoise, denoise_loop
+from services.denoiser.loop import DenoiseInputs
 
 
 def assert_batched_like_alone(bundle: Any, cases: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> None:
-    """`cases`: (inputs, keyword arguments of `denoise`) per request. Compare in float32: in bf16
+    """`cases`: (tensors, the other fields of `DenoiseInputs`) per request. Compare in float32: in bf16
     a batched call's kernels round differently from a solo call's (0.2 apart on an H100)."""
-    alone = [denoise(bundle, inputs=inputs, **kw) for inputs, kw in cases]
+    alone = [denoise(bundle, DenoiseInputs(tensors, **kw)) for tensors, kw in cases]
     engine = BatchEngine(bundle.transformer, max_batch=len(cases), activate_loras=lambda chosen: None)
     try:
-        futures = [engine.submit(denoise_loop(bundle, inputs, **kw)) for inputs, kw in cases]
+        futures = [engine.submit(denoise_loop(bundle, DenoiseInputs(tensors, **kw))) for tensors, kw in cases]
         together = [f.result(timeout=120) for f in futures]
     finally:
         engine.close()

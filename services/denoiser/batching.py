@@ -2,14 +2,14 @@
 
 Why: on a GPU one transformer call over several requests costs little more than a call over
 one, so a replica that runs each request's loop alone wastes most of its device while
-requests queue. Here every request's loop (`model.denoise_loop`, a generator) hands over its
+requests queue. Here every request's loop (`loop.denoise_loop`, a generator) hands over its
 next `TransformerCall`; one engine thread per loaded base model takes the oldest request,
 gathers the other waiting requests whose calls fit with it (same shapes bar
 the batch dimension, same position ids, same LoRA set: `compatible`), runs them as one call,
 and hands each request its slice of the output. A request that arrives joins at the next
 step; one that finishes (or is cancelled) leaves without holding up the rest.
 
-A request alone runs exactly as `model.run_loop` runs it, call for call, so its latents are
+A request alone runs exactly as `loop.run_loop` runs it, call for call, so its latents are
 the pipeline's bit for bit. Batched, results differ from solo ones by float rounding (a
 matrix product over more rows may sum in another order): about 1e-6 per call.
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from services.denoiser.model import DenoiseLoop, TransformerCall, call_transformer
+from services.denoiser.loop import DenoiseLoop, TransformerCall, call_transformer
 
 log = logging.getLogger(__name__)
 

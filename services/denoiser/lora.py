@@ -23,40 +23,51 @@ from pathlib import Path
 from typing import Any
 
 
-def _loader_mixin(transformer: Any) -> Any:
-    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin, SD3LoraLoaderMixin
+def _load_sd3(transformer: Any, path: str | Path, adapter_name: str) -> None:
+    """`StableDiffusion3Pipeline.load_lora_weights`' transformer part."""
+    from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin
 
-    name = type(transformer).__name__
-    if name == "FluxTransformer2DModel":
-        return FluxLoraLoaderMixin
-    if name == "SD3Transformer2DModel":
-        return SD3LoraLoaderMixin
-    raise ValueError(f"no LoRA loader for {name}")
+    state, metadata = SD3LoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+    if not all("lora" in key for key in state):
+        raise ValueError(f"{path}: invalid LoRA checkpoint (every parameter name must contain 'lora')")
+    SD3LoraLoaderMixin.load_lora_into_transformer(
+        state, transformer=transformer, adapter_name=adapter_name, metadata=metadata
+    )
+
+
+def _load_flux(transformer: Any, path: str | Path, adapter_name: str) -> None:
+    """`FluxPipeline.load_lora_weights`' transformer part: its key conversion and shape expansion too."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    state, alphas, metadata = FluxLoraLoaderMixin.lora_state_dict(
+        str(path), return_alphas=True, return_lora_metadata=True
+    )
+    lora = {k: state.get(k) for k in list(state) if k.startswith("transformer.") and "lora" in k}
+    norm_keys = FluxLoraLoaderMixin._control_lora_supported_norm_keys
+    if any(k.startswith("transformer.") and any(nk in k for nk in norm_keys) for k in state):
+        raise NotImplementedError(f"{path}: Control-LoRA norm layers are not supported")
+    if not lora:
+        raise ValueError(f"{path}: invalid LoRA checkpoint (no transformer LoRA parameters)")
+    FluxLoraLoaderMixin._maybe_expand_transformer_param_shape_or_error_(transformer, lora, {})
+    state |= FluxLoraLoaderMixin._maybe_expand_lora_state_dict(transformer=transformer, lora_state_dict=lora)
+    FluxLoraLoaderMixin.load_lora_into_transformer(
+        state, network_alphas=alphas, transformer=transformer, adapter_name=adapter_name, metadata=metadata
+    )
+
+
+# How each network class a family names (`FamilyDescriptor.network`) takes a LoRA: as its
+# pipeline's LoRA loader mixin loads one.
+_LOADER_OF_NETWORK = {"SD3Transformer2DModel": _load_sd3, "FluxTransformer2DModel": _load_flux}
 
 
 def load_lora_into_transformer(transformer: Any, path: str | Path, adapter_name: str) -> None:
     """The transformer part of `StableDiffusion3Pipeline.load_lora_weights` /
     `FluxPipeline.load_lora_weights`: same state-dict reading (and Flux's key conversion and
     shape expansion), same `load_lora_adapter` call, for a transformer without its pipeline."""
-    mixin = _loader_mixin(transformer)
-    if mixin.__name__ == "FluxLoraLoaderMixin":
-        state, alphas, metadata = mixin.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
-        lora = {k: state.get(k) for k in list(state) if k.startswith("transformer.") and "lora" in k}
-        norm_keys = mixin._control_lora_supported_norm_keys
-        if any(k.startswith("transformer.") and any(nk in k for nk in norm_keys) for k in state):
-            raise NotImplementedError(f"{path}: Control-LoRA norm layers are not supported")
-        if not lora:
-            raise ValueError(f"{path}: invalid LoRA checkpoint (no transformer LoRA parameters)")
-        mixin._maybe_expand_transformer_param_shape_or_error_(transformer, lora, {})
-        state |= mixin._maybe_expand_lora_state_dict(transformer=transformer, lora_state_dict=lora)
-        mixin.load_lora_into_transformer(
-            state, network_alphas=alphas, transformer=transformer, adapter_name=adapter_name, metadata=metadata
-        )
-        return
-    state, metadata = mixin.lora_state_dict(str(path), return_lora_metadata=True)
-    if not all("lora" in key for key in state):
-        raise ValueError(f"{path}: invalid LoRA checkpoint (every parameter name must contain 'lora')")
-    mixin.load_lora_into_transformer(state, transformer=transformer, adapter_name=adapter_name, metadata=metadata)
+    name = type(transformer).__name__
+    if name not in _LOADER_OF_NETWORK:
+        raise ValueError(f"no LoRA loader for {name}")
+    _LOADER_OF_NETWORK[name](transformer, path, adapter_name)
 
 
 def _adapter_bytes(transformer: Any, name: str) -> int:

@@ -17,14 +17,14 @@ import torch
 
 from shared.messages import CONSTANT_INPUT as CONSTANT
 from shared.messages import VARYING_INPUT as VARYING
-from shared.messages import StepKind, StepRequest, TensorRef
+from shared.messages import ControlNetParams, StepKind, StepRequest, TensorRef
 from shared.remote_steps import RemoteStepFailed, RemoteSteps
 from shared.tensor_plane import TensorPlane
 from shared.worker import BadStepInput, StepCancelled
 
 
 class RemoteControlNet:
-    """A `ControlNetFn` (see services.denoiser.model) backed by the adapters service."""
+    """A `ControlNetFn` (see services.denoiser.loop) backed by the adapters service."""
 
     def __init__(self, remote: RemoteSteps, plane: TensorPlane, step: StepRequest, model_id: str) -> None:
         self.remote = remote
@@ -60,7 +60,7 @@ class RemoteControlNet:
                 model_id=self.model_id,
                 request_id=self.step.request_id,
                 node_id=f"{self.step.node_id}.cn.{self.nonce}.{i}",
-                params={**params, "cache_inputs": sorted(self._constant_refs)},
+                params=ControlNetParams(**params, cache_inputs=sorted(self._constant_refs)),
                 owner=owner,
                 inputs=inputs,
                 deadline=self.step.deadline,

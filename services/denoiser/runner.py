@@ -1,4 +1,4 @@
-"""Denoiser service: a base model (an MMDiT, or SD1.5's UNet) and its scheduler run a request's
+"""Denoiser service: a base model (an MMDiT, or a UNet) and its scheduler run a request's
 whole denoising loop.
 
 One loaded base serves every workflow of its family: the request's LoRAs are switched on for
@@ -31,32 +31,19 @@ class DenoiserRunner:
     concurrency: int = 1  # steps in hand at once: the engine's max batch
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        from services.denoiser.model import INPUTS_OF_FAMILY, DenoiseCancelled, denoise_loop, run_loop
+        from services.denoiser.denoise import denoise_loop
+        from services.denoiser.loop import DenoiseCancelled, DenoiseInputs, run_loop
 
-        names = INPUTS_OF_FAMILY[self.bundle.family]
-        missing = [name for name in names if name not in inputs]
-        if missing:
-            raise BadStepInput(f"denoise step lacks inputs {missing}")
         p = step.params
         if not isinstance(p, DenoiseParams):
             raise BadStepInput(f"a denoise step needs DenoiseParams, got {type(p).__name__}")
         loras = self._lora_set(p)
         control, remote_cn = self._control(step, inputs, ctx)
         try:
-            loop = denoise_loop(
-                self.bundle,
-                {name: inputs[name] for name in names},
-                height=p.height,
-                width=p.width,
-                num_inference_steps=p.num_inference_steps,
-                guidance_scale=p.guidance_scale,
-                seed=p.seed,
-                n=p.n,
-                control=control,
-                on_step=ctx.progress,
-                should_stop=ctx.should_stop,
-                negative_prompt=p.negative_prompt,
+            loop_inputs = DenoiseInputs.from_params(
+                inputs, p, control=control, on_step=ctx.progress, should_stop=ctx.should_stop
             )
+            loop = denoise_loop(self.bundle, loop_inputs)  # checks the inputs against the family's descriptor
             if self.engine is not None:  # joins the running batch at its next step
                 latents = self.engine.submit(loop, loras).result()
             else:
@@ -64,7 +51,7 @@ class DenoiserRunner:
                     latents = run_loop(self.bundle.transformer, loop)
         except DenoiseCancelled as exc:
             raise StepCancelled(str(exc)) from exc
-        except ValueError as exc:  # shapes or sizes the model cannot take: no replica could
+        except ValueError as exc:  # inputs, shapes or sizes the model cannot take: no replica could
             raise BadStepInput(str(exc)) from exc
         finally:
             if remote_cn is not None:
@@ -76,7 +63,7 @@ class DenoiserRunner:
         spec = step.params.controlnet  # type: ignore[union-attr]
         if spec is None:
             return None, None
-        from services.denoiser.model import ControlSpec
+        from services.denoiser.loop import ControlSpec
         from services.denoiser.remote_controlnet import RemoteControlNet
 
         if "control_latents" not in inputs:
@@ -103,16 +90,12 @@ class DenoiserRunner:
         return lora_path(name, self.settings)
 
     def warm_up(self) -> None:
-        from services.denoiser.model import denoise, warm_up_inputs
+        from services.denoiser.denoise import denoise, warm_up_inputs
+        from services.denoiser.loop import DenoiseInputs
 
+        tensors = warm_up_inputs(self.bundle)
         denoise(
-            self.bundle,
-            inputs=warm_up_inputs(self.bundle),
-            height=64,
-            width=64,
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            seed=0,
+            self.bundle, DenoiseInputs(tensors, height=64, width=64, num_inference_steps=2, guidance_scale=5.0, seed=0)
         )
 
     def status(self) -> dict[str, Any]:

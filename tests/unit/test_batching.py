@@ -20,8 +20,9 @@ import torch
 
 from services.adapters.model import controlnet_residuals
 from services.denoiser.batching import BatchEngine
+from services.denoiser.denoise import denoise, denoise_loop, warm_up_inputs
+from services.denoiser.loop import ControlSpec, DenoiseCancelled, DenoiseInputs
 from services.denoiser.lora import LoraCache
-from services.denoiser.model import ControlSpec, DenoiseCancelled, denoise, denoise_loop, warm_up_inputs
 from services.vae.model import encode_control_image
 from shared.settings import Settings
 from shared.zoo import load_controlnet, load_denoiser, load_vae, lora_path
@@ -54,13 +55,12 @@ def _engine(bundle, max_batch: int = 4, activate: Callable | None = None) -> Bat
 
 def _loop(bundle, seed: int, **kw):
     args = _kw(seed) | kw
-    return denoise_loop(bundle, _inputs(bundle, seed), **args)
+    return denoise_loop(bundle, DenoiseInputs(_inputs(bundle, seed), **args))
 
 
 def _alone(bundle, seed: int, **kw) -> torch.Tensor:
     args = _kw(seed) | kw
-    extra = {k: args.pop(k) for k in ("control",) if k in args}
-    return denoise(bundle, inputs=_inputs(bundle, seed), num_images=1, **args, **extra)
+    return denoise(bundle, DenoiseInputs(_inputs(bundle, seed), n=1, **args))
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -187,7 +187,7 @@ def test_a_failing_loop_fails_only_its_request(sd3) -> None:
         good = engine.submit(_loop(sd3, 1))
         bad_inputs = _inputs(sd3, 2)
         bad_inputs["clip_l_embeds"] = bad_inputs["clip_l_embeds"][:1]  # one row: no [prompt, negative] pair
-        bad = engine.submit(denoise_loop(sd3, bad_inputs, **_kw(2)))
+        bad = engine.submit(denoise_loop(sd3, DenoiseInputs(bad_inputs, **_kw(2))))
         with pytest.raises(ValueError, match="2 rows"):
             bad.result(timeout=120)
         assert torch.allclose(good.result(timeout=120), _alone(sd3, 1), atol=ATOL)

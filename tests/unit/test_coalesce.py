@@ -254,7 +254,8 @@ def test_adapters_run_queued_controlnet_steps_as_one_call(settings: Settings, fa
     """Three requests' ControlNet steps (as their denoisers send them) in one call: each gets
     its own residuals, up to float rounding."""
     from services.adapters.runner import ControlNetRunner
-    from services.denoiser.model import ControlSpec, denoise, warm_up_inputs
+    from services.denoiser.denoise import denoise, warm_up_inputs
+    from services.denoiser.loop import ControlSpec, DenoiseInputs
     from services.vae.model import encode_control_image
     from shared.zoo import load_controlnet, load_denoiser, load_vae
 
@@ -274,16 +275,8 @@ def test_adapters_run_queued_controlnet_steps_as_one_call(settings: Settings, fa
         pixels = torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8, generator=gen)
         latents = encode_control_image(vae, pixels, family=family, height=64, width=64, seed=seed, guidance_scale=4.0)
         control = ControlSpec(control_latents=latents, conditioning_scale=0.7, residuals=capture)
-        denoise(
-            denoiser,
-            inputs=inputs,
-            height=64,
-            width=64,
-            num_inference_steps=1,
-            guidance_scale=4.0,
-            seed=seed,
-            control=control,
-        )
+        kw = {"height": 64, "width": 64, "num_inference_steps": 1, "guidance_scale": 4.0, "seed": seed}
+        denoise(denoiser, DenoiseInputs(inputs, **kw, control=control))
     assert len({runner.batch_key(c) for c in calls}) == 1  # alike: they may run together
     together = runner.run_many(calls)
     for call, got in zip(calls, together, strict=True):

@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from baseline.pipelines import build_reference_pipeline
-from services.denoiser.model import DenoiseCancelled, denoise, warm_up_inputs
+from services.denoiser.denoise import denoise, warm_up_inputs
+from services.denoiser.loop import DenoiseCancelled, DenoiseInputs
 from services.encoder.model import encode, encode_clip, encode_t5
 from services.vae.model import decode
+from shared.messages import DenoiseParams
 from shared.settings import Settings
 from shared.zoo import load_denoiser, load_text_encoder, load_vae
 from tests.oracle import reference_images
@@ -45,20 +47,19 @@ def zoo(settings: Settings) -> Zoo:
     )
 
 
-def _mesh_latents(zoo: Zoo, prompt: str, negative: str, **kw) -> torch.Tensor:
+def _mesh_latents(zoo: Zoo, prompt: str, negative: str, num_images: int = 1, **kw) -> torch.Tensor:
     texts = [prompt, negative]
     clip_l = encode(zoo.encoders["clip-l"], texts)
     clip_g = encode(zoo.encoders["clip-g"], texts)
     t5 = encode(zoo.encoders["t5"], texts, max_sequence_length=256)
-    return denoise(
-        zoo.denoiser,
-        clip_l_embeds=clip_l["embeds"],
-        clip_l_pooled=clip_l["pooled"],
-        clip_g_embeds=clip_g["embeds"],
-        clip_g_pooled=clip_g["pooled"],
-        t5_embeds=t5["embeds"],
-        **kw,
-    )
+    tensors = {
+        "clip_l_embeds": clip_l["embeds"],
+        "clip_l_pooled": clip_l["pooled"],
+        "clip_g_embeds": clip_g["embeds"],
+        "clip_g_pooled": clip_g["pooled"],
+        "t5_embeds": t5["embeds"],
+    }
+    return denoise(zoo.denoiser, DenoiseInputs(tensors, n=num_images, **kw))
 
 
 def _reference(
@@ -174,7 +175,8 @@ def test_should_stop_cancels_and_template_scheduler_untouched(zoo: Zoo) -> None:
     assert zoo.denoiser.scheduler.step_index is None  # each call used its own scheduler copy
 
 
-def test_inputs_dict_equals_keyword_form(zoo: Zoo) -> None:
+def test_step_params_make_the_same_loop_inputs(zoo: Zoo) -> None:
+    """The runner builds a loop's inputs from the step's typed parameters: the same as by hand."""
     texts = ["a fox in the snow", "blurry"]
     clip_l, clip_g = encode(zoo.encoders["clip-l"], texts), encode(zoo.encoders["clip-g"], texts)
     inputs = {
@@ -184,35 +186,36 @@ def test_inputs_dict_equals_keyword_form(zoo: Zoo) -> None:
         "clip_g_pooled": clip_g["pooled"],
         "t5_embeds": encode(zoo.encoders["t5"], texts)["embeds"],
     }
-    kw = {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 4.0, "seed": 3, "num_images": 1}
-    assert torch.equal(denoise(zoo.denoiser, inputs=inputs, **kw), denoise(zoo.denoiser, **inputs, **kw))
+    kw = {"height": 64, "width": 48, "num_inference_steps": 2, "guidance_scale": 4.0, "seed": 3, "n": 2}
+    params = DenoiseParams(**kw, negative_prompt="blurry")
+    by_hand = denoise(zoo.denoiser, DenoiseInputs(inputs, **kw))
+    assert torch.equal(denoise(zoo.denoiser, DenoiseInputs.from_params(inputs, params)), by_hand)
+    assert by_hand.shape == (2, 16, 8, 6)
     with pytest.raises(ValueError, match="missing"):
-        denoise(zoo.denoiser, inputs={k: v for k, v in inputs.items() if k != "t5_embeds"}, **kw)
+        denoise(zoo.denoiser, DenoiseInputs({k: v for k, v in inputs.items() if k != "t5_embeds"}, **kw))
 
 
 @pytest.mark.parametrize("model_id", ["sd3-transformer", "sd35-large-transformer", "flux-transformer"])
 def test_warm_up_inputs_fit_every_denoiser(settings: Settings, model_id: str) -> None:
     bundle = load_denoiser(model_id, settings)
     kw = {"height": 32, "width": 32, "num_inference_steps": 1, "guidance_scale": 3.0, "seed": 0}
-    latents = denoise(bundle, inputs=warm_up_inputs(bundle), **kw)
+    latents = denoise(bundle, DenoiseInputs(warm_up_inputs(bundle), **kw))
     assert latents.shape == (1, 16, 4, 4) and torch.isfinite(latents).all()
 
 
 def test_denoise_rejects_bad_inputs(zoo: Zoo) -> None:
     clip = encode(zoo.encoders["clip-l"], ["a"])  # one row instead of [prompt, negative]
     with pytest.raises(ValueError, match="2 rows"):
+        tensors = {
+            "clip_l_embeds": clip["embeds"],
+            "clip_l_pooled": clip["pooled"],
+            "clip_g_embeds": clip["embeds"],
+            "clip_g_pooled": clip["pooled"],
+            "t5_embeds": clip["embeds"],
+        }
         denoise(
             zoo.denoiser,
-            clip_l_embeds=clip["embeds"],
-            clip_l_pooled=clip["pooled"],
-            clip_g_embeds=clip["embeds"],
-            clip_g_pooled=clip["pooled"],
-            t5_embeds=clip["embeds"],
-            height=64,
-            width=64,
-            num_inference_steps=1,
-            guidance_scale=1.0,
-            seed=0,
+            DenoiseInputs(tensors, height=64, width=64, num_inference_steps=1, guidance_scale=1.0, seed=0),
         )
     with pytest.raises(ValueError, match="multiples of 16"):
         _mesh_latents(

@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from baseline.pipelines import build_reference_pipeline
-from services.denoiser.model import denoise
+from services.denoiser.denoise import denoise
+from services.denoiser.loop import DenoiseInputs
 from services.encoder.model import encode
 from services.vae.model import decode
 from shared.settings import Settings
 from shared.zoo import load_denoiser, load_text_encoder, load_vae
 from shared.zoo.dtypes import model_dtype
 
-KW = {"height": 64, "width": 64, "num_inference_steps": 3, "guidance_scale": 5.0, "seed": 5, "num_images": 1}
+KW = {"height": 64, "width": 64, "num_inference_steps": 3, "guidance_scale": 5.0, "seed": 5, "n": 1}
 PROMPT, NEGATIVE = "a lighthouse at dusk", "blurry"
 
 
@@ -32,15 +33,14 @@ def _chain(encoders: Settings, rest: Settings) -> torch.Tensor:
     texts = [PROMPT, NEGATIVE]
     enc = {m: encode(load_text_encoder(m, encoders), texts) for m in ("clip-l", "clip-g")}
     t5 = encode(load_text_encoder("t5", encoders), texts, max_sequence_length=256)
-    latents = denoise(
-        load_denoiser("sd3-transformer", rest),
-        clip_l_embeds=enc["clip-l"]["embeds"],
-        clip_l_pooled=enc["clip-l"]["pooled"],
-        clip_g_embeds=enc["clip-g"]["embeds"],
-        clip_g_pooled=enc["clip-g"]["pooled"],
-        t5_embeds=t5["embeds"],
-        **KW,
-    )
+    tensors = {
+        "clip_l_embeds": enc["clip-l"]["embeds"],
+        "clip_l_pooled": enc["clip-l"]["pooled"],
+        "clip_g_embeds": enc["clip-g"]["embeds"],
+        "clip_g_pooled": enc["clip-g"]["pooled"],
+        "t5_embeds": t5["embeds"],
+    }
+    latents = denoise(load_denoiser("sd3-transformer", rest), DenoiseInputs(tensors, **KW))
     return decode(load_vae("sd3-vae", rest), latents)
 
 

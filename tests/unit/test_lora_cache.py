@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from services.denoiser.denoise import denoise
+from services.denoiser.loop import DenoiseInputs
 from services.denoiser.lora import LoraCache
-from services.denoiser.model import denoise
 from services.encoder.model import encode
 from shared.settings import Settings
 from shared.zoo import load_denoiser, load_text_encoder, lora_path
@@ -49,7 +50,7 @@ def case(settings: Settings) -> Case:
 
 def _run(case: Case, bundle, cache: LoraCache, loras: list[tuple[str, float]]) -> torch.Tensor:
     with cache.activate(loras, lambda name: lora_path(name, case.settings)):
-        return denoise(bundle, inputs=case.inputs[bundle.model_id], **KW)
+        return denoise(bundle, DenoiseInputs(case.inputs[bundle.model_id], **KW))
 
 
 def _alone(case: Case, model_id: str, loras: list[tuple[str, float]]) -> torch.Tensor:
@@ -111,5 +112,5 @@ def test_bad_requests(case: Case) -> None:
     with pytest.raises(RuntimeError), cache.activate([("sd3-lora-a", 1.0)], lambda n: lora_path(n, case.settings)):
         raise RuntimeError("denoise failed")
     assert torch.equal(
-        denoise(bundle, inputs=case.inputs["sd3-transformer"], **KW), _alone(case, "sd3-transformer", [])
+        denoise(bundle, DenoiseInputs(case.inputs["sd3-transformer"], **KW)), _alone(case, "sd3-transformer", [])
     )

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from baseline.pipelines import build_reference_pipeline
-from services.denoiser.model import denoise, denoise_loop, warm_up_inputs
+from services.denoiser.denoise import denoise, denoise_loop, warm_up_inputs
+from services.denoiser.loop import ControlSpec, DenoiseInputs
 from services.encoder.model import encode
 from services.vae.model import decode
 from shared.settings import Settings
@@ -61,9 +62,9 @@ def test_the_zoo_holds_sd15_as_published(sd15: Sd15) -> None:
     assert type(sd15.pipe) is StableDiffusionPipeline and sd15.pipe.safety_checker is None
 
 
-def mesh_latents(sd15: Sd15, prompt: str, negative: str, **kw) -> torch.Tensor:
+def mesh_latents(sd15: Sd15, prompt: str, negative: str, num_images: int = 1, **kw) -> torch.Tensor:
     embeds = encode(sd15.encoder, [prompt, negative], outputs=("last",))["last"]
-    return denoise(sd15.denoiser, inputs={"clip_embeds": embeds}, **kw)
+    return denoise(sd15.denoiser, DenoiseInputs({"clip_embeds": embeds}, n=num_images, **kw))
 
 
 CASES = [
@@ -127,15 +128,8 @@ def test_batched_requests_share_unet_calls_and_keep_their_own_schedulers(setting
 
 
 def test_warm_up_inputs_fit_the_unet(sd15: Sd15) -> None:
-    latents = denoise(
-        sd15.denoiser,
-        inputs=warm_up_inputs(sd15.denoiser),
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        seed=0,
-    )
+    kw = {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 0}
+    latents = denoise(sd15.denoiser, DenoiseInputs(warm_up_inputs(sd15.denoiser), **kw))
     assert latents.shape == (1, 4, 8, 8)
 
 
@@ -143,8 +137,11 @@ def test_sd15_refuses_what_it_cannot_take(sd15: Sd15, settings: Settings) -> Non
     embeds = torch.zeros(2, 77, sd15.denoiser.transformer.config.cross_attention_dim)
     kw = {"num_inference_steps": 2, "guidance_scale": 5.0, "seed": 0}
     with pytest.raises(ValueError, match="multiples of 8"):
-        denoise_loop(sd15.denoiser, {"clip_embeds": embeds}, height=60, width=64, **kw)
+        denoise_loop(sd15.denoiser, DenoiseInputs({"clip_embeds": embeds}, height=60, width=64, **kw))
     with pytest.raises(ValueError, match="clip_embeds"):
-        denoise_loop(sd15.denoiser, {"clip_l_embeds": embeds}, height=64, width=64, **kw)
+        denoise_loop(sd15.denoiser, DenoiseInputs({"clip_l_embeds": embeds}, height=64, width=64, **kw))
+    control = ControlSpec(torch.zeros(2, 4, 8, 8), 1.0, lambda c, v, p: {})
+    with pytest.raises(ValueError, match="takes no ControlNet"):
+        denoise_loop(sd15.denoiser, DenoiseInputs({"clip_embeds": embeds}, height=64, width=64, control=control, **kw))
     with pytest.raises(ValueError, match="no ControlNet"):
         build_reference_pipeline(settings, family="sd15", controlnet=True)

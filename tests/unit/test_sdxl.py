@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from baseline.pipelines import build_reference_pipeline
-from services.denoiser.model import denoise, denoise_loop, warm_up_inputs
+from services.denoiser.denoise import denoise, denoise_loop, warm_up_inputs
+from services.denoiser.loop import DenoiseInputs
 from services.encoder.model import encode
 from services.vae.model import decode
 from shared.settings import Settings
@@ -76,12 +77,12 @@ def test_the_zoo_holds_sdxl_as_published(sdxl: Sdxl) -> None:
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-def mesh_latents(sdxl: Sdxl, prompt: str, negative: str, **kw) -> torch.Tensor:
+def mesh_latents(sdxl: Sdxl, prompt: str, negative: str, num_images: int = 1, **kw) -> torch.Tensor:
     texts = [prompt, negative]
     l_out = encode(sdxl.clip_l, texts, outputs=("embeds",))
     g_out = encode(sdxl.clip_g, texts, outputs=("embeds", "pooled"))
     inputs = {"clip_l_embeds": l_out["embeds"], "clip_g_embeds": g_out["embeds"], "clip_g_pooled": g_out["pooled"]}
-    return denoise(sdxl.denoiser, inputs=inputs, negative_prompt=negative, **kw)
+    return denoise(sdxl.denoiser, DenoiseInputs(inputs, n=num_images, negative_prompt=negative, **kw))
 
 
 CASES = [
@@ -160,15 +161,8 @@ def test_batched_requests_share_unet_calls_and_keep_their_own_schedulers(setting
 
 
 def test_warm_up_inputs_fit_the_unet(sdxl: Sdxl) -> None:
-    latents = denoise(
-        sdxl.denoiser,
-        inputs=warm_up_inputs(sdxl.denoiser),
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        seed=0,
-    )
+    kw = {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 0}
+    latents = denoise(sdxl.denoiser, DenoiseInputs(warm_up_inputs(sdxl.denoiser), **kw))
     assert latents.shape == (1, 4, 8, 8)
 
 
@@ -176,12 +170,12 @@ def test_sdxl_refuses_what_it_cannot_take(sdxl: Sdxl, settings: Settings) -> Non
     inputs = warm_up_inputs(sdxl.denoiser)
     kw = {"num_inference_steps": 2, "guidance_scale": 5.0, "seed": 0}
     with pytest.raises(ValueError, match="multiples of 8"):
-        denoise_loop(sdxl.denoiser, inputs, height=60, width=64, **kw)
+        denoise_loop(sdxl.denoiser, DenoiseInputs(inputs, height=60, width=64, **kw))
     with pytest.raises(ValueError, match="clip_g_pooled"):
-        denoise_loop(sdxl.denoiser, {"clip_embeds": inputs["clip_l_embeds"]}, height=64, width=64, **kw)
+        denoise_loop(sdxl.denoiser, DenoiseInputs({"clip_embeds": inputs["clip_l_embeds"]}, height=64, width=64, **kw))
     wrong = {**inputs, "clip_g_pooled": torch.zeros(2, 7)}
     with pytest.raises(ValueError, match="added embeddings"):
-        denoise_loop(sdxl.denoiser, wrong, height=64, width=64, **kw)
+        denoise_loop(sdxl.denoiser, DenoiseInputs(wrong, height=64, width=64, **kw))
     with pytest.raises(ValueError, match="no ControlNet"):
         build_reference_pipeline(settings, family="sdxl", controlnet=True)
 

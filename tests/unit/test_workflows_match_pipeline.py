@@ -27,8 +27,9 @@ import torch
 
 from baseline.pipelines import build_reference_pipeline, load_reference_loras
 from services.adapters.model import controlnet_residuals
+from services.denoiser.denoise import denoise
+from services.denoiser.loop import ControlSpec, DenoiseInputs
 from services.denoiser.lora import LoraCache
-from services.denoiser.model import ControlSpec, denoise
 from services.encoder.model import encode
 from services.vae.model import decode, encode_control_image
 from shared.settings import Settings
@@ -144,17 +145,17 @@ def mesh_images(
         cn = fam.controlnet
         spec = ControlSpec(latents, conditioning_scale, lambda c, v, p: controlnet_residuals(cn, c, v, p))
     with fam.loras.activate(loras or [], lambda name: lora_path(name, lab.settings)):
-        latents = denoise(
-            fam.denoiser,
-            inputs=encoder_outputs(lab, family, prompt, negative),
+        inputs = DenoiseInputs(
+            encoder_outputs(lab, family, prompt, negative),
             height=height,
             width=width,
             num_inference_steps=steps,
             guidance_scale=guidance,
             seed=seed,
-            num_images=n,
+            n=n,
             control=spec,
         )
+        latents = denoise(fam.denoiser, inputs)
     if output == "latents":
         return latents
     return decode(fam.vae, latents).numpy()
@@ -272,13 +273,15 @@ def test_control_latents_must_fit_the_request(lab: Lab) -> None:
     with pytest.raises(ValueError, match="control_latents"):  # encoded without CFG, denoised with
         denoise(
             fam.denoiser,
-            inputs=encoder_outputs(lab, "sd3", "a", ""),
-            height=64,
-            width=64,
-            num_inference_steps=1,
-            guidance_scale=5.0,
-            seed=0,
-            control=spec,
+            DenoiseInputs(
+                encoder_outputs(lab, "sd3", "a", ""),
+                height=64,
+                width=64,
+                num_inference_steps=1,
+                guidance_scale=5.0,
+                seed=0,
+                control=spec,
+            ),
         )
     with pytest.raises(ValueError, match="uint8"):
         encode_control_image(fam.vae, CN.float(), family="sd3", height=64, width=64, seed=0)
@@ -297,13 +300,15 @@ def test_residuals_cross_as_plain_named_tensors(lab: Lab) -> None:
     latents = encode_control_image(fam.vae, CN, family="flux", height=64, width=64, seed=1)
     denoise(
         fam.denoiser,
-        inputs=encoder_outputs(lab, "flux", "a", ""),
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        seed=1,
-        control=ControlSpec(latents, 0.7, residuals),
+        DenoiseInputs(
+            encoder_outputs(lab, "flux", "a", ""),
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=3.5,
+            seed=1,
+            control=ControlSpec(latents, 0.7, residuals),
+        ),
     )
     assert len({s[0] for s in seen}) == 1 and len(seen) == 2
     assert [s[1] for s in seen] == [{"conditioning_scale": 0.7, "step": i, "num_steps": 2} for i in range(2)]

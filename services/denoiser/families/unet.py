@@ -9,22 +9,28 @@ and `set_begin_index(0)`. The family modules (`sd15`, `sdxl`) build those; this 
 does the rest, yielding `TransformerCall`s so the batching engine merges UNet calls of
 several requests. A multistep scheduler keeps state between steps (PNDM its past noise
 predictions, Euler its step index), which is why every request steps a fresh copy of it.
+
+Not a family of its own: it offers no `LOOP`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from services.denoiser.model import VAE_SCALE_FACTOR, DenoiseCancelled, DenoiseLoop, TransformerCall
-from shared.zoo import DenoiserBundle
+from services.denoiser.loop import TransformerCall, guide, guided_input
+from shared.zoo.families import FAMILIES
+
+if TYPE_CHECKING:
+    from services.denoiser.loop import DenoiseInputs, DenoiseLoop, Scheduler
+    from shared.zoo import DenoiserBundle
 
 
-def _extra_step_kwargs(scheduler, generator: torch.Generator) -> dict[str, object]:
+def _extra_step_kwargs(scheduler: Scheduler, generator: torch.Generator) -> dict[str, object]:
     """`prepare_extra_step_kwargs` with eta 0: DDIM takes `eta`, the ancestral/Euler schedulers
     the request's generator (which drew the initial noise first)."""
     accepted = set(inspect.signature(scheduler.step).parameters)
@@ -44,42 +50,32 @@ def unet_guidance(bundle: DenoiserBundle, guidance_scale: float) -> bool:
 
 def unet_loop(
     bundle: DenoiserBundle,
+    scheduler: Scheduler,
+    inputs: DenoiseInputs,
     prompt_embeds: torch.Tensor,
     added_cond_kwargs: dict[str, torch.Tensor] | None,
     *,
     do_cfg: bool,
     set_begin_index: bool,
-    height: int,
-    width: int,
-    num_inference_steps: int,
-    guidance_scale: float,
-    seed: int,
-    n: int,
-    on_step: Callable[[int, int], None] | None,
-    should_stop: Callable[[], bool] | None,
 ) -> DenoiseLoop:
     """The pipelines' steps 4-7 and denoising loop, for `prompt_embeds` (and SDXL's
     `added_cond_kwargs`) already in the UNet's dtype and device, rows [uncond, cond] when
     `do_cfg`. `set_begin_index`: SDXL's pipeline pins the scheduler's begin index to 0."""
     unet = bundle.transformer
     device = prompt_embeds.device
-    scheduler = type(bundle.scheduler).from_config(bundle.scheduler.config)  # per request: it keeps state
 
-    timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, None, None)
-    shape = (n, unet.config.in_channels, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    timesteps, num_inference_steps = retrieve_timesteps(scheduler, inputs.num_inference_steps, device, None, None)
+    vae_scale = FAMILIES[bundle.family].vae_scale_factor
+    shape = (inputs.n, unet.config.in_channels, inputs.height // vae_scale, inputs.width // vae_scale)
+    generator = inputs.generator()
     latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
     latents = latents * scheduler.init_noise_sigma
     extra_step_kwargs = _extra_step_kwargs(scheduler, generator)
     if set_begin_index and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
 
-    num_warmup_steps = len(timesteps) - num_inference_steps * scheduler.order
-    done = 0
-    for i, t in enumerate(timesteps):
-        if should_stop is not None and should_stop():
-            raise DenoiseCancelled(f"stopped before UNet call {i + 1}/{len(timesteps)}")
-        latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+    for _, t in inputs.steps(timesteps, num_inference_steps, scheduler.order):
+        latent_model_input = guided_input(latents, do_cfg)
         if hasattr(scheduler, "scale_model_input"):
             latent_model_input = scheduler.scale_model_input(latent_model_input, t)
         noise_pred = yield TransformerCall(
@@ -95,11 +91,6 @@ def unet_loop(
             shared={"cross_attention_kwargs": None, "return_dict": False},
         )
         if do_cfg:
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+            noise_pred = guide(noise_pred, inputs.guidance_scale)
         latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-        if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
-            done += 1
-            if on_step is not None:
-                on_step(done, num_inference_steps)
     return latents

@@ -10,6 +10,7 @@ admission, so a size the family cannot take is a 422 there, never a failed step 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from shared.messages import (
     ControlNetChoice,
@@ -59,28 +60,22 @@ def _encode(desc: FamilyDescriptor, node: NodeSpec, req: RequestParams) -> Encod
     )
 
 
+# The request fields a denoising loop seeds and steps by; a ControlNet's control image is
+# encoded with the same ones (less the step count), so its latents fit the loop's.
+_LOOP_FIELDS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "n")
+_CONTROL_FIELDS = ("height", "width", "guidance_scale", "seed", "n")
+
+
+def _fields(req: RequestParams, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(req, name) for name in names}
+
+
 def _denoise(desc: FamilyDescriptor, workflow: WorkflowSpec, req: RequestParams) -> DenoiseParams:
     return DenoiseParams(
-        height=req.height,
-        width=req.width,
-        num_inference_steps=req.num_inference_steps,
-        guidance_scale=req.guidance_scale,
-        seed=req.seed,
-        n=req.n,
+        **_fields(req, _LOOP_FIELDS),
         negative_prompt=req.negative_prompt if desc.reads_negative_text else None,
         controlnet=req.controlnet if workflow.controlnets else None,
         loras=list(req.loras) if workflow.loras else [],
-    )
-
-
-def _control(desc: FamilyDescriptor, req: RequestParams) -> VaeEncodeParams:
-    return VaeEncodeParams(
-        family=desc.name,
-        height=req.height,
-        width=req.width,
-        seed=req.seed,
-        n=req.n,
-        guidance_scale=req.guidance_scale,
     )
 
 
@@ -101,7 +96,7 @@ def step_params(workflow: WorkflowSpec, req: RequestParams) -> dict[str, StepPar
         elif node.kind == StepKind.DENOISE:
             out[node.id] = _denoise(desc, workflow, req)
         elif node.kind == StepKind.VAE_ENCODE:
-            out[node.id] = _control(desc, req)
+            out[node.id] = VaeEncodeParams(family=desc.name, **_fields(req, _CONTROL_FIELDS))
         elif node.kind == StepKind.VAE_DECODE:
             out[node.id] = VaeDecodeParams()
         else:

@@ -15,7 +15,7 @@ one when a loader needs it.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 Family = Literal["sd3", "sd35-large", "flux", "sd15", "sdxl"]
@@ -89,46 +89,35 @@ class FamilyDescriptor:
             raise ValueError(f"{self.name}: height and width must be multiples of {m}, got {height}x{width}")
 
 
-_SD3_ENCODERS = (EncoderUse("clip-l"), EncoderUse("clip-g"), EncoderUse("t5", max_sequence_length=256))
-_SD3_INPUTS = ("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds")
+_SD3 = FamilyDescriptor(
+    name="sd3",
+    pipeline="StableDiffusion3Pipeline",
+    network="SD3Transformer2DModel",
+    network_subfolder="transformer",
+    scheduler="FlowMatchEulerDiscreteScheduler",
+    latent_channels=16,
+    size_multiple=16,
+    guidance="cfg",
+    encoders=(EncoderUse("clip-l"), EncoderUse("clip-g"), EncoderUse("t5", max_sequence_length=256)),
+    denoiser_inputs=("clip_l_embeds", "clip_l_pooled", "clip_g_embeds", "clip_g_pooled", "t5_embeds"),
+    denoiser="sd3-transformer",
+    vae="sd3-vae",
+    controlnet="sd3-controlnet",
+    controlnet_class="SD3ControlNetModel",
+    controlnet_pipeline="StableDiffusion3ControlNetPipeline",
+    control_latents_shifted=False,  # InstantX-style: zero pooled projections, unshifted latents
+)
 
 FAMILIES: dict[Family, FamilyDescriptor] = {
     d.name: d
     for d in (
-        FamilyDescriptor(
-            name="sd3",
-            pipeline="StableDiffusion3Pipeline",
-            network="SD3Transformer2DModel",
-            network_subfolder="transformer",
-            scheduler="FlowMatchEulerDiscreteScheduler",
-            latent_channels=16,
-            size_multiple=16,
-            guidance="cfg",
-            encoders=_SD3_ENCODERS,
-            denoiser_inputs=_SD3_INPUTS,
-            denoiser="sd3-transformer",
-            vae="sd3-vae",
-            controlnet="sd3-controlnet",
-            controlnet_class="SD3ControlNetModel",
-            controlnet_pipeline="StableDiffusion3ControlNetPipeline",
-            control_latents_shifted=False,  # InstantX-style: zero pooled projections, unshifted latents
-        ),
-        FamilyDescriptor(
+        _SD3,
+        # SD3.5-Large: SD3's architecture, pipeline, encoders and VAE, with weights of its own.
+        replace(
+            _SD3,
             name="sd35-large",
-            pipeline="StableDiffusion3Pipeline",
-            network="SD3Transformer2DModel",
-            network_subfolder="transformer",
-            scheduler="FlowMatchEulerDiscreteScheduler",
-            latent_channels=16,
-            size_multiple=16,
-            guidance="cfg",
-            encoders=_SD3_ENCODERS,
-            denoiser_inputs=_SD3_INPUTS,
             denoiser="sd35-large-transformer",
-            vae="sd3-vae",
             controlnet="sd35-large-controlnet",
-            controlnet_class="SD3ControlNetModel",
-            controlnet_pipeline="StableDiffusion3ControlNetPipeline",
             control_latents_shifted=True,  # Stability's: the pooled prompt, shifted latents
         ),
         FamilyDescriptor(

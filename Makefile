@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` (run the mesh, generate an image) and `make test`.
+# The two commands of the README: `make demo` (run the mesh, generate an image) and `make test`
+# (lint, then the tests: CI runs exactly `make test`).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -30,13 +31,16 @@ demo: setup  ## start the whole mesh, generate out/demo.png through the REST API
 up: setup  ## run the mesh in the foreground on 127.0.0.1:8000 until Ctrl-C
 	$(BIN)/lego up
 
-test: setup
+test: lint
 	$(BIN)/python -m pytest -q -ra
 
+# ruff (with the C901 / PLR0915 size limits), the format, mypy on shared/ ([tool.mypy] files),
+# and the layers and import contracts of [tool.importlinter].
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	$(BIN)/python bench/overhead.py

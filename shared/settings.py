@@ -5,6 +5,7 @@ CLI flags of each service override these; `lego up` passes them down as environm
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 from collections.abc import Mapping
@@ -90,6 +91,10 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
-    def to_env(self) -> dict[str, str]:
-        """The same settings as environment variables, for child processes."""
-        return {f"LEGO_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
+    @classmethod
+    def from_flags(cls, flags: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+        """`from_env`, then a command's flags: a flag whose destination is a field's name
+        (`--nats-url` -> `nats_url`) overrides that field when given. One rule for every command,
+        so a command's flag list is its list of settings, with no keyword to copy per flag."""
+        names = {f.name for f in fields(cls)}
+        return cls.from_env(environ, **{k: v for k, v in vars(flags).items() if k in names})

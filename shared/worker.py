@@ -197,12 +197,19 @@ class StepWorker:
         tracing.annotate(
             sp, {"lego.request_id": step.request_id, "lego.node_id": step.node_id, "lego.attempt": step.attempt}
         )
+        refused = await self._refuse(msg, step, received)
+        if refused is not None:
+            return refused
+        return await self._compute(msg, step, received)
+
+    async def _refuse(self, msg: Msg, step: StepRequest, received: float) -> str | None:
+        """Settle, without running it, a step answered already, past its deadline or cancelled;
+        returns that outcome, or None for a step to run."""
         key = (step.request_id, step.node_id, step.attempt)
         if key in self._answered:
             log.info("duplicate delivery of %s/%s attempt %d ignored", *key)
             await msg.ack()
             return "duplicate"
-        delivered = msg.metadata.num_delivered if msg.metadata else 1
         if step.expired(received):
             await self._settle(msg, step, _error(step, self, "deadline_exceeded", "the request's deadline passed"))
             return "deadline_exceeded"
@@ -210,7 +217,10 @@ class StepWorker:
             log.info("dropping step %s/%s: its request was cancelled", step.request_id, step.node_id)
             await self._settle(msg, step, _error(step, self, "cancelled", "the request was cancelled"))
             return "cancelled"
+        return None
 
+    async def _compute(self, msg: Msg, step: StepRequest, received: float) -> str:
+        """Run the handler, keeping the step alive meanwhile; publish its result, then ack."""
         started = time.perf_counter()
         if self._running == 0:
             self._busy_since = started
@@ -220,29 +230,41 @@ class StepWorker:
             self._metrics.batch.observe(1)  # one step per model call (a batching runner reports its own)
         try:
             result = await self.handler(step)
-        except BadStepInput as exc:
-            await self._settle(msg, step, _error(step, self, "bad_step_input", str(exc)))
-            return "bad_step_input"
-        except InputLost as exc:
-            await self._settle(msg, step, _error(step, self, "input_lost", str(exc), lost_inputs=exc.names))
-            return "input_lost"
-        except StepCancelled as exc:
-            await self._settle(msg, step, _error(step, self, "cancelled", str(exc) or "the request was cancelled"))
-            return "cancelled"
         except Exception as exc:
-            if delivered >= self.bus.settings.max_deliver:
-                log.exception("step %s/%s (attempt %d) failed on its last delivery", *key)
-                await self._settle(msg, step, _error(step, self, "step_failed", f"{type(exc).__name__}: {exc}"))
-            else:
-                log.warning("step %s/%s failed (delivery %d): %s; will retry", *key[:2], delivered, exc)
-                await msg.nak(delay=NAK_DELAY_S)
-            return "step_failed" if delivered >= self.bus.settings.max_deliver else "retry"
+            return await self._settle_failure(msg, step, exc)
         finally:
             keepalive.cancel()
             self._running -= 1
         result.queue_wait_s = max(0.0, received - _published_at(msg, received))
         await self._settle(msg, step, result)
         self.steps_done += 1
+        self._time_step(result, started)
+        return "ok" if result.ok else "error"
+
+    async def _settle_failure(self, msg: Msg, step: StepRequest, exc: Exception) -> str:
+        """A handler that raised: bad input, lost inputs and cancels end the step at once with
+        their error; another fault is retried (nak) until its last delivery answers an error."""
+        if isinstance(exc, BadStepInput):
+            await self._settle(msg, step, _error(step, self, "bad_step_input", str(exc)))
+            return "bad_step_input"
+        if isinstance(exc, InputLost):
+            await self._settle(msg, step, _error(step, self, "input_lost", str(exc), lost_inputs=exc.names))
+            return "input_lost"
+        if isinstance(exc, StepCancelled):
+            await self._settle(msg, step, _error(step, self, "cancelled", str(exc) or "the request was cancelled"))
+            return "cancelled"
+        key = (step.request_id, step.node_id, step.attempt)
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        if delivered >= self.bus.settings.max_deliver:
+            log.exception("step %s/%s (attempt %d) failed on its last delivery", *key)
+            await self._settle(msg, step, _error(step, self, "step_failed", f"{type(exc).__name__}: {exc}"))
+            return "step_failed"
+        log.warning("step %s/%s failed (delivery %d): %s; will retry", *key[:2], delivered, exc)
+        await msg.nak(delay=NAK_DELAY_S)
+        return "retry"
+
+    def _time_step(self, result: StepResult, started: float) -> None:
+        """What one step cost, for `seconds_per_item` (the autoscaler reads it)."""
         if self.concurrency == 1:
             # Compute time (the replica's compute thread busy on this step), else the whole handling.
             self._measured(result.compute_s or (time.perf_counter() - started))
@@ -252,7 +274,6 @@ class StepWorker:
             now = time.perf_counter()
             self._measured(now - max(self._busy_since, self._last_done))
             self._last_done = now
-        return "ok" if result.ok else "error"
 
     def _measured(self, seconds: float, weight: float = 0.3) -> None:
         """Fold one step's time into `seconds_per_item` (exponential moving average)."""

@@ -119,6 +119,30 @@ class UnitSignal:
 
 
 @dataclass(frozen=True)
+class ConsumerLoad:
+    """One (kind, model) consumer of a unit as observed: steps queued or in hand, arrivals per
+    second, seconds a step takes."""
+
+    backlog: int
+    arrival_rate: float
+    step_s: float
+
+
+def unit_signal(unit: str, current: int, consumers: list[ConsumerLoad], **facts: object) -> UnitSignal:
+    """A unit's signal, its consumers added up as the module docstring says (work = backlog x
+    step time, load = arrivals x step time); `facts` are the rest of `UnitSignal`'s fields."""
+    return UnitSignal(
+        unit=unit,
+        current=current,
+        backlog=sum(c.backlog for c in consumers),
+        work_s=sum(c.backlog * c.step_s for c in consumers),
+        load=sum(c.arrival_rate * c.step_s for c in consumers),
+        arrival_rate=sum(c.arrival_rate for c in consumers),
+        **facts,  # type: ignore[arg-type]
+    )
+
+
+@dataclass(frozen=True)
 class Decision:
     unit: str
     current: int
@@ -160,6 +184,17 @@ class _Below:
     peak: int
 
 
+@dataclass
+class _Wants:
+    """Per unit, what `decide` worked out before the memory budget: the clamped desire, what
+    the cooldown holds on to, the unrounded desire (how pressed a unit is), and the reason."""
+
+    wants: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+    raw: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
 class ScalePolicy:
     """Decides every unit's target each tick; remembers only the cooldown state."""
 
@@ -168,25 +203,26 @@ class ScalePolicy:
         self._below: dict[str, _Below] = {}
 
     def decide(self, signals: list[UnitSignal], now: float) -> list[Decision]:
-        wants: dict[str, int] = {}
-        held: dict[str, int] = {}
-        reasons: dict[str, str] = {}
-        raw: dict[str, float] = {}
+        asked = _Wants()
         solo_s = solo_latency(signals, self.config)
         for s in signals:
             limits = self.config.limits_of(s.unit)
-            wanted, raw[s.unit], why = desired_replicas(s, self.config, solo_s)
+            wanted, asked.raw[s.unit], why = desired_replicas(s, self.config, solo_s)
             want = min(max(wanted, limits.min_replicas), limits.max_replicas)
             if want != wanted:
                 why += f"; clamped to [{limits.min_replicas}, {limits.max_replicas}] -> {want}"
-            wants[s.unit] = want
+            asked.wants[s.unit] = want
             keep, note = self._cooldown(s.unit, s.current, want, now)
-            held[s.unit] = min(keep, limits.max_replicas)  # a lowered max applies at once
-            reasons[s.unit] = why + note
-        targets = self._fit_memory(signals, wants, held, raw, reasons)
+            asked.held[s.unit] = min(keep, limits.max_replicas)  # a lowered max applies at once
+            asked.reasons[s.unit] = why + note
+        targets = self._fit_memory(signals, asked)
         return [
             Decision(
-                unit=s.unit, current=s.current, desired=wants[s.unit], target=targets[s.unit], reason=reasons[s.unit]
+                unit=s.unit,
+                current=s.current,
+                desired=asked.wants[s.unit],
+                target=targets[s.unit],
+                reason=asked.reasons[s.unit],
             )
             for s in signals
         ]
@@ -207,71 +243,72 @@ class ScalePolicy:
             return below.peak, f"; below {current} for {waited:.0f}s (cooldown {self.config.cooldown_s:g}s)"
         return current, f"; cooldown: keeps {current} for {self.config.cooldown_s - waited:.0f}s more"
 
-    def _fit_memory(
-        self,
-        signals: list[UnitSignal],
-        wants: dict[str, int],
-        held: dict[str, int],
-        raw: dict[str, float],
-        reasons: dict[str, str],
-    ) -> dict[str, int]:
+    def _fit_memory(self, signals: list[UnitSignal], asked: _Wants) -> dict[str, int]:
         budget = self.config.memory_budget_bytes
         if budget <= 0:
-            return dict(held)
+            return dict(asked.held)
         targets: dict[str, int] = {}
         for device in sorted({s.device for s in signals}):
             group = [s for s in signals if s.device == device]
-            targets.update(self._fit_device(group, wants, held, raw, reasons, budget))
+            targets.update(self._fit_device(group, asked, budget))
         return targets
 
-    def _fit_device(
-        self,
-        group: list[UnitSignal],
-        wants: dict[str, int],
-        held: dict[str, int],
-        raw: dict[str, float],
-        reasons: dict[str, str],
-        budget: int,
-    ) -> dict[str, int]:
-        alloc = {s.unit: 0 for s in group}
-        mem = {s.unit: s.memory_bytes for s in group}
-        used = 0
-        denied: set[str] = set()
-
-        def grant(unit: str, upto: int) -> None:
-            nonlocal used
-            while alloc[unit] < upto:
-                if used + mem[unit] > budget and mem[unit] > 0:
-                    if alloc[unit] < held[unit]:
-                        denied.add(unit)
-                    return
-                alloc[unit] += 1
-                used += mem[unit]
-
-        by_pressure = sorted(group, key=lambda s: -raw[s.unit] / max(s.current, 1))
+    def _fit_device(self, group: list[UnitSignal], asked: _Wants, budget: int) -> dict[str, int]:
+        """Replicas of one device's units within its budget, in the order the module docstring gives."""
+        fit = _DeviceMemory(group, asked.held, budget)
+        by_pressure = sorted(group, key=lambda s: -asked.raw[s.unit] / max(s.current, 1))
         for s in by_pressure:  # every unit's minimum (never refused: it is the operator's floor)
-            floor = self.config.limits_of(s.unit).min_replicas
-            alloc[s.unit] = floor
-            used += floor * mem[s.unit]
+            fit.floor(s.unit, self.config.limits_of(s.unit).min_replicas)
         for s in by_pressure:  # a first replica for every unit with work
-            if wants[s.unit] >= 1:
-                grant(s.unit, 1)
+            if asked.wants[s.unit] >= 1:
+                fit.grant(s.unit, 1)
         for s in by_pressure:  # what runs and is still wanted
-            grant(s.unit, min(s.current, wants[s.unit]))
-        growing = [s.unit for s in group if wants[s.unit] > alloc[s.unit]]
+            fit.grant(s.unit, min(s.current, asked.wants[s.unit]))
+        growing = [s.unit for s in group if asked.wants[s.unit] > fit.alloc[s.unit]]
         while growing:  # scale-ups, one replica at a time, most loaded per replica first
-            unit = max(growing, key=lambda u: raw[u] / max(alloc[u], 1))
-            before = alloc[unit]
-            grant(unit, before + 1)
-            if alloc[unit] == before or alloc[unit] >= wants[unit]:
+            unit = max(growing, key=lambda u: asked.raw[u] / max(fit.alloc[u], 1))
+            before = fit.alloc[unit]
+            fit.grant(unit, before + 1)
+            if fit.alloc[unit] == before or fit.alloc[unit] >= asked.wants[unit]:
                 growing.remove(unit)
         for s in by_pressure:  # kept only by the cooldown, if room is left
-            grant(s.unit, held[s.unit])
+            fit.grant(s.unit, asked.held[s.unit])
+        fit.explain(group, asked.reasons)
+        return fit.alloc
+
+
+class _DeviceMemory:
+    """One device's memory budget, given out a replica at a time; remembers the units refused
+    a replica they run or hold, to say so in their reason."""
+
+    def __init__(self, group: list[UnitSignal], held: dict[str, int], budget: int) -> None:
+        self.alloc = {s.unit: 0 for s in group}
+        self.mem = {s.unit: s.memory_bytes for s in group}
+        self.held = held
+        self.budget = budget
+        self.used = 0
+        self.denied: set[str] = set()
+
+    def floor(self, unit: str, replicas: int) -> None:
+        """The operator's minimum, counted against the budget but never refused."""
+        self.alloc[unit] = replicas
+        self.used += replicas * self.mem[unit]
+
+    def grant(self, unit: str, upto: int) -> None:
+        """Replicas up to `upto` while they fit (a replica of unknown memory always fits)."""
+        while self.alloc[unit] < upto:
+            if self.used + self.mem[unit] > self.budget and self.mem[unit] > 0:
+                if self.alloc[unit] < self.held[unit]:
+                    self.denied.add(unit)
+                return
+            self.alloc[unit] += 1
+            self.used += self.mem[unit]
+
+    def explain(self, group: list[UnitSignal], reasons: dict[str, str]) -> None:
         gib = 2**30
         for s in group:
-            if s.unit in denied and alloc[s.unit] < held[s.unit]:
+            if s.unit in self.denied and self.alloc[s.unit] < self.held[s.unit]:
                 reasons[s.unit] += (
-                    f"; memory budget ({used / gib:.2f} of {budget / gib:.2f} GiB on {s.device},"
-                    f" {mem[s.unit] / gib:.2f} GiB a replica) -> {alloc[s.unit]}"
+                    f"; memory budget ({self.used / gib:.2f} of {self.budget / gib:.2f} GiB on {s.device},"
+                    f" {self.mem[s.unit] / gib:.2f} GiB a replica) -> {self.alloc[s.unit]}"
                 )
-        return alloc

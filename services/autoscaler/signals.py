@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.autoscaler.policy import UnitSignal
+from services.autoscaler.policy import ConsumerLoad, UnitSignal, unit_signal
 from shared.bus import Bus, ConsumerCounters
 from shared.messages import ReplicaInfo
 from shared.presence import live_replicas
@@ -96,14 +96,14 @@ class Observer:
         replicas: list[ReplicaInfo],
     ) -> Observation:
         mine = [c for c in counters if c.model_id in models]
-        backlog = work = load = arrivals = 0.0
-        for c in mine:
-            seconds = self._service.get((c.kind, c.model_id)) or self.default_service_s
-            rate = rates.get((c.kind, c.model_id), 0.0)
-            backlog += c.backlog
-            work += c.backlog * seconds
-            load += rate * seconds
-            arrivals += rate
+        loads = [
+            ConsumerLoad(
+                backlog=c.backlog,
+                arrival_rate=rates.get((c.kind, c.model_id), 0.0),
+                step_s=self._service.get((c.kind, c.model_id)) or self.default_service_s,
+            )
+            for c in mine
+        ]
         served = [r for r in replicas if r.model_id in models]
         by_process: dict[str, list[ReplicaInfo]] = {}
         for r in served:
@@ -113,13 +113,10 @@ class Observer:
             self._device[name] = next(iter(by_process.values()))[0].device
         known = [self._service[(c.kind, c.model_id)] for c in mine if self._service.get((c.kind, c.model_id))]
         service_s = max(known, default=0.0)  # measured only: 0 tells the policy nothing is known yet
-        signal = UnitSignal(
-            unit=name,
-            current=current,
-            backlog=int(backlog),
-            work_s=work,
-            load=load,
-            arrival_rate=arrivals,
+        signal = unit_signal(
+            name,
+            current,
+            loads,
             service_s=service_s,
             memory_bytes=self.memory_per_replica.get(name, self._memory.get(name, 0)),
             device=self._device.get(name, "cpu"),

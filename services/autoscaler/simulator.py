@@ -25,7 +25,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.autoscaler.policy import PolicyConfig, ScalePolicy, UnitSignal
+from services.autoscaler.policy import ConsumerLoad, PolicyConfig, ScalePolicy, UnitSignal, unit_signal
 
 
 @dataclass(frozen=True)
@@ -214,30 +214,27 @@ class Simulation:
 
     # -- scaling ----------------------------------------------------------------------------
     def _signal(self, unit: str) -> UnitSignal:
-        backlog, work, load, rate = 0, 0.0, 0.0, 0.0
-        for model in self.units[unit]:
-            times = self._arrived_steps[model]
-            while times and times[0] < self._now - self.window_s:
-                times.popleft()
-            step_s = self.models[model].step_s
-            in_hand = sum(1 for r in self._replicas if r.job is not None and r.job[1] == model)
-            queued = len(self._queues[model]) + in_hand
-            backlog += queued
-            work += queued * step_s
-            model_rate = len(times) / self.window_s
-            rate += model_rate
-            load += model_rate * step_s
         mine = [r for r in self._replicas if r.unit == unit and not r.retiring]
-        return UnitSignal(
-            unit=unit,
-            current=len(mine),
-            backlog=backlog,
-            work_s=work,
-            load=load,
-            arrival_rate=rate,
+        return unit_signal(
+            unit,
+            len(mine),
+            [self._load(model) for model in self.units[unit]],
             service_s=max(self.models[m].step_s for m in self.units[unit]),
             memory_bytes=sum(self.models[m].memory_bytes for m in self.units[unit]),
             device="cluster",
+        )
+
+    def _load(self, model: str) -> ConsumerLoad:
+        """A model's queue as the autoscaler would observe it: steps queued or in hand, and the
+        arrivals of the last `window_s` seconds."""
+        times = self._arrived_steps[model]
+        while times and times[0] < self._now - self.window_s:
+            times.popleft()
+        in_hand = sum(1 for r in self._replicas if r.job is not None and r.job[1] == model)
+        return ConsumerLoad(
+            backlog=len(self._queues[model]) + in_hand,
+            arrival_rate=len(times) / self.window_s,
+            step_s=self.models[model].step_s,
         )
 
     def _tick(self) -> None:

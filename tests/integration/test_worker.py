@@ -201,7 +201,7 @@ async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
     import torch
 
     from services.gateway.orchestrator import Orchestrator
-    from shared.service import ModelStepHandler
+    from shared.step_handler import ModelStepHandler
     from shared.tensor_plane import TensorPlane
     from shared.workflows.spec import NodeSpec, WorkflowSpec
 

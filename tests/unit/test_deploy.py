@@ -35,7 +35,7 @@ from services.denoiser.runner import DenoiserRunner
 from services.encoder.runner import EncoderRunner
 from services.vae.runner import VaeRunner
 from shared import subjects
-from shared.service import parse_args
+from shared.service_cli import parse_args
 from shared.settings import Settings
 from shared.zoo.registry import models_of_service
 

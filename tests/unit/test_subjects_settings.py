@@ -26,3 +26,15 @@ def test_settings_from_env_and_overrides(monkeypatch):
     monkeypatch.setenv("LEGO_MAX_DELIVER", "many")
     with pytest.raises(ValueError, match="LEGO_MAX_DELIVER"):
         Settings.from_env()
+
+
+def test_settings_from_flags_takes_the_flags_named_after_a_setting(monkeypatch):
+    """A flag given wins over the environment; one left out (None) does not; flags that are no
+    setting (--models, --actuator) are left to their command."""
+    import argparse
+
+    monkeypatch.setenv("LEGO_DEVICE", "cuda:1")
+    monkeypatch.setenv("LEGO_LOG_LEVEL", "DEBUG")
+    flags = argparse.Namespace(nats_url="nats://flag:1", device=None, models="a,b", autoscale_cooldown_s=2.0)
+    s = Settings.from_flags(flags)
+    assert (s.nats_url, s.device, s.log_level, s.autoscale_cooldown_s) == ("nats://flag:1", "cuda:1", "DEBUG", 2.0)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import Field
-
-from shared.messages import StepKind, StepParamsModel, StepRequest, register_params
+from shared.messages import DenoiseParams, StepKind, StepRequest, register_params
 
 PIPELINE = "pipeline"
 NODE_ID = "pipeline"  # a whole-workflow request has this one node
@@ -23,18 +21,13 @@ if PIPELINE in set(StepKind):  # a mesh kind of this name would share its subjec
     raise RuntimeError(f"the baseline's step kind {PIPELINE!r} is also a mesh StepKind")
 
 
-class PipelineParams(StepParamsModel):
-    """A whole request, as the pipeline's `__call__` takes it (the control image travels as a
-    tensor input, its scale here)."""
+class PipelineParams(DenoiseParams):
+    """A whole request, as the pipeline's `__call__` takes it: its denoising, its texts, and the
+    control image's scale (the image travels as a tensor input). The workflow's own LoRAs are
+    loaded with its pipeline, so `loras` and `controlnet` stay unset."""
 
     prompt: str
     negative_prompt: str = ""
-    height: int = Field(ge=8)
-    width: int = Field(ge=8)
-    num_inference_steps: int = Field(ge=1)
-    guidance_scale: float
-    seed: int = Field(ge=0)
-    n: int = Field(1, ge=1)
     conditioning_scale: float = 1.0
 
 

@@ -10,6 +10,7 @@ import logging
 
 from services.autoscaler.actuators import ACTUATORS, Actuator
 from services.autoscaler.controller import Autoscaler, policy_config
+from services.autoscaler.signals import Observer
 from shared.bus import Bus
 from shared.lifecycle import run_until_stopped, stop_on_signals
 from shared.logs import setup_logging
@@ -76,13 +77,9 @@ async def serve(settings: Settings, actuator: Actuator) -> None:
     bus = Bus(settings, name="autoscaler")
     await bus.connect()
     try:
-        autoscaler = Autoscaler(
-            bus,
-            actuator,
-            policy_config(settings),
-            interval_s=settings.autoscale_interval_s,
-            window_s=settings.autoscale_window_s,
-        )
+        config = policy_config(settings)
+        observer = Observer.for_policy(bus, config, settings.autoscale_window_s)
+        autoscaler = Autoscaler(observer, actuator, config, interval_s=settings.autoscale_interval_s)
         await autoscaler.run(stop)
     finally:
         await bus.close()

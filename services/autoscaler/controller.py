@@ -68,19 +68,12 @@ class Autoscaler:
     """Owns the policy state; runs on one event loop; calls the actuator from a worker thread
     (the Kubernetes and Docker clients block)."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        actuator: Actuator,
-        config: PolicyConfig,
-        interval_s: float = 1.0,
-        window_s: float = 10.0,
-        memory_per_replica: dict[str, int] | None = None,
-    ) -> None:
-        self.bus = bus
+    def __init__(self, observer: Observer, actuator: Actuator, config: PolicyConfig, interval_s: float = 1.0) -> None:
+        """`observer` reads the bus the policy decides from (`Observer.for_policy` builds one)."""
+        self.bus = observer.bus
         self.actuator = actuator
         self.policy = ScalePolicy(config)
-        self.observer = Observer(bus, window_s, config.default_service_s, memory_per_replica)
+        self.observer = observer
         self.interval_s = interval_s
         self.decisions: deque[ScalingDecision] = deque(maxlen=KEEP_DECISIONS)
 
@@ -202,14 +195,9 @@ class AutoscalerThread:
         bus = Bus(self.settings, name="autoscaler")
         await bus.connect()
         s = self.settings
-        autoscaler = Autoscaler(
-            bus,
-            self.actuator,
-            policy_config(s, **self.policy_overrides),
-            interval_s=s.autoscale_interval_s,
-            window_s=s.autoscale_window_s,
-            memory_per_replica=self.memory_per_replica,
-        )
+        config = policy_config(s, **self.policy_overrides)
+        observer = Observer.for_policy(bus, config, s.autoscale_window_s, self.memory_per_replica)
+        autoscaler = Autoscaler(observer, self.actuator, config, interval_s=s.autoscale_interval_s)
         self._ready.set()
         try:
             await autoscaler.run(self._stop)

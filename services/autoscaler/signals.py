@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.autoscaler.policy import ConsumerLoad, UnitSignal, unit_signal
+from services.autoscaler.policy import ConsumerLoad, PolicyConfig, UnitSignal, unit_signal
 from shared.bus import Bus, ConsumerCounters
 from shared.messages import ReplicaInfo
 from shared.presence import live_replicas
@@ -66,6 +66,13 @@ class Observer:
         self._service: dict[Consumer, float] = {}
         self._memory: dict[str, int] = {}
         self._device: dict[str, str] = {}
+
+    @classmethod
+    def for_policy(
+        cls, bus: Bus, config: PolicyConfig, window_s: float, memory_per_replica: dict[str, int] | None = None
+    ) -> Observer:
+        """An observer whose step time before any measurement is the policy's default."""
+        return cls(bus, window_s, config.default_service_s, memory_per_replica)
 
     async def observe(
         self, units: dict[str, tuple[str, ...]], current: dict[str, int], now: float

@@ -13,6 +13,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
+from shared.messages import VaeEncodeParams
 from shared.zoo import VaeBundle
 from shared.zoo.families import family as family_descriptor
 
@@ -46,34 +47,28 @@ def decode(bundle: VaeBundle, latents: torch.Tensor) -> torch.Tensor:
 def encode_control_image(
     bundle: VaeBundle,
     pixels: torch.Tensor,
-    *,
-    family: str,
-    height: int,
-    width: int,
-    seed: int,
-    num_images: int = 1,
-    guidance_scale: float = 1.0,
+    params: VaeEncodeParams,
 ) -> torch.Tensor:
     """A control image (uint8 (H, W, 3)) to the ControlNet's `controlnet_cond`, as the pipeline makes it.
 
     As `StableDiffusion3ControlNetPipeline` / `FluxControlNetPipeline` step 3: the image (as
     PIL) is resized to height x width and normalised by `image_processor.preprocess`, repeated
-    `num_images` times (and, for sd3/sd35-large with guidance_scale > 1, doubled for
+    `params.n` times (and, for sd3/sd35-large with guidance_scale > 1, doubled for
     classifier-free guidance), encoded, sampled from the latent distribution, then
     `(sample - shift) * scaling_factor` (shift 0 for sd3's InstantX-style ControlNets, see
     `FamilyDescriptor.control_latents_shifted`); Flux's are then packed 2x2.
     Returns sd3/sd35-large (n or 2n, 16, H/8, W/8); flux (n, H/16 * W/16, 64).
 
-    The sample is drawn from `torch.Generator("cpu").manual_seed(seed)`:
+    The sample is drawn from `torch.Generator("cpu").manual_seed(params.seed)`:
     * flux: the pipeline samples with the request's generator, which then also draws the
       initial noise; the denoiser, knowing this, advances its generator past the same draw.
     * sd3/sd35-large: the pipeline calls `latent_dist.sample()` WITHOUT a generator, i.e. from
       torch's global RNG. The mesh seeds it from the request seed; a reference run matches
       when `torch.manual_seed(seed)` is called just before the pipeline call.
     """
-    desc = family_descriptor(family)
+    desc = family_descriptor(params.family)
     if desc.control_latents_shifted is None:
-        raise ValueError(f"family {family!r} has no ControlNet, so no control latents")
+        raise ValueError(f"family {params.family!r} has no ControlNet, so no control latents")
     if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != torch.uint8:
         raise ValueError(f"a control image must be uint8 (H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
     from PIL import Image
@@ -83,12 +78,12 @@ def encode_control_image(
     packed = desc.packs_latents
     # FluxControlNetPipeline's image processor rounds sizes to 16 (8 x the 2x2 packing); SD3's to 8.
     processor = VaeImageProcessor(vae_scale_factor=_scale_factor(bundle) * (2 if packed else 1))
-    image = processor.preprocess(Image.fromarray(pixels.cpu().numpy()), height=height, width=width)
-    image = image.repeat_interleave(num_images, dim=0).to(device=device, dtype=vae.dtype)
-    if desc.cfg and guidance_scale > 1:
+    image = processor.preprocess(Image.fromarray(pixels.cpu().numpy()), height=params.height, width=params.width)
+    image = image.repeat_interleave(params.n, dim=0).to(device=device, dtype=vae.dtype)
+    if desc.cfg and params.guidance_scale > 1:
         image = torch.cat([image] * 2)
     shift = vae.config.shift_factor if desc.control_latents_shifted else 0
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = torch.Generator("cpu").manual_seed(params.seed)
     with torch.inference_mode():
         latents = vae.encode(image).latent_dist.sample(generator)
         latents = (latents - shift) * vae.config.scaling_factor

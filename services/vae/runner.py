@@ -61,16 +61,7 @@ class VaeRunner(CoalescingRunner[Any, Any]):  # latents in, uint8 images out (to
         if tuple(pixels.shape[:2]) != (p.height, p.width):
             raise BadStepInput(f"vae_encode: the control image is {tuple(pixels.shape[:2])}, not {p.height}x{p.width}")
         try:
-            return encode_control_image(
-                self.bundle,
-                pixels,
-                family=p.family,
-                height=p.height,
-                width=p.width,
-                seed=p.seed,
-                num_images=p.n,
-                guidance_scale=p.guidance_scale,
-            )
+            return encode_control_image(self.bundle, pixels, p)
         except ValueError as exc:
             raise BadStepInput(str(exc)) from exc
 

@@ -9,14 +9,11 @@ admission, so a size the family cannot take is a 422 there, never a failed step 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from shared.messages import (
-    ControlNetChoice,
     DenoiseParams,
     EncodeParams,
-    LoraChoice,
     StepKind,
     StepParams,
     VaeDecodeParams,
@@ -26,20 +23,13 @@ from shared.workflows.spec import NodeSpec, WorkflowSpec
 from shared.zoo.families import EncoderUse, FamilyDescriptor, family
 
 
-@dataclass(frozen=True)
-class RequestParams:
-    """What one request asks for, already checked against its API's bounds."""
+class RequestParams(DenoiseParams):
+    """What one request asks for: its denoising, and the texts to encode for it. `controlnet`
+    and `loras` are the request's choices; a node receives them only where its workflow
+    takes them."""
 
     prompt: str
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int
-    n: int = 1
     negative_prompt: str = ""
-    controlnet: ControlNetChoice | None = None
-    loras: list[LoraChoice] = field(default_factory=list)
 
 
 def _encoder_use(desc: FamilyDescriptor, model_id: str) -> EncoderUse:

@@ -10,6 +10,7 @@ import time
 
 from services.autoscaler.controller import Autoscaler
 from services.autoscaler.policy import Limits, PolicyConfig, Slo
+from services.autoscaler.signals import Observer
 from shared.bus import Bus
 from shared.messages import ReplicaInfo, StepKind, StepRequest
 from shared.presence import autoscaler_status, presence_bucket, presence_key
@@ -68,7 +69,7 @@ async def test_backlog_scales_its_unit_only_then_the_cooldown_brings_it_back(nat
 
         actuator = FakeActuator({"encoder": ("clip-l",), "sd3-transformer": ("sd3-transformer",)})
         config = PolicyConfig(slo=Slo(factor=5.0), utilisation=0.7, cooldown_s=1.0, default_limits=Limits(1, 3))
-        autoscaler = Autoscaler(bus, actuator, config, window_s=2.0)
+        autoscaler = Autoscaler(Observer.for_policy(bus, config, window_s=2.0), actuator, config)
         tick = await autoscaler.tick()
         # 12 steps x 1 s to drain in (5 - 1) x 1 s -> 3 replicas; the encoder has nothing queued.
         assert actuator.replicas == {"encoder": 1, "sd3-transformer": 3}

@@ -24,6 +24,7 @@ from services.denoiser.denoise import denoise, denoise_loop, warm_up_inputs
 from services.denoiser.loop import ControlSpec, DenoiseCancelled, DenoiseInputs
 from services.denoiser.lora import LoraCache
 from services.vae.model import encode_control_image
+from shared.messages import VaeEncodeParams
 from shared.settings import Settings
 from shared.zoo import load_controlnet, load_denoiser, load_vae, lora_path
 
@@ -163,7 +164,9 @@ def test_controlnet_requests_batch_together(settings: Settings, sd3) -> None:
     pixels = torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
     def control(seed: int) -> ControlSpec:
-        latents = encode_control_image(vae, pixels, family="sd3", height=64, width=64, seed=seed, guidance_scale=4.0)
+        latents = encode_control_image(
+            vae, pixels, VaeEncodeParams(family="sd3", height=64, width=64, seed=seed, guidance_scale=4.0)
+        )
         return ControlSpec(
             control_latents=latents,
             conditioning_scale=0.8,
@@ -216,7 +219,9 @@ def test_controlnet_waits_of_batched_requests_overlap(settings: Settings, sd3) -
                 waiting -= 1
 
     def control(seed: int) -> ControlSpec:
-        latents = encode_control_image(vae, pixels, family="sd3", height=64, width=64, seed=seed, guidance_scale=4.0)
+        latents = encode_control_image(
+            vae, pixels, VaeEncodeParams(family="sd3", height=64, width=64, seed=seed, guidance_scale=4.0)
+        )
         return ControlSpec(control_latents=latents, conditioning_scale=1.0, residuals=slow_remote)
 
     engine = _engine(sd3)

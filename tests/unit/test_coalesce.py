@@ -27,7 +27,7 @@ from services.encoder.runner import EncoderRunner
 from shared import metrics
 from shared.coalesce import Coalescer, max_batch
 from shared.coalescing_runner import CoalescingRunner
-from shared.messages import StepKind
+from shared.messages import StepKind, VaeEncodeParams
 from shared.settings import Settings
 from shared.zoo import load_text_encoder
 
@@ -273,7 +273,9 @@ def test_adapters_run_queued_controlnet_steps_as_one_call(settings: Settings, fa
         gen = torch.Generator().manual_seed(seed)
         inputs = {k: torch.randn(v.shape, generator=gen) for k, v in warm_up_inputs(denoiser).items()}
         pixels = torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8, generator=gen)
-        latents = encode_control_image(vae, pixels, family=family, height=64, width=64, seed=seed, guidance_scale=4.0)
+        latents = encode_control_image(
+            vae, pixels, VaeEncodeParams(family=family, height=64, width=64, seed=seed, guidance_scale=4.0)
+        )
         control = ControlSpec(control_latents=latents, conditioning_scale=0.7, residuals=capture)
         kw = {"height": 64, "width": 64, "num_inference_steps": 1, "guidance_scale": 4.0, "seed": seed}
         denoise(denoiser, DenoiseInputs(inputs, **kw, control=control))

@@ -32,6 +32,7 @@ from services.denoiser.loop import ControlSpec, DenoiseInputs
 from services.denoiser.lora import LoraCache
 from services.encoder.model import encode
 from services.vae.model import decode, encode_control_image
+from shared.messages import VaeEncodeParams
 from shared.settings import Settings
 from shared.zoo import (
     load_controlnet,
@@ -135,12 +136,7 @@ def mesh_images(
         latents = encode_control_image(
             fam.vae,
             control,
-            family=family,
-            height=height,
-            width=width,
-            seed=seed,
-            num_images=n,
-            guidance_scale=guidance,
+            VaeEncodeParams(family=family, height=height, width=width, seed=seed, n=n, guidance_scale=guidance),
         )
         cn = fam.controlnet
         spec = ControlSpec(latents, conditioning_scale, lambda c, v, p: controlnet_residuals(cn, c, v, p))
@@ -268,7 +264,9 @@ def test_flux_encoders_match_pipeline_helpers(lab: Lab) -> None:
 
 def test_control_latents_must_fit_the_request(lab: Lab) -> None:
     fam = lab.family("sd3")
-    latents = encode_control_image(fam.vae, CN, family="sd3", height=64, width=64, seed=0, guidance_scale=1.0)
+    latents = encode_control_image(
+        fam.vae, CN, VaeEncodeParams(family="sd3", height=64, width=64, seed=0, guidance_scale=1.0)
+    )
     spec = ControlSpec(latents, 1.0, lambda c, v, p: controlnet_residuals(fam.controlnet, c, v, p))
     with pytest.raises(ValueError, match="control_latents"):  # encoded without CFG, denoised with
         denoise(
@@ -284,7 +282,7 @@ def test_control_latents_must_fit_the_request(lab: Lab) -> None:
             ),
         )
     with pytest.raises(ValueError, match="uint8"):
-        encode_control_image(fam.vae, CN.float(), family="sd3", height=64, width=64, seed=0)
+        encode_control_image(fam.vae, CN.float(), VaeEncodeParams(family="sd3", height=64, width=64, seed=0))
 
 
 def test_residuals_cross_as_plain_named_tensors(lab: Lab) -> None:
@@ -297,7 +295,7 @@ def test_residuals_cross_as_plain_named_tensors(lab: Lab) -> None:
         seen.append((id(constant), dict(params), {k: tuple(v.shape) for k, v in out.items()}))
         return out
 
-    latents = encode_control_image(fam.vae, CN, family="flux", height=64, width=64, seed=1)
+    latents = encode_control_image(fam.vae, CN, VaeEncodeParams(family="flux", height=64, width=64, seed=1))
     denoise(
         fam.denoiser,
         DenoiseInputs(

@@ -198,6 +198,17 @@ class StepRequest(BaseModel):
         return (now if now is not None else time.time()) > self.deadline
 
 
+class StepEnvelope(BaseModel):
+    """Who to answer for a step, read even when the rest of it does not parse (params of the
+    wrong type, a kind without a params model): the worker then answers an error instead of
+    leaving the request to wait for its deadline."""
+
+    request_id: str
+    node_id: str
+    reply_to: str
+    attempt: int = 1
+
+
 class StepResult(BaseModel):
     """What a service answers for a step: outputs as TensorRefs, or an error."""
 

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from shared import tracing
 from shared.bus import Bus
-from shared.messages import ErrorInfo, StepKind, StepRequest, StepResult
+from shared.messages import ErrorInfo, StepEnvelope, StepKind, StepRequest, StepResult
 from shared.metrics import StepMetrics
 
 log = logging.getLogger("lego.worker")
@@ -191,8 +191,7 @@ class StepWorker:
         try:
             step = StepRequest.model_validate_json(msg.data)
         except ValidationError as exc:
-            log.error("terminating malformed step on %s: %s", msg.subject, exc.errors()[:1])
-            await msg.term()
+            await self._refuse_malformed(msg, exc)
             return "malformed"
         tracing.annotate(
             sp, {"lego.request_id": step.request_id, "lego.node_id": step.node_id, "lego.attempt": step.attempt}
@@ -201,6 +200,29 @@ class StepWorker:
         if refused is not None:
             return refused
         return await self._compute(msg, step, received)
+
+    async def _refuse_malformed(self, msg: Msg, exc: ValidationError) -> None:
+        """Term a step that does not parse, answering its sender when it says who that is."""
+        first = exc.errors(include_url=False)[:1]
+        log.error("terminating malformed step on %s: %s", msg.subject, first)
+        try:
+            env = StepEnvelope.model_validate_json(msg.data)
+        except ValidationError:
+            await msg.term()  # no one to answer: the sender learns of it at its deadline
+            return
+        where = ".".join(str(p) for p in first[0]["loc"]) if first else "?"
+        reason = f"malformed step: {where}: {first[0]['msg'] if first else exc}"
+        error = ErrorInfo(code="bad_step_input", message=reason)
+        result = StepResult(
+            request_id=env.request_id,
+            node_id=env.node_id,
+            attempt=env.attempt,
+            ok=False,
+            error=error,
+            replica_id=self.replica_id,
+        )
+        await self.bus.publish_result(env.reply_to, result)
+        await msg.term()
 
     async def _refuse(self, msg: Msg, step: StepRequest, received: float) -> str | None:
         """Settle, without running it, a step answered already, past its deadline or cancelled;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from shared.bus import Bus
 from shared.messages import EncodeParams, StepKind, StepRequest, StepResult, VaeDecodeParams
 from shared.settings import Settings
-from shared.subjects import result_subject
+from shared.subjects import result_subject, step_subject
 from shared.worker import BadStepInput, StepWorker
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -97,6 +98,25 @@ async def test_bad_input_is_terminated_with_an_error_result(nats_server):
         assert "prompt must be a string" in result.error.message
         assert await h.drained()
     assert calls == ["n1"], "a terminated step must not be retried"
+
+
+async def test_a_step_whose_params_do_not_parse_is_answered_not_left_to_its_deadline(nats_server):
+    """Params of the wrong type (a prompt that is a number): the worker cannot build the step,
+    yet it can read whom to answer, so the sender gets a bad_step_input error naming the field."""
+    calls = []
+
+    async def handler(step):
+        calls.append(step)
+        return _ok(step)
+
+    async with Harness(nats_server, handler) as h:
+        body = json.loads(_step(node="bad").model_dump_json())
+        body["params"]["prompt"] = 42
+        await h.bus.js.publish(step_subject(StepKind.ENCODE, "m1"), json.dumps(body).encode())
+        (result,) = await h.wait_results(1)
+        assert not result.ok and result.error.code == "bad_step_input"
+        assert "prompt" in result.error.message and "string" in result.error.message, result.error.message
+        assert calls == [] and await h.drained()
 
 
 async def test_transient_fault_is_retried_and_answered_once(nats_server):

@@ -210,7 +210,7 @@ def test_a_runner_loader_builds_the_runner_from_settings() -> None:
 )
 def test_each_service_reads_its_own_max_batch(settings: Settings, service: str, model_id: str, variable: str) -> None:
     spec = importlib.import_module(f"services.{service}.runner").SPEC
-    env = {**settings.to_env(), "LEGO_DEVICE": "cpu"}
+    env = {"LEGO_MODEL_CACHE_DIR": settings.model_cache_dir, "LEGO_DTYPE": settings.dtype, "LEGO_DEVICE": "cpu"}
     alone = spec.load(model_id, Settings.from_env({**env, variable: "0"}))  # the CPU's default: no batching
     batched = spec.load(model_id, Settings.from_env({**env, variable: "3"}))
     try:

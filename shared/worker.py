@@ -212,16 +212,7 @@ class StepWorker:
             return
         where = ".".join(str(p) for p in first[0]["loc"]) if first else "?"
         reason = f"malformed step: {where}: {first[0]['msg'] if first else exc}"
-        error = ErrorInfo(code="bad_step_input", message=reason)
-        result = StepResult(
-            request_id=env.request_id,
-            node_id=env.node_id,
-            attempt=env.attempt,
-            ok=False,
-            error=error,
-            replica_id=self.replica_id,
-        )
-        await self.bus.publish_result(env.reply_to, result)
+        await self.bus.publish_result(env.reply_to, _error(env, self, "bad_step_input", reason))
         await msg.term()
 
     async def _refuse(self, msg: Msg, step: StepRequest, received: float) -> str | None:
@@ -339,7 +330,7 @@ class StepWorker:
 
 
 def _error(
-    step: StepRequest, worker: StepWorker, code: str, message: str, lost_inputs: list[str] | None = None
+    step: StepRequest | StepEnvelope, worker: StepWorker, code: str, message: str, lost_inputs: list[str] | None = None
 ) -> StepResult:
     # Lost inputs and exhausted faults may succeed if the whole request is tried again.
     retryable = code in ("input_lost", "step_failed")

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shared.zoo.families import FAMILIES, resolve_class
 from shared.zoo.registry import LORAS, family_of
 from shared.zoo.tiny import SEEDS as SD3_SEEDS
 from shared.zoo.tiny import build_once, build_sd3_transformer, seeded
@@ -63,9 +64,7 @@ def build_lora_state_dict(name: str) -> dict[str, Any]:
 
 
 def save_lora(name: str, directory: Path) -> None:
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    pipeline_cls = FluxPipeline if family_of(LORAS[name].base) == "flux" else StableDiffusion3Pipeline
+    pipeline_cls = resolve_class(FAMILIES[family_of(LORAS[name].base)].pipeline)  # its family's LoRA format
     pipeline_cls.save_lora_weights(directory, transformer_lora_layers=build_lora_state_dict(name))
 
 

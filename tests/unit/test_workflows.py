@@ -63,6 +63,11 @@ def test_wire_inputs_takes_refs_from_finished_nodes():
         wire_inputs(node, {"a": {}})
 
 
+A_CAT_NOT_BLURRY = RequestParams(
+    prompt="a cat", negative_prompt="blurry", height=64, width=64, num_inference_steps=2, guidance_scale=5.0, seed=1
+)
+
+
 def test_the_catalogue_is_twelve_transformer_workflows_and_the_unet_ones_alone():
     """sd3, sd35-large and flux each get their ControlNet/LoRA variants; sd15 and sdxl (no
     ControlNet, no LoRAs in the zoo) only their text-to-image workflows."""
@@ -74,18 +79,7 @@ def test_the_catalogue_is_twelve_transformer_workflows_and_the_unet_ones_alone()
     assert sd15.family == "sd15" and not sd15.controlnets and not sd15.loras
     assert [m for _, m in sd15.models()] == ["sd15-clip", "sd15-unet", "sd15-vae"]
     assert topological_order(sd15) == ["clip", "denoise", "decode"]
-    clip = step_params(
-        sd15,
-        RequestParams(
-            prompt="a cat",
-            height=64,
-            width=64,
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            seed=1,
-            negative_prompt="blurry",
-        ),
-    )["clip"]
+    clip = step_params(sd15, A_CAT_NOT_BLURRY)["clip"]
     assert clip.outputs == ["last"] and clip.negative and clip.negative_prompt == "blurry"
 
 
@@ -95,18 +89,7 @@ def test_sdxl_reads_the_shared_clips_and_tells_the_unet_the_negative_prompt():
     sdxl = get_workflow("sdxl")
     assert sdxl.family == "sdxl" and not sdxl.controlnets and not sdxl.loras
     assert [m for _, m in sdxl.models()] == ["clip-l", "clip-g", "sdxl-unet", "sdxl-vae"]
-    params = step_params(
-        sdxl,
-        RequestParams(
-            prompt="a cat",
-            height=64,
-            width=64,
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            seed=1,
-            negative_prompt="blurry",
-        ),
-    )
+    params = step_params(sdxl, A_CAT_NOT_BLURRY)
     assert params["clip_l"].outputs == ["embeds"]
     assert params["clip_g"].outputs == ["embeds", "pooled"]
     assert params["denoise"].negative_prompt == "blurry"

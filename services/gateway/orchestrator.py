@@ -122,7 +122,10 @@ class Orchestrator:
             except (KeyError, TensorUnavailable) as exc:
                 # The replica that decoded the images died before we pulled them: decode again.
                 if not self._replan(state, {out_node}):
-                    raise RequestFailed(ErrorInfo(code="output_unavailable", message=str(exc), retryable=True)) from exc
+                    error = ErrorInfo(code="output_unavailable", message=str(exc), retryable=True)
+                    state.move_to(RunStatus.RUNNING)  # reopened only to record that its images are gone
+                    self._fail(state, error)
+                    raise RequestFailed(error) from exc
                 await self._advance(state)
 
     async def _close(self, state: RequestState) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -214,10 +217,12 @@ async def test_gateway_fails_a_request_whose_replicas_all_died(nats_server):
         await plane.close()
 
 
-async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
-    """A producer's tensors vanish before the consumer reads them (as when its replica dies):
-    the consumer reports input_lost, the gateway re-runs producer and consumer, and the request
-    completes with the right output."""
+@contextlib.asynccontextmanager
+async def _two_node_mesh(nats_server: str, loses: dict[str, Callable[[int], bool]]):
+    """A producer (`a`, encode) and a consumer (`b`, vae_decode: the images) as real workers,
+    and a gateway orchestrator; `loses[node](attempt)` says whether that node's replica "dies"
+    with what it holds right after answering that attempt. Yields (orchestrator, spec, params,
+    calls): `calls` lists (node, attempt) as they ran."""
     import torch
 
     from services.gateway.orchestrator import Orchestrator
@@ -229,39 +234,37 @@ async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
     calls: list[tuple[str, int]] = []
 
     class Produce:
-        kinds, model_id = (StepKind.ENCODE,), "producer"
+        kinds, model_id, node = (StepKind.ENCODE,), "producer", "a"
 
         def run(self, step, inputs, ctx):
             calls.append(("a", step.attempt))
             return {"x": torch.arange(50_000, dtype=torch.float32)}  # 200 KB: not inline
 
     class Consume:
-        kinds, model_id = (StepKind.VAE_DECODE,), "consumer"
+        kinds, model_id, node = (StepKind.VAE_DECODE,), "consumer", "b"
 
         def run(self, step, inputs, ctx):
             calls.append(("b", step.attempt))
-            return {"images": (inputs["x"][:12] % 256).to(torch.uint8).reshape(1, 2, 2, 3)}
+            # 150 KB of images (not inline: held by this replica until the gateway pulls them)
+            return {"images": (inputs["x"] % 256).to(torch.uint8).repeat(3)[: 3 * 50_000].reshape(1, 250, 200, 3)}
 
     buses, planes, tasks = [], [], []
     stop = asyncio.Event()
-    compute = __import__("concurrent.futures").futures.ThreadPoolExecutor(1)
+    compute = ThreadPoolExecutor(1)
     for runner in (Produce(), Consume()):
         bus, plane = Bus(settings, runner.model_id), TensorPlane(settings)
         await bus.connect()
         await bus.ensure_streams()
         await plane.start()
         handler = ModelStepHandler(runner, plane, bus, compute, runner.model_id)
-        if runner.model_id == "producer":
 
-            async def lose_first_outputs(step, handler=handler, plane=plane):
-                result = await handler(step)
-                if step.attempt == 1:
-                    plane.release(step.request_id)  # the replica "dies" with what it held
-                return result
+        async def answer_then_maybe_die(step, handler=handler, plane=plane, lose=loses.get(runner.node)):
+            result = await handler(step)
+            if lose is not None and lose(step.attempt):
+                plane.release(step.request_id)  # the replica "dies" with what it held
+            return result
 
-            worker = StepWorker(bus, runner.kinds[0], runner.model_id, lose_first_outputs, "producer")
-        else:
-            worker = StepWorker(bus, runner.kinds[0], runner.model_id, handler, "consumer")
+        worker = StepWorker(bus, runner.kinds[0], runner.model_id, answer_then_maybe_die, runner.model_id)
         tasks.append(asyncio.create_task(worker.run(stop)))
         buses.append(bus)
         planes.append(plane)
@@ -279,16 +282,9 @@ async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
         ],
         output="b.images",
     )
+    params = {"a": EncodeParams(prompt="a cat"), "b": VaeDecodeParams()}
     try:
-        images = await asyncio.wait_for(
-            orchestrator.execute(
-                orchestrator.create("req-replan", spec, {"a": EncodeParams(prompt="a cat"), "b": VaeDecodeParams()})
-            ),
-            60,
-        )
-        assert images.to_numpy().reshape(-1).tolist() == list(range(12))
-        assert calls == [("a", 1), ("a", 2), ("b", 2)]
-        assert orchestrator.get("req-replan").nodes.attempts == {"a": 2, "b": 2}
+        yield orchestrator, spec, params, calls
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -297,6 +293,33 @@ async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
         for plane in [*planes, gw_plane]:
             await plane.close()
         compute.shutdown()
+
+
+async def test_lost_inputs_make_the_gateway_rerun_their_producer(nats_server):
+    """A producer's tensors vanish before the consumer reads them (as when its replica dies):
+    the consumer reports input_lost, the gateway re-runs producer and consumer, and the request
+    completes with the right output."""
+    async with _two_node_mesh(nats_server, {"a": lambda attempt: attempt == 1}) as (orchestrator, spec, params, calls):
+        images = await asyncio.wait_for(orchestrator.execute(orchestrator.create("req-replan", spec, params)), 60)
+        assert images.to_numpy().reshape(-1)[:12].tolist() == list(range(12))
+        assert calls == [("a", 1), ("a", 2), ("b", 2)]
+        assert orchestrator.get("req-replan").nodes.attempts == {"a": 2, "b": 2}
+
+
+async def test_images_lost_on_every_rerun_fail_the_request_not_leave_it_succeeded(nats_server):
+    """The replica holding the images dies each time before the gateway pulls them: the output
+    node re-runs up to the re-plan bound, then the request fails with output_unavailable, and
+    its record (what GET /v1/requests shows, and the metrics count) says failed."""
+    from services.gateway.orchestrator import MAX_REPLANS, RequestFailed
+    from services.gateway.request_state import RunStatus
+
+    async with _two_node_mesh(nats_server, {"b": lambda attempt: True}) as (orchestrator, spec, params, calls):
+        with pytest.raises(RequestFailed) as failed:
+            await asyncio.wait_for(orchestrator.execute(orchestrator.create("req-lost", spec, params)), 60)
+        assert failed.value.error.code == "output_unavailable"
+        state = orchestrator.get("req-lost")
+        assert state.status is RunStatus.FAILED and state.error.code == "output_unavailable"
+        assert [c for c in calls if c[0] == "b"] == [("b", i) for i in range(1, MAX_REPLANS + 2)]
 
 
 async def test_a_batching_worker_keeps_several_steps_in_hand_and_measures_per_step_cost(nats_server):

@@ -17,6 +17,10 @@ def _default_cache_dir() -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "legodiffusion")
 
 
+def _default_state_dir() -> str:
+    return str(Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "legodiffusion")
+
+
 @dataclass
 class Settings:
     """All knobs in one place. Each field reads `LEGO_<FIELD NAME IN CAPITALS>`."""
@@ -72,6 +76,20 @@ class Settings:
     autoscale_interval_s: float = 1.0  # one observe -> decide -> act tick
     autoscale_window_s: float = 10.0  # arrival rates are measured over this window
     autoscale_memory_budget_gb: float = 0.0  # per device, all replicas together; 0: 80% of this host's RAM
+    # Security. Secrets (the admin API key, the NATS passwords) are files with 0600 permissions
+    # under state_dir, generated at first start; never in the repo, never in a log line.
+    state_dir: str = field(default_factory=_default_state_dir)
+    auth: str = "on"  # gateway: on = every route but /healthz, /readyz, /metrics needs an API key; off = --no-auth
+    admin_key_file: str = ""  # gateway: ensure this file's key is an admin key at start (created, 0600, if missing)
+    nats_user: str = ""  # this process's NATS user (its role); empty: connect without credentials
+    nats_password_file: str = ""  # the file holding that user's password
+    nats_tls_ca: str = ""  # CA bundle: connect to NATS over TLS (tls://) and verify the server with it
+    gateway_tls_cert: str = ""  # gateway: serve HTTPS with this certificate chain (PEM) ...
+    gateway_tls_key: str = ""  # ... and this private key
+    # Hostile input (gateway)
+    max_body_bytes: int = 16 * 1024 * 1024  # a larger request body is refused with 413
+    max_image_pixels: int = 1024 * 1024  # a control image that decodes larger is refused before decoding
+    min_timeout_s: float = 1.0  # a timeout_s below this is refused with 422: no server could meet it
     log_level: str = "INFO"
 
     @classmethod

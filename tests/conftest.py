@@ -52,7 +52,15 @@ def running_mesh(
             port=free_port(),
             workflows=workflows,
             replicas=replicas or {},
-            env={"LEGO_MODEL_CACHE_DIR": str(model_cache), "LEGO_ACK_WAIT_S": ACK_WAIT_S, "HF_HUB_OFFLINE": "1", **env},
+            # The shared meshes run without API keys (as `lego up --no-auth`): the security tests
+            # start their own, locked.
+            env={
+                "LEGO_MODEL_CACHE_DIR": str(model_cache),
+                "LEGO_ACK_WAIT_S": ACK_WAIT_S,
+                "HF_HUB_OFFLINE": "1",
+                "LEGO_AUTH": "off",
+                **env,
+            },
             log_dir=log_dir,
             quiet=True,
         )

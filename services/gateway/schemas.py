@@ -38,6 +38,7 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 MAX_LORAS = 4
+MAX_PRIORITY = 9
 LORA_SCALE = 2.0  # |scale| above this is almost always a typo (100 for 1.00) and wrecks the image
 MAX_CONDITIONING_SCALE = 2.0
 
@@ -83,6 +84,13 @@ class ImageGenerationRequest(BaseModel):
     controlnet: ControlNetInput | None = Field(None, description="required by *-controlnet workflows")
     loras: list[LoraInput] | None = Field(
         None, max_length=MAX_LORAS, description="for *-lora workflows; default: the workflow's default LoRA"
+    )
+    priority: int = Field(
+        0,
+        ge=0,
+        le=MAX_PRIORITY,
+        description=f"0 (default) to {MAX_PRIORITY}: higher is served first by admission and every model's "
+        "queue, lower is never starved; at most the API key's max priority",
     )
     wait: bool = Field(True, description="false: answer 202 at once with the request id (async mode)")
     timeout_s: float | None = Field(

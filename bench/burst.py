@@ -167,6 +167,7 @@ class System:
                 env=env,
                 log_dir=log_dir,
                 quiet=True,
+                auth=False,  # a benchmark's own private mesh: keys would only add a header
             )
         )
         self._stop = threading.Event()

@@ -210,7 +210,7 @@ def main() -> None:
     print("starting the mesh (nats-server, encoder, denoiser, vae, gateway) ...", flush=True)
     log_dir = Path(args.out) / "mesh-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    mesh = Mesh(MeshConfig(port=free_port(), quiet=True, log_dir=log_dir, workflows=["sd3"]))
+    mesh = Mesh(MeshConfig(port=free_port(), quiet=True, log_dir=log_dir, workflows=["sd3"], auth=False))
     t0 = time.perf_counter()
     mesh.start(ready_timeout_s=args.ready_timeout)
     print(f"  ready in {time.perf_counter() - t0:.0f}s", flush=True)

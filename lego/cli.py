@@ -1,5 +1,6 @@
 """The `lego` command: `lego up` runs the mesh here; `lego generate` asks it for an image;
-`lego status` shows replicas and scaling; `lego demo` does all three at once. This module
+`lego status` shows replicas and scaling; `lego demo` does all three at once; `lego keys`
+manages the API keys. This module
 holds the flags (a function per command) and `demo`; each command has its module."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lego import keys
 from lego.generate import cmd_generate
 from lego.launcher import Mesh, MeshConfig, free_port
 from lego.status import cmd_status
@@ -40,6 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "--workflow",
                 args.workflow,
                 "--progress",
+                *(["--api-key", mesh.admin_key_file.read_text().strip()] if mesh.admin_key_file else []),
             ]
         )
         return cmd_generate(gen_args)
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_generate(sub)
     _add_demo(sub)
+    keys.add_parser(sub, DEFAULT_URL)
     return parser
 
 
@@ -111,6 +115,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--cooldown", type=float, help="autoscaling: seconds a unit must want fewer before it shrinks (30)")
     up.add_argument("--scale-interval", type=float, help="autoscaling: seconds between decisions (default 1)")
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="DANGEROUS: no API keys; anyone who reaches the gateway may generate and manage it (default: keys "
+        "on, the admin key in <state dir>/admin.key)",
+    )
     up.set_defaults(func=cmd_up)
 
 
@@ -118,6 +128,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("status", help="replicas, backlogs and the autoscaler's latest decisions (GET /v1/status)")
     st.add_argument("--url", default=DEFAULT_URL, help="gateway URL (default: %(default)s)")
     st.add_argument("--json", action="store_true", help="print the JSON as the gateway answers it")
+    keys.add_api_key_flag(st)
     st.set_defaults(func=cmd_status)
 
 
@@ -157,6 +168,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "than that, the gateway refuses at once (HTTP 429) (default: %(default)s)",
     )
     gen.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
+    keys.add_api_key_flag(gen)
     gen.set_defaults(func=cmd_generate)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from lego.keys import auth_headers, resolve_api_key
+
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -119,7 +121,8 @@ def _refusal(status: int, text: str) -> _Refused:
 def _follow(args: argparse.Namespace, body: dict, request_id: str, show: bool, tty: bool, started: float) -> dict:
     """Submit in async mode, then follow the request's server-sent events to its answer,
     drawing a progress bar from the `progress` events."""
-    with httpx.Client(timeout=httpx.Timeout(30, read=args.timeout)) as client:
+    headers = auth_headers(resolve_api_key(args.api_key))
+    with httpx.Client(timeout=httpx.Timeout(30, read=args.timeout), headers=headers) as client:
         r = client.post(f"{args.url}/v1/images/generations", json=body, headers={"X-Request-Id": request_id})
         if r.status_code == 200:  # answered at once
             return r.json()

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from lego.keys import admin_key_path
+
 # Re-exported: `lego.cli`, the tests and the benchmarks import these from here.
 from lego.processes import SHARED_CORES_ENV, Child, free_port, nats_server_binary, start_nats_server, wait_gone
 from lego.units import SERVICES, Unit, plan_units
@@ -56,6 +58,9 @@ class MeshConfig:
     # Scale each unit on its backlog (services/autoscaler, local actuator, in a thread of this
     # process); its settings are the LEGO_AUTOSCALE_* of `env` and the environment.
     autoscale: bool = False
+    # API keys on the gateway: the admin key lives in <state_dir>/admin.key (made at the first
+    # start); False runs the gateway open to anyone who reaches it (`lego up --no-auth`).
+    auth: bool = True
 
 
 class Mesh:
@@ -74,6 +79,8 @@ class Mesh:
         self.units: dict[str, Unit] = {}
         self.autoscaler: Any = None  # services.autoscaler.controller.AutoscalerThread when autoscaling
         self._lock = threading.RLock()  # children change from the autoscaler's thread too
+        self.admin_key_file: Path | None = None  # with auth: the admin key's file ...
+        self.admin_key_made = False  # ... and whether this start made it (a first start)
 
     @property
     def url(self) -> str:
@@ -125,12 +132,23 @@ class Mesh:
         gateway = Child(
             "gateway",
             [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(self.config.port)],
-            self._env(),
+            {**self._env(), **self.auth_env()},
             self._log_path("gateway"),
         )
         gateway.start()
         self.children.append(gateway)
         self.wait_ready(ready_timeout_s)
+
+    def auth_env(self) -> dict[str, str]:
+        """The gateway's LEGO_AUTH and LEGO_ADMIN_KEY_FILE; with auth, the admin key file is made
+        (0600) here at the first start, so `lego up` can show the key once."""
+        if not self.config.auth:
+            return {"LEGO_AUTH": "off"}
+        from services.gateway.keys.secret import ensure_key_file
+
+        self.admin_key_file = admin_key_path(self.settings().state_dir)
+        _, self.admin_key_made = ensure_key_file(self.admin_key_file)
+        return {"LEGO_AUTH": "on", "LEGO_ADMIN_KEY_FILE": str(self.admin_key_file)}
 
     def _start_nats(self) -> None:
         if self.config.nats_url:

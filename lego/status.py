@@ -9,11 +9,16 @@ import time
 
 import httpx
 
+from lego.keys import auth_headers, resolve_api_key
+
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the gateway's GET /v1/status: replicas and backlog per unit, the latest decisions."""
     try:
-        r = httpx.get(f"{args.url}/v1/status", timeout=10)
+        r = httpx.get(f"{args.url}/v1/status", headers=auth_headers(resolve_api_key(args.api_key)), timeout=10)
+        if r.status_code in (401, 403):
+            print(f"lego status: {r.json()['error']['message']} (pass --api-key with an admin key)", file=sys.stderr)
+            return 1
         r.raise_for_status()
         status = r.json()
     except (httpx.HTTPError, ValueError) as exc:

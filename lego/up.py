@@ -58,7 +58,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         replicas=replicas,
         env=env,
         autoscale=not args.no_autoscale,
+        auth=not args.no_auth,
     )
+    if args.no_auth:
+        print(NO_AUTH_WARNING, file=sys.stderr, flush=True)
     if config.autoscale:  # its decisions are log lines of this process
         from shared.logs import setup_logging
 
@@ -100,14 +103,35 @@ def _services_env(args: argparse.Namespace, replicas: dict[str, int]) -> dict[st
     return env
 
 
+NO_AUTH_WARNING = (
+    "lego up: WARNING: --no-auth: the gateway takes NO API keys. Anyone who can reach it may generate "
+    "images, cancel others' requests and read the mesh's state. Use it only on a machine and network you trust."
+)
+
+
+def _auth_banner(mesh: Mesh) -> str:
+    """The banner's API key lines: the admin key itself only at the first start (it was just made)."""
+    path = mesh.admin_key_file
+    if path is None:
+        return "  API keys: OFF (--no-auth): anyone who reaches this port may use every route.\n"
+    if mesh.admin_key_made:
+        return (
+            f"  Admin API key (shown once; kept in {path}, mode 0600):\n      {path.read_text().strip()}\n"
+            "  `lego keys create NAME` makes keys for others; lego commands here send the admin key.\n"
+        )
+    return f"  Admin API key: in {path} (`lego keys create NAME` makes keys for others).\n"
+
+
 def _banner(mesh: Mesh, env: dict[str, str], autoscale: bool) -> str:
     """What `lego up` prints once ready: where it is and how to use it."""
+    auth = f' -H "Authorization: Bearer $(cat {mesh.admin_key_file})"' if mesh.admin_key_file else ""
     return (
         f"\nLegoDiffusion is up at {mesh.url}  (NATS {mesh.nats_url})\n"
         f'  lego generate "a red fox in the snow" -o fox.png --url {mesh.url}\n'
-        f"  curl -s {mesh.url}/v1/images/generations -H 'content-type: application/json' \\\n"
+        f"  curl -s {mesh.url}/v1/images/generations -H 'content-type: application/json'{auth} \\\n"
         f'       -d \'{{"prompt": "a red fox", "size": "256x256"}}\'\n'
         f"  API docs: {mesh.url}/docs    Ctrl-C stops everything.\n"
+        + _auth_banner(mesh)
         + (
             f"  Autoscaling: replicas per unit {env['LEGO_AUTOSCALE_MIN']}..{env['LEGO_AUTOSCALE_MAX']}, "
             f"SLO {env['LEGO_AUTOSCALE_SLO']}; `lego status --url {mesh.url}` shows it.\n"

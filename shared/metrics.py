@@ -58,6 +58,29 @@ def request_finished(workflow: str, status: str, seconds: float) -> None:
     REQUEST_SECONDS.labels(workflow, status).observe(seconds)
 
 
+# Usage per API key, labelled by the key's NAME (never the key): what each tenant used.
+KEY_REQUESTS = Counter(
+    "lego_key_requests", "Requests finished, by API key name and final status", ["key", "status"], registry=REGISTRY
+)
+KEY_IMAGES = Counter("lego_key_images", "Images answered, by API key name", ["key"], registry=REGISTRY)
+KEY_GPU_SECONDS = Counter(
+    "lego_key_gpu_seconds",
+    "Compute seconds of a key's requests' steps in the models (GPU seconds on a GPU mesh), by API key name",
+    ["key"],
+    registry=REGISTRY,
+)
+
+
+def key_request_finished(name: str, status: str, compute_s: float) -> None:
+    """Count a request of the key named `name` that ended, and the model compute it used."""
+    KEY_REQUESTS.labels(name, status).inc()
+    KEY_GPU_SECONDS.labels(name).inc(max(0.0, compute_s))
+
+
+def key_images(name: str, images: int) -> None:
+    KEY_IMAGES.labels(name).inc(images)
+
+
 # -- model services -----------------------------------------------------------------------------
 STEPS = Counter(
     "lego_steps", "Steps answered by this replica, by outcome", ["kind", "model", "outcome"], registry=REGISTRY

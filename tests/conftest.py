@@ -43,24 +43,25 @@ def running_mesh(
     log_dir: Path,
     replicas: dict[str, int] | None = None,
     workflows: list[str] | None = None,
+    auth: bool = False,
     **env: str,
 ) -> Iterator[Mesh]:
     """Start a mesh as a user's `lego up` would (free port, own nats-server), stop it after.
-    `workflows` limits it to the processes those workflows need (default: the whole catalogue)."""
+    `workflows` limits it to the processes those workflows need (default: the whole catalogue).
+    The shared meshes run without API keys (as `lego up --no-auth`); `auth=True` locks the
+    gateway (pass LEGO_STATE_DIR in `env`: the admin key file is made there)."""
     m = Mesh(
         MeshConfig(
             port=free_port(),
             workflows=workflows,
             replicas=replicas or {},
-            # The shared meshes run without API keys (as `lego up --no-auth`): the security tests
-            # start their own, locked.
             env={
                 "LEGO_MODEL_CACHE_DIR": str(model_cache),
                 "LEGO_ACK_WAIT_S": ACK_WAIT_S,
                 "HF_HUB_OFFLINE": "1",
-                "LEGO_AUTH": "off",
                 **env,
             },
+            auth=auth,
             log_dir=log_dir,
             quiet=True,
         )

@@ -17,7 +17,7 @@ from services.gateway.errors import APIError
 from services.gateway.orchestrator import Orchestrator, RequestFailed
 from services.gateway.request_state import RequestState
 from services.gateway.schemas import ImageData, ImageGenerationResponse
-from shared import tracing
+from shared import metrics, tracing
 from shared.tensor_plane import RawTensor
 
 log = logging.getLogger("lego.gateway")
@@ -54,6 +54,8 @@ async def answer(
         seed=seed,
         workflow=state.workflow.name,
     )
+    if state.owner.name:
+        metrics.key_images(state.owner.name, len(data))
     state.result = response.model_dump()
     state.log.emit({"type": "result", **state.result})
     forget_old_results(orchestrator)

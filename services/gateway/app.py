@@ -10,13 +10,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from services.gateway.answering import InFlight
 from services.gateway.errors import install_error_handlers
+from services.gateway.keys.auth import guard
+from services.gateway.keys.bootstrap import ensure_admin_key
+from services.gateway.keys.limits import RateLimiter
+from services.gateway.keys.model import Scope
+from services.gateway.keys.store import KeyStore
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
-from services.gateway.routers import health, images, models, requests, status
+from services.gateway.routers import health, images, keys, models, requests, status
 from shared import metrics, tracing
 from shared.bus import Bus
 from shared.settings import Settings
@@ -38,10 +43,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await orchestrator.start()
     app.state.bus, app.state.orchestrator = bus, orchestrator
     app.state.load_view = LoadView(bus)
+    app.state.keys = KeyStore(bus)
+    await app.state.keys.start()
+    await ensure_admin_key(app.state.keys, settings)
     yield
+    await app.state.keys.close()
     await bus.close()
     await plane.close()
     tracing.shutdown()  # send the spans still batched
+
+
+# The API key scope each router's routes need; None: public (probes and scrapers). Every router
+# is listed here, so a new route is guarded by the router it joins (a test checks the OpenAPI
+# document: no route but these answers without a key).
+ROUTERS: tuple[tuple[APIRouter, Scope | None], ...] = (
+    (status.router, Scope.ADMIN),
+    (health.router, None),
+    (models.mesh_router, Scope.ADMIN),  # /v1/models: replicas, hosts, pids
+    (models.router, Scope.GENERATE),  # /v1/workflows: what a client may ask for
+    (images.router, Scope.GENERATE),
+    (requests.router, Scope.GENERATE),
+    (keys.router, Scope.ADMIN),
+)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -53,7 +76,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.in_flight = InFlight()  # async requests being answered
+    app.state.rate_limiter = RateLimiter()
     install_error_handlers(app)
-    for router in (status, health, models, images, requests):
-        app.include_router(router.router)
+    for router, scope in ROUTERS:
+        app.include_router(router, dependencies=guard(scope))
     return app

@@ -12,9 +12,11 @@ from fastapi import Depends, Request
 
 from services.gateway.answering import InFlight
 from services.gateway.errors import APIError
+from services.gateway.keys.auth import Caller
+from services.gateway.keys.limits import RateLimiter
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
-from services.gateway.request_state import RequestState
+from services.gateway.request_state import Owner, RequestState
 from shared.bus import Bus
 from shared.settings import Settings
 
@@ -39,16 +41,28 @@ def get_in_flight(request: Request) -> InFlight:
     return request.app.state.in_flight
 
 
+def get_rate_limiter(request: Request) -> RateLimiter:
+    return request.app.state.rate_limiter
+
+
+def get_owner(caller: Caller) -> Owner:
+    """The caller as a request's owner (empty when auth is off)."""
+    return Owner(key_id=caller.key_id, name=caller.name if caller.key_id else "")
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 BusDep = Annotated[Bus, Depends(get_bus)]
 OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
 LoadViewDep = Annotated[LoadView, Depends(get_load_view)]
 InFlightDep = Annotated[InFlight, Depends(get_in_flight)]
+RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
+OwnerDep = Annotated[Owner, Depends(get_owner)]
 
 
-def get_request_state(request_id: str, orchestrator: OrchestratorDep) -> RequestState:
-    """The request named in the path, or a 404."""
-    state = orchestrator.get(request_id)
+def get_request_state(request_id: str, orchestrator: OrchestratorDep, owner: OwnerDep) -> RequestState:
+    """The caller's request named in the path, or a 404: another key's request answers exactly
+    as an unknown id does, so ids reveal nothing across keys."""
+    state = orchestrator.get(request_id, owner)
     if state is None:
         raise APIError(404, "unknown_request", f"no request {request_id!r} on this gateway")
     return state

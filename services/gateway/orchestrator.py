@@ -12,7 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 
-from services.gateway.request_state import RequestState, RunStatus
+from services.gateway.request_state import NO_OWNER, Owner, RequestState, RunStatus
 from shared import metrics, subjects, tracing
 from shared.bus import Bus
 from shared.messages import ErrorInfo, StepKind, StepParams, StepProgress, StepRequest, StepResult
@@ -39,7 +39,9 @@ class Orchestrator:
         self.plane = plane
         self.settings = settings
         self.gateway_id = settings.gateway_id
-        self.requests: OrderedDict[str, RequestState] = OrderedDict()  # by client id, for status
+        # By (owner key id, client id), for status: each key has its own ids, so one key can
+        # neither see nor collide with another's requests.
+        self.requests: OrderedDict[tuple[str, str], RequestState] = OrderedDict()
         self.runs: dict[str, RequestState] = {}  # by run id, while running
         self._step_seqs: dict[int, tuple[str, str]] = {}  # stream seq -> (request, node) in flight
 
@@ -48,8 +50,13 @@ class Orchestrator:
         await self.bus.subscribe_progress(self.gateway_id, self._on_progress)
         await self.bus.subscribe_exhausted_steps(self._on_exhausted)
 
-    def get(self, request_id: str) -> RequestState | None:
-        return self.requests.get(request_id)
+    def get(self, request_id: str, owner: Owner = NO_OWNER) -> RequestState | None:
+        """`owner`'s request `request_id` (None for an unknown id or another key's request)."""
+        return self.requests.get((owner.key_id, request_id))
+
+    def running_for(self, owner: Owner) -> int:
+        """Requests of `owner` running now (its in-flight quota counts these)."""
+        return sum(1 for s in self.runs.values() if s.owner.key_id == owner.key_id)
 
     def create(
         self,
@@ -57,20 +64,24 @@ class Orchestrator:
         workflow: WorkflowSpec,
         params: dict[str, StepParams],
         timeout_s: float | None = None,
+        owner: Owner = NO_OWNER,
     ) -> RequestState:
         """Register a request (so it can be followed and cancelled) before it runs; its deadline
         is `timeout_s` from now (default: the server's request timeout). `params`: each node's
-        typed step params (`shared.workflows.step_params`), by node id."""
+        typed step params (`shared.workflows.step_params`), by node id; `owner`: the API key
+        that asked (only it can follow or cancel the request)."""
         missing = [n.id for n in workflow.nodes if n.id not in params]
         if missing:
             raise ValueError(f"workflow {workflow.name!r}: no step params for nodes {missing}")
-        if request_id in self.requests and self.requests[request_id].running:
+        earlier = self.get(request_id, owner)
+        if earlier is not None and earlier.running:
             raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {request_id} is running"))
         state = RequestState(
             request_id=request_id,
             workflow=workflow,
             params=params,
             deadline=time.time() + (timeout_s or self.settings.request_timeout_s),
+            owner=owner,
         )
         self._remember(state)
         self.runs[state.run_id] = state
@@ -133,6 +144,8 @@ class Orchestrator:
         status = RunStatus.FAILED if state.running else state.status
         state.trace.close({"lego.status": status.value}, error=state.error.code if state.error else None)
         metrics.request_finished(state.workflow.name, status.value, time.time() - state.created)
+        if state.owner.name:
+            metrics.key_request_finished(state.owner.name, status.value, sum(state.nodes.compute_s.values()))
         for seq in state.nodes.step_seqs:
             self._step_seqs.pop(seq, None)
         self.runs.pop(state.run_id, None)
@@ -140,8 +153,9 @@ class Orchestrator:
         await self.bus.publish_release(state.run_id)
 
     def _remember(self, state: RequestState) -> None:
-        self.requests[state.request_id] = state
-        self.requests.move_to_end(state.request_id)
+        handle = (state.owner.key_id, state.request_id)
+        self.requests[handle] = state
+        self.requests.move_to_end(handle)
         while len(self.requests) > KEEP_FINISHED:
             oldest_id, oldest = next(iter(self.requests.items()))
             if oldest.running:
@@ -243,10 +257,10 @@ class Orchestrator:
                 {"type": "progress", "node": progress.node_id, "step": progress.step, "total": progress.total}
             )
 
-    async def cancel(self, request_id: str) -> RequestState | None:
+    async def cancel(self, request_id: str, owner: Owner = NO_OWNER) -> RequestState | None:
         """Stop a running request: the denoiser leaves its loop at the next step, steps not yet
         started are dropped by the services, and its tensors are freed when `execute` returns."""
-        state = self.requests.get(request_id)
+        state = self.get(request_id, owner)
         if state is None or not state.running:
             return state
         self._fail(state, ErrorInfo(code="cancelled", message="cancelled by the client (DELETE)"))

@@ -39,6 +39,18 @@ TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
 }
 
 
+@dataclass(frozen=True)
+class Owner:
+    """The API key that made a request: its id (whose requests a key may see) and its name (what
+    usage metrics are labelled by). Empty when auth is off: everyone sees every request."""
+
+    key_id: str = ""
+    name: str = ""
+
+
+NO_OWNER = Owner()
+
+
 class InvalidTransition(RuntimeError):
     """A status change the table does not allow: a bug in the gateway, never the client's doing."""
 
@@ -117,6 +129,7 @@ class RequestState:
     workflow: WorkflowSpec
     params: dict[str, StepParams]  # each node's typed step params, by node id
     deadline: float
+    owner: Owner = NO_OWNER
     created: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: RunStatus = field(default=RunStatus.RUNNING, init=False)  # changed only by `move_to`

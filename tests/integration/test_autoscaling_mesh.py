@@ -55,7 +55,7 @@ def lego_up(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         # once (several multi-threaded torch processes would only fight over the same cores).
         "LEGO_TORCH_THREADS": "1",
     }
-    argv = [sys.executable, "-m", "lego.cli", "up", "--port", str(port), "--workflows", "sd3"]
+    argv = [sys.executable, "-m", "lego.cli", "up", "--port", str(port), "--workflows", "sd3", "--no-auth"]
     argv += ["--max", "3", "--cooldown", f"{COOLDOWN_S:g}", "--scale-interval", "0.5", "--slo", f"{SLO_FACTOR:g}x"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

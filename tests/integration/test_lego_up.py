@@ -37,7 +37,13 @@ def _alive(pid: int) -> bool:
 
 def test_lego_up_serves_then_sigint_stops_every_child(model_cache, tmp_path):
     port = free_port()
-    env = {**os.environ, "LEGO_MODEL_CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1"}
+    state_dir = tmp_path / "state"
+    env = {
+        **os.environ,
+        "LEGO_MODEL_CACHE_DIR": str(model_cache),
+        "HF_HUB_OFFLINE": "1",
+        "LEGO_STATE_DIR": str(state_dir),
+    }
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lego.cli", "up", "--port", str(port), "--workflows", "sd3"],
@@ -60,11 +66,14 @@ def test_lego_up_serves_then_sigint_stops_every_child(model_cache, tmp_path):
             raise AssertionError("lego up never became ready:\n" + (tmp_path / "up.log").read_text()[-3000:])
         children = _children(proc.pid)
         assert len(children) >= 5, f"expected nats + 3 services + gateway, found {children}"
-        r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/images/generations",
-            json={"prompt": "a boat", "size": "64x64", "num_inference_steps": 2},
-            timeout=120,
-        )
+        # The first start made the admin key (0600 in the state dir); a request needs it.
+        key_file = state_dir / "admin.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        admin = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
+        body = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2}
+        url = f"http://127.0.0.1:{port}/v1/images/generations"
+        assert httpx.post(url, json=body, timeout=30).status_code == 401
+        r = httpx.post(url, json=body, headers=admin, timeout=120)
         assert r.status_code == 200, r.text
         # A service that dies is started again by `lego up`, and the mesh serves on.
         vae = next(c for c in children if b"services.vae" in Path(f"/proc/{c}/cmdline").read_bytes())
@@ -73,11 +82,7 @@ def test_lego_up_serves_then_sigint_stops_every_child(model_cache, tmp_path):
         while time.monotonic() < give_up and b"restarted it" not in (tmp_path / "up.log").read_bytes():
             time.sleep(0.2)
         assert b"vae-0 exited unexpectedly; restarted it" in (tmp_path / "up.log").read_bytes()
-        r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/images/generations",
-            json={"prompt": "a boat again", "size": "64x64", "num_inference_steps": 2},
-            timeout=120,
-        )
+        r = httpx.post(url, json={**body, "prompt": "a boat again"}, headers=admin, timeout=120)
         assert r.status_code == 200, r.text
         children = _children(proc.pid)
         proc.send_signal(signal.SIGINT)
@@ -86,7 +91,9 @@ def test_lego_up_serves_then_sigint_stops_every_child(model_cache, tmp_path):
         while time.monotonic() < give_up and any(_alive(c) for c in children):
             time.sleep(0.1)
         assert not [c for c in children if _alive(c)], "children survived Ctrl-C"
-        assert "ready: gateway on" in (tmp_path / "up.log").read_text()
+        printed = (tmp_path / "up.log").read_text()
+        assert "ready: gateway on" in printed
+        assert printed.count(key_file.read_text().strip()) == 1, "the first start shows the admin key once"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

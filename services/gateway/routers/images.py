@@ -13,8 +13,17 @@ from fastapi.responses import JSONResponse
 
 from services.gateway.admission import admit
 from services.gateway.answering import answer
-from services.gateway.deps import InFlightDep, LoadViewDep, OrchestratorDep, SettingsDep
+from services.gateway.deps import (
+    InFlightDep,
+    LoadViewDep,
+    OrchestratorDep,
+    OwnerDep,
+    RateLimiterDep,
+    SettingsDep,
+)
 from services.gateway.errors import APIError
+from services.gateway.keys.auth import Caller
+from services.gateway.keys.limits import check_in_flight, check_priority
 from services.gateway.orchestrator import RequestFailed
 from services.gateway.overload import refuse_if_overloaded
 from services.gateway.schemas import AsyncAccepted, ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
@@ -26,7 +35,7 @@ from shared.workflows.spec import WorkflowSpec
 router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 429, 502, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 429, 502, 504)
 }
 
 
@@ -41,6 +50,9 @@ async def generate(
     orchestrator: OrchestratorDep,
     load_view: LoadViewDep,
     in_flight: InFlightDep,
+    caller: Caller,
+    owner: OwnerDep,
+    rate_limiter: RateLimiterDep,
     x_request_id: str | None = Header(None, description="optional id to follow the request's progress"),
 ) -> ImageGenerationResponse | JSONResponse:
     """Generate images. With `wait: false` answer 202 at once; follow the request's
@@ -49,14 +61,17 @@ async def generate(
     if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
         raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
     request_id = x_request_id or uuid.uuid4().hex
+    check_priority(caller, body.priority)
+    rate_limiter.take(caller)
     admitted = await asyncio.to_thread(admit, body, workflow)
     try:
         await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s)
     except APIError:
         metrics.request_refused(workflow.name, "overloaded")
         raise
+    check_in_flight(caller, orchestrator.running_for(owner))  # no await from here to create: no race
     try:
-        state = orchestrator.create(request_id, workflow, admitted.steps, timeout_s=body.timeout_s)
+        state = orchestrator.create(request_id, workflow, admitted.steps, timeout_s=body.timeout_s, owner=owner)
     except RequestFailed as exc:
         raise APIError(409, exc.error.code, exc.error.message) from exc
     if body.wait:

@@ -1,4 +1,5 @@
-"""What the gateway can run: the catalogue's workflows, and the models with live replicas."""
+"""What the gateway can run: the catalogue's workflows, and the models with live replicas.
+Two routers, because the two answer different people (see `create_app`'s scopes)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from shared.workflows.catalogue import catalogue
 from shared.workflows.spec import WorkflowSpec
 from shared.zoo.registry import MODELS
 
-router = APIRouter()
+router = APIRouter()  # what may be asked for: a client's (generate scope)
+mesh_router = APIRouter()  # where it runs (replicas, hosts, pids): an operator's (admin scope)
 
 
-@router.get("/v1/models", response_model=ModelList)
+@mesh_router.get("/v1/models", response_model=ModelList)
 async def models(bus: BusDep) -> ModelList:
     """Every model with a live replica, which replicas hold it, and the workflows using it."""
     by_model: dict[str, dict[str, ReplicaInfo]] = {}

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from services.gateway.deps import OrchestratorDep, RequestStateDep
+from services.gateway.deps import OrchestratorDep, OwnerDep, RequestStateDep
 from services.gateway.errors import APIError
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.request_state import RequestState
@@ -50,12 +50,14 @@ async def request_status(request_id: str, state: RequestStateDep, orchestrator: 
 @router.delete(
     "/v1/requests/{request_id}", response_model=RequestStatus, responses={404: {"model": ErrorResponse}, 409: {}}
 )
-async def cancel_request(request_id: str, state: RequestStateDep, orchestrator: OrchestratorDep) -> RequestStatus:
+async def cancel_request(
+    request_id: str, state: RequestStateDep, orchestrator: OrchestratorDep, owner: OwnerDep
+) -> RequestStatus:
     """Cancel a running request: the denoiser stops within a step, its queued steps are dropped
     and its tensors are freed. A request that already ended answers 409."""
     if not state.running:
         raise APIError(409, "not_running", f"request {request_id!r} already ended ({state.status.value})")
-    await orchestrator.cancel(request_id)
+    await orchestrator.cancel(request_id, owner)
     return status_of(orchestrator, state)
 
 

@@ -21,6 +21,11 @@ async def ensure_admin_key(keys: KeyStore, settings: Settings) -> None:
     if settings.auth != "on":
         raise ValueError(f"LEGO_AUTH={settings.auth!r}: use 'on' or 'off'")
     if not settings.admin_key_file:
+        if not keys.list():
+            log.warning(
+                "API keys are on and none exists: every request will be refused with 401; set "
+                "LEGO_ADMIN_KEY_FILE (a file holding the admin key, made if missing) or LEGO_AUTH=off"
+            )
         return
     path = Path(settings.admin_key_file)
     key, made = ensure_key_file(path)

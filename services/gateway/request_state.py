@@ -117,6 +117,7 @@ class RequestState:
     workflow: WorkflowSpec
     params: dict[str, StepParams]  # each node's typed step params, by node id
     deadline: float
+    priority: int = 0  # 0-9: its steps' band (higher served first), carried by every step it publishes
     created: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: RunStatus = field(default=RunStatus.RUNNING, init=False)  # changed only by `move_to`

@@ -51,12 +51,14 @@ async def generate(
     request_id = x_request_id or uuid.uuid4().hex
     admitted = await asyncio.to_thread(admit, body, workflow)
     try:
-        await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s)
+        await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s, body.priority)
     except APIError:
         metrics.request_refused(workflow.name, "overloaded")
         raise
     try:
-        state = orchestrator.create(request_id, workflow, admitted.steps, timeout_s=body.timeout_s)
+        state = orchestrator.create(
+            request_id, workflow, admitted.steps, timeout_s=body.timeout_s, priority=body.priority
+        )
     except RequestFailed as exc:
         raise APIError(409, exc.error.code, exc.error.message) from exc
     if body.wait:

@@ -135,7 +135,7 @@ class Orchestrator:
         """Whatever the outcome: end its span, count it, and free what the mesh holds for it."""
         status = RunStatus.FAILED if state.running else state.status
         state.trace.close({"lego.status": status.value}, error=state.error.code if state.error else None)
-        metrics.request_finished(state.workflow.name, status.value, time.time() - state.created)
+        metrics.request_finished(state.workflow.name, status.value, time.time() - state.created, state.priority)
         for seq in state.nodes.step_seqs:
             self._step_seqs.pop(seq, None)
         self.runs.pop(state.run_id, None)

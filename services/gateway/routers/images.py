@@ -53,7 +53,7 @@ async def generate(
     try:
         await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s, body.priority)
     except APIError:
-        metrics.request_refused(workflow.name, "overloaded")
+        metrics.request_refused(workflow.name, "overloaded", body.priority)
         raise
     try:
         state = orchestrator.create(

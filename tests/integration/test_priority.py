@@ -96,9 +96,7 @@ async def test_low_priority_still_finishes_under_a_stream_of_high_priority_work(
         def keep_high_coming(step: StepRequest) -> None:
             if published["high"] < 40:
                 published["high"] += 1
-                asyncio.get_running_loop().create_task(
-                    replica.bus.publish_step(_step(f"high-{published['high']}", 9))
-                )
+                asyncio.get_running_loop().create_task(replica.bus.publish_step(_step(f"high-{published['high']}", 9)))
 
         await replica.bus.publish_step(_step("high-0", 9))
         await asyncio.wait_for(replica.first_started.wait(), 30)

@@ -13,20 +13,22 @@ them in every N + 1 steps (N + a batch's size for a replica that takes several s
 under a stream of high-priority work that never lets up, normal requests still get at least
 1/(N+1) of every replica and finish; they wait longer, they never wait forever.
 
-Why an inbox of our own per band instead of nats.py's `fetch`: `fetch(1)` can only linger, and
-an abandoned lingering pull may deliver a step after we stopped waiting. Here every pull is
-seen to its end: a lingering pull that loses the race keeps running (at most `linger_s`), and
-what it delivers is held (kept alive with `in_progress`) and served first at the next fetch,
-ahead of the band order: at most one step per band, already delivered to this replica.
+Why pulls of our own instead of nats.py's `fetch`: `fetch(1)` cannot ask "anything now?"
+without lingering, and a lingering pull cannot be called off. Here each lingering pull has an
+inbox of its own, dropped as soon as any band delivers: JetStream skips a waiting pull whose
+inbox nobody listens to, so the step goes to another replica instead of to this busy one. A
+step that another band delivered in that same instant is held (kept alive with `in_progress`)
+and served first at the next fetch: at most one a band, already delivered to this replica.
+(One still on the wire as its inbox is dropped is redelivered after AckWait, as when a replica
+dies mid-step: late, never lost.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import logging
+from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -35,8 +37,6 @@ from nats.js import JetStreamContext
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import StepKind
-
-log = logging.getLogger("lego.worker")
 
 FAIR_EVERY = 4  # a lower band is asked first after this many steps taken from higher bands
 PROBE_TIMEOUT_S = 5.0  # a no-wait pull the server never answered (a reconnect): treat as empty
@@ -61,18 +61,11 @@ class BandPull:
 
     async def now(self, batch: int) -> list[Msg]:
         """Up to `batch` steps waiting in this band now; none if it is empty (no waiting)."""
-        return await self._pull({"batch": batch, "no_wait": True}, batch, PROBE_TIMEOUT_S)
-
-    async def linger(self, wait_s: float) -> list[Msg]:
-        """The first step to arrive in this band within `wait_s` (none if none does)."""
-        return await self._pull({"batch": 1, "expires": int(wait_s * 1e9)}, 1, wait_s + PROBE_TIMEOUT_S)
-
-    async def _pull(self, request: dict[str, object], batch: int, timeout_s: float) -> list[Msg]:
         assert self._sub is not None, "BandPull.start() was not awaited"
-        await self.bus.nc.publish(self._next, json.dumps(request).encode(), reply=self._sub.subject)
+        await self.ask({"batch": batch, "no_wait": True}, self._sub.subject)
         msgs: list[Msg] = []
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + timeout_s
+        give_up = loop.time() + PROBE_TIMEOUT_S
         while len(msgs) < batch:
             try:
                 msg = await self._sub.next_msg(timeout=max(0.01, give_up - loop.time()))
@@ -85,6 +78,10 @@ class BandPull:
                 break
             msgs.append(msg)
         return msgs
+
+    async def ask(self, request: dict[str, object], inbox: str) -> None:
+        """Send a pull request for this band's consumer, answered on `inbox`."""
+        await self.bus.nc.publish(self._next, json.dumps(request).encode(), reply=inbox)
 
     async def close(self) -> None:
         """Hand back (nak) a step that arrived after its pull gave up, then drop the inbox."""
@@ -108,12 +105,12 @@ class PriorityPuller:
     priority order (a lower band first when its credit says so), lingering on all when empty."""
 
     def __init__(self, bus: Bus, kind: StepKind | str, model_id: str, fair_every: int = FAIR_EVERY) -> None:
+        self.bus = bus
         self.bands = [BandPull(bus, kind, model_id, band) for band in subjects.BAND_NAMES]  # highest first
         self.fair_every = max(1, fair_every)
         self.keep_alive_s = max(0.2, bus.settings.ack_wait_s / 3)
         # passed[i]: steps taken from bands above band i since band i was last asked first
         self._passed = [0] * len(self.bands)
-        self._lingering: dict[int, asyncio.Task[list[Msg]]] = {}
         self._held: dict[int, list[tuple[Msg, asyncio.Task[None]]]] = {i: [] for i in range(len(self.bands))}
 
     async def start(self) -> None:
@@ -128,27 +125,54 @@ class PriorityPuller:
         return owed + [i for i in range(len(self.bands)) if i not in owed]
 
     async def fetch(self, room: int, linger_s: float) -> list[Msg]:
-        """Up to `room` steps (at least one), or none after about `linger_s` without any."""
+        """Up to `room` steps, or none after about `linger_s` without any."""
         order = self.order()
         msgs = self._take_held(order, room)
         if msgs:
             return msgs
         asked: list[int] = []
         for i in order:
-            if i in self._lingering:  # its lingering pull is still open: what it gets is held
-                continue
             msgs = await self.bands[i].now(room)
             if msgs:
                 self._took(i, len(msgs), asked)
                 return msgs
             asked.append(i)
-        for i in range(len(self.bands)):
-            if i not in self._lingering:
-                task = asyncio.create_task(self.bands[i].linger(linger_s))
-                task.add_done_callback(functools.partial(self._landed, i))
-                self._lingering[i] = task
-        await asyncio.wait(set(self._lingering.values()), return_when=asyncio.FIRST_COMPLETED)
+        await self._linger(linger_s)
         return self._take_held(self.order(), room)
+
+    async def _linger(self, linger_s: float) -> None:
+        """One lingering pull a band, each on an inbox of its own; when the first step arrives
+        (or every pull ends) the inboxes are dropped, which calls the other pulls off."""
+        nc = self.bus.nc
+        woken = asyncio.Event()
+        ended = [0]
+        subs: list[Subscription] = []
+
+        def on_answer(i: int) -> Callable[[Msg], Awaitable[None]]:
+            async def landed(msg: Msg) -> None:
+                status = JetStreamContext.is_status_msg(msg)
+                if status == "100":  # a heartbeat
+                    return
+                if status:  # expired, or the consumer changed: this band's pull is over
+                    ended[0] += 1
+                else:
+                    self._held[i].append((msg, asyncio.create_task(self._keep_alive(msg))))
+                if not status or ended[0] == len(self.bands):
+                    woken.set()
+
+            return landed
+
+        try:
+            for i, band in enumerate(self.bands):
+                sub = await nc.subscribe(nc.new_inbox(), cb=on_answer(i))
+                subs.append(sub)
+                await band.ask({"batch": 1, "expires": int(linger_s * 1e9)}, sub.subject)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), linger_s + PROBE_TIMEOUT_S)
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     def _took(self, i: int, count: int, asked: list[int]) -> None:
         """Credit: band `i` was served; bands asked before it had nothing (they are owed nothing);
@@ -158,16 +182,6 @@ class PriorityPuller:
         for j in range(i + 1, len(self.bands)):
             if j not in asked:
                 self._passed[j] += count
-
-    def _landed(self, i: int, task: asyncio.Task[list[Msg]]) -> None:
-        """A lingering pull ended: hold what it delivered, kept alive until it is fetched."""
-        self._lingering.pop(i, None)
-        if task.cancelled() or task.exception() is not None:
-            if not task.cancelled():
-                log.warning("pull on band %r failed: %s", self.bands[i].band, task.exception())
-            return
-        for msg in task.result():
-            self._held[i].append((msg, asyncio.create_task(self._keep_alive(msg))))
 
     def _take_held(self, order: list[int], room: int) -> list[Msg]:
         out: list[Msg] = []
@@ -186,10 +200,8 @@ class PriorityPuller:
                 await msg.in_progress()
 
     async def close(self) -> None:
-        """Let lingering pulls end, hand back (nak) what they delivered, close the inboxes:
-        another replica takes those steps now instead of after AckWait."""
-        if self._lingering:
-            await asyncio.wait(set(self._lingering.values()))
+        """Hand back (nak) held steps and close the inboxes: another replica takes those steps
+        now instead of after AckWait."""
         for held in self._held.values():
             for msg, keepalive in held:
                 keepalive.cancel()

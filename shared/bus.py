@@ -1,7 +1,8 @@
 """The one JetStream bus wrapper: connection, streams, consumers, and typed publish/subscribe.
 
 Steps go through a WorkQueue stream (file storage: a server restart loses nothing) with one
-durable pull consumer per (kind, model) that every replica of the model shares. Results go
+durable pull consumer per (kind, model, priority band) that every replica of the model shares
+(`shared/priority_pull.py` pulls the bands, higher first). Results go
 through a second stream whose `Nats-Msg-Id` dedupe makes a re-run of a node unable to deliver
 a second result. Progress and tensor-release notices are best-effort core NATS messages.
 """
@@ -31,19 +32,30 @@ NATS_MSG_ID = "Nats-Msg-Id"
 
 
 class ConsumerCounters(NamedTuple):
-    """One (kind, model) step consumer's counters. Backlog = pending + ack_pending (as KEDA's
-    NATS JetStream scaler counts it); pending + delivered only grows: arrivals (redeliveries
-    included) are its rate of change."""
+    """One (kind, model)'s step counters, summed over its priority bands' consumers. Backlog =
+    pending + ack_pending (as KEDA's NATS JetStream scaler counts it); pending + delivered only
+    grows: arrivals (redeliveries included) are its rate of change. `bands`: (band, backlog)
+    of each band's consumer."""
 
     kind: str
     model_id: str
     pending: int
     ack_pending: int
     delivered: int
+    bands: tuple[tuple[str, int], ...] = ()
 
     @property
     def backlog(self) -> int:
         return self.pending + self.ack_pending
+
+    def plus(self, other: ConsumerCounters, band: str) -> ConsumerCounters:
+        """These counters with `other` (one band's consumer) added."""
+        return self._replace(
+            pending=self.pending + other.pending,
+            ack_pending=self.ack_pending + other.ack_pending,
+            delivered=self.delivered + other.delivered,
+            bands=(*self.bands, (band, other.backlog)),
+        )
 
 
 class Bus:
@@ -157,12 +169,12 @@ class Bus:
             # Exists with another config (e.g. a changed duplicate window): bring it in line.
             await self.js.update_stream(config)
 
-    async def ensure_consumer(self, kind: StepKind | str, model_id: str) -> str:
-        """The durable pull consumer of a (kind, model): created once, shared by all replicas."""
-        durable = subjects.consumer_name(kind, model_id)
+    async def ensure_consumer(self, kind: StepKind | str, model_id: str, band: str = subjects.NORMAL_BAND) -> str:
+        """The durable pull consumer of a (kind, model, band): created once, shared by all replicas."""
+        durable = subjects.consumer_name(kind, model_id, band)
         config = api.ConsumerConfig(
             durable_name=durable,
-            filter_subject=subjects.step_subject(kind, model_id),
+            filter_subject=subjects.step_subject(kind, model_id, band),
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=self.settings.ack_wait_s,
             max_deliver=self.settings.max_deliver,
@@ -174,39 +186,53 @@ class Bus:
         return durable
 
     async def consumer_backlog(self, kind: StepKind | str, model_id: str) -> tuple[int, int] | None:
-        """(num_pending, num_ack_pending) of a model's consumer, or None when it does not exist."""
-        try:
-            info = await self.js.consumer_info(subjects.STEP_STREAM, subjects.consumer_name(kind, model_id))
-        except NotFoundError:
-            return None
-        return info.num_pending or 0, info.num_ack_pending or 0
+        """(num_pending, num_ack_pending) of a model's consumers (every band's, summed), or None
+        when none exists."""
+        found, pending, ack_pending = False, 0, 0
+        for band in subjects.BAND_NAMES:
+            try:
+                info = await self.js.consumer_info(subjects.STEP_STREAM, subjects.consumer_name(kind, model_id, band))
+            except NotFoundError:
+                continue
+            found = True
+            pending += info.num_pending or 0
+            ack_pending += info.num_ack_pending or 0
+        return (pending, ack_pending) if found else None
 
     async def step_consumers(self) -> list[ConsumerCounters]:
-        """Every step consumer's counters, in one request per page: what the autoscaler samples."""
-        out = []
+        """Every (kind, model)'s counters, its bands' consumers summed, in one request per page:
+        what the autoscaler samples."""
+        out: dict[tuple[str, str], ConsumerCounters] = {}
         for info in await self.js.consumers_info(subjects.STEP_STREAM):
-            kind, sep, model_id = (info.name or "").partition("__")
-            if not sep:
+            parsed = subjects.parse_consumer_name(info.name or "")
+            if parsed is None:
                 continue
-            out.append(
-                ConsumerCounters(
-                    kind=kind,
-                    model_id=model_id,
-                    pending=info.num_pending or 0,
-                    ack_pending=info.num_ack_pending or 0,
-                    delivered=info.delivered.consumer_seq if info.delivered and info.delivered.consumer_seq else 0,
-                )
+            kind, model_id, band = parsed
+            one = ConsumerCounters(
+                kind=kind,
+                model_id=model_id,
+                pending=info.num_pending or 0,
+                ack_pending=info.num_ack_pending or 0,
+                delivered=info.delivered.consumer_seq if info.delivered and info.delivered.consumer_seq else 0,
             )
-        return out
+            out[(kind, model_id)] = out.get((kind, model_id), one._replace(pending=0, ack_pending=0, delivered=0)).plus(
+                one, band
+            )
+        return list(out.values())
 
-    async def pull_subscription(self, kind: StepKind | str, model_id: str) -> JetStreamContext.PullSubscription:
-        durable = await self.ensure_consumer(kind, model_id)
+    async def pull_subscription(
+        self, kind: StepKind | str, model_id: str, band: str = subjects.NORMAL_BAND
+    ) -> JetStreamContext.PullSubscription:
+        """A nats.py pull subscription on one band's consumer (the worker pulls through
+        `priority_pull.PriorityPuller` instead, which serves the bands in order)."""
+        durable = await self.ensure_consumer(kind, model_id, band)
         return await self.js.pull_subscribe_bind(durable=durable, stream=subjects.STEP_STREAM)
 
     # -- steps and results -------------------------------------------------------------------
 
     async def publish_step(self, step: StepRequest, headers: dict[str, str] | None = None) -> int:
-        """Publish a step; returns its stream sequence (named by max-delivery advisories).
+        """Publish a step on its priority band's subject; returns its stream sequence (named by
+        max-delivery advisories).
 
         The step carries a trace context (`traceparent`): the one in `headers`, else the current one."""
         hdrs = {NATS_MSG_ID: subjects.step_msg_id(step.request_id, step.node_id, step.attempt)}
@@ -214,7 +240,9 @@ class Bus:
         if tracing.TRACEPARENT not in hdrs:
             tracing.inject(hdrs)
         ack = await self.js.publish(
-            subjects.step_subject(step.kind, step.model_id), step.model_dump_json().encode(), headers=hdrs
+            subjects.step_subject(step.kind, step.model_id, subjects.band_of(step.priority)),
+            step.model_dump_json().encode(),
+            headers=hdrs,
         )
         return ack.seq
 

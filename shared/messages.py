@@ -176,6 +176,9 @@ class StepRequest(BaseModel):
     deadline: float  # unix time after which the result is useless
     attempt: int = 1
     owner: str = ""  # who the outputs are held for (released by that name); default: request_id
+    # The request's priority (0-9): picks the step's band (`subjects.band_of`), kept by re-plans
+    # and retries, and passed on to the steps this one calls (ControlNet).
+    priority: int = Field(0, ge=0, le=9)
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from shared import subjects
+
 log = logging.getLogger("lego.metrics")
 
 REGISTRY = CollectorRegistry()
@@ -40,22 +42,34 @@ REQUEST_SECONDS = Histogram(
     registry=REGISTRY,
 )
 REQUESTS_IN_FLIGHT = Gauge("lego_requests_in_flight", "Requests running now", ["workflow"], registry=REGISTRY)
+PRIORITY_REQUESTS = Counter(
+    "lego_priority_requests",
+    "Requests finished or refused, by priority band (high: priority >= 5; normal) and final status",
+    ["band", "status"],
+    registry=REGISTRY,
+)
+
+
+def _band_label(priority: int) -> str:
+    return subjects.band_of(priority) or "normal"
 
 
 def request_started(workflow: str) -> None:
     REQUESTS_IN_FLIGHT.labels(workflow).inc()
 
 
-def request_refused(workflow: str, status: str) -> None:
+def request_refused(workflow: str, status: str, priority: int = 0) -> None:
     """Count a request refused before it ran (`status`: overloaded)."""
     REQUESTS.labels(workflow, status).inc()
+    PRIORITY_REQUESTS.labels(_band_label(priority), status).inc()
 
 
-def request_finished(workflow: str, status: str, seconds: float) -> None:
+def request_finished(workflow: str, status: str, seconds: float, priority: int = 0) -> None:
     """Count a request that ended (`status`: succeeded, failed, cancelled) and its wall time."""
     REQUESTS_IN_FLIGHT.labels(workflow).dec()
     REQUESTS.labels(workflow, status).inc()
     REQUEST_SECONDS.labels(workflow, status).observe(seconds)
+    PRIORITY_REQUESTS.labels(_band_label(priority), status).inc()
 
 
 # Usage per API key, labelled by the key's NAME (never the key): what each tenant used.

@@ -60,11 +60,13 @@ class RemoteSteps:
         inputs: dict[str, TensorRef],
         deadline: float,
         owner: str = "",
+        priority: int = 0,
     ) -> StepResult:
         """Run one step elsewhere and return its (successful) result.
 
         `node_id` must be unique per call: the step stream drops a repeated message id.
         `owner` names the outputs on the remote side, so the caller can free them early.
+        `priority`: the calling step's, so the call queues in the same band.
         Raises RemoteStepFailed on an error answer, TimeoutError past the deadline.
         """
         step = StepRequest(
@@ -77,6 +79,7 @@ class RemoteSteps:
             reply_to=subjects.result_subject(self.replica_id),
             deadline=deadline,
             owner=owner,
+            priority=priority,
         )
         key = (request_id, node_id, 1)
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()

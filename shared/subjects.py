@@ -22,14 +22,64 @@ def _check_token(value: str, what: str) -> str:
     return value
 
 
-def step_subject(kind: StepKind | str, model_id: str) -> str:
-    """`lego.step.<kind>.<model_id>`: one subject per (kind, model), shared by all its replicas."""
-    return f"lego.step.{_check_token(str(kind), 'kind')}.{_check_token(model_id, 'model id')}"
+# Priority bands of a model's steps, highest first: (band, the lowest request priority in it).
+# A step of priority >= 5 goes to `lego.step.<kind>.<model>.high`, with a durable consumer of its
+# own (`<kind>__<model>__high`: a WorkQueue stream needs consumers whose filters do not overlap);
+# the rest keep the band-less subject and consumer that existing streams, deployments and KEDA
+# triggers already name. Replicas pull the bands in this order (shared/priority_pull.py).
+NORMAL_BAND = ""
+PRIORITY_BANDS: tuple[tuple[str, int], ...] = (("high", 5), (NORMAL_BAND, 0))
+BAND_NAMES: tuple[str, ...] = tuple(name for name, _ in PRIORITY_BANDS)
 
 
-def consumer_name(kind: StepKind | str, model_id: str) -> str:
-    """The durable pull consumer that every replica of a model shares (competing consumers)."""
-    return f"{_check_token(str(kind), 'kind')}__{_check_token(model_id, 'model id')}"
+def band_of(priority: int) -> str:
+    """The band a step of `priority` (0-9) queues in."""
+    for name, floor in PRIORITY_BANDS:
+        if priority >= floor:
+            return name
+    return NORMAL_BAND
+
+
+def band_rank(priority: int) -> int:
+    """0 for the highest band; the band of `priority` is served before every band of a larger rank."""
+    return BAND_NAMES.index(band_of(priority))
+
+
+def bands_at_or_above(priority: int) -> tuple[str, ...]:
+    """The bands whose steps a step of `priority` waits behind: its own and the higher ones."""
+    return BAND_NAMES[: band_rank(priority) + 1]
+
+
+def _check_band(band: str) -> str:
+    if band not in BAND_NAMES:
+        raise ValueError(f"unknown priority band {band!r}; known: {BAND_NAMES}")
+    return band
+
+
+def step_subject(kind: StepKind | str, model_id: str, band: str = NORMAL_BAND) -> str:
+    """`lego.step.<kind>.<model_id>[.<band>]`: one subject per (kind, model, band), shared by all its replicas."""
+    base = f"lego.step.{_check_token(str(kind), 'kind')}.{_check_token(model_id, 'model id')}"
+    return f"{base}.{band}" if _check_band(band) else base
+
+
+def consumer_name(kind: StepKind | str, model_id: str, band: str = NORMAL_BAND) -> str:
+    """The durable pull consumer of one band that every replica of a model shares (competing consumers)."""
+    base = f"{_check_token(str(kind), 'kind')}__{_check_token(model_id, 'model id')}"
+    for other in BAND_NAMES:
+        if other and base.endswith(f"__{other}"):
+            raise ValueError(f"model id {model_id!r} may not end in '__{other}': that names a priority band")
+    return f"{base}__{band}" if _check_band(band) else base
+
+
+def parse_consumer_name(name: str) -> tuple[str, str, str] | None:
+    """(kind, model id, band) of a step consumer's name; None for a name `consumer_name` never builds."""
+    kind, sep, rest = name.partition("__")
+    if not sep or not kind or not rest:
+        return None
+    for band in BAND_NAMES:
+        if band and rest.endswith(f"__{band}"):
+            return kind, rest[: -len(band) - 2], band
+    return kind, rest, NORMAL_BAND
 
 
 def result_subject(gateway_id: str) -> str:

@@ -1,6 +1,8 @@
 """The step worker loop every model replica runs: fetch, keep alive, ack / term / nak.
 
-The rules, so that nothing is lost and nothing is answered twice:
+Steps are pulled band by band, higher priority first, lower never starved
+(`priority_pull.PriorityPuller` states the guarantee). The rules, so that nothing is lost and
+nothing is answered twice:
 - a step is acked only after its result is published, so a replica killed mid-step leaves it
   unacked and JetStream redelivers it to another replica after AckWait;
 - long steps send `in_progress()` so a slow but live replica keeps its step;
@@ -19,13 +21,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from shared import tracing
 from shared.bus import Bus
 from shared.messages import ErrorInfo, StepEnvelope, StepKind, StepRequest, StepResult
 from shared.metrics import StepMetrics
+from shared.priority_pull import FAIR_EVERY, PriorityPuller
 
 log = logging.getLogger("lego.worker")
 
@@ -85,6 +87,7 @@ class StepWorker:
         remember: int = 4096,
         cancelled: CancelledRuns | None = None,
         concurrency: int = 1,
+        fair_every: int = FAIR_EVERY,
     ) -> None:
         self.bus = bus
         self.kind = kind
@@ -93,6 +96,7 @@ class StepWorker:
         self.replica_id = replica_id
         # Steps in hand at once: 1, or a batching runner's max batch (it computes them together).
         self.concurrency = max(1, concurrency)
+        self.fair_every = fair_every  # a lower priority band is served at least once in fair_every + 1 steps
         self._running = 0
         self._busy_since = 0.0  # with several steps in hand: when the current busy stretch began
         self._last_done = 0.0
@@ -114,7 +118,8 @@ class StepWorker:
         Up to `concurrency` steps are in hand at once, each handled in its own task; a step is
         fetched only when there is room for it, so the rest stay in the stream for other replicas.
         """
-        psub = await self.bus.pull_subscription(self.kind, self.model_id)
+        puller = PriorityPuller(self.bus, self.kind, self.model_id, self.fair_every)
+        await puller.start()
         log.info(
             "consuming kind=%s model=%s replica=%s concurrency=%d",
             self.kind,
@@ -130,9 +135,7 @@ class StepWorker:
                     await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await psub.fetch(room, timeout=FETCH_POLL_S)
-                except TimeoutError:
-                    continue
+                    msgs = await puller.fetch(room, FETCH_POLL_S)
                 except Exception as exc:
                     if stop.is_set():
                         break
@@ -150,11 +153,7 @@ class StepWorker:
         finally:
             if in_hand:
                 await asyncio.gather(*in_hand, return_exceptions=True)
-            await self._hand_back(psub)
-            try:
-                await psub.unsubscribe()
-            except Exception:
-                pass
+            await puller.close()  # steps delivered but not started go back to the stream now
 
     async def process(self, msg: Msg) -> None:
         """Handle one delivery in its trace span `<kind> <model>` (a child of the span that
@@ -292,21 +291,6 @@ class StepWorker:
         """Fold one step's time into `seconds_per_item` (exponential moving average)."""
         old = self.seconds_per_item
         self.seconds_per_item = seconds if old == 0.0 else (1 - weight) * old + weight * seconds
-
-    async def _hand_back(self, psub: JetStreamContext.PullSubscription) -> None:
-        """On the way out: a step JetStream delivered after the last fetch gave up (a pull that
-        expired as the message arrived) sits in the subscription's buffer; nak it so another
-        replica takes it now instead of after AckWait."""
-        while psub.pending_msgs:
-            try:
-                msgs = await psub.fetch(1, timeout=0.2)  # served from the buffer, no new pull
-            except Exception:
-                return
-            for msg in msgs:
-                try:
-                    await msg.nak()
-                except Exception:
-                    pass
 
     async def _settle(self, msg: Msg, step: StepRequest, result: StepResult) -> None:
         """Publish the step's one result, then ack it (success) or term it (an error no retry fixes)."""

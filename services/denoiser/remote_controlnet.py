@@ -64,6 +64,7 @@ class RemoteControlNet:
                 owner=owner,
                 inputs=inputs,
                 deadline=self.step.deadline,
+                priority=self.step.priority,  # the residuals queue in the request's band
             )
             # GPU residuals come device to device over UCX where offered. Host ones map the
             # producer's segment privately, so freeing it right below leaves them intact.

@@ -65,11 +65,13 @@ class Orchestrator:
         params: dict[str, StepParams],
         timeout_s: float | None = None,
         owner: Owner = NO_OWNER,
+        priority: int = 0,
     ) -> RequestState:
         """Register a request (so it can be followed and cancelled) before it runs; its deadline
         is `timeout_s` from now (default: the server's request timeout). `params`: each node's
         typed step params (`shared.workflows.step_params`), by node id; `owner`: the API key
-        that asked (only it can follow or cancel the request)."""
+        that asked (only it can follow or cancel the request). `priority` (0-9): every step of
+        the request carries it, re-runs included, and queues in its band."""
         missing = [n.id for n in workflow.nodes if n.id not in params]
         if missing:
             raise ValueError(f"workflow {workflow.name!r}: no step params for nodes {missing}")
@@ -82,6 +84,7 @@ class Orchestrator:
             params=params,
             deadline=time.time() + (timeout_s or self.settings.request_timeout_s),
             owner=owner,
+            priority=priority,
         )
         self._remember(state)
         self.runs[state.run_id] = state
@@ -143,7 +146,7 @@ class Orchestrator:
         """Whatever the outcome: end its span, count it, and free what the mesh holds for it."""
         status = RunStatus.FAILED if state.running else state.status
         state.trace.close({"lego.status": status.value}, error=state.error.code if state.error else None)
-        metrics.request_finished(state.workflow.name, status.value, time.time() - state.created)
+        metrics.request_finished(state.workflow.name, status.value, time.time() - state.created, state.priority)
         if state.owner.name:
             metrics.key_request_finished(state.owner.name, status.value, sum(state.nodes.compute_s.values()))
         for seq in state.nodes.step_seqs:
@@ -182,6 +185,7 @@ class Orchestrator:
                 progress_to=subjects.progress_subject(self.gateway_id),
                 deadline=state.deadline,
                 attempt=state.nodes.attempt(node.id),
+                priority=state.priority,
             )
             state.nodes.started.add(node.id)
             state.nodes.published_at[node.id] = time.perf_counter()
@@ -269,13 +273,14 @@ class Orchestrator:
 
     def queue_position(self, state: RequestState) -> int:
         """Requests ahead of this one for its base model, as this gateway sees them (0: it is
-        being served, or has passed the denoiser)."""
+        being served, or has passed the denoiser). Ahead: those of a higher priority band, those
+        of its band that came earlier, and lower-band ones the denoiser already serves."""
         denoise = _denoise_node(state.workflow)
         if denoise is None or not state.running or denoise.id in state.nodes.done or state.denoising.step > 0:
             return 0
         ahead = 0
         for other in self.runs.values():
-            if other is state or other.created > state.created or not other.running:
+            if other is state or not other.running or not _served_before(other, state):
                 continue
             other_denoise = _denoise_node(other.workflow)
             if other_denoise is None or other_denoise.id in other.nodes.done:
@@ -291,6 +296,15 @@ class Orchestrator:
         state.move_to(RunStatus.CANCELLED if error.code == "cancelled" else RunStatus.FAILED)
         state.log.emit({"type": "error", "code": error.code, "message": error.message})
         log.info("request %s failed: %s %s", state.request_id, error.code, error.message)
+
+
+def _served_before(other: RequestState, state: RequestState) -> bool:
+    """Whether `other` gets the denoiser before `state`: by priority band, then by arrival
+    (lower-band requests only when already being denoised)."""
+    mine, theirs = subjects.band_rank(state.priority), subjects.band_rank(other.priority)
+    if theirs != mine:
+        return theirs < mine or other.denoising.step > 0
+    return other.created <= state.created
 
 
 def _denoise_node(workflow: WorkflowSpec) -> NodeSpec | None:

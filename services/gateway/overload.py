@@ -7,6 +7,12 @@ make it is refused): for each model of the workflow, the steps queued or in hand
 consumer, times the step time its replicas measure, spread over its replicas; the request
 must wait at least the largest of these before its own step of that model can start. Models
 without a measured step time, or without live replicas, count as no wait.
+
+Priority: a step waits only behind steps of its own priority band and the higher ones (a
+replica asks the higher bands first, `shared/priority_pull.py`), so a request counts only
+that backlog: a priority-9 request is not refused for a queue of priority-0 work. (Lower-band
+steps already in hand on a replica do delay it a little; leaving them out keeps the estimate
+low, as above.)
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from services.gateway.errors import APIError
+from shared import subjects
 from shared.bus import Bus
 from shared.messages import ReplicaInfo
 from shared.presence import live_replicas
@@ -32,12 +39,21 @@ class ModelLoad:
     # Measured, averaged over its replicas (0: none yet). A batching replica measures the busy
     # time between completions, so this is per step whatever its batch size.
     seconds_per_item: float
+    bands: tuple[tuple[str, int], ...] = ()  # (priority band, backlog) of each band's consumer
 
-    def wait_s(self) -> float:
-        """Seconds until a new step could start here, at the least."""
-        if self.replicas == 0 or self.seconds_per_item <= 0 or self.backlog == 0:
+    def ahead_of(self, priority: int) -> int:
+        """The steps a new step of `priority` waits behind: its band's and the higher bands'."""
+        if not self.bands:
+            return self.backlog
+        counted = subjects.bands_at_or_above(priority)
+        return sum(n for band, n in self.bands if band in counted)
+
+    def wait_s(self, priority: int = 0) -> float:
+        """Seconds until a new step of `priority` could start here, at the least."""
+        ahead = self.ahead_of(priority)
+        if self.replicas == 0 or self.seconds_per_item <= 0 or ahead == 0:
             return 0.0
-        return self.backlog * self.seconds_per_item / max(1, self.replicas)
+        return ahead * self.seconds_per_item / max(1, self.replicas)
 
 
 class LoadView:
@@ -63,7 +79,9 @@ class LoadView:
         loads = {}
         for c in await self.bus.step_consumers():
             count, step_s = serving(replicas, c.kind, c.model_id)
-            loads[(c.kind, c.model_id)] = ModelLoad(backlog=c.backlog, replicas=count, seconds_per_item=step_s)
+            loads[(c.kind, c.model_id)] = ModelLoad(
+                backlog=c.backlog, replicas=count, seconds_per_item=step_s, bands=c.bands
+            )
         return loads
 
 
@@ -74,19 +92,23 @@ def serving(replicas: list[ReplicaInfo], kind: str, model_id: str) -> tuple[int,
     return len(mine), (sum(measured) / len(measured) if measured else 0.0)
 
 
-def queue_wait_s(loads: dict[tuple[str, str], ModelLoad], workflow: WorkflowSpec) -> tuple[float, str]:
-    """The least a new request of `workflow` must wait, and the model it waits on ("" if none)."""
+def queue_wait_s(
+    loads: dict[tuple[str, str], ModelLoad], workflow: WorkflowSpec, priority: int = 0
+) -> tuple[float, str]:
+    """The least a new request of `workflow` and `priority` must wait, and the model it waits on
+    ("" if none)."""
     worst, where = 0.0, ""
     for node in workflow.nodes:
         load = loads.get((str(node.kind), node.model))
-        if load is not None and load.wait_s() > worst:
-            worst, where = load.wait_s(), node.model
+        if load is not None and load.wait_s(priority) > worst:
+            worst, where = load.wait_s(priority), node.model
     return worst, where
 
 
-async def refuse_if_overloaded(view: LoadView, workflow: WorkflowSpec, deadline_s: float) -> None:
-    """Raise a 429 (with Retry-After) when the backlog alone outlasts the request's deadline."""
-    wait, model = queue_wait_s(await view.loads(), workflow)
+async def refuse_if_overloaded(view: LoadView, workflow: WorkflowSpec, deadline_s: float, priority: int = 0) -> None:
+    """Raise a 429 (with Retry-After) when the backlog a request of `priority` waits behind
+    alone outlasts its deadline."""
+    wait, model = queue_wait_s(await view.loads(), workflow, priority)
     if wait <= deadline_s:
         return
     retry_after = max(1, math.ceil(wait - deadline_s))

@@ -130,6 +130,7 @@ class RequestState:
     params: dict[str, StepParams]  # each node's typed step params, by node id
     deadline: float
     owner: Owner = NO_OWNER
+    priority: int = 0  # 0-9: its steps' band (higher served first), carried by every step it publishes
     created: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: RunStatus = field(default=RunStatus.RUNNING, init=False)  # changed only by `move_to`

@@ -14,7 +14,7 @@ import pytest
 from shared.bus import Bus
 from shared.messages import EncodeParams, StepKind, StepRequest, StepResult, VaeDecodeParams
 from shared.settings import Settings
-from shared.subjects import result_subject, step_subject
+from shared.subjects import band_of, result_subject, step_subject
 from shared.worker import BadStepInput, StepWorker
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -178,8 +178,10 @@ async def test_expired_step_is_answered_with_deadline_error(nats_server):
         assert result.error.code == "deadline_exceeded"
 
 
-async def test_gateway_fails_a_request_whose_replicas_all_died(nats_server):
-    """A step JetStream gives up on (MaxDeliver reached, never acked) fails the request: no hang."""
+@pytest.mark.parametrize("priority", [0, 9])
+async def test_gateway_fails_a_request_whose_replicas_all_died(nats_server, priority):
+    """A step JetStream gives up on (MaxDeliver reached, never acked) fails the request: no hang,
+    whichever priority band the step queued in."""
     from services.gateway.orchestrator import Orchestrator, RequestFailed
     from shared.tensor_plane import TensorPlane
     from shared.workflows.spec import NodeSpec, WorkflowSpec
@@ -193,7 +195,7 @@ async def test_gateway_fails_a_request_whose_replicas_all_died(nats_server):
     orchestrator = Orchestrator(bus, plane, settings)
     await orchestrator.start()
     # A "replica" that takes the step and dies every time: fetches, never acks.
-    psub = await bus.pull_subscription(StepKind.ENCODE, "m1")
+    psub = await bus.pull_subscription(StepKind.ENCODE, "m1", band_of(priority))
 
     async def dying_replica() -> None:
         while True:
@@ -207,7 +209,8 @@ async def test_gateway_fails_a_request_whose_replicas_all_died(nats_server):
     try:
         t0 = time.monotonic()
         with pytest.raises(RequestFailed) as info:
-            await orchestrator.execute(orchestrator.create("req-1", spec, {"a": EncodeParams(prompt="a cat")}))
+            params = {"a": EncodeParams(prompt="a cat")}
+            await orchestrator.execute(orchestrator.create("req-1", spec, params, priority=priority))
         assert info.value.error.code == "step_exhausted"
         assert time.monotonic() - t0 < 30
     finally:

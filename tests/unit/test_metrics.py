@@ -145,3 +145,14 @@ def test_backlog_is_sampled_until_stop() -> None:
     text = metrics.render()[0].decode()
     assert sample(text, "lego_backlog_steps", kind="encode", model="m-backlog", state="pending") == 7
     assert sample(text, "lego_backlog_steps", kind="encode", model="m-backlog", state="ack_pending") == 1
+
+
+def test_requests_are_counted_by_priority_band() -> None:
+    text = metrics.render()[0].decode()
+    before = sample(text, "lego_priority_requests_total", band="high", status="succeeded") or 0.0
+    metrics.request_started("wf-test")
+    metrics.request_finished("wf-test", "succeeded", 1.0, priority=9)
+    metrics.request_refused("wf-test", "overloaded", priority=0)
+    text = metrics.render()[0].decode()
+    assert sample(text, "lego_priority_requests_total", band="high", status="succeeded") == before + 1
+    assert (sample(text, "lego_priority_requests_total", band="normal", status="overloaded") or 0) >= 1

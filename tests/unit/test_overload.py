@@ -13,7 +13,7 @@ from shared.workflows.catalogue import catalogue
 
 class FixedView:
     def __init__(self, loads: dict[tuple[str, str], ModelLoad]) -> None:
-        self._loads = loads
+        self._loads = self.fixed = loads
 
     async def loads(self) -> dict[tuple[str, str], ModelLoad]:
         return self._loads
@@ -49,3 +49,15 @@ def test_a_request_that_cannot_make_its_deadline_gets_429_with_retry_after() -> 
     assert refused.value.headers == {"Retry-After": "4"}
     assert "sd3-transformer" in refused.value.message and "timeout_s" in refused.value.message
     asyncio.run(refuse_if_overloaded(view, catalogue()["sd3"], deadline_s=6.0))  # type: ignore[arg-type]
+
+
+def test_a_high_priority_request_counts_only_equal_or_higher_priority_work() -> None:
+    """60 normal steps queued (a minute of work) and 2 high ones: a priority-9 request waits
+    behind the 2 only, so a 10 s deadline admits it while a priority-0 one gets 429."""
+    load = ModelLoad(backlog=62, replicas=1, seconds_per_item=1.0, bands=(("high", 2), ("", 60)))
+    view = FixedView({("denoise", "sd3-transformer"): load})
+    assert queue_wait_s(view.fixed, catalogue()["sd3"], priority=9) == (2.0, "sd3-transformer")
+    asyncio.run(refuse_if_overloaded(view, catalogue()["sd3"], deadline_s=10.0, priority=9))  # type: ignore[arg-type]
+    with pytest.raises(APIError) as refused:
+        asyncio.run(refuse_if_overloaded(view, catalogue()["sd3"], deadline_s=10.0, priority=0))  # type: ignore[arg-type]
+    assert refused.value.status == 429

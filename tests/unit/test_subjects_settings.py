@@ -38,3 +38,20 @@ def test_settings_from_flags_takes_the_flags_named_after_a_setting(monkeypatch):
     flags = argparse.Namespace(nats_url="nats://flag:1", device=None, models="a,b", autoscale_cooldown_s=2.0)
     s = Settings.from_flags(flags)
     assert (s.nats_url, s.device, s.log_level, s.autoscale_cooldown_s) == ("nats://flag:1", "cuda:1", "DEBUG", 2.0)
+
+
+def test_priority_bands_name_their_own_subjects_and_consumers():
+    """Priority 5-9 queues on the high band's subject and consumer; 0-4 keep the band-less
+    names existing streams and KEDA triggers use. Consumer names parse back to (kind, model, band)."""
+    assert [subjects.band_of(p) for p in (0, 4, 5, 9)] == ["", "", "high", "high"]
+    assert subjects.step_subject("denoise", "sd3-transformer", "high") == "lego.step.denoise.sd3-transformer.high"
+    high = subjects.consumer_name("vae_decode", "sd3-vae", "high")
+    assert high == "vae_decode__sd3-vae__high"
+    assert subjects.parse_consumer_name(high) == ("vae_decode", "sd3-vae", "high")
+    assert subjects.parse_consumer_name("denoise__sd3-transformer") == ("denoise", "sd3-transformer", "")
+    assert subjects.parse_consumer_name("pipeline") is None
+    assert subjects.bands_at_or_above(9) == ("high",) and subjects.bands_at_or_above(0) == ("high", "")
+    with pytest.raises(ValueError, match="priority band"):
+        subjects.step_subject("encode", "t5", "urgent")
+    with pytest.raises(ValueError, match="names a priority band"):
+        subjects.consumer_name("encode", "t5__high")

@@ -65,13 +65,15 @@ async def generate(
     rate_limiter.take(caller)
     admitted = await asyncio.to_thread(admit, body, workflow)
     try:
-        await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s)
+        await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s, body.priority)
     except APIError:
-        metrics.request_refused(workflow.name, "overloaded")
+        metrics.request_refused(workflow.name, "overloaded", body.priority)
         raise
     check_in_flight(caller, orchestrator.running_for(owner))  # no await from here to create: no race
     try:
-        state = orchestrator.create(request_id, workflow, admitted.steps, timeout_s=body.timeout_s, owner=owner)
+        state = orchestrator.create(
+            request_id, workflow, admitted.steps, timeout_s=body.timeout_s, owner=owner, priority=body.priority
+        )
     except RequestFailed as exc:
         raise APIError(409, exc.error.code, exc.error.message) from exc
     if body.wait:

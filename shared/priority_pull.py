@@ -1,0 +1,212 @@
+"""Pulling a model's steps band by band: higher priority first, lower never starved.
+
+Each (kind, model) has one durable consumer per priority band (`subjects.PRIORITY_BANDS`),
+shared by all its replicas. A replica asks the bands in order with a no-wait pull ("anything
+now?"), so a waiting high-priority step is taken before any normal one, whatever their order
+of arrival. When no band has work it lingers on every band at once and takes whichever step
+comes first.
+
+The anti-starvation guarantee (a deterministic credit, no clock): a lower band is asked
+first once `fair_every` (N, default 4) steps have been taken from higher bands since it was
+last asked first. So while a lower band has steps waiting, each replica takes at least one of
+them in every N + 1 steps (N + a batch's size for a replica that takes several steps at once):
+under a stream of high-priority work that never lets up, normal requests still get at least
+1/(N+1) of every replica and finish; they wait longer, they never wait forever.
+
+Why pulls of our own instead of nats.py's `fetch`: `fetch(1)` cannot ask "anything now?"
+without lingering, and a lingering pull cannot be called off. Here each lingering pull has an
+inbox of its own, dropped as soon as any band delivers: JetStream skips a waiting pull whose
+inbox nobody listens to, so the step goes to another replica instead of to this busy one. A
+step that another band delivered in that same instant is held (kept alive with `in_progress`)
+and served first at the next fetch: at most one a band, already delivered to this replica.
+(One still on the wire as its inbox is dropped is redelivered after AckWait, as when a replica
+dies mid-step: late, never lost.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import StepKind
+
+FAIR_EVERY = 4  # a lower band is asked first after this many steps taken from higher bands
+PROBE_TIMEOUT_S = 5.0  # a no-wait pull the server never answered (a reconnect): treat as empty
+
+
+class BandPull:
+    """One band's durable consumer, pulled through an inbox of this replica's own. At most one
+    pull is outstanding at a time, so every status answer belongs to the pull in hand."""
+
+    def __init__(self, bus: Bus, kind: StepKind | str, model_id: str, band: str) -> None:
+        self.bus = bus
+        self.kind = kind
+        self.model_id = model_id
+        self.band = band
+        self._next = ""
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        durable = await self.bus.ensure_consumer(self.kind, self.model_id, self.band)
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STEP_STREAM}.{durable}"
+        self._sub = await self.bus.nc.subscribe(self.bus.nc.new_inbox())
+
+    async def now(self, batch: int) -> list[Msg]:
+        """Up to `batch` steps waiting in this band now; none if it is empty (no waiting)."""
+        assert self._sub is not None, "BandPull.start() was not awaited"
+        await self.ask({"batch": batch, "no_wait": True}, self._sub.subject)
+        msgs: list[Msg] = []
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + PROBE_TIMEOUT_S
+        while len(msgs) < batch:
+            try:
+                msg = await self._sub.next_msg(timeout=max(0.01, give_up - loop.time()))
+            except TimeoutError:
+                break
+            status = JetStreamContext.is_status_msg(msg)
+            if status == "100":  # a heartbeat: the pull is still open
+                continue
+            if status:  # 404 no messages, 408 expired, 409 the consumer changed: this pull is over
+                break
+            msgs.append(msg)
+        return msgs
+
+    async def ask(self, request: dict[str, object], inbox: str) -> None:
+        """Send a pull request for this band's consumer, answered on `inbox`."""
+        await self.bus.nc.publish(self._next, json.dumps(request).encode(), reply=inbox)
+
+    async def close(self) -> None:
+        """Hand back (nak) a step that arrived after its pull gave up, then drop the inbox."""
+        if self._sub is None:
+            return
+        while self._sub.pending_msgs:
+            try:
+                msg = await self._sub.next_msg(timeout=0.1)
+            except TimeoutError:
+                break
+            if not JetStreamContext.is_status_msg(msg):
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+        self._sub = None
+
+
+class PriorityPuller:
+    """Fetches a (kind, model)'s steps for one replica: held steps first, then the bands in
+    priority order (a lower band first when its credit says so), lingering on all when empty."""
+
+    def __init__(self, bus: Bus, kind: StepKind | str, model_id: str, fair_every: int = FAIR_EVERY) -> None:
+        self.bus = bus
+        self.bands = [BandPull(bus, kind, model_id, band) for band in subjects.BAND_NAMES]  # highest first
+        self.fair_every = max(1, fair_every)
+        self.keep_alive_s = max(0.2, bus.settings.ack_wait_s / 3)
+        # passed[i]: steps taken from bands above band i since band i was last asked first
+        self._passed = [0] * len(self.bands)
+        self._held: dict[int, list[tuple[Msg, asyncio.Task[None]]]] = {i: [] for i in range(len(self.bands))}
+
+    async def start(self) -> None:
+        for band in self.bands:
+            await band.start()
+
+    def order(self) -> list[int]:
+        """Band indexes in the order to ask them: owed lower bands (most owed first), then the rest by rank."""
+        owed = sorted(
+            (i for i in range(1, len(self.bands)) if self._passed[i] >= self.fair_every), key=lambda i: -self._passed[i]
+        )
+        return owed + [i for i in range(len(self.bands)) if i not in owed]
+
+    async def fetch(self, room: int, linger_s: float) -> list[Msg]:
+        """Up to `room` steps, or none after about `linger_s` without any."""
+        order = self.order()
+        msgs = self._take_held(order, room)
+        if msgs:
+            return msgs
+        asked: list[int] = []
+        for i in order:
+            msgs = await self.bands[i].now(room)
+            if msgs:
+                self._took(i, len(msgs), asked)
+                return msgs
+            asked.append(i)
+        await self._linger(linger_s)
+        return self._take_held(self.order(), room)
+
+    async def _linger(self, linger_s: float) -> None:
+        """One lingering pull a band, each on an inbox of its own; when the first step arrives
+        (or every pull ends) the inboxes are dropped, which calls the other pulls off."""
+        nc = self.bus.nc
+        woken = asyncio.Event()
+        ended = [0]
+        subs: list[Subscription] = []
+
+        def on_answer(i: int) -> Callable[[Msg], Awaitable[None]]:
+            async def landed(msg: Msg) -> None:
+                status = JetStreamContext.is_status_msg(msg)
+                if status == "100":  # a heartbeat
+                    return
+                if status:  # expired, or the consumer changed: this band's pull is over
+                    ended[0] += 1
+                else:
+                    self._held[i].append((msg, asyncio.create_task(self._keep_alive(msg))))
+                if not status or ended[0] == len(self.bands):
+                    woken.set()
+
+            return landed
+
+        try:
+            for i, band in enumerate(self.bands):
+                sub = await nc.subscribe(nc.new_inbox(), cb=on_answer(i))
+                subs.append(sub)
+                await band.ask({"batch": 1, "expires": int(linger_s * 1e9)}, sub.subject)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), linger_s + PROBE_TIMEOUT_S)
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    def _took(self, i: int, count: int, asked: list[int]) -> None:
+        """Credit: band `i` was served; bands asked before it had nothing (they are owed nothing);
+        every lower band not asked has `count` more steps passed over it."""
+        for j in [*asked, i]:
+            self._passed[j] = 0
+        for j in range(i + 1, len(self.bands)):
+            if j not in asked:
+                self._passed[j] += count
+
+    def _take_held(self, order: list[int], room: int) -> list[Msg]:
+        out: list[Msg] = []
+        for i in order:
+            while self._held[i] and len(out) < room:
+                msg, keepalive = self._held[i].pop(0)
+                keepalive.cancel()
+                out.append(msg)
+                self._took(i, 1, [])
+        return out
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.keep_alive_s)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def close(self) -> None:
+        """Hand back (nak) held steps and close the inboxes: another replica takes those steps
+        now instead of after AckWait."""
+        for held in self._held.values():
+            for msg, keepalive in held:
+                keepalive.cancel()
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            held.clear()
+        for band in self.bands:
+            await band.close()

@@ -14,6 +14,8 @@ from fastapi import FastAPI
 
 from services.gateway.answering import InFlight
 from services.gateway.errors import install_error_handlers
+from services.gateway.limits import BodyLimits
+from services.gateway.openapi import COMMON_ERRORS, install_openapi
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
 from services.gateway.routers import health, images, models, requests, status
@@ -54,6 +56,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.in_flight = InFlight()  # async requests being answered
     install_error_handlers(app)
+    # Outermost but for Starlette's own error middleware: a body is measured before any route reads it.
+    app.add_middleware(BodyLimits, max_body_bytes=settings.max_body_bytes)
     for router in (status, health, models, images, requests):
-        app.include_router(router.router)
+        app.include_router(router.router, responses=COMMON_ERRORS)
+    install_openapi(app, settings.default_workflow)
     return app

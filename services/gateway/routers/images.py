@@ -26,7 +26,12 @@ from shared.workflows.spec import WorkflowSpec
 router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 429, 502, 504)
+    404: {"model": ErrorResponse, "description": "unknown workflow"},
+    413: {"model": ErrorResponse, "description": "body over the limit, or a control image of too many pixels"},
+    409: {"model": ErrorResponse, "description": "a request with this X-Request-Id is running"},
+    429: {"model": ErrorResponse, "description": "its models have more work queued than its deadline (Retry-After)"},
+    502: {"model": ErrorResponse, "description": "a service failed the request"},
+    504: {"model": ErrorResponse, "description": "its deadline passed before it finished (deadline_exceeded)"},
 }
 
 
@@ -41,7 +46,11 @@ async def generate(
     orchestrator: OrchestratorDep,
     load_view: LoadViewDep,
     in_flight: InFlightDep,
-    x_request_id: str | None = Header(None, description="optional id to follow the request's progress"),
+    x_request_id: str | None = Header(
+        None,
+        description="optional id to follow the request's progress: 1-64 letters, digits, '-' or '_' (else 400)",
+        json_schema_extra={"pattern": _REQUEST_ID.pattern},
+    ),
 ) -> ImageGenerationResponse | JSONResponse:
     """Generate images. With `wait: false` answer 202 at once; follow the request's
     `events_url` (server-sent events) or poll its `status_url` for the images."""
@@ -49,7 +58,7 @@ async def generate(
     if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
         raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
     request_id = x_request_id or uuid.uuid4().hex
-    admitted = await asyncio.to_thread(admit, body, workflow)
+    admitted = await asyncio.to_thread(admit, body, workflow, settings.max_image_pixels)
     try:
         await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s)
     except APIError:

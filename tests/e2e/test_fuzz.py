@@ -210,6 +210,7 @@ def _settle(url: str, ids: list[str], print_line: Callable[[str], None]) -> None
     print_line("fuzz: the mesh still had a backlog 120 s after the fuzzer stopped")
 
 
+@pytest.mark.timeout(600 + int(CASES * 0.5))  # about 0.3 s a case on a 2-core box
 def test_fuzz_the_gateway_from_its_openapi_document(mesh, fuzz_api_key, pytestconfig):
     doc = httpx.get(f"{mesh.url}/openapi.json", timeout=30).json()
     schema = schemathesis.openapi.from_dict(doc)

@@ -89,7 +89,7 @@ class Settings:
     # Hostile input (gateway)
     max_body_bytes: int = 16 * 1024 * 1024  # a larger request body is refused with 413
     max_image_pixels: int = 1024 * 1024  # a control image that decodes larger is refused before decoding
-    min_timeout_s: float = 1.0  # a timeout_s below this is refused with 422: no server could meet it
+    # (the shortest timeout_s a request may set is the API schema's MIN_TIMEOUT_S, 1 s: the OpenAPI document states it)
     log_level: str = "INFO"
 
     @classmethod

@@ -2,8 +2,8 @@
 
 Why here and not in the schemas: whether `controlnet`, `loras` or a negative prompt are
 allowed, and which names are valid, depends on the chosen workflow. Every refusal is a 422
-that names what was wrong and what is accepted; nothing reaches the mesh that a service would
-have to refuse later.
+that names what was wrong and what is accepted (a control image too large to decode is a 413);
+nothing reaches the mesh that a service would have to refuse later.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from services.gateway.encoding import DEFAULT_QUALITY, ImageEncoding
 from services.gateway.errors import APIError
 from services.gateway.schemas import ImageGenerationRequest, parse_size
 from shared.messages import ControlNetChoice, LoraChoice, StepParams
+from shared.settings import Settings
 from shared.tensor_plane import RawTensor
 from shared.workflows.catalogue import catalogue
 from shared.workflows.spec import WorkflowSpec
 from shared.workflows.step_params import RequestParams, step_params
 from shared.workflows.variants import CONTROL_IMAGE
-
-MAX_CONTROL_IMAGE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -41,14 +40,17 @@ def _invalid(message: str) -> APIError:
     return APIError(422, "invalid_request", message)
 
 
-def admit(body: ImageGenerationRequest, workflow: WorkflowSpec) -> Admitted:
-    """Validate `body` for `workflow` (raises APIError 422) and build its params; decodes the
-    control image, so call it off the event loop."""
+def admit(
+    body: ImageGenerationRequest, workflow: WorkflowSpec, max_image_pixels: int = Settings.max_image_pixels
+) -> Admitted:
+    """Validate `body` for `workflow` (raises APIError 422, or 413 for a control image of more
+    than `max_image_pixels`) and build its params; decodes the control image, so call it off
+    the event loop."""
     width, height = parse_size(body.size)
     tensors: dict[str, RawTensor] = {}
     controlnet = None
     if workflow.controlnets:
-        controlnet, tensors[CONTROL_IMAGE] = _controlnet(body, workflow, width, height)
+        controlnet, tensors[CONTROL_IMAGE] = _controlnet(body, workflow, width, height, max_image_pixels)
     elif body.controlnet is not None:
         raise _invalid(f"workflow {workflow.name!r} takes no controlnet" + _variant_hint(workflow, "-controlnet"))
     if not workflow.loras and body.loras:
@@ -88,7 +90,7 @@ def _encoding(body: ImageGenerationRequest) -> ImageEncoding:
 
 
 def _controlnet(
-    body: ImageGenerationRequest, workflow: WorkflowSpec, width: int, height: int
+    body: ImageGenerationRequest, workflow: WorkflowSpec, width: int, height: int, max_pixels: int
 ) -> tuple[ControlNetChoice, RawTensor]:
     cn = body.controlnet
     if cn is None:
@@ -101,33 +103,65 @@ def _controlnet(
         raise _invalid(
             f"unknown controlnet {model!r} for workflow {workflow.name!r}; known: {', '.join(workflow.controlnets)}"
         )
-    pixels = decode_control_image(cn.image, width, height)
+    pixels = decode_control_image(cn.image, width, height, max_pixels)
     return ControlNetChoice(model=model, conditioning_scale=cn.conditioning_scale), pixels
 
 
-def decode_control_image(b64: str, width: int, height: int) -> RawTensor:
+def decode_control_image(b64: str, width: int, height: int, max_pixels: int = Settings.max_image_pixels) -> RawTensor:
     """base64 PNG/JPEG -> uint8 (H, W, 3). It must already have the requested size: resizing
-    silently would move the edges the ControlNet follows."""
+    silently would move the edges the ControlNet follows.
+
+    Hostile images: only the header is read before the checks (Pillow decodes lazily), so a
+    few-KB PNG that would decode to 20000x20000 is refused without allocating its pixels; and
+    only PNG and JPEG decoders are tried, not every format Pillow knows. The body's size
+    is bounded already (LEGO_MAX_BODY_BYTES)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    if len(b64) > MAX_CONTROL_IMAGE_BYTES * 4 // 3 + 4:
-        raise _invalid(f"controlnet.image is larger than {MAX_CONTROL_IMAGE_BYTES // 2**20} MiB")
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise _invalid("controlnet.image is not valid base64") from None
+    if (header := _png_size(data)) is not None:
+        _check_control_size(header, width, height, max_pixels)
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.size != (width, height):
-                raise _invalid(
-                    f"controlnet.image is {img.size[0]}x{img.size[1]} but size is {width}x{height}; "
-                    "send a control image of the requested size"
-                )
+        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as img:
+            _check_control_size(img.size, width, height, max_pixels)
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own limit (far above ours), met while reading the header
+        raise _too_large(None, max_pixels) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise _invalid("controlnet.image is not a PNG or JPEG image") from None
     return RawTensor.from_numpy(np.asarray(rgb, dtype=np.uint8))
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """A PNG's (width, height) from its first chunk (IHDR), or None for anything else: read
+    here so the error can name the size before Pillow's own bomb check refuses it unnamed."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _check_control_size(size: tuple[int, int], width: int, height: int, max_pixels: int) -> None:
+    """From the image's header: refuse more pixels than the limit (413), then another size (422)."""
+    if size[0] * size[1] > max_pixels:
+        raise _too_large(size, max_pixels)
+    if size != (width, height):
+        raise _invalid(
+            f"controlnet.image is {size[0]}x{size[1]} but size is {width}x{height}; "
+            "send a control image of the requested size"
+        )
+
+
+def _too_large(size: tuple[int, int] | None, max_pixels: int) -> APIError:
+    what = f"{size[0]}x{size[1]} ({size[0] * size[1]} pixels)" if size else "far more pixels"
+    return APIError(
+        413,
+        "image_too_large",
+        f"controlnet.image is {what}, more than the gateway decodes ({max_pixels} pixels, LEGO_MAX_IMAGE_PIXELS); "
+        "send a control image of the requested size",
+    )
 
 
 def _loras(body: ImageGenerationRequest, workflow: WorkflowSpec) -> list[LoraChoice]:

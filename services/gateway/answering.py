@@ -33,13 +33,20 @@ async def answer(
     encoding: ImageEncoding = ImageEncoding(),
 ) -> ImageGenerationResponse:
     """Run a created request to its answer (or raise APIError); the answer is kept on the
-    request for async callers and streamed as its final `result` event."""
+    request for async callers and streamed as its final `result` event.
+
+    A deadline that passes is a 504 (`deadline_exceeded`), whether the client set it or the
+    server did: the gateway asked its upstream services and did not get their answer in time,
+    which is what 504 means. A 4xx would say the request was wrong, and it was not: any
+    timeout_s the schema accepts (1 s and up) can be met by a mesh with capacity, and a request
+    that surely cannot be met is refused before it starts with 429 (overload). Which deadline
+    passed, and where the request was, is in the message."""
     try:
         images = await orchestrator.execute(state, tensors)
     except TimeoutError:
-        raise APIError(  # noqa: B904 - the timeout itself is the whole story
-            504, "deadline_exceeded", "the request did not finish in time; is every service running?"
-        )
+        error = state.error
+        message = error.message if error is not None else "the request did not finish in time"
+        raise APIError(504, "deadline_exceeded", message)  # noqa: B904 - the timeout itself is the whole story
     except RequestFailed as exc:
         raise APIError(STATUS_OF_ERROR.get(exc.error.code, 502), exc.error.code, exc.error.message) from exc
     attributes = {"lego.images": images.shape[0] if images.shape else 0, "lego.format": encoding.format}

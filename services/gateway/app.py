@@ -19,6 +19,8 @@ from services.gateway.keys.bootstrap import ensure_admin_key
 from services.gateway.keys.limits import RateLimiter
 from services.gateway.keys.model import Scope
 from services.gateway.keys.store import KeyStore
+from services.gateway.limits import BodyLimits
+from services.gateway.openapi import COMMON_ERRORS, install_openapi
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
 from services.gateway.routers import health, images, keys, models, requests, status
@@ -78,6 +80,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.in_flight = InFlight()  # async requests being answered
     app.state.rate_limiter = RateLimiter()
     install_error_handlers(app)
+    # Outermost but for Starlette's own error middleware: a body is measured before any route reads it.
+    app.add_middleware(BodyLimits, max_body_bytes=settings.max_body_bytes)
     for router, scope in ROUTERS:
-        app.include_router(router, dependencies=guard(scope))
+        app.include_router(router, dependencies=guard(scope), responses=COMMON_ERRORS)
+    install_openapi(app, settings.default_workflow)
     return app

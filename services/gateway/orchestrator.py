@@ -85,6 +85,7 @@ class Orchestrator:
             deadline=time.time() + (timeout_s or self.settings.request_timeout_s),
             owner=owner,
             priority=priority,
+            timeout_s=timeout_s,
         )
         self._remember(state)
         self.runs[state.run_id] = state
@@ -107,14 +108,7 @@ class Orchestrator:
         try:
             return await self._run_to_output(state)
         except TimeoutError:
-            self._fail(
-                state,
-                ErrorInfo(
-                    code="deadline_exceeded",
-                    message=f"no result within {state.deadline - state.created:.0f}s; the mesh may lack replicas",
-                    retryable=True,
-                ),
-            )
+            self._fail(state, self._deadline_error(state))
             raise
         except asyncio.CancelledError:  # the client went away: free the mesh's work for it
             self._fail(state, ErrorInfo(code="cancelled", message="the client disconnected"))
@@ -154,6 +148,21 @@ class Orchestrator:
         self.runs.pop(state.run_id, None)
         self.plane.release(state.run_id)
         await self.bus.publish_release(state.run_id)
+
+    def _deadline_error(self, state: RequestState) -> ErrorInfo:
+        """Whose deadline passed, and where the request was. A deadline the client set is the
+        client's to widen; the server's own timeout passing hints at a service missing."""
+        if state.timeout_s is not None:
+            message = (
+                f"the request's deadline (timeout_s={state.timeout_s:g}) passed before it finished "
+                f"({state.progress()}); allow more time with timeout_s"
+            )
+        else:
+            message = (
+                f"the request did not finish in time (the server's timeout, {self.settings.request_timeout_s:g}s; "
+                f"{state.progress()}); is every service running?"
+            )
+        return ErrorInfo(code="deadline_exceeded", message=message, retryable=True)
 
     def _remember(self, state: RequestState) -> None:
         handle = (state.owner.key_id, state.request_id)

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from shared import tracing
-from shared.messages import ErrorInfo, StepParams, TensorRef
+from shared.messages import ErrorInfo, StepKind, StepParams, TensorRef
 from shared.workflows.spec import WorkflowSpec
 
 
@@ -131,6 +131,7 @@ class RequestState:
     deadline: float
     owner: Owner = NO_OWNER
     priority: int = 0  # 0-9: its steps' band (higher served first), carried by every step it publishes
+    timeout_s: float | None = None  # the deadline the client set (None: the server's request timeout)
     created: float = field(default_factory=time.time)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: RunStatus = field(default=RunStatus.RUNNING, init=False)  # changed only by `move_to`
@@ -159,3 +160,13 @@ class RequestState:
     @property
     def running(self) -> bool:
         return self.status is RunStatus.RUNNING
+
+    def progress(self) -> str:
+        """Where the request is, for a message: the denoising step, or the nodes it waits on."""
+        in_flight = [n for n in self.workflow.nodes if n.id in self.nodes.started and n.id not in self.nodes.done]
+        denoiser = next((n.model for n in in_flight if n.kind == StepKind.DENOISE), None)
+        if denoiser is not None and self.denoising.total:
+            return f"step {self.denoising.step}/{self.denoising.total} of {denoiser}"
+        if in_flight:
+            return "waiting for " + ", ".join(f"{n.id} ({n.model})" for n in in_flight)
+        return f"{len(self.nodes.done)} of {len(self.workflow.nodes)} steps done"

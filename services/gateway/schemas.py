@@ -8,24 +8,44 @@ strict: `"n": "2"` is an error, not a guess.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.gateway.encoding import DEFAULT_QUALITY, OutputFormat
+from shared.workflows.catalogue import catalogue
+from shared.zoo.registry import LORAS
 
+# The limits of one request, stated here once: the schema enforces them and the OpenAPI
+# document states them (a client, or a fuzzer, can read every rule there).
 MAX_PROMPT_CHARS = 2000
 # Every family's VAE works on an 8x grid; the MMDiT families need 16 (their 2x2 patches or
 # packing): that rule is the family descriptor's, checked at admission once the workflow is known.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 1024, 8
 MAX_IMAGES = 4
 MAX_STEPS = 100
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
+MIN_TIMEOUT_S = 1.0  # a shorter deadline no mesh can meet: the bus round trips alone take milliseconds
+MAX_TIMEOUT_S = 3600.0
+_SIZE = re.compile(r"([1-9][0-9]{1,3})x([1-9][0-9]{1,3})")  # ASCII digits only: int() reads others too
+
+
+def size_pattern(multiple: int) -> str:
+    """The regular expression of every size `parse_size` accepts whose sides are multiples of
+    `multiple`: the OpenAPI document states the rule exactly, so a generated size is valid."""
+    sides = [str(side) for side in range(MIN_SIDE, MAX_SIDE + 1) if side % multiple == 0]
+    by_head: dict[str, list[str]] = {}
+    for side in sides:
+        by_head.setdefault(side[:-2], []).append(side[-2:])
+    side = "|".join(f"{head}(?:{'|'.join(tails)})" if head else "|".join(tails) for head, tails in by_head.items())
+    return f"^(?:{side})x(?:{side})$"
+
+
+SIZE_PATTERN = size_pattern(SIDE_MULTIPLE)
 
 
 def parse_size(size: str) -> tuple[int, int]:
     """'WxH' -> (width, height), within the bounds the models and the VAE's 8x grid allow."""
-    m = _SIZE.match(size)
+    m = _SIZE.fullmatch(size)
     if not m:
         raise ValueError(f"size must look like 'WIDTHxHEIGHT', e.g. '512x512'; got {size!r}")
     width, height = int(m.group(1)), int(m.group(2))
@@ -41,6 +61,21 @@ MAX_LORAS = 4
 MAX_PRIORITY = 9
 LORA_SCALE = 2.0  # |scale| above this is almost always a typo (100 for 1.00) and wrecks the image
 MAX_CONDITIONING_SCALE = 2.0
+MAX_GUIDANCE = 30.0
+MAX_USER_CHARS = 256  # the OpenAI-compatible extras below: accepted, unused, so kept short
+
+
+def _one_of(names: list[str]) -> dict[str, Any]:
+    """The JSON schema of an optional name from a closed list (null: the server's choice)."""
+    return {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]}
+
+
+# The names the catalogue knows, stated as enums in the OpenAPI document. The gateway checks
+# them itself (an unknown workflow is a 404 that lists the known ones, an unknown LoRA a 422),
+# so the document and the checks agree without the schema refusing first with a vaguer message.
+WORKFLOWS = sorted(catalogue())
+CONTROLNETS = sorted({m for w in catalogue().values() for m in w.controlnets})
+LORA_NAMES = sorted(LORAS)
 
 
 class ControlNetInput(BaseModel):
@@ -48,25 +83,50 @@ class ControlNetInput(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    model: str | None = Field(None, description="ControlNet model id; default: the workflow's ControlNet")
-    image: str = Field(min_length=1, description="base64 PNG or JPEG of exactly the requested size")
+    model: str | None = Field(
+        None,
+        description="ControlNet model id; default: the workflow's ControlNet",
+        json_schema_extra=lambda s: s.update(_one_of(CONTROLNETS)),
+    )
+    image: str = Field(
+        min_length=1,
+        description="base64 PNG or JPEG of exactly the requested size; its header is read first, and an "
+        "image of more pixels than the server's limit (LEGO_MAX_IMAGE_PIXELS, default 1048576) is refused "
+        "before it is decoded",
+    )
     conditioning_scale: float = Field(1.0, ge=0.0, le=MAX_CONDITIONING_SCALE, description="how strongly it guides")
 
 
 class LoraInput(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    name: str = Field(min_length=1, description="a LoRA of the workflow's base model (see GET /v1/workflows)")
+    name: str = Field(
+        min_length=1,
+        description="a LoRA of the workflow's base model (see GET /v1/workflows); each named once",
+        json_schema_extra={"enum": LORA_NAMES},
+    )
     scale: float = Field(1.0, ge=-LORA_SCALE, le=LORA_SCALE)
 
 
 class ImageGenerationRequest(BaseModel):
+    """A generation request. Which fields a workflow takes depends on it: a `*-controlnet`
+    workflow requires `controlnet` (every other refuses it), only `*-lora` workflows take `loras`
+    (names of their base model's LoRAs), flux takes no `negative_prompt`, and sd3, sd35-large and
+    flux need sizes in multiples of 16. The OpenAPI document states these as `if`/`then` rules."""
+
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description="images to generate")
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description=f"what to draw: 1-{MAX_PROMPT_CHARS} characters, not blank",
+    )
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"images to generate, 1-{MAX_IMAGES}")
     size: str = Field(
-        "512x512", description="WIDTHxHEIGHT, 64..1024, multiples of 16 (sd3, sd35-large, flux) or 8 (sd15, sdxl)"
+        "512x512",
+        json_schema_extra={"pattern": SIZE_PATTERN},  # stated; `_size` checks it with a readable message
+        description=f"WIDTHxHEIGHT: each side {MIN_SIDE}-{MAX_SIDE} and a multiple of 16 (sd3, sd35-large, flux) "
+        f"or {SIDE_MULTIPLE} (sd15, sdxl)",
     )
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: images come inline")
     output_format: OutputFormat = Field(
@@ -75,15 +135,30 @@ class ImageGenerationRequest(BaseModel):
     output_quality: int | None = Field(
         None, ge=1, le=100, description=f"jpeg / webp only: 1-100 (default {DEFAULT_QUALITY})"
     )
-    workflow: str | None = Field(None, description="catalogue workflow; default from the server (sd3)")
-    model: str | None = Field(None, description="OpenAI-compatible alias of `workflow`")
-    num_inference_steps: int = Field(28, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    workflow: str | None = Field(
+        None,
+        description="catalogue workflow (GET /v1/workflows); default: the server's (sd3). An unknown one is a 404",
+        json_schema_extra=lambda s: s.update(_one_of(WORKFLOWS)),
+    )
+    model: str | None = Field(
+        None,
+        description="OpenAI-compatible alias of `workflow` (used when `workflow` is absent)",
+        json_schema_extra=lambda s: s.update(_one_of(WORKFLOWS)),
+    )
+    num_inference_steps: int = Field(28, ge=1, le=MAX_STEPS, description=f"denoising steps, 1-{MAX_STEPS}")
+    guidance_scale: float = Field(7.0, ge=0.0, le=MAX_GUIDANCE)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random when absent; echoed back")
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    controlnet: ControlNetInput | None = Field(None, description="required by *-controlnet workflows")
+    negative_prompt: str = Field(
+        "", max_length=MAX_PROMPT_CHARS, description="what not to draw; not taken by flux (guidance-distilled)"
+    )
+    controlnet: ControlNetInput | None = Field(
+        None, description="required by *-controlnet workflows, refused by the others"
+    )
     loras: list[LoraInput] | None = Field(
-        None, max_length=MAX_LORAS, description="for *-lora workflows; default: the workflow's default LoRA"
+        None,
+        max_length=MAX_LORAS,
+        description=f"for *-lora workflows only, at most {MAX_LORAS}, each named once; default: the workflow's "
+        "default LoRA",
     )
     priority: int = Field(
         0,
@@ -95,15 +170,25 @@ class ImageGenerationRequest(BaseModel):
     wait: bool = Field(True, description="false: answer 202 at once with the request id (async mode)")
     timeout_s: float | None = Field(
         None,
-        gt=0,
-        le=3600,
-        description="seconds this request may take (default: the server's, 300); a request whose models "
-        "already have more work queued than that is refused at once with 429 and Retry-After",
+        ge=MIN_TIMEOUT_S,
+        le=MAX_TIMEOUT_S,
+        description=f"seconds this request may take, {MIN_TIMEOUT_S:g}-{MAX_TIMEOUT_S:g} (default: the server's, "
+        "300); a request whose models already have more work queued than that is refused at once with 429 "
+        "and Retry-After, one still running when it passes ends with 504 deadline_exceeded",
     )
     # Accepted for OpenAI client compatibility; they do not change the result.
-    user: str | None = None
-    quality: str | None = None
-    style: str | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS)
+    quality: str | None = Field(None, max_length=MAX_USER_CHARS)
+    style: str | None = Field(None, max_length=MAX_USER_CHARS)
+
+    @field_validator("n", "output_quality", "num_inference_steps", "seed", "priority", mode="before")
+    @classmethod
+    def _integral(cls, value: object) -> object:
+        """JSON has one number type: 2.0 is the integer 2 (as JSON Schema says), 2.5 is not
+        one. Strings stay refused ("n": "2" is an error, not a guess)."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     @field_validator("size")
     @classmethod

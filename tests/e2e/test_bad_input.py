@@ -31,6 +31,7 @@ GOOD = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2}
         ({"response_format": "url"}, 422, "invalid_request", "response_format"),
         ({"num_inference_step": 5}, 422, "invalid_request", "unknown field"),
         ({"timeout_s": 0}, 422, "invalid_request", "timeout_s"),
+        ({"timeout_s": 5e-324}, 422, "invalid_request", "greater than or equal to 1"),
         ({"timeout_s": 99999}, 422, "invalid_request", "timeout_s"),
         ({"output_format": "gif"}, 422, "invalid_request", "output_format"),
         ({"output_quality": 80}, 422, "invalid_request", "jpeg and webp only"),
@@ -108,3 +109,57 @@ def test_bad_controlnet_and_lora_fields_are_refused_with_a_reason(mesh, change, 
     err = r.json()["error"]
     assert err["code"] == "invalid_request"
     assert words in err["message"], err["message"]
+
+
+def test_a_body_over_the_size_limit_is_refused_with_the_limit_named(mesh):
+    r = httpx.post(
+        f"{mesh.url}/v1/images/generations",
+        content=b'{"prompt": "' + b"x" * (16 * 2**20) + b'"}',
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["code"] == "body_too_large" and "16777216 bytes" in error["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_too(mesh):
+    """No Content-Length to trust: the gateway counts the bytes as they stream in."""
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"x" * 2**20
+        yield b'"}'
+
+    r = httpx.post(
+        f"{mesh.url}/v1/images/generations", content=chunks(), headers={"content-type": "application/json"}, timeout=60
+    )
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_crash(mesh):
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"prompt": "a", "loras": ' + b"[" * 50_000):
+        r = httpx.post(
+            f"{mesh.url}/v1/images/generations", content=raw, headers={"content-type": "application/json"}, timeout=30
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "too_deep"
+    assert httpx.get(f"{mesh.url}/healthz", timeout=10).status_code == 200
+
+
+def test_a_control_image_that_decodes_huge_is_refused_before_decoding(mesh):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000), 0).save(buf, format="PNG", optimize=True)  # ~50 KB, 400 Mpixels
+    bomb = base64.b64encode(buf.getvalue()).decode()
+    body = {**GOOD, "workflow": "sd3-controlnet", "controlnet": {"image": bomb}}
+    r = httpx.post(f"{mesh.url}/v1/images/generations", json=body, timeout=30)
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["code"] == "image_too_large" and "20000x20000" in error["message"]

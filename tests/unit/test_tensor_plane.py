@@ -179,6 +179,32 @@ async def test_wrong_token_and_unknown_key_refused(make_plane, transport: str):
 
 
 @on_session_loop
+@pytest.mark.parametrize("token", [None, "", "not-the-token"], ids=["no-token", "empty-token", "wrong-token"])
+async def test_the_tcp_server_refuses_a_read_without_the_right_token(make_plane, token: str | None):
+    """The server, not the client, checks the token: a raw request with no token, an empty one
+    or a wrong one gets a refusal line and not one byte of the tensor (the next line on the
+    same connection is the answer to the next request)."""
+    from shared.tensor_plane.protocol import decode_header, encode_header, parse_uri
+
+    producer = await make_plane(transport="tcp", inline_max_bytes=0)
+    ref = producer.put(RawTensor.from_numpy(np.full(1000, 42, np.float32)), owner="r")
+    request = {"op": "get", "key": ref.key, "mode": "tcp"} | ({} if token is None else {"token": token})
+    reader, writer = await asyncio.open_connection(*parse_uri(ref.uri))
+    try:
+        writer.write(encode_header(request))
+        await writer.drain()
+        reply = decode_header(await asyncio.wait_for(reader.readline(), 10))
+        writer.write(encode_header({**request, "token": ref.token}))
+        await writer.drain()
+        right = decode_header(await asyncio.wait_for(reader.readline(), 10))
+    finally:
+        writer.close()
+    assert reply == {"ok": False, "code": "unavailable", "error": "wrong token"}
+    assert right == {"ok": True, "nbytes": 4000}
+    assert producer.stats["refused"]["tcp"]["count"] == 1
+
+
+@on_session_loop
 @pytest.mark.parametrize("transport", ["tcp", pytest.param("shm", marks=needs_shm)])
 async def test_release_frees(make_plane, transport: str):
     producer, consumer = await pair(make_plane, transport)

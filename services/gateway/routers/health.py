@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 
 from services.gateway.deps import BusDep, SettingsDep
 from services.gateway.errors import APIError
+from services.gateway.schemas import ErrorResponse
 from shared import metrics
 from shared.presence import live_replicas
 from shared.workflows.catalogue import catalogue
@@ -27,7 +28,13 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/readyz", responses={503: {"description": "a model of the workflow(s) has no live replica"}})
+@router.get(
+    "/readyz",
+    responses={
+        404: {"model": ErrorResponse, "description": "unknown workflow"},
+        503: {"description": "a model of the workflow(s) has no live replica"},
+    },
+)
 async def readyz(
     settings: SettingsDep,
     bus: BusDep,

@@ -35,7 +35,12 @@ from shared.workflows.spec import WorkflowSpec
 router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 429, 502, 504)
+    404: {"model": ErrorResponse, "description": "unknown workflow"},
+    413: {"model": ErrorResponse, "description": "body over the limit, or a control image of too many pixels"},
+    409: {"model": ErrorResponse, "description": "a request with this X-Request-Id is running"},
+    429: {"model": ErrorResponse, "description": "its models have more work queued than its deadline (Retry-After)"},
+    502: {"model": ErrorResponse, "description": "a service failed the request"},
+    504: {"model": ErrorResponse, "description": "its deadline passed before it finished (deadline_exceeded)"},
 }
 
 
@@ -53,7 +58,11 @@ async def generate(
     caller: Caller,
     owner: OwnerDep,
     rate_limiter: RateLimiterDep,
-    x_request_id: str | None = Header(None, description="optional id to follow the request's progress"),
+    x_request_id: str | None = Header(
+        None,
+        description="optional id to follow the request's progress: 1-64 letters, digits, '-' or '_' (else 400)",
+        json_schema_extra={"pattern": _REQUEST_ID.pattern},
+    ),
 ) -> ImageGenerationResponse | JSONResponse:
     """Generate images. With `wait: false` answer 202 at once; follow the request's
     `events_url` (server-sent events) or poll its `status_url` for the images."""
@@ -63,7 +72,7 @@ async def generate(
     request_id = x_request_id or uuid.uuid4().hex
     check_priority(caller, body.priority)
     rate_limiter.take(caller)
-    admitted = await asyncio.to_thread(admit, body, workflow)
+    admitted = await asyncio.to_thread(admit, body, workflow, settings.max_image_pixels)
     try:
         await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s, body.priority)
     except APIError:

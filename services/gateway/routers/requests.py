@@ -48,7 +48,9 @@ async def request_status(request_id: str, state: RequestStateDep, orchestrator: 
 
 
 @router.delete(
-    "/v1/requests/{request_id}", response_model=RequestStatus, responses={404: {"model": ErrorResponse}, 409: {}}
+    "/v1/requests/{request_id}",
+    response_model=RequestStatus,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse, "description": "it already ended"}},
 )
 async def cancel_request(
     request_id: str, state: RequestStateDep, orchestrator: OrchestratorDep, owner: OwnerDep

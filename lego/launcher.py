@@ -21,9 +21,11 @@ from typing import Any
 
 import httpx
 
+from lego.bus_lock import BusLock, prepare_bus
 # Re-exported: `lego.cli`, the tests and the benchmarks import these from here.
 from lego.processes import SHARED_CORES_ENV, Child, free_port, nats_server_binary, start_nats_server, wait_gone
 from lego.units import SERVICES, Unit, plan_units
+from shared import bus_roles
 
 __all__ = [
     "RETIRE_GRACE_S",
@@ -56,6 +58,11 @@ class MeshConfig:
     # Scale each unit on its backlog (services/autoscaler, local actuator, in a thread of this
     # process); its settings are the LEGO_AUTOSCALE_* of `env` and the environment.
     autoscale: bool = False
+    # Our own nats-server runs locked (a user per role, shared.bus_roles; passwords under the
+    # state dir); off: an open bus, as before. An external `nats_url` is the user's to lock:
+    # the children get the LEGO_NATS_USER / LEGO_NATS_PASSWORD_FILE of the environment.
+    lock_bus: bool = True
+    nats_tls: bool = False  # our own nats-server serves TLS (a CA made in the state dir)
 
 
 class Mesh:
@@ -73,11 +80,13 @@ class Mesh:
         self.nats_url = config.nats_url or ""
         self.units: dict[str, Unit] = {}
         self.autoscaler: Any = None  # services.autoscaler.controller.AutoscalerThread when autoscaling
+        self.bus_lock: BusLock | None = None  # set when our own nats-server is locked
         self._lock = threading.RLock()  # children change from the autoscaler's thread too
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.config.port}"
+        scheme = "https" if self._env("").get("LEGO_GATEWAY_TLS_CERT") else "http"
+        return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def _say(self, message: str) -> None:
         if not self.config.quiet:
@@ -86,12 +95,20 @@ class Mesh:
     def _log_path(self, name: str) -> Path | None:
         return self.config.log_dir / f"{name}.log" if self.config.log_dir else None
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, role: str = bus_roles.ADMIN) -> dict[str, str]:
+        """A child's environment; on our locked bus, with the credentials of `role` ("": none)."""
         env = dict(os.environ)
         env.update(self.config.env)
         env["LEGO_NATS_URL"] = self.nats_url
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.bus_lock is not None:
+            env.update(self.bus_lock.env(role))
         return env
+
+    def bus_role(self, unit: Unit) -> str:
+        """The bus role a replica of `unit` connects as: its service's; a process outside the
+        role table (a subclass's own kind of replica) is admin."""
+        return unit.service if unit.service in bus_roles.SERVICE_KINDS else bus_roles.ADMIN
 
     def plan(self) -> list[Unit]:
         """The units this mesh runs."""
@@ -125,7 +142,7 @@ class Mesh:
         gateway = Child(
             "gateway",
             [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(self.config.port)],
-            self._env(),
+            self._env(bus_roles.GATEWAY),
             self._log_path("gateway"),
         )
         gateway.start()
@@ -136,22 +153,33 @@ class Mesh:
         if self.config.nats_url:
             return
         store = self.workdir / "jetstream"
+        config = None
+        if self.config.lock_bus or self.config.nats_tls:
+            from shared.settings import Settings
+
+            self.bus_lock = BusLock(Path(Settings.from_env(self._env("")).state_dir), tls=self.config.nats_tls)
+            config = self.bus_lock.write_config(self.workdir / "nats-server.conf")
         # nats-server's banner would bury the services' logs: it always goes to a file.
-        self.nats, self.nats_url = start_nats_server(store, self._log_path("nats") or self.workdir / "nats.log")
-        self._say(f"nats-server with JetStream on {self.nats_url}")
+        self.nats, self.nats_url = start_nats_server(
+            store, self._log_path("nats") or self.workdir / "nats.log", config, tls=self.config.nats_tls
+        )
+        lock = f"locked: a user per role, passwords in {self.bus_lock.state_dir}/nats" if self.bus_lock else "open"
+        self._say(f"nats-server with JetStream on {self.nats_url} ({lock})")
+        prepare_bus(self.settings())
 
     def _prepare_models(self) -> None:
         """Build the tiny seeded models once, before several services race to do it."""
         if self.config.env.get("LEGO_MODELS_DIR") or os.environ.get("LEGO_MODELS_DIR"):
             return
         self._say("preparing models (built once, then cached)")
-        subprocess.run([sys.executable, "-m", "shared.zoo"], env=self._env(), check=True)
+        subprocess.run([sys.executable, "-m", "shared.zoo"], env=self._env(""), check=True)
 
-    def settings(self) -> Any:
-        """The Settings every child sees (this environment, `config.env`, the mesh's NATS)."""
+    def settings(self, role: str = bus_roles.ADMIN) -> Any:
+        """The Settings every child sees (this environment, `config.env`, the mesh's NATS),
+        connecting as `role`: admin by default (the tests and benchmarks talk to the bus so)."""
         from shared.settings import Settings
 
-        return Settings.from_env(self._env())
+        return Settings.from_env(self._env(role))
 
     def start_autoscaler(
         self, policy_overrides: dict[str, Any] | None = None, memory_per_replica: dict[str, int] | None = None
@@ -162,7 +190,9 @@ class Mesh:
         from services.autoscaler.actuators.local import LocalActuator
         from services.autoscaler.controller import AutoscalerThread
 
-        self.autoscaler = AutoscalerThread(self.settings(), LocalActuator(self), policy_overrides, memory_per_replica)
+        self.autoscaler = AutoscalerThread(
+            self.settings(bus_roles.AUTOSCALER), LocalActuator(self), policy_overrides, memory_per_replica
+        )
         self.autoscaler.start()
         if self.autoscaler.error is not None:
             raise RuntimeError(f"the autoscaler did not start: {self.autoscaler.error}")
@@ -185,7 +215,7 @@ class Mesh:
             if index is None:  # the lowest number no replica of the unit holds (log files are reused)
                 taken = {c.name for c in self.children if c.unit == unit_name}
                 index = next(i for i in range(len(taken) + 1) if f"{unit.name}-{i}" not in taken)
-            env = {**SHARED_CORES_ENV, **self._env()}  # the user's own OpenMP settings win
+            env = {**SHARED_CORES_ENV, **self._env(self.bus_role(unit))}  # the user's own OpenMP settings win
             child = Child(
                 f"{unit.name}-{index}",
                 self.replica_command(unit),
@@ -222,10 +252,13 @@ class Mesh:
                     f"{', '.join(dead)} exited during start; see the log above or in {self.config.log_dir}"
                 )
             try:
+                # verify=False: this asks our own child on this machine whether it is ready, over
+                # HTTPS with whatever certificate the user gave it (issued for a public name).
                 pending = [
                     w
                     for w in wanted
-                    if httpx.get(f"{self.url}/readyz", params={"workflow": w}, timeout=2).status_code != 200
+                    if httpx.get(f"{self.url}/readyz", params={"workflow": w}, timeout=2, verify=False).status_code
+                    != 200
                 ]
                 if not pending:
                     self._say(f"ready: gateway on {self.url}")

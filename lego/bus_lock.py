@@ -33,7 +33,7 @@ class BusLock:
             certs = ensure_certificates(self.state_dir)
             self.tls_ca = certs.ca
             server_tls = nats_secrets.ServerTls(certs.cert, certs.key)
-        return nats_secrets.write_server_config(path, self.state_dir, server_tls)
+        return nats_secrets.write_server_config(path, nats_secrets.secrets_dir(self.state_dir), server_tls)
 
     def env(self, role: str) -> dict[str, str]:
         """LEGO_NATS_* of a child connecting as `role` ("": a child that never connects)."""

@@ -59,11 +59,11 @@ def write_private(path: Path, data: bytes) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def ensure_passwords(state_dir: str | Path, roles: tuple[str, ...] = bus_roles.ROLES) -> dict[str, Path]:
-    """Each role's password file, made (random, 0600) where missing: role -> path."""
+def ensure_passwords(directory: Path, roles: tuple[str, ...] = bus_roles.ROLES) -> dict[str, Path]:
+    """Each role's password file in `directory`, made (random, 0600) where missing: role -> path."""
     files = {}
     for role in roles:
-        path = password_file(state_dir, role)
+        path = directory / f"{role}.password"
         if not path.exists():
             write_private(path, secrets.token_urlsafe(PASSWORD_BYTES).encode())
         files[role] = path
@@ -74,12 +74,12 @@ def bcrypt_hash(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
 
 
-def role_hash(state_dir: str | Path, role: str) -> str:
+def role_hash(directory: Path, role: str) -> str:
     """The bcrypt hash of a role's password, kept beside it (`<role>.hash`, 0600) so that each
     start does not pay the hashing again; a changed password file gets a new hash."""
-    password = password_file(state_dir, role).read_text().strip()
+    password = (directory / f"{role}.password").read_text().strip()
     digest = hashlib.sha256(password.encode()).hexdigest()
-    cache = secrets_dir(state_dir) / f"{role}.hash"
+    cache = directory / f"{role}.hash"
     try:
         kept = json.loads(cache.read_text())
         if kept.get("sha256") == digest:
@@ -119,17 +119,18 @@ def tls_block(tls: ServerTls) -> str:
     return f"tls {{\n  cert_file: {json.dumps(str(tls.cert))}\n  key_file: {json.dumps(str(tls.key))}\n}}\n"
 
 
-def server_config(state_dir: str | Path, tls: ServerTls | None = None) -> str:
-    """The config of a locked nats-server for this machine's passwords (made if missing)."""
-    hashes = {role: role_hash(state_dir, role) for role in ensure_passwords(state_dir)}
+def server_config(directory: Path, tls: ServerTls | None = None) -> str:
+    """The config of a locked nats-server for the passwords in `directory` (made if missing)."""
+    hashes = {role: role_hash(directory, role) for role in ensure_passwords(directory)}
     text = "# Written by lego at start: bcrypt hashes of state_dir/nats/*.password and each role's permissions.\n"
     return text + authorization_block(hashes) + (tls_block(tls) if tls else "")
 
 
-def write_server_config(path: Path, state_dir: str | Path, tls: ServerTls | None = None) -> Path:
-    """`server_config` into `path` (0600: the hashes are no one else's business)."""
+def write_server_config(path: Path, directory: Path, tls: ServerTls | None = None) -> Path:
+    """`server_config` of the passwords in `directory` into `path` (0600: the hashes are no one
+    else's business; a nats-server running as another user gets it through its own volume)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(server_config(state_dir, tls))
+        f.write(server_config(directory, tls))
     return path

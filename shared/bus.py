@@ -102,7 +102,7 @@ class Bus:
         options = connect_options(self.settings)
         while True:
             try:
-                self._nc = await self._connect_once(options)
+                self._nc = await self._connect_once(options, max(1.0, give_up - loop.time()))
                 break
             except PermissionError:  # refused credentials: retrying cannot help
                 raise
@@ -115,9 +115,10 @@ class Bus:
                 await asyncio.sleep(0.2)
         self._js = self._nc.jetstream(timeout=10)
 
-    async def _connect_once(self, options: dict[str, object]) -> NATS:
-        """One connect; PermissionError at once when the server refuses our credentials (the
-        client would otherwise retry them forever)."""
+    async def _connect_once(self, options: dict[str, object], timeout_s: float) -> NATS:
+        """One connect; PermissionError at once when the server refuses our credentials, and
+        TimeoutError after `timeout_s` (e.g. a certificate we do not trust): the client would
+        otherwise retry either forever."""
         refused = asyncio.Event()
 
         async def on_error(exc: Exception) -> None:
@@ -141,11 +142,13 @@ class Bus:
             )
         )
         refusal = asyncio.ensure_future(refused.wait())
-        await asyncio.wait([connecting, refusal], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([connecting, refusal], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         refusal.cancel()
         if connecting.done():
             return connecting.result()
         connecting.cancel()
+        if not refused.is_set():
+            raise TimeoutError(f"no NATS connection within {timeout_s:.0f}s (see the warnings above for why)")
         raise PermissionError(
             f"NATS at {self.settings.nats_url} refused user {self.settings.nats_user or '(none)'}: "
             "check LEGO_NATS_USER and LEGO_NATS_PASSWORD_FILE (lego up sets both for its children)"

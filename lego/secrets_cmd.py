@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def k8s_secret(namespace: str, name: str = "lego-nats") -> str:
     for role in bus_roles.ROLES:
         password = secrets.token_urlsafe(nats_secrets.PASSWORD_BYTES)
         data[f"{role}.password"] = password
-        data[hash_variable(role)] = nats_secrets.bcrypt_hash(password)
+        # Quoted: nats-server parses the variable's value as config, where a bare `$2b$...` is a variable.
+        data[hash_variable(role)] = json.dumps(nats_secrets.bcrypt_hash(password))
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     secret = {
         "apiVersion": "v1",
@@ -63,13 +65,31 @@ def cmd_secrets(args: argparse.Namespace) -> int:
         return 2
     directory = Path(args.dir)
     nats_secrets.write_server_config(directory / "nats-server.conf", directory)
+    if args.copy_to:
+        copy_per_role(directory, Path(args.copy_to), args.owner)
     print(f"lego secrets: passwords (0600) and nats-server.conf in {directory}", file=sys.stderr)
     return 0
+
+
+def copy_per_role(directory: Path, target: Path, owner: int | None) -> None:
+    """Each role's password into `target/<role>/<role>.password` (0600, owned by `owner`): one
+    volume per role, so a container mounts its own password and no other."""
+    for role in bus_roles.ROLES:
+        dest = target / role / f"{role}.password"
+        password = (directory / f"{role}.password").read_bytes()
+        if dest.exists() and dest.read_bytes() == password:
+            continue
+        dest.unlink(missing_ok=True)
+        nats_secrets.write_private(dest, password)
+        if owner is not None:
+            os.chown(dest, owner, owner)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("secrets", help="make the locked bus's passwords and nats-server config for a deployment")
     p.add_argument("--dir", help="write <role>.password (0600, kept if present) and nats-server.conf here")
+    p.add_argument("--copy-to", help="with --dir: copy each role's password to COPY_TO/<role>/<role>.password too")
+    p.add_argument("--owner", type=int, help="with --copy-to: the uid (and gid) that owns the copies")
     p.add_argument("--k8s", action="store_true", help="print a Kubernetes Secret (pipe it to kubectl apply -f -)")
     p.add_argument("--namespace", default="legodiffusion", help="the Secret's namespace (default: %(default)s)")
     p.add_argument(

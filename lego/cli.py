@@ -8,8 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lego.generate import cmd_generate
 from lego import secrets_cmd
+from lego.generate import cmd_generate
 from lego.launcher import Mesh, MeshConfig, free_port
 from lego.status import cmd_status
 from lego.up import cmd_up, port_free

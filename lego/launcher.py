@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from lego.bus_lock import BusLock, prepare_bus
+
 # Re-exported: `lego.cli`, the tests and the benchmarks import these from here.
 from lego.processes import SHARED_CORES_ENV, Child, free_port, nats_server_binary, start_nats_server, wait_gone
 from lego.units import SERVICES, Unit, plan_units

@@ -12,8 +12,8 @@ import asyncio
 import json
 import logging
 import ssl
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import nats

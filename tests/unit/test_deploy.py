@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import importlib
-import json
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -29,16 +29,15 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
-from lego import nats_secrets, secrets_cmd
-from shared.bus_roles import ROLES, SERVICE_KINDS
 import yaml
 
+from lego import nats_secrets, secrets_cmd
 from services.adapters.runner import ControlNetRunner
 from services.denoiser.runner import DenoiserRunner
 from services.encoder.runner import EncoderRunner
 from services.vae.runner import VaeRunner
 from shared import subjects
+from shared.bus_roles import ROLES, SERVICE_KINDS
 from shared.service_cli import parse_args
 from shared.settings import Settings
 from shared.zoo.registry import models_of_service
@@ -383,7 +382,11 @@ def test_nats_is_a_jetstream_cluster_of_three(k8s: list[dict[str, Any]], tmp_pat
     (tmp_path / "nats.conf").write_text(conf)
     check = subprocess.run(
         [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
-        env={**os.environ, "POD_NAME": "nats-0", **{secrets_cmd.hash_variable(r): json.dumps(nats_secrets.bcrypt_hash("p")) for r in ROLES}},
+        env={
+            **os.environ,
+            "POD_NAME": "nats-0",
+            **{secrets_cmd.hash_variable(r): json.dumps(nats_secrets.bcrypt_hash("p")) for r in ROLES},
+        },
         capture_output=True,
         text=True,
         timeout=30,
@@ -545,7 +548,11 @@ def test_service_commands_parse(compose: dict[str, Any], k8s: list[dict[str, Any
 # The locked bus: every container connects as its role; no secret lives in deploy/
 # ---------------------------------------------------------------------------------------------
 
-ROLE_OF_MODULE = {"services.gateway": "gateway", "services.autoscaler": "autoscaler", **{f"services.{s}": s for s in SERVICE_KINDS}}
+ROLE_OF_MODULE = {
+    "services.gateway": "gateway",
+    "services.autoscaler": "autoscaler",
+    **{f"services.{s}": s for s in SERVICE_KINDS},
+}
 
 
 def _module(command: list[str]) -> str | None:
@@ -574,7 +581,9 @@ def test_compose_services_connect_as_their_roles(compose: dict[str, Any]) -> Non
         assert f"nats-{role}:/secrets/{role}:ro" in service["volumes"], name
         assert not any(v.startswith("nats-auth:") for v in service["volumes"]), f"{name} sees every password"
     nats = compose["services"]["nats"]
-    assert "-c" in nats["command"] and nats["depends_on"]["nats-secrets"]["condition"] == "service_completed_successfully"
+    assert (
+        "-c" in nats["command"] and nats["depends_on"]["nats-secrets"]["condition"] == "service_completed_successfully"
+    )
 
 
 def test_k8s_services_connect_as_their_roles(k8s: list[dict[str, Any]]) -> None:

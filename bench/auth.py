@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lego.launcher import Child, Mesh, MeshConfig, free_port  # noqa: E402
+from lego.launcher import Mesh, MeshConfig, free_port  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 
@@ -44,23 +44,18 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def open_gateway(mesh: Mesh, log_dir: Path) -> tuple[Child, str]:
-    """A second gateway on the mesh's NATS with keys off: the same services answer both."""
+def open_gateway(mesh: Mesh) -> str:
+    """A second gateway on the mesh's bus with keys off: the same services answer both."""
     port = free_port()
-    child = Child(
-        "gateway-open",
-        [sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port)],
-        {**mesh._env(), "LEGO_AUTH": "off"},
-        log_dir / "gateway-open.log",
-    )
-    child.start()
-    mesh.children.append(child)  # stopped with the mesh
+    child = mesh.add_gateway("gateway-open", port, auth=False)
     url = f"http://127.0.0.1:{port}"
     give_up = time.monotonic() + 120
     while time.monotonic() < give_up:
+        if not child.alive():
+            raise RuntimeError("the open gateway exited; see gateway-open.log")
         try:
             if httpx.get(f"{url}/readyz", params={"workflow": "sd3"}, timeout=2).status_code == 200:
-                return child, url
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
@@ -119,7 +114,7 @@ def main() -> int:
     on: list[float] = []
     off: list[float] = []
     try:
-        _, open_url = open_gateway(mesh, log_dir)
+        open_url = open_gateway(mesh)
         assert mesh.admin_key_file is not None
         user = make_user_key(mesh.url, mesh.admin_key_file.read_text().strip())
         sides = {"on": (mesh.url, {"Authorization": f"Bearer {user}"}, on), "off": (open_url, {}, off)}

@@ -217,13 +217,12 @@ class Requests:
     async def start(self) -> None:
         from baseline.monolith.client import MonolithClient
         from shared.bus import Bus
-        from shared.settings import Settings
         from shared.tensor_plane import TensorPlane
 
         if self.system.name != "monolithic":
             self.http = httpx.AsyncClient(timeout=self.args.timeout + 10, limits=httpx.Limits(max_connections=500))
             return
-        self.bus = Bus(Settings.from_env(nats_url=self.system.mesh.nats_url), name="bench-burst")
+        self.bus = Bus(self.system.mesh.settings(), name="bench-burst")
         await self.bus.connect()
         self.plane = TensorPlane(self.bus.settings)
         await self.plane.start()

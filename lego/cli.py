@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lego import keys
+from lego import keys, secrets_cmd
 from lego.generate import cmd_generate
 from lego.launcher import Mesh, MeshConfig, free_port
 from lego.status import cmd_status
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_demo(sub)
     keys.add_parser(sub, DEFAULT_URL)
+    secrets_cmd.add_parser(sub)
     return parser
 
 
@@ -70,7 +71,18 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start nats-server, every model service and the gateway on this machine")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)")
     up.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
-    up.add_argument("--nats-url", help="use this NATS server (with JetStream) instead of starting one")
+    up.add_argument(
+        "--nats-url",
+        help="use this NATS server (with JetStream) instead of starting one; the mesh connects as "
+        "$LEGO_NATS_USER with $LEGO_NATS_PASSWORD_FILE (and $LEGO_NATS_TLS_CA) when set",
+    )
+    up.add_argument(
+        "--nats-tls",
+        action="store_true",
+        help="serve our NATS over TLS (a CA and certificate made in the state dir; children verify with the CA)",
+    )
+    up.add_argument("--tls-cert", help="serve the gateway over HTTPS with this certificate chain (PEM)")
+    up.add_argument("--tls-key", help="... and this private key (PEM)")
     up.add_argument(
         "--models-dir",
         help="your weights: a diffusers SD3 directory, or a directory with sd3/, sd35-large/, flux/, sd15/, sdxl/, "

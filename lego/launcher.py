@@ -21,11 +21,13 @@ from typing import Any
 
 import httpx
 
+from lego.bus_lock import BusLock, prepare_bus
 from lego.keys import admin_key_path
 
 # Re-exported: `lego.cli`, the tests and the benchmarks import these from here.
 from lego.processes import SHARED_CORES_ENV, Child, free_port, nats_server_binary, start_nats_server, wait_gone
 from lego.units import SERVICES, Unit, plan_units
+from shared import bus_roles
 
 __all__ = [
     "RETIRE_GRACE_S",
@@ -61,6 +63,11 @@ class MeshConfig:
     # API keys on the gateway: the admin key lives in <state_dir>/admin.key (made at the first
     # start); False runs the gateway open to anyone who reaches it (`lego up --no-auth`).
     auth: bool = True
+    # Our own nats-server runs locked (a user per role, shared.bus_roles; passwords under the
+    # state dir); off: an open bus, as before. An external `nats_url` is the user's to lock:
+    # the children get the LEGO_NATS_USER / LEGO_NATS_PASSWORD_FILE of the environment.
+    lock_bus: bool = True
+    nats_tls: bool = False  # our own nats-server serves TLS (a CA made in the state dir)
 
 
 class Mesh:
@@ -78,13 +85,15 @@ class Mesh:
         self.nats_url = config.nats_url or ""
         self.units: dict[str, Unit] = {}
         self.autoscaler: Any = None  # services.autoscaler.controller.AutoscalerThread when autoscaling
+        self.bus_lock: BusLock | None = None  # set when our own nats-server is locked
         self._lock = threading.RLock()  # children change from the autoscaler's thread too
         self.admin_key_file: Path | None = None  # with auth: the admin key's file ...
         self.admin_key_made = False  # ... and whether this start made it (a first start)
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.config.port}"
+        scheme = "https" if self._env("").get("LEGO_GATEWAY_TLS_CERT") else "http"
+        return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def _say(self, message: str) -> None:
         if not self.config.quiet:
@@ -93,12 +102,20 @@ class Mesh:
     def _log_path(self, name: str) -> Path | None:
         return self.config.log_dir / f"{name}.log" if self.config.log_dir else None
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, role: str = bus_roles.ADMIN) -> dict[str, str]:
+        """A child's environment; on our locked bus, with the credentials of `role` ("": none)."""
         env = dict(os.environ)
         env.update(self.config.env)
         env["LEGO_NATS_URL"] = self.nats_url
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.bus_lock is not None:
+            env.update(self.bus_lock.env(role))
         return env
+
+    def bus_role(self, unit: Unit) -> str:
+        """The bus role a replica of `unit` connects as: its service's; a process outside the
+        role table (a subclass's own kind of replica) is admin."""
+        return unit.service if unit.service in bus_roles.SERVICE_KINDS else bus_roles.ADMIN
 
     def plan(self) -> list[Unit]:
         """The units this mesh runs."""
@@ -129,47 +146,66 @@ class Mesh:
 
     def start_front(self, ready_timeout_s: float) -> None:
         """The gateway, once the replicas are started; returns when it serves every workflow."""
-        gateway = Child(
-            "gateway",
-            [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(self.config.port)],
-            {**self._env(), **self.auth_env()},
-            self._log_path("gateway"),
-        )
-        gateway.start()
-        self.children.append(gateway)
+        self.add_gateway("gateway", self.config.port, self.config.auth)
         self.wait_ready(ready_timeout_s)
 
-    def auth_env(self) -> dict[str, str]:
-        """The gateway's LEGO_AUTH and LEGO_ADMIN_KEY_FILE; with auth, the admin key file is made
+    def add_gateway(self, name: str, port: int, auth: bool) -> Child:
+        """A gateway process on this mesh's bus, with API keys on or off; stopped with the mesh.
+        Besides the mesh's own: the tests of several gateways and bench/auth.py run more."""
+        gateway = Child(
+            name,
+            [sys.executable, "-m", "services.gateway", "--host", self.config.host, "--port", str(port)],
+            {**self._env(bus_roles.GATEWAY), **self.auth_env(auth)},
+            self._log_path(name),
+        )
+        gateway.start()
+        with self._lock:
+            self.children.append(gateway)
+        return gateway
+
+    def auth_env(self, auth: bool) -> dict[str, str]:
+        """A gateway's LEGO_AUTH and LEGO_ADMIN_KEY_FILE; with auth, the admin key file is made
         (0600) here at the first start, so `lego up` can show the key once."""
-        if not self.config.auth:
+        if not auth:
             return {"LEGO_AUTH": "off"}
         from services.gateway.keys.secret import ensure_key_file
 
         self.admin_key_file = admin_key_path(self.settings().state_dir)
-        _, self.admin_key_made = ensure_key_file(self.admin_key_file)
+        _, made = ensure_key_file(self.admin_key_file)
+        self.admin_key_made = self.admin_key_made or made
         return {"LEGO_AUTH": "on", "LEGO_ADMIN_KEY_FILE": str(self.admin_key_file)}
 
     def _start_nats(self) -> None:
         if self.config.nats_url:
             return
         store = self.workdir / "jetstream"
+        config = None
+        if self.config.lock_bus or self.config.nats_tls:
+            from shared.settings import Settings
+
+            self.bus_lock = BusLock(Path(Settings.from_env(self._env("")).state_dir), tls=self.config.nats_tls)
+            config = self.bus_lock.write_config(self.workdir / "nats-server.conf")
         # nats-server's banner would bury the services' logs: it always goes to a file.
-        self.nats, self.nats_url = start_nats_server(store, self._log_path("nats") or self.workdir / "nats.log")
-        self._say(f"nats-server with JetStream on {self.nats_url}")
+        self.nats, self.nats_url = start_nats_server(
+            store, self._log_path("nats") or self.workdir / "nats.log", config, tls=self.config.nats_tls
+        )
+        lock = f"locked: a user per role, passwords in {self.bus_lock.state_dir}/nats" if self.bus_lock else "open"
+        self._say(f"nats-server with JetStream on {self.nats_url} ({lock})")
+        prepare_bus(self.settings())
 
     def _prepare_models(self) -> None:
         """Build the tiny seeded models once, before several services race to do it."""
         if self.config.env.get("LEGO_MODELS_DIR") or os.environ.get("LEGO_MODELS_DIR"):
             return
         self._say("preparing models (built once, then cached)")
-        subprocess.run([sys.executable, "-m", "shared.zoo"], env=self._env(), check=True)
+        subprocess.run([sys.executable, "-m", "shared.zoo"], env=self._env(""), check=True)
 
-    def settings(self) -> Any:
-        """The Settings every child sees (this environment, `config.env`, the mesh's NATS)."""
+    def settings(self, role: str = bus_roles.ADMIN) -> Any:
+        """The Settings every child sees (this environment, `config.env`, the mesh's NATS),
+        connecting as `role`: admin by default (the tests and benchmarks talk to the bus so)."""
         from shared.settings import Settings
 
-        return Settings.from_env(self._env())
+        return Settings.from_env(self._env(role))
 
     def start_autoscaler(
         self, policy_overrides: dict[str, Any] | None = None, memory_per_replica: dict[str, int] | None = None
@@ -180,7 +216,9 @@ class Mesh:
         from services.autoscaler.actuators.local import LocalActuator
         from services.autoscaler.controller import AutoscalerThread
 
-        self.autoscaler = AutoscalerThread(self.settings(), LocalActuator(self), policy_overrides, memory_per_replica)
+        self.autoscaler = AutoscalerThread(
+            self.settings(bus_roles.AUTOSCALER), LocalActuator(self), policy_overrides, memory_per_replica
+        )
         self.autoscaler.start()
         if self.autoscaler.error is not None:
             raise RuntimeError(f"the autoscaler did not start: {self.autoscaler.error}")
@@ -203,7 +241,7 @@ class Mesh:
             if index is None:  # the lowest number no replica of the unit holds (log files are reused)
                 taken = {c.name for c in self.children if c.unit == unit_name}
                 index = next(i for i in range(len(taken) + 1) if f"{unit.name}-{i}" not in taken)
-            env = {**SHARED_CORES_ENV, **self._env()}  # the user's own OpenMP settings win
+            env = {**SHARED_CORES_ENV, **self._env(self.bus_role(unit))}  # the user's own OpenMP settings win
             child = Child(
                 f"{unit.name}-{index}",
                 self.replica_command(unit),
@@ -240,10 +278,13 @@ class Mesh:
                     f"{', '.join(dead)} exited during start; see the log above or in {self.config.log_dir}"
                 )
             try:
+                # verify=False: this asks our own child on this machine whether it is ready, over
+                # HTTPS with whatever certificate the user gave it (issued for a public name).
                 pending = [
                     w
                     for w in wanted
-                    if httpx.get(f"{self.url}/readyz", params={"workflow": w}, timeout=2).status_code != 200
+                    if httpx.get(f"{self.url}/readyz", params={"workflow": w}, timeout=2, verify=False).status_code
+                    != 200
                 ]
                 if not pending:
                     self._say(f"ready: gateway on {self.url}")

@@ -84,24 +84,23 @@ class Child:
             pass
 
 
-def start_nats_server(store: Path, log_path: Path) -> tuple[Child, str]:
+def start_nats_server(store: Path, log_path: Path, config: Path | None = None, tls: bool = False) -> tuple[Child, str]:
     """A nats-server with JetStream (stored under `store`) on a free local port, once it
     accepts clients: the child and its URL. Its banner goes to `log_path`, never a terminal
-    (it would bury the services' logs)."""
+    (it would bury the services' logs). `config`: a config file (users, permissions, TLS:
+    lego.nats_secrets); `tls`: that config serves TLS, so the URL is `tls://`."""
     port = free_port()
-    nats = Child(
-        "nats",
-        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
-        dict(os.environ),
-        log_path,
-    )
+    argv = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)]
+    if config is not None:
+        argv += ["-c", str(config)]
+    nats = Child("nats", argv, dict(os.environ), log_path)
     nats.start()
     try:
         _wait_accepting(nats, port)
     except BaseException:  # not left running when it never came up (or we were interrupted)
         nats.signal_group(signal.SIGKILL)
         raise
-    return nats, f"nats://127.0.0.1:{port}"
+    return nats, f"{'tls' if tls else 'nats'}://127.0.0.1:{port}"
 
 
 def _wait_accepting(nats: Child, port: int) -> None:

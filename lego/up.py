@@ -59,6 +59,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env=env,
         autoscale=not args.no_autoscale,
         auth=not args.no_auth,
+        nats_tls=args.nats_tls,
     )
     if args.no_auth:
         print(NO_AUTH_WARNING, file=sys.stderr, flush=True)
@@ -99,6 +100,14 @@ def _services_env(args: argparse.Namespace, replicas: dict[str, int]) -> dict[st
         env["LEGO_DEVICE"] = args.device
     if args.dtype:
         env["LEGO_DTYPE"] = args.dtype
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together (the gateway's HTTPS certificate and its key)")
+    if args.tls_cert:
+        for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+            if not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        env["LEGO_GATEWAY_TLS_CERT"] = str(Path(args.tls_cert).resolve())
+        env["LEGO_GATEWAY_TLS_KEY"] = str(Path(args.tls_key).resolve())
     env.update(_autoscale_env(args, replicas))
     return env
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import nats
@@ -22,13 +24,39 @@ from nats.errors import NoRespondersError
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
-from shared import subjects, tracing
+from shared import bus_roles, subjects, tracing
 from shared.messages import ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
 from shared.settings import Settings
 
 log = logging.getLogger("lego.bus")
 
 NATS_MSG_ID = "Nats-Msg-Id"
+STREAMS_WAIT_S = 120.0  # a service that may not create the streams waits this long for them
+
+
+def connect_options(settings: Settings) -> dict[str, object]:
+    """nats.connect's credentials and TLS from the settings: the role's user with the password
+    read from its file (never from the environment, never logged), and a TLS context that
+    verifies the server with `nats_tls_ca`."""
+    options: dict[str, object] = {}
+    if settings.nats_user:
+        if not settings.nats_password_file:
+            raise ValueError(
+                f"LEGO_NATS_USER={settings.nats_user} needs LEGO_NATS_PASSWORD_FILE: the file holding its password"
+            )
+        try:
+            password = Path(settings.nats_password_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the NATS password of user {settings.nats_user} from "
+                f"{settings.nats_password_file}: {exc.strerror}; `lego up` writes it at first start"
+            ) from exc
+        options.update(user=settings.nats_user, password=password)
+    if settings.nats_tls_ca:
+        if not Path(settings.nats_tls_ca).is_file():
+            raise ValueError(f"LEGO_NATS_TLS_CA={settings.nats_tls_ca}: no such file (the CA that signed NATS's cert)")
+        options["tls"] = ssl.create_default_context(cafile=settings.nats_tls_ca)
+    return options
 
 
 class ConsumerCounters(NamedTuple):
@@ -83,21 +111,13 @@ class Bus:
         """Connect, retrying until `timeout_s`: services may start before nats-server is up."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout_s
+        options = connect_options(self.settings)
         while True:
             try:
-                self._nc = await nats.connect(
-                    self.settings.nats_url,
-                    name=self.name,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=2,
-                    drain_timeout=5,  # shutdown must not hang on a subscription stuck mid-fetch
-                    allow_reconnect=True,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                )
+                self._nc = await self._connect_once(options, max(1.0, give_up - loop.time()))
                 break
+            except PermissionError:  # refused credentials: retrying cannot help
+                raise
             except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
                 if loop.time() > give_up:
                     raise ConnectionError(
@@ -106,6 +126,45 @@ class Bus:
                     ) from exc
                 await asyncio.sleep(0.2)
         self._js = self._nc.jetstream(timeout=10)
+
+    async def _connect_once(self, options: dict[str, object], timeout_s: float) -> NATS:
+        """One connect; PermissionError at once when the server refuses our credentials, and
+        TimeoutError after `timeout_s` (e.g. a certificate we do not trust): the client would
+        otherwise retry either forever."""
+        refused = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            if "authorization violation" in str(exc).lower():
+                refused.set()
+            await self._on_error(exc)
+
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                self.settings.nats_url,
+                **options,  # type: ignore[arg-type]
+                name=self.name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=2,
+                drain_timeout=5,  # shutdown must not hang on a subscription stuck mid-fetch
+                allow_reconnect=True,
+                error_cb=on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+        )
+        refusal = asyncio.ensure_future(refused.wait())
+        await asyncio.wait([connecting, refusal], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        refusal.cancel()
+        if connecting.done():
+            return connecting.result()
+        connecting.cancel()
+        if not refused.is_set():
+            raise TimeoutError(f"no NATS connection within {timeout_s:.0f}s (see the warnings above for why)")
+        raise PermissionError(
+            f"NATS at {self.settings.nats_url} refused user {self.settings.nats_user or '(none)'}: "
+            "check LEGO_NATS_USER and LEGO_NATS_PASSWORD_FILE (lego up sets both for its children)"
+        )
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("nats: %s: %s", type(exc).__name__, exc)
@@ -128,9 +187,15 @@ class Bus:
     # -- streams and consumers -------------------------------------------------------------
 
     async def ensure_streams(self) -> None:
-        """Create (or update) the step and result streams; idempotent, safe from every process."""
+        """Create (or update) the step and result streams; idempotent, safe from every process.
+
+        On a locked bus only the creating roles (admin, gateway; shared.bus_roles) may: any
+        other waits until the streams exist (`lego up` creates them before it starts anyone)."""
         try:
-            await self._ensure_streams()
+            if bus_roles.may_create_streams(self.settings.nats_user):
+                await self._ensure_streams()
+            else:
+                await self.wait_streams()
         except (ServiceUnavailableError, NoRespondersError) as exc:
             raise ConnectionError(
                 f"NATS at {self.settings.nats_url} has no JetStream: start nats-server with -js "
@@ -162,6 +227,22 @@ class Bus:
             )
         )
 
+    async def wait_streams(self, timeout_s: float = STREAMS_WAIT_S) -> None:
+        """Until the step and result streams exist (made by a role that may create them)."""
+        give_up = asyncio.get_running_loop().time() + timeout_s
+        for stream in (subjects.STEP_STREAM, subjects.RESULT_STREAM):
+            while True:
+                try:
+                    await self.js.stream_info(stream)
+                    break
+                except NotFoundError:
+                    if asyncio.get_running_loop().time() > give_up:
+                        raise TimeoutError(
+                            f"stream {stream} does not exist after {timeout_s:.0f}s; user "
+                            f"{self.settings.nats_user} may not create it: start the gateway (it does) first"
+                        ) from None
+                    await asyncio.sleep(0.5)
+
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:
             await self.js.add_stream(config)
@@ -173,6 +254,9 @@ class Bus:
         """The durable pull consumer of a (kind, model, band): created once, shared by all replicas."""
         durable = subjects.consumer_name(kind, model_id, band)
         config = api.ConsumerConfig(
+            # `name` too: the create request's subject then names the consumer and its filter,
+            # which is what a bus role's permission allows (shared.bus_roles).
+            name=durable,
             durable_name=durable,
             filter_subject=subjects.step_subject(kind, model_id, band),
             ack_policy=api.AckPolicy.EXPLICIT,

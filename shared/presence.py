@@ -15,24 +15,50 @@ from collections.abc import Callable
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from shared.bus import Bus
+from shared import bus_roles, subjects
+from shared.bus import STREAMS_WAIT_S, Bus
 from shared.messages import AutoscalerStatus, ReplicaInfo
 
 log = logging.getLogger("lego.presence")
 
-BUCKET = "lego_replicas"
+BUCKET = subjects.PRESENCE_BUCKET
 REFRESH_S = 2.0
 TTL_S = 3 * REFRESH_S
-STATUS_BUCKET = "lego_autoscaler"
+STATUS_BUCKET = subjects.STATUS_BUCKET
 STATUS_KEY = "status"
 STATUS_TTL_S = 15.0
 
 
+async def _bucket(bus: Bus, bucket: str, ttl_s: float) -> KeyValue:
+    """A KV bucket, made when missing by a role that may (shared.bus_roles); any other role
+    waits for it (the gateway, or `lego up` before it starts anyone, makes it)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + STREAMS_WAIT_S
+    while True:
+        try:
+            return await bus.js.key_value(bucket)
+        except BucketNotFoundError:
+            if bus_roles.may_create_streams(bus.settings.nats_user):
+                return await bus.js.create_key_value(
+                    bucket=bucket, ttl=ttl_s, history=1, replicas=bus.settings.stream_replicas
+                )
+            if loop.time() > give_up:
+                raise TimeoutError(
+                    f"bucket {bucket} does not exist after {STREAMS_WAIT_S:.0f}s; user {bus.settings.nats_user} "
+                    "may not create it: start the gateway (it does) first"
+                ) from None
+            await asyncio.sleep(0.5)
+
+
 async def presence_bucket(bus: Bus) -> KeyValue:
-    try:
-        return await bus.js.key_value(BUCKET)
-    except BucketNotFoundError:
-        return await bus.js.create_key_value(bucket=BUCKET, ttl=TTL_S, history=1, replicas=bus.settings.stream_replicas)
+    return await _bucket(bus, BUCKET, TTL_S)
+
+
+async def ensure_buckets(bus: Bus) -> None:
+    """The presence and autoscaler-status buckets exist (or, for a role that may not make
+    them, once they do)."""
+    await presence_bucket(bus)
+    await _status_bucket(bus)
 
 
 def presence_key(info: ReplicaInfo) -> str:
@@ -68,7 +94,7 @@ async def live_replicas(bus: Bus) -> list[ReplicaInfo]:
     own subject counts (one API request) and direct gets create nothing."""
     kv = await presence_bucket(bus)
     prefix = f"$KV.{BUCKET}."
-    info = await bus.js.stream_info(f"KV_{BUCKET}", subjects_filter=f"{prefix}>")
+    info = await bus.js.stream_info(subjects.kv_stream(BUCKET), subjects_filter=f"{prefix}>")
     replicas = []
     for subject in sorted((info.state.subjects or {}) if info.state else {}):
         try:
@@ -90,12 +116,7 @@ def process_rss_bytes() -> int:
 
 
 async def _status_bucket(bus: Bus) -> KeyValue:
-    try:
-        return await bus.js.key_value(STATUS_BUCKET)
-    except BucketNotFoundError:
-        return await bus.js.create_key_value(
-            bucket=STATUS_BUCKET, ttl=STATUS_TTL_S, history=1, replicas=bus.settings.stream_replicas
-        )
+    return await _bucket(bus, STATUS_BUCKET, STATUS_TTL_S)
 
 
 async def publish_autoscaler_status(bus: Bus, status: AutoscalerStatus) -> None:

@@ -10,6 +10,7 @@ STEP_STREAM = "LEGO_STEPS"
 STEP_SUBJECTS = "lego.step.>"
 RESULT_STREAM = "LEGO_RESULTS"
 RESULT_SUBJECTS = "lego.result.>"
+PROGRESS_SUBJECTS = "lego.progress.>"
 RELEASE_SUBJECT = "lego.release"
 CANCEL_SUBJECT = "lego.cancel"  # core NATS: a request was cancelled; payload = its run id
 
@@ -82,6 +83,11 @@ def parse_consumer_name(name: str) -> tuple[str, str, str] | None:
     return kind, rest, NORMAL_BAND
 
 
+def step_subjects_of_kind(kind: StepKind | str) -> str:
+    """`lego.step.<kind>.>`: every model's steps of one kind, in every band (a permission's pattern)."""
+    return f"lego.step.{_check_token(str(kind), 'kind')}.>"
+
+
 def result_subject(gateway_id: str) -> str:
     return f"lego.result.{_check_token(gateway_id, 'gateway id')}"
 
@@ -104,3 +110,62 @@ def result_msg_id(request_id: str, node_id: str, attempt: int) -> str:
     """`Nats-Msg-Id` of a result: a redelivered step cannot publish a second result, while a
     re-planned attempt (new attempt number) can."""
     return f"{request_id}:{node_id}:{attempt}:result"
+
+
+# -- KV buckets (JetStream streams named KV_<bucket>) ----------------------------------------
+PRESENCE_BUCKET = "lego_replicas"  # replicas' heartbeats (shared.presence)
+STATUS_BUCKET = "lego_autoscaler"  # the autoscaler's latest status (shared.presence)
+KEYS_BUCKET = "LEGO_KEYS"  # the gateway's API keys: no model service may read it
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream that holds a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str = ">") -> str:
+    """`$KV.<bucket>.<key>`: what a put or delete of `key` publishes (`>`: every key)."""
+    return f"$KV.{bucket}.{key}"
+
+
+# -- JetStream API subjects (what a client publishes to manage and read streams). They name
+# what each bus role may do (shared.bus_roles): a permission is a subject pattern. ----------
+JS_API = "$JS.API"
+
+
+def js_stream_api(action: str, stream: str = "*") -> str:
+    """`$JS.API.STREAM.<action>.<stream>` (action: CREATE, UPDATE, INFO, DELETE, PURGE, MSG.GET ...)."""
+    return f"{JS_API}.STREAM.{action}.{stream}"
+
+
+def js_consumer_create(stream: str, consumer: str = "", filter_subject: str = "") -> str:
+    """Creating a consumer: `...CREATE.<stream>` (ephemeral), `.<name>`, `.<name>.<filter>`.
+    The filtered form lets a permission name which subjects the consumer may read."""
+    return ".".join(p for p in (f"{JS_API}.CONSUMER.CREATE.{stream}", consumer, filter_subject) if p)
+
+
+def js_consumer_api(action: str, stream: str, consumer: str = "*") -> str:
+    """`$JS.API.CONSUMER.<action>.<stream>.<consumer>` (action: INFO, DELETE, MSG.NEXT)."""
+    return f"{JS_API}.CONSUMER.{action}.{stream}.{consumer}"
+
+
+def js_consumer_list(stream: str) -> list[str]:
+    """Listing a stream's consumers (names or infos)."""
+    return [f"{JS_API}.CONSUMER.LIST.{stream}", f"{JS_API}.CONSUMER.NAMES.{stream}"]
+
+
+def js_direct_get(stream: str) -> list[str]:
+    """Reading one message of a stream (a KV get), both the direct and the API form."""
+    return [f"{JS_API}.DIRECT.GET.{stream}", f"{JS_API}.DIRECT.GET.{stream}.>", js_stream_api("MSG.GET", stream)]
+
+
+def js_ack(stream: str, consumer: str) -> str:
+    """Acks (ack, nak, in-progress, term) of a consumer's messages."""
+    return f"$JS.ACK.{stream}.{consumer}.>"
+
+
+JS_FLOW_CONTROL = "$JS.FC.>"  # an ordered push consumer answers the server's flow control here
+JS_STREAM_NAMES = f"{JS_API}.STREAM.NAMES"  # finding a stream by subject (js.subscribe does)
+JS_STREAM_LIST = f"{JS_API}.STREAM.LIST"
+JS_ACCOUNT_INFO = f"{JS_API}.INFO"
+INBOX = "_INBOX.>"  # replies: JetStream API answers, publish acks, push consumers' deliveries

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         nats_url=args.nats_url, request_timeout_s=args.request_timeout, log_level=args.log_level
     )
     setup_logging("gateway", settings.log_level)
+    if bool(settings.gateway_tls_cert) != bool(settings.gateway_tls_key):
+        parser.error("HTTPS needs both LEGO_GATEWAY_TLS_CERT and LEGO_GATEWAY_TLS_KEY (or neither, for HTTP)")
     uvicorn.run(
         create_app(settings),
         host=args.host,
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         log_config=None,
+        ssl_certfile=settings.gateway_tls_cert or None,  # HTTPS when both are set
+        ssl_keyfile=settings.gateway_tls_key or None,
     )
 
 

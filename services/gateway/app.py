@@ -26,6 +26,7 @@ from services.gateway.overload import LoadView
 from services.gateway.routers import health, images, keys, models, requests, status
 from shared import metrics, tracing
 from shared.bus import Bus
+from shared.presence import ensure_buckets
 from shared.settings import Settings
 from shared.tensor_plane import TensorPlane
 
@@ -38,6 +39,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     bus = Bus(settings, name=settings.gateway_id)
     await bus.connect()
     await bus.ensure_streams()
+    await ensure_buckets(bus)  # presence, autoscaler status: made here so model services need not
     plane = TensorPlane(settings)
     await plane.start()
     metrics.watch_plane(plane)

@@ -1,24 +1,20 @@
-"""API keys, as a tenant and an operator meet them: one locked sd3 mesh (auth on, its admin key
-made in a temporary state dir), keys made through `/v1/keys` and `lego keys`, a second gateway
-on the same NATS for revocation, and the real OpenAI client."""
+"""API keys, as a tenant and an operator meet them: a gateway with keys on beside the shared
+mesh's (its admin key made in the run's temporary state dir), keys made through `/v1/keys` and
+`lego keys`, another keyed gateway on the same NATS for revocation, and the real OpenAI client."""
 
 from __future__ import annotations
 
 import base64
 import io
-import os
 import signal
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from lego.cli import build_parser
-from lego.launcher import Child, Mesh, free_port
-from tests.conftest import running_mesh
+from lego.launcher import free_port
+from tests.conftest import LockedGateway
 from tests.waiting import wait_for
 
 PROBES = {"/healthz", "/readyz", "/metrics"}
@@ -26,24 +22,22 @@ QUICK = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 1}
 
 
 @pytest.fixture(scope="module")
-def locked(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    state = tmp_path_factory.mktemp("keys-state")
-    yield from running_mesh(
-        model_cache, tmp_path_factory.mktemp("keys-logs"), workflows=["sd3"], auth=True, LEGO_STATE_DIR=str(state)
-    )
+def locked(locked_gateway: LockedGateway) -> LockedGateway:
+    return locked_gateway
 
 
 @pytest.fixture(scope="module")
-def admin(locked: Mesh) -> dict[str, str]:
-    assert locked.admin_key_file is not None and locked.admin_key_file.stat().st_mode & 0o777 == 0o600
-    return {"Authorization": f"Bearer {locked.admin_key_file.read_text().strip()}"}
+def admin(locked: LockedGateway) -> dict[str, str]:
+    key_file = locked.mesh.admin_key_file
+    assert key_file is not None and key_file.stat().st_mode & 0o777 == 0o600
+    return {"Authorization": f"Bearer {locked.admin_key}"}
 
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def make_key(mesh: Mesh, admin: dict[str, str], name: str, **limits: object) -> str:
+def make_key(mesh: LockedGateway, admin: dict[str, str], name: str, **limits: object) -> str:
     r = httpx.post(f"{mesh.url}/v1/keys", json={"name": name, **limits}, headers=admin, timeout=10)
     assert r.status_code == 201, r.text
     return r.json()["key"]
@@ -117,11 +111,7 @@ def test_a_key_sees_and_cancels_only_its_own_requests(locked, admin):
 
 def test_a_revoked_key_is_refused_by_every_gateway_within_seconds(locked, admin, tmp_path):
     port = free_port()
-    env = {**os.environ, **locked.config.env, "LEGO_NATS_URL": locked.nats_url, "LEGO_AUTH": "on"}
-    second = Child(
-        "gateway-2", [sys.executable, "-m", "services.gateway", "--port", str(port)], env, tmp_path / "gw2.log"
-    )
-    second.start()
+    second = locked.mesh.add_gateway("gateway-2", port, auth=True)
     try:
         other = f"http://127.0.0.1:{port}"
 
@@ -129,7 +119,7 @@ def test_a_revoked_key_is_refused_by_every_gateway_within_seconds(locked, admin,
             try:
                 return httpx.get(f"{other}/v1/workflows", headers=headers, timeout=5).status_code
             except httpx.HTTPError:
-                assert second.alive(), (tmp_path / "gw2.log").read_text()[-3000:]
+                assert second.alive(), "the second gateway exited; see gateway-2.log"
                 return 0
 
         key = bearer(make_key(locked, admin, "roaming"))
@@ -144,6 +134,7 @@ def test_a_revoked_key_is_refused_by_every_gateway_within_seconds(locked, admin,
         second.signal_group(signal.SIGKILL)
         assert second.proc is not None
         second.proc.wait(timeout=10)
+        locked.mesh.children.remove(second)
 
 
 def test_the_openai_client_generates_and_metrics_count_by_key_name(locked, admin):
@@ -169,7 +160,7 @@ def test_the_openai_client_generates_and_metrics_count_by_key_name(locked, admin
     )
     assert float(gpu_s.split()[-1]) > 0
     assert key not in metrics and admin["Authorization"].split()[1] not in metrics
-    logs = "".join(p.read_text() for p in locked.config.log_dir.glob("*.log"))
+    logs = "".join(p.read_text() for p in locked.mesh.config.log_dir.glob("*.log"))
     assert key not in logs and admin["Authorization"].split()[1] not in logs, "a key reached a log"
 
 
@@ -179,7 +170,8 @@ def test_lego_keys_create_list_revoke(locked, admin, monkeypatch, capsys):
 
     # No --api-key and no LEGO_API_KEY: the admin key file of the state dir is sent.
     monkeypatch.delenv("LEGO_API_KEY", raising=False)
-    monkeypatch.setenv("LEGO_STATE_DIR", locked.config.env["LEGO_STATE_DIR"])
+    assert locked.mesh.admin_key_file is not None
+    monkeypatch.setenv("LEGO_STATE_DIR", str(locked.mesh.admin_key_file.parent))
     assert lego("keys", "--url", locked.url, "create", "cli-user", "--rate", "5") == 0
     made = capsys.readouterr()
     key = made.out.strip()

@@ -35,6 +35,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from services.gateway.schemas import ImageGenerationRequest, parse_size
+from tests.conftest import LockedGateway
 
 CASES = int(os.environ.get("LEGO_FUZZ_CASES", "300"))
 RANDOM = os.environ.get("LEGO_FUZZ_RANDOM", "") == "1"  # fresh cases (make fuzz); default: the same every run
@@ -53,11 +54,18 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def fuzz_api_key() -> str | None:
-    """The API key valid cases send (None: the shared mesh runs without keys). With keys on,
-    return a valid key here: `Tally.headers` then sends it, and an invalid one every
-    INVALID_KEY_EVERY cases, which must be answered 401."""
-    return None
+def fuzz_api_key(locked_gateway: LockedGateway) -> str:
+    """The key valid cases send (`Tally.headers` sends an invalid one every INVALID_KEY_EVERY
+    cases, which must be answered 401): a tenant's key, scope `generate` (the admin routes answer
+    it 403, as documented), with no rate or in-flight limit so valid cases reach the models."""
+    r = httpx.post(
+        f"{locked_gateway.url}/v1/keys",
+        json={"name": "fuzzer", "rate_per_min": 0, "max_in_flight": 0},
+        headers={"Authorization": f"Bearer {locked_gateway.admin_key}"},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["key"]
 
 
 INVALID_KEY_EVERY = 10
@@ -196,11 +204,13 @@ def _fuzz_operation(schema: Any, method: str, path: str, budget: int, run: Calla
                 raise
 
 
-def _settle(url: str, ids: list[str], print_line: Callable[[str], None]) -> None:
-    """Cancel the async requests the fuzzer started, so later tests find the mesh idle."""
-    with httpx.Client(base_url=url, timeout=30) as client:
+def _settle(url: str, open_url: str, key: str, ids: list[str], print_line: Callable[[str], None]) -> None:
+    """Cancel the async requests the fuzzer started (they are its key's), so later tests find
+    the mesh idle (the backlog is read through the shared mesh's keyless gateway)."""
+    with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
         for request_id in ids:
             client.delete(f"/v1/requests/{request_id}")
+    with httpx.Client(base_url=open_url, timeout=30) as client:
         give_up = time.monotonic() + 120
         while time.monotonic() < give_up:
             consumers = client.get("/v1/status").json()["consumers"]
@@ -211,21 +221,20 @@ def _settle(url: str, ids: list[str], print_line: Callable[[str], None]) -> None
 
 
 @pytest.mark.timeout(600 + int(CASES * 0.5))  # about 0.3 s a case on a 2-core box
-def test_fuzz_the_gateway_from_its_openapi_document(mesh, fuzz_api_key, pytestconfig):
-    doc = httpx.get(f"{mesh.url}/openapi.json", timeout=30).json()
+def test_fuzz_the_gateway_from_its_openapi_document(locked_gateway, fuzz_api_key, pytestconfig):
+    url = locked_gateway.url
+    doc = httpx.get(f"{url}/openapi.json", timeout=30).json()
     schema = schemathesis.openapi.from_dict(doc)
     tally = Tally(api_key=fuzz_api_key)
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     start = time.monotonic()
     with requests.Session() as session:
         for method, path, budget in _budgets(doc):
-            _fuzz_operation(schema, method, path, budget, lambda case: run_case(case, session, tally, mesh.url))
-        _fuzz_operation(
-            schema, "POST", GENERATE, CASES - tally.cases, lambda case: run_case(case, session, tally, mesh.url)
-        )
+            _fuzz_operation(schema, method, path, budget, lambda case: run_case(case, session, tally, url))
+        _fuzz_operation(schema, "POST", GENERATE, CASES - tally.cases, lambda case: run_case(case, session, tally, url))
     elapsed = time.monotonic() - start
     with capture.global_and_fixture_disabled():
         print(f"\n{tally.summary()}; {elapsed:.0f}s")
-        _settle(mesh.url, tally.async_ids, print)
+        _settle(url, locked_gateway.mesh.url, fuzz_api_key, tally.async_ids, print)
     assert tally.cases >= CASES * 0.95, tally.summary()
     assert not tally.failures, "\n".join(tally.failures)

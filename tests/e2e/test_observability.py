@@ -251,10 +251,9 @@ def metrics_urls(mesh: Mesh) -> dict[str, str]:
     """model id -> its replica's /metrics URL, from the presence bucket."""
     from shared.bus import Bus
     from shared.presence import live_replicas
-    from shared.settings import Settings
 
     async def read() -> dict[str, str]:
-        bus = Bus(Settings(nats_url=mesh.nats_url), name="test-observability")
+        bus = Bus(mesh.settings(), name="test-observability")
         await bus.connect()
         try:
             return {r.model_id: r.metrics_url for r in await live_replicas(bus)}

@@ -11,7 +11,6 @@ import httpx
 
 from shared.bus import Bus
 from shared.presence import live_replicas
-from shared.settings import Settings
 from tests.oracle import png_to_array
 from tests.waiting import wait_for
 
@@ -63,7 +62,7 @@ def test_async_request_streams_ordered_progress_and_ends_with_the_result(mesh):
 
 
 async def _held_tensors(mesh) -> int:
-    bus = Bus(Settings.from_env(nats_url=mesh.nats_url), name="test-held")
+    bus = Bus(mesh.settings(), name="test-held")
     await bus.connect()
     try:
         return sum({r.replica_id: r.tensors_held for r in await live_replicas(bus)}.values())

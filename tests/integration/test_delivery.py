@@ -23,7 +23,7 @@ PROMPT = "a castle on a hill, crash test"
 
 
 def _bus_settings(mesh) -> Settings:
-    return Settings.from_env(nats_url=mesh.nats_url)
+    return mesh.settings()
 
 
 async def _denoiser_pids(mesh) -> dict[str, int]:

@@ -15,7 +15,6 @@ from baseline.monolith.steps import PIPELINE
 from lego.launcher import Mesh, MeshConfig, free_port
 from shared.bus import Bus
 from shared.presence import live_replicas
-from shared.settings import Settings
 from shared.tensor_plane import TensorPlane
 from tests.oracle import assert_images_match, reference_images
 
@@ -50,7 +49,7 @@ def test_monolith_serves_the_workflow_as_its_pipeline(monolith, reference_pipeli
     }
 
     async def scenario():
-        bus = Bus(Settings.from_env(nats_url=monolith.nats_url), name="test-monolith")
+        bus = Bus(monolith.settings(), name="test-monolith")
         await bus.connect()
         plane = TensorPlane(bus.settings)
         await plane.start()

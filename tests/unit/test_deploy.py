@@ -15,6 +15,7 @@ import dataclasses
 import http.server
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -30,11 +31,13 @@ from typing import Any
 import pytest
 import yaml
 
+from lego import nats_secrets, secrets_cmd
 from services.adapters.runner import ControlNetRunner
 from services.denoiser.runner import DenoiserRunner
 from services.encoder.runner import EncoderRunner
 from services.vae.runner import VaeRunner
 from shared import subjects
+from shared.bus_roles import ROLES, SERVICE_KINDS
 from shared.service_cli import parse_args
 from shared.settings import Settings
 from shared.zoo.registry import models_of_service
@@ -379,7 +382,11 @@ def test_nats_is_a_jetstream_cluster_of_three(k8s: list[dict[str, Any]], tmp_pat
     (tmp_path / "nats.conf").write_text(conf)
     check = subprocess.run(
         [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
-        env={**os.environ, "POD_NAME": "nats-0"},
+        env={
+            **os.environ,
+            "POD_NAME": "nats-0",
+            **{secrets_cmd.hash_variable(r): json.dumps(nats_secrets.bcrypt_hash("p")) for r in ROLES},
+        },
         capture_output=True,
         text=True,
         timeout=30,
@@ -535,3 +542,71 @@ def test_service_commands_parse(compose: dict[str, Any], k8s: list[dict[str, Any
         else:
             spec = importlib.import_module(f"services.{name}.runner").SPEC
             assert parse_args(spec, command[3:])[1] == models, command
+
+
+# ---------------------------------------------------------------------------------------------
+# The locked bus: every container connects as its role; no secret lives in deploy/
+# ---------------------------------------------------------------------------------------------
+
+ROLE_OF_MODULE = {
+    "services.gateway": "gateway",
+    "services.autoscaler": "autoscaler",
+    **{f"services.{s}": s for s in SERVICE_KINDS},
+}
+
+
+def _module(command: list[str]) -> str | None:
+    return command[2] if len(command) > 2 and command[:2] == ["python", "-m"] else None
+
+
+def test_no_secret_is_committed_in_deploy() -> None:
+    """Passwords and their hashes are made at first start (lego secrets), never kept here."""
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and path.suffix in {".yml", ".yaml", ".conf", ".json", ".env", ""}:
+            text = path.read_text(errors="replace")
+            assert not re.search(r"\$2[aby]\$\d\d\$", text), f"{path}: a bcrypt hash"
+            assert not re.search(r"^kind: Secret$", text, re.M), f"{path}: a Secret"
+            assert not re.search(r"password:\s*[\"']?[A-Za-z0-9_-]{16,}", text), f"{path}: a password"
+
+
+def test_compose_services_connect_as_their_roles(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        module = _module(service.get("command", []))
+        if module not in ROLE_OF_MODULE:
+            continue
+        role = ROLE_OF_MODULE[module]
+        env = service["environment"]
+        assert env["LEGO_NATS_USER"] == role, name
+        assert env["LEGO_NATS_PASSWORD_FILE"] == f"/secrets/{role}/{role}.password", name
+        assert f"nats-{role}:/secrets/{role}:ro" in service["volumes"], name
+        assert not any(v.startswith("nats-auth:") for v in service["volumes"]), f"{name} sees every password"
+    nats = compose["services"]["nats"]
+    assert (
+        "-c" in nats["command"] and nats["depends_on"]["nats-secrets"]["condition"] == "service_completed_successfully"
+    )
+
+
+def test_k8s_services_connect_as_their_roles(k8s: list[dict[str, Any]]) -> None:
+    checked = set()
+    for doc in k8s:
+        if doc["kind"] != "Deployment":
+            continue
+        container = _container(doc)
+        module = _module(container.get("args", []) or container.get("command", []))
+        if module not in ROLE_OF_MODULE:
+            continue
+        role = ROLE_OF_MODULE[module]
+        env = _env(container)
+        assert env["LEGO_NATS_USER"] == role
+        assert env["LEGO_NATS_PASSWORD_FILE"] == f"/var/run/secrets/lego-nats/{role}.password"
+        (volume,) = [v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == "nats-password"]
+        assert [i["key"] for i in volume["secret"]["items"]] == [f"{role}.password"]  # its own only
+        checked.add(role)
+    assert checked == {"gateway", "autoscaler", *SERVICE_KINDS}
+
+
+def test_k8s_nats_config_holds_the_role_table() -> None:
+    """The committed authorization block is what `lego secrets --nats-config-env` prints now."""
+    conf = (DEPLOY / "k8s" / "20-nats.yaml").read_text()
+    block = "".join("    " + line + "\n" for line in secrets_cmd.nats_config_with_env_hashes().splitlines())
+    assert block in conf, "regenerate it: python -m lego secrets --nats-config-env (indented 4 spaces)"

@@ -16,6 +16,7 @@ from services.gateway.answering import InFlight
 from services.gateway.errors import install_error_handlers
 from services.gateway.keys.auth import guard
 from services.gateway.keys.bootstrap import ensure_admin_key
+from services.gateway.keys.gate import AuthenticateFirst
 from services.gateway.keys.limits import RateLimiter
 from services.gateway.keys.model import Scope
 from services.gateway.keys.store import KeyStore
@@ -84,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     # Outermost but for Starlette's own error middleware: a body is measured before any route reads it.
     app.add_middleware(BodyLimits, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthenticateFirst)  # outermost: no body of an anonymous caller is read
     for router, scope in ROUTERS:
         app.include_router(router, dependencies=guard(scope), responses=COMMON_ERRORS)
     install_openapi(app, settings.default_workflow)

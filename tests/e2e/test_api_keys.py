@@ -56,6 +56,11 @@ def test_every_route_but_the_probes_refuses_a_request_without_a_valid_key(locked
             assert r.status_code == 401, (method, path, headers, r.text)
             assert r.headers["WWW-Authenticate"].startswith("Bearer")
             assert r.json()["error"]["code"] == "invalid_api_key"
+    # Before its body is read: an anonymous caller learns nothing of the API's validation.
+    for body in (b"{not json", b"[" * 100, b'{"prompt": ""}'):
+        r = httpx.post(f"{locked.url}/v1/images/generations", content=body, headers=bearer("lego-no"), timeout=10)
+        assert r.status_code == 401, (body, r.text)
+    assert httpx.get(f"{locked.url}/v1/no-such-route", timeout=10).status_code == 401
     for probe in PROBES:
         assert httpx.get(locked.url + probe, timeout=10).status_code == 200, probe
 

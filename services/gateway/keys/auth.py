@@ -29,23 +29,31 @@ def _unauthorized(message: str, error: str) -> APIError:
     return APIError(401, "invalid_api_key", message, headers={"WWW-Authenticate": f'Bearer error="{error}"'})
 
 
-async def authenticate(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> KeyRecord:
-    """The caller's key record (ANONYMOUS when auth is off); 401 without a valid key."""
-    if request.app.state.settings.auth == "off":
+def identify(state: Any, authorization: str | None) -> KeyRecord:
+    """The caller's key record from an `Authorization` header value (ANONYMOUS when auth is
+    off); 401 without a valid key. `state`: the app's state (its settings and key store). The
+    one check, run by `AuthenticateFirst` before a body is read and by `authenticate` for routes."""
+    if state.settings.auth == "off":
         return ANONYMOUS
-    if credentials is None:
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
         raise _unauthorized(
             "this route needs an API key: send `Authorization: Bearer <key>` "
             "(`lego keys create` makes one; `lego up` printed the admin key)",
             "invalid_request",
         )
-    keys: KeyStore = request.app.state.keys
-    record = keys.lookup(credentials.credentials)
+    keys: KeyStore = state.keys
+    record = keys.lookup(credentials.strip())
     if record is None:
         raise _unauthorized("the API key is not valid: unknown or revoked", "invalid_token")
     return record
+
+
+async def authenticate(
+    request: Request, _docs: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> KeyRecord:
+    """The caller's key record (`_docs` only puts the Bearer scheme into the OpenAPI document)."""
+    return identify(request.app.state, request.headers.get("authorization"))
 
 
 Caller = Annotated[KeyRecord, Depends(authenticate)]

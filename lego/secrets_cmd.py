@@ -1,10 +1,13 @@
 """`lego secrets`: the locked bus's secrets for a deployment, made where they are used.
 
 - `lego secrets --dir /secrets` (compose's init service): each role's password file (0600)
-  in the directory, made when missing, and `nats-server.conf` (bcrypt hashes, permissions).
+  in the directory, made when missing, and `nats-server.conf` (bcrypt hashes, permissions);
+  with `--copy-to`, each role's password in its own directory and the gateway's admin API key
+  (`<copy-to>/gateway/admin.key`, made once: the key an operator makes the other keys with).
 - `lego secrets --k8s [--namespace N]`: a Kubernetes Secret on stdout, for
-  `lego secrets --k8s | kubectl apply -f -`: each role's password (what its pods mount) and
-  its bcrypt hash (what nats-server's config reads as `$NATS_HASH_<ROLE>`). Never commit it.
+  `lego secrets --k8s | kubectl apply -f -`: each role's password (what its pods mount), its
+  bcrypt hash (what nats-server's config reads as `$NATS_HASH_<ROLE>`) and the admin API key
+  (`admin.key`, the gateway's). Never commit it.
 - `lego secrets --nats-config-env`: the nats-server authorization block with `$NATS_HASH_<ROLE>`
   variables instead of hashes (what deploy/k8s/20-nats.yaml holds; tests/unit/test_deploy.py
   checks that the committed one is this one).
@@ -21,7 +24,10 @@ import sys
 from pathlib import Path
 
 from lego import nats_secrets
+from services.gateway.keys.secret import ensure_key_file, new_key
 from shared import bus_roles
+
+ADMIN_KEY = "admin.key"  # the gateway's admin API key: in the gateway's secret volume (compose) or Secret (k8s)
 
 
 def hash_variable(role: str) -> str:
@@ -42,6 +48,7 @@ def k8s_secret(namespace: str, name: str = "lego-nats") -> str:
         data[f"{role}.password"] = password
         # Quoted: nats-server parses the variable's value as config, where a bare `$2b$...` is a variable.
         data[hash_variable(role)] = json.dumps(nats_secrets.bcrypt_hash(password))
+    data[ADMIN_KEY] = new_key()
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     secret = {
         "apiVersion": "v1",
@@ -67,6 +74,11 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     nats_secrets.write_server_config(directory / "nats-server.conf", directory)
     if args.copy_to:
         copy_per_role(directory, Path(args.copy_to), args.owner)
+        admin_key = Path(args.copy_to) / bus_roles.GATEWAY / ADMIN_KEY
+        _, made = ensure_key_file(admin_key)
+        if args.owner is not None:
+            os.chown(admin_key, args.owner, args.owner)
+        print(f"lego secrets: the admin API key {'made in' if made else 'kept in'} {admin_key}", file=sys.stderr)
     print(f"lego secrets: passwords (0600) and nats-server.conf in {directory}", file=sys.stderr)
     return 0
 

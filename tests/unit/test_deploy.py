@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import http.server
 import importlib
@@ -600,7 +601,11 @@ def test_k8s_services_connect_as_their_roles(k8s: list[dict[str, Any]]) -> None:
         assert env["LEGO_NATS_USER"] == role
         assert env["LEGO_NATS_PASSWORD_FILE"] == f"/var/run/secrets/lego-nats/{role}.password"
         (volume,) = [v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == "nats-password"]
-        assert [i["key"] for i in volume["secret"]["items"]] == [f"{role}.password"]  # its own only
+        # Its own password only; the gateway also the admin API key, which it keeps in LEGO_KEYS.
+        extra = ["admin.key"] if role == "gateway" else []
+        assert [i["key"] for i in volume["secret"]["items"]] == [f"{role}.password", *extra]
+        if role == "gateway":
+            assert env["LEGO_ADMIN_KEY_FILE"] == "/var/run/secrets/lego-nats/admin.key"
         checked.add(role)
     assert checked == {"gateway", "autoscaler", *SERVICE_KINDS}
 
@@ -610,3 +615,24 @@ def test_k8s_nats_config_holds_the_role_table() -> None:
     conf = (DEPLOY / "k8s" / "20-nats.yaml").read_text()
     block = "".join("    " + line + "\n" for line in secrets_cmd.nats_config_with_env_hashes().splitlines())
     assert block in conf, "regenerate it: python -m lego secrets --nats-config-env (indented 4 spaces)"
+
+
+def test_deployed_gateways_start_with_the_admin_key_lego_secrets_made(
+    compose: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keys are on in compose and k8s: without an admin key nobody could make the first key."""
+    gateway = compose["services"]["gateway"]
+    assert gateway["environment"]["LEGO_ADMIN_KEY_FILE"] == "/secrets/gateway/admin.key"
+    assert "LEGO_AUTH" not in gateway["environment"]  # on, the default
+    args = ["secrets", "--dir", str(tmp_path / "nats"), "--copy-to", str(tmp_path / "roles")]
+    from lego.cli import build_parser
+
+    for _ in range(2):  # made once, kept on a restart
+        parsed = build_parser().parse_args(args)
+        assert parsed.func(parsed) == 0
+    key_file = tmp_path / "roles" / "gateway" / "admin.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.read_text().startswith("lego-")
+    err = capsys.readouterr().err
+    assert "admin API key made in" in err and "admin API key kept in" in err and key_file.read_text().strip() not in err
+    secret = json.loads(secrets_cmd.k8s_secret("ns"))
+    assert base64.b64decode(secret["data"]["admin.key"]).decode().startswith("lego-")

@@ -7,22 +7,19 @@ time enough is accepted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 
 from lego.launcher import Mesh
-from tests.conftest import running_mesh
 from tests.waiting import wait_for
 
 LONG = {"prompt": "a long exposure of a city at night", "size": "512x512", "num_inference_steps": 80}  # ~2 s here
 
 
 @pytest.fixture(scope="module")
-def one_denoiser(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    yield from running_mesh(model_cache, tmp_path_factory.mktemp("overload-logs"), workflows=["sd3"])
+def one_denoiser(sd3_tcp_mesh: Mesh) -> Mesh:
+    """One sd3 denoiser replica: the session's sd3 mesh (its transport does not matter here)."""
+    return sd3_tcp_mesh
 
 
 def _denoise_load(mesh: Mesh) -> dict:

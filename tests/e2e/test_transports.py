@@ -21,6 +21,9 @@ NEEDS_UCX = pytest.mark.skipif(not ucx_installed(), reason="needs the ucx extra:
 
 @pytest.fixture(scope="module", params=["tcp", pytest.param("ucx", marks=NEEDS_UCX)])
 def forced_mesh(request, model_cache, tmp_path_factory) -> Iterator[Mesh]:
+    if request.param == "tcp":  # the session's sd3 mesh over tcp (shared with the overload test)
+        yield request.getfixturevalue("sd3_tcp_mesh")
+        return
     yield from running_mesh(
         model_cache,
         tmp_path_factory.mktemp(f"{request.param}-mesh-logs"),

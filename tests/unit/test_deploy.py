@@ -492,7 +492,12 @@ def test_keda_scaledobjects_scale_each_model_on_its_consumers(k8s: list[dict[str
             assert meta["stream"] == subjects.STEP_STREAM
             assert int(meta["lagThreshold"]) > 0
             consumers.append(meta["consumer"])
-        expected = [subjects.consumer_name(kind, m) for m in hosted for kind in KINDS[service]]
+        expected = [
+            subjects.consumer_name(kind, m, band)
+            for m in hosted
+            for kind in KINDS[service]
+            for band in subjects.BAND_NAMES
+        ]
         assert sorted(consumers) == sorted(expected), doc["metadata"]["name"]
 
 

@@ -94,6 +94,7 @@ class Bus:
         self.name = name
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self._closing = False  # close() was called: a disconnect now is ours, not a fault
 
     @property
     def nc(self) -> NATS:
@@ -109,6 +110,7 @@ class Bus:
 
     async def connect(self, timeout_s: float = 30.0) -> None:
         """Connect, retrying until `timeout_s`: services may start before nats-server is up."""
+        self._closing = False
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout_s
         options = connect_options(self.settings)
@@ -170,12 +172,14 @@ class Bus:
         log.warning("nats: %s: %s", type(exc).__name__, exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("nats: disconnected from %s; reconnecting", self.settings.nats_url)
+        if not self._closing:
+            log.warning("nats: disconnected from %s; reconnecting", self.settings.nats_url)
 
     async def _on_reconnected(self) -> None:
         log.info("nats: reconnected")
 
     async def close(self) -> None:
+        self._closing = True
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await self._nc.drain()

@@ -85,7 +85,7 @@ async def test_backlog_scales_its_unit_only_then_the_cooldown_brings_it_back(nat
 
         # The work is done (acked): after a cooldown of wanting 1, down to 1 (the window's peak).
         for msg in await psub.fetch(12, timeout=5):
-            await msg.ack()
+            await msg.ack_sync()  # the server counts every ack before the next tick reads the backlog
         give_up = time.monotonic() + 20
         while actuator.replicas["sd3-transformer"] > 1 and time.monotonic() < give_up:
             await autoscaler.tick()

@@ -14,8 +14,9 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -31,6 +32,7 @@ from shared.settings import Settings
 log = logging.getLogger("lego.bus")
 
 NATS_MSG_ID = "Nats-Msg-Id"
+T = TypeVar("T")
 STREAMS_WAIT_S = 120.0  # a service that may not create the streams waits this long for them
 
 
@@ -233,19 +235,26 @@ class Bus:
 
     async def wait_streams(self, timeout_s: float = STREAMS_WAIT_S) -> None:
         """Until the step and result streams exist (made by a role that may create them)."""
-        give_up = asyncio.get_running_loop().time() + timeout_s
         for stream in (subjects.STEP_STREAM, subjects.RESULT_STREAM):
-            while True:
-                try:
-                    await self.js.stream_info(stream)
-                    break
-                except NotFoundError:
-                    if asyncio.get_running_loop().time() > give_up:
-                        raise TimeoutError(
-                            f"stream {stream} does not exist after {timeout_s:.0f}s; user "
-                            f"{self.settings.nats_user} may not create it: start the gateway (it does) first"
-                        ) from None
-                    await asyncio.sleep(0.5)
+            await self.wait_until_made(f"stream {stream}", partial(self.js.stream_info, stream), timeout_s)
+
+    async def wait_until_made(
+        self, what: str, look: Callable[[], Awaitable[T]], timeout_s: float = STREAMS_WAIT_S
+    ) -> T:
+        """`look()`'s answer once `what` (a stream or a bucket) exists: on a locked bus a role
+        that may not make streams waits for one that may (the gateway, or `lego up` first)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while True:
+            try:
+                return await look()
+            except NotFoundError:  # a missing bucket's error is one too
+                if loop.time() > give_up:
+                    raise TimeoutError(
+                        f"{what} does not exist after {timeout_s:.0f}s; user {self.settings.nats_user} "
+                        "may not create it: start the gateway (it does) first"
+                    ) from None
+                await asyncio.sleep(0.5)
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:

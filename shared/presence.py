@@ -16,7 +16,7 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from shared import bus_roles, subjects
-from shared.bus import STREAMS_WAIT_S, Bus
+from shared.bus import Bus
 from shared.messages import AutoscalerStatus, ReplicaInfo
 
 log = logging.getLogger("lego.presence")
@@ -32,22 +32,12 @@ STATUS_TTL_S = 15.0
 async def _bucket(bus: Bus, bucket: str, ttl_s: float) -> KeyValue:
     """A KV bucket, made when missing by a role that may (shared.bus_roles); any other role
     waits for it (the gateway, or `lego up` before it starts anyone, makes it)."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + STREAMS_WAIT_S
-    while True:
-        try:
-            return await bus.js.key_value(bucket)
-        except BucketNotFoundError:
-            if bus_roles.may_create_streams(bus.settings.nats_user):
-                return await bus.js.create_key_value(
-                    bucket=bucket, ttl=ttl_s, history=1, replicas=bus.settings.stream_replicas
-                )
-            if loop.time() > give_up:
-                raise TimeoutError(
-                    f"bucket {bucket} does not exist after {STREAMS_WAIT_S:.0f}s; user {bus.settings.nats_user} "
-                    "may not create it: start the gateway (it does) first"
-                ) from None
-            await asyncio.sleep(0.5)
+    try:
+        return await bus.js.key_value(bucket)
+    except BucketNotFoundError:
+        if not bus_roles.may_create_streams(bus.settings.nats_user):
+            return await bus.wait_until_made(f"bucket {bucket}", lambda: bus.js.key_value(bucket))
+        return await bus.js.create_key_value(bucket=bucket, ttl=ttl_s, history=1, replicas=bus.settings.stream_replicas)
 
 
 async def presence_bucket(bus: Bus) -> KeyValue:

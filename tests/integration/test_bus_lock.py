@@ -79,6 +79,27 @@ def test_secrets_are_owner_only_and_the_config_holds_no_password(locked: LockedN
     assert "$2" in config  # bcrypt hashes
 
 
+async def test_a_service_waits_for_the_streams_and_buckets_it_may_not_make(locked: LockedNats) -> None:
+    """First in this module: nothing exists yet. The encoder may not create streams or buckets,
+    so it waits, and carries on once a role that may (here admin) has made them."""
+    from shared.presence import ensure_buckets, presence_bucket
+
+    encoder = await _connected(locked.settings("encoder"), "test-encoder-waits")
+    admin = None
+    try:
+        waiting = asyncio.ensure_future(asyncio.gather(encoder.ensure_streams(), presence_bucket(encoder)))
+        done, _ = await asyncio.wait([waiting], timeout=1.5)
+        assert not done, "the encoder went on without the streams (or made them itself)"
+        admin = await _as_admin(locked)
+        await ensure_buckets(admin)
+        _, kv = await asyncio.wait_for(waiting, 30)
+        assert (await kv.status()).bucket == subjects.PRESENCE_BUCKET
+    finally:
+        await encoder.close()
+        if admin is not None:
+            await admin.close()
+
+
 def test_no_credentials_or_a_wrong_password_is_refused(locked: LockedNats) -> None:
     with pytest.raises(PermissionError, match="refused user"):
         asyncio.run(_connected(locked.settings(), "anonymous"))

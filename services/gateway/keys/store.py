@@ -20,13 +20,15 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from services.gateway.keys.model import KeyLimits, KeyRecord, Scope
 from services.gateway.keys.secret import hash_key, new_key, new_key_id
+from services.gateway.schemas import MAX_PRIORITY
+from shared import subjects
 from shared.bus import Bus
 
 log = logging.getLogger("lego.gateway.keys")
 
-BUCKET = "LEGO_KEYS"
+BUCKET = subjects.KEYS_BUCKET  # the bus roles give this bucket to the gateway alone
 ADMIN_NAME = "admin"
-ADMIN_LIMITS = KeyLimits(scopes=list(Scope), rate_per_min=0, max_in_flight=0, max_priority=9)
+ADMIN_LIMITS = KeyLimits(scopes=list(Scope), rate_per_min=0, max_in_flight=0, max_priority=MAX_PRIORITY)
 REWATCH_S = 1.0  # after the watch fails (NATS away), try again this often
 
 

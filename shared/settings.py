@@ -63,6 +63,12 @@ class Settings:
     vae_max_batch: int = 0
     controlnet_max_batch: int = 0  # ControlNet steps an adapters replica runs in one call; 0: 8 on a GPU, else 1
     lora_cache_mb: float = 1024.0  # LoRA adapters a denoiser keeps loaded; least recently used go first
+    # Parallel groups (services/denoiser/group/): a denoiser replica owning this many devices (1, 2
+    # or 4: GPUs cuda:0..k-1 of its pod, or CPU worker processes), joined by torch.distributed.
+    denoise_group_size: int = 1
+    # How such a group picks each request's degree (shared/parallel_policy.py): adaptive (split a
+    # request over idle devices, side by side under load) | never (one device a request) | always.
+    parallel_mode: str = "adaptive"
     # Gateway
     gateway_id: str = field(default_factory=lambda: f"gw-{socket.gethostname()}-{os.getpid()}".replace(".", "-"))
     request_timeout_s: float = 300.0

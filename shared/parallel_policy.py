@@ -1,0 +1,96 @@
+"""The parallel degree of one request on a denoiser group: split it over several devices, or not.
+
+Why a pure function in `shared/`: the denoiser replica that owns a group of k devices asks it
+at each request's first step, and the cluster simulator (`services/autoscaler/simulator.py`)
+asks the very same function for its simulated groups, so a rule judged at 1,000 simulated
+GPUs is the rule the mesh runs. It lives here rather than in the autoscaler's package because
+a service never imports another service; `services.autoscaler.policy` re-exports it, beside the
+scaling rule it belongs with.
+
+The rule, in the order it is applied:
+
+1. Only the degrees the request can take (`allowed`: 1 always; 2 and 4 where its workflow can
+   be split that way, see `services/denoiser/group/`) and that fit the group.
+2. Fair share: with `busy` other requests in the group's hands, this one gets the largest
+   allowed degree d with d x (busy + 1) <= k. Idle devices are put to work on a lone request;
+   under load every device serves its own requests, since a split request finishes sooner but
+   costs more device-seconds (the exchange, a smaller matrix per device), and throughput is what
+   a busy group must keep.
+3. Deadline rescue: when the fair share would miss the request's deadline (`slack_s` below the
+   estimated time at that degree) and a larger allowed degree would meet it, that degree is taken
+   while the group is not saturated (busy < k): a request about to miss its SLO borrows devices
+   that would otherwise only queue work behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DegreeInputs:
+    """What the group knows when a request takes its first step.
+
+    `group_size`: devices in the group (k). `allowed`: the degrees this request can be split to.
+    `busy`: the other requests the group holds now (running or waiting in its hands).
+    `slack_s`: seconds left before the request's deadline (None: no deadline known).
+    `steps`: its denoising steps. `step_s`: seconds per step at each degree when measured
+    (profile or running mean), missing degrees unknown.
+    """
+
+    group_size: int
+    allowed: tuple[int, ...]
+    busy: int = 0
+    slack_s: float | None = None
+    steps: int = 1
+    step_s: Mapping[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class DegreeChoice:
+    """The degree chosen, and why (a short phrase for the log and the simulator's trace)."""
+
+    degree: int
+    reason: str
+
+
+# How a group picks degrees: `adaptive` (the rule above), `never` (every request on one
+# device), `always` (every request split as far as it can be). The fixed modes are the
+# baselines the adaptive rule is measured against (bench/parallel.py).
+MODES = ("adaptive", "never", "always")
+
+
+def usable_degrees(inputs: DegreeInputs) -> list[int]:
+    """The allowed degrees that fit the group, ascending; always at least [1]."""
+    return sorted({d for d in inputs.allowed if 1 <= d <= inputs.group_size} | {1})
+
+
+def _estimate_s(inputs: DegreeInputs, degree: int) -> float | None:
+    if not inputs.step_s or degree not in inputs.step_s:
+        return None
+    return inputs.steps * inputs.step_s[degree]
+
+
+def choose_degree(inputs: DegreeInputs, mode: str = "adaptive") -> DegreeChoice:
+    """The degree for one request (see the module's docstring for the rule)."""
+    degrees = usable_degrees(inputs)
+    if mode == "never":
+        return DegreeChoice(1, "never split")
+    if mode == "always":
+        return DegreeChoice(degrees[-1], "always split")
+    if mode != "adaptive":
+        raise ValueError(f"parallel mode {mode!r}: use one of {', '.join(MODES)}")
+    share = inputs.group_size // (max(inputs.busy, 0) + 1)
+    fair = max(d for d in degrees if d <= max(share, 1))
+    reason = f"fair share: {inputs.busy} other request(s) on {inputs.group_size} device(s)"
+    if inputs.slack_s is None or inputs.busy >= inputs.group_size:
+        return DegreeChoice(fair, reason)
+    at_fair = _estimate_s(inputs, fair)
+    if at_fair is None or at_fair <= inputs.slack_s:
+        return DegreeChoice(fair, reason)
+    for d in degrees:
+        est = _estimate_s(inputs, d)
+        if d > fair and est is not None and est <= inputs.slack_s:
+            return DegreeChoice(d, f"deadline rescue: {at_fair:.2f} s at degree {fair} > {inputs.slack_s:.2f} s slack")
+    return DegreeChoice(fair, reason)

@@ -115,6 +115,11 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as `LEGO_*` variables: what a process this one starts (a group's
+        follower) needs to see the same settings, flags included."""
+        return {f"LEGO_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
+
     @classmethod
     def from_flags(cls, flags: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
         """`from_env`, then a command's flags: a flag whose destination is a field's name

@@ -1,0 +1,186 @@
+"""The leader's side of a group: its followers' processes, and one lane per device.
+
+A lane runs its device's commands one after another: rank 0's in this process, a follower's
+by sending it the part and waiting for its answer. `run(first, call, how, loras)` hands each
+device of [first, first + degree) its part under one lock, so every device sees the parts of
+multi-device calls in the same order, and the collectives inside them always meet.
+
+If a follower dies, its lane's channel breaks and the leader process exits: the replica is
+gone as a whole, and the steps it held are redelivered to another replica (nothing is lost,
+as when a single-device replica dies).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from services.denoiser.group import wire
+from services.denoiser.group.runtime import RankState, join_group, part_message
+from services.denoiser.group.split import Layout, Part, merge, split
+from services.denoiser.loop import TransformerCall
+from shared.settings import Settings
+
+log = logging.getLogger("lego.denoiser.group")
+
+LoraSet = tuple[tuple[str, float], ...]
+_Work = tuple[Part, LoraSet, Future]
+
+
+class _Lane:
+    """One device's FIFO of parts, run on its own thread by `execute(part, loras)`."""
+
+    def __init__(
+        self,
+        rank: int,
+        execute: Callable[[Part, LoraSet], torch.Tensor | None],
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.rank = rank
+        self._execute = execute
+        self._on_close = on_close
+        self._queue: queue.Queue[_Work | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"group-lane-{rank}", daemon=True)
+        self._thread.start()
+
+    def submit(self, part: Part, loras: LoraSet) -> Future:
+        done: Future = Future()
+        self._queue.put((part, loras, done))
+        return done
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while (work := self._queue.get()) is not None:
+            part, loras, done = work
+            try:
+                done.set_result(self._execute(part, loras))
+            except Exception as exc:
+                done.set_exception(exc)
+        if self._on_close is not None:
+            try:
+                self._on_close()
+            except Exception as exc:  # the other end is already gone
+                log.debug("group lane %d: closing: %s", self.rank, exc)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GroupExecutor:
+    """Rank 0 of a group of `world` devices serving `model_id`. Starting it starts the
+    followers, then loads the leader's own model (`load_bundle()`) while they load theirs, and
+    waits until all hold the same weights; `state.bundle` is the leader's model."""
+
+    def __init__(self, model_id: str, load_bundle: Callable[[], Any], settings: Settings, world: int) -> None:
+        if world not in (2, 4):
+            raise ValueError(f"LEGO_DENOISE_GROUP_SIZE={world}: a group has 1, 2 or 4 devices")
+        self.world = world
+        self.model_id = model_id
+        self._order = threading.Lock()
+        self._closed = False
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        env = {**os.environ, **settings.to_env()}
+        self._followers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "services.denoiser.group.follower", "--rank", str(r), "--world", str(world)]
+                + ["--init", init, "--model", model_id, "--parent", str(os.getpid())],
+                env=env,
+            )
+            for r in range(1, world)
+        ]
+        started = time.monotonic()
+        try:
+            self.state: RankState = join_group(settings, model_id, 0, world, init, bundle=load_bundle())
+        except BaseException:
+            self._kill_followers()
+            raise
+        self.by_tokens = self.state.worker.by_tokens
+        self._lanes = [_Lane(0, self.state.worker.run)] + [
+            _Lane(r, self._remote(r), on_close=self._stopper(r)) for r in range(1, world)
+        ]
+        threading.Thread(target=self._watch_followers, name="group-watch", daemon=True).start()
+        log.info(
+            "group of %d devices formed for %s in %.1f s (sequence split: %s)",
+            world,
+            model_id,
+            time.monotonic() - started,
+            "yes" if self.by_tokens else "no",
+        )
+
+    def _remote(self, rank: int) -> Callable[[Part, LoraSet], torch.Tensor | None]:
+        group, device = self.state.pair_groups[rank], self.state.device
+
+        def execute(part: Part, loras: LoraSet) -> torch.Tensor | None:
+            wire.send(part_message(part, loras), rank, group, device)
+            reply = wire.recv(rank, group, device)
+            if reply.get("op") == "error":
+                raise RuntimeError(f"device {rank} of the group: {reply.get('message')}")
+            out = reply.get("output")
+            return out if isinstance(out, torch.Tensor) else None
+
+        return execute
+
+    def _stopper(self, rank: int) -> Callable[[], None]:
+        def stop() -> None:
+            wire.send({"op": "stop"}, rank, self.state.pair_groups[rank], self.state.device)
+
+        return stop
+
+    def run(self, first: int, call: TransformerCall, how: Layout, loras: LoraSet) -> torch.Tensor:
+        """Run `call` over devices [first, first + how.degree), laid out as `how`; its output."""
+        parts = split(call, how)
+        with self._order:
+            if self._closed:
+                raise RuntimeError("the group is shutting down")
+            futures = [self._lanes[first + i].submit(part, loras) for i, part in enumerate(parts)]
+        return merge([f.result() for f in futures], how)
+
+    def _watch_followers(self) -> None:
+        while not self._closed:
+            for p in self._followers:
+                if p.poll() is not None and not self._closed:
+                    log.error(
+                        "a follower of %s's group exited (code %s): the replica stops; its steps are redelivered",
+                        self.model_id,
+                        p.returncode,
+                    )
+                    os._exit(70)
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        """Tell the followers to stop, then make sure they have."""
+        with self._order:
+            self._closed = True
+        for lane in self._lanes:
+            lane.close()
+        deadline = time.monotonic() + 20
+        for p in self._followers:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._kill_followers()
+
+    def _kill_followers(self) -> None:
+        for p in self._followers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

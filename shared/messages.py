@@ -255,7 +255,8 @@ class ReplicaInfo(BaseModel):
     started_at: float = 0.0
     steps_done: int = 0
     busy: bool = False
-    param_bytes: int = 0  # memory the model's parameters take on `device`
+    param_bytes: int = 0  # memory the model's parameters take (on all its devices, for a parallel group)
+    group_devices: int = 1  # devices this replica's parallel group owns (services/denoiser/group/)
     loras: list[str] = Field(default_factory=list)  # LoRA adapters loaded into this replica's base model
     tensors_held: int = 0  # tensors its tensor plane holds for requests now (0 when idle: all freed)
     tensor_bytes_held: int = 0

@@ -123,6 +123,15 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64),
     registry=REGISTRY,
 )
+DENOISE_DEGREE = Counter(
+    "lego_denoise_requests_by_degree",
+    "Denoising requests a parallel group ran, by the degree it chose (devices one request was split over)",
+    ["model", "degree"],
+    registry=REGISTRY,
+)
+GROUP_DEVICES = Gauge(
+    "lego_group_devices", "Devices this denoiser replica's parallel group owns (1: no group)", ["model"], registry=REGISTRY
+)
 BACKLOG = Gauge(
     "lego_backlog_steps",
     "Steps of a model's consumer: pending (not yet delivered) and ack_pending (delivered, unanswered)",

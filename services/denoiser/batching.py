@@ -113,19 +113,25 @@ class BatchEngine:
     all model work happens on the engine's own thread. `activate_loras(loras)` switches the
     base model's LoRA set (empty: none); requests with different sets never share a call.
     `on_batch(n)` is told the number of requests of every call (metrics).
+    `execute(call, loras, requests)`, when given, runs each merged call instead of the local
+    transformer (a parallel group's devices, `group/engine.py`; it switches LoRAs itself).
     """
 
     def __init__(
         self,
-        transformer: torch.nn.Module,
+        transformer: torch.nn.Module | None,
         max_batch: int,
         activate_loras: Callable[[list[tuple[str, float]]], None],
         on_batch: Callable[[int], None] | None = None,
         name: str = "denoise-batcher",
+        execute: Callable[[TransformerCall, LoraSet, int], torch.Tensor] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if transformer is None and execute is None:
+            raise ValueError("a BatchEngine needs a transformer or an execute function")
         self.transformer = transformer
+        self._execute = execute
         self.max_batch = max_batch
         self._activate_loras = activate_loras
         self._on_batch = on_batch
@@ -138,9 +144,12 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, loop: DenoiseLoop, loras: list[tuple[str, float]] | None = None) -> Future[torch.Tensor]:
+    def submit(
+        self, loop: DenoiseLoop, loras: list[tuple[str, float]] | None = None, facts: object = None
+    ) -> Future[torch.Tensor]:
         """Queue a request's loop; it joins the running batch at the next step. The caller's
-        context (its trace span) is the one the loop's own calls run in."""
+        context (its trace span) is the one the loop's own calls run in. (`facts`: what a
+        parallel group reads to choose a degree; one device has none to choose.)"""
         job = _Job(loop=loop, loras=tuple(loras or ()), context=contextvars.copy_context())
         with self._cond:
             if self._closed:
@@ -212,12 +221,7 @@ class BatchEngine:
     def _step(self, group: list[_Job]) -> None:
         calls = [job.call for job in group if job.call is not None]
         try:
-            if group[0].loras != self._loras_on:
-                self._loras_on = None  # unknown until the switch succeeds
-                self._activate_loras(list(group[0].loras))
-                self._loras_on = group[0].loras
-            with torch.inference_mode():
-                output = group[0].context.run(call_transformer, self.transformer, merge(calls))
+            output = group[0].context.run(self._call, merge(calls), group[0].loras, len(group))
         except Exception as exc:
             log.warning("a batched denoising call of %d request(s) failed: %s", len(group), exc)
             for job in group:
@@ -228,6 +232,17 @@ class BatchEngine:
             self._on_batch(len(group))
         parts = output.split([call.rows() for call in calls]) if len(group) > 1 else [output]
         self._advance_all(list(zip(group, parts, strict=True)))
+
+    def _call(self, call: TransformerCall, loras: LoraSet, requests: int) -> torch.Tensor:
+        """One merged call: on the group's devices, or here with the call's LoRAs switched on."""
+        if self._execute is not None:
+            return self._execute(call, loras, requests)
+        if loras != self._loras_on:
+            self._loras_on = None  # unknown until the switch succeeds
+            self._activate_loras(list(loras))
+            self._loras_on = loras
+        with torch.inference_mode():
+            return call_transformer(self.transformer, call)
 
     def _advance_all(self, work: list[tuple[_Job, torch.Tensor | None]]) -> list[bool]:
         """Advance several requests' loops to their next call side by side: a ControlNet request's

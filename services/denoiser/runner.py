@@ -32,6 +32,7 @@ class DenoiserRunner:
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         from services.denoiser.denoise import denoise_loop
+        from services.denoiser.group.engine import RequestFacts
         from services.denoiser.loop import DenoiseCancelled, DenoiseInputs, run_loop
 
         p = step.params
@@ -44,8 +45,9 @@ class DenoiserRunner:
                 inputs, p, control=control, on_step=ctx.progress, should_stop=ctx.should_stop
             )
             loop = denoise_loop(self.bundle, loop_inputs)  # checks the inputs against the family's descriptor
-            if self.engine is not None:  # joins the running batch at its next step
-                latents = self.engine.submit(loop, loras).result()
+            if self.engine is not None:  # joins the running batch at its next step (on a group: at its degree)
+                facts = RequestFacts(label=step.request_id, steps=p.num_inference_steps, deadline=step.deadline)
+                latents = self.engine.submit(loop, loras, facts).result()
             else:
                 with self.loras.activate(loras, self._lora_path):
                     latents = run_loop(self.bundle.transformer, loop)
@@ -99,7 +101,12 @@ class DenoiserRunner:
         )
 
     def status(self) -> dict[str, Any]:
-        return {"param_bytes": param_bytes(self.bundle.transformer), "loras": sorted(self.loras.loaded())}
+        devices = max(self.settings.denoise_group_size, 1)
+        return {
+            "param_bytes": param_bytes(self.bundle.transformer) * devices,  # a copy on each device of a group
+            "group_devices": devices,
+            "loras": sorted(self.loras.loaded()),
+        }
 
     def close(self) -> None:
         if self.engine is not None:
@@ -112,10 +119,13 @@ def load(model_id: str, settings: Settings) -> DenoiserRunner:
     from shared.coalesce import max_batch
     from shared.zoo import load_denoiser
 
+    batch = max_batch(settings.denoise_max_batch, settings.device, gpu_default=2)
+    metrics.GROUP_DEVICES.labels(model_id).set(max(settings.denoise_group_size, 1))
+    if settings.denoise_group_size > 1:
+        return _load_group(model_id, settings, batch)
     bundle = load_denoiser(model_id, settings)
     loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
     runner = DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras)
-    batch = max_batch(settings.denoise_max_batch, settings.device, gpu_default=2)
     if batch > 1:
         from services.denoiser.batching import BatchEngine
 
@@ -127,6 +137,33 @@ def load(model_id: str, settings: Settings) -> DenoiserRunner:
             name=f"batcher-{model_id}",
         )
         runner.concurrency = batch
+    return runner
+
+
+def _load_group(model_id: str, settings: Settings, batch: int) -> DenoiserRunner:
+    """A replica over a group of devices (`group/`): `batch` requests per call on each device,
+    as many requests in hand as the group's devices can batch."""
+    from services.denoiser.group.engine import GroupEngine
+    from services.denoiser.group.executor import GroupExecutor
+    from shared import metrics
+    from shared.zoo import load_denoiser
+
+    executor = GroupExecutor(model_id, lambda: load_denoiser(model_id, settings), settings, settings.denoise_group_size)
+    state = executor.state
+    runner = DenoiserRunner(model_id=model_id, bundle=state.bundle, settings=settings, loras=state.loras)
+    degrees = metrics.DENOISE_DEGREE
+    try:
+        runner.engine = GroupEngine(
+            executor,
+            batch,
+            mode=settings.parallel_mode,
+            on_degree=lambda d: degrees.labels(model_id, str(d)).inc(),
+            on_batch=metrics.StepMetrics(str(StepKind.DENOISE), model_id).batch.observe,
+        )
+    except ValueError:
+        executor.close()
+        raise
+    runner.concurrency = batch * executor.world
     return runner
 
 

@@ -37,6 +37,7 @@ class RankState:
     device: torch.device
     bundle: Any  # DenoiserBundle
     worker: Device
+    loras: Any  # LoraCache: this rank's adapters on its network
     pair_groups: dict[int, Any]  # follower rank -> the (0, rank) group commands and results travel on
 
 
@@ -85,7 +86,7 @@ def join_group(
             f"the devices of {model_id}'s group hold different weights ({[int(d) for d in digests]}): "
             "every rank must load the same model files"
         )
-    return RankState(rank, world, torch.device(here), bundle, worker, pair_groups)
+    return RankState(rank, world, torch.device(here), bundle, worker, loras, pair_groups)
 
 
 def part_message(part: Part, loras: tuple[tuple[str, float], ...]) -> dict[str, Any]:

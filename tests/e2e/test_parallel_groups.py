@@ -1,12 +1,11 @@
 """A request split over a parallel group gives the image the unsplit mesh gives, and the one
-diffusers' own pipeline gives (the oracle's bounds), for every workflow of the catalogue.
+diffusers' own pipeline gives (the oracle's bounds), for every workflow of the catalogue,
+through the REST API.
 
-Two meshes of real processes beside the shared unsplit one, every denoiser a group joined by
-torch.distributed (gloo, CPU worker processes) in `always` mode so every request is split:
-groups of 2 (CFG halves for sd3, sd35-large, sd15, sdxl; image tokens for flux) for the whole
-catalogue, and groups of 4 for the transformer families (CFG x tokens for sd3 and sd35-large,
-tokens over 4 for flux; UNets have no token sequence to split, so no 4). The denoisers' own
-/metrics say each request really ran at that degree.
+A mesh of real processes beside the shared unsplit one, every denoiser a group of 2 joined by
+torch.distributed (gloo, CPU worker processes) in `always` mode so every request is split: CFG
+halves for sd3, sd35-large, sd15 and sdxl, image tokens for flux. The denoisers' own /metrics
+say each request really ran at degree 2. (Groups of 4: tests/integration/test_parallel_split.py.)
 """
 
 from __future__ import annotations
@@ -27,28 +26,15 @@ from tests.oracle import assert_images_match, png_to_array
 
 __all__ = ["references"]  # the oracle's pipelines, one per family, built once for this module
 
-SPLIT_BY_4 = [(w, extra) for w, extra in CASES if catalogue()[w].family in ("sd3", "sd35-large", "flux")]
-
-
-def _group_mesh(model_cache: Path, log_dir: Path, size: int, workflows: list[str] | None) -> Iterator[Mesh]:
-    yield from running_mesh(
-        model_cache,
-        log_dir,
-        workflows=workflows,
-        LEGO_DENOISE_GROUP_SIZE=str(size),
-        LEGO_PARALLEL_MODE="always",
-        LEGO_TORCH_THREADS="1",  # 2 cores for up to 4 devices a group: no thread oversubscription
-    )
-
-
 @pytest.fixture(scope="module")
 def group2_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    yield from _group_mesh(model_cache, tmp_path_factory.mktemp("group2-logs"), 2, None)
-
-
-@pytest.fixture(scope="module")
-def group4_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    yield from _group_mesh(model_cache, tmp_path_factory.mktemp("group4-logs"), 4, [w for w, _ in SPLIT_BY_4])
+    yield from running_mesh(
+        model_cache,
+        tmp_path_factory.mktemp("group2-logs"),
+        LEGO_DENOISE_GROUP_SIZE="2",
+        LEGO_PARALLEL_MODE="always",
+        LEGO_TORCH_THREADS="1",  # 2 cores for 2 devices a group: no thread oversubscription
+    )
 
 
 def _request(workflow: str, extra: dict) -> tuple[dict, object]:
@@ -88,8 +74,3 @@ def _check(group_mesh: Mesh, unsplit: Mesh, references, settings, workflow: str,
 @pytest.mark.parametrize(("workflow", "extra"), CASES, ids=[w for w, _ in CASES])
 def test_split_over_2_equals_unsplit_and_pipeline(group2_mesh, mesh, references, settings, workflow, extra):
     _check(group2_mesh, mesh, references, settings, workflow, extra, degree=2)
-
-
-@pytest.mark.parametrize(("workflow", "extra"), SPLIT_BY_4, ids=[w for w, _ in SPLIT_BY_4])
-def test_split_over_4_equals_unsplit_and_pipeline(group4_mesh, mesh, references, settings, workflow, extra):
-    _check(group4_mesh, mesh, references, settings, workflow, extra, degree=4)

@@ -171,6 +171,10 @@ class GroupExecutor:
             self._closed = True
         for lane in self._lanes:
             lane.close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
         deadline = time.monotonic() + 20
         for p in self._followers:
             try:

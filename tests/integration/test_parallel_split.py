@@ -1,0 +1,122 @@
+"""Groups of 4 real processes (torch.distributed, gloo): every SD3, SD3.5-Large and Flux workflow
+split over 4 devices gives the unsplit chain's image and diffusers' pipeline's (the oracle's
+bounds): CFG halves x 2 token shards, or 4 token shards where there is no CFG (Flux, guidance 1),
+or 4 row parts where there are 4 rows (two images with CFG); ControlNet residuals cut to each
+device's rows and tokens, LoRAs switched on every device.
+
+The chain is the one of test_workflows_match_pipeline.py (encoders, the VAE, the ControlNet and
+the pipelines in this process); only the denoiser runs on a group: the leader here, three
+followers as processes. (Groups of 2, through the whole mesh: tests/e2e/test_parallel_groups.py.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from services.adapters.model import controlnet_residuals
+from services.denoiser.denoise import denoise_loop
+from services.denoiser.group.engine import GroupEngine
+from services.denoiser.group.executor import GroupExecutor
+from services.denoiser.loop import ControlSpec, DenoiseInputs
+from services.vae.model import decode, encode_control_image
+from shared.messages import VaeEncodeParams
+from shared.zoo import load_denoiser
+from shared.zoo.families import FAMILIES
+from tests.oracle import assert_images_match
+from tests.unit.test_workflows_match_pipeline import CN, P, WORKFLOWS, encoder_outputs, lab, mesh_images, pipeline_images
+
+__all__ = ["lab"]
+
+
+class Groups:
+    """One group of 4 per family, started when first asked for; the previous one stopped then
+    (the cases run family by family), so at most 4 processes of a group run at once."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.current: tuple[str, GroupEngine] | None = None
+        self.degrees: list[int] = []
+
+    def engine(self, family: str) -> GroupEngine:
+        if self.current is None or self.current[0] != family:
+            self.close()
+            model = FAMILIES[family].denoiser
+            executor = GroupExecutor(model, lambda: load_denoiser(model, self.settings), self.settings, 4)
+            engine = GroupEngine(executor, max_batch=1, mode="always", on_degree=self.degrees.append)
+            self.current = (family, engine)
+        return self.current[1]
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current[1].close()
+            self.current = None
+
+
+@pytest.fixture(scope="module")
+def groups(settings) -> Iterator[Groups]:
+    g = Groups(settings)
+    yield g
+    g.close()
+
+
+def split_images(lab, groups: Groups, family: str, *, control=None, loras=None, **kw) -> np.ndarray:
+    engine = groups.engine(family)
+    fam = lab.family(family)
+    spec = None
+    if control is not None:
+        latents = encode_control_image(
+            fam.vae,
+            control,
+            VaeEncodeParams(
+                family=family,
+                height=kw["height"],
+                width=kw["width"],
+                seed=kw["seed"],
+                n=kw.get("n", 1),
+                guidance_scale=kw["guidance"],
+            ),
+        )
+        cn = fam.controlnet
+        spec = ControlSpec(
+            latents, kw.get("conditioning_scale", 1.0), lambda c, v, p: controlnet_residuals(cn, c, v, p)
+        )
+    inputs = DenoiseInputs(
+        encoder_outputs(lab, family, kw["prompt"], kw.get("negative", "")),
+        height=kw["height"],
+        width=kw["width"],
+        num_inference_steps=kw["steps"],
+        guidance_scale=kw["guidance"],
+        seed=kw["seed"],
+        n=kw.get("n", 1),
+        control=spec,
+    )
+    latents = engine.submit(denoise_loop(engine.executor.state.bundle, inputs), loras).result(timeout=300)
+    return decode(fam.vae, latents).numpy()
+
+
+@pytest.mark.parametrize(
+    ("family", "controlnet", "loras", "params"), [w[1:] for w in WORKFLOWS], ids=[w[0] for w in WORKFLOWS]
+)
+def test_split_over_4_equals_unsplit_and_pipeline(lab, groups, family, controlnet, loras, params) -> None:
+    kw = {"prompt": P, "height": 64, "width": 64, "steps": 3, "guidance": 4.0, "seed": 21} | params
+    control = CN if controlnet else None
+    got = split_images(lab, groups, family, control=control, loras=loras, **kw)
+    assert groups.degrees[-1] == 4, "the request was not split over the 4 devices"
+    assert_images_match(got, mesh_images(lab, family, control=control, loras=loras, **kw))
+    assert_images_match(got, pipeline_images(lab, family, control=control, loras=loras, **kw))
+    assert got.std() > 5
+
+
+def test_loras_of_a_split_request_are_active_on_every_device(lab, groups) -> None:
+    """A LoRA on only some devices would change only some rows or tokens: with one, the split
+    image differs from the base model's exactly as the unsplit one does."""
+    kw = {"prompt": P, "height": 64, "width": 64, "steps": 3, "guidance": 1.0, "seed": 5}
+    with_lora = split_images(lab, groups, "flux", loras=[("flux-lora-a", 1.0)], **kw)
+    base = split_images(lab, groups, "flux", **kw)
+    assert not np.array_equal(with_lora, base)
+    assert_images_match(with_lora, mesh_images(lab, "flux", loras=[("flux-lora-a", 1.0)], **kw))
+    assert torch.is_tensor(torch.from_numpy(base))

@@ -14,6 +14,7 @@ from lego.generate import cmd_generate
 from lego.launcher import Mesh, MeshConfig, free_port
 from lego.status import cmd_status
 from lego.up import cmd_up, port_free
+from shared.parallel_policy import MODES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -106,6 +107,24 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         metavar="UNIT=N",
         help="replicas per unit, e.g. sd3-transformer=2; units: encoder, vae, adapters and one per base "
         "model (sd3-transformer, sd35-large-transformer, flux-transformer, sd15-unet, sdxl-unet); default 1 each",
+    )
+    up.add_argument(
+        "--group",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="UNIT=K",
+        help="run each replica of a denoiser unit as a parallel group of K devices (1, 2 or 4): GPUs "
+        "cuda:0..K-1, or K CPU processes; it holds K model copies and may split one request over them, "
+        "e.g. sd3-transformer=2; repeatable; a replica, and what the autoscaler adds, is a whole group "
+        "(default: $LEGO_DENOISE_GROUP_SIZE or 1)",
+    )
+    up.add_argument(
+        "--parallel-mode",
+        choices=MODES,
+        help="how a group splits requests: adaptive (a lone request over the idle devices, one device each "
+        "under load), never (one device a request), always (as far as a request can be split) "
+        "(default: $LEGO_PARALLEL_MODE or adaptive)",
     )
     up.add_argument(
         "--ready-timeout", type=float, default=300, help="seconds to wait for readiness (default: %(default)s)"

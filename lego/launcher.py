@@ -26,7 +26,7 @@ from lego.keys import admin_key_path
 
 # Re-exported: `lego.cli`, the tests and the benchmarks import these from here.
 from lego.processes import SHARED_CORES_ENV, Child, free_port, nats_server_binary, start_nats_server, wait_gone
-from lego.units import SERVICES, Unit, plan_units
+from lego.units import GROUPED_SERVICE, SERVICES, Unit, check_groups, plan_units
 from shared import bus_roles
 
 __all__ = [
@@ -54,6 +54,11 @@ class MeshConfig:
     nats_url: str | None = None  # None: start our own nats-server
     workflows: list[str] | None = None  # None: every workflow of the catalogue
     replicas: dict[str, int] = field(default_factory=dict)  # unit name -> replicas (default 1)
+    # Denoiser unit -> devices per replica (1, 2 or 4; `lego up --group`): each of its replicas is
+    # a group that starts its own k-1 workers (services/denoiser/group/); a unit not named here
+    # keeps the environment's LEGO_DENOISE_GROUP_SIZE (default 1).
+    groups: dict[str, int] = field(default_factory=dict)
+    parallel_mode: str | None = None  # the denoisers' LEGO_PARALLEL_MODE; None: the environment's
     env: dict[str, str] = field(default_factory=dict)  # extra LEGO_* settings for every child
     log_dir: Path | None = None  # None: children write to this terminal
     quiet: bool = False
@@ -125,12 +130,44 @@ class Mesh:
         """The command line of one replica of `unit`."""
         return [sys.executable, "-m", f"services.{unit.service}", "--models", ",".join(unit.models)]
 
+    def unit_env(self, unit: Unit) -> dict[str, str]:
+        """What `unit`'s replicas get on top of the mesh's environment: a denoiser its group size
+        (`MeshConfig.groups`) and how its group splits requests (`MeshConfig.parallel_mode`).
+        Nothing else reads them, so the other units are left as they are."""
+        env: dict[str, str] = {}
+        if unit.service != GROUPED_SERVICE:
+            return env
+        if unit.name in self.config.groups:
+            env["LEGO_DENOISE_GROUP_SIZE"] = str(self.config.groups[unit.name])
+        if self.config.parallel_mode:
+            env["LEGO_PARALLEL_MODE"] = self.config.parallel_mode
+        return env
+
+    def replica_env(self, unit: Unit) -> dict[str, str]:
+        """The whole environment a replica of `unit` starts with."""
+        # The user's own OpenMP settings win over SHARED_CORES_ENV.
+        return {**SHARED_CORES_ENV, **self._env(self.bus_role(unit)), **self.unit_env(unit)}
+
+    def group_size(self, unit: Unit) -> int:
+        """Devices one replica of `unit` holds (a model copy each): what its replicas will read."""
+        if unit.service != GROUPED_SERVICE:
+            return 1
+        from shared.settings import Settings
+
+        return Settings.from_env(self.replica_env(unit)).denoise_group_size
+
+    def group_sizes(self) -> dict[str, int]:
+        """The units whose replicas are groups (more than one device), and their sizes."""
+        units = self.units or {u.name: u for u in self.plan()}
+        return {name: k for name, unit in units.items() if (k := self.group_size(unit)) > 1}
+
     def start(self, ready_timeout_s: float = 300.0) -> None:
         try:
             units = {u.name: u for u in self.plan()}
             unknown = sorted(set(self.config.replicas) - set(units))
             if unknown:
                 raise ValueError(f"replicas named for {unknown}, which this mesh does not run; units: {sorted(units)}")
+            check_groups(self.config.groups, list(units.values()))
             self.units = units
             self._start_nats()
             self._prepare_models()
@@ -212,12 +249,18 @@ class Mesh:
     ) -> None:
         """Scale the units on their backlogs from now on (a thread of this process). The policy
         comes from the LEGO_AUTOSCALE_* settings; `memory_per_replica` (unit -> bytes) replaces
-        what the heartbeats report (bench/burst.py counts full-size model bytes against a budget)."""
+        what the heartbeats report (bench/burst.py counts full-size model bytes against a budget).
+        A group replica's heartbeat is its leader's, one model copy: the autoscaler multiplies it
+        by the unit's group size (`group_sizes`)."""
         from services.autoscaler.actuators.local import LocalActuator
         from services.autoscaler.controller import AutoscalerThread
 
         self.autoscaler = AutoscalerThread(
-            self.settings(bus_roles.AUTOSCALER), LocalActuator(self), policy_overrides, memory_per_replica
+            self.settings(bus_roles.AUTOSCALER),
+            LocalActuator(self),
+            policy_overrides,
+            memory_per_replica,
+            group_sizes=self.group_sizes(),
         )
         self.autoscaler.start()
         if self.autoscaler.error is not None:
@@ -241,11 +284,10 @@ class Mesh:
             if index is None:  # the lowest number no replica of the unit holds (log files are reused)
                 taken = {c.name for c in self.children if c.unit == unit_name}
                 index = next(i for i in range(len(taken) + 1) if f"{unit.name}-{i}" not in taken)
-            env = {**SHARED_CORES_ENV, **self._env(self.bus_role(unit))}  # the user's own OpenMP settings win
             child = Child(
                 f"{unit.name}-{index}",
                 self.replica_command(unit),
-                env,
+                self.replica_env(unit),
                 self._log_path(f"{unit.name}-{index}"),
                 unit=unit.name,
             )

@@ -40,3 +40,22 @@ def plan_units(workflows: list[str] | None = None) -> list[Unit]:
         elif models:
             units.append(Unit(service, service, models))
     return units
+
+
+# Devices a denoiser replica may own (LEGO_DENOISE_GROUP_SIZE; services/denoiser/group/): its
+# pod's GPUs cuda:0..k-1, or k CPU processes. A group is formed at start and is one replica.
+GROUP_SIZES = (1, 2, 4)
+GROUPED_SERVICE = "denoiser"
+
+
+def check_groups(groups: dict[str, int], units: list[Unit]) -> None:
+    """Raise ValueError naming what is wrong when `groups` (unit -> devices per replica) names a
+    unit that is not one of `units`' denoisers, or a size other than GROUP_SIZES: only a base
+    model's denoising loop can be split over devices."""
+    denoisers = [u.name for u in units if u.service == GROUPED_SERVICE]
+    for name, size in groups.items():
+        if name not in denoisers:
+            raise ValueError(f"group {name}={size}: {name} is not a denoiser unit here; denoiser units: {denoisers}")
+        if size not in GROUP_SIZES:
+            sizes = ", ".join(map(str, GROUP_SIZES))
+            raise ValueError(f"group {name}={size}: a group is {sizes} devices")

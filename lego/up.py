@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from lego.launcher import Mesh, MeshConfig, plan_units
+from lego.units import GROUP_SIZES, check_groups
 
 
 def _workflows(value: str | None) -> list[str] | None:
@@ -35,10 +36,29 @@ def _replicas(values: list[str], workflows: list[str] | None) -> dict[str, int]:
     return replicas
 
 
+def _groups(values: list[str], workflows: list[str] | None) -> dict[str, int]:
+    """`--group UNIT=K` flags -> {unit: K}, each a denoiser unit of the plan and K in GROUP_SIZES."""
+    units = plan_units(workflows)
+    denoisers = [u.name for u in units if u.service == "denoiser"]
+    sizes = ", ".join(map(str, GROUP_SIZES))
+    groups = {}
+    for item in values:
+        name, _, size = item.partition("=")
+        if not size.isdigit():
+            raise argparse.ArgumentTypeError(f"--group {item!r}: use UNIT=K with UNIT in {denoisers}, K in {sizes}")
+        groups[name] = int(size)
+    try:
+        check_groups(groups, units)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--{exc}") from None
+    return groups
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     try:
         workflows = _workflows(args.workflows)
         replicas = _replicas(args.replicas, workflows)
+        groups = _groups(args.group, workflows)
     except argparse.ArgumentTypeError as exc:
         print(f"lego up: {exc}", file=sys.stderr)
         return 2
@@ -56,6 +76,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         nats_url=args.nats_url,
         workflows=workflows,
         replicas=replicas,
+        groups=groups,
+        parallel_mode=args.parallel_mode,
         env=env,
         autoscale=not args.no_autoscale,
         auth=not args.no_auth,
@@ -141,6 +163,7 @@ def _banner(mesh: Mesh, env: dict[str, str], autoscale: bool) -> str:
         f'       -d \'{{"prompt": "a red fox", "size": "256x256"}}\'\n'
         f"  API docs: {mesh.url}/docs    Ctrl-C stops everything.\n"
         + _auth_banner(mesh)
+        + _groups_banner(mesh)
         + (
             f"  Autoscaling: replicas per unit {env['LEGO_AUTOSCALE_MIN']}..{env['LEGO_AUTOSCALE_MAX']}, "
             f"SLO {env['LEGO_AUTOSCALE_SLO']}; `lego status --url {mesh.url}` shows it.\n"
@@ -148,6 +171,16 @@ def _banner(mesh: Mesh, env: dict[str, str], autoscale: bool) -> str:
             else "  Autoscaling: off (--no-autoscale).\n"
         )
     )
+
+
+def _groups_banner(mesh: Mesh) -> str:
+    """A line naming the units whose replicas are parallel groups, if any."""
+    groups = mesh.group_sizes()
+    if not groups:
+        return ""
+    mode = mesh.config.parallel_mode or mesh.settings().parallel_mode
+    units = ", ".join(f"{name} x{k}" for name, k in sorted(groups.items()))
+    return f"  Parallel groups (devices a replica): {units}; requests split: {mode}.\n"
 
 
 def _autoscale_env(args: argparse.Namespace, replicas: dict[str, int]) -> dict[str, str]:

@@ -165,11 +165,15 @@ class AutoscalerThread:
         actuator: Actuator,
         policy_overrides: dict[str, object] | None = None,
         memory_per_replica: dict[str, int] | None = None,
+        group_sizes: dict[str, int] | None = None,
     ) -> None:
+        """`group_sizes`: unit -> devices a replica holds (a parallel group, one model copy per
+        device), for the units whose replicas are groups; see `Observer`."""
         self.settings = settings
         self.actuator = actuator
         self.policy_overrides = policy_overrides or {}
         self.memory_per_replica = memory_per_replica
+        self.group_sizes = group_sizes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -196,7 +200,7 @@ class AutoscalerThread:
         await bus.connect()
         s = self.settings
         config = policy_config(s, **self.policy_overrides)
-        observer = Observer.for_policy(bus, config, s.autoscale_window_s, self.memory_per_replica)
+        observer = Observer.for_policy(bus, config, s.autoscale_window_s, self.memory_per_replica, self.group_sizes)
         autoscaler = Autoscaler(observer, self.actuator, config, interval_s=s.autoscale_interval_s)
         self._ready.set()
         try:

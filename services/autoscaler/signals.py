@@ -5,7 +5,9 @@
 - Arrival rate: `pending + delivered` of a consumer only grows with arrivals (a redelivery
   counts as one: it is work too); its rise over the last `window_s` seconds is the rate.
 - Seconds per step, memory, device: the replicas' heartbeats in the presence bucket (a
-  replica announces each model it hosts; one process, one replica id).
+  replica announces each model it hosts; one process, one replica id). A denoiser replica that
+  is a parallel group of k devices (services/denoiser/group/) announces from its leader
+  process, one model copy of the k it holds: its memory is k times that (`group_sizes`).
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ class Observer:
         window_s: float = 10.0,
         default_service_s: float = 0.0,
         memory_per_replica: dict[str, int] | None = None,
+        group_sizes: dict[str, int] | None = None,
     ) -> None:
         self.bus = bus
         self.window_s = window_s
         self.default_service_s = default_service_s
         self.memory_per_replica = dict(memory_per_replica or {})  # unit -> bytes, overrides heartbeats
+        self.group_sizes = dict(group_sizes or {})  # unit -> devices (model copies) per replica; default 1
         self._meters: dict[Consumer, RateMeter] = {}
         self._service: dict[Consumer, float] = {}
         self._memory: dict[str, int] = {}
@@ -69,10 +73,15 @@ class Observer:
 
     @classmethod
     def for_policy(
-        cls, bus: Bus, config: PolicyConfig, window_s: float, memory_per_replica: dict[str, int] | None = None
+        cls,
+        bus: Bus,
+        config: PolicyConfig,
+        window_s: float,
+        memory_per_replica: dict[str, int] | None = None,
+        group_sizes: dict[str, int] | None = None,
     ) -> Observer:
         """An observer whose step time before any measurement is the policy's default."""
-        return cls(bus, window_s, config.default_service_s, memory_per_replica)
+        return cls(bus, window_s, config.default_service_s, memory_per_replica, group_sizes)
 
     async def observe(
         self, units: dict[str, tuple[str, ...]], current: dict[str, int], now: float
@@ -116,7 +125,8 @@ class Observer:
         for r in served:
             by_process.setdefault(r.replica_id, []).append(r)
         if by_process:  # the largest replica now; with none live, the last one seen
-            self._memory[name] = max(_replica_memory(announced) for announced in by_process.values())
+            copies = self.group_sizes.get(name, 1)
+            self._memory[name] = max(replica_memory(announced, copies) for announced in by_process.values())
             self._device[name] = next(iter(by_process.values()))[0].device
         known = [self._service[(c.kind, c.model_id)] for c in mine if self._service.get((c.kind, c.model_id))]
         service_s = max(known, default=0.0)  # measured only: 0 tells the policy nothing is known yet
@@ -131,10 +141,16 @@ class Observer:
         return Observation(signal=signal, models=models, live=len(by_process), consumers=mine)
 
 
-def _replica_memory(announced: list[ReplicaInfo]) -> int:
-    """One process's memory as a budget counts it: its resident set on a CPU; on an
-    accelerator, its models' parameters (what takes the device's memory)."""
+def replica_memory(announced: list[ReplicaInfo], group_size: int = 1) -> int:
+    """One replica's memory as a budget counts it, from what its process announced: the resident
+    set on a CPU; on an accelerator, its models' parameters (what takes the device's memory).
+    A group replica of `group_size` devices holds that many copies (its leader and k-1 workers,
+    a process or a GPU each): on a CPU they all take the host's RAM, exactly k times; on GPUs each
+    takes its own device, and the budget, kept per device, charges all k to the leader's:
+    on the safe side."""
     first = announced[0]
     if first.device == "cpu" and first.rss_bytes:
-        return first.rss_bytes
-    return sum({r.model_id: r.param_bytes for r in announced}.values())
+        one = first.rss_bytes
+    else:
+        one = sum({r.model_id: r.param_bytes for r in announced}.values())
+    return one * max(1, group_size)

@@ -33,12 +33,14 @@ import pytest
 import yaml
 
 from lego import nats_secrets, secrets_cmd
+from lego.units import GROUP_SIZES
 from services.adapters.runner import ControlNetRunner
 from services.denoiser.runner import DenoiserRunner
 from services.encoder.runner import EncoderRunner
 from services.vae.runner import VaeRunner
 from shared import subjects
 from shared.bus_roles import ROLES, SERVICE_KINDS
+from shared.parallel_policy import MODES
 from shared.service_cli import parse_args
 from shared.settings import Settings
 from shared.zoo.registry import models_of_service
@@ -211,6 +213,37 @@ def test_compose_gpu_override(compose: dict[str, Any], compose_gpu: dict[str, An
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia", name
         assert "/cu" in service["build"]["args"]["TORCH_INDEX_URL"], f"{name}: the CUDA torch wheel"
+        # A denoiser replica is a group of LEGO_DENOISE_GROUP_SIZE devices: that many GPUs, from
+        # the same variable; the adapters one.
+        group = compose["services"][name]["environment"].get("LEGO_DENOISE_GROUP_SIZE", 1)
+        assert device["count"] == group, f"{name}: its GPUs must follow its group size"
+
+
+def test_compose_denoisers_run_as_groups_of_the_size_asked(compose: dict[str, Any]) -> None:
+    """LEGO_SD3_GROUP=2 makes sd3's replica a group of two: its setting and its two GPUs (and
+    room in /dev/shm for the group's exchange); the other denoisers stay single devices."""
+    exe = _docker_compose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEGO_", "COMPOSE_", "DOCKER_"))}
+    files = ["-f", str(COMPOSE), "-f", str(COMPOSE_GPU)]
+    out = subprocess.run(
+        [exe, *files, "config"],
+        cwd=ROOT,
+        env={**env, "LEGO_SD3_GROUP": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    denoisers = {n: s for n, s in services.items() if n.startswith("denoiser-")}
+    assert len(denoisers) == len(models_of_service("denoiser"))
+    for name, service in denoisers.items():
+        size = "2" if name == "denoiser-sd3-transformer" else "1"
+        assert service["environment"]["LEGO_DENOISE_GROUP_SIZE"] == size, name
+        assert service["environment"]["LEGO_PARALLEL_MODE"] == "adaptive", name
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert str(device["count"]) == size, name
+        assert service["shm_size"], f"{name}: Docker's 64 MB /dev/shm is too small for a group"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,11 +452,29 @@ def test_one_deployment_per_model_service_with_probes_resources_gpus(k8s: list[d
         assert deployment["metadata"]["annotations"]["legodiffusion.io/models"] == ",".join(hosted)
         assert deployment["metadata"]["labels"]["legodiffusion.io/scalable"] == "true"
         if service in NEEDS_GPU:
-            assert limits.get(GPU) == 1 and requests.get(GPU) == 1, f"{name}: needs a GPU"
+            # A denoiser replica is a group of LEGO_DENOISE_GROUP_SIZE GPUs, all in its one pod.
+            gpus = int(env.get("LEGO_DENOISE_GROUP_SIZE", "1"))
+            assert gpus in GROUP_SIZES, f"{name}: a group is {GROUP_SIZES} devices"
+            assert limits.get(GPU) == gpus and requests.get(GPU) == gpus, f"{name}: a GPU per device of its group"
             assert env["LEGO_DEVICE"] == "cuda" and container["image"].endswith("-cuda"), name
         else:
             assert GPU not in limits and GPU not in requests, f"{name}: runs on CPU"
             assert env["LEGO_DEVICE"] == "cpu", name
+
+
+def test_k8s_denoisers_have_room_in_dev_shm_for_their_group(k8s: list[dict[str, Any]]) -> None:
+    """torch.distributed (NCCL) inside a group's pod uses /dev/shm: a RAM-backed emptyDir, not the
+    runtime's 64Mi; the ConfigMap says how groups split requests."""
+    for name, (service, _) in _model_deployments(k8s).items():
+        if service != "denoiser":
+            continue
+        pod = _of_kind(k8s, "Deployment")[name]["spec"]["template"]["spec"]
+        (mount,) = [
+            m for m in _container(_of_kind(k8s, "Deployment")[name])["volumeMounts"] if m["mountPath"] == "/dev/shm"
+        ]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"], name
+    assert _of_kind(k8s, "ConfigMap")["lego-config"]["data"]["LEGO_PARALLEL_MODE"] in MODES
 
 
 def test_config_points_at_nats_over_tcp(k8s: list[dict[str, Any]]) -> None:
@@ -507,7 +558,7 @@ def test_keda_scaledobjects_scale_each_model_on_its_consumers(k8s: list[dict[str
 
 def _compose_default(value: str) -> str:
     """`${VAR:-default}` -> default: what compose substitutes when VAR is unset."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", str(value))
 
 
 def _lego_env_everywhere(compose: dict[str, Any], k8s: list[dict[str, Any]]) -> list[tuple[str, dict[str, str]]]:

@@ -21,7 +21,16 @@ largest burst (k x a base rate for 30 s) after which >= 90% of the burst's and t
 requests meet it. The last two lines are the capacity and burst ratios micro/monolithic.
 Writes simulate.json and two plots (simulate-rates.png, simulate-bursts.png) to --out.
 
+Parallel groups (issue 14): with `--group-size K` (2 or 4) each micro-served denoiser replica
+owns K GPUs (its weights on each; GPUs / K replicas of each base model kept warm) and splits
+each request over d of them as `--parallel-mode` says (adaptive: the denoiser's own rule,
+shared/parallel_policy.py, with the request's SLO slack; never; always). A step at degree d
+takes the base model's step time x the ratio in `--parallel-profile` (bench/profiles/
+parallel.json: Flux published by xDiT, the CFG splits assumed). The monolith is not split. The
+table then counts the micro-served denoiser steps run at each degree.
+
     python bench/simulate.py [--gpus 4] [--rates 0.2 0.4 ...] [--bursts 2 4 8 16] [--profile FILE]
+                             [--group-size 2] [--parallel-mode adaptive|never|always] [--parallel-profile FILE]
 """
 
 from __future__ import annotations
@@ -30,13 +39,14 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.plots import attainment_plot  # noqa: E402
-from services.autoscaler.policy import Limits, PolicyConfig, Slo  # noqa: E402
+from services.autoscaler.policy import MODES, Limits, PolicyConfig, Slo  # noqa: E402
 from services.autoscaler.simulator import ModelProfile, Simulation, attainment  # noqa: E402
 from shared.workflows.catalogue import catalogue  # noqa: E402
 from shared.zoo.full_size import PARAM_GIB  # noqa: E402
@@ -69,6 +79,24 @@ UNITS = {
     "sd35-large-transformer": ["sd35-large-transformer"],
     "flux-transformer": ["flux-transformer"],
 }
+DENOISERS = [u for u in UNITS if u.endswith("-transformer")]
+PARALLEL_PROFILE = ROOT / "bench" / "profiles" / "parallel.json"
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The mesh's denoiser groups: `size` GPUs a replica (1: none), the degree rule's `mode`,
+    and per model, per degree d > 1, its time at d / its time on one GPU."""
+
+    size: int = 1
+    mode: str = "adaptive"
+    ratios: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def load_ratios(path: str | Path) -> dict[str, dict[int, float]]:
+    """The "models" of a parallel profile (bench/profiles/parallel.json says its format)."""
+    models = json.loads(Path(path).read_text())["models"]
+    return {m: {int(d): float(entry["ratio"]) for d, entry in degrees.items()} for m, degrees in models.items()}
 
 
 def with_overrides(base: dict, given: dict) -> dict:
@@ -100,16 +128,21 @@ def _profile(models: list[str], p: dict, step_s: float | None = None) -> ModelPr
     return ModelProfile(step_s=step, memory_bytes=int(memory), load_s=p["start_s"] + memory / (p["load_gbps"] * 1e9))
 
 
-def micro(p: dict, policy: PolicyConfig, gpus: int) -> Simulation:
+def micro(
+    p: dict, policy: PolicyConfig, gpus: int, groups: Groups | None = None, slo_s: dict[str, float] | None = None
+) -> Simulation:
     # The simulator adds up the memory of a unit's models for one replica, and loads a replica
     # in its slowest model's load time: the process overhead goes on the unit's first model,
     # and every model gets its whole unit's load time.
+    groups = groups or Groups()
+    split = groups.size > 1
     models = {}
     for unit_models in UNITS.values():
         load_s = _profile(unit_models, p).load_s
         for i, m in enumerate(unit_models):
             memory = (p["memory_gib"][m] + (p["process_gib"] if i == 0 else 0.0)) * GIB
-            models[m] = ModelProfile(step_s=p["step_s"][m], memory_bytes=int(memory), load_s=load_s)
+            degree_s = {d: p["step_s"][m] * r for d, r in groups.ratios.get(m, {}).items() if d > 1} if split else {}
+            models[m] = ModelProfile(step_s=p["step_s"][m], memory_bytes=int(memory), load_s=load_s, degree_s=degree_s)
     return Simulation(
         workflows={w: stages_of(w) for w in MIX},
         models=models,
@@ -117,6 +150,9 @@ def micro(p: dict, policy: PolicyConfig, gpus: int) -> Simulation:
         policy=policy,
         hop_s=p["hop_s"],
         gpus=gpus,
+        group_size={u: groups.size for u in DENOISERS} if split else {},
+        parallel_mode=groups.mode,
+        slo_s=dict(slo_s or {}) if split else {},
     )
 
 
@@ -146,7 +182,13 @@ def poisson(rate: float, start: float, end: float, rng: random.Random) -> list[t
 
 
 def run_both(
-    p: dict, gpus: int, arrivals: list[tuple[float, str]], until: float, window: tuple[float, float], warm_all: bool
+    p: dict,
+    gpus: int,
+    arrivals: list[tuple[float, str]],
+    until: float,
+    window: tuple[float, float],
+    warm_all: bool,
+    groups: Groups | None = None,
 ):
     def policy(min_of: dict[str, int]) -> PolicyConfig:
         return PolicyConfig(
@@ -158,16 +200,33 @@ def run_both(
         )
 
     # Each system keeps warm what its memory allows: the mesh a replica of every base model on
-    # every GPU (all three together take 47 GiB of a GPU's 80), the monolith one replica of
-    # every workflow (one of each takes 166 GiB: a second of each would not fit in 4 x 80).
-    mins = {"micro": {u: gpus for u in UNITS if u.endswith("-transformer")} if warm_all else {}, "monolithic": {}}
+    # every GPU (all three together take 47 GiB of a GPU's 80; a group's replica is on K GPUs,
+    # so GPUs / K of them), the monolith one replica of every workflow (one of each takes
+    # 166 GiB: a second of each would not fit in 4 x 80).
+    groups = groups or Groups()
+    warm = max(1, gpus // groups.size)
+    mins = {"micro": {u: warm for u in DENOISERS} if warm_all else {}, "monolithic": {}}
     slo = {w: 5.0 * monolithic_solo_s(w, p) for w in MIX}
+    sims = {
+        "micro": micro(p, policy(mins["micro"]), gpus, groups, slo),
+        "monolithic": monolithic(p, policy(mins["monolithic"]), gpus),
+    }
     out = {}
-    for name, build in (("micro", micro), ("monolithic", monolithic)):
-        sim = build(p, policy(mins[name]), gpus)
+    for name, sim in sims.items():
         outcomes = [o for o in sim.run(arrivals, until) if window[0] <= o.arrived < window[1]]
         out[name] = {"attainment": attainment(outcomes, slo), "requests": len(outcomes), "starts": sim.starts}
+        if groups.size > 1 and name == "micro":
+            out[name]["degrees"] = {str(d): n for d, n in sorted(sim.degrees.items())}
+            out[name]["rescues"] = sim.degree_reasons["deadline rescue"]
     return out
+
+
+def degree_cell(res: dict, groups: Groups) -> str:
+    """The micro-served denoiser steps at each degree the groups can take, e.g. '412/88'."""
+    if groups.size == 1:
+        return ""
+    counts = res["micro"]["degrees"]
+    return "   " + "/".join(str(counts.get(str(d), 0)) for d in (1, 2, 4) if d <= groups.size)
 
 
 def main() -> None:
@@ -190,23 +249,49 @@ def main() -> None:
         "--profile",
         help='JSON overriding the assumed H100 figures per model, e.g. {"step_s": {"sd3-transformer": 1.4}}',
     )
+    parser.add_argument(
+        "--group-size", type=int, choices=(1, 2, 4), default=1, help="GPUs a micro-served denoiser replica owns"
+    )
+    parser.add_argument(
+        "--parallel-mode", choices=MODES, default="adaptive", help="how a group picks each request's degree"
+    )
+    parser.add_argument(
+        "--parallel-profile", default=str(PARALLEL_PROFILE), help="per-degree step-time ratios (with --group-size > 1)"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     p = with_overrides(ASSUMED_H100, json.loads(Path(args.profile).read_text())) if args.profile else ASSUMED_H100
+    groups = Groups()
+    if args.group_size > 1:
+        groups = Groups(args.group_size, args.parallel_mode, load_ratios(args.parallel_profile))
     print(f"{args.gpus} GPUs of 80 GiB; profile: {p['source']}")
     print("solo latency (monolithic, s): " + ", ".join(f"{w} {monolithic_solo_s(w, p):.2f}" for w in MIX))
+    if groups.size > 1:
+        source = json.loads(Path(args.parallel_profile).read_text()).get("source", args.parallel_profile)
+        print(
+            f"micro denoisers: groups of {groups.size} GPUs, parallel mode {groups.mode}; degree ratios: "
+            + ", ".join(
+                f"{m} " + "/".join(f"{r:g}" for _, r in sorted(groups.ratios.get(m, {}).items())) for m in DENOISERS
+            )
+            + f" ({source})"
+        )
 
     rows = []
-    print(f"\n{'phase':>14} {'micro':>7} {'mono':>7}   cold starts micro/mono")
+    degrees_head = f"   micro steps at degree {'/'.join(str(d) for d in (1, 2, 4) if d <= groups.size)}"
+    print(
+        f"\n{'phase':>14} {'micro':>7} {'mono':>7}   cold starts micro/mono" + (degrees_head if groups.size > 1 else "")
+    )
     for rate in args.rates:
         rng = random.Random(args.seed)
         warm = 120.0
         arrivals = poisson(rate, 0.0, warm + args.phase_s, rng)
-        res = run_both(p, args.gpus, arrivals, warm + args.phase_s + 600, (warm, warm + args.phase_s), args.warm)
+        res = run_both(
+            p, args.gpus, arrivals, warm + args.phase_s + 600, (warm, warm + args.phase_s), args.warm, groups
+        )
         rows.append({"phase": f"{rate:g} req/s", "rate": rate, **res})
         print(
             f"{rate:>9g} req/s {res['micro']['attainment']:>7.0%} {res['monolithic']['attainment']:>7.0%}"
-            f"   {res['micro']['starts']}/{res['monolithic']['starts']}"
+            f"   {res['micro']['starts']}/{res['monolithic']['starts']}" + degree_cell(res, groups)
         )
     for k in args.bursts:
         rng = random.Random(args.seed)
@@ -214,11 +299,11 @@ def main() -> None:
         arrivals = poisson(base, 0.0, burst_at, rng)
         arrivals += poisson(base * k, burst_at, burst_at + burst_s, rng)
         arrivals += poisson(base, burst_at + burst_s, burst_at + burst_s + 300, rng)
-        res = run_both(p, args.gpus, arrivals, burst_at + 1800, (burst_at, burst_at + burst_s + 60), args.warm)
+        res = run_both(p, args.gpus, arrivals, burst_at + 1800, (burst_at, burst_at + burst_s + 60), args.warm, groups)
         rows.append({"phase": f"burst {k:g}x", "burst": k, **res})
         print(
             f"{f'burst {k:g}x':>14} {res['micro']['attainment']:>7.0%} {res['monolithic']['attainment']:>7.0%}"
-            f"   {res['micro']['starts']}/{res['monolithic']['starts']}"
+            f"   {res['micro']['starts']}/{res['monolithic']['starts']}" + degree_cell(res, groups)
         )
 
     def best(system: str, key: str) -> float:
@@ -229,12 +314,20 @@ def main() -> None:
     bur = {s: best(s, "burst") for s in ("micro", "monolithic")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simulate.json").write_text(
-        json.dumps({"gpus": args.gpus, "profile": p, "rows": rows, "capacity": cap, "burst": bur}, indent=2)
-    )
+    summary = {"gpus": args.gpus, "profile": p, "rows": rows, "capacity": cap, "burst": bur}
+    if groups.size > 1:
+        summary["groups"] = {
+            "size": groups.size,
+            "mode": groups.mode,
+            "profile": args.parallel_profile,
+            "ratios": {m: {str(d): r for d, r in ratios.items()} for m, ratios in groups.ratios.items()},
+        }
+    (out / "simulate.json").write_text(json.dumps(summary, indent=2))
     for key, name, label in (("rate", "rates", "request rate (req/s)"), ("burst", "bursts", "burst (x the base rate)")):
         series = {s: [(r[key], r[s]["attainment"]) for r in rows if key in r] for s in ("micro", "monolithic")}
         title = f"simulated {args.gpus} x 80 GiB GPUs: SLO attainment vs {label.split(' (')[0]} (bench/simulate.py)"
+        if groups.size > 1:
+            title += f"; micro: groups of {groups.size} ({groups.mode})"
         attainment_plot(series, title, label, out / f"simulate-{name}.png")
     print(f"\nhighest rate at >= 90%: micro {cap['micro']:g} req/s, monolithic {cap['monolithic']:g} req/s")
     print(f"largest burst at >= 90%: micro {bur['micro']:g}x, monolithic {bur['monolithic']:g}x")

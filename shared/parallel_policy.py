@@ -17,9 +17,13 @@ The rule, in the order it is applied:
    costs more device-seconds (the exchange, a smaller matrix per device), and throughput is what
    a busy group must keep.
 3. Deadline rescue: when the fair share would miss the request's deadline (`slack_s` below the
-   estimated time at that degree) and a larger allowed degree would meet it, that degree is taken
-   while the group is not saturated (busy < k): a request about to miss its SLO borrows devices
-   that would otherwise only queue work behind it.
+   estimated time at that degree) and a larger allowed degree would meet it, the smallest such
+   degree is taken while the group is not saturated (busy < k): a request about to miss its SLO
+   borrows devices that would otherwise only queue work behind it. Only devices the other
+   requests leave free (k - busy at most: each holds one at least) are borrowed: a degree beyond
+   them would share a device with a running request, every step of the split request waiting on
+   that device's other work, so it would finish no sooner than at its fair share (the estimate
+   assumes d idle devices) and would slow the other request too.
 """
 
 from __future__ import annotations
@@ -89,8 +93,9 @@ def choose_degree(inputs: DegreeInputs, mode: str = "adaptive") -> DegreeChoice:
     at_fair = _estimate_s(inputs, fair)
     if at_fair is None or at_fair <= inputs.slack_s:
         return DegreeChoice(fair, reason)
+    free = inputs.group_size - max(inputs.busy, 0)
     for d in degrees:
         est = _estimate_s(inputs, d)
-        if d > fair and est is not None and est <= inputs.slack_s:
+        if fair < d <= free and est is not None and est <= inputs.slack_s:
             return DegreeChoice(d, f"deadline rescue: {at_fair:.2f} s at degree {fair} > {inputs.slack_s:.2f} s slack")
     return DegreeChoice(fair, reason)

@@ -24,6 +24,12 @@ every unit's minimum, a first replica to every unit with work, the replicas each
 runs and still wants, scale-ups (most loaded per replica first, one at a time), then replicas
 kept only by the cooldown. A replica that does not fit is not started, and a replica kept only
 by the cooldown is stopped at once when another unit needs its memory.
+
+The other rule the autoscaler owns, how a denoiser group of k devices splits each request
+(`choose_degree`: fair share of the group, a deadline rescue), is re-exported here beside the
+scaling rule; it lives in `shared/parallel_policy.py` because the denoiser service calls it at
+each request's first step and a service never imports another service. The simulator uses the
+very same function for its groups.
 """
 
 from __future__ import annotations
@@ -31,6 +37,26 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+
+from shared.parallel_policy import MODES, DegreeChoice, DegreeInputs, choose_degree
+
+__all__ = [
+    "MODES",
+    "ConsumerLoad",
+    "Decision",
+    "DegreeChoice",
+    "DegreeInputs",
+    "Limits",
+    "PolicyConfig",
+    "ScalePolicy",
+    "Slo",
+    "UnitSignal",
+    "choose_degree",
+    "desired_replicas",
+    "parse_limits",
+    "solo_latency",
+    "unit_signal",
+]
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,20 @@ Modelled: FIFO queues per model; a replica serves one step at a time, the oldest
 of the models its unit hosts; a request's stages run in order (the models of a stage in
 parallel); new replicas serve only after their load time; a replica told to stop finishes its
 step first; GPUs whose memory holds the replicas placed on them and whose compute their
-running steps share (time slicing); the policy's memory budget for the whole cluster. Not
-modelled: batching, network time beyond a fixed per-stage hop, any cost of time slicing
-itself (context switches, caches).
+running steps share (time slicing); the policy's memory budget for the whole cluster.
+
+Parallel groups (issue 14): a unit's replica may own a group of k devices (`group_size`), its
+memory on k GPUs. It takes a queued step for each of its devices that none of its own steps
+uses, and splits each over d of its devices as `shared.parallel_policy.choose_degree` says
+(the rule the denoiser's groups run), given the other requests it holds and the request's
+slack (its SLO less the time its later stages take alone). A step at degree d takes the
+model's time at that degree (`ModelProfile.degree_s`) on each of the d devices, the least used
+of the group's first; d = 1 steps run side by side, one a device. A device shared by several
+steps time-slices them as any GPU does; a split step is done when its last device is.
+
+Not modelled: batching, network time beyond a fixed per-stage hop, any cost of time slicing
+itself (context switches, caches), the lockstep of a split step's devices (each device's share
+runs at that device's pace; the exchange is in the degree's time).
 """
 
 from __future__ import annotations
@@ -22,19 +33,32 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.autoscaler.policy import ConsumerLoad, PolicyConfig, ScalePolicy, UnitSignal, unit_signal
+from services.autoscaler.policy import (
+    MODES,
+    ConsumerLoad,
+    DegreeInputs,
+    PolicyConfig,
+    ScalePolicy,
+    UnitSignal,
+    choose_degree,
+    unit_signal,
+)
 
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """One model (or, monolithic, one whole pipeline): seconds per step, memory, load time."""
+    """One model (or, monolithic, one whole pipeline): seconds per step, memory, load time, and
+    the seconds a step takes split over d devices of a group (`degree_s`, d > 1; a degree not
+    listed is one the model cannot be split to)."""
 
     step_s: float
     memory_bytes: int
     load_s: float
+    degree_s: Mapping[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,7 @@ class RequestOutcome:
     workflow: str
     arrived: float
     latency_s: float | None  # None: not finished when the trace ended
+    degree: int = 1  # the most devices one of its steps was split over (1: never split)
 
 
 @dataclass
@@ -50,6 +75,7 @@ class _Request:
     arrived: float
     stage: int = 0
     waiting_on: int = 0
+    degree: int = 1
 
 
 @dataclass(eq=False)
@@ -57,20 +83,40 @@ class _Gpu:
     """A GPU shared by its replicas' steps in time slices: k steps at once each run at 1/k speed."""
 
     memory_free: int
-    active: dict[_Replica, float] = field(default_factory=dict)  # step in hand -> seconds of work left
+    active: dict[_Job, float] = field(default_factory=dict)  # step in hand -> seconds of work left
     last: float = 0.0  # when `active` was last brought up to date
     version: int = 0  # its pending "done" event is stale once this moves on
 
 
 @dataclass(eq=False)
+class _Job:
+    """A step in a replica's hands, on `slots` (indices of the replica's devices)."""
+
+    request: _Request
+    model: str
+    replica: _Replica
+    slots: list[int]
+    left: int  # devices whose share of the step is not done yet
+
+
+@dataclass(eq=False)
 class _Replica:
+    """`size` devices (a group when > 1). `devices`: where its steps compute (the GPUs it is
+    placed on; a group's own devices when compute is not limited; none for a lone replica then).
+    `placed`: the GPUs holding its memory."""
+
     unit: str
     ready_at: float
-    busy_until: float = 0.0
+    size: int = 1
     retiring: bool = False
-    job: tuple[_Request, str] | None = None
-    gpu: _Gpu | None = None
+    jobs: list[_Job] = field(default_factory=list)
+    devices: list[_Gpu] = field(default_factory=list)
+    placed: list[_Gpu] = field(default_factory=list)
     memory: int = 0
+
+    def free_slots(self) -> int:
+        """Its devices none of its own steps uses."""
+        return self.size - len({i for job in self.jobs for i in job.slots})
 
 
 @dataclass
@@ -81,7 +127,10 @@ class Simulation:
     a replica is placed on the one with the most free memory that holds it (none: it is not
     started), and the steps its replicas run at once share its compute equally (time slicing:
     a text encoder's short step is slowed by a denoising loop beside it, not queued behind the
-    whole loop). `gpus` = 0: compute is not limited, only the policy's budget."""
+    whole loop). `gpus` = 0: compute is not limited, only the policy's budget.
+    `group_size`: unit -> devices a replica owns (default 1; see the module docstring), its
+    steps split as `parallel_mode` says (`shared.parallel_policy.MODES`). `slo_s`: workflow ->
+    seconds a request has (its deadline, for the degree rule's rescue; none: no deadline)."""
 
     workflows: dict[str, list[list[str]]]
     models: dict[str, ModelProfile]
@@ -93,14 +142,24 @@ class Simulation:
     hop_s: float = 0.0
     gpus: int = 0
     gpu_memory_bytes: int = 80 * 2**30
+    group_size: dict[str, int] = field(default_factory=dict)
+    parallel_mode: str = "adaptive"
+    slo_s: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
         missing = {m for stages in self.workflows.values() for s in stages for m in s} - set(self.unit_of)
         if missing:
             raise ValueError(f"models {sorted(missing)} are in no unit")
+        bad = {u: k for u, k in self.group_size.items() if u not in self.units or k < 1}
+        if bad:
+            raise ValueError(f"group sizes {bad}: name units of this simulation, each 1 device or more")
+        if self.parallel_mode not in MODES:
+            raise ValueError(f"parallel mode {self.parallel_mode!r}: use one of {', '.join(MODES)}")
         self.starts = 0  # replicas started by the policy (each a cold start)
         self.unplaced = 0  # replicas the policy wanted that no GPU had the memory for
+        self.degrees: Counter[int] = Counter()  # steps started on a group, by the degree chosen
+        self.degree_reasons: Counter[str] = Counter()  # ... and by why ("fair share", "deadline rescue", ...)
 
     def solo_latency(self, workflow: str) -> float:
         """What a request of `workflow` takes with the cluster to itself."""
@@ -130,7 +189,7 @@ class Simulation:
                 assert isinstance(payload, _Request)
                 self._enter_stage(payload)
             elif what == "done":
-                assert isinstance(payload, _Replica)
+                assert isinstance(payload, _Job)
                 self._finish_step(payload)
             elif what == "gpu":
                 gpu, version = payload  # type: ignore[misc]
@@ -139,7 +198,7 @@ class Simulation:
                 self._tick()
                 self._push(self._now + self.tick_s, "tick", None)
             self._dispatch()
-        return [self._outcomes.get(id(r), RequestOutcome(r.workflow, r.arrived, None)) for r in requests]
+        return [self._outcomes.get(id(r), RequestOutcome(r.workflow, r.arrived, None, r.degree)) for r in requests]
 
     # -- requests ---------------------------------------------------------------------------
     def _push(self, at: float, what: str, payload: object) -> None:
@@ -152,40 +211,89 @@ class Simulation:
             self._queues[model].append((self._now, request))
             self._arrived_steps[model].append(self._now)
 
-    def _finish_step(self, replica: _Replica) -> None:
-        assert replica.job is not None
-        request, _ = replica.job
-        replica.job = None
-        if replica.retiring:
+    def _finish_step(self, job: _Job) -> None:
+        replica, request = job.replica, job.request
+        replica.jobs.remove(job)
+        if replica.retiring and not replica.jobs:
             self._remove(replica)
         request.waiting_on -= 1
         if request.waiting_on:
             return
         request.stage += 1
         if request.stage == len(self.workflows[request.workflow]):
-            self._outcomes[id(request)] = RequestOutcome(request.workflow, request.arrived, self._now - request.arrived)
+            latency = self._now - request.arrived
+            self._outcomes[id(request)] = RequestOutcome(request.workflow, request.arrived, latency, request.degree)
         else:
             self._enter_stage(request)
 
     def _dispatch(self) -> None:
-        """Every idle, ready replica takes the oldest step queued for its unit's models."""
+        """Every ready replica takes the oldest steps queued for its unit's models, one for each
+        of its devices none of its steps uses (a lone replica: one step when it is idle)."""
         for replica in self._replicas:
-            if replica.job is not None or replica.retiring or replica.ready_at > self._now:
+            if replica.retiring or replica.ready_at > self._now:
                 continue
-            queued = [(self._queues[m][0][0], m) for m in self.units[replica.unit] if self._queues[m]]
-            if not queued:
-                continue
-            _, model = min(queued)
-            _, request = self._queues[model].popleft()
-            replica.job = (request, model)
-            work = self.models[model].step_s + self.hop_s
-            if replica.gpu is None:
-                replica.busy_until = self._now + work
-                self._push(replica.busy_until, "done", replica)
-            else:
-                self._advance(replica.gpu)
-                replica.gpu.active[replica] = work
-                self._reschedule(replica.gpu)
+            taken: list[tuple[_Request, str]] = []
+            for _ in range(replica.free_slots()):
+                step = self._next_step(replica.unit)
+                if step is None:
+                    break
+                taken.append(step)
+            held = len(replica.jobs) + len(taken)
+            for request, model in taken:
+                self._start_step(replica, request, model, busy=held - 1)
+
+    def _next_step(self, unit: str) -> tuple[_Request, str] | None:
+        queued = [(self._queues[m][0][0], m) for m in self.units[unit] if self._queues[m]]
+        if not queued:
+            return None
+        _, model = min(queued)
+        _, request = self._queues[model].popleft()
+        return request, model
+
+    def _start_step(self, replica: _Replica, request: _Request, model: str, busy: int) -> None:
+        """The step on the replica's least used devices, as many as its degree."""
+        degree = self._degree(replica, request, model, busy) if replica.size > 1 else 1
+        used = Counter(i for job in replica.jobs for i in job.slots)
+        slots = sorted(range(replica.size), key=lambda i: (used[i], i))[:degree]
+        job = _Job(request, model, replica, slots, left=len(slots))
+        replica.jobs.append(job)
+        request.degree = max(request.degree, degree)
+        profile = self.models[model]
+        work = (profile.step_s if degree == 1 else profile.degree_s[degree]) + self.hop_s
+        if not replica.devices:
+            self._push(self._now + work, "done", job)
+            return
+        for i in slots:
+            gpu = replica.devices[i]
+            self._advance(gpu)
+            gpu.active[job] = work
+            self._reschedule(gpu)
+
+    def _degree(self, replica: _Replica, request: _Request, model: str, busy: int) -> int:
+        """The denoiser groups' own rule, given what this group holds and the request's slack."""
+        profile = self.models[model]
+        step_s = {1: profile.step_s, **profile.degree_s}
+        inputs = DegreeInputs(
+            group_size=replica.size,
+            allowed=tuple(sorted(step_s)),
+            busy=busy,
+            slack_s=self._slack_s(request),
+            steps=1,  # a simulated step is the model's whole run (a denoising loop's steps included)
+            step_s=step_s,
+        )
+        choice = choose_degree(inputs, self.parallel_mode)
+        self.degrees[choice.degree] += 1
+        self.degree_reasons[choice.reason.split(":")[0]] += 1
+        return choice.degree
+
+    def _slack_s(self, request: _Request) -> float | None:
+        """Seconds to its deadline, less what its later stages take alone."""
+        slo = self.slo_s.get(request.workflow)
+        if slo is None:
+            return None
+        later = self.workflows[request.workflow][request.stage + 1 :]
+        rest = sum(max(self.models[m].step_s for m in stage) + self.hop_s for stage in later)
+        return request.arrived + slo - self._now - rest
 
     def _advance(self, gpu: _Gpu) -> None:
         """Bring the work left of the GPU's steps up to now (each ran at 1/k speed)."""
@@ -205,36 +313,41 @@ class Simulation:
         if version != gpu.version:
             return  # the GPU's set of steps changed since: a newer event stands
         self._advance(gpu)
-        finished = [r for r, left in gpu.active.items() if left <= 1e-9]
-        for replica in finished:
-            del gpu.active[replica]
+        finished = [job for job, left in gpu.active.items() if left <= 1e-9]
+        for job in finished:
+            del gpu.active[job]
         self._reschedule(gpu)
-        for replica in finished:
-            self._finish_step(replica)
+        for job in finished:
+            job.left -= 1
+            if not job.left:  # its last device is done
+                self._finish_step(job)
 
     # -- scaling ----------------------------------------------------------------------------
     def _signal(self, unit: str) -> UnitSignal:
+        """A group of k devices counts k replicas' memory, and serves k steps side by side: a
+        step costs it 1/k of its time (the policy's load and work are in replicas' seconds)."""
         mine = [r for r in self._replicas if r.unit == unit and not r.retiring]
+        size = self.group_size.get(unit, 1)
         return unit_signal(
             unit,
             len(mine),
-            [self._load(model) for model in self.units[unit]],
+            [self._load(model, size) for model in self.units[unit]],
             service_s=max(self.models[m].step_s for m in self.units[unit]),
-            memory_bytes=sum(self.models[m].memory_bytes for m in self.units[unit]),
+            memory_bytes=size * sum(self.models[m].memory_bytes for m in self.units[unit]),
             device="cluster",
         )
 
-    def _load(self, model: str) -> ConsumerLoad:
+    def _load(self, model: str, size: int = 1) -> ConsumerLoad:
         """A model's queue as the autoscaler would observe it: steps queued or in hand, and the
         arrivals of the last `window_s` seconds."""
         times = self._arrived_steps[model]
         while times and times[0] < self._now - self.window_s:
             times.popleft()
-        in_hand = sum(1 for r in self._replicas if r.job is not None and r.job[1] == model)
+        in_hand = sum(1 for r in self._replicas for job in r.jobs if job.model == model)
         return ConsumerLoad(
             backlog=len(self._queues[model]) + in_hand,
             arrival_rate=len(times) / self.window_s,
-            step_s=self.models[model].step_s,
+            step_s=self.models[model].step_s / size,
         )
 
     def _tick(self) -> None:
@@ -246,9 +359,9 @@ class Simulation:
                 ups.append((decision.unit, decision.target - len(mine)))
             elif decision.target < len(mine):
                 # Still loading first, then idle ones, then busy ones (they finish their step).
-                mine.sort(key=lambda r: (r.ready_at <= self._now, r.job is not None))
+                mine.sort(key=lambda r: (r.ready_at <= self._now, bool(r.jobs)))
                 for replica in mine[: len(mine) - decision.target]:
-                    if replica.job is None:
+                    if not replica.jobs:
                         self._remove(replica)
                     else:
                         replica.retiring = True
@@ -261,23 +374,29 @@ class Simulation:
                     self.unplaced += 1
 
     def _start(self, unit: str, ready_at: float) -> bool:
-        """A new replica of `unit`, placed on the GPU with the most free memory that holds it."""
+        """A new replica of `unit`, placed on the GPU with the most free memory that holds it (a
+        group of k: on the k such GPUs, its memory on each)."""
+        size = self.group_size.get(unit, 1)
         memory = sum(self.models[m].memory_bytes for m in self.units[unit])
-        gpu = None
+        placed: list[_Gpu] = []
         if self._gpus:
             fits = [g for g in self._gpus if g.memory_free >= memory]
-            if not fits:
+            if len(fits) < size:
                 return False
-            gpu = max(fits, key=lambda g: g.memory_free)
-            gpu.memory_free -= memory
-        self._replicas.append(_Replica(unit=unit, ready_at=ready_at, gpu=gpu, memory=memory))
+            placed = sorted(fits, key=lambda g: -g.memory_free)[:size]  # ties: the first, as max() takes
+            for gpu in placed:
+                gpu.memory_free -= memory
+        devices = placed or [_Gpu(memory_free=0) for _ in range(size if size > 1 else 0)]
+        self._replicas.append(
+            _Replica(unit=unit, ready_at=ready_at, size=size, devices=devices, placed=placed, memory=memory)
+        )
         return True
 
     def _remove(self, replica: _Replica) -> None:
-        """Only an idle replica goes (a busy one retires after its step)."""
+        """Only an idle replica goes (a busy one retires after its steps)."""
         self._replicas.remove(replica)
-        if replica.gpu is not None:
-            replica.gpu.memory_free += replica.memory
+        for gpu in replica.placed:
+            gpu.memory_free += replica.memory
 
     def replicas_now(self) -> dict[str, int]:
         return {u: sum(1 for r in self._replicas if r.unit == u and not r.retiring) for u in self.units}

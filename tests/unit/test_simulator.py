@@ -142,3 +142,154 @@ def test_the_cluster_benchmark_runs_both_systems_on_the_catalogue(tmp_path) -> N
     for row in rows:
         for system in ("micro", "monolithic"):
             assert row[system]["requests"] > 0 and 0.9 <= row[system]["attainment"] <= 1.0  # light load: served
+
+
+# -- parallel groups (issue 14): a replica owning k devices splits requests as the denoiser's rule says
+
+
+def _group(mode: str = "adaptive", size: int = 2, **kw) -> Simulation:
+    """One replica of a group of `size` devices; a step takes 1 s on one device, 0.55 s split over
+    two, 0.35 s over four ("m"); "n" cannot be split."""
+    return Simulation(
+        workflows={"w": [["m"]], "plain": [["n"]]},
+        models={
+            "m": ModelProfile(step_s=1.0, memory_bytes=GIB, load_s=1.0, degree_s={2: 0.55, 4: 0.35}),
+            "n": ModelProfile(step_s=1.0, memory_bytes=GIB, load_s=1.0),
+        },
+        units={"u": ["m", "n"]},
+        policy=_fixed(["u"]),
+        group_size={"u": size},
+        parallel_mode=mode,
+        **kw,
+    )
+
+
+def _poisson(rate: float, seconds: float, seed: int) -> list[tuple[float, str]]:
+    import random
+
+    rng, t, out = random.Random(seed), 0.0, []
+    while (t := t + rng.expovariate(rate)) < seconds:
+        out.append((t, "w"))
+    return out
+
+
+def test_a_group_splits_a_lone_request_and_finishes_it_sooner() -> None:
+    one_at_a_time = [(0.0, "w"), (10.0, "w"), (20.0, "w")]
+    adaptive, never = _group("adaptive"), _group("never")
+    split = adaptive.run(one_at_a_time, until=100)
+    whole = never.run(one_at_a_time, until=100)
+    assert [o.latency_s for o in split] == pytest.approx([0.55] * 3)  # both devices on each request
+    assert [o.latency_s for o in whole] == pytest.approx([1.0] * 3)
+    assert [o.degree for o in split] == [2, 2, 2] and [o.degree for o in whole] == [1, 1, 1]
+    assert adaptive.degrees == {2: 3} and adaptive.degree_reasons == {"fair share": 3}
+    assert never.degrees == {1: 3}
+
+
+def test_a_busy_group_runs_requests_side_by_side_and_keeps_never_splits_throughput() -> None:
+    """Twice the group's capacity for a minute: adaptive falls back to one device a request and
+    serves as many as never splitting (give or take the request split while the group was still
+    idle at the start: one split costs 2 x 0.55 device-seconds for 1); always splitting (the
+    exchange's cost on every request) serves 10% fewer."""
+    arrivals = _poisson(rate=4.0, seconds=60, seed=3)
+    done = {}
+    for mode in ("adaptive", "never", "always"):
+        sim = _group(mode)
+        outcomes = sim.run(arrivals, until=60)
+        done[mode] = sum(1 for o in outcomes if o.latency_s is not None)
+        if mode == "adaptive":
+            assert sim.degrees[1] > 0.9 * sum(sim.degrees.values())
+    assert done["never"] == pytest.approx(2 * 60, abs=3)  # two devices, a request a second each
+    assert done["adaptive"] >= done["never"] - 1
+    assert done["always"] < 0.95 * done["never"]
+
+    # a backlog at once: taken two at a time, one device each; the last one alone gets both
+    burst = [(0.0, "w")] * 21
+    adaptive, never = _group("adaptive"), _group("never")
+    split, whole = adaptive.run(burst, until=100), never.run(burst, until=100)
+    assert max(o.latency_s for o in split) == pytest.approx(10.55)
+    assert max(o.latency_s for o in whole) == pytest.approx(11.0)
+    assert adaptive.degrees == {1: 20, 2: 1}
+
+
+def test_the_deadline_rescue_borrows_a_groups_free_devices() -> None:
+    # Two requests that cannot be split hold 2 of a group's 4 devices; a third, due in 0.8 s,
+    # would take 1 s on its fair share of one device: it takes the two free ones (0.55 s).
+    arrivals = [(0.0, "plain"), (0.0, "plain"), (0.1, "w")]
+    rescued = _group(size=4, slo_s={"w": 0.8})
+    outcomes = rescued.run(arrivals, until=10)
+    assert [o.latency_s for o in outcomes] == pytest.approx([1.0, 1.0, 0.55])
+    assert outcomes[2].degree == 2 and rescued.degree_reasons["deadline rescue"] == 1
+    no_deadline = _group(size=4)
+    assert no_deadline.run(arrivals, until=10)[2].latency_s == pytest.approx(1.0)
+
+
+def test_a_group_needs_its_memory_on_k_gpus_and_a_split_step_waits_for_its_slowest_device() -> None:
+    models = {
+        "m": ModelProfile(step_s=1.0, memory_bytes=10 * GIB, load_s=1.0, degree_s={2: 0.5}),
+        "e": ModelProfile(step_s=0.25, memory_bytes=10 * GIB, load_s=1.0),
+    }
+    sim = Simulation(
+        workflows={"w": [["m"]], "we": [["e"]]},
+        models=models,
+        units={"u": ["m"], "ue": ["e"]},
+        policy=_fixed(["u", "ue"]),
+        group_size={"u": 2},
+        gpus=2,
+    )
+    outcomes = sim.run([(0.0, "w"), (0.0, "we")], until=10)
+    # The split step's half on the GPU it shares with "e" runs at half speed until "e" is done
+    # (0.5 s), then alone: 0.75 s in all, though its other half was done at 0.5 s.
+    assert [o.latency_s for o in outcomes] == pytest.approx([0.75, 0.5])
+    assert [o.degree for o in outcomes] == [2, 1]
+
+    one_gpu = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": models["m"]},
+        units={"u": ["m"]},
+        policy=_fixed(["u"]),
+        group_size={"u": 2},
+        gpus=1,
+    )
+    [outcome] = one_gpu.run([(0.0, "w")], until=10)
+    assert outcome.latency_s is None and one_gpu.unplaced >= 1  # a group of 2 does not fit on 1 GPU
+
+
+def test_groups_are_deterministic_for_a_seed() -> None:
+    def run(seed: int) -> tuple[list, dict]:
+        sim = _group(size=4, slo_s={"w": 1.5}, gpus=4)
+        return sim.run(_poisson(rate=3.0, seconds=60, seed=seed), until=80), dict(sim.degrees)
+
+    first, again, other = run(11), run(11), run(12)
+    assert first == again
+    assert first != other
+    assert set(first[1]) > {1}  # it did split some
+
+
+def test_a_group_refuses_an_unknown_mode_or_a_size_below_one() -> None:
+    with pytest.raises(ValueError, match="adaptive, never, always"):
+        _group("sometimes")
+    with pytest.raises(ValueError, match="group sizes"):
+        _group(size=0)
+
+
+def test_the_cluster_benchmark_runs_the_mesh_with_denoiser_groups(tmp_path) -> None:
+    """bench/simulate.py --group-size 2 on a short trace: every request served at light load, its
+    denoiser steps counted by degree (a light load: mostly split), the profile's ratios recorded."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    args = ["--rates", "0.3", "--bursts", "2", "--phase-s", "300", "--group-size", "2", "--out", tmp_path]
+    out = subprocess.run(
+        [sys.executable, "bench/simulate.py", *args], cwd=root, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert "groups of 2 GPUs, parallel mode adaptive" in out and "micro steps at degree 1/2" in out
+    assert out.rstrip().splitlines()[-1].startswith("burst ratio micro/monolithic: ")
+    summary = json.loads((tmp_path / "simulate.json").read_text())
+    assert summary["groups"]["size"] == 2 and summary["groups"]["ratios"]["flux-transformer"]["2"] == 0.653
+    for row in summary["rows"]:
+        assert row["micro"]["requests"] > 0 and 0.9 <= row["micro"]["attainment"] <= 1.0
+        degrees = row["micro"]["degrees"]
+        assert degrees.get("2", 0) > degrees.get("1", 0)  # one request at a time, mostly: split

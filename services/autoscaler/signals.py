@@ -144,13 +144,11 @@ class Observer:
 def replica_memory(announced: list[ReplicaInfo], group_size: int = 1) -> int:
     """One replica's memory as a budget counts it, from what its process announced: the resident
     set on a CPU; on an accelerator, its models' parameters (what takes the device's memory).
-    A group replica of `group_size` devices holds that many copies (its leader and k-1 workers,
-    a process or a GPU each): on a CPU they all take the host's RAM, exactly k times; on GPUs each
-    takes its own device, and the budget, kept per device, charges all k to the leader's:
-    on the safe side."""
+    A group replica of k devices (`group_size`, or the `group_devices` its leader announces)
+    holds k copies: on a CPU its leader's resident set is one of k alike processes, so k times
+    it; on GPUs the leader announces the parameters of all k copies already. The budget, kept
+    per device, charges all k to the leader's device: on the safe side."""
     first = announced[0]
     if first.device == "cpu" and first.rss_bytes:
-        one = first.rss_bytes
-    else:
-        one = sum({r.model_id: r.param_bytes for r in announced}.values())
-    return one * max(1, group_size)
+        return first.rss_bytes * max(1, group_size, first.group_devices)
+    return sum({r.model_id: r.param_bytes for r in announced}.values())

@@ -142,8 +142,9 @@ def test_the_banner_names_the_groups(mesh_of: Any) -> None:
 # The autoscaler's memory budget: a group replica holds k model copies
 
 
-def _announced(device: str, rss: int, params: int) -> list[ReplicaInfo]:
+def _announced(device: str, rss: int, params: int, group_devices: int = 1) -> list[ReplicaInfo]:
     info = ReplicaInfo(
+        group_devices=group_devices,
         replica_id="r1",
         kind=StepKind.DENOISE,
         model_id="sd3-transformer",
@@ -159,7 +160,9 @@ def _announced(device: str, rss: int, params: int) -> list[ReplicaInfo]:
 def test_a_group_replica_counts_one_model_copy_per_device() -> None:
     assert replica_memory(_announced("cpu", 3 * GIB, GIB)) == 3 * GIB  # the process's resident set
     assert replica_memory(_announced("cpu", 3 * GIB, GIB), 2) == 6 * GIB  # its worker holds another copy
-    assert replica_memory(_announced("cuda:0", 3 * GIB, GIB), 4) == 4 * GIB  # parameters on each GPU
+    assert replica_memory(_announced("cpu", 3 * GIB, GIB, group_devices=2)) == 6 * GIB  # as its leader announces
+    # On GPUs the leader announces the parameters of all its copies (4 GPUs, 1 GiB each): not counted twice.
+    assert replica_memory(_announced("cuda:0", 3 * GIB, 4 * GIB, group_devices=4), 4) == 4 * GIB
 
 
 class _Bus:

@@ -10,6 +10,12 @@ say each request really ran at degree 2. (Groups of 4: tests/integration/test_pa
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +29,7 @@ from tests.conftest import running_mesh
 from tests.e2e.test_catalogue_oracle import CASES, _b64png, _body, control_image, reference_images, references
 from tests.e2e.test_observability import metrics_urls, scrape, value
 from tests.oracle import assert_images_match, png_to_array
+from tests.waiting import wait_for
 
 __all__ = ["references"]  # the oracle's pipelines, one per family, built once for this module
 
@@ -74,3 +81,99 @@ def _check(group_mesh: Mesh, unsplit: Mesh, references, settings, workflow: str,
 @pytest.mark.parametrize(("workflow", "extra"), CASES, ids=[w for w, _ in CASES])
 def test_split_over_2_equals_unsplit_and_pipeline(group2_mesh, mesh, references, settings, workflow, extra):
     _check(group2_mesh, mesh, references, settings, workflow, extra, degree=2)
+
+
+# -- a group's request behaves as a single device's: progress, cancel, a member dying ------------
+
+
+def _events(url: str) -> list[dict]:
+    out = []
+    with httpx.stream("GET", url, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        out += [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    return out
+
+
+def test_a_split_request_streams_progress_and_cancels_like_any(group2_mesh):
+    body = {"prompt": "a kite", "size": "128x128", "num_inference_steps": 60, "seed": 4, "wait": False}
+    r = httpx.post(f"{group2_mesh.url}/v1/images/generations", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    status_url = group2_mesh.url + r.json()["status_url"]
+    wait_for("the split loop to run", lambda: httpx.get(status_url, timeout=10).json()["step"] >= 3, 120)
+    r = httpx.delete(status_url, timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    events = _events(status_url + "/events")
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps == list(range(1, len(steps) + 1)) and 3 <= len(steps) < 60, steps
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "cancelled"
+    # The group serves on, split.
+    before = _split_count(group2_mesh, "sd3-transformer", 2)
+    r = httpx.post(f"{group2_mesh.url}/v1/images/generations", json={"prompt": "ok", "size": "64x64"}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert _split_count(group2_mesh, "sd3-transformer", 2) == before + 1
+
+
+async def _leader_pid(mesh: Mesh, model: str) -> int:
+    from shared.bus import Bus
+    from shared.presence import live_replicas
+
+    bus = Bus(mesh.settings(), name="test-group-pids")
+    await bus.connect()
+    try:
+        [pid] = [r.pid for r in await live_replicas(bus) if r.model_id == model]
+        return pid
+    finally:
+        await bus.close()
+
+
+def _followers_of(leader: int) -> list[int]:
+    """Pids of the group followers started by `leader` (their command line names it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"services.denoiser.group.follower" in args and str(leader).encode() in args:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("victim", ["follower", "leader"])
+def test_a_group_member_killed_mid_request_loses_nothing(group2_mesh, mesh, victim):
+    """kill -9 either process of the SD3 group while it denoises a split request: the group goes
+    as a whole (a leader leaves when its follower dies; a follower when its leader dies), the
+    mesh starts it again, the step is redelivered, and the request ends with the unsplit image."""
+    leader = asyncio.run(_leader_pid(group2_mesh, "sd3-transformer"))
+    [follower] = _followers_of(leader)
+    request_id = f"group-crash-{uuid.uuid4().hex[:8]}"
+    body = {"prompt": "a lantern", "size": "128x128", "num_inference_steps": 30, "seed": 12, "guidance_scale": 5.0}
+    answer: dict = {}
+
+    def post() -> None:
+        r = httpx.post(
+            f"{group2_mesh.url}/v1/images/generations", json=body, headers={"X-Request-Id": request_id}, timeout=300
+        )
+        answer["status"], answer["json"] = r.status_code, r.json()
+
+    t = threading.Thread(target=post)
+    t.start()
+    status_url = f"{group2_mesh.url}/v1/requests/{request_id}"
+    wait_for("the split loop to run", lambda: httpx.get(status_url, timeout=10).json().get("step", 0) >= 2, 120)
+    os.kill(follower if victim == "follower" else leader, signal.SIGKILL)
+    wait_for("the whole group to be gone", lambda: not _alive(leader) and not _alive(follower), 30)
+    wait_for("the mesh to start the denoiser again", group2_mesh.restart_dead, 30)
+    t.join(300)
+    assert answer.get("status") == 200, answer
+    [alone] = _images(mesh, body)
+    assert_images_match(png_to_array(answer["json"]["data"][0]["b64_json"]), alone)

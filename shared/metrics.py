@@ -130,7 +130,10 @@ DENOISE_DEGREE = Counter(
     registry=REGISTRY,
 )
 GROUP_DEVICES = Gauge(
-    "lego_group_devices", "Devices this denoiser replica's parallel group owns (1: no group)", ["model"], registry=REGISTRY
+    "lego_group_devices",
+    "Devices this denoiser replica's parallel group owns (1: no group)",
+    ["model"],
+    registry=REGISTRY,
 )
 BACKLOG = Gauge(
     "lego_backlog_steps",

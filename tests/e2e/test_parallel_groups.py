@@ -33,6 +33,7 @@ from tests.waiting import wait_for
 
 __all__ = ["references"]  # the oracle's pipelines, one per family, built once for this module
 
+
 @pytest.fixture(scope="module")
 def group2_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     yield from running_mesh(

@@ -27,7 +27,15 @@ from shared.messages import VaeEncodeParams
 from shared.zoo import load_denoiser
 from shared.zoo.families import FAMILIES
 from tests.oracle import assert_images_match
-from tests.unit.test_workflows_match_pipeline import CN, P, WORKFLOWS, encoder_outputs, lab, mesh_images, pipeline_images
+from tests.unit.test_workflows_match_pipeline import (
+    CN,
+    WORKFLOWS,
+    P,
+    encoder_outputs,
+    lab,
+    mesh_images,
+    pipeline_images,
+)
 
 __all__ = ["lab"]
 

@@ -80,7 +80,9 @@ class GroupEngine:
         self._held: dict[Unit, int] = {}  # requests each unit holds now
         self.step_s: dict[int, float] = {}  # seconds per call of one request, by degree (running mean)
 
-    def submit(self, loop: DenoiseLoop, loras: list[tuple[str, float]] | None = None, facts: RequestFacts | None = None) -> Future[torch.Tensor]:
+    def submit(
+        self, loop: DenoiseLoop, loras: list[tuple[str, float]] | None = None, facts: RequestFacts | None = None
+    ) -> Future[torch.Tensor]:
         """Take the request's first call here, choose its degree and devices, and queue it there."""
         facts = facts or RequestFacts()
         with torch.inference_mode():
@@ -90,7 +92,9 @@ class GroupEngine:
             busy = sum(self._held.values())
             slack = None if facts.deadline is None else facts.deadline - time.time()
             choice = choose_degree(
-                DegreeInputs(self.world, allowed, busy=busy, slack_s=slack, steps=facts.steps, step_s=dict(self.step_s)),
+                DegreeInputs(
+                    self.world, allowed, busy=busy, slack_s=slack, steps=facts.steps, step_s=dict(self.step_s)
+                ),
                 self.mode,
             )
             unit = self._least_loaded(choice.degree)

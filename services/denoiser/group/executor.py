@@ -98,14 +98,9 @@ class GroupExecutor:
         self._closed = False
         init = f"tcp://127.0.0.1:{_free_port()}"
         env = {**os.environ, **settings.to_env()}
-        self._followers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "services.denoiser.group.follower", "--rank", str(r), "--world", str(world)]
-                + ["--init", init, "--model", model_id, "--parent", str(os.getpid())],
-                env=env,
-            )
-            for r in range(1, world)
-        ]
+        command = [sys.executable, "-m", "services.denoiser.group.follower", "--world", str(world), "--init", init]
+        command += ["--model", model_id, "--parent", str(os.getpid())]
+        self._followers = [subprocess.Popen([*command, "--rank", str(r)], env=env) for r in range(1, world)]
         started = time.monotonic()
         try:
             self.state: RankState = join_group(settings, model_id, 0, world, init, bundle=load_bundle())

@@ -53,9 +53,7 @@ def _backend(device: str) -> str:
     return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
 
 
-def join_group(
-    settings: Settings, model_id: str, rank: int, world: int, init: str, bundle: Any = None
-) -> RankState:
+def join_group(settings: Settings, model_id: str, rank: int, world: int, init: str, bundle: Any = None) -> RankState:
     """Join the group as `rank`: process groups, the model on this rank's device (the leader
     passes the bundle it loaded), LoRAs, sequence parallelism, and the weights check."""
     from services.denoiser.lora import LoraCache
@@ -104,9 +102,7 @@ def part_message(part: Part, loras: tuple[tuple[str, float], ...]) -> dict[str, 
 
 
 def message_part(message: dict[str, Any]) -> tuple[Part, tuple[tuple[str, float], ...]]:
-    call = TransformerCall(
-        batched=message["batched"], shared=message["shared"], cache_context=message["cache_context"]
-    )
+    call = TransformerCall(batched=message["batched"], shared=message["shared"], cache_context=message["cache_context"])
     loras = tuple((str(name), float(scale)) for name, scale in message["loras"])
     part = Part(call=call, index=message["index"], shards=message["shards"], text_len=message["text_len"])
     return part, loras

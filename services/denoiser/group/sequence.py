@@ -88,7 +88,7 @@ class JointAttnSeqParallel:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None, *args, **kwargs):
         sp = active()
         if sp is None or encoder_hidden_states is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
@@ -97,7 +97,11 @@ class JointAttnSeqParallel:
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query, key, value = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -130,7 +134,7 @@ class FluxAttnSeqParallel:
         self._attention_backend = getattr(inner, "_attention_backend", None)
         self._parallel_config = None
 
-    def __call__(  # noqa: ANN204
+    def __call__(
         self,
         attn: Any,
         hidden_states: torch.Tensor,

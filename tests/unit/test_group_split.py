@@ -1,0 +1,94 @@
+"""How a parallel group cuts a call (rows first, then image tokens) and what crosses between its
+devices (a JSON header and raw tensors, never a pickle). No processes here: the groups of real
+processes are in tests/integration/test_parallel_split.py and tests/e2e/test_parallel_groups.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from services.denoiser.group import wire
+from services.denoiser.group.split import Layout, layout, merge, split, tokens
+from services.denoiser.loop import TransformerCall
+
+
+def flux_call(rows: int, n_tokens: int = 16, residuals: bool = False) -> TransformerCall:
+    return TransformerCall(
+        batched={
+            "hidden_states": torch.randn(rows, n_tokens, 8),
+            "timestep": torch.rand(rows),
+            "encoder_hidden_states": torch.randn(rows, 5, 8),
+            "controlnet_block_samples": [torch.randn(rows, n_tokens, 8)] if residuals else None,
+        },
+        shared={"img_ids": torch.arange(n_tokens * 3.0).view(n_tokens, 3), "txt_ids": torch.zeros(5, 3)},
+        cache_context="cond",
+    )
+
+
+def sd3_call(rows: int, side: int = 8) -> TransformerCall:
+    return TransformerCall(
+        batched={"hidden_states": torch.randn(rows, 4, side, side), "encoder_hidden_states": torch.randn(rows, 6, 8)},
+        shared={"joint_attention_kwargs": None, "return_dict": False},
+    )
+
+
+def test_rows_first_then_tokens_and_only_where_they_divide() -> None:
+    # CFG (2 rows): the halves over 2 devices; over 4, halves x 2 token shards.
+    assert layout(2, sd3_call(2), by_tokens=True) == Layout(rows=2, shards=1)
+    assert layout(4, sd3_call(2), by_tokens=True) == Layout(rows=2, shards=2)
+    # Flux, one image, no CFG rows: tokens only.
+    assert layout(2, flux_call(1), by_tokens=True) == Layout(rows=1, shards=2)
+    assert layout(4, flux_call(1), by_tokens=True) == Layout(rows=1, shards=4)
+    # A model that cannot split tokens (a UNet) takes only what its rows allow.
+    assert layout(4, sd3_call(2), by_tokens=False) is None
+    assert layout(2, flux_call(1), by_tokens=False) is None
+    # Tokens that do not divide evenly are not split that way.
+    assert layout(4, flux_call(1, n_tokens=18), by_tokens=True) is None
+    assert tokens(sd3_call(1, side=8)) == 16  # 8x8 latents in 2x2 patches
+
+
+def test_row_parts_merge_back_in_order() -> None:
+    call = sd3_call(4)
+    parts = split(call, Layout(rows=2, shards=1))
+    assert [p.call.rows() for p in parts] == [2, 2]
+    outs = [p.call.batched["hidden_states"] * 2 for p in parts]  # what each device would answer
+    torch.testing.assert_close(merge(outs, Layout(rows=2, shards=1)), call.batched["hidden_states"] * 2)
+
+
+def test_token_shards_cut_tokens_ids_and_residuals_and_only_the_first_answers() -> None:
+    call = flux_call(1, n_tokens=16, residuals=True)
+    parts = split(call, Layout(rows=1, shards=4))
+    assert [p.index for p in parts] == [0, 1, 2, 3] and [p.answers for p in parts] == [True, False, False, False]
+    for i, p in enumerate(parts):
+        assert p.text_len == 5
+        torch.testing.assert_close(p.call.batched["hidden_states"], call.batched["hidden_states"][:, 4 * i : 4 * i + 4])
+        torch.testing.assert_close(p.call.shared["img_ids"], call.shared["img_ids"][4 * i : 4 * i + 4])
+        torch.testing.assert_close(
+            p.call.batched["controlnet_block_samples"][0],
+            call.batched["controlnet_block_samples"][0][:, 4 * i : 4 * i + 4],
+        )
+        torch.testing.assert_close(p.call.batched["encoder_hidden_states"], call.batched["encoder_hidden_states"])
+    with pytest.raises(RuntimeError, match="no output"):
+        merge([None, None, None, None], Layout(rows=1, shards=4))
+
+
+def test_a_message_is_json_and_raw_tensors_never_a_pickle() -> None:
+    call = flux_call(2, residuals=True)
+    message = {"op": "run", "batched": call.batched, "shared": call.shared, "loras": [["a", 0.5]], "n": None}
+    tensors: list[torch.Tensor] = []
+    spec = wire.flatten(message, tensors)
+    header = json.dumps(spec)  # the header is plain JSON
+    assert "pickle" not in header and all(isinstance(t, torch.Tensor) for t in tensors)
+    rebuilt = wire.rebuild(json.loads(header), tensors)
+    assert rebuilt["loras"] == [["a", 0.5]] and rebuilt["n"] is None
+    torch.testing.assert_close(rebuilt["shared"]["img_ids"], call.shared["img_ids"])
+    torch.testing.assert_close(
+        rebuilt["batched"]["controlnet_block_samples"][0], call.batched["controlnet_block_samples"][0]
+    )
+    assert wire.tensor_specs(spec)[0][1:] == ("float32", [2, 16, 8])
+    with pytest.raises(TypeError, match="cannot send a object"):
+        wire.flatten({"x": object()}, [])
+    with pytest.raises(TypeError, match="complex64"):
+        wire.flatten({"x": torch.zeros(1, dtype=torch.complex64)}, [])

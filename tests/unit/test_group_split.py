@@ -5,6 +5,7 @@ processes are in tests/integration/test_parallel_split.py and tests/e2e/test_par
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -92,3 +93,50 @@ def test_a_message_is_json_and_raw_tensors_never_a_pickle() -> None:
         wire.flatten({"x": object()}, [])
     with pytest.raises(TypeError, match="complex64"):
         wire.flatten({"x": torch.zeros(1, dtype=torch.complex64)}, [])
+
+
+# -- the leader's scheduler: degrees and devices, over a stand-in for the devices ------------------
+
+
+class _Devices:
+    """What GroupEngine needs of an executor; records (first device, layout) of every call."""
+
+    def __init__(self, world: int) -> None:
+        self.world, self.by_tokens, self.calls = world, True, []
+        self.release = threading.Event()
+
+    def run(self, first, call, how, loras):
+        self.calls.append((first, how))
+        self.release.wait(30)
+        return torch.zeros_like(call.batched["hidden_states"])
+
+    def close(self) -> None:
+        pass
+
+
+def _loop(call: TransformerCall, steps: int):
+    for _ in range(steps):
+        yield call
+    return "done"
+
+
+def test_a_lone_request_is_split_and_the_next_runs_beside_on_the_least_loaded_device() -> None:
+    from services.denoiser.group.engine import GroupEngine
+
+    devices = _Devices(world=4)
+    degrees: list[int] = []
+    engine = GroupEngine(devices, max_batch=1, mode="adaptive", on_degree=degrees.append)  # type: ignore[arg-type]
+    try:
+        first = engine.submit(_loop(sd3_call(2), 2))  # idle group: CFG halves x 2 token shards
+        second = engine.submit(_loop(sd3_call(2), 2))  # one request held: 4 // 2 = 2 devices
+        third = engine.submit(_loop(sd3_call(2), 2))  # two held: one device, the least loaded
+        devices.release.set()
+        assert [f.result(timeout=30) for f in (first, second, third)] == ["done"] * 3
+    finally:
+        engine.close()
+    assert degrees == [4, 2, 1]
+    blocks = {(first, how.degree) for first, how in devices.calls}
+    assert blocks == {(0, 4), (0, 2), (2, 1)}  # the pair on devices 0-1, the single on device 2
+    assert engine.step_s.keys() <= {1, 2, 4}
+    with pytest.raises(ValueError, match="adaptive, never, always"):
+        GroupEngine(devices, max_batch=1, mode="sometimes")  # type: ignore[arg-type]

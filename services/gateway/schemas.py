@@ -256,6 +256,7 @@ class ReplicaSummary(BaseModel):
     tensors_held: int = 0
     loras: list[str] = Field(default_factory=list, description="LoRA adapters this replica holds loaded")
     batch_size: int = Field(1, description="steps it computes together at most (1: no batching)")
+    group_devices: int = Field(1, description="devices its parallel group owns (1: a single-device replica)")
 
 
 class ModelInfo(BaseModel):

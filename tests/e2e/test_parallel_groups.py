@@ -1,11 +1,12 @@
 """A request split over a parallel group gives the image the unsplit mesh gives, and the one
-diffusers' own pipeline gives (the oracle's bounds), for every workflow of the catalogue,
-through the REST API.
+diffusers' own pipeline gives (the oracle's bounds), through the REST API: every family (the
+UNets' only test at their degree, 2), with ControlNets, LoRAs, several images.
 
 A mesh of real processes beside the shared unsplit one, every denoiser a group of 2 joined by
 torch.distributed (gloo, CPU worker processes) in `always` mode so every request is split: CFG
 halves for sd3, sd35-large, sd15 and sdxl, image tokens for flux. The denoisers' own /metrics
-say each request really ran at degree 2. (Groups of 4: tests/integration/test_parallel_split.py.)
+say each request really ran at degree 2. (Every SD3/SD3.5/Flux workflow over 2 and 4 devices:
+tests/integration/test_parallel_split.py.)
 """
 
 from __future__ import annotations
@@ -79,7 +80,12 @@ def _check(group_mesh: Mesh, unsplit: Mesh, references, settings, workflow: str,
         assert_images_match(split_image, unsplit_image)
 
 
-@pytest.mark.parametrize(("workflow", "extra"), CASES, ids=[w for w, _ in CASES])
+# Every family through the API, with a ControlNet, LoRAs, n > 1 and a negative prompt among them.
+# (Every transformer workflow over 2 and 4 devices: tests/integration/test_parallel_split.py.)
+API_CASES = [c for c in CASES if c[0] in ("sd3-controlnet-lora", "sd35-large", "flux-controlnet-lora", "sd15", "sdxl")]
+
+
+@pytest.mark.parametrize(("workflow", "extra"), API_CASES, ids=[w for w, _ in API_CASES])
 def test_split_over_2_equals_unsplit_and_pipeline(group2_mesh, mesh, references, settings, workflow, extra):
     _check(group2_mesh, mesh, references, settings, workflow, extra, degree=2)
 
@@ -96,6 +102,9 @@ def _events(url: str) -> list[dict]:
 
 
 def test_a_split_request_streams_progress_and_cancels_like_any(group2_mesh):
+    models = httpx.get(f"{group2_mesh.url}/v1/models", timeout=10).json()["models"]
+    [sd3] = [m for m in models if m["model_id"] == "sd3-transformer"]
+    assert [r["group_devices"] for r in sd3["replicas"]] == [2]  # one replica, a group of 2 devices
     body = {"prompt": "a kite", "size": "128x128", "num_inference_steps": 60, "seed": 4, "wait": False}
     r = httpx.post(f"{group2_mesh.url}/v1/images/generations", json=body, timeout=30)
     assert r.status_code == 202, r.text

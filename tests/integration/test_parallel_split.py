@@ -1,8 +1,9 @@
 """Groups of 4 real processes (torch.distributed, gloo): every SD3, SD3.5-Large and Flux workflow
-split over 4 devices gives the unsplit chain's image and diffusers' pipeline's (the oracle's
-bounds): CFG halves x 2 token shards, or 4 token shards where there is no CFG (Flux, guidance 1),
-or 4 row parts where there are 4 rows (two images with CFG); ControlNet residuals cut to each
-device's rows and tokens, LoRAs switched on every device.
+split over 2 and over 4 devices gives the unsplit chain's image and diffusers' pipeline's (the
+oracle's bounds). Over 2: CFG halves, or 2 token shards without CFG (Flux, guidance 1), or the
+rows of 2 images. Over 4: CFG halves x 2 token shards, 4 token shards, or 4 row parts (two
+images with CFG). ControlNet residuals are cut to each device's rows and tokens, LoRAs switched
+on every device.
 
 The chain is the one of test_workflows_match_pipeline.py (encoders, the VAE, the ControlNet and
 the pipelines in this process); only the denoiser runs on a group: the leader here, three
@@ -71,8 +72,9 @@ def groups(settings) -> Iterator[Groups]:
     g.close()
 
 
-def split_images(lab, groups: Groups, family: str, *, control=None, loras=None, **kw) -> np.ndarray:
+def split_images(lab, groups: Groups, family: str, *, degree: int = 4, control=None, loras=None, **kw) -> np.ndarray:
     engine = groups.engine(family)
+    engine.max_degree = degree  # "always" then splits over exactly this many devices
     fam = lab.family(family)
     spec = None
     if control is not None:
@@ -106,14 +108,15 @@ def split_images(lab, groups: Groups, family: str, *, control=None, loras=None, 
     return decode(fam.vae, latents).numpy()
 
 
+@pytest.mark.parametrize("degree", [2, 4])
 @pytest.mark.parametrize(
     ("family", "controlnet", "loras", "params"), [w[1:] for w in WORKFLOWS], ids=[w[0] for w in WORKFLOWS]
 )
-def test_split_over_4_equals_unsplit_and_pipeline(lab, groups, family, controlnet, loras, params) -> None:
+def test_split_equals_unsplit_and_pipeline(lab, groups, family, controlnet, loras, params, degree) -> None:
     kw = {"prompt": P, "height": 64, "width": 64, "steps": 3, "guidance": 4.0, "seed": 21} | params
     control = CN if controlnet else None
-    got = split_images(lab, groups, family, control=control, loras=loras, **kw)
-    assert groups.degrees[-1] == 4, "the request was not split over the 4 devices"
+    got = split_images(lab, groups, family, degree=degree, control=control, loras=loras, **kw)
+    assert groups.degrees[-1] == degree, f"the request was not split over {degree} devices"
     assert_images_match(got, mesh_images(lab, family, control=control, loras=loras, **kw))
     assert_images_match(got, pipeline_images(lab, family, control=control, loras=loras, **kw))
     assert got.std() > 5

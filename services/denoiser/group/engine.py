@@ -57,7 +57,8 @@ class GroupEngine:
     """Runs the denoising loops of one base model over a group of devices (see the module).
 
     `on_degree(degree)` is told every request's degree (metrics); `on_batch(n)` the requests of
-    every batched call.
+    every batched call. `max_degree` caps the degrees offered to the policy (default: the
+    group's size); like `mode`, it is read at each request's first step.
     """
 
     def __init__(
@@ -67,12 +68,14 @@ class GroupEngine:
         mode: str = "adaptive",
         on_degree: Callable[[int], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        max_degree: int | None = None,
     ) -> None:
         choose_degree(DegreeInputs(group_size=executor.world, allowed=(1,)), mode)  # refuses an unknown mode now
         self.executor = executor
         self.world = executor.world
         self.max_batch = max_batch
         self.mode = mode
+        self.max_degree = max_degree or executor.world
         self._on_degree = on_degree
         self._on_batch = on_batch
         self._lock = threading.Lock()
@@ -87,7 +90,8 @@ class GroupEngine:
         facts = facts or RequestFacts()
         with torch.inference_mode():
             first = next(loop)
-        allowed = tuple(d for d in (1, 2, 4) if d <= self.world and layout(d, first, self.executor.by_tokens))
+        most = min(self.world, self.max_degree)
+        allowed = tuple(d for d in (1, 2, 4) if d <= most and layout(d, first, self.executor.by_tokens))
         with self._lock:
             busy = sum(self._held.values())
             slack = None if facts.deadline is None else facts.deadline - time.time()

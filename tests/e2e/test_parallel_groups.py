@@ -37,13 +37,20 @@ __all__ = ["references"]  # the oracle's pipelines, one per family, built once f
 
 @pytest.fixture(scope="module")
 def group2_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    yield from running_mesh(
+    """The whole catalogue, each denoiser a group of 2; stopping it leaves no follower behind."""
+    started = running_mesh(
         model_cache,
         tmp_path_factory.mktemp("group2-logs"),
         LEGO_DENOISE_GROUP_SIZE="2",
         LEGO_PARALLEL_MODE="always",
         LEGO_TORCH_THREADS="1",  # 2 cores for 2 devices a group: no thread oversubscription
     )
+    mesh = next(started)
+    yield mesh
+    followers = [f for leader in asyncio.run(_leader_pids(mesh)) for f in _followers_of(leader)]
+    assert len(followers) == 5, followers  # one follower for each of the five denoisers
+    next(started, None)  # stops the mesh: SIGTERM, the leaders stop their followers
+    wait_for("every follower to be gone", lambda: not any(_alive(p) for p in followers), 30)
 
 
 def _request(workflow: str, extra: dict) -> tuple[dict, object]:
@@ -123,15 +130,17 @@ def test_a_split_request_streams_progress_and_cancels_like_any(group2_mesh):
     assert _split_count(group2_mesh, "sd3-transformer", 2) == before + 1
 
 
-async def _leader_pid(mesh: Mesh, model: str) -> int:
+async def _leader_pids(mesh: Mesh, model: str | None = None) -> list[int]:
+    """The pids of the denoiser replicas (group leaders) in presence, of `model` or all."""
     from shared.bus import Bus
     from shared.presence import live_replicas
 
     bus = Bus(mesh.settings(), name="test-group-pids")
     await bus.connect()
     try:
-        [pid] = [r.pid for r in await live_replicas(bus) if r.model_id == model]
-        return pid
+        return sorted(
+            {r.pid for r in await live_replicas(bus) if r.kind == StepKind.DENOISE and model in (None, r.model_id)}
+        )
     finally:
         await bus.close()
 
@@ -164,7 +173,7 @@ def test_a_group_member_killed_mid_request_loses_nothing(group2_mesh, mesh, vict
     """kill -9 either process of the SD3 group while it denoises a split request: the group goes
     as a whole (a leader leaves when its follower dies; a follower when its leader dies), the
     mesh starts it again, the step is redelivered, and the request ends with the unsplit image."""
-    leader = asyncio.run(_leader_pid(group2_mesh, "sd3-transformer"))
+    [leader] = asyncio.run(_leader_pids(group2_mesh, "sd3-transformer"))
     [follower] = _followers_of(leader)
     request_id = f"group-crash-{uuid.uuid4().hex[:8]}"
     body = {"prompt": "a lantern", "size": "128x128", "num_inference_steps": 30, "seed": 12, "guidance_scale": 5.0}

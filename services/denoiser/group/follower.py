@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.from_env()
     setup_logging(f"denoiser-follower-{args.rank}", settings.log_level)
+    # A stop signal to the replica's process group is the leader's to act on: it finishes the
+    # step in hand (which needs this follower), then tells it to stop.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if args.parent:
         _exit_with_parent(args.parent)
     from services.denoiser.group.runtime import join_group, serve_follower

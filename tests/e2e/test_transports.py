@@ -21,7 +21,7 @@ NEEDS_UCX = pytest.mark.skipif(not ucx_installed(), reason="needs the ucx extra:
 
 @pytest.fixture(scope="module", params=["tcp", pytest.param("ucx", marks=NEEDS_UCX)])
 def forced_mesh(request, model_cache, tmp_path_factory) -> Iterator[Mesh]:
-    if request.param == "tcp":  # the session's sd3 mesh over tcp (shared with the overload test)
+    if request.param == "tcp":  # the session's sd3 mesh over tcp (shared with the overload and observability tests)
         yield request.getfixturevalue("sd3_tcp_mesh")
         return
     yield from running_mesh(

@@ -7,14 +7,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from lego.launcher import Child, Mesh, MeshConfig, free_port
-
-if TYPE_CHECKING:
-    from tests.otlp import OtlpReceiver
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ACK_WAIT_S = "4"  # short redelivery so the crash test does not wait 30 s
@@ -95,36 +91,6 @@ def running_mesh(
 def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """The whole catalogue's mesh (each model once), with two SD3 denoiser replicas so one can be killed."""
     yield from running_mesh(model_cache, tmp_path_factory.mktemp("mesh-logs"), {"sd3-transformer": 2})
-
-
-@pytest.fixture(scope="session")
-def otlp_receiver() -> Iterator[OtlpReceiver]:
-    """Where sd3_tcp_mesh's services export their spans."""
-    from tests.otlp import OtlpReceiver
-
-    with OtlpReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="session")
-def sd3_tcp_mesh(
-    model_cache: Path, otlp_receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Mesh]:
-    """An sd3 mesh (and the ControlNet service), one replica of each model, every tensor over the
-    tcp transport (none inline above 1 KiB), tracing on (OTEL_* variables, spans sent every
-    200 ms to `otlp_receiver`): the transport test's tcp case, the overload test (which needs one
-    denoiser and does not care how tensors travel) and the observability tests share it, one
-    start for all three."""
-    yield from running_mesh(
-        model_cache,
-        tmp_path_factory.mktemp("sd3-tcp-logs"),
-        workflows=["sd3", "sd3-controlnet"],
-        LEGO_TRANSPORT="tcp",
-        LEGO_INLINE_MAX_BYTES="1024",
-        OTEL_TRACES_EXPORTER="otlp",
-        OTEL_EXPORTER_OTLP_ENDPOINT=otlp_receiver.endpoint,
-        OTEL_BSP_SCHEDULE_DELAY="200",
-    )
 
 
 @dataclass

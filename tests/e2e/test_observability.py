@@ -2,7 +2,7 @@
 the denoiser and the VAE (exported over OTLP/HTTP to a small receiver in this process), and
 every process serves Prometheus `/metrics` whose counters move as requests run.
 
-The mesh is the session's sd3 one (tests/conftest.py: sd3_tcp_mesh), started with tracing on
+The mesh is the session's sd3 one (tests/e2e/conftest.py: sd3_tcp_mesh), started with tracing on
 for these tests: the transport and overload tests share it, one mesh start for all three."""
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lego.launcher import Mesh
+from shared.tensor_plane.ucx import ucx_installed
 from tests.conftest import running_mesh
 from tests.otlp import OtlpReceiver
 
@@ -39,4 +40,23 @@ def sd3_tcp_mesh(
         OTEL_TRACES_EXPORTER="otlp",
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp_receiver.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="200",
+    )
+
+
+@pytest.fixture(scope="package")
+def batching_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """An sd3 mesh (and the ControlNet service) that batches: LEGO_*_MAX_BATCH=4 for the
+    denoiser, the ControlNet, the encoders and the VAE. Where the ucx extra is installed every
+    tensor is forced over UCX (none inline above 1 KiB): the transport test's ucx case shares it
+    (a lone request runs the unbatched path, bit for bit)."""
+    ucx = {"LEGO_TRANSPORT": "ucx", "LEGO_INLINE_MAX_BYTES": "1024"} if ucx_installed() else {}
+    yield from running_mesh(
+        model_cache,
+        tmp_path_factory.mktemp("batching-logs"),
+        workflows=["sd3", "sd3-controlnet"],
+        LEGO_DENOISE_MAX_BATCH="4",
+        LEGO_CONTROLNET_MAX_BATCH="4",
+        LEGO_ENCODE_MAX_BATCH="4",
+        LEGO_VAE_MAX_BATCH="4",
+        **ucx,
     )

@@ -93,20 +93,6 @@ def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     yield from running_mesh(model_cache, tmp_path_factory.mktemp("mesh-logs"), {"sd3-transformer": 2})
 
 
-@pytest.fixture(scope="session")
-def sd3_tcp_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    """An sd3-only mesh, one replica of each model, every tensor over the tcp transport (none
-    inline above 1 KiB): the transport test's tcp case and the overload test (which needs one
-    denoiser and does not care how tensors travel) share it, one start for both."""
-    yield from running_mesh(
-        model_cache,
-        tmp_path_factory.mktemp("sd3-tcp-logs"),
-        workflows=["sd3"],
-        LEGO_TRANSPORT="tcp",
-        LEGO_INLINE_MAX_BYTES="1024",
-    )
-
-
 @dataclass
 class LockedGateway:
     """A gateway with API keys on, beside the shared mesh's own (which runs without keys): the

@@ -2,37 +2,22 @@
 batching what queues up), requests sent at once share the denoiser's transformer calls (and
 ControlNet requests the adapters' ControlNet calls), and each still gets the pipeline's image.
 
-(Batching is on by default only on a GPU; this mesh turns it on, on the CPU, to test it.)
+(Batching is on by default only on a GPU; this mesh turns it on, on the CPU, to test it. The
+mesh, tests/e2e/conftest.py's `batching_mesh`, also carries the transport test's forced-UCX case
+where the ucx extra is installed.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lego.launcher import Mesh
-from tests.conftest import running_mesh
 from tests.oracle import assert_images_match, png_to_array, reference_images
 
 PROMPTS = ["a fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "a paper boat on a pond"]
-
-
-@pytest.fixture(scope="module")
-def batching_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    yield from running_mesh(
-        model_cache,
-        tmp_path_factory.mktemp("batching-logs"),
-        workflows=["sd3", "sd3-controlnet"],
-        LEGO_DENOISE_MAX_BATCH="4",
-        LEGO_CONTROLNET_MAX_BATCH="4",
-        LEGO_ENCODE_MAX_BATCH="4",
-        LEGO_VAE_MAX_BATCH="4",
-    )
 
 
 def _post_at_once(mesh: Mesh, bodies: list[dict]) -> list[httpx.Response]:

@@ -1,29 +1,23 @@
 """Observability through a real mesh: one request is one trace across the gateway, every encoder,
 the denoiser and the VAE (exported over OTLP/HTTP to a small receiver in this process), and
-every process serves Prometheus `/metrics` whose counters move as requests run."""
+every process serves Prometheus `/metrics` whose counters move as requests run.
+
+The mesh is the session's sd3 one (tests/e2e/conftest.py: sd3_tcp_mesh), started with tracing on
+for these tests: the transport and overload tests share it, one mesh start for all three."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import gzip
 import io
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from prometheus_client.parser import text_string_to_metric_families
 
 from lego.launcher import Mesh
-from tests.conftest import running_mesh
+from tests.otlp import OtlpReceiver, Span
 from tests.waiting import wait_for
 
 # Every encoder, the denoiser and the VAE of the sd3 workflow: (span name, service.name).
@@ -36,102 +30,17 @@ STEP_SPANS = {
 }
 
 
-@dataclass
-class Span:
-    service: str
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    attributes: dict[str, Any]
-    duration_s: float = 0.0
-
-
-def _value(v: Any) -> Any:
-    kind = v.WhichOneof("value")
-    return getattr(v, kind) if kind in ("string_value", "int_value", "double_value", "bool_value") else None
-
-
-class OtlpReceiver:
-    """An OTLP/HTTP trace endpoint (POST /v1/traces, protobuf) keeping every span it receives."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                receiver._add(ExportTraceServiceRequest.FromString(body))
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200 if self.path == "/v1/traces" else 404)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def _add(self, request: ExportTraceServiceRequest) -> None:
-        got = []
-        for rs in request.resource_spans:
-            service = next((_value(a.value) for a in rs.resource.attributes if a.key == "service.name"), "")
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    got.append(
-                        Span(
-                            service=service,
-                            name=s.name,
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent_id=s.parent_span_id.hex(),
-                            attributes={a.key: _value(a.value) for a in s.attributes},
-                            duration_s=(s.end_time_unix_nano - s.start_time_unix_nano) / 1e9,
-                        )
-                    )
-        with self._lock:
-            self.spans.extend(got)
-
-    def snapshot(self) -> list[Span]:
-        with self._lock:
-            return list(self.spans)
-
-    def __enter__(self) -> OtlpReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+@pytest.fixture(scope="module")
+def receiver(otlp_receiver: OtlpReceiver) -> OtlpReceiver:
+    return otlp_receiver
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def mesh(model_cache, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    """The sd3 mesh (and the ControlNet service) with tracing on through the standard OTEL_*
-    variables, spans sent every 200 ms."""
-    yield from running_mesh(
-        model_cache,
-        tmp_path_factory.mktemp("observability-logs"),
-        workflows=["sd3", "sd3-controlnet"],
-        OTEL_TRACES_EXPORTER="otlp",
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-        OTEL_BSP_SCHEDULE_DELAY="200",
-        LEGO_INLINE_MAX_BYTES="1024",  # embeddings and latents travel the tensor plane, not inline
-    )
+def mesh(sd3_tcp_mesh: Mesh) -> Mesh:
+    """The session's sd3 mesh (and the ControlNet service) with tracing on through the standard
+    OTEL_* variables, spans sent every 200 ms; embeddings and latents travel the tensor plane
+    (over tcp there), not inline."""
+    return sd3_tcp_mesh
 
 
 def generate(mesh: Mesh, request_id: str, **extra: Any) -> dict[str, Any]:

@@ -2,35 +2,26 @@
 cross-host path), then to UCX (the optional `.[ucx]` extra; over TCP on a CPU machine), with
 latents and images too big to ride inline. Forced means a read that cannot use that transport
 fails the request; every process, gateway included, must also exit cleanly (running_mesh
-checks none is left behind, e.g. by a UCX thread blocking exit)."""
+checks none is left behind, e.g. by a UCX thread blocking exit).
+
+Both meshes are shared (tests/e2e/conftest.py): the tcp one with the overload and observability
+tests, the ucx one with the batching tests (a lone request runs the unbatched path)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from lego.launcher import Mesh
 from shared.tensor_plane.ucx import ucx_installed
-from tests.conftest import running_mesh
 from tests.oracle import assert_images_match, png_to_array, reference_images
 
 NEEDS_UCX = pytest.mark.skipif(not ucx_installed(), reason="needs the ucx extra: pip install '.[ucx]'")
 
 
 @pytest.fixture(scope="module", params=["tcp", pytest.param("ucx", marks=NEEDS_UCX)])
-def forced_mesh(request, model_cache, tmp_path_factory) -> Iterator[Mesh]:
-    if request.param == "tcp":  # the session's sd3 mesh over tcp (shared with the overload test)
-        yield request.getfixturevalue("sd3_tcp_mesh")
-        return
-    yield from running_mesh(
-        model_cache,
-        tmp_path_factory.mktemp(f"{request.param}-mesh-logs"),
-        workflows=["sd3"],
-        LEGO_TRANSPORT=request.param,
-        LEGO_INLINE_MAX_BYTES="1024",
-    )
+def forced_mesh(request) -> Mesh:
+    return request.getfixturevalue({"tcp": "sd3_tcp_mesh", "ucx": "batching_mesh"}[request.param])
 
 
 def test_forced_transport_gives_the_pipeline_image(forced_mesh, reference_pipeline):

@@ -1,19 +1,21 @@
-"""The UNet workflows (sd15, sdxl) through the REST API, on one mesh started for them alone:
-listed with their models, validated, and their images equal diffusers' `StableDiffusionPipeline`
-/ `StableDiffusionXLPipeline` built from the same directories, with and without classifier-free
-guidance, with a negative prompt and with an empty one (SDXL: zero negative embeddings)."""
+"""The UNet workflows (sd15, sdxl) through the REST API: listed with their models, validated,
+and their images equal diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline` built
+from the same directories, with and without classifier-free guidance, with a negative prompt and
+with an empty one (SDXL: zero negative embeddings).
+
+They run on the session's whole-catalogue mesh, which serves both with the same processes a mesh
+for them alone would run (one per denoiser; the shared encoder and VAE services host their
+models beside the others'): a mesh of their own cost the suite half a minute to start. A mesh
+limited to some workflows is started by the sd3-only and ControlNet meshes of other tests."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
 from lego.launcher import Mesh
-from tests.conftest import running_mesh
+from lego.units import plan_units
 from tests.oracle import assert_images_match, png_to_array, reference_images
 
 PROMPT = "a lighthouse on a cliff, ink drawing"
@@ -24,8 +26,9 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def unet_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    yield from running_mesh(model_cache, tmp_path_factory.mktemp("unet-logs"), workflows=list(MODELS))
+def unet_mesh(mesh: Mesh) -> Mesh:
+    """The session's mesh: it serves sd15 and sdxl with the rest of the catalogue."""
+    return mesh
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +38,14 @@ def pipelines(settings) -> dict:
     return {family: build_reference_pipeline(settings, family=family) for family in MODELS}
 
 
-def test_unet_workflows_are_listed_with_their_models_and_only_their_processes_run(unet_mesh: Mesh) -> None:
+def test_unet_workflows_are_listed_with_their_models_and_a_mesh_for_them_runs_only_theirs(unet_mesh: Mesh) -> None:
     listed = {w["name"]: w for w in httpx.get(f"{unet_mesh.url}/v1/workflows", timeout=10).json()["workflows"]}
     for name, models in MODELS.items():
         assert listed[name]["models"] == models and listed[name]["family"] == name
         assert listed[name]["controlnets"] == [] and listed[name]["loras"] == []
         assert not any(w.startswith(f"{name}-") for w in listed)  # no variants
         assert httpx.get(f"{unet_mesh.url}/readyz", params={"workflow": name}, timeout=10).status_code == 200
-    assert unet_mesh.unit_models() == {
+    assert {u.name: u.models for u in plan_units(list(MODELS))} == {
         "encoder": ("clip-l", "clip-g", "sd15-clip"),
         "sd15-unet": ("sd15-unet",),
         "sdxl-unet": ("sdxl-unet",),

@@ -17,7 +17,7 @@ def test_gateway_imports_no_torch_or_diffusers():
 
 
 def test_every_entry_point_has_help():
-    for module in (
+    modules = (
         "services.gateway",
         "services.encoder",
         "services.denoiser",
@@ -25,12 +25,18 @@ def test_every_entry_point_has_help():
         "services.autoscaler",
         "baseline.monolith",
         "lego.cli",
-    ):
-        proc = subprocess.run(
-            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    # All at once: each is a fresh interpreter importing its service, the cores share them.
+    procs = {
+        module: subprocess.Popen(
+            [sys.executable, "-m", module, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        assert proc.returncode == 0, proc.stderr
-        assert "usage:" in proc.stdout and "--" in proc.stdout
+        for module in modules
+    }
+    for module, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (module, err)
+        assert "usage:" in out and "--" in out, module
 
 
 def test_autoscaler_imports_no_torch_or_diffusers():

@@ -1,16 +1,16 @@
-"""Shared fixtures: a per-session model cache, and one real mesh (nats-server + services +
-gateway as processes, free ports, temporary dirs) that the integration and e2e tests share."""
+"""Shared fixtures: a per-session model cache, the reference pipeline, and `running_mesh`, which
+starts a real mesh (nats-server + services + gateway as processes, free ports, temporary dirs).
+The meshes the e2e tests share are in tests/e2e/conftest.py."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from lego.launcher import Child, Mesh, MeshConfig, free_port
+from lego.launcher import Mesh, MeshConfig, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ACK_WAIT_S = "4"  # short redelivery so the crash test does not wait 30 s
@@ -85,48 +85,6 @@ def running_mesh(
     m.stop()
     leftover = [c.name for c in m.children if c.alive()]
     assert not leftover, f"processes left behind: {leftover}"
-
-
-@pytest.fixture(scope="session")
-def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    """The whole catalogue's mesh (each model once), with two SD3 denoiser replicas so one can be killed."""
-    yield from running_mesh(model_cache, tmp_path_factory.mktemp("mesh-logs"), {"sd3-transformer": 2})
-
-
-@dataclass
-class LockedGateway:
-    """A gateway with API keys on, beside the shared mesh's own (which runs without keys): the
-    key and fuzz tests use it, with no mesh of their own to start."""
-
-    mesh: Mesh
-    url: str
-    child: Child
-
-    @property
-    def admin_key(self) -> str:
-        assert self.mesh.admin_key_file is not None
-        return self.mesh.admin_key_file.read_text().strip()
-
-
-@pytest.fixture(scope="session")
-def locked_gateway(mesh: Mesh) -> LockedGateway:
-    import httpx
-
-    from tests.waiting import wait_for
-
-    port = free_port()
-    child = mesh.add_gateway("gateway-locked", port, auth=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert child.alive(), "the locked gateway exited; see gateway-locked.log"
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for("the locked gateway to be ready", ready, timeout_s=120)
-    return LockedGateway(mesh, url, child)
 
 
 def _dump_logs(log_dir: Path) -> None:

@@ -1,19 +1,62 @@
-"""The meshes only end-to-end tests use, each started once for the tests that share it and
-stopped when the e2e tests are done (package scope: they do not idle through the integration
-and unit tests). The whole catalogue's `mesh` is in tests/conftest.py: integration tests use it
-too."""
+"""The meshes the end-to-end tests share, each started once for the tests that use it and
+stopped when the e2e tests are done (package scope). Why not session scope: an idle mesh is a
+dozen processes waking up every second or so, and on a 2-core box that slowed the CPU-bound
+integration and unit tests after them by a fifth or more."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from lego.launcher import Mesh
+from lego.launcher import Child, Mesh, free_port
 from shared.tensor_plane.ucx import ucx_installed
 from tests.conftest import running_mesh
 from tests.otlp import OtlpReceiver
+
+
+@pytest.fixture(scope="package")
+def mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """The whole catalogue's mesh (each model once), with two SD3 denoiser replicas so one can be killed."""
+    yield from running_mesh(model_cache, tmp_path_factory.mktemp("mesh-logs"), {"sd3-transformer": 2})
+
+
+@dataclass
+class LockedGateway:
+    """A gateway with API keys on, beside the shared mesh's own (which runs without keys): the
+    key and fuzz tests use it, with no mesh of their own to start."""
+
+    mesh: Mesh
+    url: str
+    child: Child
+
+    @property
+    def admin_key(self) -> str:
+        assert self.mesh.admin_key_file is not None
+        return self.mesh.admin_key_file.read_text().strip()
+
+
+@pytest.fixture(scope="package")
+def locked_gateway(mesh: Mesh) -> LockedGateway:
+    import httpx
+
+    from tests.waiting import wait_for
+
+    port = free_port()
+    child = mesh.add_gateway("gateway-locked", port, auth=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert child.alive(), "the locked gateway exited; see gateway-locked.log"
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for("the locked gateway to be ready", ready, timeout_s=120)
+    return LockedGateway(mesh, url, child)
 
 
 @pytest.fixture(scope="package")

@@ -14,7 +14,7 @@ import pytest
 
 from lego.cli import build_parser
 from lego.launcher import free_port
-from tests.conftest import LockedGateway
+from tests.e2e.conftest import LockedGateway
 from tests.waiting import wait_for
 
 PROBES = {"/healthz", "/readyz", "/metrics"}

@@ -36,7 +36,7 @@ from schemathesis.specs.openapi.checks import (
 
 from services.gateway.keys.gate import PUBLIC_PATHS
 from services.gateway.schemas import ImageGenerationRequest, parse_size
-from tests.conftest import LockedGateway
+from tests.e2e.conftest import LockedGateway
 
 CASES = int(os.environ.get("LEGO_FUZZ_CASES", "300"))
 RANDOM = os.environ.get("LEGO_FUZZ_RANDOM", "") == "1"  # fresh cases (make fuzz); default: the same every run

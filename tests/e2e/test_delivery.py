@@ -18,6 +18,7 @@ from shared.presence import live_replicas
 from shared.settings import Settings
 from shared.subjects import result_subject
 from tests.oracle import assert_images_match, png_to_array, reference_images
+from tests.waiting import wait_for
 
 PROMPT = "a castle on a hill, crash test"
 
@@ -66,14 +67,22 @@ def test_killing_the_computing_denoiser_still_completes_the_request(mesh, refere
         time.sleep(0.02)
     assert victim is not None, "the denoise step never started"
     os.kill(victim, signal.SIGKILL)
+    # Its replacement starts now, so that the tests after this one find two replicas again (it
+    # is still loading when AckWait redelivers the step; either way another replica finishes it).
+    wait_for("the killed replica to be restarted", mesh.restart_dead, timeout_s=30)
     t.join(300)
     assert answer.get("status") == 200, answer
-    # Redelivered to the surviving replica: the same image as diffusers gives.
+    # Redelivered to another replica: the same image as diffusers gives.
     [want] = reference_images(reference_pipeline, prompt=PROMPT, width=256, height=256, steps=60, guidance=5.0, seed=99)
     assert_images_match(png_to_array(answer["json"]["data"][0]["b64_json"]), want)
     status = httpx.get(f"{mesh.url}/v1/requests/{request_id}", timeout=10).json()
     assert status["replicas"]["denoise"] != next(k for k, v in pids.items() if v == victim)
-    mesh.restart_dead()  # give later tests their second replica back
+
+    def two_again() -> bool:
+        now = asyncio.run(_denoiser_pids(mesh))
+        return len(now) == 2 and victim not in now.values()
+
+    wait_for("the replacement to announce itself", two_again, timeout_s=120, every_s=0.5)
 
 
 def test_duplicate_delivery_of_a_step_answers_once(mesh):

@@ -164,6 +164,7 @@ def _replica_main(index: int, env: dict[str, str], case: Case, jobs: Any, result
     settings = Settings.from_env()
     torch.set_num_threads(max(settings.torch_threads, 1))
     bundle = load_denoiser(case.model_id, Settings.from_env(device=rank_device(settings.device, index)))
+    run_alone(bundle, case, 0)  # warm-up, as the group's devices are warmed before they are timed
     results.put(("ready", index, None))
     while (job := jobs.get()) is not None:
         try:
@@ -419,7 +420,7 @@ class Machine:
     CPU use below `quiet` of the machine for a second, or give up after `patience_s`), and
     `others()` after it: the share of the machine's CPU time others used meanwhile."""
 
-    def __init__(self, quiet: float = 0.1, patience_s: float = 120.0) -> None:
+    def __init__(self, quiet: float = 0.1, patience_s: float = 60.0) -> None:
         self.quiet = quiet
         self.patience_s = patience_s
         self._mark = self._sample()
@@ -428,7 +429,7 @@ class Machine:
         busy, total = _cpu_seconds()
         return busy, total, _tree_cpu_seconds(os.getpid())
 
-    def busy_share(self, window_s: float = 1.0) -> float:
+    def busy_share(self, window_s: float = 0.5) -> float:
         """Others' share of the machine's CPU over the next `window_s`."""
         self.mark()
         time.sleep(window_s)

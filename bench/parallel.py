@@ -238,9 +238,11 @@ def split_request(bundle: Any, case: Case) -> tuple[Any, float]:
 
 def requests_per_client(load: int, alone_s: float, args: argparse.Namespace) -> int:
     """Enough requests that a load point lasts about `args.point_s` never split (two devices
-    busy from 2 clients on), at least `args.per_client` each and `args.min_requests` in all."""
-    for_duration = -(-args.point_s * min(load, 2) // (alone_s * load))
-    return int(max(args.per_client, for_duration, -(-args.min_requests // load)))
+    busy from 2 clients on) and gives each busy device `args.per_device` requests, and at least
+    `args.per_client` for each client."""
+    devices = min(load, 2)
+    for_duration = -(-args.point_s * devices // (alone_s * load))
+    return int(max(args.per_client, for_duration, -(-args.per_device * devices // load)))
 
 
 def sweep(
@@ -275,6 +277,8 @@ def sweep(
                 work = "requests by degree" if name != "replicas" else "requests by replica"
                 result |= {"system": name, "load": load, "repeat": rep, work: dict(used), "attempts": attempts}
                 result |= {"others_cpu_share": others, "waited_for_quiet_s": waited}
+                if name != "replicas":
+                    result["trace"] = system.trace
                 runs.append(result)
                 print(
                     f"  {case.name}: {load} client(s), {name:>8}, repeat {rep + 1}: {result['throughput_rps']:.3f} rps"
@@ -519,16 +523,16 @@ def main() -> None:
     parser.add_argument(
         "--patience", type=float, default=60, help="seconds to wait, before each timed run, for others to leave the CPU"
     )
-    parser.add_argument("--only", nargs="+", choices=["sd3", "flux"], help="run only these families' cases")
+    parser.add_argument("--cases", nargs="+", help="run only the cases whose name holds one of these (e.g. 'sd3 real')")
     parser.add_argument("--real-flux", action="store_true", help="real-width Flux's latency too (CPU run, ~2 min)")
     parser.add_argument("--loads", type=int, nargs="+", default=[1, 2, 4, 8], help="clients of the load points")
     parser.add_argument(
         "--per-client", type=int, default=2, help="requests each client sends at a load point, at least"
     )
-    parser.add_argument("--point-s", type=float, default=1.5, help="seconds a load point lasts never split, about")
+    parser.add_argument("--point-s", type=float, default=2.0, help="seconds a load point lasts never split, about")
     parser.add_argument("--max-others", type=float, default=0.1, help="run again if others took more of the CPU")
     parser.add_argument("--retries", type=int, default=2, help="times a run others disturbed is run again, at most")
-    parser.add_argument("--min-requests", type=int, default=2, help="requests at a load point at least")
+    parser.add_argument("--per-device", type=int, default=4, help="requests for each busy device at a load point")
     parser.add_argument("--repeats", type=int, default=2, help="passes over the load points")
     parser.add_argument("--degree-repeats", type=int, default=3, help="timed requests per degree in (a)")
     parser.add_argument("--exchange-rounds", type=int, default=20, help="timed round trips of the exchange alone")
@@ -541,7 +545,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if args.quick:
-        args.loads, args.per_client, args.repeats, args.degree_repeats, args.exchange_rounds = [1, 2], 1, 1, 1, 5
+        args.loads, args.per_client, args.per_device = [1, 2], 1, 2
+        args.repeats, args.degree_repeats, args.exchange_rounds = 1, 1, 5
         args.patience, args.point_s, args.retries = min(args.patience, 5), 0.5, 0
     quiet_libraries()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -553,7 +558,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cases = full_size_cases(args) if args.full_size else cpu_cases(args)
-    cases = [(case, swept) for case, swept in cases if not args.only or case.family in args.only]
+    if args.cases:
+        cases = [(case, swept) for case, swept in cases if any(c.lower() in case.name.lower() for c in args.cases)]
     print(
         f"bench/parallel.py on {args.device} (torch {torch.__version__}, {os.cpu_count()} CPUs): a group of 2 workers"
         f" of {args.threads} thread(s) against 2 replicas of {args.threads}; max batch {args.max_batch}; no deadlines"

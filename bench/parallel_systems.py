@@ -17,6 +17,7 @@ which imports the functions they run by name; keeping them out of the script kee
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import statistics
@@ -134,14 +135,19 @@ class GroupSystem:
         self.case = case
         self.bundle = bundle
         self.degrees: list[int] = []
+        self.trace: list[dict] = []  # per request: seed, degree, first device, submitted and done (s)
+        self._t0 = time.perf_counter()
         executor = GroupExecutor(case.model_id, lambda: bundle, settings, world)
         self.engine = GroupEngine(executor, max_batch=max_batch, mode="never", on_degree=self.degrees.append)
+        self._placed = _Placements()
 
     def use(self, mode: str) -> None:
         # GroupEngine reads its mode at each request's first step; switching it while no request
         # is in flight is what three engines over one executor would be, without three groups.
         self.engine.mode = mode
         self.degrees.clear()
+        self.trace = []
+        self._t0 = time.perf_counter()
 
     def submit(self, seed: int) -> Future[torch.Tensor]:
         from services.denoiser.denoise import denoise_loop
@@ -149,10 +155,39 @@ class GroupSystem:
 
         inputs = request_inputs(self.bundle, self.case, seed)
         loop = denoise_loop(self.bundle, inputs)
-        return self.engine.submit(loop, None, RequestFacts(label=f"seed {seed}", steps=self.case.steps))
+        label = f"seed {seed}"
+        submitted = time.perf_counter() - self._t0
+        done = self.engine.submit(loop, None, RequestFacts(label=label, steps=self.case.steps))
+        degree, first = self._placed.pop(label)
+        record = {"seed": seed, "degree": degree, "first_device": first, "submitted_s": round(submitted, 3)}
+        self.trace.append(record)
+        done.add_done_callback(lambda _f: record.update(done_s=round(time.perf_counter() - self._t0, 3)))
+        return done
 
     def close(self) -> None:
         self.engine.close()
+        logging.getLogger("lego.denoiser.group").removeHandler(self._placed)
+
+
+class _Placements(logging.Handler):
+    """Where the group's engine placed each request (its degree and first device), read from the
+    line it logs for every request (`group/engine.py`): the bench's trace, without a hook in it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._by_label: dict[str, tuple[int, int]] = {}
+        engine_log = logging.getLogger("lego.denoiser.group")
+        engine_log.setLevel(logging.INFO)
+        engine_log.propagate = False  # its lines are read here, not printed
+        engine_log.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("request %s: degree") and isinstance(record.args, tuple):
+            label, degree, first = record.args[:3]
+            self._by_label[str(label)] = (int(degree), int(first))
+
+    def pop(self, label: str) -> tuple[int, int]:
+        return self._by_label.pop(label, (0, -1))
 
 
 def _replica_main(index: int, env: dict[str, str], case: Case, jobs: Any, results: Any) -> None:

@@ -22,7 +22,7 @@
 #             through host memory (gloo between two processes plus the device-host copies: an upper
 #             bound for NCCL); with 2 GPUs or more, the group itself (add PARALLEL_ARGS="--sweep"
 #             for the load sweep against 2 replicas). Writing Flux.1-dev's random weights (24 GB)
-#             takes a minute or two on a fresh machine; PARALLEL_ARGS="--only sd3" skips Flux.
+#             takes a minute or two on a fresh machine; PARALLEL_ARGS="--cases sd3" skips Flux.
 #   tests     (not in the default list) the GPU-only tests and the mesh's equality tests on the
 #             GPU (TESTS overrides which)
 # Output: $OUT (the device tool's) or bench/results/gpu: one text log per step (what each

@@ -14,11 +14,21 @@
 #   sd3-host  the same mesh with UCX off: GPU tensors hop through host shared memory
 #   plane     bench/tensor_plane.py --device cuda: ucx-cuda and shm-cuda against a device copy
 #   batch     bench/batching.py on the full-size transformer: 16 requests at once, max batch 1-8
+#   parallel  (not in the default list) bench/parallel.py --full-size: SD3-Medium and Flux.1-dev
+#             (random weights, bf16, SIZE px, STEPS steps, RUNS timed requests per degree). On one
+#             GPU a group of 2 cannot form (NCCL: one GPU per rank), so it times the unsplit
+#             request, SD3's CFG split run in one process (its two halves one after the other: one
+#             device's compute, and its latents against the unsplit ones) and a split's exchange
+#             through host memory (gloo between two processes plus the device-host copies: an upper
+#             bound for NCCL); with 2 GPUs or more, the group itself (add PARALLEL_ARGS="--sweep"
+#             for the load sweep against 2 replicas). Writing Flux.1-dev's random weights (24 GB)
+#             takes a minute or two on a fresh machine; PARALLEL_ARGS="--cases sd3" skips Flux.
 #   tests     (not in the default list) the GPU-only tests and the mesh's equality tests on the
 #             GPU (TESTS overrides which)
 # Output: $OUT (the device tool's) or bench/results/gpu: one text log per step (what each
 # script prints), and details.tgz (every step's JSON results and the mesh logs). RUNS (default 5) sets the timed runs per system; DEVICE, SIZE,
-# STEPS and SD3_ARGS (e.g. "--max-layers 1") exist to smoke-test this script on a CPU.
+# STEPS and SD3_ARGS (e.g. "--max-layers 1") exist to smoke-test this script on a CPU, e.g.
+#   DEVICE=cpu SIZE=128 STEPS=2 RUNS=1 SD3_ARGS="--max-layers 1" BUNDLE=none bash bench/gpu/run.sh parallel
 # STEP_TIMEOUT (seconds, default none) stops a step that hangs so the next one still runs: a
 # device call is cut at 10 minutes, and what a cut call's steps printed is all that comes back.
 set -uo pipefail
@@ -82,12 +92,18 @@ for step in "${steps[@]}"; do
       limit $PY bench/batching.py --full-size --device "$DEVICE" --size "$SIZE" --steps "$STEPS" ${SD3_ARGS:-} \
         --out "$DETAILS/batch" 2>&1 | tee "$OUT/batch.txt" || status=1
       echo "run.sh: batch took $((SECONDS - t0)) s" ;;
+    parallel)
+      t0=$SECONDS
+      # shellcheck disable=SC2086
+      limit $PY bench/parallel.py --full-size --device "$DEVICE" --size "$SIZE" --steps "$STEPS" --degree-repeats "$RUNS" \
+        ${SD3_ARGS:-} ${PARALLEL_ARGS:-} --out "$DETAILS/parallel" 2>&1 | tee "$OUT/parallel.txt" || status=1
+      echo "run.sh: parallel took $((SECONDS - t0)) s" ;;
     tests)
       t0=$SECONDS
       # shellcheck disable=SC2086
       limit $PY -m pytest -q -p no:cacheprovider ${TESTS:-$GPU_TESTS} 2>&1 | tee "$OUT/tests.txt" || status=1
       echo "run.sh: tests took $((SECONDS - t0)) s" ;;
-    *) echo "run.sh: unknown step $step (sd3, sd3-host, plane, batch, tests)"; exit 2 ;;
+    *) echo "run.sh: unknown step $step (sd3, sd3-host, plane, batch, parallel, tests)"; exit 2 ;;
   esac
 done
 tar -czf "$OUT/details.tgz" -C "$DETAILS" . && rm -rf "$DETAILS"

@@ -289,16 +289,19 @@ def sweep(
     return runs
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Per load point: each system's mean throughput, spread, p50/p99; adaptive against the best fixed."""
+def summarize(runs: list[dict], max_others: float) -> dict:
+    """Per load point: each system's mean throughput, spread, p50/p99; adaptive against the best
+    fixed. A run during which others took more than `max_others` of the CPU (every attempt of it
+    disturbed) counts only where a system has no undisturbed run at that point."""
     points: dict[int, dict] = {}
     for load in sorted({r["load"] for r in runs}):
         here = [r for r in runs if r["load"] == load]
         systems = {}
         for name in sorted({r["system"] for r in here}, key=SYSTEMS.index):
             mine = [r for r in here if r["system"] == name]
-            tput = [r["throughput_rps"] for r in mine]
-            lat = [x for r in mine for x in r["latencies_s"]]
+            used = [r for r in mine if r["others_cpu_share"] <= max_others] or mine
+            tput = [r["throughput_rps"] for r in used]
+            lat = [x for r in used for x in r["latencies_s"]]
             mean = statistics.mean(tput)
             systems[name] = {
                 "throughput_rps": mean,
@@ -306,15 +309,18 @@ def summarize(runs: list[dict]) -> dict:
                 "p50_s": percentile(lat, 50),
                 "p99_s": percentile(lat, 99),
                 "requests": len(lat),
+                "runs": len(used),
+                "runs_left_out": len(mine) - len(used),
+                "others_cpu_share_max": max(r["others_cpu_share"] for r in used),
             }
         best = max(FIXED, key=lambda n: systems[n]["throughput_rps"])
         best_group = max(("always", "never"), key=lambda n: systems[n]["throughput_rps"])
         per_repeat = []
         for rep in sorted({r["repeat"] for r in here}):
-            by = {r["system"]: r["throughput_rps"] for r in here if r["repeat"] == rep}
-            per_repeat.append(by["adaptive"] / max(by[n] for n in FIXED))
+            by = {r["system"]: r for r in here if r["repeat"] == rep}
+            if all(r["others_cpu_share"] <= max_others for r in by.values()):
+                per_repeat.append(by["adaptive"]["throughput_rps"] / max(by[n]["throughput_rps"] for n in FIXED))
         noise = max(s["spread"] for s in systems.values())
-        contended = max(r["others_cpu_share"] for r in here)
         ratio = systems["adaptive"]["throughput_rps"] / systems[best]["throughput_rps"]
         points[load] = {
             "systems": systems,
@@ -324,7 +330,7 @@ def summarize(runs: list[dict]) -> dict:
             / systems[best_group]["throughput_rps"],
             "per_repeat_ratios": per_repeat,
             "noise": noise,
-            "others_cpu_share_max": contended,
+            "others_cpu_share_max": max(s["others_cpu_share_max"] for s in systems.values()),
             "verdict": "ok" if ratio >= 1 - noise else "below, beyond the noise",
         }
     return points
@@ -378,7 +384,7 @@ def run_case(case: Case, swept: bool, args: argparse.Namespace) -> dict:
                 result["sweep_runs"] = sweep(case, systems, alone_s, args, machine)
             finally:
                 replicas.close()
-            result["sweep"] = summarize(result["sweep_runs"])
+            result["sweep"] = summarize(result["sweep_runs"], args.max_others)
     finally:
         group.close()
     result["took_s"] = time.perf_counter() - started
@@ -461,12 +467,17 @@ def print_degree_row(case: Case, result: dict) -> None:
 
 def print_sweep(case: Case, points: dict) -> None:
     print(f"\n(b) {case.name} ({shape_of(case)}): closed loop, throughput (mean of repeats, ± half-range) and latency")
-    print("| clients | system | req/s | ± | p50 s | p99 s |")
-    print("|---|---|---|---|---|---|")
+    print("| clients | system | req/s | ± | p50 s | p99 s | requests (runs) | others' CPU share |")
+    print("|---|---|---|---|---|---|---|---|")
     for load, point in points.items():
         for name, s in point["systems"].items():
             tput = f"{s['throughput_rps']:.3f} | {s['spread'] * 100:.1f}%"
-            print(f"| {load} | {name} | {tput} | {s['p50_s']:.3f} | {s['p99_s']:.3f} |")
+            left = f", {s['runs_left_out']} disturbed left out" if s["runs_left_out"] else ""
+            runs = f"{s['requests']} ({s['runs']}{left})"
+            print(
+                f"| {load} | {name} | {tput} | {s['p50_s']:.3f} | {s['p99_s']:.3f} | {runs}"
+                f" | {s['others_cpu_share_max']:.0%} |"
+            )
     print(
         "| clients | adaptive req/s | best fixed | its req/s | **adaptive / best** | per repeat | noise"
         " | others' CPU share (max) | verdict | adaptive / best of always, never |"
@@ -474,7 +485,7 @@ def print_sweep(case: Case, points: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for load, point in points.items():
         a, best = point["systems"]["adaptive"], point["systems"][point["best_fixed"]]
-        reps = ", ".join(f"{r:.3f}" for r in point["per_repeat_ratios"])
+        reps = ", ".join(f"{r:.3f}" for r in point["per_repeat_ratios"]) or "-"
         print(
             f"| {load} | {a['throughput_rps']:.3f} | {point['best_fixed']} | {best['throughput_rps']:.3f}"
             f" | **{point['adaptive_over_best']:.3f}** | {reps} | ±{point['noise'] * 100:.1f}%"
@@ -549,7 +560,11 @@ def main() -> None:
         "--update-profile", action="store_true", help=f"write the ratios into {PROFILE.relative_to(ROOT)}"
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--summarize", metavar="JSON", help="print a finished run's tables again from its raw JSON")
     args = parser.parse_args()
+    if args.summarize:
+        resummarize(args)
+        return
     if args.quick:
         args.loads, args.per_client, args.per_device = [1, 2], 1, 2
         args.repeats, args.degree_repeats, args.exchange_rounds = 1, 1, 5
@@ -583,6 +598,7 @@ def main() -> None:
 
 
 def print_summary(results: list[dict], args: argparse.Namespace, took: float) -> None:
+    """The sweeps' tables, the raw JSON (and the profile), then the last lines."""
     lowest: dict[str, tuple[float, str]] = {}
     for r in results:
         if "sweep" not in r:
@@ -593,20 +609,37 @@ def print_summary(results: list[dict], args: argparse.Namespace, took: float) ->
             for key in ("adaptive_over_best", "adaptive_over_best_on_group"):
                 if key not in lowest or point[key] < lowest[key][0]:
                     lowest[key] = (point[key], f"{case.name}, {load} client(s)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in vars(args).items() if k != "out"} | {"took_s": took, "cpus": os.cpu_count()}
-    name = "parallel-quick.json" if args.quick else "parallel.json"
-    (out / name).write_text(json.dumps({"meta": meta, "cases": results}, indent=1))
+    if args.summarize:
+        path = Path(args.summarize)
+        raw = json.loads(path.read_text())
+        path.write_text(json.dumps(raw | {"cases": results}, indent=1))
+    else:
+        path = Path(args.out) / ("parallel-quick.json" if args.quick else "parallel.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in vars(args).items() if k != "out"} | {"took_s": took, "cpus": os.cpu_count()}
+        path.write_text(json.dumps({"meta": meta, "cases": results}, indent=1))
     if args.update_profile and not args.quick:
         update_profile(results)
-    print(f"\nraw results: {out / name}; the whole run took {took:.0f} s")
+    print(f"\nraw results: {path}; the whole run took {took:.0f} s")
     if lowest:
         group_r, group_at = lowest["adaptive_over_best_on_group"]
         r, at = lowest["adaptive_over_best"]
         print(f"adaptive vs the group's best fixed mode (always, never): {group_r:.3f} (lowest at {group_at})")
         print(f"best fixed choice: always, never on the group or the 2 replicas; the lowest at {at}")
         print(f"adaptive vs best fixed: {r:.3f}")
+
+
+def resummarize(args: argparse.Namespace) -> None:
+    """`--summarize FILE`: the tables of a finished run again, from its raw JSON (summaries
+    recomputed with this version's rules, and written back)."""
+    raw = json.loads(Path(args.summarize).read_text())
+    args.quick = raw["meta"].get("quick", False)
+    print_degree_header()
+    for r in raw["cases"]:
+        print_degree_row(Case(**r["case"]), r)
+        if "sweep_runs" in r:
+            r["sweep"] = summarize(r["sweep_runs"], args.max_others)
+    print_summary(raw["cases"], args, raw["meta"].get("took_s", 0.0))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ The last line: `adaptive vs best fixed: R`, R the lowest over the swept cases' l
 adaptive's throughput over the best fixed choice's (always, never on the group, or the
 replicas: never split, as a plain replica runs it).
 
-    python bench/parallel.py            # the CPU run (~10 minutes on 2 cores)
+    python bench/parallel.py            # the CPU run (about 11 minutes on a quiet 2-core box)
     python bench/parallel.py --quick    # a 1-minute smoke run
     python bench/parallel.py --full-size --device cuda --size 1024 --steps 28   # a lent GPU machine
 
@@ -546,7 +546,7 @@ def main() -> None:
     parser.add_argument(
         "--per-client", type=int, default=2, help="requests each client sends at a load point, at least"
     )
-    parser.add_argument("--point-s", type=float, default=2.0, help="seconds a load point lasts never split, about")
+    parser.add_argument("--point-s", type=float, default=1.0, help="seconds a load point lasts never split, about")
     parser.add_argument("--max-others", type=float, default=0.1, help="run again if others took more of the CPU")
     parser.add_argument("--retries", type=int, default=2, help="times a run others disturbed is run again, at most")
     parser.add_argument("--per-device", type=int, default=4, help="requests for each busy device at a load point")

@@ -448,6 +448,8 @@ def print_degree_row(case: Case, result: dict) -> None:
     d2_ratio = ratio.get("degree_2", ratio.get("degree_2_projected"))
     projected = " (projected)" if "projected_degree_2" in sec else ""
     wire = f"{x['median_s'] * 1e3:.2f} ms ({x['bytes_sent'] / 2**20:.2f} / {x['bytes_back'] / 2**20:.3f} MiB)"
+    if "host_copies_s" in x:  # one GPU: through host memory, the copies on and off the device added
+        wire += f" + {x['host_copies_s'] * 1e3:.2f} ms of device-host copies"
     cells = [
         case.name,
         shape_of(case),

@@ -31,7 +31,7 @@ log = logging.getLogger("lego.service")
 
 async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> None:
     """Run until SIGTERM/SIGINT; the step in hand is finished and acked before exit."""
-    _configure_torch(settings)
+    configure_torch(settings)
     stop = stop_on_signals()
     replica = await Replica.start(spec, settings, model_ids)
     tasks = replica.consume(stop)
@@ -48,7 +48,9 @@ async def serve(spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> 
     log.info("stopped")
 
 
-def _configure_torch(settings: Settings) -> None:
+def configure_torch(settings: Settings) -> None:
+    """Resolve the device and apply the thread count: every process that runs a model does this
+    first (a replica, and a parallel group's followers)."""
     import torch
 
     from shared.tensor_plane.torch_codec import resolve_device

@@ -16,15 +16,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 
-from services.adapters.model import controlnet_residuals
 from services.denoiser.denoise import denoise_loop
 from services.denoiser.group.engine import GroupEngine
 from services.denoiser.group.executor import GroupExecutor
-from services.denoiser.loop import ControlSpec, DenoiseInputs
-from services.vae.model import decode, encode_control_image
-from shared.messages import VaeEncodeParams
+from services.vae.model import decode
 from shared.zoo import load_denoiser
 from shared.zoo.families import FAMILIES
 from tests.oracle import assert_images_match
@@ -32,10 +28,10 @@ from tests.unit.test_workflows_match_pipeline import (
     CN,
     WORKFLOWS,
     P,
-    encoder_outputs,
     lab,
     mesh_images,
     pipeline_images,
+    request_inputs,
 )
 
 __all__ = ["lab"]
@@ -72,40 +68,14 @@ def groups(settings) -> Iterator[Groups]:
     g.close()
 
 
-def split_images(lab, groups: Groups, family: str, *, degree: int = 4, control=None, loras=None, **kw) -> np.ndarray:
+def split_images(lab, groups: Groups, family: str, *, degree: int = 4, loras=None, **kw) -> np.ndarray:
+    """The same request as `mesh_images`, its denoising loop run on the family's group of 4
+    ("always" mode: split over exactly `degree` devices)."""
     engine = groups.engine(family)
-    engine.max_degree = degree  # "always" then splits over exactly this many devices
-    fam = lab.family(family)
-    spec = None
-    if control is not None:
-        latents = encode_control_image(
-            fam.vae,
-            control,
-            VaeEncodeParams(
-                family=family,
-                height=kw["height"],
-                width=kw["width"],
-                seed=kw["seed"],
-                n=kw.get("n", 1),
-                guidance_scale=kw["guidance"],
-            ),
-        )
-        cn = fam.controlnet
-        spec = ControlSpec(
-            latents, kw.get("conditioning_scale", 1.0), lambda c, v, p: controlnet_residuals(cn, c, v, p)
-        )
-    inputs = DenoiseInputs(
-        encoder_outputs(lab, family, kw["prompt"], kw.get("negative", "")),
-        height=kw["height"],
-        width=kw["width"],
-        num_inference_steps=kw["steps"],
-        guidance_scale=kw["guidance"],
-        seed=kw["seed"],
-        n=kw.get("n", 1),
-        control=spec,
-    )
+    engine.max_degree = degree
+    inputs = request_inputs(lab, family, **kw)
     latents = engine.submit(denoise_loop(engine.executor.state.bundle, inputs), loras).result(timeout=300)
-    return decode(fam.vae, latents).numpy()
+    return decode(lab.family(family).vae, latents).numpy()
 
 
 @pytest.mark.parametrize("degree", [2, 4])
@@ -130,4 +100,3 @@ def test_loras_of_a_split_request_are_active_on_every_device(lab, groups) -> Non
     base = split_images(lab, groups, "flux", **kw)
     assert not np.array_equal(with_lora, base)
     assert_images_match(with_lora, mesh_images(lab, "flux", loras=[("flux-lora-a", 1.0)], **kw))
-    assert torch.is_tensor(torch.from_numpy(base))

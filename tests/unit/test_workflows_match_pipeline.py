@@ -113,7 +113,7 @@ def encoder_outputs(lab: Lab, family: str, prompt: str, negative: str) -> dict[s
     }
 
 
-def mesh_images(
+def request_inputs(
     lab: Lab,
     family: str,
     *,
@@ -127,9 +127,9 @@ def mesh_images(
     n: int = 1,
     control: torch.Tensor | None = None,
     conditioning_scale: float = 1.0,
-    loras: list[tuple[str, float]] | None = None,
-    output: str = "pixels",
-) -> np.ndarray | torch.Tensor:
+) -> DenoiseInputs:
+    """What the mesh's denoise step gets: the encoders' outputs and, for a ControlNet workflow,
+    the VAE-encoded control image with the ControlNet called in-process."""
     fam = lab.family(family)
     spec = None
     if control is not None:
@@ -140,18 +140,29 @@ def mesh_images(
         )
         cn = fam.controlnet
         spec = ControlSpec(latents, conditioning_scale, lambda c, v, p: controlnet_residuals(cn, c, v, p))
+    return DenoiseInputs(
+        encoder_outputs(lab, family, prompt, negative),
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        n=n,
+        control=spec,
+    )
+
+
+def mesh_images(
+    lab: Lab,
+    family: str,
+    *,
+    loras: list[tuple[str, float]] | None = None,
+    output: str = "pixels",
+    **kw,
+) -> np.ndarray | torch.Tensor:
+    fam = lab.family(family)
     with fam.loras.activate(loras or [], lambda name: lora_path(name, lab.settings)):
-        inputs = DenoiseInputs(
-            encoder_outputs(lab, family, prompt, negative),
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            seed=seed,
-            n=n,
-            control=spec,
-        )
-        latents = denoise(fam.denoiser, inputs)
+        latents = denoise(fam.denoiser, request_inputs(lab, family, **kw))
     if output == "latents":
         return latents
     return decode(fam.vae, latents).numpy()

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent:
         _exit_with_parent(args.parent)
     from services.denoiser.group.runtime import join_group, serve_follower
+    from shared.replica import configure_torch
+
+    configure_torch(settings)  # LEGO_TORCH_THREADS as the leader applies it
 
     try:
         rank_state = join_group(settings, args.model, args.rank, args.world, args.init)

@@ -1,7 +1,7 @@
 """What splitting one request over a group's devices buys, and when (issue 14).
 
 On this CPU: a group of 2 single-thread workers (`services/denoiser/group`: the leader in this
-process, one follower process, gloo between them) against 2 independent single-thread
+process, coordinating only, and 2 follower processes, one per device) against 2 independent single-thread
 replicas (two processes, each a plain single-device denoiser running one request at a time
 from one shared queue), the same total threads, on tiny and real-width models:
 
@@ -29,9 +29,9 @@ a GPU; `--max-layers` caps the depth for a CPU smoke run). With one GPU a group 
 form (NCCL needs a GPU per rank), so there: the unsplit step; SD3's CFG split run in one
 process (its two row halves one after the other, exactly the parts the group would send, each
 timed: one device's compute) with its latents against the unsplit ones; and the exchange of a
-split's part through host memory (gloo between two processes, after a device-to-host copy): an
-upper bound for NCCL, so the projected ratio is an upper bound too. With 2 GPUs or more, the
-group itself (NCCL) as on the CPU, and the sweep with `--sweep`.
+split's part through host memory (the group's channel between two processes, plus the
+device-host copies), as the group sends it. With 2 GPUs or more, the group itself as on the
+CPU, and the sweep with `--sweep`.
 """
 
 from __future__ import annotations
@@ -399,8 +399,8 @@ def one_device(args: argparse.Namespace) -> bool:
 
 
 def host_copies_s(case: Case, bundle: Any) -> float:
-    """One GPU: the copies an exchange through host memory adds to the gloo round trip (which
-    already copies the part off the GPU as it sends it): the part onto the far GPU, and its
+    """One GPU: the copies an exchange through host memory adds to the channel's round trip
+    (measured between two CPU processes): the part onto the far GPU, and its
     answer (latent-sized) off it and back onto this one."""
 
     from bench.parallel_systems import tensors_of
@@ -518,7 +518,7 @@ def update_profile(results: list[dict]) -> None:
                 "ratio": round(chosen["per_degree"]["ratio"]["degree_2"], 3),
                 "source": "measured on this CPU",
                 "note": f"bench/parallel.py, {case['name']} ({shape_of(Case(**case))}), {split} over 2 single-thread"
-                " processes (gloo) against the request alone on one thread" + (f"; also {others}" if others else ""),
+                " processes against the request alone on one thread" + (f"; also {others}" if others else ""),
             }
         }
     profile["measured_on_this_cpu"] = measured

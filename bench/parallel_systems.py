@@ -323,51 +323,31 @@ def percentile(values: list[float], q: float) -> float:
 # -- the exchange, alone ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _backend(device: str) -> str:
-    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
-
-
-def _exchange_peer(init: str, device: str, threads: int) -> None:
+def _exchange_peer(channel: Any, device: str, threads: int) -> None:
     """The far end of `measure_exchange`: answer every message with the part's output (a tensor
     like its latents when its part answers, as a follower's does), until told to stop."""
-    import torch.distributed as dist
-
-    from services.denoiser.group import wire
-
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(_backend(device), init_method=init, rank=1, world_size=2)
     here = torch.device(device)
-    while (message := wire.recv(0, dist.group.WORLD, here)).get("op") != "stop":
+    while (message := channel.recv(here)).get("op") != "stop":
         latents = message["batched"]["hidden_states"]
         out = torch.zeros_like(latents) if message["index"] == 0 else None
-        wire.send({"op": "done", "output": out}, 0, dist.group.WORLD, here)
-    dist.destroy_process_group()
+        channel.send({"op": "done", "output": out})
 
 
 def measure_exchange(case: Case, bundle: Any, device: str, peer_device: str, threads: int, rounds: int) -> dict:
     """Median seconds of one split step's traffic between the leader and one other device: its
-    part of the request's first call (cut as the group cuts it) sent over, the answer back
-    (the noise prediction of its rows for a CFG split; none for a token shard, whose exchange
-    happens inside the model and is not counted here). Run before a group forms here (one
-    `torch.distributed` group per process at a time)."""
+    part of the request's first call (cut as the group cuts it) sent over the group's channel
+    (`group/wire.py`), the answer back (the noise prediction of its rows for a CFG split; none
+    for a token shard, whose exchange happens inside the model and is not counted here)."""
     import multiprocessing
-
-    import torch.distributed as dist
+    import socket
 
     from services.denoiser.denoise import denoise_loop
-    from services.denoiser.group import wire
     from services.denoiser.group.runtime import part_message
     from services.denoiser.group.split import layout, split
+    from services.denoiser.group.wire import Channel
 
     first = next(denoise_loop(bundle, request_inputs(bundle, case, 0)))
     # by_tokens=True: SD3 and Flux both split by tokens (`sequence.install`, which the group runs
@@ -376,27 +356,28 @@ def measure_exchange(case: Case, bundle: Any, device: str, peer_device: str, thr
     if how is None:
         raise ValueError(f"{case.name}: the first call cannot be split over 2 devices")
     message = part_message(split(first, how)[1], ())
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    peer = multiprocessing.get_context("spawn").Process(target=_exchange_peer, args=(init, peer_device, threads))
+    mine, theirs = socket.socketpair()
+    ctx = multiprocessing.get_context("spawn")
+    peer = ctx.Process(target=_exchange_peer, args=(Channel(theirs), peer_device, threads))
     peer.start()
+    theirs.close()
+    channel = Channel(mine)
     here = torch.device(device)
     try:
-        dist.init_process_group(_backend(device), init_method=init, rank=0, world_size=2)
         took = []
         for _ in range(rounds + 2):  # the first two warm the connection up
             t0 = time.perf_counter()
-            wire.send(message, 1, dist.group.WORLD, here)
-            reply = wire.recv(1, dist.group.WORLD, here)
+            channel.send(message)
+            reply = channel.recv(here)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             took.append(time.perf_counter() - t0)
-        wire.send({"op": "stop"}, 1, dist.group.WORLD, here)
+        channel.send({"op": "stop"})
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
         peer.join(timeout=30)
         if peer.is_alive():
             peer.kill()
+        channel.close()
     sent = sum(t.numel() * t.element_size() for t in tensors_of(message))
     back = sum(t.numel() * t.element_size() for t in tensors_of(reply))
     return {"median_s": statistics.median(took[2:]), "bytes_sent": sent, "bytes_back": back, "layout": how.__dict__}

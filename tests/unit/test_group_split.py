@@ -140,3 +140,34 @@ def test_a_lone_request_is_split_and_the_next_runs_beside_on_the_least_loaded_de
     assert engine.step_s.keys() <= {1, 2, 4}
     with pytest.raises(ValueError, match="adaptive, never, always"):
         GroupEngine(devices, max_batch=1, mode="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_channel_carries_every_dtype_and_shape_exactly_and_says_when_the_other_end_is_gone() -> None:
+    import socket
+    import threading
+
+    here, there = (wire.Channel(s) for s in socket.socketpair())
+    odd = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),  # 30 bytes: the next tensor starts padded
+        "expanded": torch.tensor([7.0]).expand(4),  # stride 0
+        "scalar": torch.tensor(2.5),
+        "flags": torch.tensor([True, False, True]),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "empty": torch.zeros(0, 4),
+        "nested": [torch.ones(2, 2), {"x": None, "s": "text"}],
+    }
+    # a message larger than a socket's buffer, sent from another thread as the leader's lane does
+    big = torch.randn(300, 1000)
+    sender = threading.Thread(target=lambda: here.send({"op": "run", **odd, "big": big}))
+    sender.start()
+    got = there.recv(torch.device("cpu"))
+    sender.join()
+    assert got["op"] == "run" and got["nested"][1] == {"x": None, "s": "text"}
+    for key in ("bf16", "expanded", "scalar", "flags", "ids", "empty"):
+        assert got[key].dtype == odd[key].dtype and got[key].shape == odd[key].shape, key
+        assert torch.equal(got[key], odd[key]), key
+    assert torch.equal(got["big"], big) and torch.equal(got["nested"][0], torch.ones(2, 2))
+    here.close()
+    with pytest.raises(ConnectionError, match="gone"):
+        there.recv(torch.device("cpu"))
+    there.close()

@@ -31,12 +31,12 @@ class Device:
 
     def __init__(
         self,
-        rank: int,
+        index: int,
         transformer: torch.nn.Module,
         activate_loras: Callable[[list[tuple[str, float]]], None],
         shard_groups: dict[tuple[int, int], Any],
     ) -> None:
-        self.rank = rank
+        self.index = index  # the device's place in the group (0..k-1)
         self.transformer = transformer
         self.by_tokens = sequence.install(transformer)
         self._activate_loras = activate_loras
@@ -51,7 +51,7 @@ class Device:
             self._loras_on = loras
         shard = None
         if part.shards > 1:
-            first = self.rank - part.index
+            first = self.index - part.index
             group = self._shard_groups[(first, part.shards)]
             shard = sequence.SeqShard(index=part.index, size=part.shards, group=group, text_len=part.text_len)
         with torch.inference_mode(), sequence.shard(shard):

@@ -1,7 +1,8 @@
 """The leader's side of a group: its followers' processes, and one lane per device.
 
-A lane runs its device's commands one after another: rank 0's in this process, a follower's
-by sending it the part and waiting for its answer. `run(first, call, how, loras)` hands each
+A lane runs its device's commands one after another: device 0's in this process when the
+leader runs it (GPUs), a follower's by sending it the part and waiting for its answer (on a CPU
+every device is a follower: `runtime` says why). `run(first, call, how, loras)` hands each
 device of [first, first + degree) its part under one lock, so every device sees the parts of
 multi-device calls in the same order, and the collectives inside them always meet.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from services.denoiser.group import wire
-from services.denoiser.group.runtime import RankState, join_group, part_message
+from services.denoiser.group.runtime import RankState, join_group, leader_runs_a_device, part_message
 from services.denoiser.group.split import Layout, Part, merge, split
 from services.denoiser.loop import TransformerCall
 from shared.settings import Settings
@@ -86,12 +88,24 @@ def _free_port() -> int:
 
 class GroupExecutor:
     """Rank 0 of a group of `world` devices serving `model_id`. Starting it starts the
-    followers, then loads the leader's own model (`load_bundle()`) while they load theirs, and
-    waits until all hold the same weights; `state.bundle` is the leader's model."""
+    followers, then loads the leader's own model (`load_bundle()`: the requests' loops need
+    its scheduler and config, and on GPUs device 0 runs it) while they load theirs, and waits
+    until all hold the same weights; `state.bundle` is the leader's model. `leader_computes`:
+    whether device 0 runs in this process (default: on GPUs only, see `runtime`)."""
 
-    def __init__(self, model_id: str, load_bundle: Callable[[], Any], settings: Settings, world: int) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        load_bundle: Callable[[], Any],
+        settings: Settings,
+        world: int,
+        leader_computes: bool | None = None,
+    ) -> None:
         if world not in (2, 4):
             raise ValueError(f"LEGO_DENOISE_GROUP_SIZE={world}: a group has 1, 2 or 4 devices")
+        if leader_computes is None:
+            leader_computes = leader_runs_a_device(settings.device)
+        offset = 0 if leader_computes else 1
         self.world = world
         self.model_id = model_id
         self._order = threading.Lock()
@@ -99,35 +113,49 @@ class GroupExecutor:
         init = f"tcp://127.0.0.1:{_free_port()}"
         env = {**os.environ, **settings.to_env()}
         command = [sys.executable, "-m", "services.denoiser.group.follower", "--world", str(world), "--init", init]
-        command += ["--model", model_id, "--parent", str(os.getpid())]
-        self._followers = [subprocess.Popen([*command, "--rank", str(r)], env=env) for r in range(1, world)]
+        command += ["--model", model_id, "--parent", str(os.getpid()), "--offset", str(offset)]
+        self._channels: dict[int, wire.Channel] = {}
+        self._followers = []
+        for rank in range(1, world + offset):
+            mine, theirs = socket.socketpair()
+            fd = ["--channel-fd", str(theirs.fileno())]
+            self._followers.append(
+                subprocess.Popen([*command, "--rank", str(rank), *fd], env=env, pass_fds=[theirs.fileno()])
+            )
+            theirs.close()
+            self._channels[rank] = wire.Channel(mine)
         started = time.monotonic()
         try:
-            self.state: RankState = join_group(settings, model_id, 0, world, init, bundle=load_bundle())
+            self.state: RankState = join_group(settings, model_id, 0, world, init, bundle=load_bundle(), offset=offset)
         except BaseException:
             self._kill_followers()
             raise
         self.by_tokens = self.state.worker.by_tokens
-        self._lanes = [_Lane(0, self.state.worker.run)] + [
-            _Lane(r, self._remote(r), on_close=self._stopper(r)) for r in range(1, world)
+        self._lanes = [
+            _Lane(0, self.state.worker.run)
+            if device + offset == 0
+            else _Lane(device, self._remote(device + offset), on_close=self._stopper(device + offset))
+            for device in range(world)
         ]
         threading.Thread(target=self._watch_followers, name="group-watch", daemon=True).start()
         log.info(
-            "group of %d devices formed for %s in %.1f s (sequence split: %s)",
+            "group of %d devices formed for %s in %.1f s (sequence split: %s; the leader %s)",
             world,
             model_id,
             time.monotonic() - started,
             "yes" if self.by_tokens else "no",
+            "runs device 0" if leader_computes else "coordinates only",
         )
 
     def _remote(self, rank: int) -> Callable[[Part, LoraSet], torch.Tensor | None]:
-        group, device = self.state.pair_groups[rank], self.state.device
+        channel, device = self._channels[rank], self.state.device
+        index = rank - self.state.offset
 
         def execute(part: Part, loras: LoraSet) -> torch.Tensor | None:
-            wire.send(part_message(part, loras), rank, group, device)
-            reply = wire.recv(rank, group, device)
+            channel.send(part_message(part, loras))
+            reply = channel.recv(device)
             if reply.get("op") == "error":
-                raise RuntimeError(f"device {rank} of the group: {reply.get('message')}")
+                raise RuntimeError(f"device {index} of the group: {reply.get('message')}")
             out = reply.get("output")
             return out if isinstance(out, torch.Tensor) else None
 
@@ -135,7 +163,7 @@ class GroupExecutor:
 
     def _stopper(self, rank: int) -> Callable[[], None]:
         def stop() -> None:
-            wire.send({"op": "stop"}, rank, self.state.pair_groups[rank], self.state.device)
+            self._channels[rank].send({"op": "stop"})
 
         return stop
 
@@ -183,3 +211,5 @@ class GroupExecutor:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for channel in self._channels.values():
+            channel.close()

@@ -3,6 +3,14 @@
 Why every rank runs the same `join_group`: `torch.distributed` needs every rank to create
 every process group in the same order, and a split request is the unsplit one only if every
 rank holds the same weights, which they check here together before serving anything.
+
+Ranks and devices: process rank 0 is the leader. On GPUs it also runs device 0 (its CUDA
+kernels run asynchronously, so its Python threads stay free to coordinate), and device i is
+rank i. On a CPU the leader only coordinates (`offset` 1): a device there is a core running
+Python-heavy model code, and in the leader's process that code would fight its coordination
+(every request's loop, every other device's traffic) for the GIL: measured on tiny Flux, a
+device-0 step in the leader took 12-13 ms of CPU beside a busy device 1, against 7.7 ms
+alone, and the second device added nothing. So device i is rank i + offset.
 """
 
 from __future__ import annotations
@@ -32,59 +40,71 @@ GROUP_TIMEOUT = timedelta(seconds=300)
 class RankState:
     """One rank's share of a group: its device, model and the process groups it talks over."""
 
-    rank: int
-    world: int
+    rank: int  # process rank (0: the leader)
+    world: int  # devices in the group
+    device_index: int  # the device this rank runs (the leader's: 0, run or not)
     device: torch.device
     bundle: Any  # DenoiserBundle
     worker: Device
     loras: Any  # LoraCache: this rank's adapters on its network
-    pair_groups: dict[int, Any]  # follower rank -> the (0, rank) group commands and results travel on
+    offset: int = 0  # 1 when the leader runs no device: device i is then rank i + 1
 
 
-def rank_device(device: str, rank: int) -> str:
-    """Rank r's device: the r-th GPU after the configured one, or the CPU."""
+def leader_runs_a_device(device: str) -> bool:
+    """Whether the leader process runs device 0 itself (GPUs) or only coordinates (a CPU)."""
+    return device.startswith("cuda")
+
+
+def rank_device(device: str, index: int) -> str:
+    """Device `index` of a group: the index-th GPU after the configured one, or the CPU."""
     if not device.startswith("cuda"):
         return "cpu"
     first = int(device.split(":")[1]) if ":" in device else 0
-    return f"cuda:{first + rank}"
+    return f"cuda:{first + index}"
 
 
 def _backend(device: str) -> str:
     return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
 
 
-def join_group(settings: Settings, model_id: str, rank: int, world: int, init: str, bundle: Any = None) -> RankState:
-    """Join the group as `rank`: process groups, the model on this rank's device (the leader
-    passes the bundle it loaded), LoRAs, sequence parallelism, and the weights check."""
+def join_group(
+    settings: Settings, model_id: str, rank: int, world: int, init: str, bundle: Any = None, offset: int = 0
+) -> RankState:
+    """Join the group of `world` devices as process `rank`: process groups, the model on this
+    rank's device (the leader passes the bundle it loaded), LoRAs, sequence parallelism, and the
+    weights check. `offset`: 1 when the leader runs no device (see the module)."""
     from services.denoiser.lora import LoraCache
     from shared.zoo import load_denoiser, lora_path
 
-    here = rank_device(settings.device, rank)
+    if offset not in (0, 1) or (offset and leader_runs_a_device(settings.device)):
+        raise ValueError(f"group offset {offset}: 0, or 1 on a CPU (a GPU leader runs device 0)")
+    processes = world + offset
+    index = max(rank - offset, 0)
+    here = rank_device(settings.device, index)
     if here.startswith("cuda"):
         torch.cuda.set_device(torch.device(here))
-    dist.init_process_group(_backend(here), init_method=init, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
-    pair_groups = {r: dist.new_group([0, r], timeout=GROUP_TIMEOUT) for r in range(1, world)}
+    dist.init_process_group(_backend(here), init_method=init, rank=rank, world_size=processes, timeout=GROUP_TIMEOUT)
     shard_groups = {
-        (first, size): dist.new_group(list(range(first, first + size)), timeout=GROUP_TIMEOUT)
+        (first, size): dist.new_group([offset + d for d in range(first, first + size)], timeout=GROUP_TIMEOUT)
         for first, size in block_groups(world)
     }
     if bundle is None:
         bundle = load_denoiser(model_id, dataclasses.replace(settings, device=here))
     loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
     worker = Device(
-        rank,
+        index,
         bundle.transformer,
         activate_loras=lambda chosen: loras.activate_now(chosen, lambda name: lora_path(name, settings)),
         shard_groups=shard_groups,
     )
-    digests = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    digests = [torch.zeros(1, dtype=torch.int64) for _ in range(processes)]
     dist.all_gather(digests, torch.tensor([weights_digest(bundle.transformer)], dtype=torch.int64))
     if len({int(d.item()) for d in digests}) != 1:
         raise RuntimeError(
             f"the devices of {model_id}'s group hold different weights ({[int(d) for d in digests]}): "
             "every rank must load the same model files"
         )
-    return RankState(rank, world, torch.device(here), bundle, worker, loras, pair_groups)
+    return RankState(rank, world, index, torch.device(here), bundle, worker, loras, offset)
 
 
 def part_message(part: Part, loras: tuple[tuple[str, float], ...]) -> dict[str, Any]:
@@ -108,12 +128,13 @@ def message_part(message: dict[str, Any]) -> tuple[Part, tuple[tuple[str, float]
     return part, loras
 
 
-def serve_follower(state: RankState) -> None:
-    """Run the leader's commands in order until it says stop (or its connection breaks)."""
-    group = state.pair_groups[state.rank]
-    log.info("group follower %d of %d ready on %s", state.rank, state.world, state.device)
+def serve_follower(state: RankState, channel: wire.Channel) -> None:
+    """Run the leader's commands from `channel` in order until it says stop (or the channel breaks)."""
+    log.info(
+        "group follower %d (device %d of %d) ready on %s", state.rank, state.device_index, state.world, state.device
+    )
     while True:
-        message = wire.recv(0, group, state.device)
+        message = channel.recv(state.device)
         if message.get("op") == "stop":
             break
         try:
@@ -123,5 +144,5 @@ def serve_follower(state: RankState) -> None:
         except Exception as exc:  # this part only; the leader fails the request's step
             log.warning("group follower %d: a part failed: %s", state.rank, exc)
             reply = {"op": "error", "message": f"{type(exc).__name__}: {exc}"}
-        wire.send(reply, 0, group, state.device)
+        channel.send(reply)
     dist.destroy_process_group()

@@ -114,9 +114,7 @@ def choose_degree(inputs: DegreeInputs, mode: str = "adaptive") -> DegreeChoice:
         raise ValueError(f"parallel mode {mode!r}: use one of {', '.join(MODES)}")
     share = inputs.group_size // (max(inputs.busy, 0) + 1)
     candidates = [d for d in degrees if d <= max(share, 1)]
-    fair = DegreeChoice(
-        candidates[-1], f"fair share: {inputs.busy} other request(s) on {inputs.group_size} device(s)"
-    )
+    fair = DegreeChoice(candidates[-1], f"fair share: {inputs.busy} other request(s) on {inputs.group_size} device(s)")
     chosen = _measured_choice(inputs, candidates, fair)
     if inputs.slack_s is None or inputs.busy >= inputs.group_size:
         return chosen

@@ -12,6 +12,7 @@ followers as processes. (Groups of 2, through the whole mesh: tests/e2e/test_par
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -100,3 +101,44 @@ def test_loras_of_a_split_request_are_active_on_every_device(lab, groups) -> Non
     base = split_images(lab, groups, "flux", **kw)
     assert not np.array_equal(with_lora, base)
     assert_images_match(with_lora, mesh_images(lab, "flux", loras=[("flux-lora-a", 1.0)], **kw))
+
+
+def _arriving_after_first_step(loop, arrive):
+    """`loop`, calling `arrive()` once its first call has run (so its next ones run after)."""
+    out = yield next(loop)
+    arrive()
+    call = loop.send(out)
+    while True:
+        out = yield call
+        try:
+            call = loop.send(out)
+        except StopIteration as done:
+            return done.value
+
+
+def test_a_request_that_shrinks_mid_loop_gives_the_unsplit_image(lab, groups, caplog) -> None:
+    """Adaptive mode: a lone Flux request takes all 4 devices; a second arrives after its first
+    step, so its later steps run on 2 (and back on 4 if the second leaves first). Both images are
+    the unsplit chain's."""
+    caplog.set_level(logging.INFO, logger="lego.denoiser.group")
+    kw = {"prompt": P, "height": 64, "width": 64, "steps": 4, "guidance": 1.0}
+    engine = groups.engine("flux")
+    engine.mode, engine.max_degree, engine.step_s = "adaptive", 4, {}  # nothing measured: a lone request splits
+    bundle = engine.executor.state.bundle
+    later: list = []
+    second_inputs = request_inputs(lab, "flux", seed=8, **kw)
+
+    def arrive() -> None:
+        later.append(engine.submit(denoise_loop(bundle, second_inputs)))
+
+    try:
+        loop = _arriving_after_first_step(denoise_loop(bundle, request_inputs(lab, "flux", seed=7, **kw)), arrive)
+        first = engine.submit(loop).result(timeout=300)
+        second = later[0].result(timeout=300)
+    finally:
+        engine.mode = "always"
+    assert groups.degrees[-2:] == [4, 2]
+    assert "unit 0-3: degree 4 -> 2 on devices 0-1" in caplog.text
+    for seed, latents in ((7, first), (8, second)):
+        got = decode(lab.family("flux").vae, latents).numpy()
+        assert_images_match(got, mesh_images(lab, "flux", seed=seed, **kw))

@@ -5,6 +5,8 @@ processes are in tests/integration/test_parallel_split.py and tests/e2e/test_par
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import threading
 
 import pytest
@@ -99,16 +101,27 @@ def test_a_message_is_json_and_raw_tensors_never_a_pickle() -> None:
 
 
 class _Devices:
-    """What GroupEngine needs of an executor; records (first device, layout) of every call."""
+    """What GroupEngine needs of an executor. Every call on a block starting at device `first` is
+    recorded as (first, layout) in `started[first]` and then waits until the test lets one call
+    there finish (`finish(first)`): the test decides the interleaving, no timing involved."""
 
     def __init__(self, world: int) -> None:
-        self.world, self.by_tokens, self.calls = world, True, []
-        self.release = threading.Event()
+        self.world, self.by_tokens = world, True
+        self.started: dict[int, queue.Queue[tuple[int, Layout]]] = {r: queue.Queue() for r in range(world)}
+        self._gates = {r: threading.Semaphore(0) for r in range(world)}
 
     def run(self, first, call, how, loras):
-        self.calls.append((first, how))
-        self.release.wait(30)
+        self.started[first].put((first, how))
+        assert self._gates[first].acquire(timeout=30), "the test never let this call finish"
         return torch.zeros_like(call.batched["hidden_states"])
+
+    def next_call(self, first: int) -> tuple[int, Layout]:
+        """The next call run on a block starting at `first` (waits for it)."""
+        return self.started[first].get(timeout=30)
+
+    def finish(self, first: int, calls: int = 1) -> None:
+        for _ in range(calls):
+            self._gates[first].release()
 
     def close(self) -> None:
         pass
@@ -120,26 +133,101 @@ def _loop(call: TransformerCall, steps: int):
     return "done"
 
 
-def test_a_lone_request_is_split_and_the_next_runs_beside_on_the_least_loaded_device() -> None:
+def _engine(world: int, **kw):
     from services.denoiser.group.engine import GroupEngine
 
-    devices = _Devices(world=4)
+    devices = _Devices(world)
+    return devices, GroupEngine(devices, max_batch=kw.pop("max_batch", 1), mode="adaptive", **kw)  # type: ignore[arg-type]
+
+
+CFG, CFG_X_TOKENS, ONE = Layout(rows=2, shards=1), Layout(rows=2, shards=2), Layout(rows=1, shards=1)
+
+
+def test_a_lone_request_is_split_and_the_next_runs_beside_on_the_least_loaded_device() -> None:
     degrees: list[int] = []
-    engine = GroupEngine(devices, max_batch=1, mode="adaptive", on_degree=degrees.append)  # type: ignore[arg-type]
+    devices, engine = _engine(4, on_degree=degrees.append)
     try:
         first = engine.submit(_loop(sd3_call(2), 2))  # idle group: CFG halves x 2 token shards
+        assert devices.next_call(0) == (0, CFG_X_TOKENS)
         second = engine.submit(_loop(sd3_call(2), 2))  # one request held: 4 // 2 = 2 devices
-        third = engine.submit(_loop(sd3_call(2), 2))  # two held: one device, the least loaded
-        devices.release.set()
+        assert devices.next_call(2) == (2, CFG)  # the first one shrinks to devices 0-1
+        third = engine.submit(_loop(sd3_call(2), 2))  # two held: one device each, the least loaded
+        assert devices.next_call(1) == (1, ONE)
+        for rank in range(4):
+            devices.finish(rank, 10)
         assert [f.result(timeout=30) for f in (first, second, third)] == ["done"] * 3
     finally:
         engine.close()
     assert degrees == [4, 2, 1]
-    blocks = {(first, how.degree) for first, how in devices.calls}
-    assert blocks == {(0, 4), (0, 2), (2, 1)}  # the pair on devices 0-1, the single on device 2
     assert engine.step_s.keys() <= {1, 2, 4}
     with pytest.raises(ValueError, match="adaptive, never, always"):
-        GroupEngine(devices, max_batch=1, mode="sometimes")  # type: ignore[arg-type]
+        type(engine)(devices, max_batch=1, mode="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_split_request_shrinks_when_another_arrives_and_grows_back_when_it_leaves(caplog) -> None:
+    devices, engine = _engine(2)
+    caplog.set_level(logging.INFO, logger="lego.denoiser.group")
+    try:
+        alone = engine.submit(_loop(sd3_call(2), 5))
+        assert devices.next_call(0) == (0, CFG)  # alone: the CFG halves on devices 0 and 1
+        newcomer = engine.submit(_loop(sd3_call(2), 2))
+        assert devices.next_call(1) == (1, ONE)  # the newcomer has device 1 to itself ...
+        devices.finish(0)  # ... and the first request's call in flight ends on both devices
+        assert devices.next_call(0) == (0, ONE)  # its next one runs on device 0 alone
+        devices.finish(1, 2)
+        assert devices.next_call(1) == (1, ONE)
+        assert newcomer.result(timeout=30) == "done"
+        devices.finish(0)  # the call that began on device 0 alone ends there
+        for _ in range(3):  # the newcomer has left: the remaining calls are split again
+            assert devices.next_call(0) == (0, CFG)
+            devices.finish(0)
+        assert alone.result(timeout=30) == "done"
+    finally:
+        engine.close()
+    assert devices.started[0].empty() and devices.started[1].empty()
+    assert engine.step_s.keys() == {1, 2}  # measured at the degree each call ran at
+    moves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unit")]
+    assert moves == [
+        "unit 0-1: degree 2 -> 1 on devices 0-0 (shrink: 2 requests on 2 devices)",
+        "unit 0-1: degree 1 -> 2 on devices 0-1 (grow: 1 request(s) on 2 devices)",
+    ]
+
+
+def test_a_newcomer_on_a_shrunk_units_devices_batches_with_its_requests() -> None:
+    sizes: list[int] = []
+    devices, engine = _engine(2, max_batch=2, on_batch=sizes.append)
+    try:
+        first = engine.submit(_loop(sd3_call(2), 3))
+        assert devices.next_call(0) == (0, CFG)
+        second = engine.submit(_loop(sd3_call(2), 3))  # the first one shrinks to device 0
+        assert devices.next_call(1) == (1, ONE)
+        third = engine.submit(_loop(sd3_call(2), 2))  # both devices hold one: device 0, with the first
+        devices.finish(0)
+        assert devices.next_call(0) == (0, ONE)  # the first and the third in one call
+        devices.finish(0, 10)
+        devices.finish(1, 10)
+        assert [f.result(timeout=30) for f in (first, second, third)] == ["done"] * 3
+    finally:
+        engine.close()
+    assert sizes.count(2) == 2 and max(sizes) == 2  # the third's two steps ran beside the first's
+
+
+def test_fixed_modes_never_move_a_request() -> None:
+    from services.denoiser.group.engine import GroupEngine
+
+    devices = _Devices(2)
+    engine = GroupEngine(devices, max_batch=1, mode="always")  # type: ignore[arg-type]
+    try:
+        first = engine.submit(_loop(sd3_call(2), 2))
+        assert devices.next_call(0) == (0, CFG)
+        second = engine.submit(_loop(sd3_call(2), 2))  # always split: it waits for the same two devices
+        devices.finish(0)
+        for _ in range(3):  # the rest of both, one after the other, each on both devices
+            assert devices.next_call(0) == (0, CFG)
+            devices.finish(0)
+        assert [f.result(timeout=30) for f in (first, second)] == ["done"] * 2
+    finally:
+        engine.close()
 
 
 def test_a_channel_carries_every_dtype_and_shape_exactly_and_says_when_the_other_end_is_gone() -> None:

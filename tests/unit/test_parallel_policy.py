@@ -94,3 +94,44 @@ def test_an_unknown_mode_is_refused_naming_the_modes() -> None:
         choose_degree(DegreeInputs(2, (1, 2)), "sometimes")
     for mode in MODES:
         assert mode in str(err.value)
+
+
+# A tiny model: the exchange costs more than the halved matrix saves, a split step is slower.
+TINY_STEP_S = {1: 0.0071, 2: 0.0204, 4: 0.0300}
+
+
+def test_a_lone_request_takes_the_fastest_measured_degree_not_the_largest() -> None:
+    choice = choose_degree(DegreeInputs(group_size=2, allowed=(1, 2), step_s={1: 0.0071, 2: 0.0204}))
+    assert choice.degree == 1
+    assert choice.reason == "fastest measured: degree 1 (7.1 ms/step) over 2 (20.4 ms/step)"
+    # Where the split is faster, the fair share is also the fastest and keeps its name.
+    fast = choose_degree(DegreeInputs(group_size=4, allowed=(1, 2, 4), step_s=STEP_S))
+    assert fast.degree == 4 and fast.reason.startswith("fair share") and "fastest measured" in fast.reason
+    # Only degrees up to the fair share compete: one other request leaves 2 of 4 devices.
+    assert _degree(4, busy=1, step_s={1: 1.0, 2: 0.9, 4: 0.1}) == 2
+    assert _degree(4, busy=1, step_s=TINY_STEP_S) == 1
+
+
+def test_an_unmeasured_degree_is_tried_the_largest_first() -> None:
+    assert _degree(2, step_s={}) == 2  # nothing measured: the fair share, as without times
+    explore = choose_degree(DegreeInputs(group_size=2, allowed=(1, 2), step_s={2: 0.0204}))
+    assert (explore.degree, explore.reason) == (1, "not yet measured: degree 1")
+    assert _degree(4, step_s={4: 0.03}) == 2  # 2 before 1
+    assert _degree(4, step_s={4: 0.03, 2: 0.02}) == 1
+    assert _degree(4, step_s=TINY_STEP_S) == 1  # then the fastest
+    # Under load only the fair share is a candidate: no exploration beyond it.
+    only = choose_degree(DegreeInputs(group_size=2, allowed=(1, 2), busy=1, step_s={2: 0.0204}))
+    assert only.degree == 1 and only.reason.startswith("fair share")
+
+
+def test_deadline_rescue_starts_from_the_fastest_measured_degree() -> None:
+    # 2 on 4 devices: the fastest candidate is 1 (but 10 s over 10 steps), 4 would take 2 s.
+    step_s = {1: 1.0, 2: 1.1, 4: 0.2}
+    choice = choose_degree(DegreeInputs(group_size=4, allowed=(1, 2, 4), busy=1, slack_s=3.0, steps=10, step_s=step_s))
+    assert choice.degree == 1  # degree 4 would borrow a device the other request holds
+    choice = choose_degree(DegreeInputs(group_size=4, allowed=(1, 2, 4), busy=0, slack_s=3.0, steps=10, step_s=step_s))
+    assert choice.degree == 4  # idle: the fastest is 4 anyway
+    late = choose_degree(
+        DegreeInputs(group_size=4, allowed=(1, 2, 4), busy=2, slack_s=6.0, steps=10, step_s={1: 1.0, 2: 0.55})
+    )
+    assert late.degree == 2 and late.reason == "deadline rescue: 10.00 s at degree 1 > 6.00 s slack"

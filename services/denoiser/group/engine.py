@@ -2,12 +2,24 @@
 
 At a request's first step (its loop's first transformer call, in the caller's thread) the
 engine asks the shared policy (`shared.parallel_policy.choose_degree`) for its degree, given
-the degrees the call can be split to, how many requests the group holds and the request's
-slack before its deadline; it then binds the request to the least loaded aligned block of
-that many devices for the rest of its loop (its scheduler state lives here, on the leader).
-Each block is a unit with its own step-level batching engine (`batching.BatchEngine`), whose
-merged calls the executor runs over the block's devices. A request on one device and a split
-request sharing that device take turns step by step, in the order the lanes receive them.
+the degrees the call can be split to, how many requests the group holds, their measured step
+times and the request's slack before its deadline. The request joins a unit: an aligned block
+of devices (its *home*: first device, degree) with its own step-level batching engine
+(`batching.BatchEngine`), whose merged calls the executor runs over the unit's devices; a unit
+whose devices are exactly that block and that already holds requests is reused, so they batch.
+
+A unit's degree is a per-step property (adaptive mode): its *current* degree is read at every
+call. When a request arrives, units split wider than the new fair share (k // requests held)
+shrink to it on their first device, so the newcomer gets devices of its own instead of taking
+turns step by step with a split request while other devices idle; when a request finishes,
+units below their home degree grow back as far as their home, the fair share and the other
+units' devices allow. Halving a degree is always a valid layout (CFG rows 2 -> 1, rows x tokens
+4 -> 2, tokens 4 -> 2 -> 1), and every call is split row- and token-exactly, so a request that
+changes degree mid-loop gives the unsplit result to float rounding. A change takes effect at
+the unit's next call: the call in flight finishes on its old devices (`GroupExecutor.run`
+hands calls to the lanes in one order under its lock, so collectives stay consistent).
+A request on one device and a split request sharing that device take turns step by step, in
+the order the lanes receive them.
 """
 
 from __future__ import annotations
@@ -29,7 +41,12 @@ from shared.parallel_policy import DegreeInputs, choose_degree
 
 log = logging.getLogger("lego.denoiser.group")
 
-Unit = tuple[int, int]  # (first device, degree)
+Span = tuple[int, int]  # (first device, degree)
+
+
+def _power_at_most(n: int) -> int:
+    """The largest of the degrees a group hands out (4, 2, 1) not above `n` (1 at least)."""
+    return next(d for d in (4, 2, 1) if d <= max(n, 1))
 
 
 @dataclass(frozen=True)
@@ -42,15 +59,35 @@ class RequestFacts:
     deadline: float | None = None
 
 
-def resumed(first: TransformerCall, loop: DenoiseLoop) -> DenoiseLoop:
-    """`loop`, whose first call was already taken, yielding that call again first."""
+@dataclass(eq=False)
+class _Unit:
+    """A block of devices running its requests' merged calls: `first` device, `home` degree (the
+    policy's choice), `degree` now (at most home; it shrinks and grows back), requests `held`."""
+
+    first: int
+    home: int
+    degree: int
+    engine: BatchEngine | None = None
+    held: int = 0
+
+    def devices(self) -> range:
+        return range(self.first, self.first + self.degree)
+
+
+def resumed(first: TransformerCall, loop: DenoiseLoop, done: Callable[[], None] | None = None) -> DenoiseLoop:
+    """`loop`, whose first call was already taken, yielding that call again first. `done` is
+    called as the loop ends (returns, fails or is closed), before its result is handed on."""
     call = first
-    while True:
-        out = yield call
-        try:
-            call = loop.send(out)
-        except StopIteration as done:
-            return done.value
+    try:
+        while True:
+            out = yield call
+            try:
+                call = loop.send(out)
+            except StopIteration as finished:
+                return finished.value
+    finally:
+        if done is not None:
+            done()
 
 
 class GroupEngine:
@@ -58,7 +95,8 @@ class GroupEngine:
 
     `on_degree(degree)` is told every request's degree (metrics); `on_batch(n)` the requests of
     every batched call. `max_degree` caps the degrees offered to the policy (default: the
-    group's size); like `mode`, it is read at each request's first step.
+    group's size); like `mode`, it is read at each request's first step. Units shrink and grow
+    in adaptive mode only: `always` and `never` are fixed baselines.
     """
 
     def __init__(
@@ -79,8 +117,7 @@ class GroupEngine:
         self._on_degree = on_degree
         self._on_batch = on_batch
         self._lock = threading.Lock()
-        self._units: dict[Unit, BatchEngine] = {}
-        self._held: dict[Unit, int] = {}  # requests each unit holds now
+        self._units: list[_Unit] = []
         self.step_s: dict[int, float] = {}  # seconds per call of one request, by degree (running mean)
 
     def submit(
@@ -93,7 +130,9 @@ class GroupEngine:
         most = min(self.world, self.max_degree)
         allowed = tuple(d for d in (1, 2, 4) if d <= most and layout(d, first, self.executor.by_tokens))
         with self._lock:
-            busy = sum(self._held.values())
+            busy = sum(u.held for u in self._units)
+            if self.mode == "adaptive":
+                self._shrink(self.world // (busy + 1), busy + 1)
             slack = None if facts.deadline is None else facts.deadline - time.time()
             choice = choose_degree(
                 DegreeInputs(
@@ -101,57 +140,125 @@ class GroupEngine:
                 ),
                 self.mode,
             )
-            unit = self._least_loaded(choice.degree)
-            self._held[unit] = self._held.get(unit, 0) + 1
+            unit = self._unit_for(self._least_loaded(choice.degree))
+            unit.held += 1
             engine = self._engine(unit)
         log.info(
             "request %s: degree %d on devices %d-%d (%s; allowed %s)",
             facts.label or "?",
             choice.degree,
-            unit[0],
-            unit[0] + unit[1] - 1,
+            unit.first,
+            unit.first + choice.degree - 1,
             choice.reason,
             list(allowed),
         )
         if self._on_degree is not None:
             self._on_degree(choice.degree)
+        release = self._releaser(unit)
         try:
-            future = engine.submit(resumed(first, loop), loras)
+            future = engine.submit(resumed(first, loop, release), loras)
         except BaseException:
-            self._release(unit)
+            release()
             raise
-        future.add_done_callback(lambda _f: self._release(unit))
+        future.add_done_callback(lambda _f: release())  # a loop closed before it started runs no `finally`
         return future
 
-    def _release(self, unit: Unit) -> None:
-        with self._lock:
-            self._held[unit] -= 1
+    def _releaser(self, unit: _Unit) -> Callable[[], None]:
+        """Hands the request's place in `unit` back once, whichever of its ends comes first."""
+        once = threading.Lock()
 
-    def _least_loaded(self, degree: int) -> Unit:
-        """The aligned block of `degree` devices whose busiest device holds the fewest requests."""
+        def release() -> None:
+            if once.acquire(blocking=False):
+                self._release(unit)
+
+        return release
+
+    def _release(self, unit: _Unit) -> None:
+        with self._lock:
+            unit.held -= 1
+            if unit.held == 0:
+                unit.degree = unit.home  # an idle unit starts at home again
+            if self.mode == "adaptive":
+                self._grow()
+
+    def _shrink(self, share: int, requests: int) -> None:
+        """Units holding requests and split wider than the fair share `share` shrink to it."""
+        fair = _power_at_most(share)
+        for unit in self._units:
+            if unit.held and unit.degree > fair:
+                self._resize(unit, fair, f"shrink: {requests} requests on {self.world} devices")
+
+    def _grow(self) -> None:
+        """Units below their home degree take back as much of it as the fair share and the
+        other units' devices allow."""
+        requests = sum(u.held for u in self._units)
+        fair = _power_at_most(self.world // max(requests, 1))
+        for unit in self._units:
+            if not unit.held or unit.degree >= unit.home:
+                continue
+            taken = {r for other in self._units if other is not unit and other.held for r in other.devices()}
+            wider = [
+                d
+                for d in (4, 2)
+                if unit.degree < d <= min(unit.home, fair) and not taken & set(range(unit.first, unit.first + d))
+            ]
+            if wider:
+                self._resize(unit, wider[0], f"grow: {requests} request(s) on {self.world} devices")
+
+    def _resize(self, unit: _Unit, degree: int, why: str) -> None:
+        log.info(
+            "unit %d-%d: degree %d -> %d on devices %d-%d (%s)",
+            unit.first,
+            unit.first + unit.home - 1,
+            unit.degree,
+            degree,
+            unit.first,
+            unit.first + degree - 1,
+            why,
+        )
+        unit.degree = degree
+
+    def _least_loaded(self, degree: int) -> Span:
+        """The aligned block of `degree` devices whose busiest device holds the fewest requests,
+        counted over the units' current devices."""
 
         def device_load(rank: int) -> int:
-            return sum(n for (first, d), n in self._held.items() if first <= rank < first + d)
+            return sum(u.held for u in self._units if rank in u.devices())
 
         blocks = [(first, degree) for first in range(0, self.world, degree)]
         return min(blocks, key=lambda b: (max(device_load(r) for r in range(b[0], b[0] + degree)), b[0]))
 
-    def _engine(self, unit: Unit) -> BatchEngine:
-        if unit not in self._units:
-            self._units[unit] = BatchEngine(
+    def _unit_for(self, block: Span) -> _Unit:
+        """The unit to run on `block`: one already there with requests (they batch), else an idle
+        one whose home it is, else a new one."""
+        first, degree = block
+        running = [u for u in self._units if u.held and (u.first, u.degree) == block]
+        if running:
+            return running[0]
+        for unit in self._units:
+            if not unit.held and (unit.first, unit.home) == block:
+                unit.degree = degree
+                return unit
+        unit = _Unit(first=first, home=degree, degree=degree)
+        self._units.append(unit)
+        return unit
+
+    def _engine(self, unit: _Unit) -> BatchEngine:
+        if unit.engine is None:
+            unit.engine = BatchEngine(
                 None,
                 self.max_batch,
                 activate_loras=lambda _chosen: None,  # each device switches its own (device.Device)
                 on_batch=self._on_batch,
-                name=f"group-unit-{unit[0]}x{unit[1]}",
+                name=f"group-unit-{unit.first}x{unit.home}",
                 execute=self._executor_of(unit),
             )
-        return self._units[unit]
+        return unit.engine
 
-    def _executor_of(self, unit: Unit) -> Callable[[TransformerCall, LoraSet, int], torch.Tensor]:
-        first, degree = unit
-
+    def _executor_of(self, unit: _Unit) -> Callable[[TransformerCall, LoraSet, int], torch.Tensor]:
         def execute(call: TransformerCall, loras: LoraSet, requests: int) -> torch.Tensor:
+            with self._lock:
+                first, degree = unit.first, unit.degree  # read at every call: the unit may have shrunk or grown
             how = layout(degree, call, self.executor.by_tokens)
             if how is None:
                 raise ValueError(f"a call of {call.rows()} rows cannot be split over {degree} devices")
@@ -160,13 +267,14 @@ class GroupEngine:
             if requests == 1:
                 took = time.perf_counter() - started
                 with self._lock:
-                    old = self.step_s.get(degree)
-                    self.step_s[degree] = took if old is None else 0.8 * old + 0.2 * took
+                    old = self.step_s.get(how.degree)
+                    self.step_s[how.degree] = took if old is None else 0.8 * old + 0.2 * took
             return out
 
         return execute
 
     def close(self) -> None:
-        for engine in list(self._units.values()):
-            engine.close()
+        for unit in list(self._units):
+            if unit.engine is not None:
+                unit.engine.close()
         self.executor.close()

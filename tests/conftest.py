@@ -81,8 +81,10 @@ def running_mesh(
     except BaseException:
         _dump_logs(log_dir)
         raise
-    yield m
-    m.stop()
+    try:
+        yield m
+    finally:  # also when the generator is closed early (a fixture that failed before stopping it)
+        m.stop()
     leftover = [c.name for c in m.children if c.alive()]
     assert not leftover, f"processes left behind: {leftover}"
 

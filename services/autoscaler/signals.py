@@ -145,10 +145,12 @@ def replica_memory(announced: list[ReplicaInfo], group_size: int = 1) -> int:
     """One replica's memory as a budget counts it, from what its process announced: the resident
     set on a CPU; on an accelerator, its models' parameters (what takes the device's memory).
     A group replica of k devices (`group_size`, or the `group_devices` its leader announces)
-    holds k copies: on a CPU its leader's resident set is one of k alike processes, so k times
-    it; on GPUs the leader announces the parameters of all k copies already. The budget, kept
-    per device, charges all k to the leader's device: on the safe side."""
+    holds k copies: on a CPU its leader coordinates k follower processes and holds a copy of its
+    own (the requests' loops read it), so k + 1 processes alike, k + 1 times its resident set;
+    on GPUs the leader announces the parameters of all k copies already. The budget, kept per
+    device, charges all k to the leader's device: on the safe side."""
     first = announced[0]
     if first.device == "cpu" and first.rss_bytes:
-        return first.rss_bytes * max(1, group_size, first.group_devices)
+        k = max(1, group_size, first.group_devices)
+        return first.rss_bytes * (k + 1 if k > 1 else 1)
     return sum({r.model_id: r.param_bytes for r in announced}.values())

@@ -47,9 +47,11 @@ def group2_mesh(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     mesh = next(started)
     yield mesh
-    followers = [f for leader in asyncio.run(_leader_pids(mesh)) for f in _followers_of(leader)]
+    try:
+        followers = [f for leader in asyncio.run(_leader_pids(mesh)) for f in _followers_of(leader)]
+    finally:
+        next(started, None)  # stops the mesh (SIGTERM: the leaders stop their followers), whatever failed
     assert len(followers) == 10, followers  # on a CPU a leader only coordinates: 2 followers for each of 5 denoisers
-    next(started, None)  # stops the mesh: SIGTERM, the leaders stop their followers
     wait_for("every follower to be gone", lambda: not any(_alive(p) for p in followers), 30)
 
 

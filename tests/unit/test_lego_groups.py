@@ -159,8 +159,9 @@ def _announced(device: str, rss: int, params: int, group_devices: int = 1) -> li
 
 def test_a_group_replica_counts_one_model_copy_per_device() -> None:
     assert replica_memory(_announced("cpu", 3 * GIB, GIB)) == 3 * GIB  # the process's resident set
-    assert replica_memory(_announced("cpu", 3 * GIB, GIB), 2) == 6 * GIB  # its worker holds another copy
-    assert replica_memory(_announced("cpu", 3 * GIB, GIB, group_devices=2)) == 6 * GIB  # as its leader announces
+    # a group of 2 on a CPU: the leader and its 2 followers, each holding a copy
+    assert replica_memory(_announced("cpu", 3 * GIB, GIB), 2) == 9 * GIB
+    assert replica_memory(_announced("cpu", 3 * GIB, GIB, group_devices=2)) == 9 * GIB  # as its leader announces
     # On GPUs the leader announces the parameters of all its copies (4 GPUs, 1 GiB each): not counted twice.
     assert replica_memory(_announced("cuda:0", 3 * GIB, 4 * GIB, group_devices=4), 4) == 4 * GIB
 

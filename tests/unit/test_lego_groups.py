@@ -173,9 +173,9 @@ class _Bus:
         return [ConsumerCounters("denoise", "sd3-transformer", pending=12, ack_pending=0, delivered=0)]
 
 
-def test_the_autoscaler_fits_half_as_many_groups_of_two_in_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    """12 steps of 1 s, an SLO of 5x: 3 replicas wanted; 7 GiB of RAM fit two 3 GiB replicas,
-    but one group of two (6 GiB)."""
+def test_the_autoscaler_budgets_a_cpu_group_of_two_as_its_three_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 steps of 1 s, an SLO of 5x: 3 replicas wanted; 10 GiB of RAM fit three 3 GiB replicas,
+    but one group of two (on a CPU: its leader and 2 followers, 9 GiB)."""
     replicas = _announced("cpu", 3 * GIB, GIB)
     replicas[0].seconds_per_item = 1.0
 
@@ -183,11 +183,11 @@ def test_the_autoscaler_fits_half_as_many_groups_of_two_in_its_budget(monkeypatc
         return replicas
 
     monkeypatch.setattr(signals, "live_replicas", live)
-    config = PolicyConfig(slo=Slo(factor=5.0), default_limits=Limits(1, 4), memory_budget_bytes=7 * GIB)
+    config = PolicyConfig(slo=Slo(factor=5.0), default_limits=Limits(1, 4), memory_budget_bytes=10 * GIB)
     targets = {}
     for groups in ({}, {"sd3-transformer": 2}):
         observer = Observer.for_policy(_Bus(), config, 10.0, group_sizes=groups)  # type: ignore[arg-type]
         [seen] = asyncio.run(observer.observe({"sd3-transformer": ("sd3-transformer",)}, {"sd3-transformer": 1}, 0.0))
         [decision] = ScalePolicy(config).decide([seen.signal], 0.0)
         targets[len(groups)] = (seen.signal.memory_bytes, decision.desired, decision.target)
-    assert targets == {0: (3 * GIB, 3, 2), 1: (6 * GIB, 3, 1)}
+    assert targets == {0: (3 * GIB, 3, 3), 1: (9 * GIB, 3, 1)}

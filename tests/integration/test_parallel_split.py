@@ -6,8 +6,9 @@ images with CFG). ControlNet residuals are cut to each device's rows and tokens,
 on every device.
 
 The chain is the one of test_workflows_match_pipeline.py (encoders, the VAE, the ControlNet and
-the pipelines in this process); only the denoiser runs on a group: the leader here, three
-followers as processes. (Groups of 2, through the whole mesh: tests/e2e/test_parallel_groups.py.)
+the pipelines in this process); only the denoiser runs on a group: the leader here (on a CPU it
+only coordinates), four followers as processes, one per device; and once a leader that runs
+device 0 itself, as on GPUs. (Groups of 2, through the whole mesh: tests/e2e/test_parallel_groups.py.)
 """
 
 from __future__ import annotations
@@ -142,3 +143,26 @@ def test_a_request_that_shrinks_mid_loop_gives_the_unsplit_image(lab, groups, ca
     for seed, latents in ((7, first), (8, second)):
         got = decode(lab.family("flux").vae, latents).numpy()
         assert_images_match(got, mesh_images(lab, "flux", seed=seed, **kw))
+
+
+def test_a_leader_that_runs_device_0_itself_as_on_gpus_gives_the_same_image(lab, groups, settings) -> None:
+    """On GPUs the leader runs device 0 on a thread of its own process and starts one follower
+    fewer; a Flux request split into 2 token shards (their keys and values gathered between the
+    leader's device and the follower's in every attention layer) gives the unsplit image."""
+    import psutil
+
+    groups.close()  # one group at a time
+    model = FAMILIES["flux"].denoiser
+    executor = GroupExecutor(model, lambda: load_denoiser(model, settings), settings, 2, leader_computes=True)
+    engine = GroupEngine(executor, max_batch=1, mode="always")
+    kw = {"prompt": P, "height": 64, "width": 64, "steps": 3, "guidance": 1.0, "seed": 3}
+    try:
+        followers = [
+            p for p in psutil.Process().children() if "services.denoiser.group.follower" in " ".join(p.cmdline())
+        ]
+        assert len(followers) == 1, followers
+        inputs = request_inputs(lab, "flux", **kw)
+        latents = engine.submit(denoise_loop(executor.state.bundle, inputs)).result(timeout=300)
+    finally:
+        engine.close()
+    assert_images_match(decode(lab.family("flux").vae, latents).numpy(), mesh_images(lab, "flux", **kw))

@@ -20,6 +20,8 @@ How the pieces fit, leader first:
   a JSON header and raw tensor bytes, never a pickle.
 * `device.py` — what every rank does with a command: switch LoRAs, run its part.
 * `engine.py` — the leader's scheduler: picks each request's degree with the shared policy
-  (`shared/parallel_policy.py`) at its first step, binds it to devices, and batches requests
-  step by step on each set of devices as the single-device engine does (`batching.py`).
+  (`shared/parallel_policy.py`) at its first step, binds it to devices (a split request gives
+  devices back at its next step when another request arrives, and takes them again when it
+  leaves), and batches requests step by step on each set of devices as the single-device
+  engine does (`batching.py`).
 """

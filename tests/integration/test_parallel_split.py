@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from services.denoiser.denoise import denoise_loop
-from services.denoiser.group.engine import GroupEngine
+from services.denoiser.group.engine import GroupEngine, resumed
 from services.denoiser.group.executor import GroupExecutor
 from services.vae.model import decode
 from shared.zoo import load_denoiser
@@ -108,13 +108,7 @@ def _arriving_after_first_step(loop, arrive):
     """`loop`, calling `arrive()` once its first call has run (so its next ones run after)."""
     out = yield next(loop)
     arrive()
-    call = loop.send(out)
-    while True:
-        out = yield call
-        try:
-            call = loop.send(out)
-        except StopIteration as done:
-            return done.value
+    return (yield from resumed(loop.send(out), loop))
 
 
 def test_a_request_that_shrinks_mid_loop_gives_the_unsplit_image(lab, groups, caplog) -> None:

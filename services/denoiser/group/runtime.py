@@ -134,7 +134,11 @@ def serve_follower(state: RankState, channel: wire.Channel) -> None:
         "group follower %d (device %d of %d) ready on %s", state.rank, state.device_index, state.world, state.device
     )
     while True:
-        message = channel.recv(state.device)
+        try:
+            message = channel.recv(state.device)
+        except ConnectionError:  # the leader died: its replica is gone, and this follower with it
+            log.warning("group follower %d: the leader is gone; stopping", state.rank)
+            return
         if message.get("op") == "stop":
             break
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 import uuid
 
@@ -17,6 +16,7 @@ from shared.messages import StepKind, StepRequest, StepResult
 from shared.presence import live_replicas
 from shared.settings import Settings
 from shared.subjects import result_subject
+from tests.generating import Generation
 from tests.oracle import assert_images_match, png_to_array, reference_images
 from tests.waiting import wait_for
 
@@ -45,16 +45,7 @@ def test_killing_the_computing_denoiser_still_completes_the_request(mesh, refere
     assert len(pids) == 2, f"expected two SD3 denoiser replicas, presence shows {pids}"
     request_id = f"crash-{uuid.uuid4().hex[:8]}"
     body = {"prompt": PROMPT, "size": "256x256", "num_inference_steps": 60, "seed": 99, "guidance_scale": 5.0}
-    answer: dict = {}
-
-    def post() -> None:
-        r = httpx.post(
-            f"{mesh.url}/v1/images/generations", json=body, headers={"X-Request-Id": request_id}, timeout=300
-        )
-        answer["status"], answer["json"] = r.status_code, r.json()
-
-    t = threading.Thread(target=post)
-    t.start()
+    generation = Generation(mesh.url, body, request_id)
     # Wait until the denoising loop is visibly running, then kill the replica running it.
     victim = None
     give_up = time.monotonic() + 120
@@ -70,7 +61,7 @@ def test_killing_the_computing_denoiser_still_completes_the_request(mesh, refere
     # Its replacement starts now, so that the tests after this one find two replicas again (it
     # is still loading when AckWait redelivers the step; either way another replica finishes it).
     wait_for("the killed replica to be restarted", mesh.restart_dead, timeout_s=30)
-    t.join(300)
+    answer = generation.answer()
     assert answer.get("status") == 200, answer
     # Redelivered to another replica: the same image as diffusers gives.
     [want] = reference_images(reference_pipeline, prompt=PROMPT, width=256, height=256, steps=60, guidance=5.0, seed=99)

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from shared.workflows.catalogue import catalogue
 from tests.conftest import running_mesh
 from tests.e2e.test_catalogue_oracle import CASES, _b64png, _body, control_image, reference_images, references
 from tests.e2e.test_observability import metrics_urls, scrape, value
+from tests.generating import Generation
 from tests.oracle import assert_images_match, png_to_array
 from tests.waiting import wait_for
 
@@ -182,22 +182,13 @@ def test_a_group_member_killed_mid_request_loses_nothing(group2_mesh, mesh, vict
     follower = followers[0]
     request_id = f"group-crash-{uuid.uuid4().hex[:8]}"
     body = {"prompt": "a lantern", "size": "128x128", "num_inference_steps": 30, "seed": 12, "guidance_scale": 5.0}
-    answer: dict = {}
-
-    def post() -> None:
-        r = httpx.post(
-            f"{group2_mesh.url}/v1/images/generations", json=body, headers={"X-Request-Id": request_id}, timeout=300
-        )
-        answer["status"], answer["json"] = r.status_code, r.json()
-
-    t = threading.Thread(target=post)
-    t.start()
+    generation = Generation(group2_mesh.url, body, request_id)
     status_url = f"{group2_mesh.url}/v1/requests/{request_id}"
     wait_for("the split loop to run", lambda: httpx.get(status_url, timeout=10).json().get("step", 0) >= 2, 120)
     os.kill(follower if victim == "follower" else leader, signal.SIGKILL)
     wait_for("the whole group to be gone", lambda: not any(_alive(p) for p in [leader, *followers]), 30)
     wait_for("the mesh to start the denoiser again", group2_mesh.restart_dead, 30)
-    t.join(300)
+    answer = generation.answer()
     assert answer.get("status") == 200, answer
     [alone] = _images(mesh, body)
     assert_images_match(png_to_array(answer["json"]["data"][0]["b64_json"]), alone)

@@ -157,7 +157,7 @@ class GroupSystem:
         loop = denoise_loop(self.bundle, inputs)
         label = f"seed {seed}"
         submitted = time.perf_counter() - self._t0
-        done = self.engine.submit(loop, None, RequestFacts(label=label, steps=self.case.steps))
+        done = self.engine.submit(loop, None, RequestFacts(label=label, steps=self.case.steps, inputs=inputs))
         degree, first = self._placed.pop(label)
         record = {"seed": seed, "degree": degree, "first_device": first, "submitted_s": round(submitted, 3)}
         self.trace.append(record)
@@ -323,9 +323,12 @@ def percentile(values: list[float], q: float) -> float:
 # -- the exchange, alone ------------------------------------------------------------------------------
 
 
-def _exchange_peer(channel: Any, device: str, threads: int) -> None:
+def _exchange_peer(sock: Any, device: str, threads: int) -> None:
     """The far end of `measure_exchange`: answer every message with the part's output (a tensor
     like its latents when its part answers, as a follower's does), until told to stop."""
+    from services.denoiser.group.wire import Channel
+
+    channel = Channel(sock)
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -358,7 +361,7 @@ def measure_exchange(case: Case, bundle: Any, device: str, peer_device: str, thr
     message = part_message(split(first, how)[1], ())
     mine, theirs = socket.socketpair()
     ctx = multiprocessing.get_context("spawn")
-    peer = ctx.Process(target=_exchange_peer, args=(Channel(theirs), peer_device, threads))
+    peer = ctx.Process(target=_exchange_peer, args=(theirs, peer_device, threads))
     peer.start()
     theirs.close()
     channel = Channel(mine)

@@ -30,6 +30,7 @@ it returns, exactly where the pipeline would.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -203,10 +204,23 @@ def guided_batch(prompt: torch.Tensor, negative: torch.Tensor | None, n: int, he
     return torch.cat([repeat(negative, n).to(**here), batch])
 
 
+_PLACEMENTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.Tensor, dict[str, Any], torch.dtype]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def placement(network: torch.nn.Module) -> dict[str, Any]:
     """Where a loop's tensors go: the network's device and dtype (the encoders may run in
-    another dtype, e.g. float32 on a CPU host)."""
-    return {"device": next(network.parameters()).device, "dtype": network.dtype}
+    another dtype, e.g. float32 on a CPU host). Remembered per network while its first
+    parameter stays where it is: diffusers' `network.dtype` walks every module (0.7 ms of a
+    tiny model's 8 ms step, paid at every request's start)."""
+    first = next(network.parameters())
+    known = _PLACEMENTS.get(network)
+    if known is not None and known[0] is first and known[1]["device"] == first.device and known[2] == first.dtype:
+        return dict(known[1])
+    here = {"device": first.device, "dtype": network.dtype}
+    _PLACEMENTS[network] = (first, here, first.dtype)
+    return dict(here)
 
 
 # -- classifier-free guidance ----------------------------------------------------------------------

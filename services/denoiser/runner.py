@@ -46,7 +46,9 @@ class DenoiserRunner:
             )
             loop = denoise_loop(self.bundle, loop_inputs)  # checks the inputs against the family's descriptor
             if self.engine is not None:  # joins the running batch at its next step (on a group: at its degree)
-                facts = RequestFacts(label=step.request_id, steps=p.num_inference_steps, deadline=step.deadline)
+                facts = RequestFacts(
+                    label=step.request_id, steps=p.num_inference_steps, deadline=step.deadline, inputs=loop_inputs
+                )
                 latents = self.engine.submit(loop, loras, facts).result()
             else:
                 with self.loras.activate(loras, self._lora_path):

@@ -9,6 +9,7 @@ that a split request is the unsplit one whichever ranks run it.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +43,14 @@ class Device:
         self._activate_loras = activate_loras
         self._loras_on: LoraSet | None = None
         self._shard_groups = shard_groups
+        self._busy = threading.Lock()  # a follower runs parts and its hosted loops' calls in turn
 
     def run(self, part: Part, loras: LoraSet) -> torch.Tensor | None:
         """Run `part`; its output if it answers for its row part, else None."""
+        with self._busy:
+            return self._run(part, loras)
+
+    def _run(self, part: Part, loras: LoraSet) -> torch.Tensor | None:
         if loras != self._loras_on:
             self._loras_on = None  # unknown until the switch succeeds
             self._activate_loras(list(loras))

@@ -35,9 +35,10 @@ import torch
 
 from services.denoiser.batching import BatchEngine, LoraSet
 from services.denoiser.group.executor import GroupExecutor
+from services.denoiser.group.hosted import can_host
 from services.denoiser.group.split import layout
-from services.denoiser.loop import DenoiseLoop, TransformerCall
-from shared.parallel_policy import DegreeInputs, choose_degree
+from services.denoiser.loop import DenoiseCancelled, DenoiseInputs, DenoiseLoop, TransformerCall
+from shared.parallel_policy import DegreeChoice, DegreeInputs, choose_degree
 
 log = logging.getLogger("lego.denoiser.group")
 
@@ -52,11 +53,13 @@ def _power_at_most(n: int) -> int:
 @dataclass(frozen=True)
 class RequestFacts:
     """What the degree choice reads of a request: a label for the log, its denoising steps and
-    its deadline (unix time; None: none known)."""
+    its deadline (unix time; None: none known); and the loop's `inputs`, with which a follower
+    can run the whole loop itself when the request gets one device of its own (`hosted.py`)."""
 
     label: str = ""
     steps: int = 1
     deadline: float | None = None
+    inputs: DenoiseInputs | None = None
 
 
 @dataclass(eq=False)
@@ -123,26 +126,38 @@ class GroupEngine:
     def submit(
         self, loop: DenoiseLoop, loras: list[tuple[str, float]] | None = None, facts: RequestFacts | None = None
     ) -> Future[torch.Tensor]:
-        """Take the request's first call here, choose its degree and devices, and queue it there."""
+        """Choose the request's degree and devices, and queue it there: its loop here, step by
+        step, or its whole loop on a follower (`hosted.py`) when it gets one device of its own.
+
+        Which degrees a request can take is known from its first call, which costs the loop's
+        start (its scheduler, its noise: about 1 ms of a tiny model's 8 ms step). A request a
+        follower may run whole is first placed as if it could take every degree: a choice of 1
+        over every degree is a choice of 1 over any of them (the policy's rule never prefers a
+        split for having fewer to choose from), and then the follower starts the loop, not this
+        process too. Only a choice above 1 needs the first call, to know the split is possible."""
         facts = facts or RequestFacts()
-        with torch.inference_mode():
-            first = next(loop)
         most = min(self.world, self.max_degree)
-        allowed = tuple(d for d in (1, 2, 4) if d <= most and layout(d, first, self.executor.by_tokens))
-        with self._lock:
-            busy = sum(u.held for u in self._units)
-            if self.mode == "adaptive":
-                self._shrink(self.world // (busy + 1), busy + 1)
-            slack = None if facts.deadline is None else facts.deadline - time.time()
-            choice = choose_degree(
-                DegreeInputs(
-                    self.world, allowed, busy=busy, slack_s=slack, steps=facts.steps, step_s=dict(self.step_s)
-                ),
-                self.mode,
+        first: TransformerCall | None = None
+        may_host = can_host(facts.inputs) and all(self.executor.can_host(d) for d in range(self.world))
+        while True:
+            if first is None and not may_host:
+                with torch.inference_mode():
+                    first = next(loop)
+            allowed = tuple(
+                d for d in (1, 2, 4) if d <= most and (first is None or layout(d, first, self.executor.by_tokens))
             )
-            unit = self._unit_for(self._least_loaded(choice.degree))
-            unit.held += 1
-            engine = self._engine(unit)
+            with self._lock:
+                busy = sum(u.held for u in self._units)
+                choice = self._choose(allowed, busy, facts)
+                if first is None and choice.degree > 1:
+                    may_host = False  # a split: the first call says whether it can be, then choose again
+                    continue
+                if self.mode == "adaptive":
+                    self._shrink(self.world // (busy + 1), busy + 1)
+                unit = self._unit_for(self._least_loaded(choice.degree))
+                unit.held += 1
+                engine = self._engine(unit)
+            break
         log.info(
             "request %s: degree %d on devices %d-%d (%s; allowed %s)",
             facts.label or "?",
@@ -155,6 +170,12 @@ class GroupEngine:
         if self._on_degree is not None:
             self._on_degree(choice.degree)
         release = self._releaser(unit)
+        if choice.degree == 1 and can_host(facts.inputs) and self.executor.can_host(unit.first):
+            loop.close()  # the follower builds the same loop from the same inputs
+            return self._hosted(unit, facts, loras, release)
+        if first is None:
+            with torch.inference_mode():
+                first = next(loop)
         try:
             future = engine.submit(resumed(first, loop, release), loras)
         except BaseException:
@@ -162,6 +183,35 @@ class GroupEngine:
             raise
         future.add_done_callback(lambda _f: release())  # a loop closed before it started runs no `finally`
         return future
+
+    def _choose(self, allowed: tuple[int, ...], busy: int, facts: RequestFacts) -> DegreeChoice:
+        slack = None if facts.deadline is None else facts.deadline - time.time()
+        return choose_degree(
+            DegreeInputs(self.world, allowed, busy=busy, slack_s=slack, steps=facts.steps, step_s=dict(self.step_s)),
+            self.mode,
+        )
+
+    def _hosted(
+        self, unit: _Unit, facts: RequestFacts, loras: list[tuple[str, float]] | None, release: Callable[[], None]
+    ) -> Future[torch.Tensor]:
+        assert facts.inputs is not None
+        try:
+            if facts.inputs.should_stop is not None and facts.inputs.should_stop():
+                raise DenoiseCancelled("stopped before its first step")  # as the loop's own first check
+            future = self.executor.host(
+                unit.first, facts.inputs, tuple(loras or ()), self.max_batch, on_step_s=self._note_alone
+            )
+        except BaseException:
+            release()
+            raise
+        future.add_done_callback(lambda _f: release())
+        return future
+
+    def _note_alone(self, seconds: float) -> None:
+        """A follower's measured seconds per call of one request alone on one device."""
+        with self._lock:
+            old = self.step_s.get(1)
+            self.step_s[1] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def _releaser(self, unit: _Unit) -> Callable[[], None]:
         """Hands the request's place in `unit` back once, whichever of its ends comes first."""

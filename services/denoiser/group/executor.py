@@ -5,7 +5,8 @@ when the leader runs it (GPUs), a follower's in the follower, which reads them f
 in the order they were written (on a CPU every device is a follower: `runtime` says why).
 `run(first, call, how, loras)` hands each device of [first, first + degree) its part under one
 lock, so every device sees the parts of multi-device calls in the same order, and the
-collectives inside them always meet.
+collectives inside them always meet. `host(device, inputs, ...)` hands a follower a request's
+whole loop instead (a request of degree 1: `hosted.py` says why).
 
 If a follower dies, its lane's channel breaks and the leader process exits: the replica is
 gone as a whole, and the steps it held are redelivered to another replica (nothing is lost,
@@ -30,9 +31,10 @@ from typing import Any
 import torch
 
 from services.denoiser.group import wire
+from services.denoiser.group.hosted import HostedRequest, host_message
 from services.denoiser.group.runtime import RankState, join_group, leader_runs_a_device, part_message
 from services.denoiser.group.split import Layout, Part, merge, split
-from services.denoiser.loop import TransformerCall
+from services.denoiser.loop import DenoiseInputs, TransformerCall
 from shared.settings import Settings
 
 log = logging.getLogger("lego.denoiser.group")
@@ -75,54 +77,88 @@ class _Lane:
 class _RemoteLane:
     """A follower's device. Its parts are written to the follower's channel by the caller's own
     thread (under the executor's order lock, so every follower reads the parts of multi-device
-    calls in one order), and its answers, which come back in that order, are read by whichever
-    caller waits for one: no hand-over to another thread either way of a step (each took 0.1-0.2
-    ms on the 2-core dev box, against a 9 ms step of a tiny model)."""
+    calls in one order); whole loops handed to it (`host`) go the same way. One reader thread
+    takes everything the follower says: a part's answer (they come back in the order sent), a
+    hosted loop's progress, or its end."""
 
     def __init__(self, index: int, channel: wire.Channel, device: torch.device) -> None:
         self.index = index
         self._channel = channel
         self._device = device
         self._waiting: collections.deque[Future] = collections.deque()  # sent, not yet answered, oldest first
-        self._reading = threading.Lock()
+        self._hosted: dict[int, HostedRequest] = {}
+        self._lock = threading.Lock()
         self._broken: BaseException | None = None
+        self._reader = threading.Thread(target=self._read, name=f"group-lane-{index}", daemon=True)
+        self._reader.start()
 
     def submit(self, part: Part, loras: LoraSet) -> Future:
         done: Future = Future()
-        if self._broken is not None:
-            done.set_exception(self._broken)
-            return done
-        self._waiting.append(done)
-        try:
-            self._channel.send(part_message(part, loras))
-        except OSError as exc:
-            self._fail(ConnectionError(f"device {self.index} of the group is gone: {exc}"))
+        with self._lock:
+            if self._broken is not None:
+                done.set_exception(self._broken)
+                return done
+            self._waiting.append(done)
+        self._send(part_message(part, loras))
         return done
 
     def result(self, done: Future) -> torch.Tensor | None:
-        while not done.done():
-            with self._reading:
-                if done.done():
-                    break
-                try:
-                    reply = self._channel.recv(self._device)
-                except (OSError, ValueError) as exc:  # the follower is gone (its exit stops the replica)
-                    self._fail(ConnectionError(f"device {self.index} of the group is gone: {exc}"))
-                    break
-                answered = self._waiting.popleft()
-                if reply.get("op") == "error":
-                    answered.set_exception(RuntimeError(f"device {self.index} of the group: {reply.get('message')}"))
-                else:
-                    out = reply.get("output")
-                    answered.set_result(out if isinstance(out, torch.Tensor) else None)
         return done.result()
 
+    def host(self, request: HostedRequest, message: dict[str, Any]) -> None:
+        """Hand the follower a whole loop (`hosted`); `request` hears its progress and its end."""
+        with self._lock:
+            if self._broken is not None:
+                request.fail(self._broken)
+                return
+            self._hosted[request.number] = request
+        self._send(message)
+
+    def cancel(self, number: int) -> None:
+        self._send({"op": "cancel", "id": number})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self._channel.send(message)
+        except OSError as exc:
+            self._fail(ConnectionError(f"device {self.index} of the group is gone: {exc}"))
+
+    def _read(self) -> None:
+        while True:
+            try:
+                reply = self._channel.recv(self._device)
+            except (OSError, ValueError) as exc:  # the follower is gone (its exit stops the replica)
+                self._fail(ConnectionError(f"device {self.index} of the group is gone: {exc}"))
+                return
+            op = reply.get("op")
+            if op in ("progress", "hosted"):
+                with self._lock:
+                    number = int(reply["id"])
+                    request = self._hosted.pop(number) if op == "hosted" else self._hosted.get(number)
+                if request is not None:
+                    request.heard(reply)
+                continue
+            with self._lock:
+                answered = self._waiting.popleft() if self._waiting else None
+            if answered is None:
+                log.error("group device %d answered a part it was not sent (%s)", self.index, op)
+            elif op == "error":
+                answered.set_exception(RuntimeError(f"device {self.index} of the group: {reply.get('message')}"))
+            else:
+                out = reply.get("output")
+                answered.set_result(out if isinstance(out, torch.Tensor) else None)
+
     def _fail(self, exc: BaseException) -> None:
-        self._broken = exc
-        while self._waiting:
-            waiting = self._waiting.popleft()
-            if not waiting.done():
-                waiting.set_exception(exc)
+        with self._lock:
+            if self._broken is None:
+                self._broken = exc
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            hosted, self._hosted = list(self._hosted.values()), {}
+        for done in waiting:
+            if not done.done():
+                done.set_exception(exc)
+        for request in hosted:
+            request.fail(exc)
 
     def close(self) -> None:
         try:
@@ -163,6 +199,7 @@ class GroupExecutor:
         self.model_id = model_id
         self._order = threading.Lock()
         self._closed = False
+        self._hosted = 0  # loops handed to followers so far (each one's number)
         init = f"tcp://127.0.0.1:{_free_port()}"
         env = {**os.environ, **settings.to_env()}
         command = [sys.executable, "-m", "services.denoiser.group.follower", "--world", str(world), "--init", init]
@@ -208,6 +245,31 @@ class GroupExecutor:
                 raise RuntimeError("the group is shutting down")
             futures = [self._lanes[first + i].submit(part, loras) for i, part in enumerate(parts)]
         return merge([self._lanes[first + i].result(f) for i, f in enumerate(futures)], how)
+
+    def can_host(self, device: int) -> bool:
+        """Whether `device` is a follower's, which can run a request's whole loop itself."""
+        return isinstance(self._lanes[device], _RemoteLane)
+
+    def host(
+        self,
+        device: int,
+        inputs: DenoiseInputs,
+        loras: LoraSet,
+        max_batch: int,
+        on_step_s: Callable[[float], None] | None = None,
+    ) -> Future[torch.Tensor]:
+        """Run a request's whole loop on follower `device` (`hosted`); a future of its latents."""
+        lane = self._lanes[device]
+        if not isinstance(lane, _RemoteLane):
+            raise ValueError(f"device {device} runs in the leader: its requests run step by step")
+        with self._order:
+            if self._closed:
+                raise RuntimeError("the group is shutting down")
+            self._hosted += 1
+            number = self._hosted
+        request = HostedRequest(number, inputs, cancel=lambda: lane.cancel(number), on_step_s=on_step_s)
+        lane.host(request, host_message(number, inputs, loras, max_batch))
+        return request.future
 
     def _watch_followers(self) -> None:
         while not self._closed:

@@ -129,18 +129,46 @@ def message_part(message: dict[str, Any]) -> tuple[Part, tuple[tuple[str, float]
 
 
 def serve_follower(state: RankState, channel: wire.Channel) -> None:
-    """Run the leader's commands from `channel` in order until it says stop (or the channel breaks)."""
+    """Run the leader's commands from `channel` in order until it says stop (or the channel
+    breaks): parts of calls here, in the order sent (their collectives meet in that order on
+    every rank); whole loops handed over (`hosted`) on their own engine, answered as they end."""
+    from services.denoiser.group.hosted import HostedLoops
+
     log.info(
         "group follower %d (device %d of %d) ready on %s", state.rank, state.device_index, state.world, state.device
     )
+    hosted = HostedLoops(state.bundle, lambda call, loras: _whole(state, call, loras), channel.send)
+    try:
+        told_to_stop = _serve(state, channel, hosted)
+    finally:
+        hosted.close()
+    if told_to_stop:
+        dist.destroy_process_group()
+
+
+def _whole(state: RankState, call: TransformerCall, loras: tuple[tuple[str, float], ...]) -> torch.Tensor:
+    out = state.worker.run(Part(call=call), loras)
+    assert out is not None  # an unsplit part always answers
+    return out
+
+
+def _serve(state: RankState, channel: wire.Channel, hosted: Any) -> bool:
+    """Serve until told to stop (True) or until the leader is gone (False)."""
     while True:
         try:
             message = channel.recv(state.device)
         except ConnectionError:  # the leader died: its replica is gone, and this follower with it
             log.warning("group follower %d: the leader is gone; stopping", state.rank)
-            return
-        if message.get("op") == "stop":
-            break
+            return False
+        op = message.get("op")
+        if op == "stop":
+            return True
+        if op == "host":
+            hosted.start(message)
+            continue
+        if op == "cancel":
+            hosted.cancel(int(message["id"]))
+            continue
         try:
             part, loras = message_part(message)
             out = state.worker.run(part, loras)
@@ -148,5 +176,8 @@ def serve_follower(state: RankState, channel: wire.Channel) -> None:
         except Exception as exc:  # this part only; the leader fails the request's step
             log.warning("group follower %d: a part failed: %s", state.rank, exc)
             reply = {"op": "error", "message": f"{type(exc).__name__}: {exc}"}
-        channel.send(reply)
-    dist.destroy_process_group()
+        try:
+            channel.send(reply)
+        except OSError:
+            log.warning("group follower %d: the leader is gone; stopping", state.rank)
+            return False

@@ -12,6 +12,7 @@ import json
 import math
 import socket
 import struct
+import threading
 from typing import Any
 
 import torch
@@ -105,6 +106,7 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         self.sock = sock
+        self._sending = threading.Lock()  # a message's pieces go out together, whichever thread sends
 
     def send(self, message: dict[str, Any]) -> None:
         """Send `message` (any structure of dicts, lists, scalars and tensors; tensors from any
@@ -113,9 +115,10 @@ class Channel:
         text = json.dumps(flatten(message, tensors)).encode()
         text += b" " * (-len(text) % _ALIGN)  # the data after it stays aligned (JSON ignores the spaces)
         data = _pack([t.detach().cpu() for t in tensors])
-        self.sock.sendall(struct.pack("<QQ", len(text), data.numel()) + text)
-        if data.numel():
-            self.sock.sendall(memoryview(data.numpy()))
+        with self._sending:
+            self.sock.sendall(struct.pack("<QQ", len(text), data.numel()) + text)
+            if data.numel():
+                self.sock.sendall(memoryview(data.numpy()))
 
     def recv(self, device: torch.device) -> dict[str, Any]:
         """The next message; its tensors land on `device`. ConnectionError once the other end is gone."""

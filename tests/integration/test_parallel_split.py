@@ -14,6 +14,7 @@ device 0 itself, as on GPUs. (Groups of 2, through the whole mesh: tests/e2e/tes
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -137,6 +138,52 @@ def test_a_request_that_shrinks_mid_loop_gives_the_unsplit_image(lab, groups, ca
     for seed, latents in ((7, first), (8, second)):
         got = decode(lab.family("flux").vae, latents).numpy()
         assert_images_match(got, mesh_images(lab, "flux", seed=seed, **kw))
+
+
+def test_a_request_on_one_device_runs_whole_on_its_follower_with_loras_progress_and_cancel(lab, groups) -> None:
+    """A request of degree 1 with its inputs at hand is run whole by the follower of its device
+    (group/hosted.py): the same image as the unsplit chain with its LoRA on, every step's
+    progress heard here (relayed by the lane's reader, not run by this process), and a cancel
+    that stops it after the step in hand; the group serves on."""
+    from dataclasses import replace
+
+    from services.denoiser.group.engine import RequestFacts
+    from services.denoiser.loop import DenoiseCancelled
+
+    kw = {"prompt": P, "height": 64, "width": 64, "steps": 4, "guidance": 1.0, "seed": 9}
+    lora = [("flux-lora-a", 1.0)]
+    engine = groups.engine("flux")
+    engine.mode = "never"
+    bundle = engine.executor.state.bundle
+    heard: list[tuple[int, int, str]] = []
+    try:
+        inputs = replace(
+            request_inputs(lab, "flux", **kw),
+            on_step=lambda done, total: heard.append((done, total, threading.current_thread().name)),
+        )
+        facts = RequestFacts(label="whole", steps=4, inputs=inputs)
+        latents = engine.submit(denoise_loop(bundle, inputs), lora, facts).result(timeout=300)
+        assert [(d, t) for d, t, _ in heard] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        assert all(name.startswith("group-lane-") for _, _, name in heard), heard  # the follower ran the steps
+
+        stop = threading.Event()
+        progressed: list[int] = []
+        cancelled = replace(
+            request_inputs(lab, "flux", **(kw | {"steps": 40})),
+            on_step=lambda done, _total: (progressed.append(done), stop.set()),
+            should_stop=stop.is_set,
+        )
+        doomed = engine.submit(denoise_loop(bundle, cancelled), None, RequestFacts(steps=40, inputs=cancelled))
+        with pytest.raises(DenoiseCancelled):
+            doomed.result(timeout=300)
+        assert 1 <= len(progressed) < 40
+        again = engine.submit(denoise_loop(bundle, inputs), lora, facts).result(timeout=300)
+    finally:
+        engine.mode = "always"
+    assert groups.degrees[-3:] == [1, 1, 1]
+    got = decode(lab.family("flux").vae, latents).numpy()
+    assert_images_match(got, mesh_images(lab, "flux", loras=lora, **kw))
+    assert_images_match(decode(lab.family("flux").vae, again).numpy(), got)
 
 
 def test_a_leader_that_runs_device_0_itself_as_on_gpus_gives_the_same_image(lab, groups, settings) -> None:

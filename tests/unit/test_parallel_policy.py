@@ -135,3 +135,23 @@ def test_deadline_rescue_starts_from_the_fastest_measured_degree() -> None:
         DegreeInputs(group_size=4, allowed=(1, 2, 4), busy=2, slack_s=6.0, steps=10, step_s={1: 1.0, 2: 0.55})
     )
     assert late.degree == 2 and late.reason == "deadline rescue: 10.00 s at degree 1 > 6.00 s slack"
+
+
+def test_a_choice_of_one_over_every_degree_stays_one_over_fewer() -> None:
+    """The group places a request a follower may run whole before knowing which splits its call
+    allows (group/engine.py: knowing costs the loop's start); that is only sound if a choice of
+    1 over all degrees is 1 over any subset. Checked over loads, deadlines, measurements, modes."""
+    import itertools
+
+    measured = [None, {}, STEP_S, {1: 0.3, 2: 0.55}, {2: 0.2}, {1: 1.0, 2: 0.9, 4: 0.1}]
+    subsets = [(1,), (1, 2), (1, 4), (2,), (4,), (1, 2, 4), ()]
+    checked = 0
+    for mode, k, busy, slack, step_s in itertools.product(MODES, (2, 4), range(5), (None, 0.5, 3.0, 50.0), measured):
+        full = choose_degree(DegreeInputs(k, (1, 2, 4), busy=busy, slack_s=slack, steps=10, step_s=step_s), mode)
+        if full.degree != 1:
+            continue
+        for allowed in subsets:
+            fewer = DegreeInputs(k, allowed, busy=busy, slack_s=slack, steps=10, step_s=step_s)
+            assert choose_degree(fewer, mode).degree == 1, (mode, k, busy, slack, step_s, allowed)
+            checked += 1
+    assert checked > 500  # the product above reaches the cases where 1 is chosen

@@ -199,7 +199,12 @@ class GroupEngine:
             if facts.inputs.should_stop is not None and facts.inputs.should_stop():
                 raise DenoiseCancelled("stopped before its first step")  # as the loop's own first check
             future = self.executor.host(
-                unit.first, facts.inputs, tuple(loras or ()), self.max_batch, on_step_s=self._note_alone
+                unit.first,
+                facts.inputs,
+                tuple(loras or ()),
+                self.max_batch,
+                on_step_s=self._note_alone,
+                on_batch=self._on_batch,
             )
         except BaseException:
             release()

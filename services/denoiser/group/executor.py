@@ -257,6 +257,7 @@ class GroupExecutor:
         loras: LoraSet,
         max_batch: int,
         on_step_s: Callable[[float], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> Future[torch.Tensor]:
         """Run a request's whole loop on follower `device` (`hosted`); a future of its latents."""
         lane = self._lanes[device]
@@ -267,7 +268,9 @@ class GroupExecutor:
                 raise RuntimeError("the group is shutting down")
             self._hosted += 1
             number = self._hosted
-        request = HostedRequest(number, inputs, cancel=lambda: lane.cancel(number), on_step_s=on_step_s)
+        request = HostedRequest(
+            number, inputs, cancel=lambda: lane.cancel(number), on_step_s=on_step_s, on_batch=on_batch
+        )
         lane.host(request, host_message(number, inputs, loras, max_batch))
         return request.future
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -62,12 +63,14 @@ def host_message(number: int, inputs: DenoiseInputs, loras: LoraSet, max_batch: 
 class HostedRequest:
     """The leader's record of a loop a follower runs: its future, the request's own progress and
     stop callbacks, and `cancel()` to tell the follower to stop it. `on_step_s(s)` hears the
-    follower's measured seconds per call of this request alone (the policy's step time)."""
+    follower's measured seconds per call of one request alone (the policy's step time), and
+    `on_batch(n)` the requests of each call the follower ran since its last answer (metrics)."""
 
     number: int
     inputs: DenoiseInputs
     cancel: Callable[[], None]
     on_step_s: Callable[[float], None] | None = None
+    on_batch: Callable[[int], None] | None = None
     future: Future[torch.Tensor] = field(default_factory=Future)
     _cancel_sent: bool = False
 
@@ -82,6 +85,10 @@ class HostedRequest:
             return
         if message.get("step_s") is not None and self.on_step_s is not None:
             self.on_step_s(float(message["step_s"]))
+        if self.on_batch is not None:
+            for size, calls in message.get("batches", {}).items():
+                for _ in range(int(calls)):
+                    self.on_batch(int(size))
         error = message.get("error")
         if error is None:
             self.future.set_result(message["output"])
@@ -110,6 +117,7 @@ class HostedLoops:
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self.step_s: float | None = None  # seconds per call of one request alone (running mean)
+        self._batches: Counter[int] = Counter()  # requests per call, since the last answer
 
     def start(self, message: dict[str, Any]) -> None:
         """Start request `message["id"]`'s loop; its answer goes back when it ends."""
@@ -155,6 +163,8 @@ class HostedLoops:
     def _execute(self, call: TransformerCall, loras: LoraSet, requests: int) -> torch.Tensor:
         started = time.perf_counter()
         out = self._run_part(call, loras)
+        with self._lock:
+            self._batches[requests] += 1
         if requests == 1:
             took = time.perf_counter() - started
             self.step_s = took if self.step_s is None else 0.8 * self.step_s + 0.2 * took
@@ -163,7 +173,13 @@ class HostedLoops:
     def _answer(self, number: int, output: torch.Tensor | None, error: BaseException | None) -> None:
         with self._lock:
             self._cancelled.discard(number)
-        reply: dict[str, Any] = {"op": "hosted", "id": number, "step_s": self.step_s}
+            batches, self._batches = self._batches, Counter()
+        reply: dict[str, Any] = {
+            "op": "hosted",
+            "id": number,
+            "step_s": self.step_s,
+            "batches": {str(size): calls for size, calls in batches.items()},
+        }
         if error is None:
             reply["output"] = output
         else:

@@ -19,6 +19,9 @@ How the pieces fit, leader first:
 * `wire.py` — a command or a result between the leader and a follower, over a socket pair:
   a JSON header and raw tensor bytes, never a pickle.
 * `device.py` — what every rank does with a command: switch LoRAs, run its part.
+* `hosted.py` — a request of degree 1 on a follower's device: the follower runs its whole loop
+  (the leader sends the inputs once, hears progress and the end) instead of every step making
+  a round trip through the leader.
 * `engine.py` — the leader's scheduler: picks each request's degree with the shared policy
   (`shared/parallel_policy.py`) at its first step, binds it to devices (a split request gives
   devices back at its next step when another request arrives, and takes them again when it

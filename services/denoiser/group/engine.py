@@ -203,7 +203,7 @@ class GroupEngine:
                 facts.inputs,
                 tuple(loras or ()),
                 self.max_batch,
-                on_step_s=self._note_alone,
+                on_step_s=lambda seconds: self._note_step(1, seconds),
                 on_batch=self._on_batch,
             )
         except BaseException:
@@ -212,11 +212,11 @@ class GroupEngine:
         future.add_done_callback(lambda _f: release())
         return future
 
-    def _note_alone(self, seconds: float) -> None:
-        """A follower's measured seconds per call of one request alone on one device."""
+    def _note_step(self, degree: int, seconds: float) -> None:
+        """One call of one request at `degree` took `seconds` (the step times the policy reads)."""
         with self._lock:
-            old = self.step_s.get(1)
-            self.step_s[1] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            old = self.step_s.get(degree)
+            self.step_s[degree] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def _releaser(self, unit: _Unit) -> Callable[[], None]:
         """Hands the request's place in `unit` back once, whichever of its ends comes first."""
@@ -320,10 +320,7 @@ class GroupEngine:
             started = time.perf_counter()
             out = self.executor.run(first, call, how, loras)
             if requests == 1:
-                took = time.perf_counter() - started
-                with self._lock:
-                    old = self.step_s.get(how.degree)
-                    self.step_s[how.degree] = took if old is None else 0.8 * old + 0.2 * took
+                self._note_step(how.degree, time.perf_counter() - started)
             return out
 
         return execute

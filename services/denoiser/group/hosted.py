@@ -62,9 +62,9 @@ def host_message(number: int, inputs: DenoiseInputs, loras: LoraSet, max_batch: 
 @dataclass(eq=False)
 class HostedRequest:
     """The leader's record of a loop a follower runs: its future, the request's own progress and
-    stop callbacks, and `cancel()` to tell the follower to stop it. `on_step_s(s)` hears the
-    follower's measured seconds per call of one request alone (the policy's step time), and
-    `on_batch(n)` the requests of each call the follower ran since its last answer (metrics)."""
+    stop callbacks, and `cancel()` to tell the follower to stop it. Of every call the follower
+    ran since its last answer, `on_step_s(s)` hears the seconds of each that held one request
+    (the policy's step time at degree 1) and `on_batch(n)` the requests of each (metrics)."""
 
     number: int
     inputs: DenoiseInputs
@@ -72,19 +72,20 @@ class HostedRequest:
     on_step_s: Callable[[float], None] | None = None
     on_batch: Callable[[int], None] | None = None
     future: Future[torch.Tensor] = field(default_factory=Future)
-    _cancel_sent: bool = False
+    cancel_sent: bool = field(default=False, init=False)
 
     def heard(self, message: dict[str, Any]) -> None:
         """A message of the follower's about this request: a step done, or the loop's end."""
         if message["op"] == "progress":
             if self.inputs.on_step is not None:
                 self.inputs.on_step(int(message["done"]), int(message["total"]))
-            if not self._cancel_sent and self.inputs.should_stop is not None and self.inputs.should_stop():
-                self._cancel_sent = True
+            if not self.cancel_sent and self.inputs.should_stop is not None and self.inputs.should_stop():
+                self.cancel_sent = True
                 self.cancel()
             return
-        if message.get("step_s") is not None and self.on_step_s is not None:
-            self.on_step_s(float(message["step_s"]))
+        if self.on_step_s is not None:
+            for seconds in message.get("alone_s", []):
+                self.on_step_s(float(seconds))
         if self.on_batch is not None:
             for size, calls in message.get("batches", {}).items():
                 for _ in range(int(calls)):
@@ -116,8 +117,8 @@ class HostedLoops:
         self._engine: Any = None  # BatchEngine, built at the first loop (its size comes with it)
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
-        self.step_s: float | None = None  # seconds per call of one request alone (running mean)
         self._batches: Counter[int] = Counter()  # requests per call, since the last answer
+        self._alone_s: list[float] = []  # seconds of each call of one request, since the last answer
 
     def start(self, message: dict[str, Any]) -> None:
         """Start request `message["id"]`'s loop; its answer goes back when it ends."""
@@ -163,21 +164,22 @@ class HostedLoops:
     def _execute(self, call: TransformerCall, loras: LoraSet, requests: int) -> torch.Tensor:
         started = time.perf_counter()
         out = self._run_part(call, loras)
+        took = time.perf_counter() - started
         with self._lock:
             self._batches[requests] += 1
-        if requests == 1:
-            took = time.perf_counter() - started
-            self.step_s = took if self.step_s is None else 0.8 * self.step_s + 0.2 * took
+            if requests == 1:
+                self._alone_s.append(took)
         return out
 
     def _answer(self, number: int, output: torch.Tensor | None, error: BaseException | None) -> None:
         with self._lock:
             self._cancelled.discard(number)
             batches, self._batches = self._batches, Counter()
+            alone_s, self._alone_s = self._alone_s, []
         reply: dict[str, Any] = {
             "op": "hosted",
             "id": number,
-            "step_s": self.step_s,
+            "alone_s": alone_s,
             "batches": {str(size): calls for size, calls in batches.items()},
         }
         if error is None:

@@ -185,12 +185,40 @@ def test_a_split_request_shrinks_when_another_arrives_and_grows_back_when_it_lea
     finally:
         engine.close()
     assert devices.started[0].empty() and devices.started[1].empty()
-    assert engine.step_s.keys() == {1, 2}  # measured at the degree each call ran at
+    assert engine.step_s.keys() == {2}  # the calls on one device ran beside the newcomer: not timed
     moves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unit")]
     assert moves == [
         "unit 0-1: degree 2 -> 1 on devices 0-0 (shrink: 2 requests on 2 devices)",
         "unit 0-1: degree 1 -> 2 on devices 0-1 (grow: 1 request(s) on 2 devices)",
     ]
+
+
+def test_only_calls_run_while_the_group_holds_one_request_are_timed_for_the_policy() -> None:
+    """A lone request is split again only if its measured split step is the faster; a split
+    step slowed once by another request's work on the same devices would keep every later lone
+    request on one device. So a call counts only if the group held no other request from its
+    start to its end."""
+    devices, engine = _engine(2)
+    noted: list[int] = []
+    engine._note_step = lambda degree, seconds: noted.append(degree)  # type: ignore[method-assign]
+    try:
+        first = engine.submit(_loop(sd3_call(2), 3))
+        assert devices.next_call(0) == (0, CFG)
+        devices.finish(0)  # alone from start to end: timed
+        assert devices.next_call(0) == (0, CFG)  # begun alone ...
+        second = engine.submit(_loop(sd3_call(2), 2))
+        assert devices.next_call(1) == (1, ONE)  # ... and the second request arrives beside it
+        devices.finish(0)  # ends with two requests in the group: not timed
+        assert devices.next_call(0) == (0, ONE)
+        devices.finish(0)
+        assert first.result(timeout=30) == "done"
+        devices.finish(1)  # the second's first call began beside the first: not timed
+        assert devices.next_call(1) == (1, ONE)  # its second runs alone: timed
+        devices.finish(1)
+        assert second.result(timeout=30) == "done"
+    finally:
+        engine.close()
+    assert noted == [2, 1]
 
 
 def test_a_newcomer_on_a_shrunk_units_devices_batches_with_its_requests() -> None:

@@ -212,8 +212,19 @@ class GroupEngine:
         future.add_done_callback(lambda _f: release())
         return future
 
+    def _holds_one(self) -> bool:
+        """Whether the group holds a single request: a call timed at the leader counts for the
+        policy only then. Its time includes the round trip to the followers, the split's own
+        cost; with other requests in the group it would also include their work on the same
+        devices, and a split slowed by newcomers once would look slower than one device for
+        good (a lone request is only split again if its measured step is the faster)."""
+        with self._lock:
+            return sum(u.held for u in self._units) == 1
+
     def _note_step(self, degree: int, seconds: float) -> None:
-        """One call of one request at `degree` took `seconds` (the step times the policy reads)."""
+        """One call of one request at `degree` took `seconds` (the step times the policy reads):
+        timed at the leader while the group held it alone (`_holds_one`), or on a follower
+        from when its device was free (`Device.run_timed`)."""
         with self._lock:
             old = self.step_s.get(degree)
             self.step_s[degree] = seconds if old is None else 0.8 * old + 0.2 * seconds
@@ -317,9 +328,10 @@ class GroupEngine:
             how = layout(degree, call, self.executor.by_tokens)
             if how is None:
                 raise ValueError(f"a call of {call.rows()} rows cannot be split over {degree} devices")
+            alone = requests == 1 and self._holds_one()
             started = time.perf_counter()
             out = self.executor.run(first, call, how, loras)
-            if requests == 1:
+            if alone and self._holds_one():
                 self._note_step(how.degree, time.perf_counter() - started)
             return out
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -107,10 +106,13 @@ class HostedRequest:
 
 class HostedLoops:
     """A follower's side: the loops it runs whole, batched step by step as a single-device
-    replica batches them, each call run on its device (`Device.run`, which also runs the parts
-    of split calls the leader sends; it takes them in turn)."""
+    replica batches them, each call run on its device (`Device.run_timed`, which also runs the
+    parts of split calls the leader sends; it takes them in turn). `run_part` answers a call's
+    output and the seconds it ran once it had the device."""
 
-    def __init__(self, bundle: Any, run_part: Callable[[TransformerCall, LoraSet], torch.Tensor], send: Send) -> None:
+    def __init__(
+        self, bundle: Any, run_part: Callable[[TransformerCall, LoraSet], tuple[torch.Tensor, float]], send: Send
+    ) -> None:
         self._bundle = bundle
         self._run_part = run_part
         self._send = send
@@ -162,9 +164,7 @@ class HostedLoops:
         return self._engine
 
     def _execute(self, call: TransformerCall, loras: LoraSet, requests: int) -> torch.Tensor:
-        started = time.perf_counter()
-        out = self._run_part(call, loras)
-        took = time.perf_counter() - started
+        out, took = self._run_part(call, loras)
         with self._lock:
             self._batches[requests] += 1
             if requests == 1:

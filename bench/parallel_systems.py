@@ -276,7 +276,17 @@ class Replicas:
 
 def closed_loop(submit: Callable[[int], Future[torch.Tensor]], clients: int, per_client: int, seed0: int) -> dict:
     """`clients` clients sending `per_client` requests each, the next when the last came back;
-    all start together. Throughput: requests over the time until the last one came back."""
+    all start together.
+
+    Throughput (`throughput_rps`) is the rate at which requests come back while the load is
+    the point's: from the moment every client has had its first answer (the ramp, in which all
+    clients arrive at once, is over) to the first client's last answer (after it fewer clients
+    are left). Why not requests over the whole run (`makespan_rps`, also
+    kept): with few requests a client, the run's drain, in which some clients have finished and
+    their devices stand idle, weighs as much as the load itself. Two systems at the same steady
+    rate differ there only by how their clients' answers happen to be staggered: a stagger of
+    one request between 2 clients of 4 requests each costs a twelfth of the whole-run rate."""
+    done_at: list[list[float]] = [[] for _ in range(clients)]
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
     start = threading.Event()
@@ -287,7 +297,9 @@ def closed_loop(submit: Callable[[int], Future[torch.Tensor]], clients: int, per
             for k in range(per_client):
                 t0 = time.perf_counter()
                 submit(seed0 + i * per_client + k).result(timeout=3600)
-                latencies[i].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                latencies[i].append(t1 - t0)
+                done_at[i].append(t1)
         except BaseException as exc:  # reported below, in the caller's thread
             errors.append(exc)
 
@@ -302,13 +314,29 @@ def closed_loop(submit: Callable[[int], Future[torch.Tensor]], clients: int, per
     if errors:
         raise RuntimeError(f"a client's request failed: {errors[0]}") from errors[0]
     flat = [x for per in latencies for x in per]
+    steady = steady_rate(done_at)
     return {
         "clients": clients,
         "requests": len(flat),
         "wall_s": wall,
-        "throughput_rps": len(flat) / wall,
+        "makespan_rps": len(flat) / wall,
+        "throughput_rps": steady if steady is not None else len(flat) / wall,
+        "throughput_window": "steady" if steady is not None else "whole run (too few requests a client)",
         "latencies_s": flat,
+        "done_at_s": [[t - t0 for t in times] for times in done_at],
     }
+
+
+def steady_rate(done_at: list[list[float]]) -> float | None:
+    """Answers per second in the window (every client's first answer, the first client's last
+    answer]: the clients' answer times, each client's in order. None when the window holds no
+    answer (a client with one request only)."""
+    begin = max(times[0] for times in done_at)
+    end = min(times[-1] for times in done_at)
+    answers = sum(1 for times in done_at for t in times if begin < t <= end)
+    if end <= begin or answers == 0:
+        return None
+    return answers / (end - begin)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -191,7 +191,9 @@ class _Placements(logging.Handler):
 
 
 def _replica_main(index: int, env: dict[str, str], case: Case, jobs: Any, results: Any) -> None:
-    """A baseline replica: one process, one device, one request at a time, until told to stop."""
+    """A baseline replica: one process, one device, one request at a time, until told to stop
+    (or until the bench that started it is gone)."""
+    parent = os.getppid()
     os.environ.update(env)
     from services.denoiser.group.runtime import rank_device
     from shared.zoo import load_denoiser
@@ -201,11 +203,22 @@ def _replica_main(index: int, env: dict[str, str], case: Case, jobs: Any, result
     bundle = load_denoiser(case.model_id, Settings.from_env(device=rank_device(settings.device, index)))
     run_alone(bundle, case, 0)  # warm-up, as the group's devices are warmed before they are timed
     results.put(("ready", index, None))
-    while (job := jobs.get()) is not None:
+    while (job := _next_job(jobs, parent)) is not None:
         try:
             results.put((job, index, run_alone(bundle, case, job)))
         except Exception as exc:  # this request only
             results.put((job, index, f"{type(exc).__name__}: {exc}"))
+
+
+def _next_job(jobs: Any, parent: int) -> int | None:
+    """The next job, or None once told to stop or once the bench is gone: a bench killed
+    mid-run (Ctrl-C twice, a timeout) must not leave its replicas behind."""
+    while True:
+        try:
+            return jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
 
 
 class Replicas:

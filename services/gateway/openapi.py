@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from services.gateway.schemas import SIDE_MULTIPLE, ErrorResponse, size_pattern
+from services.gateway.schemas import SIDE_MULTIPLE, ErrorResponse, size_or_auto_pattern
 from shared.workflows.catalogue import catalogue
 from shared.workflows.spec import WorkflowSpec
 from shared.zoo.families import family
@@ -30,11 +30,12 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# output_quality is for the lossy formats only (admission refuses it with png).
+# output_quality (and OpenAI's output_compression) is for the lossy formats only (admission
+# refuses it with png, the default); gif and svg are refused with a 400 whatever else is sent.
 QUALITY_RULE: dict[str, Any] = {
     "anyOf": [
-        {"properties": {"output_format": {"enum": ["jpeg", "webp"]}}, "required": ["output_format"]},
-        {"properties": {"output_quality": {"type": "null"}}},
+        {"properties": {"output_format": {"enum": ["jpeg", "webp", "gif", "svg"]}}, "required": ["output_format"]},
+        {"properties": {"output_quality": {"type": "null"}, "output_compression": {"type": "null"}}},
     ]
 }
 
@@ -104,5 +105,5 @@ def workflow_fields(w: WorkflowSpec) -> dict[str, Any]:
     if not desc.cfg:
         props["negative_prompt"] = {"maxLength": 0}
     if desc.size_multiple != SIDE_MULTIPLE:
-        props["size"] = {"pattern": size_pattern(desc.size_multiple)}
+        props["size"] = {"pattern": size_or_auto_pattern(desc.size_multiple)}
     return rule

@@ -95,6 +95,10 @@ class Settings:
     # Hostile input (gateway)
     max_body_bytes: int = 16 * 1024 * 1024  # a larger request body is refused with 413
     max_image_pixels: int = 1024 * 1024  # a control image that decodes larger is refused before decoding
+    # response_format="url" (gateway): how long an image link lives, and the bytes of images the
+    # gateway keeps for links (in memory; the oldest go first when full)
+    image_url_ttl_s: float = 3600.0
+    image_url_max_mb: float = 256.0
     # (the shortest timeout_s a request may set is the API schema's MIN_TIMEOUT_S, 1 s: the OpenAPI document states it)
     log_level: str = "INFO"
 

@@ -22,10 +22,18 @@ def main(argv: list[str] | None = None) -> None:
         "--nats-url", help="NATS server with JetStream (default: $LEGO_NATS_URL or nats://127.0.0.1:4222)"
     )
     parser.add_argument("--request-timeout", type=float, help="seconds before a request fails with 504 (default 300)")
+    parser.add_argument(
+        "--image-url-ttl",
+        type=float,
+        help="seconds an image link (response_format url) lives (default: $LEGO_IMAGE_URL_TTL_S or 3600)",
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     args = parser.parse_args(argv)
     settings = Settings.from_env(
-        nats_url=args.nats_url, request_timeout_s=args.request_timeout, log_level=args.log_level
+        nats_url=args.nats_url,
+        request_timeout_s=args.request_timeout,
+        image_url_ttl_s=args.image_url_ttl,
+        log_level=args.log_level,
     )
     setup_logging("gateway", settings.log_level)
     if bool(settings.gateway_tls_cert) != bool(settings.gateway_tls_key):

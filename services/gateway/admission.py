@@ -14,9 +14,10 @@ import io
 import secrets
 from dataclasses import dataclass, field
 
-from services.gateway.encoding import DEFAULT_QUALITY, ImageEncoding
+from services.gateway.encoding import ImageEncoding
 from services.gateway.errors import APIError
-from services.gateway.schemas import ImageGenerationRequest, parse_size
+from services.gateway.openai_fields import ResponseFormat, resolve
+from services.gateway.schemas import ImageGenerationRequest
 from shared.messages import ControlNetChoice, LoraChoice, StepParams
 from shared.settings import Settings
 from shared.tensor_plane import RawTensor
@@ -34,6 +35,7 @@ class Admitted:
     steps: dict[str, StepParams]
     tensors: dict[str, RawTensor] = field(default_factory=dict)
     encoding: ImageEncoding = field(default_factory=ImageEncoding)
+    response_format: ResponseFormat = "b64_json"
 
 
 def _invalid(message: str) -> APIError:
@@ -46,7 +48,8 @@ def admit(
     """Validate `body` for `workflow` (raises APIError 422, or 413 for a control image of more
     than `max_image_pixels`) and build its params; decodes the control image, so call it off
     the event loop."""
-    width, height = parse_size(body.size)
+    fields = resolve(body, workflow)  # the OpenAI fields: size, n, encoding, response_format (or 400)
+    width, height = fields.width, fields.height
     tensors: dict[str, RawTensor] = {}
     controlnet = None
     if workflow.controlnets:
@@ -63,7 +66,7 @@ def admit(
         num_inference_steps=body.num_inference_steps,
         guidance_scale=body.guidance_scale,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**63),
-        n=body.n,
+        n=fields.n,
         controlnet=controlnet,
         loras=_loras(body, workflow) if workflow.loras else [],
     )
@@ -71,7 +74,9 @@ def admit(
         steps = step_params(workflow, request)
     except ValueError as exc:  # what the workflow's family cannot take (its size multiple, ...)
         raise _invalid(str(exc)) from exc
-    return Admitted(request=request, steps=steps, tensors=tensors, encoding=_encoding(body))
+    return Admitted(
+        request=request, steps=steps, tensors=tensors, encoding=fields.encoding, response_format=fields.response_format
+    )
 
 
 def _variant_hint(workflow: WorkflowSpec, suffix: str) -> str:
@@ -81,12 +86,6 @@ def _variant_hint(workflow: WorkflowSpec, suffix: str) -> str:
     if not any(w.controlnets if controlnet else w.loras for w in family):
         return f" (the {workflow.family} family has no {suffix[1:]} workflows)"
     return f"; use {workflow.name}-controlnet" if controlnet else "; use a '-lora' workflow"
-
-
-def _encoding(body: ImageGenerationRequest) -> ImageEncoding:
-    if body.output_quality is not None and body.output_format == "png":
-        raise _invalid("output_quality applies to jpeg and webp only; png is lossless")
-    return ImageEncoding(body.output_format, body.output_quality or DEFAULT_QUALITY)
 
 
 def _controlnet(

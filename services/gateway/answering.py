@@ -8,15 +8,15 @@ path or hands it to `InFlight`; everything the answer is made of lives here once
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 
 from services.gateway.encoding import ImageEncoding, encode_images
 from services.gateway.errors import APIError
+from services.gateway.image_files import INLINE, Delivery
 from services.gateway.orchestrator import Orchestrator, RequestFailed
 from services.gateway.request_state import RequestState
-from services.gateway.schemas import ImageData, ImageGenerationResponse
+from services.gateway.schemas import ImageGenerationResponse
 from shared import metrics, tracing
 from shared.tensor_plane import RawTensor
 
@@ -31,9 +31,12 @@ async def answer(
     tensors: dict[str, RawTensor],
     seed: int,
     encoding: ImageEncoding = ImageEncoding(),
+    delivery: Delivery = INLINE,
 ) -> ImageGenerationResponse:
     """Run a created request to its answer (or raise APIError); the answer is kept on the
-    request for async callers and streamed as its final `result` event.
+    request for async callers and streamed as its final `result` event. Its images come inline
+    or as links, as `delivery` says (the same for async callers: the status and the event hold
+    the links).
 
     A deadline that passes is a 504 (`deadline_exceeded`), whether the client set it or the
     server did: the gateway asked its upstream services and did not get their answer in time,
@@ -52,18 +55,20 @@ async def answer(
     attributes = {"lego.images": images.shape[0] if images.shape else 0, "lego.format": encoding.format}
     with tracing.span("images.encode", attributes, state.trace.context):
         encoded = await asyncio.to_thread(encode_images, images, encoding)
-        data = [ImageData(b64_json=base64.b64encode(e).decode()) for e in encoded]
+        data = delivery.data(encoded, encoding.format)
+    _, height, width, _ = images.shape  # (n, H, W, 3): encode_images refused any other
     response = ImageGenerationResponse(
         created=int(time.time()),
         data=data,
         output_format=encoding.format,
+        size=f"{width}x{height}",
         request_id=state.request_id,
         seed=seed,
         workflow=state.workflow.name,
     )
     if state.owner.name:
         metrics.key_images(state.owner.name, len(data))
-    state.result = response.model_dump()
+    state.result = response.model_dump(exclude_none=True)
     state.log.emit({"type": "result", **state.result})
     forget_old_results(orchestrator)
     return response
@@ -94,19 +99,25 @@ class InFlight:
         tensors: dict[str, RawTensor],
         seed: int,
         encoding: ImageEncoding,
+        delivery: Delivery = INLINE,
     ) -> None:
         """`answer` in the background: the outcome is kept on the request (status, events)."""
-        task = asyncio.create_task(_answer_in_background(orchestrator, state, tensors, seed, encoding))
+        task = asyncio.create_task(_answer_in_background(orchestrator, state, tensors, seed, encoding, delivery))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
 
 async def _answer_in_background(
-    orchestrator: Orchestrator, state: RequestState, tensors: dict[str, RawTensor], seed: int, encoding: ImageEncoding
+    orchestrator: Orchestrator,
+    state: RequestState,
+    tensors: dict[str, RawTensor],
+    seed: int,
+    encoding: ImageEncoding,
+    delivery: Delivery,
 ) -> None:
     """An async request's run: its outcome is kept on the request (status, events), not returned."""
     try:
-        await answer(orchestrator, state, tensors, seed, encoding)
+        await answer(orchestrator, state, tensors, seed, encoding, delivery)
     except APIError:
         pass  # the failure is on the request already (status + `error` event)
     except Exception:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI
 
 from services.gateway.answering import InFlight
 from services.gateway.errors import install_error_handlers
+from services.gateway.image_files import ImageFiles
 from services.gateway.keys.auth import guard
 from services.gateway.keys.bootstrap import ensure_admin_key
 from services.gateway.keys.gate import AuthenticateFirst
@@ -24,7 +25,7 @@ from services.gateway.limits import BodyLimits
 from services.gateway.openapi import COMMON_ERRORS, install_openapi
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
-from services.gateway.routers import health, images, keys, models, requests, status
+from services.gateway.routers import files, health, images, keys, models, requests, status
 from shared import metrics, tracing
 from shared.bus import Bus
 from shared.presence import ensure_buckets
@@ -67,6 +68,7 @@ ROUTERS: tuple[tuple[APIRouter, Scope | None], ...] = (
     (models.mesh_router, Scope.ADMIN),  # /v1/models: replicas, hosts, pids
     (models.router, Scope.GENERATE),  # /v1/workflows: what a client may ask for
     (images.router, Scope.GENERATE),
+    (files.router, None),  # image links: the random token in the link is the capability (image_files.py)
     (requests.router, Scope.GENERATE),
     (keys.router, Scope.ADMIN),
 )
@@ -82,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.in_flight = InFlight()  # async requests being answered
     app.state.rate_limiter = RateLimiter()
+    app.state.image_files = ImageFiles(settings.image_url_ttl_s, int(settings.image_url_max_mb * 2**20))
     install_error_handlers(app)
     # Outermost but for Starlette's own error middleware: a body is measured before any route reads it.
     app.add_middleware(BodyLimits, max_body_bytes=settings.max_body_bytes)

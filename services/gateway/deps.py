@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 
 from services.gateway.answering import InFlight
 from services.gateway.errors import APIError
+from services.gateway.image_files import ImageFiles
 from services.gateway.keys.auth import Caller
 from services.gateway.keys.limits import RateLimiter
 from services.gateway.orchestrator import Orchestrator
@@ -41,6 +42,10 @@ def get_in_flight(request: Request) -> InFlight:
     return request.app.state.in_flight
 
 
+def get_image_files(request: Request) -> ImageFiles:
+    return request.app.state.image_files
+
+
 def get_rate_limiter(request: Request) -> RateLimiter:
     return request.app.state.rate_limiter
 
@@ -55,6 +60,7 @@ BusDep = Annotated[Bus, Depends(get_bus)]
 OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
 LoadViewDep = Annotated[LoadView, Depends(get_load_view)]
 InFlightDep = Annotated[InFlight, Depends(get_in_flight)]
+ImageFilesDep = Annotated[ImageFiles, Depends(get_image_files)]
 RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
 OwnerDep = Annotated[Owner, Depends(get_owner)]
 

@@ -41,6 +41,15 @@ def size_pattern(multiple: int) -> str:
 
 
 SIZE_PATTERN = size_pattern(SIDE_MULTIPLE)
+AUTO_SIZE = "auto"  # OpenAI's: the size the workflow's models were trained at
+
+
+def size_or_auto_pattern(multiple: int) -> str:
+    """`size_pattern`, or `auto`."""
+    return f"^(?:{AUTO_SIZE}|{size_pattern(multiple)[1:-1]})$"
+
+
+SIZE_OR_AUTO = size_or_auto_pattern(SIDE_MULTIPLE)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -63,6 +72,14 @@ LORA_SCALE = 2.0  # |scale| above this is almost always a typo (100 for 1.00) an
 MAX_CONDITIONING_SCALE = 2.0
 MAX_GUIDANCE = 30.0
 MAX_USER_CHARS = 256  # the OpenAI-compatible extras below: accepted, unused, so kept short
+
+
+def integral(value: object) -> object:
+    """JSON has one number type: 2.0 is the integer 2 (as JSON Schema says), 2.5 is not one.
+    Strings stay refused ("n": "2" is an error, not a guess)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _one_of(names: list[str]) -> dict[str, Any]:
@@ -108,7 +125,82 @@ class LoraInput(BaseModel):
     scale: float = Field(1.0, ge=-LORA_SCALE, le=LORA_SCALE)
 
 
-class ImageGenerationRequest(BaseModel):
+class OpenAIImageFields(BaseModel):
+    """The fields of OpenAI's Images API (what the official SDK sends), shared by generations
+    and edits. Each is accepted with a meaning here; a value these models cannot honour
+    (`background: "transparent"`, `stream: true`, `output_format: "gif"`) is a 400 that names
+    it, from `openai_fields.resolve`, not an unknown-field 422. A null is the default, as the
+    SDK's `Optional` types allow."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    n: int | None = Field(1, ge=1, le=MAX_IMAGES, description=f"images to generate, 1-{MAX_IMAGES}")
+    size: str | None = Field(
+        "512x512",
+        json_schema_extra={"anyOf": [{"type": "string", "pattern": SIZE_OR_AUTO}, {"type": "null"}]},
+        description=f"WIDTHxHEIGHT: each side {MIN_SIDE}-{MAX_SIDE} and a multiple of 16 (sd3, sd35-large, flux) "
+        f"or {SIDE_MULTIPLE} (sd15, sdxl); or `auto`: the size the workflow's models were trained at "
+        "(1024x1024; 512x512 for sd15)",
+    )
+    response_format: Literal["b64_json", "url"] | None = Field(
+        "b64_json",
+        description="b64_json: images inline; url: a link to GET the image from this gateway, without an API key "
+        "(the link's random token is the capability), for LEGO_IMAGE_URL_TTL_S seconds (default 3600)",
+    )
+    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = Field(
+        "png",
+        description="png (lossless), or jpeg / webp: much faster to encode and smaller; gif and svg are not "
+        "drawn by these models (400)",
+    )
+    output_quality: int | None = Field(
+        None, ge=1, le=100, description=f"jpeg / webp only: 1-100 (default {DEFAULT_QUALITY})"
+    )
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="OpenAI's name for output_quality (0 is taken as 1); jpeg / webp only"
+    )
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="opaque or auto: these models draw opaque images; transparent is refused (400)"
+    )
+    moderation: Literal["low", "auto"] | None = Field(
+        None, description="accepted, no effect: this gateway runs no content moderation (no safety checker)"
+    )
+    quality: str | None = Field(
+        None, max_length=MAX_USER_CHARS, description="accepted, no effect: num_inference_steps sets the quality"
+    )
+    style: str | None = Field(None, max_length=MAX_USER_CHARS, description="accepted, no effect: say it in the prompt")
+    complexity: Literal["low", "medium", "high"] | None = Field(None, description="accepted, no effect")
+    safety_identifier: str | None = Field(
+        None,
+        max_length=MAX_USER_CHARS,
+        description="your end user's id: accepted, not stored (usage is counted by API key)",
+    )
+    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="deprecated name of safety_identifier")
+    stream: bool | None = Field(
+        None,
+        description="false only: OpenAI's streamed partial images are not made (400); for progress send "
+        "`wait: false` and follow `events_url`",
+    )
+    partial_images: int | None = Field(None, ge=0, le=3, description="0 only: no partial images are made (400)")
+    frame_count: int | None = Field(None, ge=2, le=16, description="for gif output, which is not made (400)")
+    frame_duration_ms: int | None = Field(None, ge=0, description="for gif output, which is not made (400)")
+    svg: dict[str, Any] | None = Field(None, description="for svg output, which is not made (400)")
+
+    @field_validator(
+        "n", "output_quality", "output_compression", "partial_images", "frame_count", "frame_duration_ms", mode="before"
+    )
+    @classmethod
+    def _integral(cls, value: object) -> object:
+        return integral(value)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None and value != AUTO_SIZE:
+            parse_size(value)
+        return value
+
+
+class ImageGenerationRequest(OpenAIImageFields):
     """A generation request. Which fields a workflow takes depends on it: a `*-controlnet`
     workflow requires `controlnet` (every other refuses it), only `*-lora` workflows take `loras`
     (names of their base model's LoRAs), flux takes no `negative_prompt`, and sd3, sd35-large and
@@ -120,20 +212,6 @@ class ImageGenerationRequest(BaseModel):
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
         description=f"what to draw: 1-{MAX_PROMPT_CHARS} characters, not blank",
-    )
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"images to generate, 1-{MAX_IMAGES}")
-    size: str = Field(
-        "512x512",
-        json_schema_extra={"pattern": SIZE_PATTERN},  # stated; `_size` checks it with a readable message
-        description=f"WIDTHxHEIGHT: each side {MIN_SIDE}-{MAX_SIDE} and a multiple of 16 (sd3, sd35-large, flux) "
-        f"or {SIDE_MULTIPLE} (sd15, sdxl)",
-    )
-    response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: images come inline")
-    output_format: OutputFormat = Field(
-        "png", description="png (lossless), or jpeg / webp: much faster to encode and smaller"
-    )
-    output_quality: int | None = Field(
-        None, ge=1, le=100, description=f"jpeg / webp only: 1-100 (default {DEFAULT_QUALITY})"
     )
     workflow: str | None = Field(
         None,
@@ -176,25 +254,11 @@ class ImageGenerationRequest(BaseModel):
         "300); a request whose models already have more work queued than that is refused at once with 429 "
         "and Retry-After, one still running when it passes ends with 504 deadline_exceeded",
     )
-    # Accepted for OpenAI client compatibility; they do not change the result.
-    user: str | None = Field(None, max_length=MAX_USER_CHARS)
-    quality: str | None = Field(None, max_length=MAX_USER_CHARS)
-    style: str | None = Field(None, max_length=MAX_USER_CHARS)
 
-    @field_validator("n", "output_quality", "num_inference_steps", "seed", "priority", mode="before")
+    @field_validator("num_inference_steps", "seed", "priority", mode="before")
     @classmethod
-    def _integral(cls, value: object) -> object:
-        """JSON has one number type: 2.0 is the integer 2 (as JSON Schema says), 2.5 is not
-        one. Strings stay refused ("n": "2" is an error, not a guess)."""
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, value: str) -> str:
-        parse_size(value)
-        return value
+    def _integral_extras(cls, value: object) -> object:
+        return integral(value)
 
     @field_validator("prompt")
     @classmethod
@@ -205,13 +269,17 @@ class ImageGenerationRequest(BaseModel):
 
 
 class ImageData(BaseModel):
-    b64_json: str
+    """One image: inline (`b64_json`) or as a link (`url`), as the request's response_format asked."""
+
+    b64_json: str | None = None
+    url: str | None = Field(None, description="absolute; GET it without an API key until it expires")
 
 
 class ImageGenerationResponse(BaseModel):
     created: int
     data: list[ImageData]
     output_format: OutputFormat = Field("png", description="the format of every image in `data`")
+    size: str = Field("", description="WIDTHxHEIGHT of the images (what `size: auto` chose)")
     request_id: str
     seed: int
     workflow: str

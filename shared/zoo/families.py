@@ -48,6 +48,8 @@ class FamilyDescriptor:
     without it (False), or no ControlNet at all (None).
     `packs_latents`: the transformer takes latents packed 2x2 into tokens (Flux), so control
     latents are packed too and sizes round to 16.
+    `default_side`: the side its models were trained at (diffusers' default: the network's
+    sample_size times the VAE's factor; SD1.5 512, the others 1024): what `size="auto"` draws.
     `reads_negative_text`: the loop reads the negative prompt's text itself (SDXL: an empty one
     means zero embeddings with `force_zeros_for_empty_prompt`).
     """
@@ -72,6 +74,7 @@ class FamilyDescriptor:
     control_latents_shifted: bool | None = None
     packs_latents: bool = False
     reads_negative_text: bool = False
+    default_side: int = 1024
 
     @property
     def is_unet(self) -> bool:
@@ -156,6 +159,7 @@ FAMILIES: dict[Family, FamilyDescriptor] = {
             denoiser="sd15-unet",
             vae="sd15-vae",
             vae_shifted=False,
+            default_side=512,
         ),
         FamilyDescriptor(
             name="sdxl",

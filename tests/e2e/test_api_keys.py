@@ -18,6 +18,7 @@ from tests.e2e.conftest import LockedGateway
 from tests.waiting import wait_for
 
 PROBES = {"/healthz", "/readyz", "/metrics"}
+IMAGE_LINKS = "/v1/images/files/{file_id}"  # public: the link's random token is the capability
 QUICK = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 1}
 
 
@@ -48,7 +49,7 @@ def test_every_route_but_the_probes_refuses_a_request_without_a_valid_key(locked
     routes = [(path, method) for path, ops in doc["paths"].items() for method in ops]
     assert {p for p, _ in routes} - PROBES, "the document lists the API's routes"
     for path, method in routes:
-        if path in PROBES:
+        if path in PROBES or path == IMAGE_LINKS:
             continue
         url = locked.url + path.replace("{request_id}", "some-id").replace("{name}", "some-name")
         for headers in ({}, bearer("lego-not-a-key"), {"Authorization": "Basic YWRtaW46YWRtaW4="}):
@@ -63,6 +64,8 @@ def test_every_route_but_the_probes_refuses_a_request_without_a_valid_key(locked
     assert httpx.get(f"{locked.url}/v1/no-such-route", timeout=10).status_code == 401
     for probe in PROBES:
         assert httpx.get(locked.url + probe, timeout=10).status_code == 200, probe
+    unknown = httpx.get(locked.url + IMAGE_LINKS.replace("{file_id}", "not-a-link.png"), timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "image_not_found"
 
 
 def test_a_key_without_the_scope_or_the_priority_is_refused_with_403(locked, admin):

@@ -3,8 +3,8 @@ before its body is read or parsed, whatever its path.
 
 Why a middleware on top of the routers' `require(scope)`: FastAPI reads and parses a route's
 body before its dependencies run, so an anonymous client would otherwise get 400s and 422s
-that describe the API, and make the gateway parse what it sends. Here only the probes and the
-published API document are open; the scope check (403) stays with each router.
+that describe the API, and make the gateway parse what it sends. Here only the probes, the
+published API document and image links are open; the scope check (403) stays with each router.
 """
 
 from __future__ import annotations
@@ -20,6 +20,14 @@ from services.gateway.limits import ASGIApp, Receive, Scope, Send
 PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 )
+# Image links (`response_format: "url"`): fetched by browsers and services that hold no key; the
+# link's random token is the capability (services/gateway/image_files.py).
+PUBLIC_PREFIXES = ("/v1/images/files/",)
+
+
+def is_public(path: str) -> bool:
+    """Whether `path` answers without an API key."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 class AuthenticateFirst:
@@ -27,7 +35,7 @@ class AuthenticateFirst:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
         state: Any = scope["app"].state

@@ -8,12 +8,13 @@ import re
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from services.gateway.admission import admit
 from services.gateway.answering import answer
 from services.gateway.deps import (
+    ImageFilesDep,
     InFlightDep,
     LoadViewDep,
     OrchestratorDep,
@@ -22,6 +23,7 @@ from services.gateway.deps import (
     SettingsDep,
 )
 from services.gateway.errors import APIError
+from services.gateway.image_files import Delivery
 from services.gateway.keys.auth import Caller
 from services.gateway.keys.limits import check_in_flight, check_priority
 from services.gateway.orchestrator import RequestFailed
@@ -35,6 +37,11 @@ from shared.workflows.spec import WorkflowSpec
 router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "malformed request, or an OpenAI field's value these models cannot honour "
+        "(unsupported_value, e.g. background 'transparent'; the message names the field)",
+    },
     404: {"model": ErrorResponse, "description": "unknown workflow"},
     413: {"model": ErrorResponse, "description": "body over the limit, or a control image of too many pixels"},
     409: {"model": ErrorResponse, "description": "a request with this X-Request-Id is running"},
@@ -47,9 +54,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post(
     "/v1/images/generations",
     response_model=ImageGenerationResponse,
+    response_model_exclude_none=True,  # an image has b64_json or url, not a null other
     responses={**ERRORS, 202: {"model": AsyncAccepted, "description": "accepted (`wait: false`)"}},
 )
 async def generate(
+    request: Request,
     body: ImageGenerationRequest,
     settings: SettingsDep,
     orchestrator: OrchestratorDep,
@@ -58,6 +67,7 @@ async def generate(
     caller: Caller,
     owner: OwnerDep,
     rate_limiter: RateLimiterDep,
+    files: ImageFilesDep,
     x_request_id: str | None = Header(
         None,
         description="optional id to follow the request's progress: 1-64 letters, digits, '-' or '_' (else 400)",
@@ -85,9 +95,11 @@ async def generate(
         )
     except RequestFailed as exc:
         raise APIError(409, exc.error.code, exc.error.message) from exc
+    # Links are absolute, on the base URL the client reached this gateway by.
+    delivery = Delivery(admitted.response_format, files, str(request.base_url))
     if body.wait:
-        return await answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding)
-    in_flight.answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding)
+        return await answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding, delivery)
+    in_flight.answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding, delivery)
     accepted = AsyncAccepted(
         request_id=request_id,
         status="running",

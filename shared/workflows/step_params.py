@@ -19,8 +19,8 @@ from shared.messages import (
     VaeDecodeParams,
     VaeEncodeParams,
 )
-from shared.workflows.spec import REQUEST, NodeSpec, WorkflowSpec
 from shared.workflows.edits import EDIT_IMAGE
+from shared.workflows.spec import REQUEST, NodeSpec, WorkflowSpec
 from shared.zoo.families import EncoderUse, FamilyDescriptor, family
 
 

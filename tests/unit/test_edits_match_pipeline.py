@@ -70,9 +70,7 @@ def mesh_edit(lab: Lab, family: str, *, inpaint: bool, loras=None, output: str =
     fam = lab.family(family)
     params = VaeEncodeParams(family=family, height=kw["height"], width=kw["width"], seed=kw["seed"], purpose="image")
     encoded = encode_edits(fam.vae, [prepare_edit(fam.vae, IMAGE, MASK if inpaint else None, params)])[0]
-    tensors = encoder_outputs(lab, family, kw["prompt"], kw.get("negative", "")) | {
-        "image_latents": encoded["latents"]
-    }
+    tensors = encoder_outputs(lab, family, kw["prompt"], kw.get("negative", "")) | {"image_latents": encoded["latents"]}
     if inpaint:
         tensors["mask"] = encoded["mask"]
     inputs = DenoiseInputs(

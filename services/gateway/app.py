@@ -24,7 +24,7 @@ from services.gateway.limits import BodyLimits
 from services.gateway.openapi import COMMON_ERRORS, install_openapi
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
-from services.gateway.routers import health, images, keys, models, requests, status
+from services.gateway.routers import edits, health, images, keys, models, requests, status
 from shared import metrics, tracing
 from shared.bus import Bus
 from shared.presence import ensure_buckets
@@ -67,6 +67,7 @@ ROUTERS: tuple[tuple[APIRouter, Scope | None], ...] = (
     (models.mesh_router, Scope.ADMIN),  # /v1/models: replicas, hosts, pids
     (models.router, Scope.GENERATE),  # /v1/workflows: what a client may ask for
     (images.router, Scope.GENERATE),
+    (edits.router, Scope.GENERATE),
     (requests.router, Scope.GENERATE),
     (keys.router, Scope.ADMIN),
 )

@@ -75,7 +75,7 @@ def _vae_encode(desc: FamilyDescriptor, node: NodeSpec, req: RequestParams) -> V
     if node.inputs.get("pixels") == f"{REQUEST}.{EDIT_IMAGE}":
         if req.strength is None:
             raise ValueError("an edit needs a strength (0 < strength <= 1)")
-        return VaeEncodeParams(family=desc.name, height=req.height, width=req.width, seed=req.seed, purpose="image")
+        return VaeEncodeParams(family=desc.name, purpose="image", **_fields(req, _CONTROL_FIELDS))
     return VaeEncodeParams(family=desc.name, **_fields(req, _CONTROL_FIELDS))
 
 

@@ -62,7 +62,9 @@ class ImageEditForm(BaseModel):
     )
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: images come inline")
     model: str | None = Field(None, description="OpenAI-compatible alias of `workflow`")
-    workflow: str | None = Field(None, description="a text-to-image workflow of sd3, sd35-large or flux (+ -lora)")
+    workflow: str | None = Field(
+        None, description="a text-to-image workflow (GET /v1/workflows), -lora ones included; not -controlnet"
+    )
     strength: float | None = Field(
         None,
         gt=0.0,

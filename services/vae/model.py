@@ -151,7 +151,9 @@ def prepare_edit(
         size = (2 * (h // (scale * 2)), 2 * (w // (scale * 2)))
     else:
         size = (h // scale, w // scale)
-    latent_mask = torch.nn.functional.interpolate(condition, size=size)
+    # Contiguous, as it arrives over the tensor plane: the layout of what the mask is blended
+    # into decides the layout of the latents the UNet then takes, and so its rounding.
+    latent_mask = torch.nn.functional.interpolate(condition, size=size).contiguous()
     return EditImage(image=image.to(torch.float32), seed=params.seed, mask=latent_mask)
 
 
@@ -176,7 +178,8 @@ def encode_edits(bundle: VaeBundle, items: list[EditImage]) -> list[dict[str, to
         for i, item in enumerate(items):
             dist = DiagonalGaussianDistribution(parameters[i : i + 1])
             sample = dist.sample(torch.Generator("cpu").manual_seed(item.seed))
-            result = {"latents": (sample - shift) * vae.config.scaling_factor}
+            # Contiguous, as the tensor plane carries it (the denoiser lays it out as its pipeline does).
+            result = {"latents": ((sample - shift) * vae.config.scaling_factor).contiguous()}
             if item.mask is not None:
                 result["mask"] = item.mask
             out.append(result)

@@ -21,7 +21,18 @@ from shared.workflows.spec import REQUEST, NodeSpec, WorkflowSpec
 IMAGE_NODE = "image"
 EDIT_IMAGE = "image"  # the request tensor: uint8 (H, W, 3), the client's image as sent
 EDIT_MASK = "mask"  # the request tensor: uint8 (H, W), 255 where the image is repainted
-EDIT_FAMILIES = ("sd3", "sd35-large", "flux")  # the families whose denoisers have edit loops
+EDIT_FAMILIES = ("sd3", "sd35-large", "flux", "sd15", "sdxl")  # the families whose denoisers have edit loops
+
+
+def edit_steps(num_inference_steps: int, strength: float, unet: bool) -> tuple[int, int]:
+    """(first step, steps run) of an edit: the pipelines' `get_timesteps`. The flow-matching
+    pipelines (sd3, flux) keep the fraction `num_inference_steps * strength` until the end, the
+    UNet pipelines (sd15, sdxl) floor it first, so 3 steps at strength 0.6 run 2 and 1."""
+    if unet:
+        t_start = max(num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps), 0)
+    else:
+        t_start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+    return t_start, num_inference_steps - t_start
 
 
 class EditError(ValueError):
@@ -32,7 +43,7 @@ def with_edit(base: WorkflowSpec, inpaint: bool) -> WorkflowSpec:
     """`base` editing the request's image: `<name>-img2img`, or `<name>-inpaint` with a mask."""
     if base.controlnets:
         raise EditError(f"workflow {base.name!r} is a ControlNet workflow; edits take text-to-image workflows")
-    if base.family not in EDIT_FAMILIES:
+    if base.family not in EDIT_FAMILIES:  # a family added without an edit loop
         raise EditError(
             f"the {base.family} family has no image edits yet; edit with a workflow of {', '.join(EDIT_FAMILIES)}"
         )

@@ -19,7 +19,7 @@ from shared.messages import (
     VaeDecodeParams,
     VaeEncodeParams,
 )
-from shared.workflows.edits import EDIT_IMAGE
+from shared.workflows.edits import EDIT_IMAGE, edit_steps
 from shared.workflows.spec import REQUEST, NodeSpec, WorkflowSpec
 from shared.zoo.families import EncoderUse, FamilyDescriptor, family
 
@@ -92,6 +92,11 @@ def step_params(workflow: WorkflowSpec, req: RequestParams) -> dict[str, StepPar
     edits = any(node.inputs.get("pixels") == f"{REQUEST}.{EDIT_IMAGE}" for node in workflow.nodes)
     if req.strength is not None and not edits:
         raise ValueError(f"workflow {workflow.name!r} edits no image, so it takes no strength")
+    if req.strength is not None and edit_steps(req.num_inference_steps, req.strength, desc.is_unet)[1] < 1:
+        raise ValueError(
+            f"strength {req.strength} of {req.num_inference_steps} steps leaves no denoising step for "
+            f"{workflow.name!r}: raise strength or num_inference_steps"
+        )
     out: dict[str, StepParams] = {}
     for node in workflow.nodes:
         if node.kind == StepKind.ENCODE:

@@ -53,13 +53,17 @@ def test_an_edit_workflow_starts_the_denoiser_from_the_encoded_image(inpaint: bo
 def test_what_cannot_edit_is_refused_with_what_to_use() -> None:
     with pytest.raises(EditError, match="ControlNet"):
         edit_workflow("sd3-controlnet", False)
-    with pytest.raises(EditError, match="sd15 family has no image edits"):
-        edit_workflow("sd15", True)
+    assert edit_workflow("sd15", True).node("image").model == "sd15-vae"  # every family edits
+    assert edit_workflow("sdxl", False).node("image").model == "sdxl-vae"
     request = RequestParams(prompt="a", height=64, width=64, num_inference_steps=4, guidance_scale=3.0, seed=5)
     with pytest.raises(ValueError, match="needs a strength"):
         step_params(edit_workflow("flux", False), request)
     with pytest.raises(ValueError, match="takes no strength"):
         step_params(get_workflow("sd3"), request.model_copy(update={"strength": 0.5}))
+    # sd15/sdxl floor steps x strength (as their pipelines): 4 x 0.2 leaves no step there, 1 for sd3
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        step_params(edit_workflow("sdxl", False), request.model_copy(update={"strength": 0.2}))
+    step_params(edit_workflow("sd3", False), request.model_copy(update={"strength": 0.2}))
 
 
 def test_an_openai_mask_becomes_diffusers_repaint_where_transparent() -> None:

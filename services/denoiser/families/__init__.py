@@ -13,4 +13,7 @@ FAMILY_LOOPS: dict[str, FamilyLoop] = {name: m.LOOP for m in (sd3, flux, sd15, s
 EDIT_LOOPS: dict[str, LoopFn] = {
     **{name: sd3_edit.sd3_edit_loop for name in sd3_edit.FAMILIES_SERVED},
     **{name: flux_edit.flux_edit_loop for name in flux_edit.FAMILIES_SERVED},
+    # The UNet families' loops edit themselves (`unet.py`: `DenoiseInputs.strength`).
+    "sd15": sd15.sd15_loop,
+    "sdxl": sdxl.sdxl_loop,
 }

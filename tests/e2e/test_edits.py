@@ -21,12 +21,13 @@ from PIL import Image
 
 from lego.launcher import Mesh
 from tests.oracle import assert_images_match, png_to_array
+from tests.waiting import wait_for
 
 PROMPT = "a lighthouse on a cliff"
 
 
 @pytest.fixture(scope="module")
-def mesh(sd3_tcp_mesh: Mesh) -> Mesh:
+def sd3_mesh(sd3_tcp_mesh: Mesh) -> Mesh:
     return sd3_tcp_mesh
 
 
@@ -56,12 +57,12 @@ def client(mesh: Mesh) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{mesh.url}/v1", api_key="unused-the-mesh-runs-without-keys", timeout=300)
 
 
-def edit_with_openai(mesh: Mesh, prompt: str, mask: bytes | None, **extra) -> np.ndarray:
+def edit_with_openai(mesh: Mesh, prompt: str, mask: bytes | None, model: str = "sd3", **extra) -> np.ndarray:
     kwargs = {"mask": ("mask.png", mask, "image/png")} if mask is not None else {}
     result = client(mesh).images.edit(
         image=("image.png", IMAGE, "image/png"),
         prompt=prompt,
-        model="sd3",
+        model=model,
         size="64x64",
         extra_body={"num_inference_steps": 3, "seed": 11, "guidance_scale": 4.0} | extra,
         **kwargs,
@@ -70,7 +71,7 @@ def edit_with_openai(mesh: Mesh, prompt: str, mask: bytes | None, **extra) -> np
     return png_to_array(result.data[0].b64_json)
 
 
-def test_openai_client_inpaints_as_diffusers_pipeline(mesh: Mesh, reference_pipeline) -> None:
+def test_openai_client_inpaints_as_diffusers_pipeline(sd3_mesh: Mesh, reference_pipeline) -> None:
     """OpenAI's mask (transparent: repaint) reaches the mesh as diffusers' (white: repaint): the
     image equals `StableDiffusion3InpaintPipeline`'s with the right half white. Its latents, that
     is, decoded as every SD3 pipeline but this one decodes them (it leaves out the VAE's shift
@@ -83,7 +84,7 @@ def test_openai_client_inpaints_as_diffusers_pipeline(mesh: Mesh, reference_pipe
 
     from services.vae.model import decode
 
-    got = edit_with_openai(mesh, PROMPT, right_half_transparent(80, 64), strength=0.8)
+    got = edit_with_openai(sd3_mesh, PROMPT, right_half_transparent(80, 64), strength=0.8)
     assert got.shape == (64, 64, 3)
     white = np.zeros((64, 80), dtype=np.uint8)
     white[:, 40:] = 255
@@ -106,15 +107,15 @@ def test_openai_client_inpaints_as_diffusers_pipeline(mesh: Mesh, reference_pipe
     want = decode(SimpleNamespace(vae=pipe.vae), latents).numpy()[0]
     assert_images_match(got, want)
     inverted = edit_with_openai(
-        mesh, PROMPT, png(255 - np.asarray(Image.open(io.BytesIO(right_half_transparent(80, 64))))), strength=0.8
+        sd3_mesh, PROMPT, png(255 - np.asarray(Image.open(io.BytesIO(right_half_transparent(80, 64))))), strength=0.8
     )
     assert np.abs(inverted.astype(np.int16) - got).mean() > 1  # the mask's side matters
 
 
-def test_openai_client_img2img_equals_diffusers_pipeline(mesh: Mesh, reference_pipeline) -> None:
+def test_openai_client_img2img_equals_diffusers_pipeline(sd3_mesh: Mesh, reference_pipeline) -> None:
     from diffusers import StableDiffusion3Img2ImgPipeline
 
-    got = edit_with_openai(mesh, PROMPT, None, strength=0.7, negative_prompt="blurry")
+    got = edit_with_openai(sd3_mesh, PROMPT, None, strength=0.7, negative_prompt="blurry")
     pipe = StableDiffusion3Img2ImgPipeline(**reference_pipeline.components)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
@@ -132,9 +133,9 @@ def test_openai_client_img2img_equals_diffusers_pipeline(mesh: Mesh, reference_p
     assert_images_match(got, np.asarray(want))
 
 
-def test_async_edit_reports_progress_and_its_images(mesh: Mesh) -> None:
+def test_async_edit_reports_progress_and_its_images(sd3_mesh: Mesh) -> None:
     r = httpx.post(
-        f"{mesh.url}/v1/images/edits",
+        f"{sd3_mesh.url}/v1/images/edits",
         files={"image": ("image.png", IMAGE, "image/png")},
         data={"prompt": PROMPT, "wait": "false", "num_inference_steps": "4", "strength": "0.5", "seed": "3"},
         timeout=60,
@@ -142,7 +143,7 @@ def test_async_edit_reports_progress_and_its_images(mesh: Mesh) -> None:
     assert r.status_code == 202, r.text
     accepted = r.json()
     assert accepted["workflow"] == "sd3-img2img" and accepted["seed"] == 3
-    with httpx.stream("GET", f"{mesh.url}{accepted['events_url']}", timeout=120) as events:
+    with httpx.stream("GET", f"{sd3_mesh.url}{accepted['events_url']}", timeout=120) as events:
         kinds, progress = [], []
         for line in events.iter_lines():
             if line.startswith("event: "):
@@ -153,7 +154,7 @@ def test_async_edit_reports_progress_and_its_images(mesh: Mesh) -> None:
                 break
     assert kinds[-1] == "result", kinds
     assert len(progress) == 2  # strength 0.5 of 4 steps: the last 2 of the schedule
-    status = httpx.get(f"{mesh.url}{accepted['status_url']}", timeout=30).json()
+    status = httpx.get(f"{sd3_mesh.url}{accepted['status_url']}", timeout=30).json()
     assert status["status"] == "succeeded" and len(status["data"]) == 1
     image = png_to_array(status["data"][0]["b64_json"])
     assert image.shape == (64, 80, 3)  # no size: the image's own (80x64, multiples of 16)
@@ -181,28 +182,109 @@ def _post(mesh: Mesh, files: dict, **data: str) -> httpx.Response:
     ids=["unreadable", "mask-size", "mask-opaque", "strength-high", "strength-zero", "unknown", "controlnet",
          "size", "no-image"],
 )  # fmt: skip
-def test_bad_edits_are_400_with_the_reason(mesh: Mesh, files: dict, data: dict, says: str) -> None:
-    r = _post(mesh, files, **data)
+def test_bad_edits_are_400_with_the_reason(sd3_mesh: Mesh, files: dict, data: dict, says: str) -> None:
+    r = _post(sd3_mesh, files, **data)
     assert r.status_code == 400, r.text
     assert says in r.json()["error"]["message"]
 
 
-def test_unknown_workflow_is_404(mesh: Mesh) -> None:
-    r = _post(mesh, {"image": ("i.png", IMAGE, "image/png")}, workflow="sd4")
+def test_unknown_workflow_is_404(sd3_mesh: Mesh) -> None:
+    r = _post(sd3_mesh, {"image": ("i.png", IMAGE, "image/png")}, workflow="sd4")
     assert r.status_code == 404 and "known:" in r.json()["error"]["message"]
 
 
-def test_openai_client_sees_the_400(mesh: Mesh) -> None:
+def test_openai_client_sees_the_400(sd3_mesh: Mesh) -> None:
     with pytest.raises(openai.BadRequestError, match="mask"):
-        client(mesh).images.edit(
+        client(sd3_mesh).images.edit(
             image=("image.png", IMAGE, "image/png"),
             mask=("mask.png", right_half_transparent(32, 32), "image/png"),
             prompt=PROMPT,
         )
 
 
-def test_edit_docs_state_the_form(mesh: Mesh) -> None:
-    doc = httpx.get(f"{mesh.url}/openapi.json", timeout=30).json()
+def test_edit_docs_state_the_form(sd3_mesh: Mesh) -> None:
+    doc = httpx.get(f"{sd3_mesh.url}/openapi.json", timeout=30).json()
     body = doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"image", "mask", "prompt", "strength", "size", "seed", "loras"} <= set(body["properties"])
     assert base64  # the images above come back as b64_json
+
+
+def test_cancelling_an_edit_stops_it(sd3_mesh: Mesh) -> None:
+    r = _post(
+        sd3_mesh,
+        {"image": ("i.png", IMAGE, "image/png"), "mask": ("m.png", right_half_transparent(80, 64), "image/png")},
+        wait="false",
+        num_inference_steps="100",
+    )
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["workflow"] == "sd3-inpaint"
+    with httpx.stream("GET", f"{sd3_mesh.url}{accepted['events_url']}", timeout=120) as events:
+        for line in events.iter_lines():
+            if line == "event: progress":
+                break
+    assert httpx.delete(f"{sd3_mesh.url}{accepted['status_url']}", timeout=30).status_code == 200
+    wait_for(
+        "the cancelled edit to end",
+        lambda: httpx.get(f"{sd3_mesh.url}{accepted['status_url']}", timeout=30).json()["status"] == "cancelled",
+        timeout_s=60,
+    )
+
+
+# Every other family, and a LoRA workflow, through the openai client on the whole-catalogue mesh
+# (the e2e tests' `mesh`), against its diffusers pipeline within the oracle's bounds.
+FAMILY_EDITS = [
+    ("flux", True, "FluxInpaintPipeline"),
+    ("sd35-large-lora", False, "StableDiffusion3Img2ImgPipeline"),
+    ("sd15", True, "StableDiffusionInpaintPipeline"),
+    ("sdxl", False, "StableDiffusionXLImg2ImgPipeline"),
+]
+
+
+@pytest.mark.parametrize(("workflow", "inpaint", "pipeline"), FAMILY_EDITS, ids=[f[0] for f in FAMILY_EDITS])
+def test_every_family_edits_as_its_pipeline(mesh: Mesh, settings, workflow: str, inpaint: bool, pipeline: str) -> None:
+    import diffusers
+
+    from baseline.pipelines import build_reference_pipeline, load_reference_loras
+    from shared.workflows.catalogue import get_workflow
+    from tests.oracle import pipeline_negative_prompt
+
+    spec = get_workflow(workflow)
+    image = picture(64, 64)  # of the output size: the UNet img2img pipelines take no size
+    mask = np.zeros((64, 64, 4), dtype=np.uint8) + 255
+    mask[:, 32:, 3] = 0
+    extra = {"strength": 0.75, "num_inference_steps": 4, "seed": 5, "guidance_scale": 3.0}
+    form = {"mask": ("m.png", png(mask), "image/png")} if inpaint else {}
+    result = client(mesh).images.edit(
+        image=("i.png", png(image), "image/png"), prompt=PROMPT, model=workflow, extra_body=extra, **form
+    )
+    assert result.data is not None
+    got = png_to_array(result.data[0].b64_json)
+    assert got.shape == (64, 64, 3)
+
+    base = build_reference_pipeline(settings, family=spec.family)
+    if spec.default_loras:  # a -lora workflow: its default LoRA, as the request names none
+        load_reference_loras(base, [(lora.name, lora.scale) for lora in spec.default_loras], settings)
+    pipe = getattr(diffusers, pipeline).from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    args = {
+        "prompt": PROMPT,
+        "image": Image.fromarray(image),
+        "strength": 0.75,
+        "num_inference_steps": 4,
+        "guidance_scale": 3.0,
+        "generator": torch.Generator("cpu").manual_seed(5),
+    }
+    if spec.family == "flux":
+        args["max_sequence_length"] = 512
+    else:
+        args["negative_prompt"] = pipeline_negative_prompt(pipe, "")
+    if inpaint or spec.family not in ("sd15", "sdxl"):  # the UNet img2img pipelines take no size
+        args |= {"height": 64, "width": 64}
+    if inpaint:
+        white = np.zeros((64, 64), dtype=np.uint8)
+        white[:, 32:] = 255
+        args["mask_image"] = Image.fromarray(white)
+    with torch.no_grad():
+        want = np.asarray(pipe(**args).images[0])
+    assert_images_match(got, want)

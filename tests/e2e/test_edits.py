@@ -215,6 +215,8 @@ def test_cancelling_an_edit_stops_it(sd3_mesh: Mesh) -> None:
         {"image": ("i.png", IMAGE, "image/png"), "mask": ("m.png", right_half_transparent(80, 64), "image/png")},
         wait="false",
         num_inference_steps="100",
+        size="512x512",  # with n=4, long enough to cancel midway (as the generations' cancel test)
+        n="4",
     )
     assert r.status_code == 202, r.text
     accepted = r.json()
@@ -224,11 +226,14 @@ def test_cancelling_an_edit_stops_it(sd3_mesh: Mesh) -> None:
             if line == "event: progress":
                 break
     assert httpx.delete(f"{sd3_mesh.url}{accepted['status_url']}", timeout=30).status_code == 200
-    wait_for(
+    final = wait_for(
         "the cancelled edit to end",
-        lambda: httpx.get(f"{sd3_mesh.url}{accepted['status_url']}", timeout=30).json()["status"] == "cancelled",
+        lambda: (
+            (s := httpx.get(f"{sd3_mesh.url}{accepted['status_url']}", timeout=30).json())["status"] != "running" and s
+        ),
         timeout_s=60,
     )
+    assert final["status"] == "cancelled" and final["step"] < final["total_steps"] == 100
 
 
 # Every other family, and a LoRA workflow, through the openai client on the whole-catalogue mesh

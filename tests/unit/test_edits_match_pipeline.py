@@ -198,3 +198,24 @@ def test_edit_refusals(lab: Lab) -> None:
     tensors = encoder_outputs(lab, "sd3", "a", "") | {"image_latents": encoded["latents"]}
     with pytest.raises(ValueError, match="image_latents"):
         denoise(fam.denoiser, DenoiseInputs(tensors, **(base | {"height": 96}), strength=1.0))
+
+
+def test_image_encodes_batch_like_alone(lab: Lab) -> None:
+    """The VAE service encodes edits' images of one size in one call (as it decodes), each
+    sampled with its own seed: each gets (up to the batched call's rounding) its latents alone."""
+    from services.vae.runner import VaeRunner
+
+    fam = lab.family("flux")
+    items = [
+        prepare_edit(fam.vae, image, mask, VaeEncodeParams(family="flux", height=64, width=64, seed=s, purpose="image"))
+        for image, mask, s in ((IMAGE, MASK, 1), (edit_image(64, 64), None, 2), (IMAGE, None, 3))
+    ]
+    runner = VaeRunner(model_id="flux-vae", bundle=fam.vae)
+    assert len({runner.batch_key(item) for item in items}) == 1  # one call, masks or not
+    assert runner.batch_key(items[0]) != runner.batch_key(torch.zeros(1, 16, 8, 8))  # never with decodes
+    together = runner.run_many(items)
+    for item, got in zip(items, together, strict=True):
+        alone = encode_edits(fam.vae, [item])[0]
+        assert set(got) == set(alone) and torch.allclose(got["latents"], alone["latents"], atol=1e-5)
+    assert "mask" in together[0] and "mask" not in together[1]
+    assert not torch.allclose(together[1]["latents"], together[2]["latents"])  # own image, own seed

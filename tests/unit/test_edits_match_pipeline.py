@@ -219,3 +219,20 @@ def test_image_encodes_batch_like_alone(lab: Lab) -> None:
         assert set(got) == set(alone) and torch.allclose(got["latents"], alone["latents"], atol=1e-5)
     assert "mask" in together[0] and "mask" not in together[1]
     assert not torch.allclose(together[1]["latents"], together[2]["latents"])  # own image, own seed
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_edits_share_transformer_calls_with_generations(lab: Lab, family: str) -> None:
+    """With step-level batching, an img2img, an inpainting and a text-to-image request of one
+    size share transformer calls, and each ends as it would alone."""
+    from tests.engine import assert_batched_like_alone
+
+    fam = lab.family(family)
+    text = encoder_outputs(lab, family, P, "")
+    cases = [(text, {"seed": 1})]
+    for seed, mask in ((2, None), (3, MASK)):
+        params = VaeEncodeParams(family=family, height=64, width=64, seed=seed, purpose="image")
+        encoded = encode_edits(fam.vae, [prepare_edit(fam.vae, IMAGE, mask, params)])[0]
+        cases.append((text | encoded | {"image_latents": encoded["latents"]}, {"seed": seed, "strength": 1.0}))
+    common = {"height": 64, "width": 64, "num_inference_steps": 3, "guidance_scale": 3.0}
+    assert_batched_like_alone(fam.denoiser, [(tensors, common | kw) for tensors, kw in cases])

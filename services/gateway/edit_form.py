@@ -126,8 +126,12 @@ async def read_form(form: Any) -> EditForm:
     a field is sent twice or a file where text belongs."""
     text: dict[str, str] = {}
     files: dict[str, bytes] = {}
+    loras: list[dict[str, Any]] = []
     for name, value in form.multi_items():
         key = name.removesuffix("[]")
+        if key.startswith(_SDK_LORA) and isinstance(value, str):
+            _sdk_lora_field(loras, key.removeprefix(_SDK_LORA).rstrip("]"), value)
+            continue
         if key in text or key in files:
             raise _bad(f"{key}: sent more than once; edits take one image and at most one mask")
         if key in FILE_FIELDS:
@@ -138,7 +142,24 @@ async def read_form(form: Any) -> EditForm:
             text[key] = value
     if "image" not in files:
         raise _bad("image: missing; send the image to edit as a multipart/form-data file field 'image'")
+    if loras:
+        if "loras" in text:
+            raise _bad("loras: sent both as JSON and as loras[][name] fields; send one")
+        text["loras"] = json.dumps(loras)
     return EditForm(fields=parse_fields(text), image=files["image"], mask=files.get("mask"))
+
+
+_SDK_LORA = "loras[]["  # how the openai SDK sends extra_body={"loras": [{"name": ..., "scale": ...}]}
+
+
+def _sdk_lora_field(loras: list[dict[str, Any]], attr: str, value: str) -> None:
+    """One `loras[][name]` / `loras[][scale]` field: a name starts the next LoRA, a scale is a number."""
+    if attr == "name" or not loras or attr in loras[-1]:
+        loras.append({})
+    try:
+        loras[-1][attr] = float(value) if attr == "scale" else value
+    except ValueError:
+        raise _bad(f"loras: scale {value!r} is not a number") from None
 
 
 def _open(data: bytes, field: str, max_pixels: int, formats: list[str]) -> Any:

@@ -239,15 +239,18 @@ def test_cancelling_an_edit_stops_it(sd3_mesh: Mesh) -> None:
 # Every other family, and a LoRA workflow, through the openai client on the whole-catalogue mesh
 # (the e2e tests' `mesh`), against its diffusers pipeline within the oracle's bounds.
 FAMILY_EDITS = [
-    ("flux", True, "FluxInpaintPipeline"),
-    ("sd35-large-lora", False, "StableDiffusion3Img2ImgPipeline"),
-    ("sd15", True, "StableDiffusionInpaintPipeline"),
-    ("sdxl", False, "StableDiffusionXLImg2ImgPipeline"),
+    ("flux", True, "FluxInpaintPipeline", None),
+    ("sd35-large-lora", False, "StableDiffusion3Img2ImgPipeline", [("sd35-large-lora-b", 0.7)]),
+    ("flux-lora", False, "FluxImg2ImgPipeline", None),  # its default LoRA
+    ("sd15", True, "StableDiffusionInpaintPipeline", None),
+    ("sdxl", False, "StableDiffusionXLImg2ImgPipeline", None),
 ]
 
 
-@pytest.mark.parametrize(("workflow", "inpaint", "pipeline"), FAMILY_EDITS, ids=[f[0] for f in FAMILY_EDITS])
-def test_every_family_edits_as_its_pipeline(mesh: Mesh, settings, workflow: str, inpaint: bool, pipeline: str) -> None:
+@pytest.mark.parametrize(("workflow", "inpaint", "pipeline", "loras"), FAMILY_EDITS, ids=[f[0] for f in FAMILY_EDITS])
+def test_every_family_edits_as_its_pipeline(
+    mesh: Mesh, settings, workflow: str, inpaint: bool, pipeline: str, loras
+) -> None:
     import diffusers
 
     from baseline.pipelines import build_reference_pipeline, load_reference_loras
@@ -258,7 +261,9 @@ def test_every_family_edits_as_its_pipeline(mesh: Mesh, settings, workflow: str,
     image = picture(64, 64)  # of the output size: the UNet img2img pipelines take no size
     mask = np.zeros((64, 64, 4), dtype=np.uint8) + 255
     mask[:, 32:, 3] = 0
-    extra = {"strength": 0.75, "num_inference_steps": 4, "seed": 5, "guidance_scale": 3.0}
+    extra: dict = {"strength": 0.75, "num_inference_steps": 4, "seed": 5, "guidance_scale": 3.0}
+    if loras:  # as the SDK sends a list: loras[][name], loras[][scale]
+        extra["loras"] = [{"name": name, "scale": scale} for name, scale in loras]
     form = {"mask": ("m.png", png(mask), "image/png")} if inpaint else {}
     result = client(mesh).images.edit(
         image=("i.png", png(image), "image/png"), prompt=PROMPT, model=workflow, extra_body=extra, **form
@@ -268,8 +273,8 @@ def test_every_family_edits_as_its_pipeline(mesh: Mesh, settings, workflow: str,
     assert got.shape == (64, 64, 3)
 
     base = build_reference_pipeline(settings, family=spec.family)
-    if spec.default_loras:  # a -lora workflow: its default LoRA, as the request names none
-        load_reference_loras(base, [(lora.name, lora.scale) for lora in spec.default_loras], settings)
+    if spec.loras:  # a -lora workflow: the request's LoRAs, or its default one
+        load_reference_loras(base, loras or [(lora.name, lora.scale) for lora in spec.default_loras], settings)
     pipe = getattr(diffusers, pipeline).from_pipe(base)
     pipe.set_progress_bar_config(disable=True)
     args = {

@@ -16,6 +16,7 @@ from services.gateway.edit_form import (
     edit_size,
     generation_body,
     parse_fields,
+    read_form,
 )
 from services.gateway.errors import APIError
 from shared.messages import DenoiseParams, StepKind, VaeEncodeParams
@@ -122,3 +123,28 @@ def test_the_form_becomes_a_generation_body() -> None:
     assert body.loras is not None and (body.loras[0].name, body.loras[0].scale) == ("sd3-lora-a", 0.5)
     with pytest.raises(APIError, match="loras: "):
         generation_body(parse_fields({"prompt": "a", "loras": "sd3-lora-a"}), 64, 64)
+
+
+def test_loras_come_as_json_or_as_the_openai_sdk_sends_a_list() -> None:
+    """extra_body={"loras": [...]} reaches the form as repeated loras[][name] / loras[][scale] fields."""
+    import asyncio
+
+    from starlette.datastructures import FormData, UploadFile
+
+    image = UploadFile(io.BytesIO(b"png"), filename="i.png")
+    sdk = FormData(
+        [
+            ("prompt", "a"),
+            ("loras[][name]", "sd3-lora-a"),
+            ("loras[][scale]", "0.5"),
+            ("loras[][name]", "sd3-lora-b"),
+            ("image", image),
+        ]
+    )
+    sent = asyncio.run(read_form(sdk))
+    assert sent.image == b"png" and sent.mask is None
+    body = generation_body(sent.fields, 64, 64)
+    assert [(lora.name, lora.scale) for lora in body.loras or []] == [("sd3-lora-a", 0.5), ("sd3-lora-b", 1.0)]
+    twice = FormData([("prompt", "a"), ("image", image), ("image[]", image)])
+    with pytest.raises(APIError, match="more than once"):
+        asyncio.run(read_form(twice))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, StringConstraints, model_validator
 
@@ -111,6 +111,9 @@ class DenoiseParams(StepParamsModel):
     negative_prompt: str | None = None
     controlnet: ControlNetChoice | None = None
     loras: list[LoraChoice] = Field(default_factory=list)
+    # An edit (image-to-image, inpainting): how far the request's image is noised before
+    # denoising, as the diffusers img2img / inpaint pipelines' `strength`; None: text-to-image.
+    strength: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class ControlNetParams(StepParamsModel):
@@ -128,8 +131,10 @@ class VaeDecodeParams(StepParamsModel):
 
 
 class VaeEncodeParams(StepParamsModel):
-    """A control image to ControlNet latents, as the family's ControlNet pipeline prepares them
-    (same size, seed, images per prompt and guidance as the request)."""
+    """An image to latents. `purpose` "control": a control image to ControlNet latents, as the
+    family's ControlNet pipeline prepares them (same size, seed, images per prompt and guidance
+    as the request); "image": an edit's input image (and its mask, when inpainting) to the
+    image latents (and latent-size mask) the img2img / inpaint pipelines start from."""
 
     family: str
     height: int = Field(ge=8)
@@ -137,6 +142,7 @@ class VaeEncodeParams(StepParamsModel):
     seed: int = Field(ge=0)
     n: int = Field(1, ge=1)
     guidance_scale: float = 0.0
+    purpose: Literal["control", "image"] = "control"
 
 
 StepParams = EncodeParams | DenoiseParams | ControlNetParams | VaeDecodeParams | VaeEncodeParams

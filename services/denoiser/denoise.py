@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from services.denoiser.families import FAMILY_LOOPS
-from services.denoiser.loop import DenoiseInputs, DenoiseLoop, FamilyLoop, run_loop
+from services.denoiser.families import EDIT_LOOPS, FAMILY_LOOPS
+from services.denoiser.loop import DenoiseInputs, DenoiseLoop, FamilyLoop, LoopFn, run_loop
 from shared.zoo import DenoiserBundle
 from shared.zoo.families import family
 
@@ -24,6 +24,19 @@ def _loop_of(name: str) -> FamilyLoop:
         return FAMILY_LOOPS[name]
     except KeyError:
         raise ValueError(f"no denoising loop for family {name!r} (have: {sorted(FAMILY_LOOPS)})") from None
+
+
+def _edit_loop_of(name: str, inputs: DenoiseInputs) -> LoopFn:
+    """The family's edit loop (img2img, inpainting); ValueError for a family without one, or
+    an edit with a ControlNet (no edit pipeline takes one)."""
+    if inputs.control is not None:
+        raise ValueError("an edit (strength set) takes no ControlNet")
+    if not 0 < (inputs.strength or 0) <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {inputs.strength}")
+    try:
+        return EDIT_LOOPS[name]
+    except KeyError:
+        raise ValueError(f"no edit loop for family {name!r} (have: {sorted(EDIT_LOOPS)})") from None
 
 
 def warm_up_inputs(bundle: DenoiserBundle) -> dict[str, torch.Tensor]:
@@ -46,6 +59,8 @@ def denoise_loop(bundle: DenoiserBundle, inputs: DenoiseInputs) -> DenoiseLoop:
         raise ValueError("num_images and num_inference_steps must be >= 1")
     if inputs.control is not None and descriptor.controlnet is None:
         raise ValueError(f"{bundle.model_id} takes no ControlNet")
+    if inputs.strength is not None:
+        return _edit_loop_of(descriptor.name, inputs)(bundle, fresh_scheduler(bundle.scheduler), inputs)
     return _loop_of(descriptor.name).loop(bundle, fresh_scheduler(bundle.scheduler), inputs)
 
 

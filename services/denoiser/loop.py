@@ -114,7 +114,9 @@ class DenoiseInputs:
     `tensors`: the encoders' outputs the family needs (`FamilyDescriptor.denoiser_inputs`),
     each two rows [prompt, negative_prompt]; the negative row is read only with
     classifier-free guidance (guidance_scale > 1), and not at all by guidance-distilled
-    families (flux). Other entries are ignored. `n`: images per prompt.
+    families (flux). Other entries are ignored, but for an edit (`strength` set): its
+    "image_latents" (1, C, h, w), as the VAE's `encode_edits` made them, and, inpainting, its
+    "mask" (1, 1, h, w). `n`: images per prompt.
     `negative_prompt`: the text, read by families whose loop needs it (SDXL: empty or None
     means zero negative embeddings when the bundle has `force_zeros_for_empty_prompt`, as the
     pipeline's None). `on_step(done, total)` follows the pipeline's progress bar;
@@ -130,6 +132,7 @@ class DenoiseInputs:
     n: int = 1
     negative_prompt: str | None = None
     control: ControlSpec | None = None
+    strength: float | None = None  # an edit: the family's edit loop, from tensors["image_latents"]
     on_step: Callable[[int, int], None] | None = None
     should_stop: Callable[[], bool] | None = None
 

@@ -47,7 +47,7 @@ class DenoiserRunner:
             loop = denoise_loop(self.bundle, loop_inputs)  # checks the inputs against the family's descriptor
             if self.engine is not None:  # joins the running batch at its next step (on a group: at its degree)
                 facts = RequestFacts(
-                    label=step.request_id, steps=p.num_inference_steps, deadline=step.deadline, inputs=loop_inputs
+                    label=step.request_id, steps=self._steps_run(p), deadline=step.deadline, inputs=loop_inputs
                 )
                 latents = self.engine.submit(loop, loras, facts).result()
             else:
@@ -61,6 +61,16 @@ class DenoiserRunner:
             if remote_cn is not None:
                 remote_cn.close()
         return {"latents": latents}
+
+    def _steps_run(self, params: DenoiseParams) -> int:
+        """The denoising steps the request runs: an edit runs the last `strength` of its schedule."""
+        if params.strength is None:
+            return params.num_inference_steps
+        from shared.workflows.edits import edit_steps
+        from shared.zoo.families import family
+
+        unet = family(self.bundle.family).is_unet
+        return edit_steps(params.num_inference_steps, params.strength, unet)[1]
 
     def _control(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> tuple[Any, Any]:
         """The ControlSpec of a ControlNet workflow (None otherwise), calling the adapters service."""

@@ -43,11 +43,14 @@ def _invalid(message: str) -> APIError:
 
 
 def admit(
-    body: ImageGenerationRequest, workflow: WorkflowSpec, max_image_pixels: int = Settings.max_image_pixels
+    body: ImageGenerationRequest,
+    workflow: WorkflowSpec,
+    max_image_pixels: int = Settings.max_image_pixels,
+    strength: float | None = None,
 ) -> Admitted:
     """Validate `body` for `workflow` (raises APIError 422, or 413 for a control image of more
     than `max_image_pixels`) and build its params; decodes the control image, so call it off
-    the event loop."""
+    the event loop. `strength`: an edit's (its workflow from `shared.workflows.edits`)."""
     fields = resolve(body, workflow)  # the OpenAI fields: size, n, encoding, response_format (or 400)
     width, height = fields.width, fields.height
     tensors: dict[str, RawTensor] = {}
@@ -69,6 +72,7 @@ def admit(
         n=fields.n,
         controlnet=controlnet,
         loras=_loras(body, workflow) if workflow.loras else [],
+        strength=strength,
     )
     try:
         steps = step_params(workflow, request)

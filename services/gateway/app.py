@@ -25,7 +25,7 @@ from services.gateway.limits import BodyLimits
 from services.gateway.openapi import COMMON_ERRORS, install_openapi
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
-from services.gateway.routers import files, health, images, keys, models, requests, status
+from services.gateway.routers import edits, files, health, images, keys, models, requests, status
 from shared import metrics, tracing
 from shared.bus import Bus
 from shared.presence import ensure_buckets
@@ -69,6 +69,7 @@ ROUTERS: tuple[tuple[APIRouter, Scope | None], ...] = (
     (models.router, Scope.GENERATE),  # /v1/workflows: what a client may ask for
     (images.router, Scope.GENERATE),
     (files.router, None),  # image links: the random token in the link is the capability (image_files.py)
+    (edits.router, Scope.GENERATE),
     (requests.router, Scope.GENERATE),
     (keys.router, Scope.ADMIN),
 )

@@ -92,7 +92,7 @@ class BodyLimits:
             return
         try:
             self._check_length_header(scope)
-            body, more = await self._read(receive)
+            body, more = await self._read(receive, json_body=not _is_multipart(scope))
         except BodyRefused as exc:
             await _refuse(send, exc)
             return
@@ -108,9 +108,10 @@ class BodyLimits:
                 if length > self.max_body_bytes:
                     raise BodyRefused(413, "body_too_large", self._too_large())
 
-    async def _read(self, receive: Receive) -> tuple[bytes, Message | None]:
-        """The whole body, counted and scanned as it streams in; and a non-body message (a
-        disconnect) met on the way, to hand on to the app."""
+    async def _read(self, receive: Receive, json_body: bool = True) -> tuple[bytes, Message | None]:
+        """The whole body, counted and scanned as it streams in (a multipart form, `json_body`
+        False, is counted only: its files are binary); and a non-body message (a disconnect)
+        met on the way, to hand on to the app."""
         chunks: list[bytes] = []
         size = 0
         scanner = DepthScanner(self.max_depth)
@@ -122,7 +123,8 @@ class BodyLimits:
             size += len(chunk)
             if size > self.max_body_bytes:
                 raise BodyRefused(413, "body_too_large", self._too_large())
-            scanner.feed(chunk)
+            if json_body:
+                scanner.feed(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
@@ -132,6 +134,14 @@ class BodyLimits:
             f"request body is larger than the gateway's limit of {self.max_body_bytes} bytes "
             f"({self.max_body_bytes / 2**20:g} MiB, LEGO_MAX_BODY_BYTES)"
         )
+
+
+def _is_multipart(scope: Scope) -> bool:
+    """A multipart/form-data body (an image edit's): bytes, not JSON, so no nesting to measure."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            return bytes(value).lower().startswith(b"multipart/form-data")
+    return False
 
 
 def _replay(body: bytes, pending: Message | None, receive: Receive) -> Receive:

@@ -1,5 +1,6 @@
-"""The VAE service's two jobs: latents to pixels (end of every pipeline), and a control image
-to the latents a ControlNet takes (step 3 of the ControlNet pipelines).
+"""The VAE service's jobs: latents to pixels (end of every pipeline), a control image to the
+latents a ControlNet takes (step 3 of the ControlNet pipelines), and an edit's image (with its
+mask when inpainting) to the latents the img2img / inpaint pipelines start from.
 
 Why uint8 (n, H, W, 3) and not PIL: that is exactly the array `VaeImageProcessor.numpy_to_pil`
 builds before wrapping it in PIL images, so the mesh can compare, encode or ship it without
@@ -8,6 +9,8 @@ images arrive the same way, as uint8 (H, W, 3).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -91,3 +94,93 @@ def encode_control_image(
             n, c, h, w = latents.shape
             latents = FluxPipeline._pack_latents(latents, n, c, h, w)
     return latents
+
+
+@dataclass(frozen=True)
+class EditImage:
+    """One edit's input, preprocessed as the img2img / inpaint pipelines preprocess it: `image`
+    (1, 3, H, W) float32 in [-1, 1] at the requested size, the request `seed` its latents are
+    sampled with, and `mask` (1, 1, h, w) float32, 1 where the image is repainted, at the
+    latents' size (None: image-to-image)."""
+
+    image: torch.Tensor
+    seed: int
+    mask: torch.Tensor | None = None
+
+
+def _edit_processors(bundle: VaeBundle, packed: bool) -> tuple[VaeImageProcessor, VaeImageProcessor]:
+    """The pipelines' `image_processor` and `mask_processor` (Flux's round to 16: 8 x its 2x2 packing)."""
+    factor = _scale_factor(bundle) * (2 if packed else 1)
+    channels = bundle.vae.config.latent_channels
+    image = VaeImageProcessor(vae_scale_factor=factor, vae_latent_channels=channels)
+    mask = VaeImageProcessor(
+        vae_scale_factor=factor,
+        vae_latent_channels=channels,
+        do_normalize=False,
+        do_binarize=True,
+        do_convert_grayscale=True,
+    )
+    return image, mask
+
+
+def prepare_edit(
+    bundle: VaeBundle, pixels: torch.Tensor, mask: torch.Tensor | None, params: VaeEncodeParams
+) -> EditImage:
+    """An edit's image (uint8 (H', W', 3), any size) and mask (uint8 (H', W'), 255 where the
+    image is repainted, diffusers' convention) as the pipelines prepare them: both resized to
+    params.height x params.width by the pipeline's processors (`preprocess`), the mask binarised
+    and brought to the latents' size by `prepare_mask_latents`' nearest interpolation."""
+    from PIL import Image
+
+    if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != torch.uint8:
+        raise ValueError(f"an edit's image must be uint8 (H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
+    desc = family_descriptor(params.family)
+    image_processor, mask_processor = _edit_processors(bundle, desc.packs_latents)
+    h, w = params.height, params.width
+    image = image_processor.preprocess(Image.fromarray(pixels.cpu().numpy()), height=h, width=w)
+    if mask is None:
+        return EditImage(image=image.to(torch.float32), seed=params.seed)
+    if mask.ndim != 2 or mask.dtype != torch.uint8 or tuple(mask.shape) != tuple(pixels.shape[:2]):
+        raise ValueError(
+            f"an edit's mask must be uint8 (H, W) of the image's size {tuple(pixels.shape[:2])}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    condition = mask_processor.preprocess(Image.fromarray(mask.cpu().numpy()), height=h, width=w)
+    scale = _scale_factor(bundle)
+    if desc.packs_latents:  # FluxInpaintPipeline: latents' sides even, for the 2x2 packing
+        size = (2 * (h // (scale * 2)), 2 * (w // (scale * 2)))
+    else:
+        size = (h // scale, w // scale)
+    # Contiguous, as it arrives over the tensor plane: the layout of what the mask is blended
+    # into decides the layout of the latents the UNet then takes, and so its rounding.
+    latent_mask = torch.nn.functional.interpolate(condition, size=size).contiguous()
+    return EditImage(image=image.to(torch.float32), seed=params.seed, mask=latent_mask)
+
+
+def encode_edits(bundle: VaeBundle, items: list[EditImage]) -> list[dict[str, torch.Tensor]]:
+    """Edits' images (all of one size) to their image latents in one VAE call, each sampled with
+    its own request's generator, as the pipelines' `_encode_vae_image`: `latent_dist.sample(
+    torch.Generator("cpu").manual_seed(seed))`, then `(sample - shift_factor) * scaling_factor`
+    (shift 0 for VAEs without one: SD1.5's and SDXL's `scaling_factor * sample`).
+    Returns per item {"latents": (1, C, H/8, W/8)} (unpacked, in the VAE's dtype), with its
+    "mask" (1, 1, h, w) when it has one. The sample is the first draw from the request's
+    generator: the denoiser, knowing this, advances its own generator past the same draw.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    vae = bundle.vae
+    device = next(vae.parameters()).device
+    shift = vae.config.shift_factor or 0.0
+    images = torch.cat([item.image for item in items]).to(device=device, dtype=vae.dtype)
+    out: list[dict[str, torch.Tensor]] = []
+    with torch.inference_mode():
+        parameters = vae.encode(images).latent_dist.parameters
+        for i, item in enumerate(items):
+            dist = DiagonalGaussianDistribution(parameters[i : i + 1])
+            sample = dist.sample(torch.Generator("cpu").manual_seed(item.seed))
+            # Contiguous, as the tensor plane carries it (the denoiser lays it out as its pipeline does).
+            result = {"latents": ((sample - shift) * vae.config.scaling_factor).contiguous()}
+            if item.mask is not None:
+                result["mask"] = item.mask
+            out.append(result)
+    return out

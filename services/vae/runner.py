@@ -1,8 +1,9 @@
-"""VAE service: decodes latents into uint8 RGB images, and encodes ControlNet control images.
+"""VAE service: decodes latents into uint8 RGB images, encodes ControlNet control images, and
+encodes an edit's image (and mask) into the latents img2img / inpainting start from.
 
 Decode steps that queue up with latents of one shape are decoded in one call when batching is
-on (`LEGO_VAE_MAX_BATCH`, 4 on a GPU, off on the CPU); a step alone is decoded as the pipeline
-decodes it.
+on (`LEGO_VAE_MAX_BATCH`, 4 on a GPU, off on the CPU), and so are edits' image encodes of one
+size (each sampled with its own seed); a step alone runs as the pipeline runs it.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from shared.zoo.registry import models_of_service
 @dataclass
 class VaeRunner(CoalescingRunner[Any, Any]):  # latents in, uint8 images out (torch tensors)
     # With a max batch > 1 (`LEGO_VAE_MAX_BATCH`; 4 on a GPU): decode steps that queue up with
-    # latents of one shape are decoded in one call (`shared.coalescing_runner`). Encode steps
-    # (one control image per ControlNet request) run alone.
+    # latents of one shape are decoded in one call (`shared.coalescing_runner`), edits' images
+    # of one size encoded in one call. Control images (one per ControlNet request) run alone.
     kinds: tuple[StepKind, ...] = (StepKind.VAE_DECODE, StepKind.VAE_ENCODE)
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         if step.kind == StepKind.VAE_ENCODE:
+            if isinstance(step.params, VaeEncodeParams) and step.params.purpose == "image":
+                return self._encode_edit(step.params, inputs)
             return {"latents": self._encode_control(step, inputs)}
         latents = inputs.get("latents")
         if latents is None or latents.ndim != 4:
@@ -34,19 +37,40 @@ class VaeRunner(CoalescingRunner[Any, Any]):  # latents in, uint8 images out (to
         return {"images": self.run_one(latents)}
 
     def run_many(self, items: list[Any]) -> list[Any]:
-        """Decode several steps' latents (same shape) in one call; one step's as the pipeline does."""
+        """Decode several steps' latents (same shape) in one call, or encode several edits'
+        images (same size); one step's as the pipeline does."""
         import torch
 
-        from services.vae.model import decode
+        from services.vae.model import EditImage, decode, encode_edits
 
+        if isinstance(items[0], EditImage):
+            return encode_edits(self.bundle, items)
         if len(items) == 1:
             return [decode(self.bundle, items[0])]
         images = decode(self.bundle, torch.cat(items))
         return list(torch.split(images, [latents.shape[0] for latents in items]))
 
     def batch_key(self, item: Any) -> tuple:
-        """Latents of other sizes (or dtypes, devices) are decoded apart."""
-        return (tuple(item.shape[1:]), str(item.dtype), str(item.device))
+        """Latents of other sizes (or dtypes, devices) are decoded apart; edits' images of other
+        sizes are encoded apart, and never with latents to decode."""
+        from services.vae.model import EditImage
+
+        if isinstance(item, EditImage):
+            return ("edit", tuple(item.image.shape))
+        return ("decode", tuple(item.shape[1:]), str(item.dtype), str(item.device))
+
+    def _encode_edit(self, params: VaeEncodeParams, inputs: dict[str, Any]) -> dict[str, Any]:
+        """An edit's image (and mask) into its image latents (and latent-size mask)."""
+        from services.vae.model import prepare_edit
+
+        pixels = inputs.get("pixels")
+        if pixels is None:
+            raise BadStepInput("an image vae_encode step needs a uint8 'pixels' input of shape (H, W, 3)")
+        try:
+            item = prepare_edit(self.bundle, pixels, inputs.get("mask"), params)
+        except ValueError as exc:
+            raise BadStepInput(str(exc)) from exc
+        return dict(self.run_one(item))
 
     def _encode_control(self, step: StepRequest, inputs: dict[str, Any]) -> Any:
         """The control image of a ControlNet workflow, into latents as its pipeline prepares them."""

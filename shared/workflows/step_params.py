@@ -19,7 +19,8 @@ from shared.messages import (
     VaeDecodeParams,
     VaeEncodeParams,
 )
-from shared.workflows.spec import NodeSpec, WorkflowSpec
+from shared.workflows.edits import EDIT_IMAGE, edit_steps
+from shared.workflows.spec import REQUEST, NodeSpec, WorkflowSpec
 from shared.zoo.families import EncoderUse, FamilyDescriptor, family
 
 
@@ -52,7 +53,7 @@ def _encode(desc: FamilyDescriptor, node: NodeSpec, req: RequestParams) -> Encod
 
 # The request fields a denoising loop seeds and steps by; a ControlNet's control image is
 # encoded with the same ones (less the step count), so its latents fit the loop's.
-_LOOP_FIELDS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "n")
+_LOOP_FIELDS = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "n", "strength")
 _CONTROL_FIELDS = ("height", "width", "guidance_scale", "seed", "n")
 
 
@@ -69,6 +70,15 @@ def _denoise(desc: FamilyDescriptor, workflow: WorkflowSpec, req: RequestParams)
     )
 
 
+def _vae_encode(desc: FamilyDescriptor, node: NodeSpec, req: RequestParams) -> VaeEncodeParams:
+    """A control image's encode, or an edit's image (the node that reads `request.image`)."""
+    if node.inputs.get("pixels") == f"{REQUEST}.{EDIT_IMAGE}":
+        if req.strength is None:
+            raise ValueError("an edit needs a strength (0 < strength <= 1)")
+        return VaeEncodeParams(family=desc.name, purpose="image", **_fields(req, _CONTROL_FIELDS))
+    return VaeEncodeParams(family=desc.name, **_fields(req, _CONTROL_FIELDS))
+
+
 def step_params(workflow: WorkflowSpec, req: RequestParams) -> dict[str, StepParams]:
     """Each node's typed params for `req` (node id -> params). Raises ValueError for a request
     the workflow's family cannot take (a size off its multiple, a negative prompt for a
@@ -79,6 +89,14 @@ def step_params(workflow: WorkflowSpec, req: RequestParams) -> dict[str, StepPar
         raise ValueError(f"workflow {workflow.name!r} takes no negative_prompt (its model is guidance-distilled)")
     if workflow.controlnets and req.controlnet is None:
         raise ValueError(f"workflow {workflow.name!r} needs a controlnet")
+    edits = any(node.inputs.get("pixels") == f"{REQUEST}.{EDIT_IMAGE}" for node in workflow.nodes)
+    if req.strength is not None and not edits:
+        raise ValueError(f"workflow {workflow.name!r} edits no image, so it takes no strength")
+    if req.strength is not None and edit_steps(req.num_inference_steps, req.strength, desc.is_unet)[1] < 1:
+        raise ValueError(
+            f"strength {req.strength} of {req.num_inference_steps} steps leaves no denoising step for "
+            f"{workflow.name!r}: raise strength or num_inference_steps"
+        )
     out: dict[str, StepParams] = {}
     for node in workflow.nodes:
         if node.kind == StepKind.ENCODE:
@@ -86,7 +104,7 @@ def step_params(workflow: WorkflowSpec, req: RequestParams) -> dict[str, StepPar
         elif node.kind == StepKind.DENOISE:
             out[node.id] = _denoise(desc, workflow, req)
         elif node.kind == StepKind.VAE_ENCODE:
-            out[node.id] = VaeEncodeParams(family=desc.name, **_fields(req, _CONTROL_FIELDS))
+            out[node.id] = _vae_encode(desc, node, req)
         elif node.kind == StepKind.VAE_DECODE:
             out[node.id] = VaeDecodeParams()
         else:

@@ -200,3 +200,12 @@ def test_a_client_deadline_passing_says_it_was_the_clients_and_where_the_request
 def test_the_servers_own_timeout_still_hints_at_missing_services():
     message = _timed_out(None)
     assert "300s" in message and "is every service running?" in message
+
+
+def test_a_multipart_body_is_counted_but_not_read_as_json():
+    """An image edit's form carries binary files, where '[' bytes mean nothing: only its size is checked."""
+    multipart = [(b"content-type", b"multipart/form-data; boundary=xyz")]
+    status, body, _ = _call([b"[" * 900], headers=multipart)
+    assert (status, body) == (200, b"900")
+    status, _, _ = _call([b"[" * 600, b"[" * 600], headers=multipart)
+    assert status == 413

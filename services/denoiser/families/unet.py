@@ -22,6 +22,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from services.denoiser.edits import start_unet_edit
 from services.denoiser.loop import TransformerCall, guide, guided_input
 from shared.zoo.families import FAMILIES
 
@@ -68,13 +69,21 @@ def unet_loop(
     vae_scale = FAMILIES[bundle.family].vae_scale_factor
     shape = (inputs.n, unet.config.in_channels, inputs.height // vae_scale, inputs.width // vae_scale)
     generator = inputs.generator()
-    latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    edit = None
+    if inputs.strength is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        latents = latents * scheduler.init_noise_sigma
+    else:  # img2img / inpaint: the pipelines' get_timesteps set the begin index already
+        here = {"device": device, "dtype": prompt_embeds.dtype}
+        timesteps, num_inference_steps, latents, edit = start_unet_edit(
+            scheduler, inputs, num_inference_steps, shape, generator, here
+        )
+        set_begin_index = False
     extra_step_kwargs = _extra_step_kwargs(scheduler, generator)
     if set_begin_index and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
 
-    for _, t in inputs.steps(timesteps, num_inference_steps, scheduler.order):
+    for i, t in inputs.steps(timesteps, num_inference_steps, scheduler.order):
         latent_model_input = guided_input(latents, do_cfg)
         if hasattr(scheduler, "scale_model_input"):
             latent_model_input = scheduler.scale_model_input(latent_model_input, t)
@@ -93,4 +102,6 @@ def unet_loop(
         if do_cfg:
             noise_pred = guide(noise_pred, inputs.guidance_scale)
         latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+        if edit is not None:
+            latents = edit.after_step(scheduler, latents, timesteps, i)
     return latents

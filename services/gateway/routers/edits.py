@@ -1,0 +1,146 @@
+"""`POST /v1/images/edits`: OpenAI's image edits (multipart) on the mesh: image-to-image without
+a mask, inpainting with one.
+
+An edit runs its workflow's edit variant (`shared.workflows.edits`: the family's VAE encodes
+the image, the denoiser starts from it), admitted as a generation is (`admission.admit`, from
+the same body the form becomes), with the same request ids, priority, rate limit, overload
+refusal, progress events, cancel and answers; the image and mask travel as request tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from services.gateway.admission import admit
+from services.gateway.answering import answer
+from services.gateway.deps import (
+    InFlightDep,
+    LoadViewDep,
+    OrchestratorDep,
+    OwnerDep,
+    RateLimiterDep,
+    SettingsDep,
+)
+from services.gateway.edit_form import (
+    STRENGTH_IMG2IMG,
+    STRENGTH_INPAINT,
+    ImageEditForm,
+    decode_image,
+    decode_mask,
+    edit_size,
+    generation_body,
+    read_form,
+)
+from services.gateway.errors import APIError
+from services.gateway.keys.auth import Caller
+from services.gateway.keys.limits import check_in_flight, check_priority
+from services.gateway.orchestrator import RequestFailed
+from services.gateway.overload import refuse_if_overloaded
+from services.gateway.routers.images import _REQUEST_ID, ERRORS
+from services.gateway.schemas import AsyncAccepted, ErrorResponse, ImageGenerationResponse
+from shared import metrics
+from shared.workflows.catalogue import catalogue
+from shared.workflows.edits import EDIT_IMAGE, EDIT_MASK, EditError, edit_workflow
+from shared.zoo.families import family
+
+router = APIRouter()
+
+
+def _body_document() -> dict[str, Any]:
+    """The multipart body, stated in the OpenAPI document (the route reads the form itself, so
+    that every bad field is one 400 naming it)."""
+    schema = ImageEditForm.model_json_schema()
+    schema["properties"] |= {
+        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP to edit"},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "PNG with alpha, the image's size: repainted where fully transparent (alpha 0)",
+        },
+    }
+    schema["required"] = ["image", "prompt"]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+@router.post(
+    "/v1/images/edits",
+    response_model=ImageGenerationResponse,
+    responses={
+        **ERRORS,
+        400: {"model": ErrorResponse, "description": "a bad form field, an unreadable image, a mask of another size"},
+        202: {"model": AsyncAccepted, "description": "accepted (`wait: false`)"},
+    },
+    openapi_extra=_body_document(),
+)
+async def edit(
+    request: Request,
+    settings: SettingsDep,
+    orchestrator: OrchestratorDep,
+    load_view: LoadViewDep,
+    in_flight: InFlightDep,
+    caller: Caller,
+    owner: OwnerDep,
+    rate_limiter: RateLimiterDep,
+    x_request_id: str | None = Header(
+        None,
+        description="optional id to follow the request's progress: 1-64 letters, digits, '-' or '_' (else 400)",
+        json_schema_extra={"pattern": _REQUEST_ID.pattern},
+    ),
+) -> ImageGenerationResponse | JSONResponse:
+    """Edit an image: without `mask`, image-to-image (the whole image redrawn, `strength` of the
+    way); with one, inpainting (only where the mask is transparent). The image and mask are
+    resized to `size` (default: the image's size, rounded down to the workflow's multiple)."""
+    async with request.form(max_files=2, max_fields=64) as form:
+        sent = await read_form(form)
+    fields = sent.fields
+    name = fields.workflow or fields.model or settings.default_workflow
+    if name not in catalogue():
+        raise APIError(404, "unknown_workflow", f"unknown workflow {name!r}; known: {', '.join(sorted(catalogue()))}")
+    try:
+        workflow = edit_workflow(name, inpaint=sent.mask is not None)
+    except EditError as exc:
+        raise APIError(400, "invalid_request", str(exc)) from None
+    if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
+        raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
+    image = await asyncio.to_thread(decode_image, sent.image, settings.max_image_pixels)
+    image_size = (image.shape[1], image.shape[0])
+    tensors = {EDIT_IMAGE: image}
+    if sent.mask is not None:
+        tensors[EDIT_MASK] = await asyncio.to_thread(decode_mask, sent.mask, image_size, settings.max_image_pixels)
+    width, height = edit_size(fields, image_size, family(workflow.family).size_multiple)
+    body = generation_body(fields, width, height)
+    strength = fields.strength or (STRENGTH_INPAINT if sent.mask is not None else STRENGTH_IMG2IMG)
+    request_id = x_request_id or uuid.uuid4().hex
+    check_priority(caller, body.priority)
+    rate_limiter.take(caller)
+    admitted = await asyncio.to_thread(admit, body, workflow, settings.max_image_pixels, strength)
+    admitted.tensors |= tensors
+    try:
+        await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s, body.priority)
+    except APIError:
+        metrics.request_refused(workflow.name, "overloaded", body.priority)
+        raise
+    check_in_flight(caller, orchestrator.running_for(owner))  # no await from here to create: no race
+    try:
+        state = orchestrator.create(
+            request_id, workflow, admitted.steps, timeout_s=body.timeout_s, owner=owner, priority=body.priority
+        )
+    except RequestFailed as exc:
+        raise APIError(409, exc.error.code, exc.error.message) from exc
+    if body.wait:
+        return await answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding)
+    in_flight.answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding)
+    accepted = AsyncAccepted(
+        request_id=request_id,
+        status="running",
+        seed=admitted.request.seed,
+        workflow=workflow.name,
+        status_url=f"/v1/requests/{request_id}",
+        events_url=f"/v1/requests/{request_id}/events",
+    )
+    return JSONResponse(accepted.model_dump(), status_code=202)

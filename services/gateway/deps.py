@@ -18,6 +18,7 @@ from services.gateway.keys.limits import RateLimiter
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
 from services.gateway.request_state import Owner, RequestState
+from services.gateway.running import Gateway
 from shared.bus import Bus
 from shared.settings import Settings
 
@@ -50,6 +51,12 @@ def get_rate_limiter(request: Request) -> RateLimiter:
     return request.app.state.rate_limiter
 
 
+def get_gateway(request: Request) -> Gateway:
+    """What running an admitted request needs (`running.run_admitted`)."""
+    state = request.app.state
+    return Gateway(state.settings, state.orchestrator, state.load_view, state.in_flight, state.image_files)
+
+
 def get_owner(caller: Caller) -> Owner:
     """The caller as a request's owner (empty when auth is off)."""
     return Owner(key_id=caller.key_id, name=caller.name if caller.key_id else "")
@@ -63,6 +70,7 @@ InFlightDep = Annotated[InFlight, Depends(get_in_flight)]
 ImageFilesDep = Annotated[ImageFiles, Depends(get_image_files)]
 RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
 OwnerDep = Annotated[Owner, Depends(get_owner)]
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
 def get_request_state(request_id: str, orchestrator: OrchestratorDep, owner: OwnerDep) -> RequestState:

@@ -19,24 +19,23 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from services.gateway.encoding import OutputFormat
 from services.gateway.errors import APIError
+from services.gateway.openai_fields import unsupported
 from services.gateway.schemas import (
     MAX_GUIDANCE,
-    MAX_IMAGES,
     MAX_LORAS,
     MAX_PRIORITY,
     MAX_PROMPT_CHARS,
     MAX_SIDE,
     MAX_STEPS,
     MAX_TIMEOUT_S,
-    MAX_USER_CHARS,
     MIN_SIDE,
     MIN_TIMEOUT_S,
     ImageGenerationRequest,
     LoraInput,
+    OpenAIImageFields,
     parse_size,
 )
 from shared.tensor_plane import RawTensor
@@ -46,21 +45,20 @@ STRENGTH_INPAINT = 1.0  # the masked region repainted from noise, as OpenAI's ed
 FILE_FIELDS = ("image", "mask")
 
 
-class ImageEditForm(BaseModel):
-    """The form's text fields (the files are `image` and `mask`). Read leniently: a form has
-    only text, so "2" is 2 and "false" is False."""
+class ImageEditForm(OpenAIImageFields):
+    """The form's text fields (the files are `image` and `mask`): OpenAI's fields, as for a
+    generation and with the same meanings and refusals (`openai_fields`), except `size`; our
+    extras; `strength`. Read leniently: a form has only text, so "2" is 2 and "false" is False."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=False, extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what the edited image shows")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"images to make, 1-{MAX_IMAGES}")
     size: str | None = Field(
         None,
         description=f"WIDTHxHEIGHT ({MIN_SIDE}-{MAX_SIDE}, the workflow's multiple): the image (and mask) are "
         "resized to it, as diffusers' pipelines resize; absent or 'auto': the image's size, rounded down to the "
         "workflow's multiple",
     )
-    response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: images come inline")
     model: str | None = Field(None, description="OpenAI-compatible alias of `workflow`")
     workflow: str | None = Field(
         None, description="a text-to-image workflow (GET /v1/workflows), -lora ones included; not -controlnet"
@@ -77,13 +75,12 @@ class ImageEditForm(BaseModel):
     guidance_scale: float = Field(7.0, ge=0.0, le=MAX_GUIDANCE)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     loras: str | None = Field(None, description='JSON list, e.g. [{"name": "sd3-lora-a", "scale": 0.8}]')
-    output_format: OutputFormat = "png"
-    output_quality: int | None = Field(None, ge=1, le=100)
     priority: int = Field(0, ge=0, le=MAX_PRIORITY)
     wait: bool = True
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)
-    user: str | None = Field(None, max_length=MAX_USER_CHARS)
-    quality: str | None = Field(None, max_length=MAX_USER_CHARS)
+    input_fidelity: Literal["high", "low"] | None = Field(
+        None, description="accepted, no effect: `strength` sets how much of the image is kept"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -132,6 +129,8 @@ async def read_form(form: Any) -> EditForm:
         if key.startswith(_SDK_LORA) and isinstance(value, str):
             _sdk_lora_field(loras, key.removeprefix(_SDK_LORA).rstrip("]"), value)
             continue
+        if key == "markup" or key.startswith("svg["):
+            raise _unsupported_field(key)
         if key in text or key in files:
             raise _bad(f"{key}: sent more than once; edits take one image and at most one mask")
         if key in FILE_FIELDS:
@@ -147,6 +146,13 @@ async def read_form(form: Any) -> EditForm:
             raise _bad("loras: sent both as JSON and as loras[][name] fields; send one")
         text["loras"] = json.dumps(loras)
     return EditForm(fields=parse_fields(text), image=files["image"], mask=files.get("mask"))
+
+
+def _unsupported_field(key: str) -> APIError:
+    """OpenAI's fields for outputs these models do not make (a markup overlay, SVG)."""
+    if key == "markup":
+        return unsupported("markup", "a file", "no markup overlay is drawn here", "send a mask (alpha 0: repaint)")
+    return unsupported(key, "set", "these models draw raster images, not SVG", "send output_format png, jpeg or webp")
 
 
 _SDK_LORA = "loras[]["  # how the openai SDK sends extra_body={"loras": [{"name": ..., "scale": ...}]}
@@ -245,5 +251,5 @@ def generation_body(fields: ImageEditForm, width: int, height: int) -> ImageGene
             loras = [LoraInput.model_validate(item) for item in raw]
         except (ValueError, ValidationError) as exc:
             raise _bad(f'loras: {exc}; send a JSON list such as [{{"name": "sd3-lora-a", "scale": 0.8}}]') from None
-    body = fields.model_dump(exclude={"size", "strength", "loras"})
+    body = fields.model_dump(exclude={"size", "strength", "loras", "input_fidelity"})
     return ImageGenerationRequest.model_validate(body | {"size": f"{width}x{height}", "loras": loras})

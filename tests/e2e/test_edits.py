@@ -202,6 +202,29 @@ def test_openai_client_sees_the_400(sd3_mesh: Mesh) -> None:
         )
 
 
+def test_edits_take_the_openai_fields_as_generations_do(sd3_mesh: Mesh) -> None:
+    """The SDK's fields mean on edits what they mean on generations: a link to the image, a
+    JPEG at output_compression, and a value these models cannot honour named in a 400."""
+    quick = {"num_inference_steps": 2, "seed": 11}
+    edits = client(sd3_mesh).images
+    linked = edits.edit(
+        image=("image.png", IMAGE, "image/png"),
+        prompt=PROMPT,
+        size="64x64",
+        response_format="url",
+        output_format="jpeg",
+        output_compression=80,
+        extra_body=quick,
+    )
+    assert linked.data is not None and linked.data[0].url is not None
+    got = Image.open(io.BytesIO(httpx.get(linked.data[0].url, timeout=30).content))
+    assert (got.format, got.size) == ("JPEG", (64, 64))
+    with pytest.raises(openai.BadRequestError, match="background"):
+        edits.edit(image=("image.png", IMAGE, "image/png"), prompt=PROMPT, background="transparent", extra_body=quick)
+    r = _post(sd3_mesh, {"image": ("i.png", IMAGE, "image/png"), "markup": ("m.png", IMAGE, "image/png")})
+    assert r.status_code == 400 and "markup" in r.json()["error"]["message"]
+
+
 def test_edit_docs_state_the_form(sd3_mesh: Mesh) -> None:
     doc = httpx.get(f"{sd3_mesh.url}/openapi.json", timeout=30).json()
     body = doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]

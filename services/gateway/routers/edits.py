@@ -10,22 +10,13 @@ refusal, progress events, cancel and answers; the image and mask travel as reque
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from services.gateway.admission import admit
-from services.gateway.answering import answer
-from services.gateway.deps import (
-    InFlightDep,
-    LoadViewDep,
-    OrchestratorDep,
-    OwnerDep,
-    RateLimiterDep,
-    SettingsDep,
-)
+from services.gateway.deps import GatewayDep, OwnerDep, RateLimiterDep, SettingsDep
 from services.gateway.edit_form import (
     STRENGTH_IMG2IMG,
     STRENGTH_INPAINT,
@@ -38,12 +29,10 @@ from services.gateway.edit_form import (
 )
 from services.gateway.errors import APIError
 from services.gateway.keys.auth import Caller
-from services.gateway.keys.limits import check_in_flight, check_priority
-from services.gateway.orchestrator import RequestFailed
-from services.gateway.overload import refuse_if_overloaded
-from services.gateway.routers.images import _REQUEST_ID, ERRORS
+from services.gateway.keys.limits import check_priority
+from services.gateway.routers.images import ERRORS, REQUEST_ID, checked_request_id
+from services.gateway.running import run_admitted
 from services.gateway.schemas import AsyncAccepted, ErrorResponse, ImageGenerationResponse
-from shared import metrics
 from shared.workflows.catalogue import catalogue
 from shared.workflows.edits import EDIT_IMAGE, EDIT_MASK, EditError, edit_workflow
 from shared.zoo.families import family
@@ -80,16 +69,14 @@ def _body_document() -> dict[str, Any]:
 async def edit(
     request: Request,
     settings: SettingsDep,
-    orchestrator: OrchestratorDep,
-    load_view: LoadViewDep,
-    in_flight: InFlightDep,
+    gateway: GatewayDep,
     caller: Caller,
     owner: OwnerDep,
     rate_limiter: RateLimiterDep,
     x_request_id: str | None = Header(
         None,
         description="optional id to follow the request's progress: 1-64 letters, digits, '-' or '_' (else 400)",
-        json_schema_extra={"pattern": _REQUEST_ID.pattern},
+        json_schema_extra={"pattern": REQUEST_ID.pattern},
     ),
 ) -> ImageGenerationResponse | JSONResponse:
     """Edit an image: without `mask`, image-to-image (the whole image redrawn, `strength` of the
@@ -105,8 +92,7 @@ async def edit(
         workflow = edit_workflow(name, inpaint=sent.mask is not None)
     except EditError as exc:
         raise APIError(400, "invalid_request", str(exc)) from None
-    if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
-        raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
+    request_id = checked_request_id(x_request_id)
     image = await asyncio.to_thread(decode_image, sent.image, settings.max_image_pixels)
     image_size = (image.shape[1], image.shape[0])
     tensors = {EDIT_IMAGE: image}
@@ -115,32 +101,8 @@ async def edit(
     width, height = edit_size(fields, image_size, family(workflow.family).size_multiple)
     body = generation_body(fields, width, height)
     strength = fields.strength or (STRENGTH_INPAINT if sent.mask is not None else STRENGTH_IMG2IMG)
-    request_id = x_request_id or uuid.uuid4().hex
     check_priority(caller, body.priority)
     rate_limiter.take(caller)
     admitted = await asyncio.to_thread(admit, body, workflow, settings.max_image_pixels, strength)
     admitted.tensors |= tensors
-    try:
-        await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s, body.priority)
-    except APIError:
-        metrics.request_refused(workflow.name, "overloaded", body.priority)
-        raise
-    check_in_flight(caller, orchestrator.running_for(owner))  # no await from here to create: no race
-    try:
-        state = orchestrator.create(
-            request_id, workflow, admitted.steps, timeout_s=body.timeout_s, owner=owner, priority=body.priority
-        )
-    except RequestFailed as exc:
-        raise APIError(409, exc.error.code, exc.error.message) from exc
-    if body.wait:
-        return await answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding)
-    in_flight.answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding)
-    accepted = AsyncAccepted(
-        request_id=request_id,
-        status="running",
-        seed=admitted.request.seed,
-        workflow=workflow.name,
-        status_url=f"/v1/requests/{request_id}",
-        events_url=f"/v1/requests/{request_id}/events",
-    )
-    return JSONResponse(accepted.model_dump(), status_code=202)
+    return await run_admitted(gateway, request, body, workflow, admitted, request_id, caller, owner)

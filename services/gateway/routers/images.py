@@ -12,30 +12,18 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from services.gateway.admission import admit
-from services.gateway.answering import answer
-from services.gateway.deps import (
-    ImageFilesDep,
-    InFlightDep,
-    LoadViewDep,
-    OrchestratorDep,
-    OwnerDep,
-    RateLimiterDep,
-    SettingsDep,
-)
+from services.gateway.deps import GatewayDep, OwnerDep, RateLimiterDep, SettingsDep
 from services.gateway.errors import APIError
-from services.gateway.image_files import Delivery
 from services.gateway.keys.auth import Caller
-from services.gateway.keys.limits import check_in_flight, check_priority
-from services.gateway.orchestrator import RequestFailed
-from services.gateway.overload import refuse_if_overloaded
+from services.gateway.keys.limits import check_priority
+from services.gateway.running import run_admitted
 from services.gateway.schemas import AsyncAccepted, ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
-from shared import metrics
 from shared.settings import Settings
 from shared.workflows.catalogue import catalogue
 from shared.workflows.spec import WorkflowSpec
 
 router = APIRouter()
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
         "model": ErrorResponse,
@@ -61,54 +49,31 @@ async def generate(
     request: Request,
     body: ImageGenerationRequest,
     settings: SettingsDep,
-    orchestrator: OrchestratorDep,
-    load_view: LoadViewDep,
-    in_flight: InFlightDep,
+    gateway: GatewayDep,
     caller: Caller,
     owner: OwnerDep,
     rate_limiter: RateLimiterDep,
-    files: ImageFilesDep,
     x_request_id: str | None = Header(
         None,
         description="optional id to follow the request's progress: 1-64 letters, digits, '-' or '_' (else 400)",
-        json_schema_extra={"pattern": _REQUEST_ID.pattern},
+        json_schema_extra={"pattern": REQUEST_ID.pattern},
     ),
 ) -> ImageGenerationResponse | JSONResponse:
     """Generate images. With `wait: false` answer 202 at once; follow the request's
     `events_url` (server-sent events) or poll its `status_url` for the images."""
     workflow = _workflow(body, settings)
-    if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
-        raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
-    request_id = x_request_id or uuid.uuid4().hex
+    request_id = checked_request_id(x_request_id)
     check_priority(caller, body.priority)
     rate_limiter.take(caller)
     admitted = await asyncio.to_thread(admit, body, workflow, settings.max_image_pixels)
-    try:
-        await refuse_if_overloaded(load_view, workflow, body.timeout_s or settings.request_timeout_s, body.priority)
-    except APIError:
-        metrics.request_refused(workflow.name, "overloaded", body.priority)
-        raise
-    check_in_flight(caller, orchestrator.running_for(owner))  # no await from here to create: no race
-    try:
-        state = orchestrator.create(
-            request_id, workflow, admitted.steps, timeout_s=body.timeout_s, owner=owner, priority=body.priority
-        )
-    except RequestFailed as exc:
-        raise APIError(409, exc.error.code, exc.error.message) from exc
-    # Links are absolute, on the base URL the client reached this gateway by.
-    delivery = Delivery(admitted.response_format, files, str(request.base_url))
-    if body.wait:
-        return await answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding, delivery)
-    in_flight.answer(orchestrator, state, admitted.tensors, admitted.request.seed, admitted.encoding, delivery)
-    accepted = AsyncAccepted(
-        request_id=request_id,
-        status="running",
-        seed=admitted.request.seed,
-        workflow=workflow.name,
-        status_url=f"/v1/requests/{request_id}",
-        events_url=f"/v1/requests/{request_id}/events",
-    )
-    return JSONResponse(accepted.model_dump(), status_code=202)
+    return await run_admitted(gateway, request, body, workflow, admitted, request_id, caller, owner)
+
+
+def checked_request_id(x_request_id: str | None) -> str:
+    """The client's X-Request-Id (400 unless 1-64 letters, digits, '-' or '_'), else a new id."""
+    if x_request_id is not None and not REQUEST_ID.match(x_request_id):
+        raise APIError(400, "invalid_request_id", "X-Request-Id must be 1-64 letters, digits, '-' or '_'")
+    return x_request_id or uuid.uuid4().hex
 
 
 def _workflow(body: ImageGenerationRequest, settings: Settings) -> WorkflowSpec:

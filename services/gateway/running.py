@@ -1,0 +1,81 @@
+"""The part of taking a request that generations and edits share, once it is admitted: refuse
+it if the mesh cannot finish it in time, hold it to its caller's in-flight limit, start it, and
+answer it (its images, or 202 at once with `wait: false`).
+
+Why one place: both routes must give the same answers, 429s and links; only how a body becomes
+an `Admitted` request differs (JSON, or a multipart form with an image)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from services.gateway.admission import Admitted
+from services.gateway.answering import InFlight, answer
+from services.gateway.errors import APIError
+from services.gateway.image_files import Delivery, ImageFiles
+from services.gateway.keys.limits import check_in_flight
+from services.gateway.keys.model import KeyRecord
+from services.gateway.orchestrator import Orchestrator, RequestFailed
+from services.gateway.overload import LoadView, refuse_if_overloaded
+from services.gateway.request_state import Owner
+from services.gateway.schemas import AsyncAccepted, ImageGenerationRequest, ImageGenerationResponse
+from shared import metrics
+from shared.settings import Settings
+from shared.workflows.spec import WorkflowSpec
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """What running a request needs of this gateway (the routes' dependencies)."""
+
+    settings: Settings
+    orchestrator: Orchestrator
+    load_view: LoadView
+    in_flight: InFlight
+    files: ImageFiles
+
+
+async def run_admitted(
+    gateway: Gateway,
+    request: Request,
+    body: ImageGenerationRequest,
+    workflow: WorkflowSpec,
+    admitted: Admitted,
+    request_id: str,
+    caller: KeyRecord,
+    owner: Owner,
+) -> ImageGenerationResponse | JSONResponse:
+    """Start `admitted` as `request_id` and answer it; APIError 429 when its models have more
+    work queued than its deadline, 409 when a request of that id is running."""
+    timeout_s = body.timeout_s or gateway.settings.request_timeout_s
+    try:
+        await refuse_if_overloaded(gateway.load_view, workflow, timeout_s, body.priority)
+    except APIError:
+        metrics.request_refused(workflow.name, "overloaded", body.priority)
+        raise
+    orchestrator = gateway.orchestrator
+    check_in_flight(caller, orchestrator.running_for(owner))  # no await from here to create: no race
+    try:
+        state = orchestrator.create(
+            request_id, workflow, admitted.steps, timeout_s=body.timeout_s, owner=owner, priority=body.priority
+        )
+    except RequestFailed as exc:
+        raise APIError(409, exc.error.code, exc.error.message) from exc
+    # Links are absolute, on the base URL the client reached this gateway by.
+    delivery = Delivery(admitted.response_format, gateway.files, str(request.base_url))
+    seed, encoding = admitted.request.seed, admitted.encoding
+    if body.wait:
+        return await answer(orchestrator, state, admitted.tensors, seed, encoding, delivery)
+    gateway.in_flight.answer(orchestrator, state, admitted.tensors, seed, encoding, delivery)
+    accepted = AsyncAccepted(
+        request_id=request_id,
+        status="running",
+        seed=seed,
+        workflow=workflow.name,
+        status_url=f"/v1/requests/{request_id}",
+        events_url=f"/v1/requests/{request_id}/events",
+    )
+    return JSONResponse(accepted.model_dump(), status_code=202)

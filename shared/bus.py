@@ -26,7 +26,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from shared import bus_roles, subjects, tracing
-from shared.messages import ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
+from shared.messages import LoraChoice, ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
 from shared.settings import Settings
 
 log = logging.getLogger("lego.bus")
@@ -414,6 +414,24 @@ class Bus:
             handler(msg.data.decode(errors="replace"))
 
         await self.nc.subscribe(subjects.CANCEL_SUBJECT, cb=on_msg)
+
+    async def publish_lora_prefetch(self, model_id: str, loras: list[LoraChoice]) -> None:
+        """Tell `model_id`'s denoisers to start reading these LoRAs (core NATS: a hint, lost if nobody listens)."""
+        payload = json.dumps([lora.model_dump() for lora in loras]).encode()
+        await self.nc.publish(subjects.lora_prefetch_subject(model_id), payload)
+
+    async def subscribe_lora_prefetch(self, model_id: str, handler: Callable[[list[LoraChoice]], object]) -> None:
+        """Call `handler(loras)` for each prefetch hint to `model_id` (on the event loop: hand work off)."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                loras = [LoraChoice.model_validate(x) for x in json.loads(msg.data)]
+            except (ValueError, TypeError):
+                log.warning("dropping a malformed LoRA prefetch hint")
+                return
+            handler(loras)
+
+        await self.nc.subscribe(subjects.lora_prefetch_subject(model_id), cb=on_msg)
 
     async def subscribe_release(self, handler: Callable[[str], object]) -> None:
         """Call `handler(request_id)` whenever a request ends, so its tensors can be freed."""

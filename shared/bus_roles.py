@@ -128,37 +128,49 @@ def _service(service: str) -> Permissions:
                 subjects.js_ack(stream, name),
             ]
     subscribe = [subjects.INBOX, subjects.CANCEL_SUBJECT, subjects.RELEASE_SUBJECT]
+    if StepKind.DENOISE in SERVICE_KINDS[service]:
+        subscribe.append(subjects.LORA_PREFETCH_SUBJECTS)  # LoRAs of planned requests, to read early
     return Permissions(_unique(publish), _unique(subscribe))
+
+
+def _owned_bucket(bucket: str) -> list[str]:
+    """Read, write, list and watch a KV bucket (the gateway's own: API keys, LoRAs)."""
+    stream = subjects.kv_stream(bucket)
+    return [
+        *_read_kv(bucket),
+        subjects.kv_subject(bucket),
+        subjects.js_consumer_create(stream),
+        subjects.js_consumer_create(stream, "*"),
+        subjects.js_consumer_create(stream, "*", ">"),
+        subjects.js_consumer_api("INFO", stream),
+        subjects.js_consumer_api("DELETE", stream),
+        subjects.js_consumer_api("MSG.NEXT", stream),
+        subjects.js_ack(stream, "*"),
+    ]
 
 
 def _gateway() -> Permissions:
     managed = [subjects.STEP_STREAM, subjects.RESULT_STREAM]
     managed += [subjects.kv_stream(b) for b in (subjects.PRESENCE_BUCKET, subjects.STATUS_BUCKET)]
     keys = subjects.kv_stream(subjects.KEYS_BUCKET)
+    loras = subjects.kv_stream(subjects.LORAS_BUCKET)
     publish = [
         subjects.STEP_SUBJECTS,
+        subjects.LORA_PREFETCH_SUBJECTS,
         subjects.CANCEL_SUBJECT,
         subjects.RELEASE_SUBJECT,
         subjects.JS_ACCOUNT_INFO,
         subjects.js_stream_api("INFO", "*"),
         subjects.JS_STREAM_NAMES,
         subjects.JS_STREAM_LIST,
-        *(subjects.js_stream_api(action, s) for s in [*managed, keys] for action in ("CREATE", "UPDATE")),
+        *(subjects.js_stream_api(action, s) for s in [*managed, keys, loras] for action in ("CREATE", "UPDATE")),
         subjects.js_consumer_api("INFO", subjects.STEP_STREAM),
         *subjects.js_consumer_list(subjects.STEP_STREAM),
         *_results_consumer(),
         *_read_kv(subjects.PRESENCE_BUCKET),
         *_read_kv(subjects.STATUS_BUCKET),
-        # The API keys bucket is the gateway's own: read, write, list and watch it.
-        *_read_kv(subjects.KEYS_BUCKET),
-        subjects.kv_subject(subjects.KEYS_BUCKET),
-        subjects.js_consumer_create(keys),
-        subjects.js_consumer_create(keys, "*"),
-        subjects.js_consumer_create(keys, "*", ">"),
-        subjects.js_consumer_api("INFO", keys),
-        subjects.js_consumer_api("DELETE", keys),
-        subjects.js_consumer_api("MSG.NEXT", keys),
-        subjects.js_ack(keys, "*"),
+        *_owned_bucket(subjects.KEYS_BUCKET),
+        *_owned_bucket(subjects.LORAS_BUCKET),
     ]
     subscribe = [
         subjects.INBOX,

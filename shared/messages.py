@@ -78,6 +78,9 @@ class LoraChoice(StepParamsModel):
 
     name: str
     scale: float = 1.0
+    # A registered LoRA's file and SHA-256 (shared.lora_registry); empty for the zoo's built-ins.
+    path: str = ""
+    sha256: str = ""
 
 
 class ControlNetChoice(StepParamsModel):

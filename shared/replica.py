@@ -98,7 +98,8 @@ class Replica:
 
     async def _subscribe(self) -> None:
         """Releases free this replica's tensors and cached inputs; cancels stop their steps;
-        results of the steps its runners call (ControlNet) come back to `remote`."""
+        results of the steps its runners call (ControlNet) come back to `remote`; LoRA prefetch
+        hints reach the runners that take them (`prefetch(loras)`)."""
 
         def release(owner: str) -> None:
             self.plane.release(owner)
@@ -106,6 +107,10 @@ class Replica:
 
         await self.bus.subscribe_release(release)
         await self.bus.subscribe_cancel(self.cancelled.add)
+        for runner in self.runners:  # a denoiser reads a planned request's LoRAs early
+            prefetch = getattr(runner, "prefetch", None)
+            if prefetch is not None:
+                await self.bus.subscribe_lora_prefetch(runner.model_id, prefetch)
         await self.remote.start()
 
     def consume(self, stop: asyncio.Event) -> list[asyncio.Task]:

@@ -13,6 +13,7 @@ RESULT_SUBJECTS = "lego.result.>"
 PROGRESS_SUBJECTS = "lego.progress.>"
 RELEASE_SUBJECT = "lego.release"
 CANCEL_SUBJECT = "lego.cancel"  # core NATS: a request was cancelled; payload = its run id
+LORA_PREFETCH_SUBJECTS = "lego.lora.prefetch.>"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -88,6 +89,11 @@ def step_subjects_of_kind(kind: StepKind | str) -> str:
     return f"lego.step.{_check_token(str(kind), 'kind')}.>"
 
 
+def lora_prefetch_subject(model_id: str) -> str:
+    """`lego.lora.prefetch.<model_id>`: core NATS, a planned request's LoRAs, for that base's denoisers to read."""
+    return f"lego.lora.prefetch.{_check_token(model_id, 'model id')}"
+
+
 def result_subject(gateway_id: str) -> str:
     return f"lego.result.{_check_token(gateway_id, 'gateway id')}"
 
@@ -116,6 +122,7 @@ def result_msg_id(request_id: str, node_id: str, attempt: int) -> str:
 PRESENCE_BUCKET = "lego_replicas"  # replicas' heartbeats (shared.presence)
 STATUS_BUCKET = "lego_autoscaler"  # the autoscaler's latest status (shared.presence)
 KEYS_BUCKET = "LEGO_KEYS"  # the gateway's API keys: no model service may read it
+LORAS_BUCKET = "LEGO_LORAS"  # registered LoRAs (shared.lora_registry): the gateway's to write
 
 
 def kv_stream(bucket: str) -> str:

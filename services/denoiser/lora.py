@@ -22,32 +22,42 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# Where a LoRA comes from: a file or directory (read as `load_lora_weights` reads it), or its
+# tensors already read into host memory (`lora_host.LoraTensors`: the same tensors and metadata).
+Source = Any
 
-def _load_sd3(transformer: Any, path: str | Path, adapter_name: str) -> None:
+
+def _state_dict(mixin: Any, source: Source, **flags: bool) -> tuple[Any, ...]:
+    """`mixin.lora_state_dict` of a path, or of tensors in memory with the file's metadata."""
+    if isinstance(source, (str, Path)):
+        return tuple(mixin.lora_state_dict(str(source), return_lora_metadata=True, **flags))
+    *rest, _none = mixin.lora_state_dict(dict(source.state), return_lora_metadata=True, **flags)
+    return (*rest, source.metadata)
+
+
+def _load_sd3(transformer: Any, path: Source, adapter_name: str) -> None:
     """`StableDiffusion3Pipeline.load_lora_weights`' transformer part."""
     from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin
 
-    state, metadata = SD3LoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+    state, metadata = _state_dict(SD3LoraLoaderMixin, path)
     if not all("lora" in key for key in state):
-        raise ValueError(f"{path}: invalid LoRA checkpoint (every parameter name must contain 'lora')")
+        raise ValueError(f"{adapter_name}: invalid LoRA checkpoint (every parameter name must contain 'lora')")
     SD3LoraLoaderMixin.load_lora_into_transformer(
         state, transformer=transformer, adapter_name=adapter_name, metadata=metadata
     )
 
 
-def _load_flux(transformer: Any, path: str | Path, adapter_name: str) -> None:
+def _load_flux(transformer: Any, path: Source, adapter_name: str) -> None:
     """`FluxPipeline.load_lora_weights`' transformer part: its key conversion and shape expansion too."""
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
-    state, alphas, metadata = FluxLoraLoaderMixin.lora_state_dict(
-        str(path), return_alphas=True, return_lora_metadata=True
-    )
+    state, alphas, metadata = _state_dict(FluxLoraLoaderMixin, path, return_alphas=True)
     lora = {k: state.get(k) for k in list(state) if k.startswith("transformer.") and "lora" in k}
     norm_keys = FluxLoraLoaderMixin._control_lora_supported_norm_keys
     if any(k.startswith("transformer.") and any(nk in k for nk in norm_keys) for k in state):
-        raise NotImplementedError(f"{path}: Control-LoRA norm layers are not supported")
+        raise NotImplementedError(f"{adapter_name}: Control-LoRA norm layers are not supported")
     if not lora:
-        raise ValueError(f"{path}: invalid LoRA checkpoint (no transformer LoRA parameters)")
+        raise ValueError(f"{adapter_name}: invalid LoRA checkpoint (no transformer LoRA parameters)")
     FluxLoraLoaderMixin._maybe_expand_transformer_param_shape_or_error_(transformer, lora, {})
     state |= FluxLoraLoaderMixin._maybe_expand_lora_state_dict(transformer=transformer, lora_state_dict=lora)
     FluxLoraLoaderMixin.load_lora_into_transformer(
@@ -60,7 +70,7 @@ def _load_flux(transformer: Any, path: str | Path, adapter_name: str) -> None:
 _LOADER_OF_NETWORK = {"SD3Transformer2DModel": _load_sd3, "FluxTransformer2DModel": _load_flux}
 
 
-def load_lora_into_transformer(transformer: Any, path: str | Path, adapter_name: str) -> None:
+def load_lora_into_transformer(transformer: Any, path: Source, adapter_name: str) -> None:
     """The transformer part of `StableDiffusion3Pipeline.load_lora_weights` /
     `FluxPipeline.load_lora_weights`: same state-dict reading (and Flux's key conversion and
     shape expansion), same `load_lora_adapter` call, for a transformer without its pipeline."""
@@ -101,7 +111,7 @@ class LoraCache:
                 self.transformer.delete_adapters(name)
                 del self._loaded[name]
 
-    def _ensure(self, name: str, path_of: Callable[[str], Path], keep: set[str]) -> None:
+    def _ensure(self, name: str, path_of: Callable[[str], Source], keep: set[str]) -> None:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return
@@ -116,7 +126,7 @@ class LoraCache:
         if self._loaded:
             self.transformer.disable_lora()
 
-    def activate_now(self, loras: list[tuple[str, float]], path_of: Callable[[str], Path]) -> None:
+    def activate_now(self, loras: list[tuple[str, float]], path_of: Callable[[str], Source]) -> None:
         """Load what is missing and activate `loras` [(name, scale)] in that order (none: base model).
 
         A request's own LoRAs are never evicted for each other: if together they exceed
@@ -135,7 +145,7 @@ class LoraCache:
         self.transformer.set_adapters(names, [float(scale) for _, scale in loras])
 
     @contextmanager
-    def activate(self, loras: list[tuple[str, float]], path_of: Callable[[str], Path]) -> Iterator[None]:
+    def activate(self, loras: list[tuple[str, float]], path_of: Callable[[str], Source]) -> Iterator[None]:
         """`with cache.activate([("sd3-lora-a", 0.8)], path_of): denoise(...)`; LoRA off afterwards."""
         try:
             self.activate_now(loras, path_of)

@@ -11,13 +11,16 @@ sets or sizes take turns, step by step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.messages import DenoiseParams, StepKind, StepRequest
+from shared.messages import DenoiseParams, LoraChoice, StepKind, StepRequest
 from shared.service import ServiceSpec, StepContext, param_bytes
 from shared.settings import Settings
 from shared.worker import BadStepInput, StepCancelled
+
+log = logging.getLogger("lego.denoiser")
 
 
 @dataclass
@@ -26,19 +29,35 @@ class DenoiserRunner:
     bundle: Any
     settings: Settings
     kinds: tuple[StepKind, ...] = (StepKind.DENOISE,)
-    loras: Any = field(default=None)  # LoraCache, built at load
+    loras: Any = field(default=None)  # LoraCache (adapters in the network), built at load
+    host: Any = field(default=None)  # HostLoraCache (LoRA files read into memory), built at load
+    _paths: dict[str, Any] = field(default_factory=dict)  # adapter key -> its file
     engine: Any = field(default=None)  # BatchEngine when batching (max batch > 1), else loops run alone
     concurrency: int = 1  # steps in hand at once: the engine's max batch
 
     def run(self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        p = step.params
+        if not isinstance(p, DenoiseParams):
+            raise BadStepInput(f"a denoise step needs DenoiseParams, got {type(p).__name__}")
+        loras = self._lora_set(p.loras)
+        keys = [key for key, _ in loras]
+        with self.host.holding(keys):  # held until the loop ends: not evicted, even if deleted meanwhile
+            for key in keys:  # never denoise without them: wait for each read (prefetched: done already)
+                try:
+                    self.host.get(key, self._paths[key])
+                except (OSError, ValueError) as exc:
+                    raise BadStepInput(f"LoRA {key!r} cannot be read: {exc}") from exc
+            return self._denoise(step, inputs, ctx, loras)
+
+    def _denoise(
+        self, step: StepRequest, inputs: dict[str, Any], ctx: StepContext, loras: list[tuple[str, float]]
+    ) -> dict[str, Any]:
         from services.denoiser.denoise import denoise_loop
         from services.denoiser.group.engine import RequestFacts
         from services.denoiser.loop import DenoiseCancelled, DenoiseInputs, run_loop
 
         p = step.params
-        if not isinstance(p, DenoiseParams):
-            raise BadStepInput(f"a denoise step needs DenoiseParams, got {type(p).__name__}")
-        loras = self._lora_set(p)
+        assert isinstance(p, DenoiseParams)  # checked by run
         control, remote_cn = self._control(step, inputs, ctx)
         try:
             loop_inputs = DenoiseInputs.from_params(
@@ -51,7 +70,7 @@ class DenoiserRunner:
                 )
                 latents = self.engine.submit(loop, loras, facts).result()
             else:
-                with self.loras.activate(loras, self._lora_path):
+                with self.loras.activate(loras, self._lora_source):
                     latents = run_loop(self.bundle.transformer, loop)
         except DenoiseCancelled as exc:
             raise StepCancelled(str(exc)) from exc
@@ -90,18 +109,37 @@ class DenoiserRunner:
         )
         return control, remote_cn
 
-    def _lora_set(self, params: DenoiseParams) -> list[tuple[str, float]]:
+    def _lora_set(self, choices: list[LoraChoice]) -> list[tuple[str, float]]:
+        """[(adapter key, scale)] of the step's LoRAs, each key's file noted for the caches."""
+        from shared.lora_registry import adapter_key
+        from shared.zoo import lora_path
         from shared.zoo.registry import LORAS
 
-        for lora in params.loras:
-            if lora.name not in LORAS or LORAS[lora.name].base != self.model_id:
-                raise BadStepInput(f"LoRA {lora.name!r} is not a LoRA of {self.model_id}")
-        return [(lora.name, lora.scale) for lora in params.loras]
+        chosen = []
+        for lora in choices:
+            key = adapter_key(lora)
+            if not lora.path:  # a built-in: this service's zoo has its file
+                if lora.name not in LORAS or LORAS[lora.name].base != self.model_id:
+                    raise BadStepInput(f"LoRA {lora.name!r} is not a LoRA of {self.model_id}")
+                self._paths.setdefault(key, lora_path(lora.name, self.settings))
+            else:
+                self._paths[key] = lora.path
+            chosen.append((key, lora.scale))
+        return chosen
 
-    def _lora_path(self, name: str) -> Any:
-        from shared.zoo import lora_path
+    def _lora_source(self, key: str) -> Any:
+        """What the device cache loads an adapter from: its tensors in the host cache."""
+        return self.host.get(key, self._paths[key])
 
-        return lora_path(name, self.settings)
+    def prefetch(self, loras: list[LoraChoice]) -> None:
+        """Start reading a planned request's LoRAs (the gateway's hint; on the event loop: returns at once)."""
+        try:
+            chosen = self._lora_set([lora for lora in loras if lora.path])  # built-ins: local and tiny
+        except (ValueError, FileNotFoundError) as exc:
+            log.warning("ignoring a LoRA prefetch hint: %s", exc)
+            return
+        for key, _ in chosen:
+            self.host.prefetch(key, self._paths[key])
 
     def warm_up(self) -> None:
         from services.denoiser.denoise import denoise, warm_up_inputs
@@ -123,10 +161,13 @@ class DenoiserRunner:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if self.host is not None:
+            self.host.close()
 
 
 def load(model_id: str, settings: Settings) -> DenoiserRunner:
     from services.denoiser.lora import LoraCache
+    from services.denoiser.lora_host import HostLoraCache
     from shared import metrics
     from shared.coalesce import max_batch
     from shared.zoo import load_denoiser
@@ -137,14 +178,15 @@ def load(model_id: str, settings: Settings) -> DenoiserRunner:
         return _load_group(model_id, settings, batch)
     bundle = load_denoiser(model_id, settings)
     loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
-    runner = DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras)
+    host = HostLoraCache(max_bytes=int(settings.lora_host_cache_mb * 2**20))
+    runner = DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras, host=host)
     if batch > 1:
         from services.denoiser.batching import BatchEngine
 
         runner.engine = BatchEngine(
             bundle.transformer,
             batch,
-            activate_loras=lambda chosen: loras.activate_now(chosen, runner._lora_path),
+            activate_loras=lambda chosen: loras.activate_now(chosen, runner._lora_source),
             on_batch=metrics.StepMetrics(str(StepKind.DENOISE), model_id).batch.observe,
             name=f"batcher-{model_id}",
         )
@@ -157,12 +199,14 @@ def _load_group(model_id: str, settings: Settings, batch: int) -> DenoiserRunner
     as many requests in hand as the group's devices can batch."""
     from services.denoiser.group.engine import GroupEngine
     from services.denoiser.group.executor import GroupExecutor
+    from services.denoiser.lora_host import HostLoraCache
     from shared import metrics
     from shared.zoo import load_denoiser
 
     executor = GroupExecutor(model_id, lambda: load_denoiser(model_id, settings), settings, settings.denoise_group_size)
     state = executor.state
-    runner = DenoiserRunner(model_id=model_id, bundle=state.bundle, settings=settings, loras=state.loras)
+    host = HostLoraCache(max_bytes=int(settings.lora_host_cache_mb * 2**20))
+    runner = DenoiserRunner(model_id=model_id, bundle=state.bundle, settings=settings, loras=state.loras, host=host)
     degrees = metrics.DENOISE_DEGREE
     try:
         runner.engine = GroupEngine(

@@ -25,9 +25,10 @@ from services.gateway.limits import BodyLimits
 from services.gateway.openapi import COMMON_ERRORS, install_openapi
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
-from services.gateway.routers import edits, files, health, images, keys, models, requests, status
+from services.gateway.routers import edits, files, health, images, keys, loras, models, requests, status
 from shared import metrics, tracing
 from shared.bus import Bus
+from shared.lora_registry import LoraRegistry
 from shared.presence import ensure_buckets
 from shared.settings import Settings
 from shared.tensor_plane import TensorPlane
@@ -52,7 +53,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.keys = KeyStore(bus)
     await app.state.keys.start()
     await ensure_admin_key(app.state.keys, settings)
+    app.state.loras = LoraRegistry(bus)
+    await app.state.loras.start(seed_builtins=True)
     yield
+    await app.state.loras.close()
     await app.state.keys.close()
     await bus.close()
     await plane.close()
@@ -72,6 +76,8 @@ ROUTERS: tuple[tuple[APIRouter, Scope | None], ...] = (
     (edits.router, Scope.GENERATE),
     (requests.router, Scope.GENERATE),
     (keys.router, Scope.ADMIN),
+    (loras.router, Scope.GENERATE),  # GET /v1/loras: the names a request may use
+    (loras.admin_router, Scope.ADMIN),  # registering and deleting them
 )
 
 

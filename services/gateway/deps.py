@@ -20,6 +20,7 @@ from services.gateway.overload import LoadView
 from services.gateway.request_state import Owner, RequestState
 from services.gateway.running import Gateway
 from shared.bus import Bus
+from shared.lora_registry import LoraRegistry
 from shared.settings import Settings
 
 
@@ -54,7 +55,11 @@ def get_rate_limiter(request: Request) -> RateLimiter:
 def get_gateway(request: Request) -> Gateway:
     """What running an admitted request needs (`running.run_admitted`)."""
     state = request.app.state
-    return Gateway(state.settings, state.orchestrator, state.load_view, state.in_flight, state.image_files)
+    return Gateway(state.settings, state.orchestrator, state.load_view, state.in_flight, state.image_files, state.loras)
+
+
+def get_loras(request: Request) -> LoraRegistry:
+    return request.app.state.loras
 
 
 def get_owner(caller: Caller) -> Owner:
@@ -71,6 +76,7 @@ ImageFilesDep = Annotated[ImageFiles, Depends(get_image_files)]
 RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
 OwnerDep = Annotated[Owner, Depends(get_owner)]
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+LorasDep = Annotated[LoraRegistry, Depends(get_loras)]
 
 
 def get_request_state(request_id: str, orchestrator: OrchestratorDep, owner: OwnerDep) -> RequestState:

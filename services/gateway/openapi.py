@@ -8,11 +8,13 @@ be there in the shape it has.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from services.gateway.loras import bind
 from services.gateway.schemas import SIDE_MULTIPLE, ErrorResponse, size_or_auto_pattern
 from shared.workflows.catalogue import catalogue
 from shared.workflows.spec import WorkflowSpec
@@ -38,28 +40,35 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def install_openapi(app: FastAPI, default_workflow: str) -> None:
-    """Generate the document once, with the request body's per-workflow rules added (they
-    depend on the server's default workflow, the one a body naming none gets)."""
+    """Generate the document with the request body's per-workflow rules added (they depend on
+    the server's default workflow, the one a body naming none gets, and on the LoRAs
+    registered: the document is made again after each change of the registry)."""
+    made_at: list[int] = [-1]
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        registry = getattr(app.state, "loras", None)
+        version = registry.version if registry is not None else -1
+        if app.openapi_schema is None or made_at[0] != version:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             body = doc["components"]["schemas"]["ImageGenerationRequest"]
-            body["allOf"] = [workflow_rules(default_workflow)]
-            app.openapi_schema = doc
+            bound = (lambda w: bind(w, registry)) if registry is not None else None
+            body["allOf"] = [workflow_rules(default_workflow, bound)]
+            app.openapi_schema, made_at[0] = doc, version
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def workflow_rules(default_workflow: str) -> dict[str, Any]:
+def workflow_rules(
+    default_workflow: str, bound: Callable[[WorkflowSpec], WorkflowSpec] | None = None
+) -> dict[str, Any]:
     """One branch per way of choosing a workflow, each with what that workflow requires and
     refuses (admission's checks, stated). An `anyOf` of branches rather than one `if`/`then`
     per workflow: the same rules, but a generator expands n `if`/`then`s into 2^n cases and
     gives up (schemathesis does at 15)."""
     return {
         "anyOf": [
-            {"allOf": [way, workflow_fields(w)]}
+            {"allOf": [way, workflow_fields(bound(w) if bound else w)]}
             for w in catalogue().values()
             for way in _chosen(w.name, default_workflow)
         ]

@@ -18,11 +18,13 @@ from services.gateway.errors import APIError
 from services.gateway.image_files import Delivery, ImageFiles
 from services.gateway.keys.limits import check_in_flight
 from services.gateway.keys.model import KeyRecord
+from services.gateway.loras import publish_prefetch, resolve
 from services.gateway.orchestrator import Orchestrator, RequestFailed
 from services.gateway.overload import LoadView, refuse_if_overloaded
 from services.gateway.request_state import Owner
 from services.gateway.schemas import AsyncAccepted, ImageGenerationRequest, ImageGenerationResponse
 from shared import metrics
+from shared.lora_registry import LoraRegistry
 from shared.settings import Settings
 from shared.workflows.spec import WorkflowSpec
 
@@ -36,6 +38,7 @@ class Gateway:
     load_view: LoadView
     in_flight: InFlight
     files: ImageFiles
+    loras: LoraRegistry  # the LoRA registry: a request's LoRA names to their files
 
 
 async def run_admitted(
@@ -51,11 +54,13 @@ async def run_admitted(
     """Start `admitted` as `request_id` and answer it; APIError 429 when its models have more
     work queued than its deadline, 409 when a request of that id is running."""
     timeout_s = body.timeout_s or gateway.settings.request_timeout_s
+    prefetch = resolve(workflow, admitted.steps, gateway.loras)
     try:
         await refuse_if_overloaded(gateway.load_view, workflow, timeout_s, body.priority)
     except APIError:
         metrics.request_refused(workflow.name, "overloaded", body.priority)
         raise
+    await publish_prefetch(gateway.loras.bus, prefetch)  # the denoisers read the files while the prompt is encoded
     orchestrator = gateway.orchestrator
     check_in_flight(caller, orchestrator.running_for(owner))  # no await from here to create: no race
     try:

@@ -30,6 +30,7 @@ from services.gateway.edit_form import (
 from services.gateway.errors import APIError
 from services.gateway.keys.auth import Caller
 from services.gateway.keys.limits import check_priority
+from services.gateway.loras import bind
 from services.gateway.routers.images import ERRORS, REQUEST_ID, checked_request_id
 from services.gateway.running import run_admitted
 from services.gateway.schemas import AsyncAccepted, ErrorResponse, ImageGenerationResponse
@@ -89,7 +90,7 @@ async def edit(
     if name not in catalogue():
         raise APIError(404, "unknown_workflow", f"unknown workflow {name!r}; known: {', '.join(sorted(catalogue()))}")
     try:
-        workflow = edit_workflow(name, inpaint=sent.mask is not None)
+        workflow = bind(edit_workflow(name, inpaint=sent.mask is not None), gateway.loras)  # the registry's LoRAs
     except EditError as exc:
         raise APIError(400, "invalid_request", str(exc)) from None
     request_id = checked_request_id(x_request_id)

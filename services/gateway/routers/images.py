@@ -16,6 +16,7 @@ from services.gateway.deps import GatewayDep, OwnerDep, RateLimiterDep, Settings
 from services.gateway.errors import APIError
 from services.gateway.keys.auth import Caller
 from services.gateway.keys.limits import check_priority
+from services.gateway.loras import bind
 from services.gateway.running import run_admitted
 from services.gateway.schemas import AsyncAccepted, ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
 from shared.settings import Settings
@@ -61,7 +62,7 @@ async def generate(
 ) -> ImageGenerationResponse | JSONResponse:
     """Generate images. With `wait: false` answer 202 at once; follow the request's
     `events_url` (server-sent events) or poll its `status_url` for the images."""
-    workflow = _workflow(body, settings)
+    workflow = bind(_workflow(body, settings), gateway.loras)  # its LoRAs: the registry's now
     request_id = checked_request_id(x_request_id)
     check_priority(caller, body.priority)
     rate_limiter.take(caller)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.gateway.deps import BusDep, SettingsDep
+from services.gateway.deps import BusDep, LorasDep, SettingsDep
+from services.gateway.loras import bind
 from services.gateway.schemas import (
     LoraInput,
     ModelInfo,
@@ -52,8 +53,10 @@ def _model_info(model_id: str, kinds: set[str], replicas: dict[str, ReplicaInfo]
 
 
 @router.get("/v1/workflows", response_model=WorkflowList)
-async def workflows(settings: SettingsDep) -> WorkflowList:
-    return WorkflowList(default=settings.default_workflow, workflows=[_workflow_info(w) for w in catalogue().values()])
+async def workflows(settings: SettingsDep, loras: LorasDep) -> WorkflowList:
+    """Every workflow; a `-lora` workflow lists every LoRA registered for its base (`/v1/loras`)."""
+    listed = [_workflow_info(bind(w, loras)) for w in catalogue().values()]
+    return WorkflowList(default=settings.default_workflow, workflows=listed)
 
 
 def _workflow_info(w: WorkflowSpec) -> WorkflowInfo:

@@ -63,6 +63,7 @@ class Settings:
     vae_max_batch: int = 0
     controlnet_max_batch: int = 0  # ControlNet steps an adapters replica runs in one call; 0: 8 on a GPU, else 1
     lora_cache_mb: float = 1024.0  # LoRA adapters a denoiser keeps loaded; least recently used go first
+    lora_cache_max_adapters: int = 16  # and at most this many (peft's switch cost grows with them); 0: no cap
     lora_host_cache_mb: float = 4096.0  # LoRA files a denoiser keeps read in host memory (LRU; in-use ones stay)
     lora_dir: str = ""  # where uploaded LoRAs are stored, readable by every denoiser; empty: <state_dir>/loras
     lora_delete_grace_s: float = 600.0  # a deleted upload's file stays this long (planned requests may read it)

@@ -3,7 +3,7 @@
 Why a cache: loading a LoRA file costs far more than switching adapters, and a denoiser
 serves many requests naming a few LoRAs. Each named adapter is loaded into the transformer
 once (by the same code diffusers' `pipe.load_lora_weights` runs for the transformer), kept
-while its parameters fit in `max_bytes` (least recently used evicted first with
+while its parameters fit in `max_bytes` and `max_adapters` (least recently used evicted first with
 `delete_adapters`), and for each request `set_adapters(names, weights)` activates the
 request's set; afterwards LoRA is disabled, so a request without LoRAs gets exactly the
 base model's output (disabled peft layers return the base layer's result untouched).
@@ -90,9 +90,13 @@ def _adapter_bytes(transformer: Any, name: str) -> int:
 class LoraCache:
     """The LoRAs loaded into one transformer, least recently used first."""
 
-    def __init__(self, transformer: Any, max_bytes: int) -> None:
+    def __init__(self, transformer: Any, max_bytes: int, max_adapters: int = 0) -> None:
         self.transformer = transformer
         self.max_bytes = max_bytes
+        # 0: no cap. Why a count beside the bytes: peft's cost to load or switch an adapter
+        # grows with the adapters resident in the network (it walks every layer's adapters),
+        # so thousands of tiny LoRAs would fit the bytes yet make every switch slow.
+        self.max_adapters = max_adapters
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> parameter bytes
 
     def loaded(self) -> dict[str, int]:
@@ -102,10 +106,14 @@ class LoraCache:
     def total_bytes(self) -> int:
         return sum(self._loaded.values())
 
+    def _fits(self) -> bool:
+        few_enough = not self.max_adapters or len(self._loaded) <= self.max_adapters
+        return few_enough and self.total_bytes() <= self.max_bytes
+
     def _evict_for(self, keep: set[str]) -> None:
         """Delete least recently used adapters not in `keep` until the cache fits its budget."""
         for name in list(self._loaded):
-            if self.total_bytes() <= self.max_bytes:
+            if self._fits():
                 return
             if name not in keep:
                 self.transformer.delete_adapters(name)

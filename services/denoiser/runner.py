@@ -122,6 +122,8 @@ class DenoiserRunner:
                 if lora.name not in LORAS or LORAS[lora.name].base != self.model_id:
                     raise BadStepInput(f"LoRA {lora.name!r} is not a LoRA of {self.model_id}")
                 self._paths.setdefault(key, lora_path(lora.name, self.settings))
+            elif self.settings.denoise_group_size > 1:  # a group's devices read built-ins from their zoo only
+                raise BadStepInput(f"registered LoRA {lora.name!r}: not served by parallel groups yet; use a built-in")
             else:
                 self._paths[key] = lora.path
             chosen.append((key, lora.scale))
@@ -177,7 +179,9 @@ def load(model_id: str, settings: Settings) -> DenoiserRunner:
     if settings.denoise_group_size > 1:
         return _load_group(model_id, settings, batch)
     bundle = load_denoiser(model_id, settings)
-    loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
+    loras = LoraCache(
+        bundle.transformer, int(settings.lora_cache_mb * 2**20), max_adapters=settings.lora_cache_max_adapters
+    )
     host = HostLoraCache(max_bytes=int(settings.lora_host_cache_mb * 2**20))
     runner = DenoiserRunner(model_id=model_id, bundle=bundle, settings=settings, loras=loras, host=host)
     if batch > 1:

@@ -122,3 +122,19 @@ def test_tensors_in_memory_load_as_the_file_does(settings) -> None:
             outs.append({k: v.detach().clone() for k, v in bundle.transformer.state_dict().items() if "lora" in k})
         assert outs[0].keys() == outs[1].keys() and outs[0]
         assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_the_device_cache_caps_its_adapters_too(settings) -> None:
+    """Bytes aside, at most `max_adapters` stay in the network, least recently used going first."""
+    from services.denoiser.lora import LoraCache
+    from shared.zoo import load_denoiser, lora_path
+
+    bundle = load_denoiser("sd3-transformer", settings)
+    cache = LoraCache(bundle.transformer, max_bytes=1 << 30, max_adapters=2)
+    file = lora_path("sd3-lora-a", settings)
+    for key in ("one", "two", "one", "three"):
+        cache.activate_now([(key, 1.0)], lambda _key: file)
+    assert list(cache.loaded()) == ["one", "three"]
+    assert set(bundle.transformer.peft_config) == {"one", "three"}  # "two" really left the network
+    cache.activate_now([("two", 1.0), ("three", 0.5), ("one", 0.5)], lambda _key: file)
+    assert len(cache.loaded()) == 3  # a request's own LoRAs are never evicted for each other

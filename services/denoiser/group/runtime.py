@@ -90,7 +90,9 @@ def join_group(
     }
     if bundle is None:
         bundle = load_denoiser(model_id, dataclasses.replace(settings, device=here))
-    loras = LoraCache(bundle.transformer, max_bytes=int(settings.lora_cache_mb * 2**20))
+    loras = LoraCache(
+        bundle.transformer, int(settings.lora_cache_mb * 2**20), max_adapters=settings.lora_cache_max_adapters
+    )
     worker = Device(
         index,
         bundle.transformer,

@@ -172,9 +172,8 @@ def _loras(body: ImageGenerationRequest, workflow: WorkflowSpec) -> list[LoraCho
     names = [lora.name for lora in chosen]
     unknown = [n for n in names if n not in workflow.loras]
     if unknown:
-        raise _invalid(
-            f"unknown LoRA {unknown[0]!r} for workflow {workflow.name!r}; known: {', '.join(workflow.loras)}"
-        )
+        known = ", ".join(workflow.loras[:20]) + (", ... (GET /v1/loras lists all)" if len(workflow.loras) > 20 else "")
+        raise _invalid(f"unknown LoRA {unknown[0]!r} for workflow {workflow.name!r}; known: {known}")
     if len(set(names)) != len(names):
         raise _invalid("each LoRA may be named once in 'loras'")
     return [LoraChoice(name=lora.name, scale=float(lora.scale)) for lora in chosen]

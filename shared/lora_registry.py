@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Literal
 
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
@@ -90,7 +89,6 @@ class LoraRegistry:
         self._records: dict[str, LoraRecord] = {}
         self._task: asyncio.Task[None] | None = None
         self.version = 0
-        self.on_delete: list[Callable[[LoraRecord], None]] = []
 
     @property
     def kv(self) -> KeyValue:
@@ -161,9 +159,6 @@ class LoraRegistry:
             self._records[name] = record
         if old != record:
             self.version += 1
-        if old is not None and (record is None or record.sha256 != old.sha256):
-            for callback in self.on_delete:
-                callback(old)
 
     async def _follow(self, loaded: asyncio.Future[None]) -> None:
         while True:

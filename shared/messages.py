@@ -267,6 +267,8 @@ class ReplicaInfo(BaseModel):
     param_bytes: int = 0  # memory the model's parameters take (on all its devices, for a parallel group)
     group_devices: int = 1  # devices this replica's parallel group owns (services/denoiser/group/)
     loras: list[str] = Field(default_factory=list)  # LoRA adapters loaded into this replica's base model
+    lora_bytes: int = 0  # their parameters (the device cache)
+    lora_host_bytes: int = 0  # LoRA files it holds read in host memory (the host cache)
     tensors_held: int = 0  # tensors its tensor plane holds for requests now (0 when idle: all freed)
     tensor_bytes_held: int = 0
     seconds_per_item: float = 0.0  # measured: moving average of one step's compute time here (0: none yet)

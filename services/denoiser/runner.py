@@ -158,6 +158,8 @@ class DenoiserRunner:
             "param_bytes": param_bytes(self.bundle.transformer) * devices,  # a copy on each device of a group
             "group_devices": devices,
             "loras": sorted(self.loras.loaded()),
+            "lora_bytes": self.loras.total_bytes(),
+            "lora_host_bytes": self.host.total_bytes(),
         }
 
     def close(self) -> None:

@@ -323,6 +323,8 @@ class ReplicaSummary(BaseModel):
     metrics_url: str = ""
     tensors_held: int = 0
     loras: list[str] = Field(default_factory=list, description="LoRA adapters this replica holds loaded")
+    lora_bytes: int = Field(0, description="their parameters' bytes (its device cache)")
+    lora_host_bytes: int = Field(0, description="bytes of LoRA files it holds read in host memory")
     batch_size: int = Field(1, description="steps it computes together at most (1: no batching)")
     group_devices: int = Field(1, description="devices its parallel group owns (1: a single-device replica)")
 

@@ -127,3 +127,43 @@ def test_only_safetensors_loras_are_taken(gateways, tmp_path: Path, content: byt
     made = a.post("/v1/loras", data={"name": "bad", "base": "sd3"}, files={"file": ("bad.bin", content)})
     assert made.status_code == 400 and why in made.json()["error"]["message"], made.text
     assert not list((tmp_path / "uploads").glob("*"))  # nothing refused is kept
+
+
+async def test_a_planned_requests_loras_are_read_by_its_denoisers_at_once(
+    nats_server: str, settings: Settings, tmp_path: Path
+) -> None:
+    """The gateway's prefetch hint, over the bus, makes a denoiser read a registered LoRA's file
+    into its host cache before any step names it (built-ins, local and tiny, are left alone)."""
+    import asyncio
+
+    from services.denoiser.lora_host import HostLoraCache
+    from services.denoiser.runner import DenoiserRunner
+    from shared.bus import Bus
+    from shared.lora_registry import LoraRecord, adapter_key
+    from shared.messages import LoraChoice
+
+    file = copy_of("sd3-lora-b", settings, tmp_path)
+    runner = DenoiserRunner(model_id="sd3-transformer", bundle=None, settings=settings, host=HostLoraCache(1 << 30))
+    listener, gateway = (
+        Bus(Settings.from_env(nats_url=nats_server), "den"),
+        Bus(Settings.from_env(nats_url=nats_server), "gw"),
+    )
+    await listener.connect()
+    await gateway.connect()
+    try:
+        await listener.subscribe_lora_prefetch("sd3-transformer", runner.prefetch)
+        await listener.nc.flush()
+        record = LoraRecord(name="ink", base="sd3-transformer", source="path", path=str(file), sha256="ab" * 32)
+        await gateway.publish_lora_prefetch("sd3-transformer", [record.choice(0.8), LoraChoice(name="sd3-lora-a")])
+        await gateway.publish_lora_prefetch("flux-transformer", [record.choice(1.0)])  # another base's denoisers
+        key = adapter_key(record.choice(0.8))
+        for _ in range(200):
+            if runner.host.keys():
+                break
+            await asyncio.sleep(0.05)
+        assert runner.host.keys() == [key] and runner.host.total_bytes() > 0
+        assert runner.host.misses == 0  # read ahead of any step: the step will find it
+    finally:
+        runner.host.close()
+        await listener.close()
+        await gateway.close()

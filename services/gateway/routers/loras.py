@@ -26,6 +26,7 @@ from shared.lora_registry import NAME_PATTERN, LoraExists, LoraRecord, LoraRegis
 from shared.settings import Settings
 from shared.zoo.families import FAMILIES
 
+_removals: set[asyncio.Task[None]] = set()  # deleted uploads' files waiting out their grace
 router = APIRouter(tags=["loras"])  # reading: any client
 admin_router = APIRouter(tags=["loras"])  # registering, deleting: the admin scope
 
@@ -142,7 +143,9 @@ async def delete_lora(
         raise APIError(409, "builtin_lora", f"{name!r} is a built-in LoRA (a workflow's default); it stays")
     await loras.delete(name)
     if record.source == "upload":
-        asyncio.get_running_loop().create_task(remove_later(record, loras, settings.lora_delete_grace_s))
+        task = asyncio.get_running_loop().create_task(remove_later(record, loras, settings.lora_delete_grace_s))
+        _removals.add(task)  # a task nobody references may be collected before it runs
+        task.add_done_callback(_removals.discard)
     return record
 
 

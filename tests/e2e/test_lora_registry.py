@@ -96,3 +96,21 @@ def test_register_use_and_delete_a_lora_on_a_running_mesh(mesh, settings, tmp_pa
 def _finished(status_url: str) -> dict | None:
     status = httpx.get(status_url, timeout=10).json()
     return None if status["status"] == "running" else status
+
+
+def test_only_an_admin_registers_or_deletes_loras(locked_gateway, settings) -> None:
+    """With API keys on, a tenant's key (scope generate) lists LoRAs but may not add or delete one."""
+    from shared.zoo import lora_path
+
+    admin = {"Authorization": f"Bearer {locked_gateway.admin_key}"}
+    made = httpx.post(
+        f"{locked_gateway.url}/v1/keys", json={"name": "lora-tenant", "scopes": ["generate"]}, headers=admin, timeout=30
+    )
+    assert made.status_code == 201, made.text
+    tenant = {"Authorization": f"Bearer {made.json()['key']}"}
+    body = {"name": "tenant-ink", "base": "sd3", "path": str(lora_path("sd3-lora-a", settings))}
+    assert httpx.post(f"{locked_gateway.url}/v1/loras", json=body, headers=tenant, timeout=30).status_code == 403
+    assert httpx.delete(f"{locked_gateway.url}/v1/loras/sd3-lora-a", headers=tenant, timeout=30).status_code == 403
+    listed = httpx.get(f"{locked_gateway.url}/v1/loras", headers=tenant, timeout=30)
+    assert listed.status_code == 200 and "sd3-lora-a" in [r["name"] for r in listed.json()["loras"]]
+    assert httpx.post(f"{locked_gateway.url}/v1/loras", json=body, timeout=30).status_code == 401

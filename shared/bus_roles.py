@@ -130,7 +130,22 @@ def _service(service: str) -> Permissions:
     subscribe = [subjects.INBOX, subjects.CANCEL_SUBJECT, subjects.RELEASE_SUBJECT]
     if StepKind.DENOISE in SERVICE_KINDS[service]:
         subscribe.append(subjects.LORA_PREFETCH_SUBJECTS)  # LoRAs of planned requests, to read early
+        publish += _watch_kv(subjects.LORAS_BUCKET)  # deleted LoRAs, to free their memory
     return Permissions(_unique(publish), _unique(subscribe))
+
+
+def _watch_kv(bucket: str) -> list[str]:
+    """Read and watch a KV bucket (an ordered push consumer on its stream)."""
+    stream = subjects.kv_stream(bucket)
+    return [
+        *_read_kv(bucket),
+        subjects.js_consumer_create(stream),
+        subjects.js_consumer_create(stream, "*"),
+        subjects.js_consumer_create(stream, "*", ">"),
+        subjects.js_consumer_api("INFO", stream),
+        subjects.js_consumer_api("DELETE", stream),
+        subjects.JS_FLOW_CONTROL,
+    ]
 
 
 def _owned_bucket(bucket: str) -> list[str]:

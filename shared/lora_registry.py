@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
@@ -89,6 +90,8 @@ class LoraRegistry:
         self._records: dict[str, LoraRecord] = {}
         self._task: asyncio.Task[None] | None = None
         self.version = 0
+        # Called with a LoRA's record when it is deleted (or registered again with another file).
+        self.on_delete: list[Callable[[LoraRecord], None]] = []
 
     @property
     def kv(self) -> KeyValue:
@@ -113,6 +116,23 @@ class LoraRegistry:
         loaded = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._follow(loaded), name="loras-watch")
         await loaded
+
+    def follow_in_background(self) -> None:
+        """For a reader that may not make the bucket (a denoiser): wait for it, then follow it.
+        Never raises: a reader without the registry only frees deleted LoRAs later (by LRU)."""
+        self._task = asyncio.create_task(self._open_then_follow(), name="loras-watch")
+
+    async def _open_then_follow(self) -> None:
+        warned = False
+        while self._kv is None:
+            try:
+                self._kv = await self.bus.js.key_value(BUCKET)
+            except Exception as exc:  # not made yet (the gateway makes it), or NATS away
+                if not warned:
+                    log.info("waiting for the %s bucket (%s)", BUCKET, exc)
+                    warned = True
+                await asyncio.sleep(REWATCH_S)
+        await self._follow(asyncio.get_running_loop().create_future())
 
     async def close(self) -> None:
         if self._task is not None:
@@ -159,6 +179,9 @@ class LoraRegistry:
             self._records[name] = record
         if old != record:
             self.version += 1
+        if old is not None and (record is None or record.sha256 != old.sha256):
+            for callback in self.on_delete:
+                callback(old)
 
     async def _follow(self, loaded: asyncio.Future[None]) -> None:
         while True:

@@ -17,6 +17,7 @@ from shared import metrics
 from shared.bus import Bus
 from shared.input_cache import InputCache
 from shared.lifecycle import stop_on_signals
+from shared.lora_registry import LoraRegistry
 from shared.messages import ReplicaInfo, StepKind
 from shared.model_runner import ModelRunner, ServiceSpec
 from shared.presence import announce_forever, process_rss_bytes
@@ -74,6 +75,7 @@ class Replica:
     remote: RemoteSteps
     cache: InputCache = field(default_factory=InputCache)
     cancelled: CancelledRuns = field(default_factory=CancelledRuns)
+    loras: LoraRegistry | None = None  # followed where a runner frees deleted LoRAs
 
     @classmethod
     async def start(cls, spec: ServiceSpec, settings: Settings, model_ids: list[str]) -> Replica:
@@ -111,6 +113,11 @@ class Replica:
             prefetch = getattr(runner, "prefetch", None)
             if prefetch is not None:
                 await self.bus.subscribe_lora_prefetch(runner.model_id, prefetch)
+        forgetters = [r.forget_lora for r in self.runners if hasattr(r, "forget_lora")]
+        if forgetters:  # and frees a deleted LoRA's memory once no request holds it
+            self.loras = LoraRegistry(self.bus)
+            self.loras.on_delete.extend(forgetters)
+            self.loras.follow_in_background()
         await self.remote.start()
 
     def consume(self, stop: asyncio.Event) -> list[asyncio.Task]:
@@ -171,6 +178,8 @@ class Replica:
         return describe
 
     async def close(self) -> None:
+        if self.loras is not None:
+            await self.loras.close()
         for runner in self.runners:
             close = getattr(runner, "close", None)
             if close is not None:

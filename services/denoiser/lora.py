@@ -129,6 +129,11 @@ class LoraCache:
         self._loaded[name] = _adapter_bytes(self.transformer, name)
         self._evict_for(keep)  # before the next load: the budget bounds the peak, not only the end
 
+    def forget(self, name: str) -> None:
+        """Delete an adapter now (a deleted LoRA); call it between calls, on the compute thread."""
+        if self._loaded.pop(name, None) is not None:
+            self.transformer.delete_adapters(name)
+
     def deactivate(self) -> None:
         """Back to the base model: LoRA layers stay loaded but are bypassed."""
         if self._loaded:

@@ -61,6 +61,7 @@ class HostLoraCache:
         self._entries: OrderedDict[str, LoraTensors] = OrderedDict()
         self._reading: dict[str, Future[LoraTensors]] = {}
         self._holds: Counter[str] = Counter()
+        self._doomed: set[str] = set()  # deleted while held: dropped at their last release
         self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="lora-read")
         self.hits = 0
         self.misses = 0  # a step found its LoRA not read yet (read now, or still being read)
@@ -139,7 +140,18 @@ class HostLoraCache:
         with self._lock:
             self._holds.subtract(keys)
             self._holds += Counter()  # drop zero counts
+            for key in [k for k in self._doomed if self._holds[k] == 0]:
+                self._doomed.discard(key)
+                self._entries.pop(key, None)
             self._evict()
+
+    def forget(self, key: str) -> None:
+        """A deleted LoRA: drop it now, or, while requests hold it, when the last one lets go."""
+        with self._lock:
+            if self._holds[key] > 0:
+                self._doomed.add(key)
+            else:
+                self._entries.pop(key, None)
 
     @contextmanager
     def holding(self, keys: list[str]) -> Iterator[None]:

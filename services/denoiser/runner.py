@@ -32,6 +32,7 @@ class DenoiserRunner:
     loras: Any = field(default=None)  # LoraCache (adapters in the network), built at load
     host: Any = field(default=None)  # HostLoraCache (LoRA files read into memory), built at load
     _paths: dict[str, Any] = field(default_factory=dict)  # adapter key -> its file
+    _forgotten: set[str] = field(default_factory=set)  # deleted LoRAs the network may still hold
     engine: Any = field(default=None)  # BatchEngine when batching (max batch > 1), else loops run alone
     concurrency: int = 1  # steps in hand at once: the engine's max batch
 
@@ -70,6 +71,7 @@ class DenoiserRunner:
                 )
                 latents = self.engine.submit(loop, loras, facts).result()
             else:
+                self._drop_forgotten(loras)
                 with self.loras.activate(loras, self._lora_source):
                     latents = run_loop(self.bundle.transformer, loop)
         except DenoiseCancelled as exc:
@@ -133,6 +135,30 @@ class DenoiserRunner:
         """What the device cache loads an adapter from: its tensors in the host cache."""
         return self.host.get(key, self._paths[key])
 
+    def _activate(self, loras: list[tuple[str, float]]) -> None:
+        """The batching engine's switch to a call's LoRAs (on its compute thread)."""
+        self._drop_forgotten(loras)
+        self.loras.activate_now(loras, self._lora_source)
+
+    def _drop_forgotten(self, keep: list[tuple[str, float]]) -> None:
+        """Delete the adapters of deleted LoRAs from the network, but those this call uses."""
+        using = {key for key, _ in keep}
+        for key in list(self._forgotten):
+            if key not in using:
+                self._forgotten.discard(key)
+                self.loras.forget(key)
+
+    def forget_lora(self, record: Any) -> None:
+        """A LoRA was deleted from the registry (on the event loop): free its memory once no
+        request holds it; the network drops its adapter at the next switch."""
+        from shared.lora_registry import adapter_key
+
+        if not record.sha256 or record.base != self.model_id:  # built-ins stay; another base's
+            return
+        key = adapter_key(record.choice(1.0))
+        self.host.forget(key)
+        self._forgotten.add(key)
+
     def prefetch(self, loras: list[LoraChoice]) -> None:
         """Start reading a planned request's LoRAs (the gateway's hint; on the event loop: returns at once)."""
         try:
@@ -192,7 +218,7 @@ def load(model_id: str, settings: Settings) -> DenoiserRunner:
         runner.engine = BatchEngine(
             bundle.transformer,
             batch,
-            activate_loras=lambda chosen: loras.activate_now(chosen, runner._lora_source),
+            activate_loras=runner._activate,
             on_batch=metrics.StepMetrics(str(StepKind.DENOISE), model_id).batch.observe,
             name=f"batcher-{model_id}",
         )

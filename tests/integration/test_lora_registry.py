@@ -167,3 +167,46 @@ async def test_a_planned_requests_loras_are_read_by_its_denoisers_at_once(
         runner.host.close()
         await listener.close()
         await gateway.close()
+
+
+async def test_a_denoiser_frees_a_deleted_lora(nats_server: str, settings: Settings, tmp_path: Path) -> None:
+    """A denoiser follows the registry: when a LoRA is deleted, the file it read for it leaves
+    its host cache (the network's adapter goes at its next switch)."""
+    import asyncio
+
+    from services.denoiser.lora_host import HostLoraCache
+    from services.denoiser.runner import DenoiserRunner
+    from shared.bus import Bus
+    from shared.lora_registry import LoraRecord, LoraRegistry, adapter_key
+
+    file = copy_of("sd3-lora-a", settings, tmp_path)
+    runner = DenoiserRunner(model_id="sd3-transformer", bundle=None, settings=settings, host=HostLoraCache(1 << 30))
+    gw_bus, den_bus = (Bus(Settings.from_env(nats_url=nats_server), n) for n in ("gw", "den"))
+    await gw_bus.connect()
+    await den_bus.connect()
+    gateway, follower = LoraRegistry(gw_bus), LoraRegistry(den_bus)
+    follower.on_delete.append(runner.forget_lora)
+    follower.follow_in_background()  # before the bucket exists: it waits for the gateway to make it
+    try:
+        await gateway.start(seed_builtins=True)
+        record = LoraRecord(name="ink", base="sd3-transformer", source="path", path=str(file), sha256="cd" * 32)
+        await gateway.register(record)
+        runner.prefetch([record.choice(1.0)])  # read on a reader thread
+        key = adapter_key(record.choice(1.0))
+        for _ in range(200):
+            if runner.host.keys() == [key] and follower.get("ink") is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert runner.host.keys() == [key]
+        await gateway.delete("ink")
+        for _ in range(200):
+            if not runner.host.keys():
+                break
+            await asyncio.sleep(0.05)
+        assert runner.host.keys() == [] and key in runner._forgotten
+    finally:
+        runner.host.close()
+        await follower.close()
+        await gateway.close()
+        await gw_bus.close()
+        await den_bus.close()

@@ -138,3 +138,15 @@ def test_the_device_cache_caps_its_adapters_too(settings) -> None:
     assert set(bundle.transformer.peft_config) == {"one", "three"}  # "two" really left the network
     cache.activate_now([("two", 1.0), ("three", 0.5), ("one", 0.5)], lambda _key: file)
     assert len(cache.loaded()) == 3  # a request's own LoRAs are never evicted for each other
+
+
+def test_a_deleted_lora_is_freed_once_no_request_holds_it() -> None:
+    cache, _ = cache_of(1000)
+    cache.get("a", "a")
+    cache.get("b", "b")
+    cache.forget("a")  # nobody holds it: gone at once
+    assert cache.keys() == ["b"]
+    with cache.holding(["b"]):
+        cache.forget("b")  # a request is using it: it stays for that request
+        assert cache.get("b", "b").nbytes == 100 and cache.keys() == ["b"]
+    assert cache.keys() == []  # the last holder let go

@@ -213,3 +213,37 @@ def test_the_gateway_serves_https_verified_with_the_ca(locked: LockedNats, tmp_p
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+async def test_the_gateway_keeps_the_lora_registry_and_a_denoiser_follows_it(locked: LockedNats) -> None:
+    """LEGO_LORAS: the gateway makes and writes it; a denoiser watches it (to free deleted LoRAs)
+    and hears prefetch hints, but may not write the registry."""
+    from shared.lora_registry import LoraRecord, LoraRegistry
+
+    gateway_bus = await _connected(locked.settings("gateway"), "test-gateway")
+    denoiser_bus = await _connected(locked.settings("denoiser"), "test-denoiser")
+    gateway, follower = LoraRegistry(gateway_bus), LoraRegistry(denoiser_bus)
+    deleted: list[str] = []
+    follower.on_delete.append(lambda record: deleted.append(record.name))
+    heard: asyncio.Queue[list] = asyncio.Queue()
+    try:
+        await gateway_bus.ensure_streams()
+        await gateway.start(seed_builtins=True)
+        follower.follow_in_background()
+        await gateway.register(LoraRecord(name="ink", base="sd3-transformer", source="path", path="/x", sha256="ab"))
+        await denoiser_bus.subscribe_lora_prefetch("sd3-transformer", heard.put_nowait)
+        await denoiser_bus.nc.flush()
+        await gateway_bus.publish_lora_prefetch("sd3-transformer", [gateway.get("ink").choice(1.0)])
+        assert [c.name for c in await asyncio.wait_for(heard.get(), 10)] == ["ink"]
+        await gateway.delete("ink")
+        for _ in range(100):
+            if deleted:
+                break
+            await asyncio.sleep(0.1)
+        assert deleted == ["ink"] and follower.get("sd3-lora-a") is not None
+        await _refused(follower.kv.put("ink", b"{}"))
+    finally:
+        await follower.close()
+        await gateway.close()
+        await gateway_bus.close()
+        await denoiser_bus.close()

@@ -235,6 +235,11 @@ async def test_the_gateway_keeps_the_lora_registry_and_a_denoiser_follows_it(loc
         await denoiser_bus.nc.flush()
         await gateway_bus.publish_lora_prefetch("sd3-transformer", [gateway.get("ink").choice(1.0)])
         assert [c.name for c in await asyncio.wait_for(heard.get(), 10)] == ["ink"]
+        for _ in range(100):  # the follower has caught up with the bucket: it holds "ink"
+            if follower.get("ink") is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert follower.get("ink") is not None
         await gateway.delete("ink")
         for _ in range(100):
             if deleted:

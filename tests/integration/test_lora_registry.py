@@ -197,7 +197,7 @@ async def test_a_denoiser_frees_a_deleted_lora(nats_server: str, settings: Setti
             if runner.host.keys() == [key] and follower.get("ink") is not None:
                 break
             await asyncio.sleep(0.05)
-        assert runner.host.keys() == [key]
+        assert runner.host.keys() == [key] and follower.get("ink") is not None
         await gateway.delete("ink")
         for _ in range(200):
             if not runner.host.keys():

@@ -14,10 +14,9 @@ from one shared queue), the same total threads, on tiny and real-width models:
     came back): throughput and p50/p99 latency for the group always splitting, never
     splitting and adaptive (`shared/parallel_policy.py`), and for the 2 replicas. The systems
     take turns at each load point, in a rotated order per repeat; the spread is the half-range
-    of the repeats' throughputs. Throughput is the steady rate, counted while every client is
-    in the loop (after each has had its first answer, until the first one is done:
-    `parallel_systems.closed_loop`); the rate over the whole run, ramp and drain included, is
-    printed beside it.
+    of the repeats' throughputs. Throughput is the steady rate, without the ramp and the drain
+    (between the C-th and the (N - C)-th of a run's N answers, C clients:
+    `parallel_systems.steady_rate`); the rate over the whole run is printed beside it.
 
 The last line: `adaptive vs best fixed: R`, R the lowest over the swept cases' load points of
 adaptive's throughput over the best fixed choice's (always, never on the group, or the
@@ -475,7 +474,7 @@ def print_degree_row(case: Case, result: dict) -> None:
 
 def print_sweep(case: Case, points: dict) -> None:
     print(f"\n(b) {case.name} ({shape_of(case)}): closed loop, throughput (mean of repeats, ± half-range) and latency")
-    print("(req/s: steady, while every client is in the loop; whole run: ramp and drain included)")
+    print("(req/s: steady, without the first and last answer per client; whole run: ramp and drain included)")
     print("| clients | system | req/s | ± | whole run req/s | p50 s | p99 s | requests (runs) | others' CPU share |")
     print("|---|---|---|---|---|---|---|---|---|")
     for load, point in points.items():
@@ -553,7 +552,11 @@ def main() -> None:
     parser.add_argument("--real-flux", action="store_true", help="real-width Flux's latency too (CPU run, ~2 min)")
     parser.add_argument("--loads", type=int, nargs="+", default=[1, 2, 4, 8], help="clients of the load points")
     parser.add_argument(
-        "--per-client", type=int, default=2, help="requests each client sends at a load point, at least"
+        "--per-client",
+        type=int,
+        default=3,
+        help="requests each client sends at a load point, at least (3: the steady window, without the first "
+        "and last answer per client, holds one per client)",
     )
     parser.add_argument("--point-s", type=float, default=1.0, help="seconds a load point lasts never split, about")
     parser.add_argument("--max-others", type=float, default=0.1, help="run again if others took more of the CPU")

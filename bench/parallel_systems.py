@@ -291,14 +291,13 @@ def closed_loop(submit: Callable[[int], Future[torch.Tensor]], clients: int, per
     """`clients` clients sending `per_client` requests each, the next when the last came back;
     all start together.
 
-    Throughput (`throughput_rps`) is the rate at which requests come back while the load is
-    the point's: from the moment every client has had its first answer (the ramp, in which all
-    clients arrive at once, is over) to the first client's last answer (after it fewer clients
-    are left). Why not requests over the whole run (`makespan_rps`, also
-    kept): with few requests a client, the run's drain, in which some clients have finished and
-    their devices stand idle, weighs as much as the load itself. Two systems at the same steady
-    rate differ there only by how their clients' answers happen to be staggered: a stagger of
-    one request between 2 clients of 4 requests each costs a twelfth of the whole-run rate."""
+    Throughput (`throughput_rps`) is the steady rate, without the ramp and the drain
+    (`steady_rate`); the rate over the whole run (`makespan_rps`) is kept beside it. Why: with
+    few requests a client, the drain, in which some clients have finished and their devices
+    stand idle, weighs as much as the load itself, and two systems at the same steady rate
+    differ there only by how their clients' answers happen to be staggered (a stagger of one
+    request between 2 clients of 4 requests each costs a twelfth of the whole-run rate).
+    """
     done_at: list[list[float]] = [[] for _ in range(clients)]
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
@@ -341,15 +340,20 @@ def closed_loop(submit: Callable[[int], Future[torch.Tensor]], clients: int, per
 
 
 def steady_rate(done_at: list[list[float]]) -> float | None:
-    """Answers per second in the window (every client's first answer, the first client's last
-    answer]: the clients' answer times, each client's in order. None when the window holds no
-    answer (a client with one request only)."""
-    begin = max(times[0] for times in done_at)
-    end = min(times[-1] for times in done_at)
-    answers = sum(1 for times in done_at for t in times if begin < t <= end)
-    if end <= begin or answers == 0:
+    """Answers per second between the C-th and the (N - C)-th answer of the run (N answers, C
+    clients; `done_at`: each client's answer times): the first C are the ramp (every client's
+    first request arriving at once, on average one answer each), the last C the drain (clients
+    done, devices idle). Counted over all clients together, so a system that serves its clients
+    unevenly is measured as fairly as one that serves them in turn. None when the run has no
+    answers between them (fewer than 2C + 1)."""
+    times = sorted(t for per in done_at for t in per)
+    clients = len(done_at)
+    if len(times) <= 2 * clients:
         return None
-    return answers / (end - begin)
+    begin, end = times[clients - 1], times[len(times) - clients - 1]
+    if end <= begin:
+        return None
+    return (len(times) - 2 * clients) / (end - begin)
 
 
 def percentile(values: list[float], q: float) -> float:

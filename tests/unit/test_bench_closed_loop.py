@@ -1,6 +1,7 @@
-"""The closed-loop throughput `bench/parallel.py` compares systems by: the steady rate while every
-client is in the loop, so two systems serving at the same rate score the same however their
-clients' answers are staggered (a whole-run count would charge the stagger's drain to one)."""
+"""The closed-loop throughput `bench/parallel.py` compares systems by: the steady rate, without
+the ramp and the drain, so two systems serving at the same rate score the same however their
+clients' answers are staggered or shared out (a whole-run count would charge the stagger's drain
+to one)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ def test_the_same_steady_rate_scores_the_same_whatever_the_stagger() -> None:
     assert 8 / 9.23 < 0.94 * (8 / 8.64)  # what the whole-run count made of the stagger
 
 
-def test_a_slower_system_scores_lower_and_one_request_a_client_has_no_window() -> None:
+def test_clients_served_unevenly_count_at_the_systems_rate() -> None:
+    # 4 clients, 3 requests each, 2 devices answering in pairs every second; the first two
+    # clients are served first every time, the others wait: the system still answers 2 a second.
+    uneven = [[1.0, 3.0, 5.0], [1.0, 3.0, 5.0], [2.0, 4.0, 6.0], [2.0, 4.0, 6.0]]
+    assert steady_rate(uneven) == pytest.approx(2.0)
+
+
+def test_a_slower_system_scores_lower_and_too_few_answers_have_no_window() -> None:
     assert steady_rate([[1.0, 3.0, 5.0], [1.0, 3.0, 5.0]]) == pytest.approx(1.0)
     assert steady_rate([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]) == pytest.approx(2.0)
-    assert steady_rate([[1.0], [1.2]]) is None
+    assert steady_rate([[1.0, 2.0], [1.2, 2.2]]) is None

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from services.gateway.app import create_app
 from shared.settings import Settings
 from shared.zoo import lora_path
-from tests.waiting import wait_for
+from tests.waiting import wait_for, wait_for_async
 
 
 @pytest.fixture
@@ -134,7 +134,6 @@ async def test_a_planned_requests_loras_are_read_by_its_denoisers_at_once(
 ) -> None:
     """The gateway's prefetch hint, over the bus, makes a denoiser read a registered LoRA's file
     into its host cache before any step names it (built-ins, local and tiny, are left alone)."""
-    import asyncio
 
     from services.denoiser.lora_host import HostLoraCache
     from services.denoiser.runner import DenoiserRunner
@@ -157,10 +156,7 @@ async def test_a_planned_requests_loras_are_read_by_its_denoisers_at_once(
         await gateway.publish_lora_prefetch("sd3-transformer", [record.choice(0.8), LoraChoice(name="sd3-lora-a")])
         await gateway.publish_lora_prefetch("flux-transformer", [record.choice(1.0)])  # another base's denoisers
         key = adapter_key(record.choice(0.8))
-        for _ in range(200):
-            if runner.host.keys():
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async("the prefetch hint's read", runner.host.keys)
         assert runner.host.keys() == [key] and runner.host.total_bytes() > 0
         assert runner.host.misses == 0  # read ahead of any step: the step will find it
     finally:
@@ -172,7 +168,6 @@ async def test_a_planned_requests_loras_are_read_by_its_denoisers_at_once(
 async def test_a_denoiser_frees_a_deleted_lora(nats_server: str, settings: Settings, tmp_path: Path) -> None:
     """A denoiser follows the registry: when a LoRA is deleted, the file it read for it leaves
     its host cache (the network's adapter goes at its next switch)."""
-    import asyncio
 
     from services.denoiser.lora_host import HostLoraCache
     from services.denoiser.runner import DenoiserRunner
@@ -193,16 +188,11 @@ async def test_a_denoiser_frees_a_deleted_lora(nats_server: str, settings: Setti
         await gateway.register(record)
         runner.prefetch([record.choice(1.0)])  # read on a reader thread
         key = adapter_key(record.choice(1.0))
-        for _ in range(200):
-            if runner.host.keys() == [key] and follower.get("ink") is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert runner.host.keys() == [key] and follower.get("ink") is not None
+        await wait_for_async(
+            "the read and the registration", lambda: runner.host.keys() == [key] and follower.get("ink") is not None
+        )
         await gateway.delete("ink")
-        for _ in range(200):
-            if not runner.host.keys():
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async("the deleted LoRA to leave the cache", lambda: not runner.host.keys())
         assert runner.host.keys() == [] and key in runner._forgotten
     finally:
         runner.host.close()

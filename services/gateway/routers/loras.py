@@ -118,8 +118,13 @@ async def _from_upload(request: Request, settings: Settings, loras: LoraRegistry
 
 
 @router.get("/v1/loras", response_model=LoraList)
-async def list_loras(loras: LorasDep, base: str | None = None) -> LoraList:
+async def list_loras(request: Request, loras: LorasDep, base: str | None = None) -> LoraList:
     """Every registered LoRA (built-ins first), or those of one base model (`?base=`)."""
+    unknown = sorted(set(request.query_params) - {"base"})
+    if unknown:  # a misspelt filter would otherwise list every LoRA as if it had applied
+        raise APIError(
+            400, "invalid_request", f"unknown query parameter(s) {', '.join(unknown)}; this route takes base"
+        )
     records = loras.records()
     if base is not None:
         wanted = _base(base)

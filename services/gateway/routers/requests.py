@@ -41,7 +41,12 @@ def status_of(orchestrator: Orchestrator, state: RequestState) -> RequestStatus:
     )
 
 
-@router.get("/v1/requests/{request_id}", response_model=RequestStatus, responses={404: {"model": ErrorResponse}})
+@router.get(
+    "/v1/requests/{request_id}",
+    response_model=RequestStatus,
+    response_model_exclude_none=True,  # an image has b64_json or url, as in the answer; no error until one
+    responses={404: {"model": ErrorResponse}},
+)
 async def request_status(request_id: str, state: RequestStateDep, orchestrator: OrchestratorDep) -> RequestStatus:
     """Status, queue position, denoising progress; the images once an async request is done."""
     return status_of(orchestrator, state)

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from typing import Literal
 
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from shared import subjects
+from shared import kv_mirror, subjects
 from shared.bus import Bus
 from shared.messages import LoraChoice
 from shared.zoo.registry import LORAS
@@ -36,7 +36,7 @@ log = logging.getLogger("lego.loras")
 
 BUCKET = subjects.LORAS_BUCKET
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-REWATCH_S = 1.0
+REWATCH_S = kv_mirror.REWATCH_S
 Source = Literal["builtin", "path", "upload"]
 
 
@@ -183,47 +183,12 @@ class LoraRegistry:
             for callback in self.on_delete:
                 callback(old)
 
+    def _replace(self, stored: dict[str, LoraRecord]) -> None:
+        """A watch caught up: the copy becomes the bucket's entries (deletes missed included)."""
+        for name in set(self._records) - set(stored):
+            self._apply(name, None)
+        for name, record in stored.items():
+            self._apply(name, record)
+
     async def _follow(self, loaded: asyncio.Future[None]) -> None:
-        while True:
-            try:
-                await self._watch(loaded)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watching the %s bucket failed (%s); watching again", BUCKET, exc)
-            await asyncio.sleep(REWATCH_S)
-
-    async def _watch(self, loaded: asyncio.Future[None]) -> None:
-        watcher = await self.kv.watchall()
-        fresh: dict[str, LoraRecord] | None = {}  # this watch's entries until it caught up
-        try:
-            async for entry in watcher:
-                if entry is None:  # caught up
-                    for name in set(self._records) - set(fresh or {}):
-                        self._apply(name, None)
-                    for name, stored in (fresh or {}).items():
-                        self._apply(name, stored)
-                    fresh = None
-                    if not loaded.done():
-                        loaded.set_result(None)
-                    continue
-                record = _parse(entry)
-                if fresh is None:
-                    self._apply(entry.key, record)
-                elif record is None:
-                    fresh.pop(entry.key, None)
-                else:
-                    fresh[entry.key] = record
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-
-
-def _parse(entry: KeyValue.Entry) -> LoraRecord | None:
-    if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-        return None
-    try:
-        return LoraRecord.model_validate_json(entry.value)
-    except ValueError:
-        log.warning("ignoring a malformed entry %r in %s", entry.key, BUCKET)
-        return None
+        await kv_mirror.follow(self.kv, BUCKET, LoraRecord.model_validate_json, self._replace, self._apply, loaded)

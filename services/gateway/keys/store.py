@@ -16,12 +16,12 @@ import logging
 import time
 
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from services.gateway.keys.model import KeyLimits, KeyRecord, Scope
 from services.gateway.keys.secret import hash_key, new_key, new_key_id
 from services.gateway.schemas import MAX_PRIORITY
-from shared import subjects
+from shared import kv_mirror, subjects
 from shared.bus import Bus
 
 log = logging.getLogger("lego.gateway.keys")
@@ -29,7 +29,6 @@ log = logging.getLogger("lego.gateway.keys")
 BUCKET = subjects.KEYS_BUCKET  # the bus roles give this bucket to the gateway alone
 ADMIN_NAME = "admin"
 ADMIN_LIMITS = KeyLimits(scopes=list(Scope), rate_per_min=0, max_in_flight=0, max_priority=MAX_PRIORITY)
-REWATCH_S = 1.0  # after the watch fails (NATS away), try again this often
 
 
 class KeyExists(Exception):
@@ -61,7 +60,10 @@ class KeyStore:
                 bucket=BUCKET, history=1, replicas=self.bus.settings.stream_replicas
             )
         loaded = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._follow(loaded), name="keys-watch")
+        self._task = asyncio.create_task(
+            kv_mirror.follow(self.kv, BUCKET, KeyRecord.model_validate_json, self._replace, self._apply, loaded),
+            name="keys-watch",
+        )
         await loaded
 
     async def close(self) -> None:
@@ -139,52 +141,7 @@ class KeyStore:
             self._by_name[name] = record
             self._by_hash[record.hash] = record
 
-    async def _follow(self, loaded: asyncio.Future[None]) -> None:
-        """Mirror the bucket until cancelled; a failed watch (NATS away) is started again, and
-        rebuilds the index from the bucket's current entries."""
-        while True:
-            try:
-                await self._watch(loaded)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watching the %s bucket failed (%s); watching again", BUCKET, exc)
-            await asyncio.sleep(REWATCH_S)
-
-    async def _watch(self, loaded: asyncio.Future[None]) -> None:
-        watcher = await self.kv.watchall()
-        fresh: dict[str, KeyRecord] | None = {}  # the entries of this watch until it caught up
-        try:
-            async for entry in watcher:
-                if entry is None:  # caught up: the stored keys are all in
-                    self._replace(fresh or {})
-                    fresh = None
-                    if not loaded.done():
-                        loaded.set_result(None)
-                    continue
-                record = self._parse(entry)
-                if fresh is not None:
-                    if record is None:
-                        fresh.pop(entry.key, None)
-                    else:
-                        fresh[entry.key] = record
-                else:
-                    self._apply(entry.key, record)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-
     def _replace(self, records: dict[str, KeyRecord]) -> None:
         self._by_name, self._by_hash = {}, {}
         for name, record in records.items():
             self._apply(name, record)
-
-    @staticmethod
-    def _parse(entry: KeyValue.Entry) -> KeyRecord | None:
-        if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-            return None
-        try:
-            return KeyRecord.model_validate_json(entry.value)
-        except ValueError:
-            log.warning("ignoring a malformed entry %r in %s", entry.key, BUCKET)
-            return None

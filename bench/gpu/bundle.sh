@@ -26,6 +26,8 @@ PACKAGES=(
   opentelemetry-exporter-http-transport==0.66b2 opentelemetry-exporter-otlp-common==0.66b2
   typing-extensions==4.16.0  # pydantic needs at least this one
   pytest-asyncio==1.5.0  # run.sh's `tests` step (pytest itself is there)
+  python-multipart==0.0.34 bcrypt==5.0.0  # the edits route's forms; nats-server's password hashes
+  cryptography==50.0.2 cffi==2.1.1 pycparser==3.12  # lego/tls_certs.py: the bus's TLS certificates
   # the tensor plane's UCX transport, CUDA 13 build (the device's torch is cu130)
   ucxx-cu13==0.52.0 libucxx-cu13==0.52.0 libucx-cu13==1.21.0
   rmm-cu13==26.10.0 librmm-cu13==26.10.0 rapids-logger==0.3.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,15 +47,8 @@ class Device:
 
     def run(self, part: Part, loras: LoraSet) -> torch.Tensor | None:
         """Run `part`; its output if it answers for its row part, else None."""
-        return self.run_timed(part, loras)[0]
-
-    def run_timed(self, part: Part, loras: LoraSet) -> tuple[torch.Tensor | None, float]:
-        """`run`, and the seconds it ran once the device was its own: a step time the degree
-        policy can compare, free of the wait behind another request's part on this device."""
         with self._busy:
-            started = time.perf_counter()
-            out = self._run(part, loras)
-            return out, time.perf_counter() - started
+            return self._run(part, loras)
 
     def _run(self, part: Part, loras: LoraSet) -> torch.Tensor | None:
         if loras != self._loras_on:

@@ -121,7 +121,8 @@ class GroupEngine:
         self._on_batch = on_batch
         self._lock = threading.Lock()
         self._units: list[_Unit] = []
-        self.step_s: dict[int, float] = {}  # seconds per call of one request, by degree (running mean)
+        self.step_s: dict[int, float] = {}  # seconds per step of a lone request, by degree (running mean)
+        self._entered = 0  # requests submitted so far: a request timed alone saw no other enter
 
     def submit(
         self, loop: DenoiseLoop, loras: list[tuple[str, float]] | None = None, facts: RequestFacts | None = None
@@ -136,6 +137,7 @@ class GroupEngine:
         split for having fewer to choose from), and then the follower starts the loop, not this
         process too. Only a choice above 1 needs the first call, to know the split is possible."""
         facts = facts or RequestFacts()
+        started = time.perf_counter()
         most = min(self.world, self.max_degree)
         first: TransformerCall | None = None
         may_host = can_host(facts.inputs) and all(self.executor.can_host(d) for d in range(self.world))
@@ -154,6 +156,8 @@ class GroupEngine:
                     continue
                 if self.mode == "adaptive":
                     self._shrink(self.world // (busy + 1), busy + 1)
+                self._entered += 1
+                ticket = self._entered
                 unit = self._unit_for(self._least_loaded(choice.degree))
                 unit.held += 1
                 engine = self._engine(unit)
@@ -172,16 +176,19 @@ class GroupEngine:
         release = self._releaser(unit)
         if choice.degree == 1 and can_host(facts.inputs) and self.executor.can_host(unit.first):
             loop.close()  # the follower builds the same loop from the same inputs
-            return self._hosted(unit, facts, loras, release)
-        if first is None:
-            with torch.inference_mode():
-                first = next(loop)
-        try:
-            future = engine.submit(resumed(first, loop, release), loras)
-        except BaseException:
-            release()
-            raise
-        future.add_done_callback(lambda _f: release())  # a loop closed before it started runs no `finally`
+            future = self._hosted(unit, facts, loras, release)
+        else:
+            if first is None:
+                with torch.inference_mode():
+                    first = next(loop)
+            try:
+                future = engine.submit(resumed(first, loop, release), loras)
+            except BaseException:
+                release()
+                raise
+            future.add_done_callback(lambda _f: release())  # a loop closed before it started runs no `finally`
+        if busy == 0:
+            future.add_done_callback(self._timer(choice.degree, started, ticket, facts.steps))
         return future
 
     def _choose(self, allowed: tuple[int, ...], busy: int, facts: RequestFacts) -> DegreeChoice:
@@ -203,7 +210,6 @@ class GroupEngine:
                 facts.inputs,
                 tuple(loras or ()),
                 self.max_batch,
-                on_step_s=lambda seconds: self._note_step(1, seconds),
                 on_batch=self._on_batch,
             )
         except BaseException:
@@ -212,22 +218,30 @@ class GroupEngine:
         future.add_done_callback(lambda _f: release())
         return future
 
-    def _holds_one(self) -> bool:
-        """Whether the group holds a single request: a call timed at the leader counts for the
-        policy only then. Its time includes the round trip to the followers, the split's own
-        cost; with other requests in the group it would also include their work on the same
-        devices, and a split slowed by newcomers once would look slower than one device for
-        good (a lone request is only split again if its measured step is the faster)."""
-        with self._lock:
-            return sum(u.held for u in self._units) == 1
+    def _timer(self, degree: int, started: float, ticket: int, steps: int) -> Callable[[Future[torch.Tensor]], None]:
+        """Times a request that found the group idle: its seconds per step, from submission to
+        its latents, count for the policy if no other request entered the group before it ended.
 
-    def _note_step(self, degree: int, seconds: float) -> None:
-        """One call of one request at `degree` took `seconds` (the step times the policy reads):
-        timed at the leader while the group held it alone (`_holds_one`), or on a follower
-        from when its device was free (`Device.run_timed`)."""
-        with self._lock:
-            old = self.step_s.get(degree)
-            self.step_s[degree] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        Why whole requests, timed here, for every degree alike: the policy compares the degrees,
+        so each must be measured the same way and with everything the request pays. A step
+        timed on a follower's device leaves out the hand-over and the answer; a split step
+        timed here includes its round trip: compared, they favoured one device where the split
+        request was faster (tiny SD3, 1 client: 0.041 s split against 0.049 s whole, kept on one
+        device). And a request that shared the group with another, even for one step, would
+        carry that one's work: a split slowed by newcomers once would look slower for good
+        (a lone request is only split again if its measured step is the faster)."""
+
+        def note(future: Future[torch.Tensor]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            seconds = (time.perf_counter() - started) / max(steps, 1)
+            with self._lock:
+                if self._entered != ticket:
+                    return
+                old = self.step_s.get(degree)
+                self.step_s[degree] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+        return note
 
     def _releaser(self, unit: _Unit) -> Callable[[], None]:
         """Hands the request's place in `unit` back once, whichever of its ends comes first."""
@@ -328,12 +342,7 @@ class GroupEngine:
             how = layout(degree, call, self.executor.by_tokens)
             if how is None:
                 raise ValueError(f"a call of {call.rows()} rows cannot be split over {degree} devices")
-            alone = requests == 1 and self._holds_one()
-            started = time.perf_counter()
-            out = self.executor.run(first, call, how, loras)
-            if alone and self._holds_one():
-                self._note_step(how.degree, time.perf_counter() - started)
-            return out
+            return self.executor.run(first, call, how, loras)
 
         return execute
 

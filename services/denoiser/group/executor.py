@@ -256,7 +256,6 @@ class GroupExecutor:
         inputs: DenoiseInputs,
         loras: LoraSet,
         max_batch: int,
-        on_step_s: Callable[[float], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> Future[torch.Tensor]:
         """Run a request's whole loop on follower `device` (`hosted`); a future of its latents."""
@@ -268,9 +267,7 @@ class GroupExecutor:
                 raise RuntimeError("the group is shutting down")
             self._hosted += 1
             number = self._hosted
-        request = HostedRequest(
-            number, inputs, cancel=lambda: lane.cancel(number), on_step_s=on_step_s, on_batch=on_batch
-        )
+        request = HostedRequest(number, inputs, cancel=lambda: lane.cancel(number), on_batch=on_batch)
         lane.host(request, host_message(number, inputs, loras, max_batch))
         return request.future
 

@@ -62,13 +62,11 @@ def host_message(number: int, inputs: DenoiseInputs, loras: LoraSet, max_batch: 
 class HostedRequest:
     """The leader's record of a loop a follower runs: its future, the request's own progress and
     stop callbacks, and `cancel()` to tell the follower to stop it. Of every call the follower
-    ran since its last answer, `on_step_s(s)` hears the seconds of each that held one request
-    (the policy's step time at degree 1) and `on_batch(n)` the requests of each (metrics)."""
+    ran since its last answer, `on_batch(n)` hears the requests of each (metrics)."""
 
     number: int
     inputs: DenoiseInputs
     cancel: Callable[[], None]
-    on_step_s: Callable[[float], None] | None = None
     on_batch: Callable[[int], None] | None = None
     future: Future[torch.Tensor] = field(default_factory=Future)
     cancel_sent: bool = field(default=False, init=False)
@@ -82,9 +80,6 @@ class HostedRequest:
                 self.cancel_sent = True
                 self.cancel()
             return
-        if self.on_step_s is not None:
-            for seconds in message.get("alone_s", []):
-                self.on_step_s(float(seconds))
         if self.on_batch is not None:
             for size, calls in message.get("batches", {}).items():
                 for _ in range(int(calls)):
@@ -106,13 +101,10 @@ class HostedRequest:
 
 class HostedLoops:
     """A follower's side: the loops it runs whole, batched step by step as a single-device
-    replica batches them, each call run on its device (`Device.run_timed`, which also runs the
-    parts of split calls the leader sends; it takes them in turn). `run_part` answers a call's
-    output and the seconds it ran once it had the device."""
+    replica batches them, each call run on its device (`Device.run`, which also runs the parts
+    of split calls the leader sends; it takes them in turn). `run_part` answers a call's output."""
 
-    def __init__(
-        self, bundle: Any, run_part: Callable[[TransformerCall, LoraSet], tuple[torch.Tensor, float]], send: Send
-    ) -> None:
+    def __init__(self, bundle: Any, run_part: Callable[[TransformerCall, LoraSet], torch.Tensor], send: Send) -> None:
         self._bundle = bundle
         self._run_part = run_part
         self._send = send
@@ -120,7 +112,6 @@ class HostedLoops:
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._batches: Counter[int] = Counter()  # requests per call, since the last answer
-        self._alone_s: list[float] = []  # seconds of each call of one request, since the last answer
 
     def start(self, message: dict[str, Any]) -> None:
         """Start request `message["id"]`'s loop; its answer goes back when it ends."""
@@ -164,22 +155,18 @@ class HostedLoops:
         return self._engine
 
     def _execute(self, call: TransformerCall, loras: LoraSet, requests: int) -> torch.Tensor:
-        out, took = self._run_part(call, loras)
+        out = self._run_part(call, loras)
         with self._lock:
             self._batches[requests] += 1
-            if requests == 1:
-                self._alone_s.append(took)
         return out
 
     def _answer(self, number: int, output: torch.Tensor | None, error: BaseException | None) -> None:
         with self._lock:
             self._cancelled.discard(number)
             batches, self._batches = self._batches, Counter()
-            alone_s, self._alone_s = self._alone_s, []
         reply: dict[str, Any] = {
             "op": "hosted",
             "id": number,
-            "alone_s": alone_s,
             "batches": {str(size): calls for size, calls in batches.items()},
         }
         if error is None:

@@ -222,6 +222,30 @@ def test_a_request_counts_for_the_policy_only_if_it_had_the_group_to_itself() ->
     assert set(engine.step_s) == {2}  # neither the second nor the third had the group to itself
 
 
+def test_requests_that_come_back_together_are_not_split_for_being_first() -> None:
+    """Requests that end together come back together: the first to arrive finds the group idle,
+    but the group held two a moment ago (within its longest measured step), so it is not split
+    (split, it would hold both devices for a step while the second waits)."""
+    degrees: list[int] = []
+    devices, engine = _engine(2, on_degree=degrees.append)
+    engine.step_s.update({1: 30.0, 2: 20.0})  # the split is the faster: a lone request is split
+    try:
+        first = engine.submit(_loop(sd3_call(2), 1))
+        assert devices.next_call(0) == (0, CFG)
+        second = engine.submit(_loop(sd3_call(2), 1))
+        assert devices.next_call(1) == (1, ONE)
+        devices.finish(0)
+        devices.finish(1)
+        assert first.result(timeout=30) == second.result(timeout=30) == "done"
+        again = engine.submit(_loop(sd3_call(2), 1))  # alone, but within 30 s of the two
+        assert devices.next_call(0) == (0, ONE)
+        devices.finish(0)
+        assert again.result(timeout=30) == "done"
+    finally:
+        engine.close()
+    assert degrees == [2, 1, 1]
+
+
 def test_a_newcomer_on_a_shrunk_units_devices_batches_with_its_requests() -> None:
     sizes: list[int] = []
     devices, engine = _engine(2, max_batch=2, on_batch=sizes.append)

@@ -123,6 +123,7 @@ class GroupEngine:
         self._units: list[_Unit] = []
         self.step_s: dict[int, float] = {}  # seconds per step of a lone request, by degree (running mean)
         self._entered = 0  # requests submitted so far: a request timed alone saw no other enter
+        self._crowd = (0, 0.0)  # (requests held, until when it counts): see `_recent_others`
 
     def submit(
         self, loop: DenoiseLoop, loras: list[tuple[str, float]] | None = None, facts: RequestFacts | None = None
@@ -150,7 +151,7 @@ class GroupEngine:
             )
             with self._lock:
                 busy = sum(u.held for u in self._units)
-                choice = self._choose(allowed, busy, facts)
+                choice = self._choose(allowed, max(busy, self._recent_others()), facts)
                 if first is None and choice.degree > 1:
                     may_host = False  # a split: the first call says whether it can be, then choose again
                     continue
@@ -253,8 +254,24 @@ class GroupEngine:
 
         return release
 
+    def _recent_others(self) -> int:
+        """The requests a newcomer should expect beside it: those of a crowd that was here a
+        moment ago, less itself (0 once the moment is over).
+
+        Why: requests that end together come back together (a client's batch, a closed loop, a
+        burst). The first of them to arrive finds the group idle; split, it holds every device
+        for a step, and the second, a millisecond later, waits that step before the first can
+        shrink (real-width SD3, 2 clients in step: 0.876 of the 2 replicas' rate in one repeat).
+        So a group that held several requests within its longest measured step (about what a
+        newcomer would wait behind a split step) counts them as still here."""
+        held, until = self._crowd
+        return held - 1 if held > 1 and time.perf_counter() < until else 0
+
     def _release(self, unit: _Unit) -> None:
         with self._lock:
+            held = sum(u.held for u in self._units)
+            if held > 1:
+                self._crowd = (held, time.perf_counter() + max(self.step_s.values(), default=0.0))
             unit.held -= 1
             if unit.held == 0:
                 unit.degree = unit.home  # an idle unit starts at home again

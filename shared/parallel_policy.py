@@ -73,6 +73,12 @@ class DegreeChoice:
 MODES = ("adaptive", "never", "always")
 
 
+def degree_at_most(n: int) -> int:
+    """The largest of the degrees a group hands out (4, 2, 1) not above `n` (1 at least): the
+    degree a split request shrinks or grows to when the fair share is `n` devices."""
+    return next(d for d in (4, 2, 1) if d <= max(n, 1))
+
+
 def usable_degrees(inputs: DegreeInputs) -> list[int]:
     """The allowed degrees that fit the group, ascending; always at least [1]."""
     return sorted({d for d in inputs.allowed if 1 <= d <= inputs.group_size} | {1})

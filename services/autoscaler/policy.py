@@ -38,7 +38,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from shared.parallel_policy import MODES, DegreeChoice, DegreeInputs, choose_degree
+from shared.parallel_policy import MODES, DegreeChoice, DegreeInputs, choose_degree, degree_at_most
 
 __all__ = [
     "MODES",
@@ -52,6 +52,7 @@ __all__ = [
     "Slo",
     "UnitSignal",
     "choose_degree",
+    "degree_at_most",
     "desired_replicas",
     "parse_limits",
     "solo_latency",

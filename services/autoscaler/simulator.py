@@ -21,7 +21,13 @@ uses, and splits each over d of its devices as `shared.parallel_policy.choose_de
 slack (its SLO less the time its later stages take alone). A step at degree d takes the
 model's time at that degree (`ModelProfile.degree_s`) on each of the d devices, the least used
 of the group's first; d = 1 steps run side by side, one a device. A device shared by several
-steps time-slices them as any GPU does; a split step is done when its last device is.
+steps time-slices them as any GPU does; a split step is done when its last device is. In the
+adaptive mode a split step shrinks and grows as the denoiser's groups do
+(`services/denoiser/group/engine.py`): when steps wait for a group whose devices are all in
+use, its split steps shrink to the fair share (k // the requests it would hold), freeing
+devices for them; when devices fall idle with nothing queued, a shrunk step grows back towards
+its first degree. The work left moves with it: the fraction of the step left, at the new
+degree's time.
 
 Not modelled: batching, network time beyond a fixed per-stage hop, any cost of time slicing
 itself (context switches, caches), the lockstep of a split step's devices (each device's share
@@ -45,6 +51,7 @@ from services.autoscaler.policy import (
     ScalePolicy,
     UnitSignal,
     choose_degree,
+    degree_at_most,
     unit_signal,
 )
 
@@ -97,6 +104,7 @@ class _Job:
     replica: _Replica
     slots: list[int]
     left: int  # devices whose share of the step is not done yet
+    home: int = 1  # the degree it was given; it shrinks below it and grows back (adaptive mode)
 
 
 @dataclass(eq=False)
@@ -232,6 +240,10 @@ class Simulation:
         for replica in self._replicas:
             if replica.retiring or replica.ready_at > self._now:
                 continue
+            adapts = self.parallel_mode == "adaptive" and replica.size > 1
+            queued = sum(len(self._queues[m]) for m in self.units[replica.unit])
+            if adapts and queued and not replica.free_slots():
+                self._shrink(replica, queued)
             taken: list[tuple[_Request, str]] = []
             for _ in range(replica.free_slots()):
                 step = self._next_step(replica.unit)
@@ -241,6 +253,13 @@ class Simulation:
             held = len(replica.jobs) + len(taken)
             for request, model in taken:
                 self._start_step(replica, request, model, busy=held - 1)
+            if (
+                adapts
+                and replica.free_slots()
+                and replica.jobs
+                and not any(self._queues[m] for m in self.units[replica.unit])
+            ):
+                self._grow(replica)
 
     def _next_step(self, unit: str) -> tuple[_Request, str] | None:
         queued = [(self._queues[m][0][0], m) for m in self.units[unit] if self._queues[m]]
@@ -255,11 +274,10 @@ class Simulation:
         degree = self._degree(replica, request, model, busy) if replica.size > 1 else 1
         used = Counter(i for job in replica.jobs for i in job.slots)
         slots = sorted(range(replica.size), key=lambda i: (used[i], i))[:degree]
-        job = _Job(request, model, replica, slots, left=len(slots))
+        job = _Job(request, model, replica, slots, left=len(slots), home=len(slots))
         replica.jobs.append(job)
         request.degree = max(request.degree, degree)
-        profile = self.models[model]
-        work = (profile.step_s if degree == 1 else profile.degree_s[degree]) + self.hop_s
+        work = self._work_s(model, degree)
         if not replica.devices:
             self._push(self._now + work, "done", job)
             return
@@ -267,6 +285,52 @@ class Simulation:
             gpu = replica.devices[i]
             self._advance(gpu)
             gpu.active[job] = work
+            self._reschedule(gpu)
+
+    def _work_s(self, model: str, degree: int) -> float:
+        profile = self.models[model]
+        return (profile.step_s if degree == 1 else profile.degree_s[degree]) + self.hop_s
+
+    def _shrink(self, replica: _Replica, queued: int) -> None:
+        """Steps wait for a group with no device free: its split steps shrink to the fair share
+        of the requests it would hold with them."""
+        fair = degree_at_most(replica.size // (len(replica.jobs) + min(queued, replica.size)))
+        for job in replica.jobs:
+            if len(job.slots) > fair:
+                self._resize(job, job.slots[:fair])
+
+    def _grow(self, replica: _Replica) -> None:
+        """Devices idle, nothing queued: shrunk steps take back what their first degree, the fair
+        share and the idle devices allow."""
+        fair = degree_at_most(replica.size // len(replica.jobs))
+        for job in replica.jobs:
+            used = {i for other in replica.jobs for i in other.slots}
+            free = [i for i in range(replica.size) if i not in used]
+            wider = [
+                d
+                for d in (4, 2)
+                if len(job.slots) < d <= min(job.home, fair)
+                and d - len(job.slots) <= len(free)
+                and d in self.models[job.model].degree_s
+            ]
+            if wider:
+                self._resize(job, job.slots + free[: wider[0] - len(job.slots)])
+
+    def _resize(self, job: _Job, slots: list[int]) -> None:
+        """Move a split step onto `slots`: the fraction of its work left, at the new degree's time."""
+        devices = job.replica.devices
+        touched = {id(devices[i]): devices[i] for i in job.slots + slots}
+        for gpu in touched.values():
+            self._advance(gpu)
+        left = [devices[i].active[job] for i in job.slots if job in devices[i].active]
+        fraction = max(left) / self._work_s(job.model, len(job.slots))
+        for i in job.slots:
+            devices[i].active.pop(job, None)
+        work = fraction * self._work_s(job.model, len(slots))
+        for i in slots:
+            devices[i].active[job] = work
+        job.slots, job.left = slots, len(slots)
+        for gpu in touched.values():
             self._reschedule(gpu)
 
     def _degree(self, replica: _Replica, request: _Request, model: str, busy: int) -> int:

@@ -202,13 +202,36 @@ def test_a_busy_group_runs_requests_side_by_side_and_keeps_never_splits_throughp
     assert done["adaptive"] >= done["never"] - 1
     assert done["always"] < 0.95 * done["never"]
 
-    # a backlog at once: taken two at a time, one device each; the last one alone gets both
+    # a backlog at once: the first arrival finds the group idle and is split, the second shrinks
+    # it before it has done any work; then two at a time, one device each, as never splitting
     burst = [(0.0, "w")] * 21
     adaptive, never = _group("adaptive"), _group("never")
     split, whole = adaptive.run(burst, until=100), never.run(burst, until=100)
-    assert max(o.latency_s for o in split) == pytest.approx(10.55)
+    assert max(o.latency_s for o in split) == pytest.approx(11.0)
     assert max(o.latency_s for o in whole) == pytest.approx(11.0)
     assert adaptive.degrees == {1: 20, 2: 1}
+
+
+def test_a_split_step_shrinks_for_a_newcomer_and_grows_back_when_it_leaves() -> None:
+    """As the denoiser's groups do: "w" alone is split (0.55 s over 2 devices); "n" (0.2 s, not
+    splittable) arrives when a fifth of it is done and gets a device at once; "w" goes on alone
+    on the other (0.8 of its 1 s left), and when "n" is done, with 0.6 of it left, takes both
+    devices again (0.6 x 0.55 s). Never shrinking, "n" would wait for the whole split step."""
+    models = {
+        "m": ModelProfile(step_s=1.0, memory_bytes=GIB, load_s=1.0, degree_s={2: 0.55}),
+        "n": ModelProfile(step_s=0.2, memory_bytes=GIB, load_s=1.0),
+    }
+    sim = Simulation(
+        workflows={"w": [["m"]], "plain": [["n"]]},
+        models=models,
+        units={"u": ["m", "n"]},
+        policy=_fixed(["u"]),
+        group_size={"u": 2},
+    )
+    w, n = sim.run([(0.0, "w"), (0.11, "plain")], until=10)
+    assert n.latency_s == pytest.approx(0.2)
+    assert w.latency_s == pytest.approx(0.11 + 0.2 + 0.6 * 0.55)
+    assert w.degree == 2
 
 
 def test_the_deadline_rescue_borrows_a_groups_free_devices() -> None:

@@ -38,16 +38,11 @@ from services.denoiser.group.executor import GroupExecutor
 from services.denoiser.group.hosted import can_host
 from services.denoiser.group.split import layout
 from services.denoiser.loop import DenoiseCancelled, DenoiseInputs, DenoiseLoop, TransformerCall
-from shared.parallel_policy import DegreeChoice, DegreeInputs, choose_degree
+from shared.parallel_policy import DegreeChoice, DegreeInputs, choose_degree, degree_at_most
 
 log = logging.getLogger("lego.denoiser.group")
 
 Span = tuple[int, int]  # (first device, degree)
-
-
-def _power_at_most(n: int) -> int:
-    """The largest of the degrees a group hands out (4, 2, 1) not above `n` (1 at least)."""
-    return next(d for d in (4, 2, 1) if d <= max(n, 1))
 
 
 @dataclass(frozen=True)
@@ -280,7 +275,7 @@ class GroupEngine:
 
     def _shrink(self, share: int, requests: int) -> None:
         """Units holding requests and split wider than the fair share `share` shrink to it."""
-        fair = _power_at_most(share)
+        fair = degree_at_most(share)
         for unit in self._units:
             if unit.held and unit.degree > fair:
                 self._resize(unit, fair, f"shrink: {requests} requests on {self.world} devices")
@@ -289,7 +284,7 @@ class GroupEngine:
         """Units below their home degree take back as much of it as the fair share and the
         other units' devices allow."""
         requests = sum(u.held for u in self._units)
-        fair = _power_at_most(self.world // max(requests, 1))
+        fair = degree_at_most(self.world // max(requests, 1))
         for unit in self._units:
             if not unit.held or unit.degree >= unit.home:
                 continue

@@ -26,7 +26,8 @@ owns K GPUs (its weights on each; GPUs / K replicas of each base model kept warm
 each request over d of them as `--parallel-mode` says (adaptive: the denoiser's own rule,
 shared/parallel_policy.py, with the request's SLO slack; never; always). A step at degree d
 takes the base model's step time x the ratio in `--parallel-profile` (bench/profiles/
-parallel.json: Flux published by xDiT, the CFG splits assumed). The monolith is not split. The
+parallel.json: Flux published by xDiT, SD3's CFG split measured on one H200 (projected), the
+other CFG splits assumed). The monolith is not split. The
 table then counts the micro-served denoiser steps run at each degree.
 
     python bench/simulate.py [--gpus 4] [--rates 0.2 0.4 ...] [--bursts 2 4 8 16] [--profile FILE]

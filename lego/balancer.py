@@ -111,9 +111,7 @@ async def check_health(backend: Backend, tls: ssl.SSLContext | None, timeout_s: 
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(backend.host, backend.port, ssl=tls)
-            writer.write(
-                f"GET {HEALTH_PATH} HTTP/1.1\r\nHost: {backend.address}\r\nConnection: close\r\n\r\n".encode()
-            )
+            writer.write(f"GET {HEALTH_PATH} HTTP/1.1\r\nHost: {backend.address}\r\nConnection: close\r\n\r\n".encode())
             await writer.drain()
             line = (await reader.readline()).decode("latin-1").strip()
     except (OSError, TimeoutError, ssl.SSLError) as exc:
@@ -139,8 +137,8 @@ def _from_this_machine(writer: asyncio.StreamWriter) -> bool:
 
 def _http_answer(status: str, body: dict[str, object]) -> bytes:
     data = json.dumps(body).encode()
-    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
-    return head.encode() + data
+    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    return (head + "Connection: close\r\n\r\n").encode() + data
 
 
 NO_BACKEND = {

@@ -149,3 +149,40 @@ async def test_proxy_skips_draining_and_dead_gateways_and_says_when_none_is_left
         await b.stop()
         status, body = await get(port)
         assert status == 503 and body["error"]["code"] == "no_gateway"
+
+
+async def test_a_stream_passes_through_as_it_is_written() -> None:
+    """Server-sent events must reach the client when the gateway writes them, not when it is done."""
+    more = asyncio.Event()
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        if request.startswith(b"GET /healthz"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            writer.write(b"event: queued\r\ndata: {}\r\n\r\n")
+            await writer.drain()
+            await more.wait()  # the rest only once the client has seen the first event
+            writer.write(b"event: result\r\ndata: {}\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(stream, "127.0.0.1", 0)
+    backend = Backend("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        async with balancing([backend]) as (balancer, port):
+            await balancer.check_once()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /v1/requests/r/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            seen = b""
+            while b"event: queued" not in seen:
+                chunk = await asyncio.wait_for(reader.read(1024), 10)
+                assert chunk, f"the stream ended before its first event: {seen!r}"
+                seen += chunk
+            more.set()
+            rest = await asyncio.wait_for(reader.read(), 10)
+            assert b"event: result" in rest
+            writer.close()
+    finally:
+        server.close()

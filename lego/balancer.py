@@ -168,7 +168,7 @@ class Balancer:
 
     def _report(self, backend: Backend, healthy: bool, reason: str) -> None:
         if self.rotation.report(backend, healthy, reason):
-            state = "back in rotation" if healthy else f"out of rotation ({reason})"
+            state = "in rotation" if healthy else f"out of rotation ({reason})"
             self._say(f"gateway {backend.address} {state}")
 
     async def check_once(self) -> None:

@@ -53,6 +53,18 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "HOST:PORT" in capsys.readouterr().err
 
 
+def test_lego_up_takes_a_number_of_gateways(capsys: pytest.CaptureFixture[str]) -> None:
+    from lego.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["up"]).gateways == 1
+    assert parser.parse_args(["up", "--gateways", "3"]).gateways == 3
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["up", "--gateways", bad])
+        assert "--gateways" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # The proxy, in this process
 

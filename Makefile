@@ -11,11 +11,15 @@ EXTRAS := dev$(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),$(c
 
 .PHONY: setup demo up test fuzz lint bench clean
 
+# docker-compose validates deploy/'s compose files (tests/unit/test_deploy.py); HAProxy's config
+# checker for the same test is Debian's haproxy unpacked under the venv, not installed (no daemon,
+# no root needed); without it the test checks deploy/haproxy.cfg field by field.
 setup: $(STAMP)
 	@command -v docker-compose >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 	  || { echo "make setup: apt-get install docker-compose (tests/unit/test_deploy.py validates deploy/ with it)"; \
 	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; } \
 	  || echo "make setup: could not install docker-compose; tests/unit/test_deploy.py will fail until it is installed"
+	@sh deploy/haproxy-checker.sh $(VENV)/opt/haproxy || echo "make setup: no haproxy checker; haproxy -c is skipped"
 
 # torch is pinned to the CPU wheel (2.13.0) in pyproject.toml; nats-server comes from PyPI.
 $(STAMP): pyproject.toml

@@ -68,10 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least_one(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a whole number, 1 or more")
+    return int(value)
+
+
 def _add_up(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start nats-server, every model service and the gateway on this machine")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)")
     up.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
+    up.add_argument(
+        "--gateways",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="gateway processes; with N > 1 each listens on a free port behind a local balancer on --port "
+        "(lego/balancer.py: round robin per connection over the gateways whose /healthz answers 200, checked "
+        "every 0.5 s; a draining (503) or dead one is out of rotation, a refused connection goes to the next; "
+        "streams pass unbuffered). `lego status` lists them (default: %(default)s)",
+    )
     up.add_argument(
         "--nats-url",
         help="use this NATS server (with JetStream) instead of starting one; the mesh connects as "
@@ -156,7 +172,9 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    st = sub.add_parser("status", help="replicas, backlogs and the autoscaler's latest decisions (GET /v1/status)")
+    st = sub.add_parser(
+        "status", help="gateways, replicas, backlogs and the autoscaler's latest decisions (GET /v1/status)"
+    )
     st.add_argument("--url", default=DEFAULT_URL, help="gateway URL (default: %(default)s)")
     st.add_argument("--json", action="store_true", help="print the JSON as the gateway answers it")
     keys.add_api_key_flag(st)

@@ -30,6 +30,7 @@ from lego.units import GROUPED_SERVICE, SERVICES, Unit, check_groups, plan_units
 from shared import bus_roles
 
 __all__ = [
+    "GATEWAY_DRAIN_S",
     "RETIRE_GRACE_S",
     "SERVICES",
     "SHARED_CORES_ENV",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 STOP_GRACE_S = 15.0
+# A gateway told to stop drains first (stops taking requests, hands its leases to the others,
+# exits): stop() gives the gateways this long before the replicas they wait on are stopped.
+GATEWAY_DRAIN_S = 30.0
 RETIRE_GRACE_S = 120.0  # a replica told to stop may finish its step this long before SIGKILL
 
 
@@ -51,6 +55,9 @@ RETIRE_GRACE_S = 120.0  # a replica told to stop may finish its step this long b
 class MeshConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # Gateway processes (`lego up --gateways N`): one serves `port` itself; more listen on free
+    # ports behind a local balancer (lego/balancer.py) on `port`.
+    gateways: int = 1
     nats_url: str | None = None  # None: start our own nats-server
     workflows: list[str] | None = None  # None: every workflow of the catalogue
     replicas: dict[str, int] = field(default_factory=dict)  # unit name -> replicas (default 1)
@@ -86,6 +93,9 @@ class Mesh:
         self.config = config
         self.children: list[Child] = []
         self.nats: Child | None = None
+        self.gateways: list[Child] = []  # every gateway process, drained first on stop()
+        self.gateway_ports: dict[str, int] = {}  # gateway name -> the port it listens on
+        self.front_urls: list[str] = []  # what wait_ready asks: the mesh's gateways and balancer
         self.workdir = Path(tempfile.mkdtemp(prefix="lego-mesh-"))
         self.nats_url = config.nats_url or ""
         self.units: dict[str, Unit] = {}
@@ -182,9 +192,44 @@ class Mesh:
             raise
 
     def start_front(self, ready_timeout_s: float) -> None:
-        """The gateway, once the replicas are started; returns when it serves every workflow."""
-        self.add_gateway("gateway", self.config.port, self.config.auth)
+        """The gateway(s), once the replicas are started; returns when the mesh's URL serves
+        every workflow (through the balancer when there are several gateways)."""
+        gateways = self.add_gateways(self.config.gateways, self.config.port, self.config.auth)
+        self.front_urls = [self.gateway_url(self.gateway_ports[g.name]) for g in gateways]
+        if len(gateways) > 1:
+            self.front_urls.append(self.gateway_url(self.config.port))
         self.wait_ready(ready_timeout_s)
+
+    def add_gateways(self, count: int, port: int, auth: bool, prefix: str = "gateway") -> list[Child]:
+        """`count` gateways serving `port`: one listens there itself; several listen on free
+        ports behind a balancer on it (`lego up --gateways N`; the tests start more so too)."""
+        if count < 1:
+            raise ValueError(f"gateways: {count}; at least 1")
+        if count == 1:
+            return [self.add_gateway(prefix, port, auth)]
+        ports = [free_port(self.config.host) for _ in range(count)]
+        gateways = [self.add_gateway(f"{prefix}-{i}", p, auth) for i, p in enumerate(ports)]
+        self.add_balancer(f"{prefix}-balancer", port, ports)
+        return gateways
+
+    def gateway_url(self, port: int) -> str:
+        """A gateway's own URL on this machine (the mesh's `url` is the balancer's when several)."""
+        scheme = self.url.split(":", 1)[0]
+        return f"{scheme}://{_connect_host(self.config.host)}:{port}"
+
+    def add_balancer(self, name: str, port: int, backends: list[int]) -> Child:
+        """lego/balancer.py on `port` in front of the gateways on the `backends` ports: round
+        robin over those whose /healthz answers 200; stopped with the mesh."""
+        argv = [sys.executable, "-m", "lego.balancer", "--listen", f"{self.config.host}:{port}"]
+        for backend in backends:
+            argv += ["--backend", f"{_connect_host(self.config.host)}:{backend}"]
+        if self._env("").get("LEGO_GATEWAY_TLS_CERT"):
+            argv.append("--tls")
+        balancer = Child(name, argv, self._env(""), self._log_path(name))
+        balancer.start()
+        with self._lock:
+            self.children.append(balancer)
+        return balancer
 
     def add_gateway(self, name: str, port: int, auth: bool) -> Child:
         """A gateway process on this mesh's bus, with API keys on or off; stopped with the mesh.
@@ -198,6 +243,8 @@ class Mesh:
         gateway.start()
         with self._lock:
             self.children.append(gateway)
+            self.gateways.append(gateway)
+            self.gateway_ports[name] = port
         return gateway
 
     def auth_env(self, auth: bool) -> dict[str, str]:
@@ -309,8 +356,9 @@ class Mesh:
         return child
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until every workflow this mesh serves has a live replica of each of its models."""
-        wanted = self.config.workflows or ["all"]
+        """Until every workflow this mesh serves has a live replica of each of its models, as
+        each gateway and the balancer in front of them (if any) answer."""
+        wanted = [(url, w) for url in self.front_urls or [self.url] for w in self.config.workflows or ["all"]]
         give_up = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < give_up:
@@ -323,13 +371,15 @@ class Mesh:
                 # verify=False: this asks our own child on this machine whether it is ready, over
                 # HTTPS with whatever certificate the user gave it (issued for a public name).
                 pending = [
-                    w
-                    for w in wanted
-                    if httpx.get(f"{self.url}/readyz", params={"workflow": w}, timeout=2, verify=False).status_code
-                    != 200
+                    f"{w} at {url}"
+                    for url, w in wanted
+                    if httpx.get(f"{url}/readyz", params={"workflow": w}, timeout=2, verify=False).status_code != 200
                 ]
                 if not pending:
-                    self._say(f"ready: gateway on {self.url}")
+                    count = len(self.front_urls) - 1
+                    self._say(
+                        f"ready: {f'{count} gateways behind a balancer' if count > 1 else 'gateway'} on {self.url}"
+                    )
                     return
                 last = f"waiting for {', '.join(pending)}"
             except httpx.HTTPError as exc:
@@ -357,11 +407,18 @@ class Mesh:
         return restarted
 
     def stop(self) -> None:
-        """SIGTERM every group (services finish their step), then SIGKILL what is left."""
+        """SIGTERM the gateways and wait for them to drain (GATEWAY_DRAIN_S at most: they may
+        wait on the replicas, which still run), then SIGTERM every other group (services finish
+        their step), then SIGKILL what is left."""
         if self.autoscaler is not None:  # first: nothing may start replicas while we stop them
             self.autoscaler.stop()
             self.autoscaler = None
         everyone = list(reversed(self.children)) + ([self.nats] if self.nats else [])
+        with self._lock:
+            gateways = list(self.gateways)
+        for gateway in gateways:
+            gateway.signal_group(signal.SIGTERM)
+        wait_gone(gateways, GATEWAY_DRAIN_S)
         for child in reversed(self.children):
             child.signal_group(signal.SIGTERM)
         wait_gone(self.children, STOP_GRACE_S)
@@ -376,3 +433,8 @@ class Mesh:
                 except subprocess.TimeoutExpired:
                     pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _connect_host(host: str) -> str:
+    """Where this machine reaches a child bound to `host`: a wildcard bind is reached on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)

@@ -1,4 +1,5 @@
-"""`lego status`: the gateway's GET /v1/status as tables (units, consumers, latest decisions)."""
+"""`lego status`: the gateway's GET /v1/status as tables (units, consumers, latest decisions),
+and the gateways behind the local balancer when `lego up --gateways N` runs several."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (httpx.HTTPError, ValueError) as exc:
         print(f"lego status: cannot read {args.url}/v1/status: {exc} (is `lego up` running?)", file=sys.stderr)
         return 1
+    balancer = balancer_status(args.url)
+    if balancer is not None:
+        status["balancer"] = balancer
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -31,9 +35,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def balancer_status(url: str) -> dict | None:
+    """What the local balancer (lego/balancer.py) at `url` says of its gateways; None when `url`
+    is a gateway itself (it has no such route) or the answer is not the balancer's."""
+    from lego.balancer import STATUS_PATH
+
+    try:
+        r = httpx.get(f"{url}{STATUS_PATH}", timeout=5, verify=False)
+        body = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return body if isinstance(body, dict) and isinstance(body.get("backends"), list) else None
+
+
+def format_gateways(balancer: dict | None, now: float | None = None) -> list[str]:
+    """GATEWAY / IN ROTATION / SINCE / OPEN / SERVED / WHY, or the line saying there is one."""
+    if balancer is None:
+        return ["gateways: one, answering at this URL (lego up --gateways N runs more behind a balancer)"]
+    now = time.time() if now is None else now
+    rows = [("GATEWAY", "IN ROTATION", "FOR", "OPEN", "SERVED", "LAST CHECK")]
+    for b in balancer["backends"]:
+        rows.append(
+            (
+                b["address"],
+                "yes" if b["healthy"] else "no",
+                f"{max(0.0, now - b['since']):.0f}s",
+                str(b["active"]),
+                str(b["served"]),
+                b["reason"],
+            )
+        )
+    healthy = sum(b["healthy"] for b in balancer["backends"])
+    return [f"gateways behind the balancer: {healthy} in rotation", *_table(rows)]
+
+
 def format_status(status: dict) -> str:
-    """Tables: units (from the autoscaler), consumers (backlog per kind/model), decisions."""
-    lines = []
+    """Tables: the gateways (behind a balancer), units (from the autoscaler), consumers (backlog
+    per kind/model), decisions."""
+    lines = [*format_gateways(status.get("balancer")), ""]
     scaler = status.get("autoscaler")
     if scaler:
         lines.append(f"autoscaler: {scaler['actuator']} actuator, SLO {scaler['slo']}")

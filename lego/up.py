@@ -73,6 +73,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = MeshConfig(
         host=args.host,
         port=args.port,
+        gateways=args.gateways,
         nats_url=args.nats_url,
         workflows=workflows,
         replicas=replicas,
@@ -158,7 +159,8 @@ def _banner(mesh: Mesh, env: dict[str, str], autoscale: bool) -> str:
     auth = f' -H "Authorization: Bearer $(cat {mesh.admin_key_file})"' if mesh.admin_key_file else ""
     return (
         f"\nLegoDiffusion is up at {mesh.url}  (NATS {mesh.nats_url})\n"
-        f'  lego generate "a red fox in the snow" -o fox.png --url {mesh.url}\n'
+        + _gateways_banner(mesh)
+        + f'  lego generate "a red fox in the snow" -o fox.png --url {mesh.url}\n'
         f"  curl -s {mesh.url}/v1/images/generations -H 'content-type: application/json'{auth} \\\n"
         f'       -d \'{{"prompt": "a red fox", "size": "256x256"}}\'\n'
         f"  API docs: {mesh.url}/docs    Ctrl-C stops everything.\n"
@@ -171,6 +173,14 @@ def _banner(mesh: Mesh, env: dict[str, str], autoscale: bool) -> str:
             else "  Autoscaling: off (--no-autoscale).\n"
         )
     )
+
+
+def _gateways_banner(mesh: Mesh) -> str:
+    """A line naming the gateways behind the balancer, when there are several."""
+    if len(mesh.front_urls) < 2:
+        return ""
+    ports = ", ".join(str(p) for p in mesh.gateway_ports.values())
+    return f"  {len(mesh.gateway_ports)} gateways (ports {ports}) behind a local balancer on {mesh.url}.\n"
 
 
 def _groups_banner(mesh: Mesh) -> str:

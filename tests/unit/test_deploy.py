@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+HAPROXY_CFG = DEPLOY / "haproxy.cfg"
 K8S_FILES = sorted((DEPLOY / "k8s").rglob("*.yaml"))
 KEDA_FILES = sorted((DEPLOY / "keda").glob("*.yaml"))
 
@@ -166,19 +167,105 @@ def test_compose_jaeger_takes_otlp_and_serves_its_ui(compose: dict[str, Any]) ->
     assert {16686, 4317, 4318} <= container_ports
 
 
-def test_compose_gateway_port_and_healthcheck(compose: dict[str, Any]) -> None:
-    gateway = compose["services"]["gateway"]
-    command = gateway["command"]
-    assert command[:3] == ["python", "-m", "services.gateway"]
-    assert command[command.index("--host") + 1] == "0.0.0.0"
-    port = command[command.index("--port") + 1]
-    assert any(p.endswith(f":{port}") for p in gateway["ports"])
-    assert gateway["healthcheck"]["test"] == ["CMD", "lego-probe", "http", f"http://127.0.0.1:{port}/healthz"]
+def _compose_gateways(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    services = compose["services"].items()
+    return {n: s for n, s in services if (_service_command(s.get("command", [])) or ("",))[0] == "gateway"}
+
+
+def _haproxy_sections(text: str) -> dict[str, list[str]]:
+    """haproxy.cfg as {"backend gateways": [its lines]}: a section starts at column 0."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line:
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(" ".join(line.split()), [])
+        else:
+            current.append(" ".join(line.split()))
+    return sections
+
+
+def _seconds(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit or "ms"]
+
+
+def test_compose_runs_two_gateways_reached_only_through_the_balancer(compose: dict[str, Any]) -> None:
+    gateways = _compose_gateways(compose)
+    assert len(gateways) >= 2, "no single gateway to lose"
+    for name, gateway in gateways.items():
+        command = gateway["command"]
+        assert command[command.index("--host") + 1] == "0.0.0.0", name
+        port = command[command.index("--port") + 1]
+        assert "ports" not in gateway, f"{name}: reached through the balancer only"
+        assert gateway["healthcheck"]["test"] == ["CMD", "lego-probe", "http", f"http://127.0.0.1:{port}/healthz"]
+        grace = gateway["stop_grace_period"]
+        assert grace.endswith("s") and int(grace[:-1]) >= 30, f"{name}: time to drain on SIGTERM"
+    balancer = compose["services"]["balancer"]
+    assert balancer["image"].startswith("haproxy:")
+    assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in balancer["volumes"]
+    assert balancer["depends_on"] == {name: {"condition": "service_healthy"} for name in gateways}
+    assert "127.0.0.1:8000:8000" in balancer["ports"], "the public port, as before"
+    assert "8404" in " ".join(balancer["healthcheck"]["test"])
+
+
+def test_haproxy_checks_drains_and_streams(compose: dict[str, Any]) -> None:
+    """What the balancer must do, read from deploy/haproxy.cfg (HAProxy's own check follows)."""
+    sections = _haproxy_sections(HAPROXY_CFG.read_text())
+    text = "\n".join(f"{name}\n" + "\n".join(lines) for name, lines in sections.items())  # no comments
+    defaults, api = sections["defaults"], sections["frontend api"]
+    backend = sections["backend gateways"]
+    assert "mode http" in defaults and "bind :8000" in api and "default_backend gateways" in api
+    # Active checks of /healthz: 503 (draining) or no answer takes a gateway out.
+    assert "option httpchk GET /healthz" in backend and "http-check expect status 200" in backend
+    (default_server,) = [line.split() for line in backend if line.startswith("default-server ")]
+    assert "check" in default_server
+    servers = {line.split()[1]: line.split()[2] for line in backend if line.startswith("server ")}
+    gateways = _compose_gateways(compose)
+    ports = {n: g["command"][g["command"].index("--port") + 1] for n, g in gateways.items()}
+    assert servers == {n: f"{n}:{p}" for n, p in ports.items()}, "one server line per compose gateway"
+    # A refused connection is tried on another gateway; a draining one keeps its open streams.
+    assert any(line.startswith("retries ") and int(line.split()[1]) >= 1 for line in defaults)
+    assert any(line.startswith("option redispatch") for line in defaults)
+    assert "shutdown-sessions" not in text
+    # Streams pass through: nothing compresses or buffers them, and they may stay open long.
+    assert "compression" not in text and "http-buffer-request" not in text
+    timeouts = {line.split()[1]: _seconds(line.split()[2]) for line in defaults if line.startswith("timeout ")}
+    assert min(timeouts["client"], timeouts["server"], timeouts["tunnel"]) >= 600
+
+
+def _haproxy() -> tuple[str, dict[str, str]] | None:
+    """HAProxy's binary and its environment: on PATH, or unpacked by deploy/haproxy-checker.sh."""
+    found = shutil.which("haproxy")
+    if found:
+        return found, {}
+    unpacked = Path(sys.executable).parent.parent / "opt" / "haproxy"
+    if (unpacked / "haproxy").is_file():
+        return str(unpacked / "haproxy"), {"LD_LIBRARY_PATH": str(unpacked / "lib")}
+    return None
+
+
+def test_haproxy_config_passes_haproxys_own_check() -> None:
+    """`haproxy -c` (Debian's 2.6; compose runs 3.0, which reads this config the same). Offline the
+    gateways' names do not resolve: the only warnings allowed say so (init-addr none waits for DNS)."""
+    haproxy = _haproxy()
+    if haproxy is None:
+        pytest.skip("no haproxy: `make setup` unpacks Debian's (deploy/haproxy-checker.sh); fields checked above")
+    exe, env = haproxy
+    out = subprocess.run(
+        [exe, "-c", "-f", str(HAPROXY_CFG)], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    warnings = [line for line in (out.stdout + out.stderr).splitlines() if "[WARNING]" in line]
+    assert all("could not resolve address" in w for w in warnings), warnings
 
 
 def test_compose_settings_tracing_and_transport(compose: dict[str, Any]) -> None:
     lego = {n: s for n, s in compose["services"].items() if _service_command(s.get("command", []))}
-    assert set(lego) >= {"gateway", "autoscaler"}
+    assert set(lego) >= {*_compose_gateways(compose), "autoscaler"}
     for name, service in lego.items():
         env = service["environment"]
         assert env["LEGO_NATS_URL"] == "nats://nats:4222", name
@@ -501,6 +588,28 @@ def test_gateway_deployment_and_service(k8s: list[dict[str, Any]]) -> None:
     assert named[service_port["targetPort"]] == port
 
 
+def test_k8s_gateways_survive_a_rolling_update_and_a_node_drain(k8s: list[dict[str, Any]]) -> None:
+    """Two replicas; never both away (maxUnavailable 0, a PodDisruptionBudget of 1); each given
+    the time to drain on SIGTERM, and never restarted by its liveness probe while it drains."""
+    gateway = _of_kind(k8s, "Deployment")["gateway"]
+    spec, pod = gateway["spec"], gateway["spec"]["template"]["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (budget,) = [d for d in _of_kind(k8s, "PodDisruptionBudget").values() if d["metadata"]["name"] == "gateway"]
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    container = _container(gateway)
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= int(pre_stop[1]) + 30, "preStop, then at least 30 s to drain"
+    # /readyz and /healthz answer 503 while draining: readiness takes it out of the Service at
+    # once; liveness must not kill it before the grace period ends.
+    ready, live = container["readinessProbe"], container["livenessProbe"]
+    assert ready["httpGet"]["path"] == "/readyz" and ready["periodSeconds"] * ready["failureThreshold"] <= 5
+    assert live["periodSeconds"] * live["failureThreshold"] > grace
+
+
 def test_autoscaler_may_scale_the_deployments_and_nothing_else(k8s: list[dict[str, Any]]) -> None:
     autoscaler = _of_kind(k8s, "Deployment")["autoscaler"]
     args = _container(autoscaler)["args"]
@@ -677,9 +786,9 @@ def test_deployed_gateways_start_with_the_admin_key_lego_secrets_made(
     compose: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Keys are on in compose and k8s: without an admin key nobody could make the first key."""
-    gateway = compose["services"]["gateway"]
-    assert gateway["environment"]["LEGO_ADMIN_KEY_FILE"] == "/secrets/gateway/admin.key"
-    assert "LEGO_AUTH" not in gateway["environment"]  # on, the default
+    for gateway in _compose_gateways(compose).values():
+        assert gateway["environment"]["LEGO_ADMIN_KEY_FILE"] == "/secrets/gateway/admin.key"
+        assert "LEGO_AUTH" not in gateway["environment"]  # on, the default
     args = ["secrets", "--dir", str(tmp_path / "nats"), "--copy-to", str(tmp_path / "roles")]
     from lego.cli import build_parser
 

@@ -39,8 +39,10 @@ GPUS = 1000
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (under ~30 s): 1 and 4 replicas, 1 gateway")
-    parser.add_argument("--replicas", type=int, nargs="+", default=None, help="replica counts (default 1 4 16)")
-    parser.add_argument("--gateways", type=int, nargs="+", default=None, help="gateway counts (default 1 2)")
+    parser.add_argument(
+        "--replicas", type=int, nargs="*", default=None, help="replica counts (default 1 4 16; none: skip the hop)"
+    )
+    parser.add_argument("--gateways", type=int, nargs="*", default=None, help="gateways (default 1 2; none: skip)")
     parser.add_argument("--seconds", type=float, default=None, help="each measurement's window (default 8; quick 2)")
     parser.add_argument("--in-flight", type=int, default=32, help="steps one driver keeps in flight (default 32)")
     parser.add_argument("--clients", type=int, default=16, help="requests in flight per gateway (default 16)")
@@ -101,33 +103,51 @@ def capacity(hops: list[dict], gateways: list[dict], needs: dict[str, float]) ->
     return out
 
 
-def print_tables(result: dict) -> None:
+def print_hops(hops: list[dict]) -> None:
     print("\nstep hop: JetStream -> no-op replicas (StepWorker) -> result stream -> the driver")
     print(
         f"{'replicas':>8} {'procs':>5} {'steps/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'solo p50':>8} {'solo p99':>8}"
         f" {'published':>9} {'delivered':>9} {'results':>8}  CPU ms/step (driver / nats / replicas)"
     )
-    for r in result["hops"]:
+    for r in hops:
         cpu = r["cpu_ms_per_step"]
         print(
             f"{r['replicas']:>8} {r['processes']:>5} {r['steps_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
             f" {r['solo_p50_ms']:>8.2f} {r['solo_p99_ms']:>8.2f} {r['published']:>9} {r['delivered']:>9}"
             f" {r['results']:>8}  {cpu['driver']:.3f} / {cpu['nats-server']:.3f} / {cpu['replicas']:.3f}"
         )
-    print(f"(p50/p99 under load: {result['hops'][0]['in_flight']} steps in flight; solo: one step at a time)")
-    if result["gateways"]:
-        print("\nrequests through real gateways (sd3 plan: 5 steps) over no-op models")
+    floor = hops[0]["echo_floor"]
+    print(
+        f"(p50/p99 under load: {hops[0]['in_flight']} steps in flight; solo: one step at a time; "
+        f"the box's floor, a bare core-NATS request/reply between two Python processes: "
+        f"p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms)"
+    )
+
+
+def print_gateways(gateways: list[dict]) -> None:
+    print("\nrequests through real gateways (sd3 plan: 5 steps) over no-op models")
+    print(
+        f"{'gateways':>8} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}"
+        "  CPU ms/request (gateways / nats / replicas / client)"
+    )
+    for g in gateways:
+        cpu = g["cpu_ms_per_request"]
         print(
-            f"{'gateways':>8} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}"
-            "  CPU ms/request (gateways / nats / replicas / client)"
+            f"{g['gateways']:>8} {g['in_flight']:>7} {g['requests_per_s']:>7.1f} {g['p50_ms']:>7.1f}"
+            f" {g['p99_ms']:>7.1f} {g['errors']:>6}  {cpu['gateway']:.2f} / {cpu['nats-server']:.2f} /"
+            f" {cpu['replicas']:.2f} / {cpu['client']:.2f}"
         )
-        for g in result["gateways"]:
-            cpu = g["cpu_ms_per_request"]
-            print(
-                f"{g['gateways']:>8} {g['in_flight']:>7} {g['requests_per_s']:>7.1f} {g['p50_ms']:>7.1f}"
-                f" {g['p99_ms']:>7.1f} {g['errors']:>6}  {cpu['gateway']:.2f} / {cpu['nats-server']:.2f} /"
-                f" {cpu['replicas']:.2f} / {cpu['client']:.2f}"
-            )
+    for name, breakdown in gateways[-1].get("profiles", {}).items():
+        total = sum(breakdown.values()) or 1.0
+        parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in breakdown.items())
+        print(f"{name} CPU by code (cProfile, whole life): {parts}")
+
+
+def print_tables(result: dict) -> None:
+    if result["hops"]:
+        print_hops(result["hops"])
+    if result["gateways"]:
+        print_gateways(result["gateways"])
     needs, cap = result["at_1000_gpus"], result["capacity"]
     print(
         f"\nat {needs['gpus']} GPUs ({needs['request_s_per_gpu']} s per SD3 request per H100): "
@@ -145,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t0 = time.perf_counter()
     solo = 100 if args.quick else 500
-    hops = asyncio.run(run_hops(args.replicas, args.seconds, args.in_flight, solo, args.processes))
+    hops = []
+    if args.replicas:
+        hops = asyncio.run(run_hops(args.replicas, args.seconds, args.in_flight, solo, args.processes))
     gateways = asyncio.run(run_gateways(args.gateways, args.clients, args.seconds)) if args.gateways else []
     needs = cluster_needs()
     result = {
@@ -160,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result)
     print(f"\nfull results: {args.out} ({result['took_s']} s)")
-    print(last_line(hops[-1]))
+    if hops:
+        print(last_line(hops[-1]))
     return result
 
 

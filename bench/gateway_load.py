@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.hop import ROOT, CpuMeter, percentile
+from bench.profiled import cpu_breakdown
 from lego.launcher import Child, Mesh, MeshConfig, Unit, free_port
 from shared import bus_roles
 
@@ -63,7 +64,6 @@ class GatewayRun:
     p99_ms: float
     errors: int
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)  # gateway(s), nats-server, replicas, client
-    profile: str = ""  # with CPLANE_PROFILE: the gateways' cProfile files
 
 
 async def wait_ready(session: aiohttp.ClientSession, url: str, timeout_s: float = 120.0) -> None:
@@ -171,8 +171,8 @@ async def run_gateways(gateway_counts: list[int], in_flight_per_gateway: int, se
             out.append(asdict(run))
     finally:
         await asyncio.to_thread(mesh.stop)
-        if PROFILE:
-            print(f"gateway profiles in {workdir}", file=sys.stderr)
-        else:
+        if not PROFILE:
             shutil.rmtree(workdir, ignore_errors=True)
+    if PROFILE and out:  # written as the gateways exited: over every run of this mesh
+        out[-1]["profiles"] = {p.name: cpu_breakdown(str(p)) for p in sorted(workdir.glob("gateway*.prof"))}
     return out

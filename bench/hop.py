@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+from nats.errors import NoRespondersError
 
-from bench.noop_steps import KIND, noop_step
+from bench.noop_steps import ECHO_SUBJECT, KIND, noop_step
 from lego.processes import Child, start_nats_server, wait_gone
 from shared import subjects
 from shared.bus import Bus
@@ -245,6 +246,34 @@ async def measure(
     )
 
 
+async def echo_floor(bus: Bus, rounds: int, log_dir: Path) -> dict[str, float]:
+    """p50/p99 of a bare core-NATS request / reply to another Python process (no JetStream, no
+    parsing): the least any hop through this nats-server costs on this box now."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "bench.noop_steps", "--nats-url", bus.settings.nats_url, "--echo"]
+    child = Child("echo", argv, env, log_dir / "echo.log")
+    child.start()
+    try:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + READY_TIMEOUT_S
+        while True:  # until the echo process answers
+            try:
+                await bus.nc.request(ECHO_SUBJECT, b"ping", timeout=0.5)
+                break
+            except (TimeoutError, NoRespondersError):
+                if loop.time() > give_up or not child.alive():
+                    raise RuntimeError("the echo process never answered") from None
+                await asyncio.sleep(0.1)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await bus.nc.request(ECHO_SUBJECT, b"x" * 1024, timeout=5)
+            times.append(time.perf_counter() - t0)
+    finally:
+        stop_children([child])
+    return {"rounds": rounds, "p50_ms": statistics.median(times) * 1e3, "p99_ms": percentile(times, 0.99) * 1e3}
+
+
 async def run_hops(
     replica_counts: list[int],
     seconds: float,
@@ -260,11 +289,12 @@ async def run_hops(
     try:
         await bus.connect()
         await bus.ensure_streams()
+        floor = await echo_floor(bus, max(50, solo_steps), workdir)
         out = []
         for replicas in replica_counts:
             processes = replicas if max_processes <= 0 else min(replicas, max_processes)
             run = await measure(bus, nats, replicas, processes, in_flight, seconds, solo_steps, workdir)
-            out.append(asdict(run))
+            out.append({**asdict(run), "echo_floor": floor})
         return out
     finally:
         await bus.close()

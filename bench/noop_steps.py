@@ -21,6 +21,8 @@ import logging
 import os
 import time
 
+from nats.aio.msg import Msg
+
 from shared.bus import Bus
 from shared.lifecycle import run_until_stopped, stop_on_signals
 from shared.logs import setup_logging
@@ -107,15 +109,34 @@ async def serve(settings: Settings, model_id: str, replicas: int) -> None:
         await bus.close()
 
 
+ECHO_SUBJECT = "bench.echo"
+
+
+async def echo(settings: Settings) -> None:
+    """Answer every core-NATS request on ECHO_SUBJECT with its own payload, until SIGTERM: the
+    floor under any hop between two Python processes through this nats-server on this box."""
+    stop = stop_on_signals()
+    bus = Bus(settings, name="echo")
+    await bus.connect()
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    await bus.nc.subscribe(ECHO_SUBJECT, cb=answer)
+    await stop.wait()
+    await bus.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.noop_steps", description=__doc__.split("\n")[0])
     parser.add_argument("--nats-url", required=True)
-    parser.add_argument("--model", required=True, help="the model id whose steps these replicas take")
+    parser.add_argument("--model", default="noop", help="the model id whose steps these replicas take")
     parser.add_argument("--replicas", type=int, default=1, help="replicas in this process (default 1)")
+    parser.add_argument("--echo", action="store_true", help="instead: echo core-NATS requests on " + ECHO_SUBJECT)
     args = parser.parse_args(argv)
     settings = Settings.from_env(nats_url=args.nats_url)
     setup_logging("noop", "WARNING")
-    run_until_stopped(serve(settings, args.model, args.replicas), log)
+    run_until_stopped(echo(settings) if args.echo else serve(settings, args.model, args.replicas), log)
 
 
 if __name__ == "__main__":

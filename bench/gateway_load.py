@@ -94,9 +94,13 @@ async def load(
     async def client(url: str) -> None:
         while loop.time() < end:
             t0 = time.perf_counter()
-            async with session.post(f"{url}/v1/images/generations", json=BODY, headers=headers) as resp:
-                body = await resp.json()
-                ok = resp.status == 200 and len(body.get("data", [])) == 1
+            try:
+                async with session.post(f"{url}/v1/images/generations", json=BODY, headers=headers) as resp:
+                    body = await resp.json()
+                    ok = resp.status == 200 and len(body.get("data", [])) == 1
+                    why = f"gateway answered {resp.status}: {str(body)[:200]}"
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                ok, why = False, f"request failed: {type(exc).__name__}: {exc}"
             answered[0] += ok
             if begin <= loop.time() <= end:
                 if ok:
@@ -104,7 +108,7 @@ async def load(
                 else:
                     errors[0] += 1
             if not ok:
-                print(f"gateway answered {resp.status}: {str(body)[:200]}", file=sys.stderr)
+                print(why, file=sys.stderr)
                 await asyncio.sleep(0.1)
 
     await asyncio.gather(*(client(urls[i % len(urls)]) for i in range(in_flight)))

@@ -53,11 +53,26 @@ class BandPull:
         self.band = band
         self._next = ""
         self._sub: Subscription | None = None
+        # What the inbox received, read by `now()`. Our own queue, filled by the subscription's
+        # callback: nats.py's `next_msg` starts two tasks and draws a uuid4 per message, which
+        # cost this loop more than the rest of a step's bus work (bench/control_plane.py).
+        self._arrived: asyncio.Queue[Msg] = asyncio.Queue()
 
     async def start(self) -> None:
         durable = await self.bus.ensure_consumer(self.kind, self.model_id, self.band)
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STEP_STREAM}.{durable}"
-        self._sub = await self.bus.nc.subscribe(self.bus.nc.new_inbox())
+
+        async def arrived(msg: Msg) -> None:
+            self._arrived.put_nowait(msg)
+
+        self._sub = await self.bus.nc.subscribe(self.bus.nc.new_inbox(), cb=arrived)
+
+    async def _next_msg(self, timeout_s: float) -> Msg:
+        """The inbox's next message; TimeoutError after `timeout_s` without one."""
+        if not self._arrived.empty():
+            return self._arrived.get_nowait()
+        async with asyncio.timeout(timeout_s):
+            return await self._arrived.get()
 
     async def now(self, batch: int) -> list[Msg]:
         """Up to `batch` steps waiting in this band now; none if it is empty (no waiting)."""
@@ -68,7 +83,7 @@ class BandPull:
         give_up = loop.time() + PROBE_TIMEOUT_S
         while len(msgs) < batch:
             try:
-                msg = await self._sub.next_msg(timeout=max(0.01, give_up - loop.time()))
+                msg = await self._next_msg(max(0.01, give_up - loop.time()))
             except TimeoutError:
                 break
             status = JetStreamContext.is_status_msg(msg)
@@ -87,17 +102,15 @@ class BandPull:
         """Hand back (nak) a step that arrived after its pull gave up, then drop the inbox."""
         if self._sub is None:
             return
-        while self._sub.pending_msgs:
-            try:
-                msg = await self._sub.next_msg(timeout=0.1)
-            except TimeoutError:
-                break
-            if not JetStreamContext.is_status_msg(msg):
-                with contextlib.suppress(Exception):
-                    await msg.nak()
+        await asyncio.sleep(0)  # what nats.py holds for the callback reaches the queue first
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
         self._sub = None
+        while not self._arrived.empty():
+            msg = self._arrived.get_nowait()
+            if not JetStreamContext.is_status_msg(msg):
+                with contextlib.suppress(Exception):
+                    await msg.nak()
 
 
 class PriorityPuller:

@@ -56,4 +56,4 @@ bench: setup
 	$(BIN)/python bench/overhead.py
 
 clean:
-	rm -rf $(VENV) out bench/results .pytest_cache
+	rm -rf $(VENV) out .pytest_cache $(filter-out $(wildcard bench/results/*-20[0-9][0-9]-[0-9][0-9]-[0-9][0-9].json),$(wildcard bench/results/*))

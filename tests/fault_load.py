@@ -1,0 +1,148 @@
+"""N asynchronous requests in flight through the REST API while something breaks; then count
+what became of them, as a user would: done / errors / lost / duplicated.
+
+- done: the request reached `succeeded`.
+- errors: it reached `failed` or `cancelled`, or its POST was refused (an answer, not a loss).
+- lost: it never reached a final status within the wait (or the gateway forgot its id).
+- duplicated: step executions beyond one per finished node: the sum of `steps_done` over the
+  replicas (their heartbeats, /v1/models) minus the nodes the done requests ran. A step runs
+  twice when its ack died with a server and JetStream delivered it again; the second result
+  is dropped by the result stream's dedupe, so no image is made twice, but the work is.
+
+A client retries only what a real one would: a POST that failed on the connection before an
+answer came back, with the same X-Request-Id (a 409 then means the first one got through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+FINAL = {"succeeded", "failed", "cancelled"}
+QUICK = {"prompt": "a lighthouse in a storm", "size": "64x64", "num_inference_steps": 2, "wait": False}
+POST_TRIES = 5
+
+
+def fault_requests(default: int = 20) -> int:
+    """Requests in flight per fault test: LEGO_FAULT_REQUESTS (`make faults`: 200), else `default`."""
+    return int(os.environ.get("LEGO_FAULT_REQUESTS", default))
+
+
+@dataclass
+class Counts:
+    sent: int = 0
+    done: int = 0
+    errors: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def line(self, what: str) -> str:
+        codes = f" {self.error_codes}" if self.error_codes else ""
+        return (
+            f"{what}: {self.sent} requests: done {self.done} / errors {self.errors} / lost {self.lost} / "
+            f"duplicated {self.duplicated} step runs{codes} in {self.seconds:.1f}s"
+        )
+
+
+async def _post(client: httpx.AsyncClient, url: str, request_id: str, seed: int) -> tuple[int, str]:
+    """POST one async request; (status, error code or "")."""
+    for attempt in range(POST_TRIES):
+        try:
+            r = await client.post(
+                f"{url}/v1/images/generations",
+                json={**QUICK, "seed": seed, "timeout_s": 600},
+                headers={"X-Request-Id": request_id},
+            )
+        except httpx.TransportError:
+            if attempt == POST_TRIES - 1:
+                return 0, "connection"
+            await asyncio.sleep(0.5 * (attempt + 1))
+            continue
+        if r.status_code == 202:
+            return 202, ""
+        if r.status_code == 409 and attempt > 0:  # our first try got through after all
+            return 202, ""
+        return r.status_code, r.json().get("error", {}).get("code", "?")
+    return 0, "connection"
+
+
+async def _final_status(client: httpx.AsyncClient, url: str, request_id: str, give_up: float) -> dict | None:
+    """The request's status once it is final; None if it never got there by `give_up`."""
+    while time.monotonic() < give_up:
+        try:
+            r = await client.get(f"{url}/v1/requests/{request_id}")
+            if r.status_code == 200 and r.json()["status"] in FINAL:
+                return r.json()
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.5)
+    return None
+
+
+def steps_done(url: str) -> int:
+    """Steps every replica has computed, as their latest heartbeats say."""
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+    return sum(r["steps_done"] for m in models for r in m["replicas"])
+
+
+def _settled_steps_done(url: str, at_least: int, timeout_s: float = 30.0) -> int:
+    """`steps_done` once the heartbeats have caught up (at least `at_least`, then unchanged
+    over a few heartbeats)."""
+    give_up = time.monotonic() + timeout_s
+    last = -1
+    while time.monotonic() < give_up:
+        now = steps_done(url)
+        if now >= at_least and now == last:
+            return now
+        last = now
+        time.sleep(5.0)  # > 2 heartbeats (shared.presence.REFRESH_S)
+    return last
+
+
+async def _run(url: str, n: int, fault: Callable[[], None], wait_s: float, tag: str) -> Counts:
+    counts = Counts(sent=n)
+    before = steps_done(url)
+    ids = [f"{tag}-{i}" for i in range(n)]
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        posted = await asyncio.gather(*(_post(client, url, rid, i) for i, rid in enumerate(ids)))
+        await asyncio.to_thread(fault)  # with every request accepted and in flight
+        accepted = [rid for rid, (status, _) in zip(ids, posted, strict=True) if status == 202]
+        for status, code in posted:
+            if status != 202:
+                counts.errors += 1
+                counts.error_codes[f"POST {status} {code}"] = counts.error_codes.get(f"POST {status} {code}", 0) + 1
+        give_up = time.monotonic() + wait_s
+        finals = await asyncio.gather(*(_final_status(client, url, rid, give_up) for rid in accepted))
+    nodes_done = 0
+    for final in finals:
+        if final is None:
+            counts.lost += 1
+        elif final["status"] == "succeeded":
+            counts.done += 1
+            nodes_done += len(final["nodes"])
+        else:
+            counts.errors += 1
+            code = (final.get("error") or {}).get("code", final["status"])
+            counts.error_codes[code] = counts.error_codes.get(code, 0) + 1
+    counts.duplicated = max(0, _settled_steps_done(url, before + nodes_done) - before - nodes_done)
+    return counts
+
+
+def requests_under_fault(
+    url: str, n: int, fault: Callable[[], None], wait_s: float = 300.0, tag: str = "fault"
+) -> Counts:
+    """Post `n` async requests, run `fault()` (on a thread) once all are accepted, wait up to
+    `wait_s` for each to end; the counts. Call it on a mesh no other test uses meanwhile (the
+    step counts are the mesh's), with replicas that have computed nothing yet."""
+    started = time.monotonic()
+    counts = asyncio.run(_run(url, n, fault, wait_s, tag))
+    counts.seconds = time.monotonic() - started
+    return counts

@@ -27,8 +27,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import ConnectionReconnectingError, NoRespondersError, OutboundBufferLimitError
 from nats.js import JetStreamContext, api
-from nats.js.kv import KeyValue
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
 
 from shared import bus_roles, subjects, tracing
 from shared.messages import LoraChoice, ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
@@ -51,6 +51,7 @@ PUBLISH_FAULTS = (
     OutboundBufferLimitError,
 )
 PUBLISH_RETRY_MAX_WAIT_S = 1.0  # the longest pause between two tries of a publish
+RESULTS_HEARTBEAT_S = 1.0  # a gateway's result consumer lost with its server is remade within 2 of these
 
 
 def nats_servers(url: str) -> list[str]:
@@ -443,7 +444,8 @@ class Bus:
     async def subscribe_results(
         self, gateway_id: str, handler: Callable[[StepResult], Awaitable[None]]
     ) -> JetStreamContext.PushSubscription:
-        """Deliver this gateway's results (new ones only) to `handler`, in order."""
+        """Deliver this gateway's results (new ones only) to `handler`, in order; across a NATS
+        server's death too (nats.py's ordered consumer, remade where it left off)."""
 
         async def on_msg(msg: Msg) -> None:
             try:
@@ -458,6 +460,9 @@ class Bus:
             cb=on_msg,
             ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.NEW,
+            # The ordered consumer lives on one server: when that server dies the client notices
+            # only by missed heartbeats (two), then makes it again from the next result it lacks.
+            idle_heartbeat=RESULTS_HEARTBEAT_S,
         )
 
     # -- best-effort notices (core NATS) --------------------------------------------------------

@@ -41,6 +41,7 @@ class Counts:
     errors: int = 0
     lost: int = 0
     duplicated: int = 0
+    redelivered: int = 0  # deliveries of steps answered already, recognised and not run again
     error_codes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds each phase took
@@ -50,7 +51,8 @@ class Counts:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items())
         return (
             f"{what}: {self.sent} requests: done {self.done} / errors {self.errors} / lost {self.lost} / "
-            f"duplicated {self.duplicated} step runs{codes} in {self.seconds:.1f}s ({phases})"
+            f"duplicated {self.duplicated} step runs (redelivered, not run again: {self.redelivered}){codes} "
+            f"in {self.seconds:.1f}s ({phases})"
         )
 
 
@@ -89,22 +91,23 @@ async def _final_status(client: httpx.AsyncClient, url: str, request_id: str, gi
     return None
 
 
-def steps_done(url: str) -> int:
-    """Steps the replicas computed (`lego_steps_total{outcome="ok"}` on each replica's /metrics;
-    a redelivery a replica recognises is counted "duplicate", not here)."""
+def steps_done(url: str, outcome: str = "ok") -> int:
+    """Steps the replicas answered with `outcome` (`lego_steps_total` on each replica's
+    /metrics): "ok", computed; "duplicate", a redelivery the replica knew it had answered and
+    acked without running it again."""
     models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
     endpoints = {r["metrics_url"] for m in models for r in m["replicas"] if r["metrics_url"]}
     total = 0.0
     for endpoint in endpoints:
         for line in httpx.get(endpoint, timeout=30).text.splitlines():
-            if line.startswith("lego_steps_total{") and 'outcome="ok"' in line:
+            if line.startswith("lego_steps_total{") and f'outcome="{outcome}"' in line:
                 total += float(line.rsplit(" ", 1)[1])
     return int(total)
 
 
 async def _run(url: str, n: int, fault: Callable[[], None], wait_s: float, tag: str) -> Counts:
     counts = Counts(sent=n)
-    before = steps_done(url)
+    before, redelivered_before = steps_done(url), steps_done(url, "duplicate")
     ids = [f"{tag}-{i}" for i in range(n)]
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
@@ -132,6 +135,7 @@ async def _run(url: str, n: int, fault: Callable[[], None], wait_s: float, tag: 
             code = (final.get("error") or {}).get("code", final["status"])
             counts.error_codes[code] = counts.error_codes.get(code, 0) + 1
     counts.duplicated = steps_done(url) - before - nodes_done
+    counts.redelivered = steps_done(url, "duplicate") - redelivered_before
     counts.phases["count steps"] = time.monotonic() - clock
     return counts
 

@@ -96,14 +96,15 @@ def start_nats_server(store: Path, log_path: Path, config: Path | None = None, t
     nats = Child("nats", argv, dict(os.environ), log_path)
     nats.start()
     try:
-        _wait_accepting(nats, port)
+        wait_accepting(nats, port)
     except BaseException:  # not left running when it never came up (or we were interrupted)
         nats.signal_group(signal.SIGKILL)
         raise
     return nats, f"{'tls' if tls else 'nats'}://127.0.0.1:{port}"
 
 
-def _wait_accepting(nats: Child, port: int) -> None:
+def wait_accepting(nats: Child, port: int) -> None:
+    """Until the nats-server `nats` greets a client on `port` (its INFO line), or a timeout."""
     give_up = time.monotonic() + NATS_START_TIMEOUT_S
     while time.monotonic() < give_up:
         if not nats.alive():

@@ -5,6 +5,10 @@ durable pull consumer per (kind, model, priority band) that every replica of the
 (`shared/priority_pull.py` pulls the bands, higher first). Results go
 through a second stream whose `Nats-Msg-Id` dedupe makes a re-run of a node unable to deliver
 a second result. Progress and tensor-release notices are best-effort core NATS messages.
+
+On a NATS cluster (LEGO_NATS_URL lists its servers) the client fails over to a survivor, and a
+publish JetStream cannot acknowledge while it elects a stream's new leader is sent again (the
+same `Nats-Msg-Id`: a copy that did land is dropped) for `publish_retry_s`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionReconnectingError, NoRespondersError, OutboundBufferLimitError
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
 
 from shared import bus_roles, subjects, tracing
 from shared.messages import LoraChoice, ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
@@ -34,6 +39,28 @@ log = logging.getLogger("lego.bus")
 NATS_MSG_ID = "Nats-Msg-Id"
 T = TypeVar("T")
 STREAMS_WAIT_S = 120.0  # a service that may not create the streams waits this long for them
+# What a publish meets while a server is down or a stream has no leader yet: worth sending again.
+# TimeoutError covers nats' own (no ack in time: the server died holding it, or a new leader is
+# not elected yet); NoRespondersError, no server of the stream answers (the leader is gone).
+PUBLISH_FAULTS = (
+    NoRespondersError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    TimeoutError,
+    ConnectionReconnectingError,
+    OutboundBufferLimitError,
+)
+PUBLISH_RETRY_MAX_WAIT_S = 1.0  # the longest pause between two tries of a publish
+RESULTS_HEARTBEAT_S = 1.0  # a gateway's result consumer lost with its server is remade within 2 of these
+
+
+def nats_servers(url: str) -> list[str]:
+    """LEGO_NATS_URL as nats.connect takes it: one server's URL, or a cluster's servers
+    separated by commas (the client connects to one and fails over to the others)."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError("LEGO_NATS_URL is empty: give a NATS server's URL (or several, comma-separated)")
+    return servers
 
 
 def connect_options(settings: Settings) -> dict[str, object]:
@@ -144,7 +171,7 @@ class Bus:
 
         connecting = asyncio.ensure_future(
             nats.connect(
-                self.settings.nats_url,
+                nats_servers(self.settings.nats_url),
                 **options,  # type: ignore[arg-type]
                 name=self.name,
                 max_reconnect_attempts=-1,
@@ -262,6 +289,31 @@ class Bus:
         except BadRequestError:
             # Exists with another config (e.g. a changed duplicate window): bring it in line.
             await self.js.update_stream(config)
+        assert config.name is not None
+        await self.wait_leader(config.name)
+
+    async def create_bucket(self, bucket: str, **config: Any) -> KeyValue:
+        """Make a KV bucket with `stream_replicas` copies and return it once it has a leader
+        (on a cluster a new replicated stream elects one first: a write before then finds no
+        one to answer it). `config`: the rest of nats.py's KeyValueConfig (ttl, history)."""
+        kv = await self.js.create_key_value(bucket=bucket, replicas=self.settings.stream_replicas, **config)
+        await self.wait_leader(f"KV_{bucket}")
+        return kv
+
+    async def wait_leader(self, stream: str, timeout_s: float = STREAMS_WAIT_S) -> None:
+        """Until `stream` has a leader (at once on a single server, which leads every stream)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while True:
+            try:
+                info = await self.js.stream_info(stream)
+                if info.cluster is None or info.cluster.leader:
+                    return
+            except (TimeoutError, NoRespondersError, ServiceUnavailableError):
+                pass  # no leader to answer yet
+            if loop.time() > give_up:
+                raise TimeoutError(f"stream {stream} elected no leader within {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
 
     async def ensure_consumer(self, kind: StepKind | str, model_id: str, band: str = subjects.NORMAL_BAND) -> str:
         """The durable pull consumer of a (kind, model, band): created once, shared by all replicas."""
@@ -336,12 +388,36 @@ class Bus:
         hdrs.update(headers or {})
         if tracing.TRACEPARENT not in hdrs:
             tracing.inject(hdrs)
-        ack = await self.js.publish(
+        ack = await self.publish_acked(
             subjects.step_subject(step.kind, step.model_id, subjects.band_of(step.priority)),
             step.model_dump_json().encode(),
-            headers=hdrs,
+            hdrs,
         )
         return ack.seq
+
+    async def publish_acked(self, subject: str, payload: bytes, headers: dict[str, str]) -> api.PubAck:
+        """A JetStream publish, sent again on a fault a cluster recovers from (a server down, a
+        stream electing its leader) until `publish_retry_s` has passed. Safe because every
+        publish of ours carries a `Nats-Msg-Id`: JetStream keeps one copy however many land."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.publish_retry_s
+        pause = 0.05
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                ack = await self.js.publish(subject, payload, headers=headers)
+            except PUBLISH_FAULTS as exc:
+                if self._closing or loop.time() + pause > give_up:
+                    raise
+                if tries == 1:
+                    log.warning("publish on %s: %s; sending again", subject, type(exc).__name__)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, PUBLISH_RETRY_MAX_WAIT_S)
+                continue
+            if tries > 1:
+                log.info("publish on %s went through after %d tries", subject, tries)
+            return ack
 
     async def subscribe_exhausted_steps(self, handler: Callable[[int, int], Awaitable[None]]) -> None:
         """Call `handler(stream_seq, deliveries)` when JetStream gives up on a step after MaxDeliver
@@ -358,17 +434,18 @@ class Bus:
 
     async def publish_result(self, subject: str, result: StepResult) -> bool:
         """Publish a node's result once; False when JetStream saw this node's result already."""
-        ack = await self.js.publish(
+        ack = await self.publish_acked(
             subject,
             result.model_dump_json().encode(),
-            headers={NATS_MSG_ID: subjects.result_msg_id(result.request_id, result.node_id, result.attempt)},
+            {NATS_MSG_ID: subjects.result_msg_id(result.request_id, result.node_id, result.attempt)},
         )
         return not ack.duplicate
 
     async def subscribe_results(
         self, gateway_id: str, handler: Callable[[StepResult], Awaitable[None]]
     ) -> JetStreamContext.PushSubscription:
-        """Deliver this gateway's results (new ones only) to `handler`, in order."""
+        """Deliver this gateway's results (new ones only) to `handler`, in order; across a NATS
+        server's death too (nats.py's ordered consumer, remade where it left off)."""
 
         async def on_msg(msg: Msg) -> None:
             try:
@@ -383,6 +460,9 @@ class Bus:
             cb=on_msg,
             ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.NEW,
+            # The ordered consumer lives on one server: when that server dies the client notices
+            # only by missed heartbeats (two), then makes it again from the next result it lacks.
+            idle_heartbeat=RESULTS_HEARTBEAT_S,
         )
 
     # -- best-effort notices (core NATS) --------------------------------------------------------

@@ -106,9 +106,7 @@ class LoraRegistry:
         except BucketNotFoundError:
             if not seed_builtins:
                 raise
-            self._kv = await self.bus.js.create_key_value(
-                bucket=BUCKET, history=1, replicas=self.bus.settings.stream_replicas
-            )
+            self._kv = await self.bus.create_bucket(BUCKET, history=1)
         if seed_builtins:
             for name, record in builtin_records().items():
                 with contextlib.suppress(KeyWrongLastSequenceError):  # stored already

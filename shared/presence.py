@@ -37,7 +37,7 @@ async def _bucket(bus: Bus, bucket: str, ttl_s: float) -> KeyValue:
     except BucketNotFoundError:
         if not bus_roles.may_create_streams(bus.settings.nats_user):
             return await bus.wait_until_made(f"bucket {bucket}", lambda: bus.js.key_value(bucket))
-        return await bus.js.create_key_value(bucket=bucket, ttl=ttl_s, history=1, replicas=bus.settings.stream_replicas)
+        return await bus.create_bucket(bucket, ttl=ttl_s, history=1)
 
 
 async def presence_bucket(bus: Bus) -> KeyValue:

@@ -40,6 +40,9 @@ from shared.messages import StepKind
 
 FAIR_EVERY = 4  # a lower band is asked first after this many steps taken from higher bands
 PROBE_TIMEOUT_S = 5.0  # a no-wait pull the server never answered (a reconnect): treat as empty
+# Lingering pulls all refused at once (a consumer without a leader while a NATS cluster elects
+# one answers 503 at once): wait this long before asking again, rather than spin on the refusals.
+REFUSED_PAUSE_S = 0.2
 
 
 class BandPull:
@@ -150,8 +153,13 @@ class PriorityPuller:
                 self._took(i, len(msgs), asked)
                 return msgs
             asked.append(i)
+        loop = asyncio.get_running_loop()
+        lingered = loop.time()
         await self._linger(linger_s)
-        return self._take_held(self.order(), room)
+        msgs = self._take_held(self.order(), room)
+        if not msgs and loop.time() - lingered < min(linger_s, REFUSED_PAUSE_S):
+            await asyncio.sleep(REFUSED_PAUSE_S)
+        return msgs
 
     async def _linger(self, linger_s: float) -> None:
         """One lingering pull a band, each on an inbox of its own; when the first step arrives

@@ -25,13 +25,16 @@ def _default_state_dir() -> str:
 class Settings:
     """All knobs in one place. Each field reads `LEGO_<FIELD NAME IN CAPITALS>`."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # or a cluster's servers, comma-separated
     # Bus behaviour
     ack_wait_s: float = 30.0  # redelivery delay after a replica dies mid-step
     max_deliver: int = 5  # attempts before a step becomes an error result
     step_stream_max_age_s: float = 3600.0
     duplicate_window_s: float = 120.0
     stream_replicas: int = 1  # copies of each stream and bucket on a NATS cluster (3 on a 3-server one)
+    # A step or result publish JetStream does not acknowledge (a server down, a stream electing a
+    # new leader) is sent again for this long before it fails (same Nats-Msg-Id: no duplicates).
+    publish_retry_s: float = 30.0
     # Tensor plane
     tensor_host: str = "127.0.0.1"  # address other services reach this process's tensor server on
     tensor_bind: str = "127.0.0.1"

@@ -15,6 +15,7 @@ nothing is answered twice:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -294,7 +295,13 @@ class StepWorker:
 
     async def _settle(self, msg: Msg, step: StepRequest, result: StepResult) -> None:
         """Publish the step's one result, then ack it (success) or term it (an error no retry fixes)."""
-        fresh = await self.bus.publish_result(step.reply_to, result)
+        try:
+            fresh = await self.bus.publish_result(step.reply_to, result)
+        except Exception as exc:  # NATS away longer than the bus retries: run it again later
+            log.warning("result of %s/%s not published (%s); handing the step back", step.request_id, step.node_id, exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=NAK_DELAY_S)
+            return
         if not fresh:
             log.info("result for %s/%s was already published; not sent again", step.request_id, step.node_id)
         self._answered[(step.request_id, step.node_id, step.attempt)] = None

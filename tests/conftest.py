@@ -54,15 +54,18 @@ def running_mesh(
     replicas: dict[str, int] | None = None,
     workflows: list[str] | None = None,
     auth: bool = False,
+    nats_url: str | None = None,
     **env: str,
 ) -> Iterator[Mesh]:
     """Start a mesh as a user's `lego up` would (free port, own nats-server), stop it after.
     `workflows` limits it to the processes those workflows need (default: the whole catalogue).
     The shared meshes run without API keys (as `lego up --no-auth`); `auth=True` locks the
-    gateway (pass LEGO_STATE_DIR in `env`: the admin key file is made there)."""
+    gateway (pass LEGO_STATE_DIR in `env`: the admin key file is made there). `nats_url`: run on
+    that NATS (e.g. a cluster's servers) instead of a nats-server of its own."""
     m = Mesh(
         MeshConfig(
             port=free_port(),
+            nats_url=nats_url,
             workflows=workflows,
             replicas=replicas or {},
             env={

@@ -200,7 +200,12 @@ class Orchestrator:
             state.nodes.published_at[node.id] = time.perf_counter()
             state.log.emit({"type": "node", "node": node.id, "state": "running", "attempt": step.attempt})
             steps.append(step)
-        seqs = await asyncio.gather(*(self.bus.publish_step(step, state.trace.headers) for step in steps))
+        try:
+            seqs = await asyncio.gather(*(self.bus.publish_step(step, state.trace.headers) for step in steps))
+        except Exception as exc:  # NATS away longer than the bus retries a publish: an answer, not a hang
+            message = f"the bus did not take the request's steps: {type(exc).__name__}: {exc}"
+            self._fail(state, ErrorInfo(code="bus_unavailable", message=message, retryable=True))
+            return
         for step, seq in zip(steps, seqs, strict=True):
             self._step_seqs[seq] = (state.run_id, step.node_id)
             state.nodes.step_seqs.append(seq)

@@ -55,3 +55,17 @@ def test_priority_bands_name_their_own_subjects_and_consumers():
         subjects.step_subject("encode", "t5", "urgent")
     with pytest.raises(ValueError, match="names a priority band"):
         subjects.consumer_name("encode", "t5__high")
+
+
+def test_nats_url_takes_one_server_or_a_cluster_list():
+    from shared.bus import nats_servers
+
+    assert nats_servers("nats://127.0.0.1:4222") == ["nats://127.0.0.1:4222"]
+    cluster = "nats://a:4222, nats://b:4222,nats://c:4222"
+    assert nats_servers(Settings.from_env({"LEGO_NATS_URL": cluster}).nats_url) == [
+        "nats://a:4222",
+        "nats://b:4222",
+        "nats://c:4222",
+    ]
+    with pytest.raises(ValueError, match="LEGO_NATS_URL is empty"):
+        nats_servers(" , ")

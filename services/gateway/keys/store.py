@@ -56,9 +56,7 @@ class KeyStore:
         try:
             self._kv = await self.bus.js.key_value(BUCKET)
         except BucketNotFoundError:
-            self._kv = await self.bus.js.create_key_value(
-                bucket=BUCKET, history=1, replicas=self.bus.settings.stream_replicas
-            )
+            self._kv = await self.bus.create_bucket(BUCKET, history=1)
         loaded = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(
             kv_mirror.follow(self.kv, BUCKET, KeyRecord.model_validate_json, self._replace, self._apply, loaded),

@@ -10,6 +10,7 @@ a second result. Progress and tensor-release notices are best-effort core NATS m
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import ssl
@@ -366,9 +367,11 @@ class Bus:
         return not ack.duplicate
 
     async def subscribe_results(
-        self, gateway_id: str, handler: Callable[[StepResult], Awaitable[None]]
+        self, gateway_id: str, handler: Callable[[StepResult], Awaitable[None]], since: float | None = None
     ) -> JetStreamContext.PushSubscription:
-        """Deliver this gateway's results (new ones only) to `handler`, in order."""
+        """Deliver `gateway_id`'s results to `handler`, in order: new ones only, or with `since`
+        (a Unix time) every one stored from then on, which is how a gateway that adopts a dead
+        one's requests learns the steps they finished (services/gateway/leases.py)."""
 
         async def on_msg(msg: Msg) -> None:
             try:
@@ -378,11 +381,17 @@ class Bus:
                 return
             await handler(result)
 
+        if since is None:
+            return await self.js.subscribe(
+                subjects.result_subject(gateway_id),
+                cb=on_msg,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.NEW,
+            )
+        start = datetime.datetime.fromtimestamp(since, datetime.UTC)
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=start)
         return await self.js.subscribe(
-            subjects.result_subject(gateway_id),
-            cb=on_msg,
-            ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.NEW,
+            subjects.result_subject(gateway_id), cb=on_msg, ordered_consumer=True, config=config
         )
 
     # -- best-effort notices (core NATS) --------------------------------------------------------

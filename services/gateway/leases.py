@@ -1,0 +1,139 @@
+"""Which gateway drives which request, and the takeover of a dead gateway's requests.
+
+Two buckets. `lego_gateways` holds a heartbeat key a gateway, with a TTL of 3 heartbeats: a
+gateway that dies (kill -9, lost host) stops refreshing and its key expires; one that drains
+deletes its key at once. `LEGO_LEASES` holds a lease a running request (key: the record's key,
+value: the gateway driving it), written when it starts and deleted when it ends: two KV writes
+a request, none a step.
+
+Every gateway looks at the heartbeats each beat; when one it saw alive is gone (and every
+`SCAN_EVERY` beats anyway, and at its start), it scans the leases. A lease held by a gateway not
+alive is taken with a revision-checked update, so of several survivors exactly one adopts each
+request; the winner finishes it (orchestrator.adopt). Takeover time: up to 3 heartbeats to see
+the death (or 1 when the gateway drained), then the scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from services.gateway.records import bucket
+from shared import subjects
+from shared.bus import Bus
+
+log = logging.getLogger("lego.gateway")
+SCAN_EVERY = 10  # heartbeats between scans when no gateway was seen to die
+Adopt = Callable[[str, list[str]], Awaitable[None]]  # (dead gateway, record keys now ours)
+
+
+class Leases:
+    def __init__(self, bus: Bus, adopt: Adopt) -> None:
+        self.bus = bus
+        self.gateway_id = bus.settings.gateway_id
+        self.beat_s = bus.settings.gateway_heartbeat_s
+        self.adopt = adopt
+        self._gateways: KeyValue | None = None
+        self._leases: KeyValue | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._seen: set[str] = set()
+        self.released = False
+
+    @property
+    def leases(self) -> KeyValue:
+        if self._leases is None:
+            raise RuntimeError("Leases.start() was not called")
+        return self._leases
+
+    async def start(self) -> None:
+        self._gateways = await bucket(self.bus, subjects.GATEWAYS_BUCKET, 3 * self.beat_s)
+        self._leases = await bucket(self.bus, subjects.LEASES_BUCKET, self.bus.settings.request_record_ttl_s)
+        await self._beat()
+        self._task = asyncio.create_task(self._run(), name="leases")
+
+    async def hold(self, key: str) -> None:
+        """Take the lease of a request this gateway starts."""
+        await self.leases.put(key, self.gateway_id.encode())
+
+    async def drop(self, key: str) -> None:
+        """Let go of a request that ended (a failure to delete is harmless: a lease of an ended
+        request is dropped by whoever adopts it)."""
+        with contextlib.suppress(Exception):
+            await self.leases.delete(key)
+
+    async def release_all(self) -> None:
+        """Draining: stop beating and delete the heartbeat, so the survivors adopt this
+        gateway's requests at their next beat."""
+        self.released = True
+        await self.close()
+        if self._gateways is not None:
+            with contextlib.suppress(Exception):
+                await self._gateways.delete(self.gateway_id)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _beat(self) -> None:
+        assert self._gateways is not None
+        await self._gateways.put(self.gateway_id, b"alive")
+
+    async def _alive(self) -> set[str]:
+        assert self._gateways is not None
+        try:
+            return set(await self._gateways.keys())
+        except NoKeysError:
+            return set()
+
+    async def _run(self) -> None:
+        beats = 0
+        while True:
+            try:
+                await self._beat()
+                alive = await self._alive()
+                if self._seen - alive or beats % SCAN_EVERY == 0:
+                    await self._scan(alive)
+                self._seen = alive
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease check failed (%s); trying again", exc)
+            beats += 1
+            await asyncio.sleep(self.beat_s)
+
+    async def _scan(self, alive: set[str]) -> None:
+        """Take every lease whose gateway is not alive; hand them to `adopt`, by dead gateway."""
+        try:
+            keys = await self.leases.keys()
+        except NoKeysError:
+            return
+        taken: dict[str, list[str]] = {}
+        for key in keys:
+            try:
+                entry = await self.leases.get(key)
+            except KeyNotFoundError:
+                continue
+            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                continue
+            holder = entry.value.decode()
+            if holder == self.gateway_id or holder in alive:
+                continue
+            try:
+                await self.leases.update(key, self.gateway_id.encode(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue  # another survivor took it first
+            taken.setdefault(holder, []).append(key)
+        for dead, keys_taken in taken.items():
+            log.info("gateway %s is gone: adopting its %d running request(s)", dead, len(keys_taken))
+            try:
+                await self.adopt(dead, keys_taken)
+            except Exception:
+                log.exception("adopting the requests of %s failed", dead)

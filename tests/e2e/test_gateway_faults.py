@@ -1,0 +1,166 @@
+"""kill -9 one gateway of two with requests in flight: nothing is lost, nothing generated twice.
+
+Two gateways join the shared mesh's bus. Half the requests are synchronous: posted to the
+victim with an Idempotency-Key, and when the connection breaks sent again, with the same key,
+to the survivor. The other half are asynchronous: posted to the victim (`wait: false`, an
+Idempotency-Key too, in case the 202 is lost) and polled on the survivor. Then the victim is
+killed with SIGKILL mid-flight. Every request must end succeeded, with its images, and the
+denoisers must have run exactly one denoising loop a request (their step counters).
+
+`LEGO_FAULT_REQUESTS` requests (20 by default, for CI; `make faults` runs 200). Marker `faults`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from lego.launcher import Child, Mesh, free_port
+from shared.bus import Bus
+from shared.presence import live_replicas
+from tests.e2e.test_observability import scrape, value
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.faults
+REQUESTS = int(os.environ.get("LEGO_FAULT_REQUESTS", "20"))
+BODY = {"prompt": "a lighthouse in fog", "size": "64x64", "num_inference_steps": 4, "guidance_scale": 5.0}
+FINISH_S = 240.0  # every request must have ended by then
+
+
+@dataclass
+class Tally:
+    done: int = 0
+    errors: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    retried: int = 0
+
+
+def _start_gateway(mesh: Mesh, name: str) -> tuple[Child, str]:
+    port = free_port()
+    child = mesh.add_gateway(name, port, auth=False)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert child.alive(), f"{name} exited; see {name}.log"
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(f"{name} to be ready", ready, timeout_s=120)
+    return child, url
+
+
+def _denoise_loops(mesh: Mesh) -> float:
+    """Denoising loops every SD3 denoiser replica finished (each request runs one)."""
+
+    async def urls() -> set[str]:
+        bus = Bus(mesh.settings(), name="test-gateway-faults")
+        await bus.connect()
+        try:
+            return {r.metrics_url for r in await live_replicas(bus) if r.model_id == "sd3-transformer"}
+        finally:
+            await bus.close()
+
+    found = asyncio.run(urls())
+    assert found, "no SD3 denoiser is announced"
+    return sum(value(scrape(url), "lego_steps_total", kind="denoise", outcome="ok") for url in found)
+
+
+async def _sync_client(client: httpx.AsyncClient, victim: str, survivor: str, i: int, tally: Tally) -> None:
+    """POST and wait; on a broken connection (or the victim's 503), the same again, same key,
+    on the survivor."""
+    headers = {"Idempotency-Key": f"fault-sync-{i}-{uuid.uuid4().hex[:8]}"}
+    body = {**BODY, "seed": 1000 + i}
+    for url in (victim, survivor, survivor):
+        try:
+            r = await client.post(f"{url}/v1/images/generations", json=body, headers=headers, timeout=FINISH_S)
+        except httpx.HTTPError:
+            tally.retried += 1
+            continue
+        if r.status_code == 200 and len(r.json()["data"]) == 1:
+            tally.done += 1
+        else:
+            tally.errors.append(f"sync {i}: {r.status_code} {r.text[:200]}")
+        return
+    tally.lost.append(f"sync {i}: no answer")
+
+
+async def _async_client(client: httpx.AsyncClient, victim: str, survivor: str, i: int, tally: Tally) -> None:
+    """POST with `wait: false` to the victim (the survivor if that breaks), then poll the survivor."""
+    headers = {"Idempotency-Key": f"fault-async-{i}-{uuid.uuid4().hex[:8]}"}
+    body = {**BODY, "seed": 5000 + i, "wait": False}
+    request_id = None
+    for url in (victim, survivor):
+        try:
+            r = await client.post(f"{url}/v1/images/generations", json=body, headers=headers, timeout=60)
+        except httpx.HTTPError:
+            tally.retried += 1
+            continue
+        if r.status_code == 202:
+            request_id = r.json()["request_id"]
+            break
+    if request_id is None:
+        tally.lost.append(f"async {i}: never accepted")
+        return
+    give_up = time.monotonic() + FINISH_S
+    while time.monotonic() < give_up:
+        try:
+            r = await client.get(f"{survivor}/v1/requests/{request_id}", timeout=30)
+        except httpx.HTTPError:
+            await asyncio.sleep(0.5)
+            continue
+        if r.status_code == 200 and r.json()["status"] != "running":
+            status = r.json()
+            if status["status"] == "succeeded" and len(status.get("data", [])) == 1:
+                tally.done += 1
+            else:
+                tally.errors.append(f"async {i}: {status['status']} {status.get('error')}")
+            return
+        if r.status_code not in (200,):
+            tally.errors.append(f"async {i}: GET {r.status_code} {r.text[:200]}")
+            return
+        await asyncio.sleep(0.3)
+    tally.lost.append(f"async {i}: still running after {FINISH_S:.0f}s")
+
+
+async def _run(victim_child: Child, victim: str, survivor: str, n: int) -> Tally:
+    tally = Tally()
+    limits = httpx.Limits(max_connections=2 * n + 10)
+    async with httpx.AsyncClient(limits=limits) as client:
+        tasks = [
+            asyncio.create_task((_sync_client if i % 2 == 0 else _async_client)(client, victim, survivor, i, tally))
+            for i in range(n)
+        ]
+        await asyncio.sleep(1.5)  # all posted; the first few done, most in flight
+        victim_child.signal_group(signal.SIGKILL)
+        await asyncio.gather(*tasks)
+    return tally
+
+
+def test_kill_9_of_one_gateway_loses_nothing_and_generates_nothing_twice(mesh: Mesh) -> None:
+    victim_child, victim = _start_gateway(mesh, "gateway-victim")
+    _, survivor = _start_gateway(mesh, "gateway-survivor")
+    loops_before = _denoise_loops(mesh)
+
+    started = time.monotonic()
+    tally = asyncio.run(_run(victim_child, victim, survivor, REQUESTS))
+    wait_for("the victim to be gone", lambda: not victim_child.alive(), timeout_s=10)
+    loops = _denoise_loops(mesh) - loops_before
+    duplicated = max(0, int(loops) - REQUESTS)
+    print(
+        f"\ngateway kill -9, {REQUESTS} requests in {time.monotonic() - started:.1f}s: done {tally.done} / "
+        f"errors {len(tally.errors)} / lost {len(tally.lost)} / duplicated {duplicated} "
+        f"(denoising loops {loops:.0f}, client retries {tally.retried})"
+    )
+    assert not tally.lost, tally.lost[:5]
+    assert not tally.errors, tally.errors[:5]
+    assert tally.done == REQUESTS
+    assert duplicated == 0 and loops == REQUESTS

@@ -90,6 +90,8 @@ class Orchestrator:
             raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {state.request_id} is running"))
         await self.leases.hold(record_key(state.owner.key_id, state.request_id))
         self._publish_events(state)
+        if self.leases.released:  # it came in as this gateway began to drain: a survivor adopts it
+            self._let_go(state)
 
     def _publish_events(self, state: RequestState) -> None:
         """Send `state`'s events so far, and every later one, to the event stream."""
@@ -153,12 +155,15 @@ class Orchestrator:
         follow its record, which the gateway that adopts it will finish."""
         handed = list(self.runs.values())
         for state in handed:
-            state.handed_over = True
-            state.log.sink = None
-            self.runs.pop(state.run_id, None)
-            if not state.finished.done():
-                state.finished.set_result(None)
+            self._let_go(state)
         return handed
+
+    def _let_go(self, state: RequestState) -> None:
+        state.handed_over = True
+        state.log.sink = None
+        self.runs.pop(state.run_id, None)
+        if not state.finished.done():
+            state.finished.set_result(None)
 
     def get(self, request_id: str, owner: Owner = NO_OWNER) -> RequestState | None:
         """`owner`'s request `request_id` (None for an unknown id or another key's request)."""
@@ -258,7 +263,13 @@ class Orchestrator:
                 await self._advance(state)
 
     async def _close(self, state: RequestState) -> None:
-        """Whatever the outcome: end its span, count it, and free what the mesh holds for it."""
+        """Whatever the outcome: end its span, count it, and free what the mesh holds for it
+        (not for one handed over: the gateway that drives it now does that)."""
+        if state.handed_over:
+            state.trace.close({"lego.status": "handed_over"})
+            for seq in state.nodes.step_seqs:
+                self._step_seqs.pop(seq, None)
+            return
         status = RunStatus.FAILED if state.running else state.status
         state.trace.close({"lego.status": status.value}, error=state.error.code if state.error else None)
         metrics.request_finished(state.workflow.name, status.value, time.time() - state.created, state.priority)
@@ -267,8 +278,6 @@ class Orchestrator:
         for seq in state.nodes.step_seqs:
             self._step_seqs.pop(seq, None)
         self.runs.pop(state.run_id, None)
-        if state.handed_over:  # its tensors serve the gateway that drives it now
-            return
         self.plane.release(state.run_id)
         await self.bus.publish_release(state.run_id)
 

@@ -145,9 +145,14 @@ async def _run(victim_child: Child, victim: str, survivor: str, n: int) -> Tally
     return tally
 
 
-def test_kill_9_of_one_gateway_loses_nothing_and_generates_nothing_twice(mesh: Mesh) -> None:
+@pytest.fixture(scope="module")
+def survivor(mesh: Mesh) -> str:
+    """A gateway that stays up: it adopts what the others leave."""
+    return _start_gateway(mesh, "gateway-survivor")[1]
+
+
+def test_kill_9_of_one_gateway_loses_nothing_and_generates_nothing_twice(mesh: Mesh, survivor: str) -> None:
     victim_child, victim = _start_gateway(mesh, "gateway-victim")
-    _, survivor = _start_gateway(mesh, "gateway-survivor")
     loops_before = _denoise_loops(mesh)
 
     started = time.monotonic()
@@ -164,3 +169,40 @@ def test_kill_9_of_one_gateway_loses_nothing_and_generates_nothing_twice(mesh: M
     assert not tally.errors, tally.errors[:5]
     assert tally.done == REQUESTS
     assert duplicated == 0 and loops == REQUESTS
+
+
+async def _drain_run(child: Child, drained: str, survivor: str, n: int) -> tuple[Tally, list[int]]:
+    """`n` requests on `drained` (sync ones kept connected, async ones polled on the survivor),
+    SIGTERM mid-flight; the probe answers seen while it drains."""
+    tally, probes = Tally(), []
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2 * n + 10)) as client:
+        tasks = [
+            asyncio.create_task((_sync_client if i % 2 == 0 else _async_client)(client, drained, survivor, i, tally))
+            for i in range(n)
+        ]
+        await asyncio.sleep(1.5)
+        child.signal_group(signal.SIGTERM)
+        for _ in range(20):  # what a balancer's health check sees
+            try:
+                probes.append((await client.get(f"{drained}/healthz", timeout=2)).status_code)
+            except httpx.HTTPError:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*tasks)
+    return tally, probes
+
+
+def test_sigterm_drains_a_gateway_without_losing_or_repeating_a_request(mesh: Mesh, survivor: str) -> None:
+    n = max(4, REQUESTS // 2)
+    child, drained = _start_gateway(mesh, "gateway-drained")
+    loops_before = _denoise_loops(mesh)
+    tally, probes = asyncio.run(_drain_run(child, drained, survivor, n))
+    wait_for("the drained gateway to exit", lambda: not child.alive(), timeout_s=60)
+    loops = _denoise_loops(mesh) - loops_before
+    print(
+        f"\ngateway SIGTERM, {n} requests: done {tally.done} / errors {len(tally.errors)} / lost {len(tally.lost)} / "
+        f"duplicated {max(0, int(loops) - n)} (client retries {tally.retried}, health probes {probes})"
+    )
+    assert 503 in probes, probes  # the balancer is told to route away while it drains
+    assert not tally.lost and not tally.errors, (tally.lost + tally.errors)[:5]
+    assert tally.done == n and loops == n

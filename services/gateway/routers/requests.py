@@ -17,7 +17,7 @@ from services.gateway.deps import OrchestratorDep, OwnerDep, RequestStateDep
 from services.gateway.errors import APIError
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.records import RequestStore, record_key
-from services.gateway.request_state import RequestState
+from services.gateway.request_state import RequestState, RunStatus
 from services.gateway.schemas import ErrorBody, ErrorResponse, ImageData, RequestStatus
 
 router = APIRouter()
@@ -27,10 +27,12 @@ CANCEL_WAIT_S = 10.0  # a DELETE of a request another gateway drives waits this 
 
 def status_of(orchestrator: Orchestrator, state: RequestState) -> RequestStatus:
     result = state.result or {}
+    # Succeeded, but its images are still being pulled and encoded: running until they are in.
+    answering = state.status is RunStatus.SUCCEEDED and state.result is None and state.run_id in orchestrator.answers
     return RequestStatus(
         request_id=state.request_id,
         workflow=state.workflow.name,
-        status=state.status.value,
+        status=RunStatus.RUNNING.value if answering else state.status.value,
         nodes=state.nodes.status(state.workflow),
         replicas=state.nodes.replicas,
         compute_s=state.nodes.compute_s,

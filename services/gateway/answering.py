@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from services.gateway.encoding import ImageEncoding, encode_images
 from services.gateway.errors import APIError
@@ -72,6 +74,13 @@ def response_of(record: RequestRecord | None) -> ImageGenerationResponse:
     if record is None or record.running:
         raise APIError(504, "deadline_exceeded", "the request did not finish in time on the gateway driving it")
     if record.status == RunStatus.SUCCEEDED.value and record.result is not None:
+        if record.result.get("images_dropped"):
+            raise APIError(
+                410,
+                "images_dropped",
+                f"request {record.request_id} succeeded, but its images were over the bus's message limit "
+                "and went only to the connection that asked first",
+            )
         return ImageGenerationResponse.model_validate(record.result)
     error = record.error
     if error is None:
@@ -135,7 +144,16 @@ class InFlight:
     be collected mid-run, so each is held here until it ends."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def keep(self, coro: Coroutine[Any, Any, ImageGenerationResponse]) -> asyncio.Task[ImageGenerationResponse]:
+        """Run a synchronous request's answer as a task of its own, held until it ends: its
+        caller may go away (and retry with its Idempotency-Key) without cancelling it."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(_settled)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def wait(self, timeout_s: float) -> None:
         """Until every answer in flight ended (a draining gateway's last stores), or `timeout_s`."""
@@ -158,6 +176,12 @@ class InFlight:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _settled(task: asyncio.Task[ImageGenerationResponse]) -> None:
+    """Read a kept task's outcome, so one whose caller went away logs no 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _answer_in_background(

@@ -109,11 +109,26 @@ class Orchestrator:
         if self.store is None or self.leases is None or state.handed_over:
             return
         key = record_key(state.owner.key_id, state.request_id)
+        await asyncio.gather(self._save_final(state, answer), self.leases.drop(key))
+
+    async def _save_final(self, state: RequestState, answer: AnswerSpec) -> None:
+        """The ended request's record; its images left out when they are over the bus's
+        message limit (its status and error still reach every gateway)."""
+        assert self.store is not None
+        record = record_of(state, self.gateway_id, answer)
         try:
-            await self.store.save(record_of(state, self.gateway_id, answer))
+            await self.store.save(record)
+            return
+        except Exception as exc:
+            if record.result is None:
+                log.warning("request %s: storing its record failed: %s", state.request_id, exc)
+                return
+            log.info("request %s: its images are too large for its record (%s); stored without", state.request_id, exc)
+        dropped = {**(record.result or {}), "data": [], "images_dropped": True}
+        try:
+            await self.store.save(record.model_copy(update={"result": dropped}))
         except Exception as exc:  # the client has its answer; only other gateways miss the record
             log.warning("request %s: storing its record failed: %s", state.request_id, exc)
-        await self.leases.drop(key)
 
     async def adopt(self, dead: str, keys: list[str]) -> list[tuple[RequestState, AnswerSpec]]:
         """Take over the running requests `keys` of the dead gateway `dead`: rebuild each from

@@ -192,9 +192,9 @@ class RequestStore:
         try:  # an earlier, finished request of this id: this one replaces it
             await self.records.update(record.key, value, last=entry.revision if entry else 0)
         except KeyWrongLastSequenceError:
-            earlier = await self.load(record.key)
-            if earlier is not None and earlier.running:
-                return earlier
+            racing = await self.load(record.key)
+            if racing is not None and racing.running:
+                return racing
             await self.records.put(record.key, value)
         return None
 
@@ -242,8 +242,11 @@ class RequestStore:
 
     def emit(self, run_id: str, event: dict[str, Any]) -> None:
         """Publish one event of `run_id` (in order, without waiting: best effort, like progress)."""
+        payload = json.dumps(event).encode()
+        if len(payload) > self.bus.nc.max_payload - 1024:  # a result of large images: the status has them
+            payload = json.dumps({**event, "data": [], "images_dropped": True}).encode()
         try:
-            self._events.put_nowait((subjects.event_subject(run_id), json.dumps(event).encode()))
+            self._events.put_nowait((subjects.event_subject(run_id), payload))
         except asyncio.QueueFull:
             log.warning("event queue full: dropping an event of %s", run_id)
 

@@ -7,6 +7,7 @@ an `Admitted` request differs (JSON, or a multipart form with an image)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -55,9 +56,12 @@ async def run_admitted(
     request_id: str,
     caller: KeyRecord,
     owner: Owner,
+    detached: bool = False,
 ) -> ImageGenerationResponse | JSONResponse:
     """Start `admitted` as `request_id` and answer it; APIError 429 when its models have more
-    work queued than its deadline, 409 when a request of that id is running."""
+    work queued than its deadline, 409 when a request of that id is running. `detached` (it
+    has an Idempotency-Key): a caller that goes away does not cancel it, so its retry finds it
+    running or done."""
     gateway.drain.refuse_if_draining()
     timeout_s = body.timeout_s or gateway.settings.request_timeout_s
     prefetch = resolve(workflow, admitted.steps, gateway.loras)
@@ -89,6 +93,9 @@ async def run_admitted(
         await orchestrator.register(state, spec)  # its record and lease: any gateway now answers for it
     except RequestFailed as exc:
         raise APIError(409, exc.error.code, exc.error.message) from exc
+    if body.wait and detached:
+        running = gateway.in_flight.keep(answer(orchestrator, state, admitted.tensors, seed, encoding, delivery))
+        return await asyncio.shield(running)
     if body.wait:
         return await answer(orchestrator, state, admitted.tensors, seed, encoding, delivery)
     gateway.in_flight.answer(orchestrator, state, admitted.tensors, seed, encoding, delivery)

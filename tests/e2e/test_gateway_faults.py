@@ -26,6 +26,7 @@ from lego.launcher import Child, Mesh, free_port
 from shared.bus import Bus
 from shared.presence import live_replicas
 from tests.e2e.test_observability import scrape, value
+from tests.e2e.test_progress_control import _events
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.faults
@@ -149,6 +150,42 @@ async def _run(victim_child: Child, victim: str, survivor: str, n: int) -> Tally
 def survivor(mesh: Mesh) -> str:
     """A gateway that stays up: it adopts what the others leave."""
     return _start_gateway(mesh, "gateway-survivor")[1]
+
+
+def test_any_gateway_follows_and_cancels_a_request_another_drives(mesh: Mesh, survivor: str) -> None:
+    body = {**BODY, "num_inference_steps": 8, "seed": 77, "wait": False}
+    accepted = httpx.post(f"{mesh.url}/v1/images/generations", json=body, timeout=30)
+    assert accepted.status_code == 202, accepted.text
+    events = _events(survivor + accepted.json()["events_url"])  # streamed by the gateway that does not drive it
+    assert events[0]["type"] == "queued" and events[-1]["type"] == "result"
+    assert [e["step"] for e in events if e["type"] == "progress"] == list(range(1, 9))
+    status = httpx.get(survivor + accepted.json()["status_url"], timeout=30).json()
+    assert status["status"] == "succeeded" and status["data"] == events[-1]["data"]
+
+    long = {"prompt": "a long night", "size": "512x512", "num_inference_steps": 100, "seed": 78, "wait": False}
+    accepted = httpx.post(f"{mesh.url}/v1/images/generations", json=long, timeout=30)
+    status_url = survivor + accepted.json()["status_url"]
+    wait_for("denoising to start", lambda: httpx.get(status_url, timeout=10).json()["step"] >= 1, timeout_s=120)
+    cancelled = httpx.delete(status_url, timeout=30)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    driver = httpx.get(mesh.url + accepted.json()["status_url"], timeout=10).json()
+    assert driver["status"] == "cancelled" and driver["error"]["code"] == "cancelled"
+
+
+def test_a_retry_with_its_idempotency_key_gets_the_same_request_on_any_gateway(mesh: Mesh, survivor: str) -> None:
+    loops_before = _denoise_loops(mesh)
+    key = {"Idempotency-Key": f"retry-{uuid.uuid4().hex}"}
+    body = {**BODY, "num_inference_steps": 30, "seed": 99}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up: its connection is gone
+        httpx.post(f"{mesh.url}/v1/images/generations", json=body, headers=key, timeout=0.5)
+    again = httpx.post(f"{survivor}/v1/images/generations", json=body, headers=key, timeout=120)
+    assert again.status_code == 200, again.text
+    once_more = httpx.post(f"{mesh.url}/v1/images/generations", json=body, headers=key, timeout=120)
+    assert once_more.status_code == 200 and once_more.json()["data"] == again.json()["data"]
+    assert again.json()["request_id"] == once_more.json()["request_id"]
+    other = httpx.post(f"{survivor}/v1/images/generations", json={**body, "seed": 100}, headers=key, timeout=30)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert _denoise_loops(mesh) - loops_before == 1  # generated once
 
 
 def test_kill_9_of_one_gateway_loses_nothing_and_generates_nothing_twice(mesh: Mesh, survivor: str) -> None:

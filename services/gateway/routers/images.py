@@ -97,7 +97,7 @@ async def generate(
     try:
         rate_limiter.take(caller)
         admitted = await asyncio.to_thread(admit, body, workflow, settings.max_image_pixels)
-        return await run_admitted(gateway, request, body, workflow, admitted, request_id, caller, owner)
+        return await run_admitted(gateway, request, body, workflow, admitted, request_id, caller, owner, detached=True)
     except APIError as exc:
         if exc.code == "duplicate_request" and earlier is not None:
             return await _answer_again(gateway, body, request_id, owner, workflow.name)

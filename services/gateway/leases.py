@@ -100,7 +100,9 @@ class Leases:
                 await self._beat()
                 alive = await self._alive()
                 if self._seen - alive or beats % SCAN_EVERY == 0:
-                    await self._scan(alive)
+                    # The first scan takes leases of this gateway's own id too: a process
+                    # restarted under the same id (a container in its pod) drives none of them.
+                    await self._scan(alive, own_too=beats == 0)
                 self._seen = alive
             except asyncio.CancelledError:
                 raise
@@ -109,7 +111,7 @@ class Leases:
             beats += 1
             await asyncio.sleep(self.beat_s)
 
-    async def _scan(self, alive: set[str]) -> None:
+    async def _scan(self, alive: set[str], own_too: bool = False) -> None:
         """Take every lease whose gateway is not alive; hand them to `adopt`, by dead gateway."""
         try:
             keys = await self.leases.keys()
@@ -124,7 +126,7 @@ class Leases:
             if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                 continue
             holder = entry.value.decode()
-            if holder == self.gateway_id or holder in alive:
+            if holder in alive and not (own_too and holder == self.gateway_id):
                 continue
             try:
                 await self.leases.update(key, self.gateway_id.encode(), last=entry.revision)

@@ -152,7 +152,7 @@ class Orchestrator:
             state.log.emit({"type": "adopted", "gateway": self.gateway_id, "from": dead})
             adopted.append((state, record.answer))
             await self.store.save(record.model_copy(update={"gateway": self.gateway_id}))
-        if adopted and dead not in self._followed:
+        if adopted and dead not in self._followed:  # (its own id, restarted: a second, replaying subscription)
             self._followed.add(dead)
             since = min(s.created for s, _ in adopted) - 1.0
             sub = await self.bus.subscribe_results(dead, self._on_result, since=since)

@@ -22,7 +22,13 @@ import time
 from typing import Any
 
 from nats.js import api
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+)
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import BaseModel, Field
 
@@ -214,7 +220,7 @@ class RequestStore:
     async def _entry(self, key: str) -> KeyValue.Entry | None:
         try:
             entry = await self.records.get(key)
-        except KeyNotFoundError:
+        except (KeyNotFoundError, InvalidKeyError):  # an id no request can have (GET /v1/requests/a.b)
             return None
         if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
             return None

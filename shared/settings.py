@@ -82,7 +82,9 @@ class Settings:
     gateway_heartbeat_s: float = 1.0
     request_record_ttl_s: float = 86400.0  # records (and Idempotency-Keys) of requests are kept this long
     event_ttl_s: float = 3600.0  # a request's progress events are kept this long (any gateway streams them)
-    drain_grace_s: float = 30.0  # SIGTERM: how long a draining gateway waits for its handed-over answers
+    # SIGTERM: how long a draining gateway waits for its handed-over answers (keep it under the
+    # orchestrator's grace period, e.g. Kubernetes' terminationGracePeriodSeconds, less 5 s)
+    drain_grace_s: float = 20.0
     # Autoscaler (services/autoscaler; on by default under `lego up`)
     autoscale_slo: str = "5x"  # latency SLO: "5x" = 5 times the solo latency, or seconds ("12s")
     autoscale_min: str = "1"  # replicas per unit: "N" for every unit, or "N,UNIT=N,..." per unit

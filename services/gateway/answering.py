@@ -54,10 +54,28 @@ async def answer(
     try:
         return await _answer(orchestrator, state, tensors, seed, encoding, delivery, adopted)
     except HandedOver:
-        key = record_key(state.owner.key_id, state.request_id)
-        return await answer_from_record(orchestrator, key, state.deadline - time.time() + 5.0)
+        return await _answer_handed_over(orchestrator, state)
     finally:
         await orchestrator.save_end(state)
+
+
+async def _answer_handed_over(orchestrator: Orchestrator, state: RequestState) -> ImageGenerationResponse:
+    """This gateway drains: the answer the adopter stores, if it comes within the drain's grace;
+    else 503 (retryable: the caller sends it again, with its Idempotency-Key, to another gateway)."""
+    key = record_key(state.owner.key_id, state.request_id)
+    grace = min(state.deadline - time.time() + 5.0, orchestrator.settings.drain_grace_s)
+    try:
+        return await answer_from_record(orchestrator, key, grace)
+    except APIError as exc:
+        if exc.code != "deadline_exceeded" or time.time() >= state.deadline:
+            raise
+        raise APIError(
+            503,
+            "draining",
+            "this gateway shut down before the request finished (another gateway finishes it): send it again "
+            "with the same Idempotency-Key to get its answer, or follow it with GET /v1/requests/{id}",
+            headers={"Retry-After": "1"},
+        ) from exc
 
 
 async def answer_from_record(orchestrator: Orchestrator, key: str, timeout_s: float) -> ImageGenerationResponse:

@@ -76,14 +76,17 @@ def _denoise_loops(mesh: Mesh) -> float:
 
 
 async def _sync_client(client: httpx.AsyncClient, victim: str, survivor: str, i: int, tally: Tally) -> None:
-    """POST and wait; on a broken connection (or the victim's 503), the same again, same key,
-    on the survivor."""
+    """POST and wait; on a broken connection (or a draining gateway's 503), the same again,
+    same key, on the survivor."""
     headers = {"Idempotency-Key": f"fault-sync-{i}-{uuid.uuid4().hex[:8]}"}
     body = {**BODY, "seed": 1000 + i}
     for url in (victim, survivor, survivor):
         try:
             r = await client.post(f"{url}/v1/images/generations", json=body, headers=headers, timeout=FINISH_S)
         except httpx.HTTPError:
+            tally.retried += 1
+            continue
+        if r.status_code == 503:  # draining: the request goes on elsewhere; ask another gateway
             tally.retried += 1
             continue
         if r.status_code == 200 and len(r.json()["data"]) == 1:

@@ -56,7 +56,9 @@ async def answer(
     except HandedOver:
         return await _answer_handed_over(orchestrator, state)
     finally:
+        # Its record is taken before its images may be dropped here (the record keeps them).
         await orchestrator.save_end(state)
+        forget_old_results(orchestrator)
 
 
 async def _answer_handed_over(orchestrator: Orchestrator, state: RequestState) -> ImageGenerationResponse:
@@ -142,7 +144,6 @@ async def _answer(
         metrics.key_images(state.owner.name, len(data))
     state.result = response.model_dump(exclude_none=True)
     state.log.emit({"type": "result", **state.result})
-    forget_old_results(orchestrator)
     return response
 
 

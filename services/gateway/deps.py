@@ -19,7 +19,7 @@ from services.gateway.keys.limits import RateLimiter
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
 from services.gateway.records import record_key
-from services.gateway.request_state import Owner, RequestState
+from services.gateway.request_state import Owner, RequestState, RunStatus
 from services.gateway.running import Gateway
 from shared.bus import Bus
 from shared.lora_registry import LoraRegistry
@@ -95,12 +95,19 @@ async def get_request_state(request_id: str, orchestrator: OrchestratorDep, owne
     as an unknown id does, so ids reveal nothing across keys. A request this gateway does not
     drive (another does, or did) is rebuilt from its record and events (records.py)."""
     state = orchestrator.get(request_id, owner)
-    if state is not None and not state.handed_over:
+    if state is not None and not state.handed_over and not _images_dropped(orchestrator, state):
         return state
     view = await records.view(orchestrator.store, record_key(owner.key_id, request_id))
     if view is None:
         raise APIError(404, "unknown_request", f"no request {request_id!r}")
     return view
+
+
+def _images_dropped(orchestrator: Orchestrator, state: RequestState) -> bool:
+    """Whether this gateway let go of a finished request's images (it keeps the newest few),
+    which its record in JetStream still holds."""
+    answered = state.status is RunStatus.SUCCEEDED and state.run_id not in orchestrator.answers
+    return orchestrator.store is not None and answered and state.result is None
 
 
 RequestStateDep = Annotated[RequestState, Depends(get_request_state)]

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 
 from services.gateway.leases import Leases
-from services.gateway.records import AnswerSpec, RequestStore, record_key, record_of, state_of
+from services.gateway.records import AnswerSpec, RequestRecord, RequestStore, record_key, record_of, state_of
 from services.gateway.request_state import NO_OWNER, Owner, RequestState, RunStatus
 from shared import metrics, subjects, tracing
 from shared.bus import Bus
@@ -109,13 +109,13 @@ class Orchestrator:
         if self.store is None or self.leases is None or state.handed_over:
             return
         key = record_key(state.owner.key_id, state.request_id)
-        await asyncio.gather(self._save_final(state, answer), self.leases.drop(key))
+        record = record_of(state, self.gateway_id, answer)  # now: before any await
+        await asyncio.gather(self._save_final(state, record), self.leases.drop(key))
 
-    async def _save_final(self, state: RequestState, answer: AnswerSpec) -> None:
+    async def _save_final(self, state: RequestState, record: RequestRecord) -> None:
         """The ended request's record; its images left out when they are over the bus's
         message limit (its status and error still reach every gateway)."""
         assert self.store is not None
-        record = record_of(state, self.gateway_id, answer)
         try:
             await self.store.save(record)
             return

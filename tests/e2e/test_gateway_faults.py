@@ -178,9 +178,9 @@ def test_any_gateway_follows_and_cancels_a_request_another_drives(mesh: Mesh, su
 def test_a_retry_with_its_idempotency_key_gets_the_same_request_on_any_gateway(mesh: Mesh, survivor: str) -> None:
     loops_before = _denoise_loops(mesh)
     key = {"Idempotency-Key": f"retry-{uuid.uuid4().hex}"}
-    body = {**BODY, "size": "256x256", "num_inference_steps": 20, "seed": 99}  # a few seconds
+    body = {**BODY, "size": "512x512", "num_inference_steps": 30, "seed": 99}  # seconds: 0.1 s a step
     with pytest.raises(httpx.TimeoutException):  # the client gives up: its connection is gone
-        httpx.post(f"{mesh.url}/v1/images/generations", json=body, headers=key, timeout=0.5)
+        httpx.post(f"{mesh.url}/v1/images/generations", json=body, headers=key, timeout=0.3)
     again = httpx.post(f"{survivor}/v1/images/generations", json=body, headers=key, timeout=120)
     assert again.status_code == 200, again.text
     once_more = httpx.post(f"{mesh.url}/v1/images/generations", json=body, headers=key, timeout=120)

@@ -78,7 +78,7 @@ class Settings:
     request_timeout_s: float = 300.0
     default_workflow: str = "sd3"
     # Gateways without private state (services/gateway/leases.py): a gateway refreshes its
-    # heartbeat this often; one silent for 3 times as long is dead and its requests are adopted.
+    # heartbeat this often; one silent for 5 times as long is dead and its requests are adopted.
     gateway_heartbeat_s: float = 1.0
     request_record_ttl_s: float = 86400.0  # records (and Idempotency-Keys) of requests are kept this long
     event_ttl_s: float = 3600.0  # a request's progress events are kept this long (any gateway streams them)

@@ -55,7 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await store.start()
     app.state.idempotency = IdempotencyKeys(bus)
     await app.state.idempotency.start()
-    leases = Leases(bus, lambda dead, keys: adopt(app, dead, keys))
+    leases = Leases(bus, lambda dead, keys: adopt(app, dead, keys), lambda: app.state.orchestrator.let_go_of_taken())
     orchestrator = Orchestrator(bus, plane, settings, store, leases)
     await orchestrator.start()
     app.state.bus, app.state.orchestrator = bus, orchestrator

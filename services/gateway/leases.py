@@ -1,6 +1,6 @@
 """Which gateway drives which request, and the takeover of a dead gateway's requests.
 
-Two buckets. `lego_gateways` holds a heartbeat key a gateway, with a TTL of 3 heartbeats: a
+Two buckets. `lego_gateways` holds a heartbeat key a gateway, with a TTL of 5 heartbeats: a
 gateway that dies (kill -9, lost host) stops refreshing and its key expires; one that drains
 deletes its key at once. `LEGO_LEASES` holds a lease a running request (key: the record's key,
 value: the gateway driving it), written when it starts and deleted when it ends: two KV writes
@@ -9,7 +9,7 @@ a request, none a step.
 Every gateway looks at the heartbeats each beat; when one it saw alive is gone (and every
 `SCAN_EVERY` beats anyway, and at its start), it scans the leases. A lease held by a gateway not
 alive is taken with a revision-checked update, so of several survivors exactly one adopts each
-request; the winner finishes it (orchestrator.adopt). Takeover time: up to 3 heartbeats to see
+request; the winner finishes it (orchestrator.adopt). Takeover time: up to 5 heartbeats to see
 the death (or 1 when the gateway drained), then the scan.
 """
 
@@ -29,15 +29,20 @@ from shared.bus import Bus
 
 log = logging.getLogger("lego.gateway")
 SCAN_EVERY = 10  # heartbeats between scans when no gateway was seen to die
+DEAD_AFTER_BEATS = 5  # a gateway silent this many heartbeats is dead (a busy event loop misses a few)
 Adopt = Callable[[str, list[str]], Awaitable[None]]  # (dead gateway, record keys now ours)
+Fenced = Callable[[], Awaitable[None]]  # this gateway was taken for dead: let go of what others took
 
 
 class Leases:
-    def __init__(self, bus: Bus, adopt: Adopt) -> None:
+    def __init__(self, bus: Bus, adopt: Adopt, fenced: Fenced | None = None) -> None:
         self.bus = bus
         self.gateway_id = bus.settings.gateway_id
         self.beat_s = bus.settings.gateway_heartbeat_s
         self.adopt = adopt
+        self.fenced = fenced
+        self._revision = 0  # of this gateway's heartbeat key: a put that finds another was missed
+        self._adopting: set[asyncio.Task[None]] = set()
         self._gateways: KeyValue | None = None
         self._leases: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
@@ -51,7 +56,7 @@ class Leases:
         return self._leases
 
     async def start(self) -> None:
-        self._gateways = await bucket(self.bus, subjects.GATEWAYS_BUCKET, 3 * self.beat_s)
+        self._gateways = await bucket(self.bus, subjects.GATEWAYS_BUCKET, DEAD_AFTER_BEATS * self.beat_s)
         self._leases = await bucket(self.bus, subjects.LEASES_BUCKET, self.bus.settings.request_record_ttl_s)
         await self._beat()
         self._task = asyncio.create_task(self._run(), name="leases")
@@ -83,8 +88,19 @@ class Leases:
             self._task = None
 
     async def _beat(self) -> None:
+        """Refresh the heartbeat. Its key expired meanwhile (this gateway stalled past the TTL,
+        so the others took it for dead and may have adopted its requests): `fenced` lets go
+        of those, so no request is driven by two gateways."""
         assert self._gateways is not None
-        await self._gateways.put(self.gateway_id, b"alive")
+        if self._revision:
+            try:
+                self._revision = await self._gateways.update(self.gateway_id, b"alive", last=self._revision)
+                return
+            except KeyWrongLastSequenceError:
+                log.warning("this gateway's heartbeat expired (it stalled): letting go of adopted requests")
+                if self.fenced is not None:
+                    await self.fenced()
+        self._revision = await self._gateways.put(self.gateway_id, b"alive")
 
     async def _alive(self) -> set[str]:
         assert self._gateways is not None
@@ -135,7 +151,21 @@ class Leases:
             taken.setdefault(holder, []).append(key)
         for dead, keys_taken in taken.items():
             log.info("gateway %s is gone: adopting its %d running request(s)", dead, len(keys_taken))
-            try:
-                await self.adopt(dead, keys_taken)
-            except Exception:
-                log.exception("adopting the requests of %s failed", dead)
+            # Not awaited here: the heartbeat must go on while many requests are adopted.
+            task = asyncio.create_task(self._adopt(dead, keys_taken), name=f"adopt-{dead}")
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, dead: str, keys: list[str]) -> None:
+        try:
+            await self.adopt(dead, keys)
+        except Exception:
+            log.exception("adopting the requests of %s failed", dead)
+
+    async def mine(self, key: str) -> bool:
+        """Whether this gateway still holds the lease of `key`."""
+        try:
+            entry = await self.leases.get(key)
+        except KeyNotFoundError:
+            return False
+        return entry.value == self.gateway_id.encode()

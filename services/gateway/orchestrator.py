@@ -165,6 +165,14 @@ class Orchestrator:
         if state is not None and state.running:
             self._fail(state, ErrorInfo(code="cancelled", message="cancelled by the client (DELETE)"))
 
+    async def let_go_of_taken(self) -> None:
+        """This gateway stalled past its heartbeat's TTL and was taken for dead: stop driving
+        the requests whose leases another gateway took (their waiters follow the records)."""
+        assert self.leases is not None
+        for state in list(self.runs.values()):
+            if not await self.leases.mine(record_key(state.owner.key_id, state.request_id)):
+                self._let_go(state)
+
     def hand_over(self) -> list[RequestState]:
         """Stop driving every running request (this gateway drains): each waiter is woken to
         follow its record, which the gateway that adopts it will finish."""

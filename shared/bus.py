@@ -14,6 +14,7 @@ same `Nats-Msg-Id`: a copy that did land is dropped) for `publish_retry_s`.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import ssl
@@ -442,10 +443,12 @@ class Bus:
         return not ack.duplicate
 
     async def subscribe_results(
-        self, gateway_id: str, handler: Callable[[StepResult], Awaitable[None]]
+        self, gateway_id: str, handler: Callable[[StepResult], Awaitable[None]], since: float | None = None
     ) -> JetStreamContext.PushSubscription:
-        """Deliver this gateway's results (new ones only) to `handler`, in order; across a NATS
-        server's death too (nats.py's ordered consumer, remade where it left off)."""
+        """Deliver `gateway_id`'s results to `handler`, in order: new ones only, or with `since`
+        (a Unix time) every one stored from then on, which is how a gateway that adopts a dead
+        one's requests learns the steps they finished (services/gateway/leases.py); across a
+        NATS server's death too (nats.py's ordered consumer, remade where it left off)."""
 
         async def on_msg(msg: Msg) -> None:
             try:
@@ -455,11 +458,16 @@ class Bus:
                 return
             await handler(result)
 
+        if since is None:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+        else:
+            start = datetime.datetime.fromtimestamp(since, datetime.UTC)
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=start)
         return await self.js.subscribe(
             subjects.result_subject(gateway_id),
             cb=on_msg,
             ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.NEW,
+            config=config,
             # The ordered consumer lives on one server: when that server dies the client notices
             # only by missed heartbeats (two), then makes it again from the next result it lacks.
             idle_heartbeat=RESULTS_HEARTBEAT_S,

@@ -169,8 +169,26 @@ def _gateway() -> Permissions:
     managed += [subjects.kv_stream(b) for b in (subjects.PRESENCE_BUCKET, subjects.STATUS_BUCKET)]
     keys = subjects.kv_stream(subjects.KEYS_BUCKET)
     loras = subjects.kv_stream(subjects.LORAS_BUCKET)
+    # Gateways without private state: the request records, leases, heartbeats, Idempotency-Keys
+    # and the event stream are the gateways' own (services/gateway/records.py, leases.py).
+    shared_state = (
+        subjects.REQUESTS_BUCKET,
+        subjects.LEASES_BUCKET,
+        subjects.GATEWAYS_BUCKET,
+        subjects.IDEMPOTENCY_BUCKET,
+    )
+    managed += [subjects.kv_stream(b) for b in shared_state] + [subjects.EVENT_STREAM]
+    events = subjects.EVENT_STREAM
     publish = [
         subjects.STEP_SUBJECTS,
+        subjects.EVENT_SUBJECTS,
+        *(p for b in shared_state for p in _owned_bucket(b)),
+        subjects.js_consumer_create(events),
+        subjects.js_consumer_create(events, "*"),
+        subjects.js_consumer_create(events, "*", ">"),
+        subjects.js_consumer_api("INFO", events),
+        subjects.js_consumer_api("DELETE", events),
+        subjects.JS_FLOW_CONTROL,
         subjects.LORA_PREFETCH_SUBJECTS,
         subjects.CANCEL_SUBJECT,
         subjects.RELEASE_SUBJECT,
@@ -190,6 +208,7 @@ def _gateway() -> Permissions:
     subscribe = [
         subjects.INBOX,
         subjects.PROGRESS_SUBJECTS,
+        subjects.CANCEL_SUBJECT,  # a DELETE another gateway took, of a request this one drives
         subjects.max_deliveries_advisory(),
     ]
     return Permissions(_unique(publish), _unique(subscribe))

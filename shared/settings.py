@@ -80,6 +80,14 @@ class Settings:
     gateway_id: str = field(default_factory=lambda: f"gw-{socket.gethostname()}-{os.getpid()}".replace(".", "-"))
     request_timeout_s: float = 300.0
     default_workflow: str = "sd3"
+    # Gateways without private state (services/gateway/leases.py): a gateway refreshes its
+    # heartbeat this often; one silent for 5 times as long is dead and its requests are adopted.
+    gateway_heartbeat_s: float = 1.0
+    request_record_ttl_s: float = 86400.0  # records (and Idempotency-Keys) of requests are kept this long
+    event_ttl_s: float = 3600.0  # a request's progress events are kept this long (any gateway streams them)
+    # SIGTERM: how long a draining gateway waits for its handed-over answers (keep it under the
+    # orchestrator's grace period, e.g. Kubernetes' terminationGracePeriodSeconds, less 5 s)
+    drain_grace_s: float = 20.0
     # Autoscaler (services/autoscaler; on by default under `lego up`)
     autoscale_slo: str = "5x"  # latency SLO: "5x" = 5 times the solo latency, or seconds ("12s")
     autoscale_min: str = "1"  # replicas per unit: "N" for every unit, or "N,UNIT=N,..." per unit

@@ -123,6 +123,20 @@ PRESENCE_BUCKET = "lego_replicas"  # replicas' heartbeats (shared.presence)
 STATUS_BUCKET = "lego_autoscaler"  # the autoscaler's latest status (shared.presence)
 KEYS_BUCKET = "LEGO_KEYS"  # the gateway's API keys: no model service may read it
 LORAS_BUCKET = "LEGO_LORAS"  # registered LoRAs (shared.lora_registry): the gateway's to write
+# Gateways without private state (services/gateway/records.py, leases.py): every request's record,
+# which gateway drives each running request, the gateways alive (TTL), and Idempotency-Keys.
+REQUESTS_BUCKET = "LEGO_REQUESTS"
+LEASES_BUCKET = "LEGO_LEASES"
+GATEWAYS_BUCKET = "lego_gateways"
+IDEMPOTENCY_BUCKET = "LEGO_IDEMPOTENCY"
+# A request's events (what `/events` streams), so any gateway can stream any request's.
+EVENT_STREAM = "LEGO_EVENTS"
+EVENT_SUBJECTS = "lego.events.>"
+
+
+def event_subject(run_id: str) -> str:
+    """`lego.events.<run id>`: one run's events, in order, in the event stream."""
+    return f"lego.events.{_check_token(run_id, 'run id')}"
 
 
 def kv_stream(bucket: str) -> str:

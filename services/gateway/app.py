@@ -13,18 +13,23 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from services.gateway.answering import InFlight
+from services.gateway.draining import Drain
+from services.gateway.encoding import ImageEncoding
 from services.gateway.errors import install_error_handlers
-from services.gateway.image_files import ImageFiles
+from services.gateway.idempotency import IdempotencyKeys
+from services.gateway.image_files import Delivery, ImageFiles
 from services.gateway.keys.auth import guard
 from services.gateway.keys.bootstrap import ensure_admin_key
 from services.gateway.keys.gate import AuthenticateFirst
 from services.gateway.keys.limits import RateLimiter
 from services.gateway.keys.model import Scope
 from services.gateway.keys.store import KeyStore
+from services.gateway.leases import Leases
 from services.gateway.limits import BodyLimits
 from services.gateway.openapi import COMMON_ERRORS, install_openapi
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
+from services.gateway.records import RequestStore
 from services.gateway.routers import edits, files, health, images, keys, loras, models, requests, status
 from shared import metrics, tracing
 from shared.bus import Bus
@@ -46,7 +51,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     plane = TensorPlane(settings)
     await plane.start()
     metrics.watch_plane(plane)
-    orchestrator = Orchestrator(bus, plane, settings)
+    store = RequestStore(bus)
+    await store.start()
+    app.state.idempotency = IdempotencyKeys(bus)
+    await app.state.idempotency.start()
+    leases = Leases(bus, lambda dead, keys: adopt(app, dead, keys), lambda: app.state.orchestrator.let_go_of_taken())
+    orchestrator = Orchestrator(bus, plane, settings, store, leases)
     await orchestrator.start()
     app.state.bus, app.state.orchestrator = bus, orchestrator
     app.state.load_view = LoadView(bus)
@@ -55,12 +65,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await ensure_admin_key(app.state.keys, settings)
     app.state.loras = LoraRegistry(bus)
     await app.state.loras.start(seed_builtins=True)
+    app.state.drain.install(lambda: hand_over(app))
+    await leases.start()  # last: adopting needs everything above
     yield
+    await leases.close()
+    await store.close()
     await app.state.loras.close()
     await app.state.keys.close()
     await bus.close()
     await plane.close()
     tracing.shutdown()  # send the spans still batched
+
+
+async def adopt(app: FastAPI, dead: str, keys: list[str]) -> None:
+    """Finish the running requests of a dead gateway (leases.py found them; now ours)."""
+    state = app.state
+    if state.drain.draining:
+        return
+    for request, spec in await state.orchestrator.adopt(dead, keys):
+        delivery = Delivery(spec.response_format, state.image_files, spec.base_url)
+        encoding = ImageEncoding(format=spec.format, quality=spec.quality)
+        state.in_flight.answer(state.orchestrator, request, {}, spec.seed, encoding, delivery, adopted=True)
+
+
+async def hand_over(app: FastAPI) -> None:
+    """SIGTERM (draining.py): stop driving every request, let the survivors adopt them, and
+    wait (at most `drain_grace_s`) while this gateway's waiters get the answers they store."""
+    state = app.state
+    state.orchestrator.hand_over()
+    await state.orchestrator.leases.release_all()
+    await state.in_flight.wait(state.settings.drain_grace_s)
 
 
 # The API key scope each router's routes need; None: public (probes and scrapers). Every router
@@ -90,6 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.in_flight = InFlight()  # async requests being answered
+    app.state.drain = Drain()  # SIGTERM (services/gateway/__main__.py)
     app.state.rate_limiter = RateLimiter()
     app.state.image_files = ImageFiles(settings.image_url_ttl_s, int(settings.image_url_max_mb * 2**20))
     install_error_handlers(app)

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from services.gateway import records
 from services.gateway.answering import InFlight
 from services.gateway.errors import APIError
 from services.gateway.image_files import ImageFiles
@@ -17,7 +18,8 @@ from services.gateway.keys.auth import Caller
 from services.gateway.keys.limits import RateLimiter
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.overload import LoadView
-from services.gateway.request_state import Owner, RequestState
+from services.gateway.records import record_key
+from services.gateway.request_state import Owner, RequestState, RunStatus
 from services.gateway.running import Gateway
 from shared.bus import Bus
 from shared.lora_registry import LoraRegistry
@@ -55,7 +57,16 @@ def get_rate_limiter(request: Request) -> RateLimiter:
 def get_gateway(request: Request) -> Gateway:
     """What running an admitted request needs (`running.run_admitted`)."""
     state = request.app.state
-    return Gateway(state.settings, state.orchestrator, state.load_view, state.in_flight, state.image_files, state.loras)
+    return Gateway(
+        state.settings,
+        state.orchestrator,
+        state.load_view,
+        state.in_flight,
+        state.image_files,
+        state.loras,
+        state.drain,
+        state.idempotency,
+    )
 
 
 def get_loras(request: Request) -> LoraRegistry:
@@ -79,13 +90,24 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 LorasDep = Annotated[LoraRegistry, Depends(get_loras)]
 
 
-def get_request_state(request_id: str, orchestrator: OrchestratorDep, owner: OwnerDep) -> RequestState:
+async def get_request_state(request_id: str, orchestrator: OrchestratorDep, owner: OwnerDep) -> RequestState:
     """The caller's request named in the path, or a 404: another key's request answers exactly
-    as an unknown id does, so ids reveal nothing across keys."""
+    as an unknown id does, so ids reveal nothing across keys. A request this gateway does not
+    drive (another does, or did) is rebuilt from its record and events (records.py)."""
     state = orchestrator.get(request_id, owner)
-    if state is None:
-        raise APIError(404, "unknown_request", f"no request {request_id!r} on this gateway")
-    return state
+    if state is not None and not state.handed_over and not _images_dropped(orchestrator, state):
+        return state
+    view = await records.view(orchestrator.store, record_key(owner.key_id, request_id))
+    if view is None:
+        raise APIError(404, "unknown_request", f"no request {request_id!r}")
+    return view
+
+
+def _images_dropped(orchestrator: Orchestrator, state: RequestState) -> bool:
+    """Whether this gateway let go of a finished request's images (it keeps the newest few),
+    which its record in JetStream still holds."""
+    answered = state.status is RunStatus.SUCCEEDED and state.run_id not in orchestrator.answers
+    return orchestrator.store is not None and answered and state.result is None
 
 
 RequestStateDep = Annotated[RequestState, Depends(get_request_state)]

@@ -12,6 +12,8 @@ import logging
 import time
 from collections import OrderedDict
 
+from services.gateway.leases import Leases
+from services.gateway.records import AnswerSpec, RequestRecord, RequestStore, record_key, record_of, state_of
 from services.gateway.request_state import NO_OWNER, Owner, RequestState, RunStatus
 from shared import metrics, subjects, tracing
 from shared.bus import Bus
@@ -27,6 +29,13 @@ KEEP_FINISHED = 1000  # finished requests kept for status queries
 MAX_REPLANS = 3  # re-runs of nodes whose outputs were lost (their replica died), per request
 
 
+CATCH_UP_S = 10.0  # an adopter waits this long at most for a dead gateway's stored results
+
+
+class HandedOver(Exception):
+    """This gateway handed the request to another (it drains): follow its record instead."""
+
+
 class RequestFailed(Exception):
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(error.message)
@@ -34,8 +43,21 @@ class RequestFailed(Exception):
 
 
 class Orchestrator:
-    def __init__(self, bus: Bus, plane: TensorPlane, settings: Settings) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        plane: TensorPlane,
+        settings: Settings,
+        store: RequestStore | None = None,
+        leases: Leases | None = None,
+    ) -> None:
+        """`store` and `leases` (both or neither): records in JetStream, so other gateways can
+        answer for this one's requests and adopt them; without them, requests live here alone."""
         self.bus = bus
+        self.store = store
+        self.leases = leases
+        self.answers: dict[str, AnswerSpec] = {}  # by run id: how to answer it (kept in its record)
+        self._followed: set[str] = set()  # dead gateways whose results this one reads
         self.plane = plane
         self.settings = settings
         self.gateway_id = settings.gateway_id
@@ -49,6 +71,122 @@ class Orchestrator:
         await self.bus.subscribe_results(self.gateway_id, self._on_result)
         await self.bus.subscribe_progress(self.gateway_id, self._on_progress)
         await self.bus.subscribe_exhausted_steps(self._on_exhausted)
+        if self.store is not None:
+            await self.bus.subscribe_cancel(self._on_cancel)  # a DELETE taken by another gateway
+
+    # -- records in JetStream (services/gateway/records.py) ----------------------------------
+
+    async def register(self, state: RequestState, answer: AnswerSpec) -> None:
+        """Store a created request's record and take its lease (no-op without a store); raises
+        RequestFailed(duplicate_request) when a request of that id runs on any gateway."""
+        self.answers[state.run_id] = answer
+        if self.store is None or self.leases is None:
+            return
+        earlier = await self.store.claim(record_of(state, self.gateway_id, answer))
+        if earlier is not None:
+            self.runs.pop(state.run_id, None)
+            self.answers.pop(state.run_id, None)
+            self.requests.pop((state.owner.key_id, state.request_id), None)
+            raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {state.request_id} is running"))
+        await self.leases.hold(record_key(state.owner.key_id, state.request_id))
+        self._publish_events(state)
+        if self.leases.released:  # it came in as this gateway began to drain: a survivor adopts it
+            self._let_go(state)
+
+    def _publish_events(self, state: RequestState) -> None:
+        """Send `state`'s events so far, and every later one, to the event stream."""
+        if self.store is None:
+            return
+        store, run_id = self.store, state.run_id
+        for event in state.log.events:
+            store.emit(run_id, event)
+        state.log.sink = lambda event: store.emit(run_id, event)
+
+    async def save_end(self, state: RequestState) -> None:
+        """Store how a request ended (its status, error, answer) and let go of its lease; not
+        for a request handed to another gateway, which stores its end itself."""
+        answer = self.answers.pop(state.run_id, AnswerSpec())
+        if self.store is None or self.leases is None or state.handed_over:
+            return
+        key = record_key(state.owner.key_id, state.request_id)
+        record = record_of(state, self.gateway_id, answer)  # now: before any await
+        await asyncio.gather(self._save_final(state, record), self.leases.drop(key))
+
+    async def _save_final(self, state: RequestState, record: RequestRecord) -> None:
+        """The ended request's record; its images left out when they are over the bus's
+        message limit (its status and error still reach every gateway)."""
+        assert self.store is not None
+        try:
+            await self.store.save(record)
+            return
+        except Exception as exc:
+            if record.result is None:
+                log.warning("request %s: storing its record failed: %s", state.request_id, exc)
+                return
+            log.info("request %s: its images are too large for its record (%s); stored without", state.request_id, exc)
+        dropped = {**(record.result or {}), "data": [], "images_dropped": True}
+        try:
+            await self.store.save(record.model_copy(update={"result": dropped}))
+        except Exception as exc:  # the client has its answer; only other gateways miss the record
+            log.warning("request %s: storing its record failed: %s", state.request_id, exc)
+
+    async def adopt(self, dead: str, keys: list[str]) -> list[tuple[RequestState, AnswerSpec]]:
+        """Take over the running requests `keys` of the dead gateway `dead`: rebuild each from
+        its record, replay the results its steps sent to `dead` (the results stream keeps them;
+        their tensors stay on the replicas that made them), and return them to be driven on
+        (`execute(..., adopted=True)`). Steps `dead` had published and nobody finished are
+        published again with the same message id: JetStream drops them as duplicates within
+        its window, and their results, sent to `dead`, reach this gateway through the replay."""
+        assert self.store is not None and self.leases is not None
+        adopted: list[tuple[RequestState, AnswerSpec]] = []
+        for key in keys:
+            record = await self.store.load(key)
+            if record is None or not record.running or record.run_id in self.runs:
+                await self.leases.drop(key)
+                continue
+            state = state_of(record)
+            self._remember(state)
+            self.runs[state.run_id] = state
+            self.answers[state.run_id] = record.answer
+            self._publish_events(state)
+            state.log.emit({"type": "adopted", "gateway": self.gateway_id, "from": dead})
+            adopted.append((state, record.answer))
+            await self.store.save(record.model_copy(update={"gateway": self.gateway_id}))
+        if adopted and dead not in self._followed:  # (its own id, restarted: a second, replaying subscription)
+            self._followed.add(dead)
+            since = min(s.created for s, _ in adopted) - 1.0
+            sub = await self.bus.subscribe_results(dead, self._on_result, since=since)
+            await self.bus.subscribe_progress(dead, self._on_progress)
+            await _caught_up(sub)
+        return adopted
+
+    def _on_cancel(self, run_id: str) -> None:
+        state = self.runs.get(run_id)
+        if state is not None and state.running:
+            self._fail(state, ErrorInfo(code="cancelled", message="cancelled by the client (DELETE)"))
+
+    async def let_go_of_taken(self) -> None:
+        """This gateway stalled past its heartbeat's TTL and was taken for dead: stop driving
+        the requests whose leases another gateway took (their waiters follow the records)."""
+        assert self.leases is not None
+        for state in list(self.runs.values()):
+            if not await self.leases.mine(record_key(state.owner.key_id, state.request_id)):
+                self._let_go(state)
+
+    def hand_over(self) -> list[RequestState]:
+        """Stop driving every running request (this gateway drains): each waiter is woken to
+        follow its record, which the gateway that adopts it will finish."""
+        handed = list(self.runs.values())
+        for state in handed:
+            self._let_go(state)
+        return handed
+
+    def _let_go(self, state: RequestState) -> None:
+        state.handed_over = True
+        state.log.sink = None
+        self.runs.pop(state.run_id, None)
+        if not state.finished.done():
+            state.finished.set_result(None)
 
     def get(self, request_id: str, owner: Owner = NO_OWNER) -> RequestState | None:
         """`owner`'s request `request_id` (None for an unknown id or another key's request)."""
@@ -92,14 +230,21 @@ class Orchestrator:
         state.log.emit({"type": "queued", "workflow": workflow.name})
         return state
 
-    async def execute(self, state: RequestState, tensors: dict[str, RawTensor] | None = None) -> RawTensor:
-        """Drive a created request to its output tensor, or raise RequestFailed / TimeoutError.
+    async def execute(
+        self, state: RequestState, tensors: dict[str, RawTensor] | None = None, adopted: bool = False
+    ) -> RawTensor:
+        """Drive a created request to its output tensor, or raise RequestFailed / TimeoutError
+        (HandedOver: another gateway drives it now).
 
         `tensors` are what the request itself carries (a control image): served from this
-        gateway's tensor plane to the nodes that read `request.<name>`."""
+        gateway's tensor plane to the nodes that read `request.<name>`. An adopted request's
+        carried tensors were on the dead gateway: the nodes that read them fail (input lost)."""
         workflow = state.workflow
         carried = tensors or {}
-        state.nodes.outputs[REQUEST] = {name: self.plane.put(raw, owner=state.run_id) for name, raw in carried.items()}
+        if not adopted:
+            state.nodes.outputs[REQUEST] = {
+                name: self.plane.put(raw, owner=state.run_id) for name, raw in carried.items()
+            }
         state.trace = tracing.begin(
             f"generate {workflow.name}",
             {"lego.workflow": workflow.name, "lego.request_id": state.request_id, "lego.run_id": state.run_id},
@@ -108,6 +253,8 @@ class Orchestrator:
         try:
             return await self._run_to_output(state)
         except TimeoutError:
+            if state.handed_over:
+                raise HandedOver() from None
             self._fail(state, self._deadline_error(state))
             raise
         except asyncio.CancelledError:  # the client went away: free the mesh's work for it
@@ -123,6 +270,8 @@ class Orchestrator:
         await self._advance(state)
         while True:
             await asyncio.wait_for(asyncio.shield(state.finished), timeout=max(0.0, state.deadline - time.time()))
+            if state.handed_over:
+                raise HandedOver()
             if state.error is not None:
                 raise RequestFailed(state.error)
             try:
@@ -137,7 +286,13 @@ class Orchestrator:
                 await self._advance(state)
 
     async def _close(self, state: RequestState) -> None:
-        """Whatever the outcome: end its span, count it, and free what the mesh holds for it."""
+        """Whatever the outcome: end its span, count it, and free what the mesh holds for it
+        (not for one handed over: the gateway that drives it now does that)."""
+        if state.handed_over:
+            state.trace.close({"lego.status": "handed_over"})
+            for seq in state.nodes.step_seqs:
+                self._step_seqs.pop(seq, None)
+            return
         status = RunStatus.FAILED if state.running else state.status
         state.trace.close({"lego.status": status.value}, error=state.error.code if state.error else None)
         metrics.request_finished(state.workflow.name, status.value, time.time() - state.created, state.priority)
@@ -219,7 +374,8 @@ class Orchestrator:
             return  # an answer to an attempt that was re-planned since
         nodes.replicas[result.node_id] = result.replica_id
         nodes.compute_s[result.node_id] = round(result.compute_s, 4)
-        nodes.wall_s[result.node_id] = round(time.perf_counter() - nodes.published_at[result.node_id], 4)
+        published = nodes.published_at.get(result.node_id)  # none: replayed for an adopted request
+        nodes.wall_s[result.node_id] = round(time.perf_counter() - published, 4) if published else 0.0
         if not result.ok:
             error = result.error or ErrorInfo(code="step_failed", message="a step failed")
             if error.code == "input_lost" and self._replan_lost_inputs(state, result.node_id, error.lost_inputs):
@@ -327,3 +483,18 @@ def _denoise_node(workflow: WorkflowSpec) -> NodeSpec | None:
         return workflow.node_of_kind(StepKind.DENOISE)
     except KeyError:
         return None
+
+
+async def _caught_up(sub: object, timeout_s: float = CATCH_UP_S) -> None:
+    """Until an ordered consumer that replays stored messages has delivered and handled them
+    all (or `timeout_s`): an adopter learns what was done before it publishes anything."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout_s
+    while loop.time() < give_up:
+        try:
+            info = await sub.consumer_info()  # type: ignore[attr-defined]
+        except Exception:
+            info = None
+        if info is not None and not info.num_pending and not sub.pending_msgs:  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0.05)

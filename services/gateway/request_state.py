@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -107,11 +108,15 @@ class EventLog:
     created: float
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Where each event is published too (the event stream, so any gateway can stream it); None: nowhere.
+    sink: Callable[[dict[str, Any]], None] | None = None
 
     def emit(self, event: dict[str, Any]) -> None:
         """Record an event and wake every listener."""
         event = {"seq": len(self.events), "elapsed_s": round(time.time() - self.created, 3), **event}
         self.events.append(event)
+        if self.sink is not None:
+            self.sink(event)
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
 
@@ -142,6 +147,9 @@ class RequestState:
     log: EventLog = field(init=False)
     finished: asyncio.Future[None] = field(default_factory=_new_future)  # resolved when it leaves running
     trace: tracing.Scope = field(default_factory=tracing.Scope)  # its root span while it runs (tracing on)
+    # Handed to another gateway (this one drains): it no longer drives the request, and its
+    # waiters follow the request's record instead (`finished` resolves with the status still running).
+    handed_over: bool = False
 
     def __post_init__(self) -> None:
         self.log = EventLog(created=self.created)

@@ -7,6 +7,7 @@ an `Admitted` request differs (JSON, or a multipart form with an image)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -14,13 +15,16 @@ from fastapi.responses import JSONResponse
 
 from services.gateway.admission import Admitted
 from services.gateway.answering import InFlight, answer
+from services.gateway.draining import Drain
 from services.gateway.errors import APIError
+from services.gateway.idempotency import IdempotencyKeys
 from services.gateway.image_files import Delivery, ImageFiles
 from services.gateway.keys.limits import check_in_flight
 from services.gateway.keys.model import KeyRecord
 from services.gateway.loras import publish_prefetch, resolve
 from services.gateway.orchestrator import Orchestrator, RequestFailed
 from services.gateway.overload import LoadView, refuse_if_overloaded
+from services.gateway.records import AnswerSpec
 from services.gateway.request_state import Owner
 from services.gateway.schemas import AsyncAccepted, ImageGenerationRequest, ImageGenerationResponse
 from shared import metrics
@@ -39,6 +43,8 @@ class Gateway:
     in_flight: InFlight
     files: ImageFiles
     loras: LoraRegistry  # the LoRA registry: a request's LoRA names to their files
+    drain: Drain  # SIGTERM: refuse new requests while handing the running ones over
+    idempotency: IdempotencyKeys | None = None  # Idempotency-Key claims (None: records off)
 
 
 async def run_admitted(
@@ -50,9 +56,13 @@ async def run_admitted(
     request_id: str,
     caller: KeyRecord,
     owner: Owner,
+    detached: bool = False,
 ) -> ImageGenerationResponse | JSONResponse:
     """Start `admitted` as `request_id` and answer it; APIError 429 when its models have more
-    work queued than its deadline, 409 when a request of that id is running."""
+    work queued than its deadline, 409 when a request of that id is running. `detached` (it
+    has an Idempotency-Key): a caller that goes away does not cancel it, so its retry finds it
+    running or done."""
+    gateway.drain.refuse_if_draining()
     timeout_s = body.timeout_s or gateway.settings.request_timeout_s
     prefetch = resolve(workflow, admitted.steps, gateway.loras)
     try:
@@ -72,6 +82,20 @@ async def run_admitted(
     # Links are absolute, on the base URL the client reached this gateway by.
     delivery = Delivery(admitted.response_format, gateway.files, str(request.base_url))
     seed, encoding = admitted.request.seed, admitted.encoding
+    spec = AnswerSpec(
+        seed=seed,
+        format=encoding.format,
+        quality=encoding.quality,
+        response_format=admitted.response_format,
+        base_url=str(request.base_url),
+    )
+    try:
+        await orchestrator.register(state, spec)  # its record and lease: any gateway now answers for it
+    except RequestFailed as exc:
+        raise APIError(409, exc.error.code, exc.error.message) from exc
+    if body.wait and detached:
+        running = gateway.in_flight.keep(answer(orchestrator, state, admitted.tensors, seed, encoding, delivery))
+        return await asyncio.shield(running)
     if body.wait:
         return await answer(orchestrator, state, admitted.tensors, seed, encoding, delivery)
     gateway.in_flight.answer(orchestrator, state, admitted.tensors, seed, encoding, delivery)

@@ -103,7 +103,7 @@ def test_a_key_sees_and_cancels_only_its_own_requests(locked, admin):
     assert (
         busy.status_code == 429 and busy.json()["error"]["code"] == "too_many_in_flight" and busy.headers["Retry-After"]
     )
-    unknown = {"error": {"code": "unknown_request", "message": "no request 'shared-id' on this gateway"}}
+    unknown = {"error": {"code": "unknown_request", "message": "no request 'shared-id'"}}
     base = f"{locked.url}/v1/requests/shared-id"
     for method, path in (("GET", base), ("GET", f"{base}/events"), ("DELETE", base)):
         r = httpx.request(method, path, headers=bob, timeout=10)

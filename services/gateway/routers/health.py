@@ -16,9 +16,12 @@ from shared.workflows.catalogue import catalogue
 router = APIRouter()
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", responses={503: {"description": "draining (SIGTERM): route requests elsewhere"}})
+async def healthz(request: Request) -> JSONResponse:
+    """Up (200 ok), or draining after SIGTERM (503 draining): what a balancer health-checks."""
+    if request.app.state.drain.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -36,11 +39,14 @@ async def prometheus_metrics(request: Request) -> Response:
     },
 )
 async def readyz(
+    request: Request,
     settings: SettingsDep,
     bus: BusDep,
     workflow: str | None = Query(None, description="a workflow name, or 'all'; default: the default workflow"),
 ) -> JSONResponse:
     name = workflow or settings.default_workflow
+    if request.app.state.drain.draining:
+        return JSONResponse({"status": "draining", "workflow": name}, status_code=503)
     if name != "all" and name not in catalogue():
         raise APIError(404, "unknown_workflow", f"unknown workflow {name!r}; known: all, {', '.join(catalogue())}")
     wanted = list(catalogue().values()) if name == "all" else [catalogue()[name]]

@@ -7,26 +7,32 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
+from services.gateway import records
 from services.gateway.deps import OrchestratorDep, OwnerDep, RequestStateDep
 from services.gateway.errors import APIError
 from services.gateway.orchestrator import Orchestrator
-from services.gateway.request_state import RequestState
+from services.gateway.records import RequestStore, record_key
+from services.gateway.request_state import RequestState, RunStatus
 from services.gateway.schemas import ErrorBody, ErrorResponse, ImageData, RequestStatus
 
 router = APIRouter()
 HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing a quiet stream
+CANCEL_WAIT_S = 10.0  # a DELETE of a request another gateway drives waits this long for its end
 
 
 def status_of(orchestrator: Orchestrator, state: RequestState) -> RequestStatus:
     result = state.result or {}
+    # Succeeded, but its images are still being pulled and encoded: running until they are in.
+    answering = state.status is RunStatus.SUCCEEDED and state.result is None and state.run_id in orchestrator.answers
     return RequestStatus(
         request_id=state.request_id,
         workflow=state.workflow.name,
-        status=state.status.value,
+        status=RunStatus.RUNNING.value if answering else state.status.value,
         nodes=state.nodes.status(state.workflow),
         replicas=state.nodes.replicas,
         compute_s=state.nodes.compute_s,
@@ -64,18 +70,50 @@ async def cancel_request(
     and its tensors are freed. A request that already ended answers 409."""
     if not state.running:
         raise APIError(409, "not_running", f"request {request_id!r} already ended ({state.status.value})")
-    await orchestrator.cancel(request_id, owner)
-    return status_of(orchestrator, state)
+    if not state.handed_over:
+        await orchestrator.cancel(request_id, owner)
+        return status_of(orchestrator, state)
+    # Another gateway drives it: it hears the cancel on the bus and stores the outcome.
+    await orchestrator.bus.publish_cancel(state.run_id)
+    if orchestrator.store is not None:
+        await orchestrator.store.until_ended(record_key(owner.key_id, request_id), CANCEL_WAIT_S)
+    ended = await records.view(orchestrator.store, record_key(owner.key_id, request_id))
+    return status_of(orchestrator, ended or state)
 
 
 @router.get(
     "/v1/requests/{request_id}/events",
     responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": ErrorResponse}},
 )
-async def request_events(request_id: str, state: RequestStateDep) -> StreamingResponse:
+async def request_events(request_id: str, state: RequestStateDep, orchestrator: OrchestratorDep) -> StreamingResponse:
     """Server-sent events, from the first: `queued`, `node` (running/done), `progress`
     (denoising step/total), and last `result` (the answer, images included) or `error`."""
-    return StreamingResponse(_stream(state), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    events = _stream(state)
+    if state.handed_over and orchestrator.store is not None:  # another gateway drives it
+        events = _stream_stored(orchestrator.store, state)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"id: {event.get('seq', 0)}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+async def _stream_stored(store: RequestStore, state: RequestState) -> AsyncIterator[str]:
+    """The events of a request another gateway drives, from the event stream (its end from the
+    record, when the stream no longer has it)."""
+    if not state.running:
+        if state.result is not None:
+            yield _sse({"type": "result", **state.result})
+        elif state.error is not None:
+            yield _sse({"type": "error", "code": state.error.code, "message": state.error.message})
+        return
+    async for event in store.follow_events(state.run_id, idle_s=HEARTBEAT_S):
+        if event is None:
+            yield ": still running\n\n"
+            continue
+        yield _sse(event)
+        if event["type"] in ("result", "error"):
+            return
 
 
 async def _stream(state: RequestState) -> AsyncIterator[str]:
@@ -87,7 +125,7 @@ async def _stream(state: RequestState) -> AsyncIterator[str]:
         while sent < len(log.events):
             event = log.events[sent]
             sent += 1
-            yield f"id: {event['seq']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            yield _sse(event)
             if event["type"] in ("result", "error"):
                 return
         try:

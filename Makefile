@@ -46,10 +46,11 @@ fuzz: setup
 
 # The fault tests at full size: 200 requests in flight while NATS breaks under them (kill -9 one
 # server of a 3-server cluster; stop and restart a single nats-server). `make test` runs the
-# cluster one with 10 (LEGO_FAULT_REQUESTS unset) and skips the restart one (a mesh of its own);
+# cluster one with 10 (LEGO_FAULT_REQUESTS unset) and skips the restart one (a mesh of its own),
+# and the gateway ones (kill -9 one of two, SIGTERM drain) with 20;
 # FAULT_REQUESTS=N for another count. Each prints its done / errors / lost / duplicated counts.
 FAULT_REQUESTS ?= 200
-FAULT_TESTS    := tests/e2e/test_nats_faults.py
+FAULT_TESTS    := tests/e2e/test_nats_faults.py tests/e2e/test_gateway_faults.py
 faults: setup
 	LEGO_FAULT_REQUESTS=$(FAULT_REQUESTS) $(BIN)/python -m pytest -q -ra -s $(FAULT_TESTS)
 

@@ -36,7 +36,7 @@ up: setup  ## run the mesh in the foreground on 127.0.0.1:8000 until Ctrl-C
 	$(BIN)/lego up
 
 test: lint
-	$(BIN)/python -m pytest -q -ra --durations=20 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -ra --durations=20
 
 # The gateway fuzzed from its OpenAPI document: 3000 fresh cases (make test runs the same 300
 # every time); FUZZ_CASES=N for another count. Prints the counts by status at the end.

@@ -139,13 +139,3 @@ def nats_server(tmp_path: Path) -> Iterator[str]:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """`make test` runs the suite on two workers (pytest-xdist, `--dist loadgroup`): the
-    end-to-end tests in one group, since they share their package's meshes (started once, a
-    dozen processes each), and every other module in a group of its own, so a module's
-    fixtures (a group of processes, a tensor plane) are built once, in one worker."""
-    root = Path(__file__).resolve().parent
-    for item in items:
-        parts = Path(str(item.path)).resolve().relative_to(root).parts
-        item.add_marker(pytest.mark.xdist_group("e2e" if parts[0] == "e2e" else "/".join(parts)))

@@ -138,4 +138,3 @@ def nats_server(tmp_path: Path) -> Iterator[str]:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-

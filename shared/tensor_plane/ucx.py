@@ -295,10 +295,12 @@ class UcxServer:
         """Abort every connection, wait for the handlers to finish, then stop listening."""
         self._closing = True
         handlers = list(self._handlers.items())
-        for task, ep in handlers:
-            _abort(ep)
-            task.cancel()
+        for _, ep in handlers:
+            _abort(ep)  # their pending receives end with it: no need to cancel them (see UcxClient)
         if handlers:
+            _, stuck = await asyncio.wait([t for t, _ in handlers], timeout=5.0)
+            for task in stuck:
+                task.cancel()
             await asyncio.gather(*(t for t, _ in handlers), return_exceptions=True)
         self._handlers.clear()
         if self._listener is not None:
@@ -348,8 +350,15 @@ class UcxServer:
 class UcxClient:
     """Requests to producers' UCX listeners, with a small pool of idle endpoints per uri.
 
-    An endpoint carries one request at a time; one cancelled or failing mid-reply is aborted,
-    never reused (its message stream position is unknown).
+    An endpoint carries one request at a time; one that failed mid-reply is aborted, never
+    reused (its message stream position is unknown).
+
+    A caller that gives up (a timeout, a cancelled request) never cancels ucxx's pending
+    operations: dropping a pending ucxx request on the event loop's thread cancels it under UCX's
+    worker lock, which the progress thread may hold while it waits for the GIL (a hang seen in
+    CI), and cancelling ucxx coroutines mid-connect crashed the process in a stress run. The
+    exchange goes on in the background instead, its endpoint aborted (which ucxx cancels on its
+    own thread) and never pooled again.
     """
 
     def __init__(self, runtime: UcxRuntime = RUNTIME, max_idle_per_uri: int = 4, connect_timeout_s: float = 10.0):
@@ -357,6 +366,7 @@ class UcxClient:
         self._idle: dict[str, list[Any]] = {}
         self._max_idle = max_idle_per_uri
         self._connect_timeout_s = connect_timeout_s
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     async def request(self, uri: str, req: dict[str, Any], expect_nbytes: int, alloc: Callable[[int], Any]) -> Reply:
         """One request/reply; an ok reply's payload is received into `alloc(nbytes)`.
@@ -364,43 +374,16 @@ class UcxClient:
         Retries once on a fresh endpoint when a pooled one turned out stale. Raises
         ConnectionError when the producer cannot be reached or breaks the protocol.
         """
-        for attempt in range(2):
-            ep, reused = await self._acquire(uri)
-            sent = False
-            try:
-                payload = alloc(expect_nbytes)
-                # Posted in this order: UCX matches the reply frame, then the payload message.
-                send = asyncio.ensure_future(send_frame(ep, req))
-                reply_task = asyncio.ensure_future(recv_frame(ep))
-                payload_task = asyncio.ensure_future(ep.recv(payload))
-                for task in (send, reply_task, payload_task):
-                    task.add_done_callback(_consume)
-                try:
-                    await send
-                    sent = True
-                    reply = await reply_task
-                    await payload_task
-                except BaseException:
-                    for task in (send, reply_task, payload_task):
-                        task.cancel()
-                    raise
-                if not reply.get("ok"):
-                    payload = None
-                elif reply.get("nbytes") != expect_nbytes:
-                    raise ValueError(f"producer announced {reply.get('nbytes')} bytes, expected {expect_nbytes}")
-            except Exception as exc:
-                _abort(ep)
-                if reused and not sent and attempt == 0:
-                    continue
-                if isinstance(exc, ValueError):
-                    raise ConnectionError(f"tensor protocol error over ucx: {exc}") from exc
-                raise ConnectionError(f"ucx: {type(exc).__name__}: {exc}") from exc
-            except BaseException:
-                _abort(ep)  # cancelled or timed out mid-reply
-                raise
-            self._put_back(uri, ep)
-            return reply, payload
-        raise AssertionError("unreachable")
+        exchange = _Exchange(self, uri, req, expect_nbytes, alloc)
+        task = asyncio.ensure_future(exchange.run())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            exchange.abandon()
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned.discard)
+            task.add_done_callback(_consume)
+            raise
 
     async def _acquire(self, uri: str) -> tuple[Any, bool]:
         idle = self._idle.get(uri)
@@ -413,9 +396,11 @@ class UcxClient:
         lib = self._runtime.lib
         if lib is None:
             raise ConnectionError("UCX runtime not acquired")
+        connect = asyncio.ensure_future(lib.create_endpoint(host, port))
         try:
-            ep = await asyncio.wait_for(lib.create_endpoint(host, port), self._connect_timeout_s)
+            ep = await asyncio.wait_for(asyncio.shield(connect), self._connect_timeout_s)
         except TimeoutError:
+            connect.add_done_callback(_abort_result)  # the endpoint, if it ever comes, is not used
             raise ConnectionError(f"ucx connect to {uri} timed out") from None
         except Exception as exc:
             raise ConnectionError(f"ucx connect to {uri} failed: {type(exc).__name__}: {exc}") from exc
@@ -433,9 +418,77 @@ class UcxClient:
         return sum(len(v) for v in self._idle.values())
 
     async def close(self) -> None:
-        """Abort every idle endpoint."""
+        """Abort every idle endpoint and let abandoned exchanges end (their endpoints are aborted)."""
         for eps in self._idle.values():
             for ep in eps:
                 _abort(ep)
         self._idle.clear()
+        if self._abandoned:
+            await asyncio.wait(list(self._abandoned), timeout=5.0)
         await asyncio.sleep(0)
+
+
+class _Exchange:
+    """One request/reply on a pooled or new endpoint; see `UcxClient` for why it is never cancelled."""
+
+    def __init__(
+        self, client: UcxClient, uri: str, req: dict[str, Any], expect_nbytes: int, alloc: Callable[[int], Any]
+    ):
+        self._client = client
+        self._uri = uri
+        self._req = req
+        self._expect = expect_nbytes
+        self._alloc = alloc
+        self._ep: Any = None
+        self._abandoned = False
+
+    def abandon(self) -> None:
+        """The caller is gone: abort the endpoint now (ending its transfers), never pool it."""
+        self._abandoned = True
+        if self._ep is not None:
+            _abort(self._ep)
+
+    async def run(self) -> Reply:
+        client = self._client
+        for attempt in range(2):
+            ep, reused = await client._acquire(self._uri)
+            self._ep = ep
+            if self._abandoned:
+                _abort(ep)
+                raise ConnectionError("ucx request abandoned")
+            sent = False
+            try:
+                payload = self._alloc(self._expect)
+                # Posted in this order: UCX matches the reply frame, then the payload message.
+                send = asyncio.ensure_future(send_frame(ep, self._req))
+                reply_task = asyncio.ensure_future(recv_frame(ep))
+                payload_task = asyncio.ensure_future(ep.recv(payload))
+                for task in (send, reply_task, payload_task):
+                    task.add_done_callback(_consume)
+                await send
+                sent = True
+                reply = await reply_task
+                await payload_task
+                if not reply.get("ok"):
+                    payload = None
+                elif reply.get("nbytes") != self._expect:
+                    raise ValueError(f"producer announced {reply.get('nbytes')} bytes, expected {self._expect}")
+            except Exception as exc:
+                _abort(ep)  # the still pending operations end with it, on ucxx's own thread
+                if reused and not sent and attempt == 0 and not self._abandoned:
+                    continue
+                if isinstance(exc, ValueError):
+                    raise ConnectionError(f"tensor protocol error over ucx: {exc}") from exc
+                raise ConnectionError(f"ucx: {type(exc).__name__}: {exc}") from exc
+            if self._abandoned:
+                _abort(ep)
+            else:
+                client._put_back(self._uri, ep)
+            return reply, payload
+        raise AssertionError("unreachable")
+
+
+def _abort_result(task: asyncio.Future[Any]) -> None:
+    """Abort the endpoint a connect that nobody waits for any more produced."""
+    if not task.cancelled() and task.exception() is None:
+        _abort(task.result())

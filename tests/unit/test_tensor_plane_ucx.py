@@ -144,6 +144,57 @@ async def test_ucx_64mib_and_timeout_mid_transfer(make_plane):
     assert np.array_equal((await consumer.get(ref)).to_numpy(), a)
 
 
+CUT_OFF_READS = textwrap.dedent(
+    """
+    import asyncio
+    import numpy as np
+    from shared.settings import Settings
+    from shared.tensor_plane import RawTensor, TensorPlane, TensorUnavailable
+
+    async def main():
+        producer = TensorPlane(Settings(transport="ucx", inline_max_bytes=0))
+        consumer = TensorPlane(Settings(transport="ucx", inline_max_bytes=0))
+        await producer.start()
+        await consumer.start()
+        a = np.random.default_rng(1).integers(0, 2**31, 16 << 20, dtype=np.int32)
+        ref = producer.put(RawTensor.from_numpy(a), owner="big")
+        timeouts = 0
+        for _ in range(8):
+            for limit in (0.001, 0.003, 0.01, 0.02):  # mid-connect, mid-frame, mid-payload
+                try:
+                    await consumer.get(ref, timeout_s=limit)
+                except TensorUnavailable:
+                    timeouts += 1
+            assert np.array_equal((await consumer.get(ref)).to_numpy(), a)
+        await consumer.close()
+        await producer.close()
+        print(timeouts)
+
+    asyncio.run(main())
+    """
+)
+
+
+@needs_ucx
+@on_session_loop
+async def test_ucx_reads_cut_off_at_any_point_never_hang_or_crash_the_process():
+    # Cancelling ucxx's pending operations on the loop's thread once hung a CI run (UCX's worker
+    # lock against its progress thread) and crashed the process in a stress run; it runs in a
+    # child so that either fails this test instead of the suite.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CUT_OFF_READS, cwd=REPO, env=ENV, stdout=-1, stderr=-1
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail("cut-off UCX reads hung the consumer")
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert int(out) >= 8  # at least the 1 ms reads were cut off
+    assert b"ERROR" not in err
+
+
 @needs_ucx
 @on_session_loop
 async def test_selection_auto_keeps_shm_tcp_for_host_tensors(make_plane):

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
-from shared import bus_roles, subjects, tracing
+from shared import bus_roles, nats_handoff, subjects, tracing
 from shared.messages import LoraChoice, ReleaseTensors, StepKind, StepProgress, StepRequest, StepResult
 from shared.settings import Settings
 
@@ -158,6 +158,8 @@ class Bus:
                     ) from exc
                 await asyncio.sleep(0.2)
         self._js = self._nc.jetstream(timeout=10)
+        if not await nats_handoff.speed_up_requests(self._nc):
+            log.debug("nats.py's request mux is not the one nats_handoff knows: requests take its own path")
 
     async def _connect_once(self, options: dict[str, object], timeout_s: float) -> NATS:
         """One connect; PermissionError at once when the server refuses our credentials, and

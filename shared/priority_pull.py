@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from shared import subjects
+from shared import nats_handoff, subjects
 from shared.bus import Bus
 from shared.messages import StepKind
 
@@ -56,19 +56,15 @@ class BandPull:
         self.band = band
         self._next = ""
         self._sub: Subscription | None = None
-        # What the inbox received, read by `now()`. Our own queue, filled by the subscription's
-        # callback: nats.py's `next_msg` starts two tasks and draws a uuid4 per message, which
-        # cost this loop more than the rest of a step's bus work (bench/control_plane.py).
+        # What the inbox received, read by `now()`. Our own queue, filled in nats.py's read loop
+        # (shared/nats_handoff.py): nats.py's `next_msg` starts two tasks and draws a uuid4 per
+        # message, which cost this loop more than the rest of a step's bus work.
         self._arrived: asyncio.Queue[Msg] = asyncio.Queue()
 
     async def start(self) -> None:
         durable = await self.bus.ensure_consumer(self.kind, self.model_id, self.band)
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STEP_STREAM}.{durable}"
-
-        async def arrived(msg: Msg) -> None:
-            self._arrived.put_nowait(msg)
-
-        self._sub = await self.bus.nc.subscribe(self.bus.nc.new_inbox(), cb=arrived)
+        self._sub = await nats_handoff.subscribe(self.bus.nc, self.bus.nc.new_inbox(), self._arrived.put_nowait)
 
     async def _next_msg(self, timeout_s: float) -> Msg:
         """The inbox's next message; TimeoutError after `timeout_s` without one."""
@@ -169,8 +165,8 @@ class PriorityPuller:
         ended = [0]
         subs: list[Subscription] = []
 
-        def on_answer(i: int) -> Callable[[Msg], Awaitable[None]]:
-            async def landed(msg: Msg) -> None:
+        def on_answer(i: int) -> Callable[[Msg], None]:
+            def landed(msg: Msg) -> None:
                 status = JetStreamContext.is_status_msg(msg)
                 if status == "100":  # a heartbeat
                     return
@@ -185,7 +181,7 @@ class PriorityPuller:
 
         try:
             for i, band in enumerate(self.bands):
-                sub = await nc.subscribe(nc.new_inbox(), cb=on_answer(i))
+                sub = await nats_handoff.subscribe(nc, nc.new_inbox(), on_answer(i))
                 subs.append(sub)
                 await band.ask({"batch": 1, "expires": int(linger_s * 1e9)}, sub.subject)
             with contextlib.suppress(TimeoutError):

@@ -180,13 +180,13 @@ class StepWorker:
         outcome = "error"
         try:
             with tracing.span(self._span_name, attributes, parent) as sp:
-                outcome = await self._handle(msg, received, sp)
+                outcome = await self._handle(msg, received, waited, sp)
                 tracing.annotate(sp, {"lego.outcome": outcome}, None if outcome in ("ok", "duplicate") else outcome)
         finally:
             self._metrics.in_flight.dec()
             self._metrics.finished(outcome, time.time() - received)
 
-    async def _handle(self, msg: Msg, received: float, sp: tracing.Span | None) -> str:
+    async def _handle(self, msg: Msg, received: float, waited: float, sp: tracing.Span | None) -> str:
         """Settle one delivery (ack / term / nak); returns its outcome: "ok" or an error code."""
         try:
             step = StepRequest.model_validate_json(msg.data)
@@ -199,7 +199,7 @@ class StepWorker:
         refused = await self._refuse(msg, step, received)
         if refused is not None:
             return refused
-        return await self._compute(msg, step, received)
+        return await self._compute(msg, step, received, waited)
 
     async def _refuse_malformed(self, msg: Msg, exc: ValidationError) -> None:
         """Term a step that does not parse, answering its sender when it says who that is."""
@@ -232,13 +232,13 @@ class StepWorker:
             return "cancelled"
         return None
 
-    async def _compute(self, msg: Msg, step: StepRequest, received: float) -> str:
+    async def _compute(self, msg: Msg, step: StepRequest, received: float, waited: float) -> str:
         """Run the handler, keeping the step alive meanwhile; publish its result, then ack."""
         started = time.perf_counter()
         if self._running == 0:
             self._busy_since = started
         self._running += 1
-        keepalive = asyncio.create_task(self._keep_alive(msg))
+        keepalive = _KeepAlive(msg, max(0.2, self.bus.settings.ack_wait_s / 3))
         if self.concurrency == 1:
             self._metrics.batch.observe(1)  # one step per model call (a batching runner reports its own)
         try:
@@ -248,7 +248,7 @@ class StepWorker:
         finally:
             keepalive.cancel()
             self._running -= 1
-        result.queue_wait_s = max(0.0, received - _published_at(msg, received))
+        result.queue_wait_s = waited
         await self._settle(msg, step, result)
         self.steps_done += 1
         self._time_step(result, started)
@@ -309,16 +309,6 @@ class StepWorker:
             self._answered.popitem(last=False)
         await (msg.ack() if result.ok else msg.term())
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        """Tell JetStream we still hold the step, well inside AckWait."""
-        interval = max(0.2, self.bus.settings.ack_wait_s / 3)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await msg.in_progress()
-            except Exception:
-                pass
-
 
 def _error(
     step: StepRequest | StepEnvelope, worker: StepWorker, code: str, message: str, lost_inputs: list[str] | None = None
@@ -333,6 +323,33 @@ def _error(
         error=ErrorInfo(code=code, message=message, retryable=retryable, lost_inputs=lost_inputs or []),
         replica_id=worker.replica_id,
     )
+
+
+class _KeepAlive:
+    """Tells JetStream, well inside AckWait, that a step is still in hand, until cancelled.
+
+    A timer rather than a task: most steps end long before the first tick, and a task a step
+    (started, then cancelled) cost two event-loop turns each on the bus's hottest path."""
+
+    def __init__(self, msg: Msg, interval_s: float) -> None:
+        self._msg = msg
+        self._interval_s = interval_s
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval_s, self._tick)
+        self._sending: asyncio.Task[None] | None = None
+
+    def _tick(self) -> None:
+        self._sending = self._loop.create_task(self._send())
+        self._timer = self._loop.call_later(self._interval_s, self._tick)
+
+    async def _send(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._msg.in_progress()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _published_at(msg: Msg, default: float) -> float:

@@ -100,18 +100,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         start = time.perf_counter()
-        n = write_trace(args.out, params, args.seed)
+        try:
+            n = write_trace(args.out, params, args.seed)
+        except OSError as e:
+            print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+            return 2
         took = time.perf_counter() - start
         bursts = burst_windows(params, args.seed)
         print(f"wrote {n} requests over {params.duration_s:.0f} s to {args.out} in {took:.1f} s ({n / took:,.0f}/s)")
         print(f"bursts (x{params.burst_multiplier:g}): " + ", ".join(f"{s:.0f}-{e:.0f} s" for s, e in bursts))
         return 0
     if args.command == "stats":
-        print(format_stats(trace_stats(read_light(args.file), hour_s=args.hour_s)))
+        try:
+            stats = trace_stats(read_light(args.file), hour_s=args.hour_s)
+        except OSError as e:
+            print(f"error: cannot read {args.file}: {e}", file=sys.stderr)
+            return 2
+        except (KeyError, TypeError, ValueError) as e:
+            print(f"error: {args.file} is not a JSONL trace (bench/traces/record.py): {e!r}", file=sys.stderr)
+            return 2
+        print(format_stats(stats))
         return 0
     try:
         requests = load_katz(args.file, service=args.service)
-    except KatzFormatError as e:
+    except (KatzFormatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.families:

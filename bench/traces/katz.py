@@ -76,8 +76,11 @@ def load_katz(
     requests = []
     for i, row in enumerate(rows):
         fields = _fields(row, i)
-        if service is not None and str(row.get("scene_id")) != service:
-            continue
+        if service is not None:
+            if "scene_id" not in row:
+                raise KatzFormatError(f"record {i}: no 'scene_id' column to pick service {service!r} by")
+            if str(row["scene_id"]) != service:
+                continue
         requests.append(_request(fields, row))
     requests.sort(key=lambda r: r.timestamp)
     t0 = requests[0].timestamp if requests else 0.0

@@ -226,6 +226,11 @@ def test_katz_loader_rejects_a_file_that_does_not_match(tmp_path: Path) -> None:
     with pytest.raises(KatzFormatError, match="lacks"):
         load_katz(wrong_csv)
     assert main(["katz", str(wrong_csv), "--out", str(tmp_path / "x.jsonl")]) == 2
+    no_scene = tmp_path / "e.json"
+    no_scene.write_text(json.dumps([{"timestamp": 1, "controlnets": [], "loras": []}]))
+    with pytest.raises(KatzFormatError, match="scene_id"):
+        load_katz(no_scene, service="A")
+    assert main(["stats", str(no_scene)]) == 2  # a Katz file is not our JSONL: said, not a traceback
 
 
 def test_cli_generates_and_prints_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,8 @@ Speed: the work is done on numpy chunks of about `CHUNK_REQUESTS` candidate arri
 JSONL lines are formatted directly (byte-identical to `TraceRequest.to_json`) so a trace of
 millions of lines streams to disk without building a Python object a request. `chunks()` gives
 the columnar chunks to consumers that want arrays (the simulator), `generate()` TraceRequests.
+Measured on the 2-core dev box (shared, so noisy): one hour at a flat 300 req/s, 1.08M requests
+(147 MB of JSONL), is written in 4-10 s; its chunks alone take 1 s, as TraceRequests 8 s.
 """
 
 from __future__ import annotations

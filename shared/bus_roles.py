@@ -9,7 +9,8 @@ service owns), so a renamed subject or a new model changes the permissions with 
 Inventory (what each party really does on the bus, in nats-py terms):
 - every client: JetStream API answers and publish acks arrive on `_INBOX.>`.
 - model services (encoder, denoiser, adapters, vae): create, read (`CONSUMER.INFO`) and pull
-  from (`CONSUMER.MSG.NEXT`) their own kinds' step consumers, ack them (`$JS.ACK`); publish
+  from (`CONSUMER.MSG.NEXT`) their own kinds' step consumers, ack them (`$JS.ACK`), and hear
+  steps published on their higher priority bands (core NATS; shared/priority_pull.py); publish
   results, progress and release notices; hear cancel and release notices; heartbeat in the
   presence bucket under their own kinds' keys; wait for the streams (`STREAM.INFO`); and take
   results back of the steps they call (an ordered push consumer on the result stream: the
@@ -128,6 +129,8 @@ def _service(service: str) -> Permissions:
                 subjects.js_ack(stream, name),
             ]
     subscribe = [subjects.INBOX, subjects.CANCEL_SUBJECT, subjects.RELEASE_SUBJECT]
+    for kind, model in step_consumers(service):  # higher bands heard while trusted empty (priority_pull)
+        subscribe += [subjects.step_subject(kind, model, band) for band in subjects.BAND_NAMES[:-1]]
     if StepKind.DENOISE in SERVICE_KINDS[service]:
         subscribe.append(subjects.LORA_PREFETCH_SUBJECTS)  # LoRAs of planned requests, to read early
         publish += _watch_kv(subjects.LORAS_BUCKET)  # deleted LoRAs, to free their memory

@@ -21,6 +21,16 @@ step that another band delivered in that same instant is held (kept alive with `
 and served first at the next fetch: at most one a band, already delivered to this replica.
 (One still on the wire as its inbox is dropped is redelivered after AckWait, as when a replica
 dies mid-step: late, never lost.)
+
+A higher band found empty is not asked again until a step is published on it. Asking an empty
+band before every step cost a round trip and a wake-up a step (a fifth of a no-op step's bus
+work, bench/control_plane.py), and the high band is empty nearly always. So while a replica
+trusts a band to be empty it listens to that band's subject (core NATS: it hears every step
+published there), subscribed before the probe that found the band empty, so no step stored
+after that answer goes unheard. A band that has steps is asked before every step as before,
+unheard (its subscription dropped: it would hear each of them). The trust lasts at most
+QUIET_TRUST_S: a step that comes back without being published again (handed back with a nak,
+redelivered after AckWait) and one published while a reconnect was under way are found by then.
 """
 
 from __future__ import annotations
@@ -43,19 +53,26 @@ PROBE_TIMEOUT_S = 5.0  # a no-wait pull the server never answered (a reconnect):
 # Lingering pulls all refused at once (a consumer without a leader while a NATS cluster elects
 # one answers 503 at once): wait this long before asking again, rather than spin on the refusals.
 REFUSED_PAUSE_S = 0.2
+QUIET_TRUST_S = 1.0  # a band heard to be empty is asked again at least this often
 
 
 class BandPull:
     """One band's durable consumer, pulled through an inbox of this replica's own. At most one
-    pull is outstanding at a time, so every status answer belongs to the pull in hand."""
+    pull is outstanding at a time, so every status answer belongs to the pull in hand.
 
-    def __init__(self, bus: Bus, kind: StepKind | str, model_id: str, band: str) -> None:
+    A `watched` band (any but the lowest) is trusted to be empty, and not asked, from a probe
+    that found it empty until a step is heard on its subject (see the module's docstring)."""
+
+    def __init__(self, bus: Bus, kind: StepKind | str, model_id: str, band: str, watched: bool = False) -> None:
         self.bus = bus
         self.kind = kind
         self.model_id = model_id
         self.band = band
+        self.watched = watched
         self._next = ""
         self._sub: Subscription | None = None
+        self._watch: Subscription | None = None  # the band's subject, heard while it is trusted empty
+        self._empty_since: float | None = None  # set and cleared in the read loop, in arrival order
         # What the inbox received, read by `now()`. Our own queue, filled in nats.py's read loop
         # (shared/nats_handoff.py): nats.py's `next_msg` starts two tasks and draws a uuid4 per
         # message, which cost this loop more than the rest of a step's bus work.
@@ -64,7 +81,35 @@ class BandPull:
     async def start(self) -> None:
         durable = await self.bus.ensure_consumer(self.kind, self.model_id, self.band)
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STEP_STREAM}.{durable}"
-        self._sub = await nats_handoff.subscribe(self.bus.nc, self.bus.nc.new_inbox(), self._arrived.put_nowait)
+        self._sub = await nats_handoff.subscribe(self.bus.nc, self.bus.nc.new_inbox(), self._landed)
+
+    def _landed(self, msg: Msg) -> None:
+        """The inbox's message (read loop): a "no messages" answer to a probe sent while
+        listening makes the band trusted empty, unless a step is heard after it."""
+        if self._watch is not None and JetStreamContext.is_status_msg(msg) == "404":
+            self._empty_since = asyncio.get_running_loop().time()
+        self._arrived.put_nowait(msg)
+
+    def _heard(self, msg: Msg) -> None:
+        self._empty_since = None
+
+    def trusted_empty(self) -> bool:
+        """Whether this band need not be asked now: found empty, and nothing heard since."""
+        since = self._empty_since
+        return since is not None and asyncio.get_running_loop().time() - since < QUIET_TRUST_S
+
+    def heard_of_work(self) -> None:
+        """A step of this band came another way (a lingering pull): ask it again next time."""
+        self._empty_since = None
+
+    async def _listen(self, on: bool) -> None:
+        if on and self._watch is None:
+            subject = subjects.step_subject(self.kind, self.model_id, self.band)
+            self._watch = await nats_handoff.subscribe(self.bus.nc, subject, self._heard)
+        elif not on and self._watch is not None:
+            watch, self._watch = self._watch, None
+            with contextlib.suppress(Exception):
+                await watch.unsubscribe()
 
     async def _next_msg(self, timeout_s: float) -> Msg:
         """The inbox's next message; TimeoutError after `timeout_s` without one."""
@@ -76,6 +121,9 @@ class BandPull:
     async def now(self, batch: int) -> list[Msg]:
         """Up to `batch` steps waiting in this band now; none if it is empty (no waiting)."""
         assert self._sub is not None, "BandPull.start() was not awaited"
+        self._empty_since = None
+        if self.watched:
+            await self._listen(True)  # before the probe: a step stored after its answer is heard
         await self.ask({"batch": batch, "no_wait": True}, self._sub.subject)
         msgs: list[Msg] = []
         loop = asyncio.get_running_loop()
@@ -91,6 +139,9 @@ class BandPull:
             if status:  # 404 no messages, 408 expired, 409 the consumer changed: this pull is over
                 break
             msgs.append(msg)
+        if msgs and self.watched:
+            self._empty_since = None
+            await self._listen(False)  # the band has work: asked before every step, not heard
         return msgs
 
     async def ask(self, request: dict[str, object], inbox: str) -> None:
@@ -101,6 +152,7 @@ class BandPull:
         """Hand back (nak) a step that arrived after its pull gave up, then drop the inbox."""
         if self._sub is None:
             return
+        await self._listen(False)
         await asyncio.sleep(0)  # what nats.py holds for the callback reaches the queue first
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
@@ -118,7 +170,10 @@ class PriorityPuller:
 
     def __init__(self, bus: Bus, kind: StepKind | str, model_id: str, fair_every: int = FAIR_EVERY) -> None:
         self.bus = bus
-        self.bands = [BandPull(bus, kind, model_id, band) for band in subjects.BAND_NAMES]  # highest first
+        last = len(subjects.BAND_NAMES) - 1
+        self.bands = [  # highest first; every band but the lowest watched
+            BandPull(bus, kind, model_id, band, watched=i < last) for i, band in enumerate(subjects.BAND_NAMES)
+        ]
         self.fair_every = max(1, fair_every)
         self.keep_alive_s = max(0.2, bus.settings.ack_wait_s / 3)
         # passed[i]: steps taken from bands above band i since band i was last asked first
@@ -144,6 +199,9 @@ class PriorityPuller:
             return msgs
         asked: list[int] = []
         for i in order:
+            if self.bands[i].trusted_empty():
+                asked.append(i)  # as good as asked: nothing published there since it was
+                continue
             msgs = await self.bands[i].now(room)
             if msgs:
                 self._took(i, len(msgs), asked)
@@ -173,6 +231,7 @@ class PriorityPuller:
                 if status:  # expired, or the consumer changed: this band's pull is over
                     ended[0] += 1
                 else:
+                    self.bands[i].heard_of_work()
                     self._held[i].append((msg, asyncio.create_task(self._keep_alive(msg))))
                 if not status or ended[0] == len(self.bands):
                     woken.set()

@@ -140,3 +140,31 @@ async def test_backlog_sums_the_bands_and_admission_counts_only_equal_or_higher(
         assert (load.wait_s(0), load.wait_s(9)) == (4.0, 1.0)
     finally:
         await bus.close()
+
+
+async def test_an_empty_high_band_is_asked_once_not_before_every_step(nats_server, monkeypatch):
+    """While nothing is published on the high band, the replica trusts it empty (it listens to
+    its subject) instead of asking it before each step: a round trip a step saved. A high step
+    published meanwhile is heard and served next."""
+    from shared.priority_pull import BandPull
+
+    asked: list[str] = []
+    real_now = BandPull.now
+
+    async def counting_now(self: BandPull, batch: int) -> list:
+        asked.append(self.band)
+        return await real_now(self, batch)
+
+    monkeypatch.setattr(BandPull, "now", counting_now)
+    async with OneReplica(nats_server) as replica:
+        await replica.bus.publish_step(_step("low-0", 0))
+        await asyncio.wait_for(replica.first_started.wait(), 30)
+        for i in range(1, 11):
+            await replica.bus.publish_step(_step(f"low-{i}", 0))
+        replica.gate.set()
+        await replica.served(11)
+        high_asks = asked.count("high")
+        await replica.bus.publish_step(_step("high", 9))
+        order = await replica.served(12)
+    assert high_asks <= 2, asked  # once on the way in (and once more if a second passed), not 11 times
+    assert order[-1] == "high"

@@ -24,6 +24,22 @@ def test_a_model_service_publishes_no_other_kind_of_step_and_never_reads_the_key
     assert pulls and all(p.rsplit(".", 1)[1].split("__")[0] in bus_roles.SERVICE_KINDS[role] for p in pulls)
 
 
+@pytest.mark.parametrize("role", sorted(bus_roles.SERVICE_KINDS))
+def test_a_model_service_hears_only_its_own_higher_bands(role: str) -> None:
+    """Replicas listen to a higher band's subject while they trust it empty (priority_pull);
+    the lowest band, where the bulk of the steps are, they never hear."""
+    subscribe = bus_roles.permissions(role).subscribe
+    assert subscribe is not None
+    heard = {s for s in subscribe if s.startswith("lego.step.")}
+    expected = {
+        subjects.step_subject(kind, model, band)
+        for kind, model in bus_roles.step_consumers(role)
+        for band in subjects.BAND_NAMES[:-1]
+    }
+    assert heard == expected and expected
+    assert all(s.endswith("." + subjects.BAND_NAMES[0]) for s in heard)
+
+
 def test_the_denoiser_alone_calls_controlnet_steps() -> None:
     assert subjects.step_subjects_of_kind("controlnet") in _publish("denoiser")
     assert subjects.step_subjects_of_kind("controlnet") not in _publish("encoder")

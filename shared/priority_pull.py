@@ -46,6 +46,7 @@ from nats.js import JetStreamContext
 
 from shared import nats_handoff, subjects
 from shared.bus import Bus
+from shared.keep_alive import KeepAlive, keep_alive_s
 from shared.messages import StepKind
 
 FAIR_EVERY = 4  # a lower band is asked first after this many steps taken from higher bands
@@ -175,10 +176,10 @@ class PriorityPuller:
             BandPull(bus, kind, model_id, band, watched=i < last) for i, band in enumerate(subjects.BAND_NAMES)
         ]
         self.fair_every = max(1, fair_every)
-        self.keep_alive_s = max(0.2, bus.settings.ack_wait_s / 3)
+        self.keep_alive_s = keep_alive_s(bus.settings)
         # passed[i]: steps taken from bands above band i since band i was last asked first
         self._passed = [0] * len(self.bands)
-        self._held: dict[int, list[tuple[Msg, asyncio.Task[None]]]] = {i: [] for i in range(len(self.bands))}
+        self._held: dict[int, list[tuple[Msg, KeepAlive]]] = {i: [] for i in range(len(self.bands))}
 
     async def start(self) -> None:
         for band in self.bands:
@@ -232,7 +233,7 @@ class PriorityPuller:
                     ended[0] += 1
                 else:
                     self.bands[i].heard_of_work()
-                    self._held[i].append((msg, asyncio.create_task(self._keep_alive(msg))))
+                    self._held[i].append((msg, KeepAlive(msg, self.keep_alive_s)))
                 if not status or ended[0] == len(self.bands):
                     woken.set()
 
@@ -268,12 +269,6 @@ class PriorityPuller:
                 out.append(msg)
                 self._took(i, 1, [])
         return out
-
-    async def _keep_alive(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self.keep_alive_s)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
 
     async def close(self) -> None:
         """Hand back (nak) held steps and close the inboxes: another replica takes those steps

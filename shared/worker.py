@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from shared import tracing
 from shared.bus import Bus
+from shared.keep_alive import KeepAlive, keep_alive_s
 from shared.messages import ErrorInfo, StepEnvelope, StepKind, StepRequest, StepResult
 from shared.metrics import StepMetrics
 from shared.priority_pull import FAIR_EVERY, PriorityPuller
@@ -238,7 +239,7 @@ class StepWorker:
         if self._running == 0:
             self._busy_since = started
         self._running += 1
-        keepalive = _KeepAlive(msg, max(0.2, self.bus.settings.ack_wait_s / 3))
+        keepalive = KeepAlive(msg, keep_alive_s(self.bus.settings))
         if self.concurrency == 1:
             self._metrics.batch.observe(1)  # one step per model call (a batching runner reports its own)
         try:
@@ -323,33 +324,6 @@ def _error(
         error=ErrorInfo(code=code, message=message, retryable=retryable, lost_inputs=lost_inputs or []),
         replica_id=worker.replica_id,
     )
-
-
-class _KeepAlive:
-    """Tells JetStream, well inside AckWait, that a step is still in hand, until cancelled.
-
-    A timer rather than a task: most steps end long before the first tick, and a task a step
-    (started, then cancelled) cost two event-loop turns each on the bus's hottest path."""
-
-    def __init__(self, msg: Msg, interval_s: float) -> None:
-        self._msg = msg
-        self._interval_s = interval_s
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval_s, self._tick)
-        self._sending: asyncio.Task[None] | None = None
-
-    def _tick(self) -> None:
-        self._sending = self._loop.create_task(self._send())
-        self._timer = self._loop.call_later(self._interval_s, self._tick)
-
-    async def _send(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._msg.in_progress()
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
 
 def _published_at(msg: Msg, default: float) -> float:

@@ -51,6 +51,7 @@ PUBLISH_FAULTS = (
     ConnectionReconnectingError,
     OutboundBufferLimitError,
 )
+JS_TIMEOUT_S = 10.0  # a JetStream API call or publish ack not answered by then failed
 PUBLISH_RETRY_MAX_WAIT_S = 1.0  # the longest pause between two tries of a publish
 RESULTS_HEARTBEAT_S = 1.0  # a gateway's result consumer lost with its server is remade within 2 of these
 
@@ -125,6 +126,7 @@ class Bus:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._closing = False  # close() was called: a disconnect now is ours, not a fault
+        self._fast_requests = False  # nats_handoff took over the request mux (connect)
 
     @property
     def nc(self) -> NATS:
@@ -157,8 +159,9 @@ class Bus:
                         "Start nats-server with JetStream (-js) or point LEGO_NATS_URL / --nats-url at one."
                     ) from exc
                 await asyncio.sleep(0.2)
-        self._js = self._nc.jetstream(timeout=10)
-        if not await nats_handoff.speed_up_requests(self._nc):
+        self._js = self._nc.jetstream(timeout=JS_TIMEOUT_S)
+        self._fast_requests = await nats_handoff.speed_up_requests(self._nc)
+        if not self._fast_requests:
             log.debug("nats.py's request mux is not the one nats_handoff knows: requests take its own path")
 
     async def _connect_once(self, options: dict[str, object], timeout_s: float) -> NATS:
@@ -409,7 +412,10 @@ class Bus:
         while True:
             tries += 1
             try:
-                ack = await self.js.publish(subject, payload, headers=headers)
+                if self._fast_requests:
+                    ack = await nats_handoff.js_publish(self.nc, subject, payload, headers, JS_TIMEOUT_S)
+                else:
+                    ack = await self.js.publish(subject, payload, headers=headers)
             except PUBLISH_FAULTS as exc:
                 if self._closing or loop.time() + pause > give_up:
                     raise

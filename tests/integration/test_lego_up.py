@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from lego.launcher import free_port
+from tests.waiting import wait_for
 
 
 def _children(pid: int) -> list[int]:
@@ -94,6 +95,21 @@ def _admin(tmp_path: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {(tmp_path / 'state' / 'admin.key').read_text().strip()}"}
 
 
+def _log(tmp_path: Path) -> str:
+    return (tmp_path / "up.log").read_text()
+
+
+def _routed(monitor: int) -> set[str]:
+    """The servers a nats-server (its monitoring port) has routes to, by name, once JetStream is current."""
+    try:
+        if httpx.get(f"http://127.0.0.1:{monitor}/healthz", timeout=5).status_code != 200:
+            return set()
+        routes = httpx.get(f"http://127.0.0.1:{monitor}/routez", timeout=5).json()
+    except httpx.HTTPError:
+        return set()
+    return {r["remote_name"] for r in routes["routes"]}
+
+
 def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
@@ -139,8 +155,7 @@ def test_lego_up_with_three_nats_servers_runs_a_routed_r3_cluster_and_stops_it(m
         names = [argv[argv.index("-n") + 1] for argv in argvs]
         monitors = [int(argv[argv.index("-m") + 1]) for argv in argvs]
         for name, monitor in zip(names, monitors, strict=True):  # each routed to the other two
-            routes = httpx.get(f"http://127.0.0.1:{monitor}/routez", timeout=10).json()
-            assert {r["remote_name"] for r in routes["routes"]} == set(names) - {name}, routes
+            assert _routed(monitor) == set(names) - {name}
         jsz = httpx.get(f"http://127.0.0.1:{monitors[0]}/jsz", params={"streams": "true", "config": "true"}).json()
         copies = {d["name"]: d["config"]["num_replicas"] for a in jsz["account_details"] for d in a["stream_detail"]}
         assert copies and all(n == 3 for n in copies.values()), copies  # every stream and bucket R3
@@ -157,8 +172,15 @@ def test_lego_up_with_three_nats_servers_runs_a_routed_r3_cluster_and_stops_it(m
         )
         assert status.returncode == 0, status.stderr
         assert "nats: cluster lego, 3 servers; step stream R3, leader nats-" in status.stdout, status.stdout
+        # A server that dies is started again (same name, ports, store) and rejoins the other two.
+        os.kill(servers[1], signal.SIGKILL)
+        wait_for(f"{names[1]} to be restarted", lambda: f"{names[1]} exited unexpectedly" in _log(tmp_path))
+        wait_for(f"{names[1]} to rejoin", lambda: _routed(monitors[1]) == set(names) - {names[1]}, timeout_s=60)
+        r = httpx.post(url, json={**body, "prompt": "a boat again"}, headers=_admin(tmp_path), timeout=120)
+        assert r.status_code == 200, r.text
+        servers = [c for c in _children(proc.pid) if _cmdline(c)[0].endswith("nats-server")]  # the new one too
         _sigint_stops_every_child(proc)
         assert not [c for c in servers if _alive(c)], "a nats-server survived Ctrl-C"
-        assert "3 routed nats-servers" in (tmp_path / "up.log").read_text()
+        assert "3 routed nats-servers" in _log(tmp_path)
     finally:
         _kill(proc)

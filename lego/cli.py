@@ -94,6 +94,17 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         "$LEGO_NATS_USER with $LEGO_NATS_PASSWORD_FILE (and $LEGO_NATS_TLS_CA) when set",
     )
     up.add_argument(
+        "--nats-servers",
+        type=int,
+        choices=[1, 3],
+        default=1,
+        metavar="N",
+        help="our own NATS: 1 nats-server, or 3 routed into a JetStream cluster (lego/nats_cluster.py) with "
+        "every stream and bucket on all three (R3); each service and gateway gets the three URLs and fails "
+        "over to a survivor, and a server that dies is started again; Ctrl-C stops all three; "
+        "not with --nats-url (default: %(default)s)",
+    )
+    up.add_argument(
         "--nats-tls",
         action="store_true",
         help="serve our NATS over TLS (a CA and certificate made in the state dir; children verify with the CA)",

@@ -1,4 +1,5 @@
-"""Starts and stops the whole mesh on one machine: nats-server, the model services, the gateway.
+"""Starts and stops the whole mesh on one machine: nats-server (or a routed cluster of them),
+the model services, the gateway.
 
 Each child runs in its own process group (`lego.processes`) so that stopping the mesh stops
 everything a child started too. Which processes run is the unit plan (`lego.units`). Used by
@@ -23,6 +24,7 @@ import httpx
 
 from lego.bus_lock import BusLock, prepare_bus
 from lego.keys import admin_key_path
+from lego.nats_cluster import NatsCluster
 
 # Re-exported: `lego.cli`, the tests and the benchmarks import these from here.
 from lego.processes import SHARED_CORES_ENV, Child, free_port, nats_server_binary, start_nats_server, wait_gone
@@ -59,6 +61,10 @@ class MeshConfig:
     # ports behind a local balancer (lego/balancer.py) on `port`.
     gateways: int = 1
     nats_url: str | None = None  # None: start our own nats-server
+    # Our own NATS (`lego up --nats-servers N`): 1 nats-server, or N routed into a cluster
+    # (lego/nats_cluster.py), every stream and bucket then R<N> (LEGO_STREAM_REPLICAS, unless
+    # `env` names it) and every child given the servers' list, so it fails over to a survivor.
+    nats_servers: int = 1
     workflows: list[str] | None = None  # None: every workflow of the catalogue
     replicas: dict[str, int] = field(default_factory=dict)  # unit name -> replicas (default 1)
     # Denoiser unit -> devices per replica (1, 2 or 4; `lego up --group`): each of its replicas is
@@ -92,7 +98,8 @@ class Mesh:
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
         self.children: list[Child] = []
-        self.nats: Child | None = None
+        self.nats: Child | None = None  # our own single nats-server ...
+        self.nats_cluster: NatsCluster | None = None  # ... or cluster (`MeshConfig.nats_servers` > 1)
         self.gateways: list[Child] = []  # every gateway process, drained first on stop()
         self.gateway_ports: dict[str, int] = {}  # gateway name -> the port it listens on
         self.front_urls: list[str] = []  # what wait_ready asks: the mesh's gateways and balancer
@@ -122,6 +129,8 @@ class Mesh:
         env = dict(os.environ)
         env.update(self.config.env)
         env["LEGO_NATS_URL"] = self.nats_url
+        if self.config.nats_servers > 1 and "LEGO_STREAM_REPLICAS" not in self.config.env:
+            env["LEGO_STREAM_REPLICAS"] = str(self.config.nats_servers)  # a copy on each server
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.bus_lock is not None:
             env.update(self.bus_lock.env(role))
@@ -259,9 +268,19 @@ class Mesh:
         self.admin_key_made = self.admin_key_made or made
         return {"LEGO_AUTH": "on", "LEGO_ADMIN_KEY_FILE": str(self.admin_key_file)}
 
+    def nats_children(self) -> list[Child]:
+        """Our own nats-server(s): the single one, or each server of the cluster."""
+        if self.nats_cluster is not None:
+            return [node.child for node in self.nats_cluster.nodes]
+        return [self.nats] if self.nats else []
+
     def _start_nats(self) -> None:
         if self.config.nats_url:
+            if self.config.nats_servers > 1:
+                raise ValueError("nats_servers starts our own NATS cluster; not with nats_url (an external NATS)")
             return
+        if self.config.nats_servers < 1:
+            raise ValueError(f"nats_servers: {self.config.nats_servers}; at least 1")
         store = self.workdir / "jetstream"
         config = None
         if self.config.lock_bus or self.config.nats_tls:
@@ -269,12 +288,21 @@ class Mesh:
 
             self.bus_lock = BusLock(Path(Settings.from_env(self._env("")).state_dir), tls=self.config.nats_tls)
             config = self.bus_lock.write_config(self.workdir / "nats-server.conf")
-        # nats-server's banner would bury the services' logs: it always goes to a file.
-        self.nats, self.nats_url = start_nats_server(
-            store, self._log_path("nats") or self.workdir / "nats.log", config, tls=self.config.nats_tls
-        )
         lock = f"locked: a user per role, passwords in {self.bus_lock.state_dir}/nats" if self.bus_lock else "open"
-        self._say(f"nats-server with JetStream on {self.nats_url} ({lock})")
+        # nats-server's banner would bury the services' logs: it always goes to a file.
+        if self.config.nats_servers > 1:
+            size = self.config.nats_servers
+            self.nats_cluster = NatsCluster(
+                self.workdir, size, self.config.log_dir or self.workdir, config, tls=self.config.nats_tls
+            )
+            self.nats_cluster.start()  # each server accepts clients and JetStream has a meta leader
+            self.nats_url = self.nats_cluster.url
+            self._say(f"{size} nats-servers with JetStream, routed, streams R{size}, on {self.nats_url} ({lock})")
+        else:
+            self.nats, self.nats_url = start_nats_server(
+                store, self._log_path("nats") or self.workdir / "nats.log", config, tls=self.config.nats_tls
+            )
+            self._say(f"nats-server with JetStream on {self.nats_url} ({lock})")
         prepare_bus(self.settings())
 
     def _prepare_models(self) -> None:
@@ -388,9 +416,9 @@ class Mesh:
         raise TimeoutError(f"mesh not ready within {timeout_s:.0f}s (last answer: {last})")
 
     def restart_dead(self) -> list[str]:
-        """Start again any service child that died; returns their names. Replicas stopped on
-        purpose are not restarted: once gone they leave the list (or are killed after
-        RETIRE_GRACE_S if their step never ends)."""
+        """Start again any service child (or server of our NATS cluster) that died; returns their
+        names. Replicas stopped on purpose are not restarted: once gone they leave the list (or
+        are killed after RETIRE_GRACE_S if their step never ends)."""
         restarted = []
         with self._lock:
             for child in list(self.children):
@@ -404,6 +432,12 @@ class Mesh:
                     child.restarts += 1
                     child.start()
                     restarted.append(child.name)
+            if self.nats_cluster is not None:  # a cluster's server rejoins (same name, ports, store)
+                for nats in self.nats_children():
+                    if not nats.alive():
+                        nats.restarts += 1
+                        nats.start()
+                        restarted.append(nats.name)
         return restarted
 
     def stop(self) -> None:
@@ -413,7 +447,7 @@ class Mesh:
         if self.autoscaler is not None:  # first: nothing may start replicas while we stop them
             self.autoscaler.stop()
             self.autoscaler = None
-        everyone = list(reversed(self.children)) + ([self.nats] if self.nats else [])
+        everyone = list(reversed(self.children)) + self.nats_children()
         with self._lock:
             gateways = list(self.gateways)
         for gateway in gateways:
@@ -422,9 +456,10 @@ class Mesh:
         for child in reversed(self.children):
             child.signal_group(signal.SIGTERM)
         wait_gone(self.children, STOP_GRACE_S)
-        if self.nats:
-            self.nats.signal_group(signal.SIGTERM)
-            wait_gone([self.nats], 5)
+        servers = self.nats_children()  # every server of a cluster at once: none waits on the others
+        for nats in servers:
+            nats.signal_group(signal.SIGTERM)
+        wait_gone(servers, 10 if self.nats_cluster else 5)
         for child in everyone:
             child.signal_group(signal.SIGKILL)
             if child.proc is not None:

@@ -2,9 +2,9 @@
 
 Why: streams and buckets with `LEGO_STREAM_REPLICAS=3` need three JetStream servers, and the
 only way to know that the mesh survives losing one is to run three and kill one. The fault
-tests start it; `lego up` could start the same. Each server is a `Child` in its own process
-group with fixed ports and its own store directory, so `restart(i)` brings the same server
-back (same name, ports and data), as a supervisor would.
+tests start it, and `lego up --nats-servers 3` (through the launcher's `Mesh`). Each server is
+a `Child` in its own process group with fixed ports and its own store directory, so
+`restart(i)` brings the same server back (same name, ports and data), as a supervisor would.
 """
 
 from __future__ import annotations
@@ -27,17 +27,22 @@ class ClusterNode:
     child: Child
     port: int  # clients
     monitor_port: int  # /healthz: JetStream current (a meta leader known)
+    scheme: str = "nats"  # "tls" when its config serves TLS
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
 
 class NatsCluster:
     """`size` nats-servers with JetStream, routed to each other; `url` lists every server
-    (comma-separated, as LEGO_NATS_URL takes it), so a client fails over to a survivor."""
+    (comma-separated, as LEGO_NATS_URL takes it), so a client fails over to a survivor.
+    `config`: a config file every server reads (the locked bus's users and permissions, TLS for
+    clients: lego.bus_lock); `tls`: that config serves TLS, so the URLs are `tls://`."""
 
-    def __init__(self, workdir: Path, size: int = 3, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, size: int = 3, log_dir: Path | None = None, config: Path | None = None, tls: bool = False
+    ) -> None:
         self.workdir = workdir
         self.log_dir = log_dir or workdir
         route_ports = [free_port() for _ in range(size)]
@@ -65,8 +70,10 @@ class NatsCluster:
                 "--routes",
                 routes,
             ]
+            if config is not None:  # the flags above win over the file's settings
+                argv += ["-c", str(config)]
             child = Child(f"nats-{i}", argv, {}, self.log_dir / f"nats-{i}.log")
-            self.nodes.append(ClusterNode(child, port, monitor))
+            self.nodes.append(ClusterNode(child, port, monitor, "tls" if tls else "nats"))
 
     @property
     def url(self) -> str:

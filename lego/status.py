@@ -69,10 +69,24 @@ def format_gateways(balancer: dict | None, now: float | None = None) -> list[str
     return [f"gateways behind the balancer: {healthy} in rotation", *_table(rows)]
 
 
+def format_nats(nats: dict | None) -> list[str]:
+    """The bus in a line: one server, or a cluster and the step stream's copies."""
+    if not nats:
+        return []
+    copies = f"step stream R{nats['step_stream_replicas']}"
+    if not nats.get("cluster"):
+        return [f"nats: one server; {copies}"]
+    current = ", ".join(nats.get("current") or []) or "none"
+    return [
+        f"nats: cluster {nats['cluster']}, {nats['servers']} servers; {copies}, "
+        f"leader {nats.get('leader') or 'none'}, current: {current}"
+    ]
+
+
 def format_status(status: dict) -> str:
-    """Tables: the gateways (behind a balancer), units (from the autoscaler), consumers (backlog
-    per kind/model), decisions."""
-    lines = [*format_gateways(status.get("balancer")), ""]
+    """Tables: the gateways (behind a balancer), the bus, units (from the autoscaler), consumers
+    (backlog per kind/model), decisions."""
+    lines = [*format_gateways(status.get("balancer")), *format_nats(status.get("nats")), ""]
     scaler = status.get("autoscaler")
     if scaler:
         lines.append(f"autoscaler: {scaler['actuator']} actuator, SLO {scaler['slo']}")

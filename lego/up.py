@@ -62,6 +62,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"lego up: {exc}", file=sys.stderr)
         return 2
+    if args.nats_servers > 1 and args.nats_url:
+        print("lego up: --nats-servers starts our own NATS cluster; --nats-url uses yours: pass one", file=sys.stderr)
+        return 2
     if not port_free(args.host, args.port):
         print(f"lego up: {args.host}:{args.port} is in use; stop what holds it or pass --port", file=sys.stderr)
         return 1
@@ -75,6 +78,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         gateways=args.gateways,
         nats_url=args.nats_url,
+        nats_servers=args.nats_servers,
         workflows=workflows,
         replicas=replicas,
         groups=groups,
@@ -159,6 +163,7 @@ def _banner(mesh: Mesh, env: dict[str, str], autoscale: bool) -> str:
     auth = f' -H "Authorization: Bearer $(cat {mesh.admin_key_file})"' if mesh.admin_key_file else ""
     return (
         f"\nLegoDiffusion is up at {mesh.url}  (NATS {mesh.nats_url})\n"
+        + _nats_banner(mesh)
         + _gateways_banner(mesh)
         + f'  lego generate "a red fox in the snow" -o fox.png --url {mesh.url}\n'
         f"  curl -s {mesh.url}/v1/images/generations -H 'content-type: application/json'{auth} \\\n"
@@ -173,6 +178,15 @@ def _banner(mesh: Mesh, env: dict[str, str], autoscale: bool) -> str:
             else "  Autoscaling: off (--no-autoscale).\n"
         )
     )
+
+
+def _nats_banner(mesh: Mesh) -> str:
+    """A line on our NATS cluster, when `--nats-servers` started one."""
+    cluster = mesh.nats_cluster
+    if cluster is None:
+        return ""
+    size = len(cluster.nodes)
+    return f"  NATS: {size} routed nats-servers, every stream and bucket R{size}; the mesh survives losing one.\n"
 
 
 def _gateways_banner(mesh: Mesh) -> str:

@@ -25,6 +25,7 @@ import pytest
 from lego.launcher import Child, Mesh, free_port
 from shared.bus import Bus
 from shared.presence import live_replicas
+from tests.e2e.test_edits import picture, png, right_half_transparent
 from tests.e2e.test_observability import scrape, value
 from tests.e2e.test_progress_control import _events
 from tests.waiting import wait_for
@@ -189,6 +190,36 @@ def test_a_retry_with_its_idempotency_key_gets_the_same_request_on_any_gateway(m
     other = httpx.post(f"{survivor}/v1/images/generations", json={**body, "seed": 100}, headers=key, timeout=30)
     assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
     assert _denoise_loops(mesh) - loops_before == 1  # generated once
+
+
+def test_a_retried_edit_with_its_idempotency_key_gets_the_same_request_on_any_gateway(
+    mesh: Mesh, survivor: str
+) -> None:
+    loops_before = _denoise_loops(mesh)
+    key = {"Idempotency-Key": f"edit-retry-{uuid.uuid4().hex}"}
+    image = png(picture(512, 512))
+    files = {"image": ("image.png", image, "image/png"), "mask": ("mask.png", right_half_transparent(512, 512))}
+    form = {"prompt": "a lighthouse in fog", "size": "512x512", "num_inference_steps": "30", "seed": "99"}
+    edits = "/v1/images/edits"
+    with pytest.raises(httpx.TimeoutException):  # the client gives up: its connection is gone
+        httpx.post(mesh.url + edits, data=form, files=files, headers=key, timeout=0.3)
+    again = httpx.post(survivor + edits, data=form, files=files, headers=key, timeout=120)  # a new multipart boundary
+    assert again.status_code == 200, again.text
+    once_more = httpx.post(mesh.url + edits, data=form, files=files, headers=key, timeout=120)
+    assert once_more.status_code == 200 and once_more.json()["data"] == again.json()["data"]
+    assert again.json()["request_id"] == once_more.json()["request_id"]
+    other_image = {**files, "image": ("image.png", png(picture(512, 512)[::-1].copy()), "image/png")}
+    for url, other in (
+        (survivor, {"data": form, "files": other_image}),
+        (mesh.url, {"data": form, "files": {"image": files["image"]}}),
+    ):
+        refused = httpx.post(url + edits, **other, headers=key, timeout=30)  # another image; no mask
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "idempotency_key_reused"
+    generation = httpx.post(f"{survivor}/v1/images/generations", json=BODY, headers=key, timeout=30)
+    assert generation.status_code == 422, generation.text  # the key names an edit
+    bad = httpx.post(survivor + edits, data=form, files=files, headers={"Idempotency-Key": "has space"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_idempotency_key"
+    assert _denoise_loops(mesh) - loops_before == 1  # edited once
 
 
 def test_kill_9_of_one_gateway_loses_nothing_and_generates_nothing_twice(mesh: Mesh, survivor: str) -> None:

@@ -10,16 +10,19 @@ refusal, progress events, cancel and answers; the image and mask travel as reque
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.gateway.admission import admit
+from services.gateway.admission import Admitted, admit
 from services.gateway.deps import GatewayDep, OwnerDep, RateLimiterDep, SettingsDep
 from services.gateway.edit_form import (
     STRENGTH_IMG2IMG,
     STRENGTH_INPAINT,
+    EditForm,
     ImageEditForm,
     decode_image,
     decode_mask,
@@ -28,12 +31,14 @@ from services.gateway.edit_form import (
     read_form,
 )
 from services.gateway.errors import APIError
+from services.gateway.headers import IdempotencyKeyHeader, RequestIdDep
+from services.gateway.idempotency import body_hash
 from services.gateway.keys.auth import Caller
 from services.gateway.keys.limits import check_priority
 from services.gateway.loras import bind
-from services.gateway.routers.images import ERRORS, REQUEST_ID, checked_request_id
-from services.gateway.running import run_admitted
+from services.gateway.routers.images import ERRORS
 from services.gateway.schemas import AsyncAccepted, ErrorResponse, ImageGenerationResponse
+from services.gateway.taking import NewRequest, take
 from shared.workflows.catalogue import catalogue
 from shared.workflows.edits import EDIT_IMAGE, EDIT_MASK, EditError, edit_workflow
 from shared.zoo.families import family
@@ -74,15 +79,14 @@ async def edit(
     caller: Caller,
     owner: OwnerDep,
     rate_limiter: RateLimiterDep,
-    x_request_id: str | None = Header(
-        None,
-        description="optional id to follow the request's progress: 1-64 letters, digits, '-' or '_' (else 400)",
-        json_schema_extra={"pattern": REQUEST_ID.pattern},
-    ),
+    request_id: RequestIdDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> ImageGenerationResponse | JSONResponse:
     """Edit an image: without `mask`, image-to-image (the whole image redrawn, `strength` of the
     way); with one, inpainting (only where the mask is transparent). The image and mask are
-    resized to `size` (default: the image's size, rounded down to the workflow's multiple)."""
+    resized to `size` (default: the image's size, rounded down to the workflow's multiple).
+    With an `Idempotency-Key`, a retry of the same form (image, mask and fields) answers the
+    request the key named first, on any gateway."""
     async with request.form(max_files=2, max_fields=64) as form:
         sent = await read_form(form)
     fields = sent.fields
@@ -93,7 +97,6 @@ async def edit(
         workflow = bind(edit_workflow(name, inpaint=sent.mask is not None), gateway.loras)  # the registry's LoRAs
     except EditError as exc:
         raise APIError(400, "invalid_request", str(exc)) from None
-    request_id = checked_request_id(x_request_id)
     image = await asyncio.to_thread(decode_image, sent.image, settings.max_image_pixels)
     image_size = (image.shape[1], image.shape[0])
     tensors = {EDIT_IMAGE: image}
@@ -103,7 +106,19 @@ async def edit(
     body = generation_body(fields, width, height)
     strength = fields.strength or (STRENGTH_INPAINT if sent.mask is not None else STRENGTH_IMG2IMG)
     check_priority(caller, body.priority)
-    rate_limiter.take(caller)
-    admitted = await asyncio.to_thread(admit, body, workflow, settings.max_image_pixels, strength)
-    admitted.tensors |= tensors
-    return await run_admitted(gateway, request, body, workflow, admitted, request_id, caller, owner)
+
+    async def admitted() -> Admitted:
+        ready = await asyncio.to_thread(admit, body, workflow, settings.max_image_pixels, strength)
+        ready.tensors |= tensors  # the image and mask travel as the request's tensors
+        return ready
+
+    new = NewRequest(body, workflow, request_id, _form_digest(sent), admitted)
+    return await take(gateway, request, new, caller, owner, rate_limiter, idempotency_key)
+
+
+def _form_digest(sent: EditForm) -> str:
+    """What an Idempotency-Key's retry must send again: the fields, the image's and the mask's
+    bytes (not the multipart encoding, whose boundary each client draws anew). Named "edit",
+    so a generation's body under the same key is another body."""
+    files = [hashlib.sha256(data).hexdigest() if data is not None else None for data in (sent.image, sent.mask)]
+    return body_hash(json.dumps({"edit": sent.fields.model_dump(mode="json"), "files": files}, sort_keys=True))

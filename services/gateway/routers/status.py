@@ -2,7 +2,9 @@
 
 Backlogs come straight from JetStream (every step consumer's pending + ack-pending), replicas
 from the presence bucket, and the units, their targets and the latest scaling decisions from
-the autoscaler's status key (absent when no autoscaler runs). No torch: numbers only.
+the autoscaler's status key (absent when no autoscaler runs), and the bus itself (how many
+NATS servers, how the step stream is replicated) from the client and the stream's info. No
+torch: numbers only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pydantic import BaseModel, Field
 
 from services.gateway.deps import BusDep
 from services.gateway.overload import serving
+from shared import subjects
+from shared.bus import Bus
 from shared.messages import AutoscalerStatus
 from shared.presence import autoscaler_status, live_replicas
 
@@ -30,8 +34,19 @@ class ConsumerStatus(BaseModel):
     seconds_per_item: float = Field(0.0, description="measured step time, averaged over its replicas (0: none yet)")
 
 
+class NatsStatus(BaseModel):
+    """The bus as this gateway sees it: a single nats-server, or a cluster (`lego up --nats-servers 3`)."""
+
+    servers: int = Field(description="NATS servers this gateway's client knows (given and discovered)")
+    cluster: str | None = Field(None, description="the JetStream cluster's name; null on a single server")
+    step_stream_replicas: int = Field(description="copies of the step stream (LEGO_STREAM_REPLICAS)")
+    leader: str | None = Field(None, description="the server leading the step stream")
+    current: list[str] = Field(default_factory=list, description="servers with an up-to-date copy, the leader's too")
+
+
 class MeshStatus(BaseModel):
     consumers: list[ConsumerStatus]
+    nats: NatsStatus | None = Field(None, description="the bus's servers and the step stream's copies")
     autoscaler: AutoscalerStatus | None = Field(
         None, description="units, replicas, targets and the latest decisions; null when no autoscaler runs"
     )
@@ -55,4 +70,18 @@ async def mesh_status(bus: BusDep) -> MeshStatus:
                 seconds_per_item=round(step_s, 4),
             )
         )
-    return MeshStatus(consumers=consumers, autoscaler=await autoscaler_status(bus))
+    return MeshStatus(consumers=consumers, nats=await _nats_status(bus), autoscaler=await autoscaler_status(bus))
+
+
+async def _nats_status(bus: Bus) -> NatsStatus:
+    info = await bus.js.stream_info(subjects.STEP_STREAM)
+    cluster = info.cluster
+    peers = (cluster.replicas or []) if cluster is not None else []
+    leader = cluster.leader if cluster is not None else None
+    return NatsStatus(
+        servers=len({url.netloc for url in bus.nc.servers}),
+        cluster=cluster.name if cluster is not None else None,
+        step_stream_replicas=info.config.num_replicas or 1,
+        leader=leader,
+        current=([leader] if leader else []) + sorted(p.name for p in peers if p.current and p.name),
+    )

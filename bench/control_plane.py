@@ -116,11 +116,13 @@ def print_hops(hops: list[dict]) -> None:
             f" {r['solo_p50_ms']:>8.2f} {r['solo_p99_ms']:>8.2f} {r['published']:>9} {r['delivered']:>9}"
             f" {r['results']:>8}  {cpu['driver']:.3f} / {cpu['nats-server']:.3f} / {cpu['replicas']:.3f}"
         )
-    floor = hops[0]["echo_floor"]
+    floor, bare_js = hops[0]["echo_floor"], hops[0]["js_floor"]
     print(
         f"(p50/p99 under load: {hops[0]['in_flight']} steps in flight; solo: one step at a time; "
-        f"the box's floor, a bare core-NATS request/reply between two Python processes: "
-        f"p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms)"
+        f"the box's floors, between two Python processes: a bare core-NATS request/reply "
+        f"p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms; a bare JetStream step hop "
+        f"(publish, pull, result published, pushed back; no parsing) p50 {bare_js['p50_ms']:.2f} ms, "
+        f"p99 {bare_js['p99_ms']:.2f} ms)"
     )
 
 

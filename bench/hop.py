@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 
 from bench.noop_steps import ECHO_SUBJECT, KIND, noop_step
@@ -274,6 +275,41 @@ async def echo_floor(bus: Bus, rounds: int, log_dir: Path) -> dict[str, float]:
     return {"rounds": rounds, "p50_ms": statistics.median(times) * 1e3, "p99_ms": percentile(times, 0.99) * 1e3}
 
 
+async def js_floor(bus: Bus, rounds: int, log_dir: Path) -> dict[str, float]:
+    """p50/p99 of a bare JetStream step hop (`bench.noop_steps --js-echo`): publish with ack, a
+    pull, a result published with ack, an ordered push consumer back; no parsing or bands. What
+    the step hop would cost here if our own code cost nothing."""
+    model_id = f"js-floor-{uuid.uuid4().hex[:4]}"
+    reply = subjects.result_subject(f"js-floor-{uuid.uuid4().hex[:6]}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "bench.noop_steps", "--nats-url", bus.settings.nats_url, "--js-echo"]
+    child = Child("js-echo", [*argv, "--model", model_id], env, log_dir / "js-echo.log")
+    child.start()
+    waiting: list[asyncio.Future[None]] = []
+
+    async def back(msg: Msg) -> None:
+        if waiting and not waiting[0].done():
+            waiting[0].set_result(None)
+
+    sub = await bus.js.subscribe(reply, cb=back, ordered_consumer=True)
+    try:
+        await wait_consuming(bus, model_id, 1, [child])
+        subject = subjects.step_subject(KIND, model_id)
+        times = []
+        for i in range(rounds + 20):
+            waiting[:] = [asyncio.get_running_loop().create_future()]
+            t0 = time.perf_counter()
+            await bus.publish_acked(subject, reply.encode(), {"Nats-Msg-Id": f"{model_id}-{i}"})
+            await asyncio.wait_for(waiting[0], 30)
+            if i >= 20:  # the first ones warm the paths
+                times.append(time.perf_counter() - t0)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        stop_children([child])
+    return {"rounds": rounds, "p50_ms": statistics.median(times) * 1e3, "p99_ms": percentile(times, 0.99) * 1e3}
+
+
 async def run_hops(
     replica_counts: list[int],
     seconds: float,
@@ -290,11 +326,12 @@ async def run_hops(
         await bus.connect()
         await bus.ensure_streams()
         floor = await echo_floor(bus, max(50, solo_steps), workdir)
+        bare_js = await js_floor(bus, max(50, solo_steps), workdir)
         out = []
         for replicas in replica_counts:
             processes = replicas if max_processes <= 0 else min(replicas, max_processes)
             run = await measure(bus, nats, replicas, processes, in_flight, seconds, solo_steps, workdir)
-            out.append({**asdict(run), "echo_floor": floor})
+            out.append({**asdict(run), "echo_floor": floor, "js_floor": bare_js})
         return out
     finally:
         await bus.close()

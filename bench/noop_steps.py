@@ -22,7 +22,9 @@ import os
 import time
 
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
+from shared import nats_handoff, subjects
 from shared.bus import Bus
 from shared.lifecycle import run_until_stopped, stop_on_signals
 from shared.logs import setup_logging
@@ -127,16 +129,47 @@ async def echo(settings: Settings) -> None:
     await bus.close()
 
 
+async def js_echo(settings: Settings, model_id: str) -> None:
+    """The least a JetStream step hop can cost: pull each message of `model_id`'s step consumer
+    and publish its payload (a result subject) back through JetStream, then ack it, with no
+    parsing, no priority bands, no metrics. `bench/hop.py`'s JetStream floor drives it."""
+    stop = stop_on_signals()
+    bus = Bus(settings, name="js-echo")
+    await bus.connect()
+    await bus.ensure_streams()
+    durable = await bus.ensure_consumer(KIND, model_id)
+    pull = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STEP_STREAM}.{durable}"
+    arrived: asyncio.Queue[Msg] = asyncio.Queue()
+    inbox = bus.nc.new_inbox()
+    await nats_handoff.subscribe(bus.nc, inbox, arrived.put_nowait)
+    n = 0
+    while not stop.is_set():
+        await bus.nc.publish(pull, b'{"batch":1,"expires":1000000000}', reply=inbox)
+        msg = await arrived.get()
+        if JetStreamContext.is_status_msg(msg):
+            continue
+        n += 1
+        await bus.publish_acked(msg.data.decode(), b"ok", {"Nats-Msg-Id": f"js-echo-{os.getpid()}-{n}"})
+        await msg.ack()
+    await bus.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.noop_steps", description=__doc__.split("\n")[0])
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--model", default="noop", help="the model id whose steps these replicas take")
     parser.add_argument("--replicas", type=int, default=1, help="replicas in this process (default 1)")
     parser.add_argument("--echo", action="store_true", help="instead: echo core-NATS requests on " + ECHO_SUBJECT)
+    parser.add_argument(
+        "--js-echo", action="store_true", help="instead: echo the model's steps back through JetStream, bare"
+    )
     args = parser.parse_args(argv)
     settings = Settings.from_env(nats_url=args.nats_url)
     setup_logging("noop", "WARNING")
-    run_until_stopped(echo(settings) if args.echo else serve(settings, args.model, args.replicas), log)
+    if args.js_echo:
+        run_until_stopped(js_echo(settings, args.model), log)
+    else:
+        run_until_stopped(echo(settings) if args.echo else serve(settings, args.model, args.replicas), log)
 
 
 if __name__ == "__main__":

@@ -74,10 +74,11 @@ class BandPull:
         self._sub: Subscription | None = None
         self._watch: Subscription | None = None  # the band's subject, heard while it is trusted empty
         self._empty_since: float | None = None  # set and cleared in the read loop, in arrival order
-        # What the inbox received, read by `now()`. Our own queue, filled in nats.py's read loop
-        # (shared/nats_handoff.py): nats.py's `next_msg` starts two tasks and draws a uuid4 per
-        # message, which cost this loop more than the rest of a step's bus work.
-        self._arrived: asyncio.Queue[Msg] = asyncio.Queue()
+        self.on_heard: Callable[[], None] | None = None  # called when a step is heard on the band
+        # What the inbox received, read by `now()` and `linger()`; None: `wake()` was called. Our
+        # own queue, filled in nats.py's read loop (shared/nats_handoff.py): nats.py's `next_msg`
+        # starts two tasks and draws a uuid4 per message, which cost more than a step's bus work.
+        self._arrived: asyncio.Queue[Msg | None] = asyncio.Queue()
 
     async def start(self) -> None:
         durable = await self.bus.ensure_consumer(self.kind, self.model_id, self.band)
@@ -93,6 +94,12 @@ class BandPull:
 
     def _heard(self, msg: Msg) -> None:
         self._empty_since = None
+        if self.on_heard is not None:
+            self.on_heard()
+
+    def wake(self) -> None:
+        """End a `linger()` in progress (from the read loop: a higher band was heard)."""
+        self._arrived.put_nowait(None)
 
     def trusted_empty(self) -> bool:
         """Whether this band need not be asked now: found empty, and nothing heard since."""
@@ -112,8 +119,8 @@ class BandPull:
             with contextlib.suppress(Exception):
                 await watch.unsubscribe()
 
-    async def _next_msg(self, timeout_s: float) -> Msg:
-        """The inbox's next message; TimeoutError after `timeout_s` without one."""
+    async def _next_msg(self, timeout_s: float) -> Msg | None:
+        """The inbox's next message (None: a wake); TimeoutError after `timeout_s` without one."""
         if not self._arrived.empty():
             return self._arrived.get_nowait()
         async with asyncio.timeout(timeout_s):
@@ -134,6 +141,8 @@ class BandPull:
                 msg = await self._next_msg(max(0.01, give_up - loop.time()))
             except TimeoutError:
                 break
+            if msg is None:  # a wake left over from a linger that ended otherwise
+                continue
             status = JetStreamContext.is_status_msg(msg)
             if status == "100":  # a heartbeat: the pull is still open
                 continue
@@ -144,6 +153,40 @@ class BandPull:
             self._empty_since = None
             await self._listen(False)  # the band has work: asked before every step, not heard
         return msgs
+
+    async def linger(self, linger_s: float) -> tuple[list[Msg], str]:
+        """One lingering pull (batch 1) through this band's own inbox: no inbox to make and drop
+        each time, as `PriorityPuller._linger` needs for several bands. Returns (steps, how):
+        ([step], "step"); ([], "ended") when the pull expired or was refused; or, after `wake()`,
+        (steps, "woken"): the pull is called off by replacing the inbox, and a step that reached
+        the old one already is returned (to hold)."""
+        assert self._sub is not None, "BandPull.start() was not awaited"
+        for kept in _drain(self._arrived):  # wakes from before this linger are dropped
+            if kept is not None:
+                self._arrived.put_nowait(kept)
+        await self.ask({"batch": 1, "expires": int(linger_s * 1e9)}, self._sub.subject)
+        try:
+            while True:
+                got = await self._next_msg(linger_s + PROBE_TIMEOUT_S)
+                if got is None:
+                    return await self._renew_inbox(), "woken"
+                status = JetStreamContext.is_status_msg(got)
+                if status == "100":
+                    continue
+                return ([], "ended") if status else ([got], "step")
+        except TimeoutError:  # never answered (a reconnect lost the pull): start afresh
+            return await self._renew_inbox(), "ended"
+
+    async def _renew_inbox(self) -> list[Msg]:
+        """Drop the inbox (JetStream then skips the pull waiting on it) for a new one; the steps
+        that reached the old one already."""
+        old, self._sub = self._sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        stranded = [m for m in _drain(self._arrived) if m is not None and not JetStreamContext.is_status_msg(m)]
+        self._sub = await nats_handoff.subscribe(self.bus.nc, self.bus.nc.new_inbox(), self._landed)
+        return stranded
 
     async def ask(self, request: dict[str, object], inbox: str) -> None:
         """Send a pull request for this band's consumer, answered on `inbox`."""
@@ -160,7 +203,7 @@ class BandPull:
         self._sub = None
         while not self._arrived.empty():
             msg = self._arrived.get_nowait()
-            if not JetStreamContext.is_status_msg(msg):
+            if msg is not None and not JetStreamContext.is_status_msg(msg):
                 with contextlib.suppress(Exception):
                     await msg.nak()
 
@@ -180,6 +223,13 @@ class PriorityPuller:
         # passed[i]: steps taken from bands above band i since band i was last asked first
         self._passed = [0] * len(self.bands)
         self._held: dict[int, list[tuple[Msg, KeepAlive]]] = {i: [] for i in range(len(self.bands))}
+        self._lingering = False  # the lowest band's linger is on: a higher band heard wakes it
+        for band in self.bands[:last]:
+            band.on_heard = self._heard_higher
+
+    def _heard_higher(self) -> None:
+        if self._lingering:
+            self.bands[-1].wake()
 
     async def start(self) -> None:
         for band in self.bands:
@@ -199,10 +249,13 @@ class PriorityPuller:
         if msgs:
             return msgs
         asked: list[int] = []
+        last = len(self.bands) - 1
         for i in order:
             if self.bands[i].trusted_empty():
                 asked.append(i)  # as good as asked: nothing published there since it was
                 continue
+            if i == last and room == 1 and len(asked) == last:
+                break  # every higher band empty: the lowest band's lingering pull answers at once if it has a step
             msgs = await self.bands[i].now(room)
             if msgs:
                 self._took(i, len(msgs), asked)
@@ -210,11 +263,32 @@ class PriorityPuller:
             asked.append(i)
         loop = asyncio.get_running_loop()
         lingered = loop.time()
-        await self._linger(linger_s)
+        if room == 1 and all(band.trusted_empty() for band in self.bands[:last]):
+            msgs, how = await self._linger_lowest(linger_s)
+            if how == "step":
+                self._took(last, len(msgs), list(range(last)))
+                return msgs
+            if how == "woken":  # a higher band was heard: it is asked next (steps stranded meanwhile held)
+                return []
+        else:
+            await self._linger(linger_s)
         msgs = self._take_held(self.order(), room)
         if not msgs and loop.time() - lingered < min(linger_s, REFUSED_PAUSE_S):
             await asyncio.sleep(REFUSED_PAUSE_S)
         return msgs
+
+    async def _linger_lowest(self, linger_s: float) -> tuple[list[Msg], str]:
+        """Linger on the lowest band alone, the higher ones heard (they wake it): one pull, no
+        inbox made and dropped, for a replica waiting while its higher bands are empty."""
+        self._lingering = True
+        try:
+            msgs, how = await self.bands[-1].linger(linger_s)
+        finally:
+            self._lingering = False
+        if how == "woken":
+            last = len(self.bands) - 1
+            self._held[last] += [(msg, KeepAlive(msg, self.keep_alive_s)) for msg in msgs]
+        return msgs, how
 
     async def _linger(self, linger_s: float) -> None:
         """One lingering pull a band, each on an inbox of its own; when the first step arrives
@@ -281,3 +355,10 @@ class PriorityPuller:
             held.clear()
         for band in self.bands:
             await band.close()
+
+
+def _drain(queue: asyncio.Queue[Msg | None]) -> list[Msg | None]:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out

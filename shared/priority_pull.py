@@ -31,6 +31,12 @@ after that answer goes unheard. A band that has steps is asked before every step
 unheard (its subscription dropped: it would hear each of them). The trust lasts at most
 QUIET_TRUST_S: a step that comes back without being published again (handed back with a nak,
 redelivered after AckWait) and one published while a reconnect was under way are found by then.
+
+So a replica with one step in hand at a time, whose higher bands are all heard empty, waits on
+the lowest band alone: one lingering pull through that band's own inbox (no no-wait probe first:
+a lingering pull answers at once when a step waits; no inboxes made and dropped). A step heard
+on a higher band wakes it; the pull is then called off by replacing that inbox. Otherwise (several
+steps in hand at once, a higher band not heard empty) it lingers on every band as above.
 """
 
 from __future__ import annotations
@@ -210,7 +216,7 @@ class BandPull:
 
 class PriorityPuller:
     """Fetches a (kind, model)'s steps for one replica: held steps first, then the bands in
-    priority order (a lower band first when its credit says so), lingering on all when empty."""
+    priority order (a lower band first when its credit says so), lingering when all are empty."""
 
     def __init__(self, bus: Bus, kind: StepKind | str, model_id: str, fair_every: int = FAIR_EVERY) -> None:
         self.bus = bus

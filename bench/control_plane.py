@@ -19,7 +19,6 @@ CPLANE_PROFILE=1 writes cProfile files (CPU time) of the no-op replicas and the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gateway_load import run_gateways  # noqa: E402
 from bench.hop import run_hops  # noqa: E402
+from shared import lifecycle  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "control_plane.json"
 PROFILES = ROOT / "bench" / "profiles" / "h100-sd3.json"
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     solo = 100 if args.quick else 500
     hops = []
     if args.replicas:
-        hops = asyncio.run(run_hops(args.replicas, args.seconds, args.in_flight, solo, args.processes))
-    gateways = asyncio.run(run_gateways(args.gateways, args.clients, args.seconds)) if args.gateways else []
+        hops = lifecycle.run(run_hops(args.replicas, args.seconds, args.in_flight, solo, args.processes))
+    gateways = lifecycle.run(run_gateways(args.gateways, args.clients, args.seconds)) if args.gateways else []
     needs = cluster_needs()
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -126,12 +127,7 @@ class Measured:
         return max(0.0, self.solo_s[workflow] - compute) / sum(len(stage) for stage in stages)
 
     def to_json(self) -> dict:
-        return {
-            "solo_s": self.solo_s,
-            "step_s": self.step_s,
-            "solo_runs": self.solo_runs,
-            "solo_spread_s": self.solo_spread_s,
-        }
+        return asdict(self)
 
 
 def stage_models(workflow: str) -> list[list[str]]:
@@ -234,22 +230,83 @@ async def measure(mesh: Mesh, trace: Sequence[TraceRequest], load: Load, runs: i
     )
 
 
-async def replay_real(mesh: Mesh, trace: Sequence[TraceRequest], load: Load) -> list[RequestOutcome]:
+@dataclass
+class RealRun:
+    """One replay on the real mesh: its outcomes, what each model's steps computed in it (to set
+    against the solo figures: steps sharing a core take longer), and the cores used meanwhile."""
+
+    outcomes: list[RequestOutcome]
+    compute_s: dict[str, list[float]]  # model -> seconds of each of its steps in the replay
+    cpu: dict[str, float]  # cores busy on average: "mesh" (its processes and this driver), "others"
+
+
+class CpuMeter:
+    """Cores busy between `start()` and `stop()`: the mesh's processes and this one, and the rest
+    of the machine (other people's work on a shared box, which the simulation knows nothing of)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    def _ours(self) -> float:
+        import psutil
+
+        pids = [os.getpid()] + [c.pid for c in [*self.mesh.children, self.mesh.nats] if c is not None and c.alive()]
+        total = 0.0
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                for p in [proc, *proc.children(recursive=True)]:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def start(self) -> None:
+        self._t0, self._ours0, self._busy0 = time.perf_counter(), self._ours(), self._busy()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._t0
+        ours = self._ours() - self._ours0
+        busy = self._busy() - self._busy0
+        return {"mesh": ours / wall, "others": max(0.0, busy - ours) / wall}
+
+
+async def replay_real(mesh: Mesh, trace: Sequence[TraceRequest], load: Load) -> RealRun:
     """The trace open loop: every request sent at its timestamp; its latency from then to its
     image (a late sender does not hide queueing), None when it failed."""
+    meter = CpuMeter(mesh)
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=1000)) as http:
 
-        async def one(r: TraceRequest, due: float, seed: int) -> RequestOutcome:
-            ok = await _send(http, mesh.url, body(r, load, seed)) is not None
-            return RequestOutcome(workflow_of(r), r.timestamp, time.perf_counter() - due if ok else None)
+        async def one(r: TraceRequest, due: float, seed: int) -> tuple[RequestOutcome, str | None]:
+            request_id = await _send(http, mesh.url, body(r, load, seed))
+            latency = time.perf_counter() - due if request_id is not None else None
+            return RequestOutcome(workflow_of(r), r.timestamp, latency), request_id
 
+        meter.start()
         start = time.perf_counter() + 0.2
         tasks = []
         for i, r in enumerate(sorted(trace, key=lambda r: r.timestamp)):
             due = start + r.timestamp
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             tasks.append(asyncio.create_task(one(r, due, 1000 + i)))
-        return list(await asyncio.gather(*tasks))
+        done = list(await asyncio.gather(*tasks))
+        cpu = meter.stop()
+        compute: dict[str, list[float]] = {}
+        for outcome, request_id in done:
+            if request_id is None:
+                continue
+            model_of = {n.id: n.model for n in get_workflow(outcome.workflow).nodes}
+            for node, seconds in (await compute_seconds(http, mesh.url, request_id)).items():
+                compute.setdefault(model_of[node], []).append(seconds)
+    return RealRun([o for o, _ in done], compute, cpu)
 
 
 # -- the simulation ------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench import fidelity  # noqa: E402
 from bench.traces.record import TraceRequest, read_jsonl  # noqa: E402
-from services.autoscaler.simulator import RequestOutcome  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +63,7 @@ def load_trace(args: argparse.Namespace) -> list[TraceRequest]:
 
 async def run_real(
     args: argparse.Namespace, trace: list[TraceRequest], load: fidelity.Load, log_dir: Path
-) -> tuple[fidelity.Measured, list[list[RequestOutcome]]]:
+) -> tuple[fidelity.Measured, list[fidelity.RealRun]]:
     """Start the mesh, measure the profile, replay `--repeats` times (the queues drained between:
     every request of a replay is answered before the next starts), stop it."""
     workflows = list(dict.fromkeys(fidelity.workflow_of(r) for r in trace))
@@ -91,6 +90,22 @@ def table(real: list[fidelity.Row], sim: list[fidelity.Row]) -> str:
             f"{r.mean_s:>13.2f}{s.mean_s:>7.2f}{r.p90_s:>12.2f}{s.p90_s:>7.2f}"
         )
     return "\n".join(lines)
+
+
+def inflation(measured: fidelity.Measured, runs: list[fidelity.RealRun], workflows: list[str]) -> str:
+    """What the replay did to the models' compute (mean step in the replays / solo), and the
+    cores busy meanwhile: ours (the mesh and this driver) and the rest of the machine's."""
+    solo: dict[str, list[float]] = {}
+    for w in workflows:
+        for m, s in measured.step_s[w].items():
+            solo.setdefault(m, []).append(s)
+    parts = []
+    for m, values in sorted(solo.items()):
+        under_load = [s for run in runs for s in run.compute_s.get(m, [])]
+        if under_load:
+            parts.append(f"{m} {statistics.mean(under_load) / statistics.mean(values):.2f}x")
+    cpu = "; ".join(f"mesh {run.cpu['mesh']:.2f}, others {run.cpu['others']:.2f}" for run in runs)
+    return f"compute under load / solo: {', '.join(parts)}\ncores busy during each replay: {cpu}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,10 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
         + f"; hop a stage {sim.hop_s:.3f}"
     )
     simulated = fidelity.replay_simulated(sim, trace)
+
     slo = fidelity.slo_of(measured, args.slo_factor)
     sim_rows = fidelity.score(simulated, slo)
-    real_rows = [fidelity.score(outcomes, slo) for outcomes in runs]
-    pooled = fidelity.score([o for outcomes in runs for o in outcomes], slo)
+    real_rows = [fidelity.score(run.outcomes, slo) for run in runs]
+    pooled = fidelity.score([o for run in runs for o in run.outcomes], slo)
     per_run = [rows[-1].attainment for rows in real_rows]
     print(f"\nSLO = {args.slo_factor:g}x solo latency: " + ", ".join(f"{w} {s:.2f} s" for w, s in slo.items()))
     print(
@@ -131,14 +147,18 @@ def main(argv: list[str] | None = None) -> dict:
         + (f" (spread {max(per_run) - min(per_run):.0%})" if len(runs) > 1 else "")
     )
     print(table(pooled, sim_rows))
+    print(inflation(measured, runs, workflows))
     real_a, sim_a = statistics.mean(per_run), sim_rows[-1].attainment
+
     result = {
         "args": vars(args),
         "trace": [json.loads(r.to_json()) for r in trace],
         "measured": measured.to_json(),
         "hop_s": sim.hop_s,
         "slo_s": slo,
-        "real": [[asdict(o) for o in outcomes] for outcomes in runs],
+        "real": [
+            {"outcomes": [asdict(o) for o in run.outcomes], "compute_s": run.compute_s, "cpu": run.cpu} for run in runs
+        ],
         "simulated": [asdict(o) for o in simulated],
         "attainment": {"real_runs": per_run, "real": real_a, "simulated": sim_a},
         "wall_s": time.time() - t0,

@@ -61,8 +61,8 @@ class Load:
     """What each request asks for: image side (pixels) and denoising steps. Big enough that
     the models' compute, not the mesh's fixed costs, is most of a request."""
 
-    size: int = 256
-    steps: int = 16
+    size: int = 320
+    steps: int = 20
 
 
 def workflow_of(request: TraceRequest) -> str:
@@ -199,7 +199,7 @@ async def compute_seconds(http: httpx.AsyncClient, url: str, request_id: str) ->
 
 
 async def measure(mesh: Mesh, trace: Sequence[TraceRequest], load: Load, runs: int = 5) -> Measured:
-    """Each workflow of the trace alone: warm-ups (each LoRA the trace names for it twice),
+    """Each workflow of the trace alone: warm-ups (one for each LoRA the trace names for it),
     then `runs` rounds of one request of each workflow in turn, one at a time (a burst of
     someone else's load on the machine then touches every workflow alike). A workflow's solo
     latency and each model's compute time are the medians over its rounds."""
@@ -209,7 +209,7 @@ async def measure(mesh: Mesh, trace: Sequence[TraceRequest], load: Load, runs: i
     steps: dict[str, dict[str, list[float]]] = {w: {} for w in workflows}
     async with httpx.AsyncClient(timeout=300) as http:
         for w in workflows:
-            for i, r in enumerate(variants[w] * 2):
+            for i, r in enumerate(variants[w]):
                 if not await _send(http, mesh.url, body(r, load, seed=i)):
                     raise RuntimeError(f"{w}: a warm-up request failed; see the logs in {mesh.config.log_dir}")
         for i in range(runs):
@@ -241,26 +241,28 @@ class RealRun:
 
 
 class CpuMeter:
-    """Cores busy between `start()` and `stop()`: the mesh's processes and this one, and the rest
-    of the machine (other people's work on a shared box, which the simulation knows nothing of)."""
+    """Cores busy between `start()` and `stop()`, by process: each of the mesh's (its children
+    included), this driver's, and the rest of the machine's ("others": other people's work on a
+    shared box, which the simulation knows nothing of)."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
 
-    def _ours(self) -> float:
+    def _by_process(self) -> dict[str, float]:
         import psutil
 
-        pids = [os.getpid()] + [c.pid for c in [*self.mesh.children, self.mesh.nats] if c is not None and c.alive()]
-        total = 0.0
-        for pid in pids:
+        named = [("driver", os.getpid())] + [
+            (c.name, c.pid) for c in [*self.mesh.children, self.mesh.nats] if c is not None and c.alive()
+        ]
+        out: dict[str, float] = {}
+        for name, pid in named:
             try:
                 proc = psutil.Process(pid)
-                for p in [proc, *proc.children(recursive=True)]:
-                    t = p.cpu_times()
-                    total += t.user + t.system
+                children = proc.children(recursive=True) if name != "driver" else []
+                out[name] = sum(sum(p.cpu_times()[:2]) for p in [proc, *children])
             except psutil.NoSuchProcess:
                 continue
-        return total
+        return out
 
     @staticmethod
     def _busy() -> float:
@@ -270,13 +272,14 @@ class CpuMeter:
         return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
     def start(self) -> None:
-        self._t0, self._ours0, self._busy0 = time.perf_counter(), self._ours(), self._busy()
+        self._t0, self._ours0, self._busy0 = time.perf_counter(), self._by_process(), self._busy()
 
     def stop(self) -> dict[str, float]:
+        """name -> cores it kept busy on average; "others": the rest of the machine."""
         wall = time.perf_counter() - self._t0
-        ours = self._ours() - self._ours0
-        busy = self._busy() - self._busy0
-        return {"mesh": ours / wall, "others": max(0.0, busy - ours) / wall}
+        ours = {name: (s - self._ours0.get(name, 0.0)) / wall for name, s in self._by_process().items()}
+        ours["others"] = max(0.0, (self._busy() - self._busy0) / wall - sum(ours.values()))
+        return ours
 
 
 async def replay_real(mesh: Mesh, trace: Sequence[TraceRequest], load: Load) -> RealRun:
@@ -393,3 +396,49 @@ def score(outcomes: Sequence[RequestOutcome], slo_s: dict[str, float]) -> list[R
             )
         )
     return rows
+
+
+@dataclass
+class Comparison:
+    """The trace on both sides, scored with the same SLOs."""
+
+    measured: Measured
+    runs: list[RealRun]
+    sim: Simulation
+    simulated: list[RequestOutcome]
+    slo_s: dict[str, float]
+
+    @property
+    def real_attainments(self) -> list[float]:
+        return [attainment(run.outcomes, self.slo_s) for run in self.runs]
+
+    @property
+    def real(self) -> float:
+        """The real replays' mean attainment."""
+        return statistics.mean(self.real_attainments)
+
+    @property
+    def simulated_attainment(self) -> float:
+        return attainment(self.simulated, self.slo_s)
+
+    @property
+    def difference_points(self) -> float:
+        return abs(self.real - self.simulated_attainment) * 100
+
+
+async def compare(
+    mesh: Mesh,
+    trace: Sequence[TraceRequest],
+    load: Load,
+    cores: int,
+    slo_factor: float = 5.0,
+    solo_runs: int = 5,
+    repeats: int = 1,
+) -> Comparison:
+    """Measure this machine's profile on `mesh`, replay the trace on it `repeats` times (each
+    one drained before the next: every request answered), then through the simulation."""
+    measured = await measure(mesh, trace, load, solo_runs)
+    runs = [await replay_real(mesh, trace, load) for _ in range(repeats)]
+    workflows = list(dict.fromkeys(workflow_of(r) for r in trace))
+    sim = simulation(measured, workflows, cores)
+    return Comparison(measured, runs, sim, replay_simulated(sim, trace), slo_of(measured, slo_factor))

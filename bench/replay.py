@@ -61,19 +61,15 @@ def load_trace(args: argparse.Namespace) -> list[TraceRequest]:
     return fidelity.short_trace(args.seed, args.duration, args.rate, burst)
 
 
-async def run_real(
-    args: argparse.Namespace, trace: list[TraceRequest], load: fidelity.Load, log_dir: Path
-) -> tuple[fidelity.Measured, list[fidelity.RealRun]]:
-    """Start the mesh, measure the profile, replay `--repeats` times (the queues drained between:
-    every request of a replay is answered before the next starts), stop it."""
+async def run(args: argparse.Namespace, trace: list[TraceRequest], log_dir: Path) -> fidelity.Comparison:
+    """Start the mesh, compare, stop it."""
     workflows = list(dict.fromkeys(fidelity.workflow_of(r) for r in trace))
     mesh = await asyncio.to_thread(fidelity.start_mesh, workflows, log_dir)
     try:
-        measured = await fidelity.measure(mesh, trace, load, args.solo_runs)
-        runs = [await fidelity.replay_real(mesh, trace, load) for _ in range(args.repeats)]
+        load = fidelity.Load(args.size, args.steps)
+        return await fidelity.compare(mesh, trace, load, args.cores, args.slo_factor, args.solo_runs, args.repeats)
     finally:
         await asyncio.to_thread(mesh.stop)
-    return measured, runs
 
 
 def pct(x: float) -> str:
@@ -104,14 +100,36 @@ def inflation(measured: fidelity.Measured, runs: list[fidelity.RealRun], workflo
         under_load = [s for run in runs for s in run.compute_s.get(m, [])]
         if under_load:
             parts.append(f"{m} {statistics.mean(under_load) / statistics.mean(values):.2f}x")
-    cpu = "; ".join(f"mesh {run.cpu['mesh']:.2f}, others {run.cpu['others']:.2f}" for run in runs)
-    return f"compute under load / solo: {', '.join(parts)}\ncores busy during each replay: {cpu}"
+    lines = [f"compute under load / solo: {', '.join(parts)}", "cores busy during each replay:"]
+    for run in runs:
+        lines.append("  " + ", ".join(f"{name} {cores:.2f}" for name, cores in run.cpu.items()))
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def report(c: fidelity.Comparison, workflows: list[str], slo_factor: float) -> str:
+    """The profile, the SLOs, the table and the diagnostics (everything but the last line)."""
+    m = c.measured
+    sim_solo = {w: fidelity.replay_simulated(c.sim, [TraceRequest(0.0, w, workflow=w)])[0].latency_s for w in workflows}
+    lines = ["measured profile (s, medians of the solo rounds; per model: its compute):"]
+    for w in workflows:
+        lines.append(
+            f"  {w:<9} solo {m.solo_s[w]:.3f} (spread {m.solo_spread_s[w]:.3f}; simulated {sim_solo[w]:.3f}): "
+            + ", ".join(f"{model} {s:.3f}" for model, s in m.step_s[w].items())
+        )
+    lines.append(f"  hop a step (the rest of the solo latency) {c.sim.hop_s * 1000:.1f} ms")
+    lines.append(f"\nSLO = {slo_factor:g}x solo latency: " + ", ".join(f"{w} {s:.2f} s" for w, s in c.slo_s.items()))
+    per_run = c.real_attainments
+    spread = f" (spread {(max(per_run) - min(per_run)) * 100:.0f} points)" if len(per_run) > 1 else ""
+    lines.append(f"real replays: {len(per_run)}, attainment each: {', '.join(pct(a) for a in per_run)}{spread}")
+    pooled = fidelity.score([o for run in c.runs for o in run.outcomes], c.slo_s)
+    lines.append(table(pooled, fidelity.score(c.simulated, c.slo_s)))
+    lines.append(inflation(m, c.runs, workflows))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> fidelity.Comparison:
     args = parse_args(argv)
     trace = load_trace(args)
-    load = fidelity.Load(args.size, args.steps)
     workflows = list(dict.fromkeys(fidelity.workflow_of(r) for r in trace))
     span = max(r.timestamp for r in trace)
     print(
@@ -122,52 +140,30 @@ def main(argv: list[str] | None = None) -> dict:
     )
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="lego-replay-") as tmp:
-        measured, runs = asyncio.run(run_real(args, trace, load, Path(tmp) / "logs"))
-    sim = fidelity.simulation(measured, workflows, args.cores)
-    sim_solo = {w: fidelity.replay_simulated(sim, [TraceRequest(0.0, w, workflow=w)])[0].latency_s for w in workflows}
-    print(
-        "measured profile (s): "
-        + "; ".join(
-            f"{w} solo {measured.solo_s[w]:.3f} (spread {measured.solo_spread_s[w]:.3f}, simulated {sim_solo[w]:.3f}): "
-            + ", ".join(f"{m} {s:.3f}" for m, s in measured.step_s[w].items())
-            for w in workflows
-        )
-        + f"; hop a stage {sim.hop_s:.3f}"
-    )
-    simulated = fidelity.replay_simulated(sim, trace)
-
-    slo = fidelity.slo_of(measured, args.slo_factor)
-    sim_rows = fidelity.score(simulated, slo)
-    real_rows = [fidelity.score(run.outcomes, slo) for run in runs]
-    pooled = fidelity.score([o for run in runs for o in run.outcomes], slo)
-    per_run = [rows[-1].attainment for rows in real_rows]
-    print(f"\nSLO = {args.slo_factor:g}x solo latency: " + ", ".join(f"{w} {s:.2f} s" for w, s in slo.items()))
-    print(
-        f"real replays: {len(runs)}, total attainment each: {', '.join(pct(a) for a in per_run)}"
-        + (f" (spread {max(per_run) - min(per_run):.0%})" if len(runs) > 1 else "")
-    )
-    print(table(pooled, sim_rows))
-    print(inflation(measured, runs, workflows))
-    real_a, sim_a = statistics.mean(per_run), sim_rows[-1].attainment
-
+        c = asyncio.run(run(args, trace, Path(tmp) / "logs"))
+    print(report(c, workflows, args.slo_factor))
     result = {
         "args": vars(args),
         "trace": [json.loads(r.to_json()) for r in trace],
-        "measured": measured.to_json(),
-        "hop_s": sim.hop_s,
-        "slo_s": slo,
+        "measured": c.measured.to_json(),
+        "hop_s": c.sim.hop_s,
+        "slo_s": c.slo_s,
         "real": [
-            {"outcomes": [asdict(o) for o in run.outcomes], "compute_s": run.compute_s, "cpu": run.cpu} for run in runs
+            {"outcomes": [asdict(o) for o in run.outcomes], "compute_s": run.compute_s, "cpu": run.cpu}
+            for run in c.runs
         ],
-        "simulated": [asdict(o) for o in simulated],
-        "attainment": {"real_runs": per_run, "real": real_a, "simulated": sim_a},
+        "simulated": [asdict(o) for o in c.simulated],
+        "attainment": {"real_runs": c.real_attainments, "real": c.real, "simulated": c.simulated_attainment},
         "wall_s": time.time() - t0,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "replay.json").write_text(json.dumps(result, indent=1))
-    print(f"replay: real {real_a:.0%}, simulated {sim_a:.0%}, difference {abs(real_a - sim_a) * 100:.0f} points")
-    return result
+    print(
+        f"replay: real {c.real:.0%}, simulated {c.simulated_attainment:.0%}, "
+        f"difference {c.difference_points:.0f} points"
+    )
+    return c
 
 
 if __name__ == "__main__":

@@ -378,19 +378,27 @@ class Row:
     p90_s: float
 
 
-def score(outcomes: Sequence[RequestOutcome], slo_s: dict[str, float]) -> list[Row]:
-    """Per workflow and in total (last): requests, attainment, mean and p90 latency (failed
-    requests count as misses, and as an infinite latency in the p90)."""
+def _met(outcome: RequestOutcome, slo_s: dict[str, float]) -> bool:
+    return outcome.latency_s is not None and outcome.latency_s <= slo_s[outcome.workflow]
+
+
+def score(scored: Sequence[tuple[Sequence[RequestOutcome], dict[str, float]]]) -> list[Row]:
+    """Per workflow and in total (last), over (outcomes, the SLOs they are held to) pairs:
+    requests, attainment, mean and p90 latency (a failed request is a miss, and an infinite
+    latency in the p90)."""
+    pairs = [(o, slo) for outcomes, slo in scored for o in outcomes]
+    names = sorted({o.workflow for o, _ in pairs})
     rows = []
-    groups = {w: [o for o in outcomes if o.workflow == w] for w in dict.fromkeys(o.workflow for o in outcomes)}
-    for name, group in [*sorted(groups.items()), ("total", list(outcomes))]:
-        done = [o.latency_s for o in group if o.latency_s is not None]
-        lat = [o.latency_s if o.latency_s is not None else math.inf for o in group]
+    for name in [*names, "total"]:
+        group = [(o, slo) for o, slo in pairs if name in ("total", o.workflow)]
+        done = [o.latency_s for o, _ in group if o.latency_s is not None]
+        lat = [o.latency_s if o.latency_s is not None else math.inf for o, _ in group]
+        met = sum(1 for o, slo in group if _met(o, slo))
         rows.append(
             Row(
                 name,
                 len(group),
-                attainment(group, slo_s),
+                met / len(group) if group else math.nan,
                 statistics.mean(done) if done else math.nan,
                 percentile(lat, 90),
             )
@@ -399,27 +407,38 @@ def score(outcomes: Sequence[RequestOutcome], slo_s: dict[str, float]) -> list[R
 
 
 @dataclass
-class Comparison:
-    """The trace on both sides, scored with the same SLOs."""
+class Trial:
+    """This machine's profile measured on the mesh, the trace replayed on it right after, and the
+    simulation of the same trace with that profile, both held to the same SLOs."""
 
     measured: Measured
-    runs: list[RealRun]
+    run: RealRun
     sim: Simulation
     simulated: list[RequestOutcome]
     slo_s: dict[str, float]
 
     @property
-    def real_attainments(self) -> list[float]:
-        return [attainment(run.outcomes, self.slo_s) for run in self.runs]
-
-    @property
     def real(self) -> float:
-        """The real replays' mean attainment."""
-        return statistics.mean(self.real_attainments)
+        return attainment(self.run.outcomes, self.slo_s)
 
     @property
     def simulated_attainment(self) -> float:
         return attainment(self.simulated, self.slo_s)
+
+
+@dataclass
+class Comparison:
+    trials: list[Trial]
+
+    @property
+    def real(self) -> float:
+        """The real replays' mean attainment."""
+        return statistics.mean(t.real for t in self.trials)
+
+    @property
+    def simulated_attainment(self) -> float:
+        """The simulations' mean attainment (one a trial: each with its trial's profile)."""
+        return statistics.mean(t.simulated_attainment for t in self.trials)
 
     @property
     def difference_points(self) -> float:
@@ -435,10 +454,15 @@ async def compare(
     solo_runs: int = 5,
     repeats: int = 1,
 ) -> Comparison:
-    """Measure this machine's profile on `mesh`, replay the trace on it `repeats` times (each
-    one drained before the next: every request answered), then through the simulation."""
-    measured = await measure(mesh, trace, load, solo_runs)
-    runs = [await replay_real(mesh, trace, load) for _ in range(repeats)]
+    """`repeats` trials on `mesh`: each measures this machine's profile, replays the trace right
+    after (drained before the next trial: every request answered) and simulates it with that
+    profile, so that a change in someone else's load on the machine between trials touches
+    both sides of a trial alike."""
     workflows = list(dict.fromkeys(workflow_of(r) for r in trace))
-    sim = simulation(measured, workflows, cores)
-    return Comparison(measured, runs, sim, replay_simulated(sim, trace), slo_of(measured, slo_factor))
+    trials = []
+    for _ in range(repeats):
+        measured = await measure(mesh, trace, load, solo_runs)
+        run = await replay_real(mesh, trace, load)
+        sim = simulation(measured, workflows, cores)
+        trials.append(Trial(measured, run, sim, replay_simulated(sim, trace), slo_of(measured, slo_factor)))
+    return Comparison(trials)

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slo-factor", type=float, default=5.0, help="SLO = this x the workflow's solo latency")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="the simulated GPUs: this box's cores")
     parser.add_argument("--solo-runs", type=int, default=5, help="solo requests a workflow (after 2 warm-ups)")
-    parser.add_argument("--repeats", type=int, default=1, help="real replays of the trace on the same mesh")
+    parser.add_argument("--repeats", type=int, default=1, help="trials (profile, replay, simulation) on one mesh")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "replay"))
     return parser.parse_args(argv)
 
@@ -88,42 +88,51 @@ def table(real: list[fidelity.Row], sim: list[fidelity.Row]) -> str:
     return "\n".join(lines)
 
 
-def inflation(measured: fidelity.Measured, runs: list[fidelity.RealRun], workflows: list[str]) -> str:
-    """What the replay did to the models' compute (mean step in the replays / solo), and the
-    cores busy meanwhile: ours (the mesh and this driver) and the rest of the machine's."""
+def inflation(trial: fidelity.Trial) -> str:
+    """What the replay did to the models' compute (mean step in the replay / solo), and the
+    cores busy meanwhile, by process ("others": the rest of the machine)."""
     solo: dict[str, list[float]] = {}
-    for w in workflows:
-        for m, s in measured.step_s[w].items():
+    for by_model in trial.measured.step_s.values():
+        for m, s in by_model.items():
             solo.setdefault(m, []).append(s)
-    parts = []
-    for m, values in sorted(solo.items()):
-        under_load = [s for run in runs for s in run.compute_s.get(m, [])]
-        if under_load:
-            parts.append(f"{m} {statistics.mean(under_load) / statistics.mean(values):.2f}x")
-    lines = [f"compute under load / solo: {', '.join(parts)}", "cores busy during each replay:"]
-    for run in runs:
-        lines.append("  " + ", ".join(f"{name} {cores:.2f}" for name, cores in run.cpu.items()))
-    return "\n".join(lines)
+    parts = [
+        f"{m} {statistics.mean(trial.run.compute_s[m]) / statistics.mean(values):.2f}x"
+        for m, values in sorted(solo.items())
+        if trial.run.compute_s.get(m)
+    ]
+    cpu = ", ".join(f"{name} {cores:.2f}" for name, cores in trial.run.cpu.items())
+    return f"    compute in the replay / solo: {', '.join(parts)}\n    cores busy in the replay: {cpu}"
 
 
 def report(c: fidelity.Comparison, workflows: list[str], slo_factor: float) -> str:
-    """The profile, the SLOs, the table and the diagnostics (everything but the last line)."""
-    m = c.measured
-    sim_solo = {w: fidelity.replay_simulated(c.sim, [TraceRequest(0.0, w, workflow=w)])[0].latency_s for w in workflows}
-    lines = ["measured profile (s, medians of the solo rounds; per model: its compute):"]
-    for w in workflows:
+    """Each trial's profile and attainments, the pooled table (everything but the last line)."""
+    lines = [f"SLO = {slo_factor:g}x the workflow's solo latency (measured in each trial)"]
+    for i, t in enumerate(c.trials, 1):
+        m = t.measured
+        sim_solo = {
+            w: fidelity.replay_simulated(t.sim, [TraceRequest(0.0, w, workflow=w)])[0].latency_s for w in workflows
+        }
         lines.append(
-            f"  {w:<9} solo {m.solo_s[w]:.3f} (spread {m.solo_spread_s[w]:.3f}; simulated {sim_solo[w]:.3f}): "
-            + ", ".join(f"{model} {s:.3f}" for model, s in m.step_s[w].items())
+            f"trial {i}: real {pct(t.real)}, simulated {pct(t.simulated_attainment)}; profile (s, medians of "
+            f"{m.solo_runs} solo rounds; per model its compute), hop a step {t.sim.hop_s * 1000:.1f} ms:"
         )
-    lines.append(f"  hop a step (the rest of the solo latency) {c.sim.hop_s * 1000:.1f} ms")
-    lines.append(f"\nSLO = {slo_factor:g}x solo latency: " + ", ".join(f"{w} {s:.2f} s" for w, s in c.slo_s.items()))
-    per_run = c.real_attainments
-    spread = f" (spread {(max(per_run) - min(per_run)) * 100:.0f} points)" if len(per_run) > 1 else ""
-    lines.append(f"real replays: {len(per_run)}, attainment each: {', '.join(pct(a) for a in per_run)}{spread}")
-    pooled = fidelity.score([o for run in c.runs for o in run.outcomes], c.slo_s)
-    lines.append(table(pooled, fidelity.score(c.simulated, c.slo_s)))
-    lines.append(inflation(m, c.runs, workflows))
+        for w in workflows:
+            lines.append(
+                f"    {w:<9} solo {m.solo_s[w]:.3f} (spread {m.solo_spread_s[w]:.3f}; simulated {sim_solo[w]:.3f}): "
+                + ", ".join(f"{model} {s:.3f}" for model, s in m.step_s[w].items())
+            )
+        lines.append(inflation(t))
+    reals = [t.real for t in c.trials]
+    if len(reals) > 1:
+        sims = [t.simulated_attainment for t in c.trials]
+        lines.append(
+            f"spread over {len(reals)} trials: real {(max(reals) - min(reals)) * 100:.0f} points, "
+            f"simulated {(max(sims) - min(sims)) * 100:.0f} points"
+        )
+    lines.append("\nall trials pooled:")
+    real_rows = fidelity.score([(t.run.outcomes, t.slo_s) for t in c.trials])
+    sim_rows = fidelity.score([(t.simulated, t.slo_s) for t in c.trials])
+    lines.append(table(real_rows, sim_rows))
     return "\n".join(lines)
 
 
@@ -145,15 +154,22 @@ def main(argv: list[str] | None = None) -> fidelity.Comparison:
     result = {
         "args": vars(args),
         "trace": [json.loads(r.to_json()) for r in trace],
-        "measured": c.measured.to_json(),
-        "hop_s": c.sim.hop_s,
-        "slo_s": c.slo_s,
-        "real": [
-            {"outcomes": [asdict(o) for o in run.outcomes], "compute_s": run.compute_s, "cpu": run.cpu}
-            for run in c.runs
+        "trials": [
+            {
+                "measured": t.measured.to_json(),
+                "hop_s": t.sim.hop_s,
+                "slo_s": t.slo_s,
+                "real": {
+                    "outcomes": [asdict(o) for o in t.run.outcomes],
+                    "compute_s": t.run.compute_s,
+                    "cpu": t.run.cpu,
+                },
+                "simulated": [asdict(o) for o in t.simulated],
+                "attainment": {"real": t.real, "simulated": t.simulated_attainment},
+            }
+            for t in c.trials
         ],
-        "simulated": [asdict(o) for o in c.simulated],
-        "attainment": {"real_runs": c.real_attainments, "real": c.real, "simulated": c.simulated_attainment},
+        "attainment": {"real": c.real, "simulated": c.simulated_attainment},
         "wall_s": time.time() - t0,
     }
     out = Path(args.out)

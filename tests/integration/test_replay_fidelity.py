@@ -21,11 +21,11 @@ from bench import fidelity
 BAND_POINTS = 10.0
 
 
-def compare(tmp_path: Path, model_cache: Path, trace: list, repeats: int) -> fidelity.Comparison:
+def compare(tmp_path: Path, model_cache: Path, trace: list, load: fidelity.Load, repeats: int) -> fidelity.Comparison:
     workflows = list(dict.fromkeys(fidelity.workflow_of(r) for r in trace))
     mesh = fidelity.start_mesh(workflows, tmp_path / "logs", str(model_cache))
     try:
-        return asyncio.run(fidelity.compare(mesh, trace, fidelity.Load(), cores=2, solo_runs=3, repeats=repeats))
+        return asyncio.run(fidelity.compare(mesh, trace, load, cores=2, solo_runs=3, repeats=repeats))
     finally:
         mesh.stop()
         leftover = [c.name for c in mesh.children if c.alive()]
@@ -33,24 +33,24 @@ def compare(tmp_path: Path, model_cache: Path, trace: list, repeats: int) -> fid
 
 
 def check(c: fidelity.Comparison) -> None:
-    got = f"real {c.real_attainments} (mean {c.real:.0%}), simulated {c.simulated_attainment:.0%}"
+    trials = "; ".join(f"real {t.real:.0%} simulated {t.simulated_attainment:.0%}" for t in c.trials)
+    got = f"{trials} (means {c.real:.0%} / {c.simulated_attainment:.0%})"
     print(f"replay: {got}, difference {c.difference_points:.0f} points")
-    assert all(o.latency_s is not None for run in c.runs for o in run.outcomes), "a real request failed"
-    assert all(o.latency_s is not None for o in c.simulated), "a simulated request never finished"
+    assert all(o.latency_s is not None for t in c.trials for o in t.run.outcomes), "a real request failed"
+    assert all(o.latency_s is not None for t in c.trials for o in t.simulated), "a simulated request never finished"
     assert c.difference_points <= BAND_POINTS, got
 
 
 def test_short_replay_attainment_real_and_simulated_within_10_points(tmp_path: Path, model_cache: Path) -> None:
-    trace = fidelity.short_trace(seed=15, duration_s=10.0, rate=2.0, burst=(3.0, 2.0, 3.0))
-    c = compare(tmp_path, model_cache, trace, repeats=1)
+    trace = fidelity.short_trace(seed=15, duration_s=8.0, rate=1.5, burst=(3.0, 2.0, 2.0))
+    c = compare(tmp_path, model_cache, trace, fidelity.Load(256, 16), repeats=1)
     check(c)
-    assert c.simulated_attainment > 0.5  # the load is one the mesh mostly keeps up with
 
 
 @pytest.mark.replay
 @pytest.mark.skipif("LEGO_REPLAY_FULL" not in os.environ, reason="the full-size replay: `make replay` runs it")
 def test_replay_at_the_knee_real_and_simulated_within_10_points(tmp_path: Path, model_cache: Path) -> None:
     trace = fidelity.short_trace(seed=15, duration_s=20.0, rate=3.0, burst=(5.0, 3.0, 3.0))
-    c = compare(tmp_path, model_cache, trace, repeats=3)
+    c = compare(tmp_path, model_cache, trace, fidelity.Load(), repeats=3)
     check(c)
     assert 0.0 < c.real < 1.0 or 0.0 < c.simulated_attainment < 1.0, "not at the knee: all met or all missed"

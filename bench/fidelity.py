@@ -54,6 +54,9 @@ GIB = 2**30
 # service are not a stage the simulator's workflows can state).
 MIX = {"sd3": 0.45, "flux": 0.3, "sd3-lora": 0.25}
 LORAS = {"sd3": ("sd3-lora-a", "sd3-lora-b"), "flux": ("flux-lora-a", "flux-lora-b")}
+# Cores someone else's work may keep busy during a replay (on average) before the comparison
+# says nothing about the simulator: a quarter of one of this box's two.
+BUSY_ELSEWHERE_MAX = 0.25
 
 
 @dataclass(frozen=True)
@@ -443,6 +446,11 @@ class Comparison:
     @property
     def difference_points(self) -> float:
         return abs(self.real - self.simulated_attainment) * 100
+
+    @property
+    def busy_elsewhere(self) -> float:
+        """The most cores the rest of the machine kept busy during a replay (on average over it)."""
+        return max(t.run.cpu.get("others", 0.0) for t in self.trials)
 
 
 async def compare(

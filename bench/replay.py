@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> fidelity.Comparison:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "replay.json").write_text(json.dumps(result, indent=1))
+    if c.busy_elsewhere > fidelity.BUSY_ELSEWHERE_MAX:
+        print(
+            f"WARNING: other work on this machine kept up to {c.busy_elsewhere:.2f} cores busy during a replay; "
+            "the simulation knows nothing of it (compare on a machine of your own)"
+        )
     print(
         f"replay: real {c.real:.0%}, simulated {c.simulated_attainment:.0%}, "
         f"difference {c.difference_points:.0f} points"

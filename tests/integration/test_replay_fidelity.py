@@ -38,11 +38,14 @@ def check(c: fidelity.Comparison) -> None:
     print(f"replay: {got}, difference {c.difference_points:.0f} points")
     assert all(o.latency_s is not None for t in c.trials for o in t.run.outcomes), "a real request failed"
     assert all(o.latency_s is not None for t in c.trials for o in t.simulated), "a simulated request never finished"
+    if c.difference_points > BAND_POINTS and c.busy_elsewhere > fidelity.BUSY_ELSEWHERE_MAX:
+        pytest.skip(f"inconclusive: other work kept {c.busy_elsewhere:.2f} cores of this machine busy ({got})")
     assert c.difference_points <= BAND_POINTS, got
 
 
 def test_short_replay_attainment_real_and_simulated_within_10_points(tmp_path: Path, model_cache: Path) -> None:
-    trace = fidelity.short_trace(seed=15, duration_s=8.0, rate=1.5, burst=(3.0, 2.0, 2.0))
+    # 33 requests in 10 s, a burst of 3x from 3 s to 5 s (about 7 req/s) that queues some.
+    trace = fidelity.short_trace(seed=3, duration_s=10.0, rate=2.5, burst=(3.0, 2.0, 3.0))
     c = compare(tmp_path, model_cache, trace, fidelity.Load(256, 16), repeats=1)
     check(c)
 

@@ -5,26 +5,37 @@ profile, both scored the same way.
 Why: the simulator is what judges policies at 1,000 GPUs, which nobody can run here; it is
 only worth trusting if, at the scale this machine allows, it predicts what the real mesh does.
 
-How each side is run (`bench/replay.py` prints the comparison; the fidelity test asserts it):
+A trial (`compare`; `bench/replay.py` prints it, tests/integration/test_replay_fidelity.py
+asserts it), on one running mesh:
 
-- Real: `lego.launcher.Mesh` serving the trace's workflows (tiny seeded models; one replica a
-  unit, autoscaling off: scaling adds nothing on a machine whose cores are the bound, and the
-  simulation then holds the same replicas), every replica's torch on ONE thread, so that a
-  replica computes on one core. First each workflow runs alone, warm, one request at a time
-  (its solo latency, and each model's step time from the replicas' own `lego_step_seconds`
-  counters, read before and after the workflow's solo runs); then the trace, open loop: each
-  request is sent at its timestamp whatever the others are doing, its latency taken from that
-  timestamp to its image.
-- Simulated: a micro-served `Simulation` (a unit per service process, as the mesh runs them)
-  with those step times, per workflow and model (a LoRA's cost is in its denoiser's figure),
-  and the rest of the solo latency (HTTP, planning, bus and tensor hops, image encoding) as
-  the per-stage `hop_s`. The GPUs are this machine's cores: a replica computes on one core as
-  a replica does on one GPU, and the steps that share a core share its time, as steps on one
-  GPU do. The simulator pins each replica to one GPU (the one with the most free memory); the
-  units are given equal memory so that the two denoisers land on different cores.
+- The mesh: `lego.launcher.Mesh` serving the trace's workflows (tiny seeded models), what
+  `lego up --no-autoscale --no-auth` starts: one replica a unit (scaling adds nothing on a
+  machine whose cores are the bound, and the simulation then holds the same replicas); every
+  replica's torch on ONE thread, so that a replica computes on one core.
+- The profile: rounds of one request of each workflow in turn, one at a time, warm. A
+  workflow's solo latency is the median of its rounds; each model's step time the median of
+  the compute the gateway recorded for its node (`GET /v1/requests/{id}`: the replica's
+  compute thread busy on it, not the hops or the queue).
+- Real: the trace open loop, right after: each request sent at its timestamp whatever the
+  others are doing, its latency taken from that timestamp to its image.
+- Simulated: a micro-served `Simulation` (a unit per service process, as `lego.units` plans
+  them), one replica each, never scaled, with those step times per workflow and model (a
+  LoRA's cost is in its denoiser's figure), and the rest of the solo latency (HTTP, planning,
+  bus and tensor hops, image encoding) spread over the steps as `hop_s`. The GPUs are this
+  machine's cores (2 here): a replica computes on one core as it would on one GPU, and steps
+  sharing a core share its time, as on a GPU. The simulator pins a replica to the GPU with the
+  most free memory; the units get equal memory so that they spread over the cores in plan
+  order (encoder and flux on one, sd3 and the VAEs on the other: the two denoisers apart).
 
 Attainment on both sides: the fraction of the trace's requests finished within k x their
-workflow's solo latency measured on the real mesh (a failed request misses).
+workflow's solo latency of that trial (a failed request misses).
+
+Not modelled, and what the comparison then shows (bench/replay.py prints each): the machine's
+scheduler moves processes between cores, where the simulation pins them (a VAE step waits for
+the sd3 denoiser's core while the other is idle); two computing processes slow each other
+more than time slicing says (memory bandwidth, caches: "compute in the replay / solo"); the
+gateway's, NATS's and the driver's CPU share the cores with the models; and other people's
+work on a shared machine ("others"), which makes a comparison inconclusive.
 """
 
 from __future__ import annotations
@@ -64,8 +75,8 @@ class Load:
     """What each request asks for: image side (pixels) and denoising steps. Big enough that
     the models' compute, not the mesh's fixed costs, is most of a request."""
 
-    size: int = 320
-    steps: int = 20
+    size: int = 256
+    steps: int = 16
 
 
 def workflow_of(request: TraceRequest) -> str:
@@ -340,7 +351,7 @@ def simulation(measured: Measured, workflows: Sequence[str], cores: int) -> Simu
                 unit.append(key)
     units = {u: ms for u, ms in units.items() if ms}
     one = {u: Limits(1, 1) for u in units}
-    policy = PolicyConfig(slo=Slo(factor=5.0), memory_budget_bytes=cores * 80 * GIB, limits=one)
+    policy = PolicyConfig(slo=Slo(factor=5.0), memory_budget_bytes=max(cores, 1) * 80 * GIB, limits=one)
     hop = statistics.mean(measured.hop_s(w) for w in workflows)
     return Simulation(
         workflows=sim_workflows,
@@ -419,6 +430,10 @@ class Trial:
     sim: Simulation
     simulated: list[RequestOutcome]
     slo_s: dict[str, float]
+    # The same simulation with compute not limited (`gpus` = 0): each replica on a core of its
+    # own, never shared. The machine's scheduler moves processes between cores, which the
+    # pinned simulation cannot; with no other cost, reality lies between the two.
+    unshared: list[RequestOutcome] = field(default_factory=list)
 
     @property
     def real(self) -> float:
@@ -472,5 +487,6 @@ async def compare(
         measured = await measure(mesh, trace, load, solo_runs)
         run = await replay_real(mesh, trace, load)
         sim = simulation(measured, workflows, cores)
-        trials.append(Trial(measured, run, sim, replay_simulated(sim, trace), slo_of(measured, slo_factor)))
+        unshared = replay_simulated(simulation(measured, workflows, 0), trace)
+        trials.append(Trial(measured, run, sim, replay_simulated(sim, trace), slo_of(measured, slo_factor), unshared))
     return Comparison(trials)

@@ -3,16 +3,20 @@ profile: SLO attainment side by side (bench/fidelity.py says how each side runs)
 
 The trace is a JSONL file in bench/traces/record.py's format (`--trace`), or a seeded one made
 here: Poisson arrivals at `--rate` req/s for `--duration` s, with a burst of `--burst-factor` x
-for `--burst-s` s from `--burst-at` s, workflows sd3 / flux / sd3-lora (fidelity.MIX). The SLO
-of a workflow is `--slo-factor` x its solo latency measured on the real mesh. The real replay
-runs `--repeats` times on the same mesh (the simulation is deterministic); its attainment is
-their mean, their spread is printed.
+for `--burst-s` s from `--burst-at` s, workflows sd3 / flux / sd3-lora (fidelity.MIX). The
+defaults put it near the knee of this 2-core box's attainment curve. `--repeats` trials on one
+mesh, each: the profile measured (solo rounds), the trace replayed, the trace simulated with
+that profile; the SLO of a workflow is `--slo-factor` x its solo latency of that trial.
 
-Prints the measured profile, a table per workflow and in total (requests, attainment real vs
-simulated, mean / p90 latency real vs simulated), and last:
-`replay: real A%, simulated B%, difference D points`. Writes replay.json to --out.
+Prints each trial's profile, attainments (also simulated with a core for each replica, never
+shared: reality, if it cost nothing else, would lie between that and the pinned simulation),
+the models' compute in the replay against solo and the cores busy by process ("others": the
+rest of the machine, which the simulation knows nothing of); then a table over all trials per
+workflow and in total (requests, attainment real vs simulated, mean / p90 latency real vs
+simulated), and last: `replay: real A%, simulated B%, difference D points` (the trials' means).
+Writes replay.json to --out.
 
-    python bench/replay.py [--trace FILE] [--rate 1.5] [--duration 20] [--repeats 3] [--cores 2]
+    python bench/replay.py [--trace FILE] [--rate 3] [--duration 20] [--repeats 3] [--cores 2]
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", help="a JSONL trace (bench/traces/record.py); default: a seeded short one")
     parser.add_argument("--seed", type=int, default=15)
-    parser.add_argument("--rate", type=float, default=1.5, help="req/s of the seeded trace")
+    parser.add_argument("--rate", type=float, default=3.0, help="req/s of the seeded trace")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of the seeded trace")
     parser.add_argument("--burst-at", type=float, default=5.0, help="the burst's start (s)")
     parser.add_argument("--burst-s", type=float, default=3.0, help="the burst's length (s); 0: no burst")
@@ -48,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=fidelity.Load.steps, help="denoising steps")
     parser.add_argument("--slo-factor", type=float, default=5.0, help="SLO = this x the workflow's solo latency")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="the simulated GPUs: this box's cores")
-    parser.add_argument("--solo-runs", type=int, default=5, help="solo requests a workflow (after 2 warm-ups)")
+    parser.add_argument("--solo-runs", type=int, default=5, help="solo rounds a trial (after a warm-up)")
     parser.add_argument("--repeats", type=int, default=1, help="trials (profile, replay, simulation) on one mesh")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "replay"))
     return parser.parse_args(argv)
@@ -112,8 +116,10 @@ def report(c: fidelity.Comparison, workflows: list[str], slo_factor: float) -> s
         sim_solo = {
             w: fidelity.replay_simulated(t.sim, [TraceRequest(0.0, w, workflow=w)])[0].latency_s for w in workflows
         }
+        unshared = pct(fidelity.attainment(t.unshared, t.slo_s))
         lines.append(
-            f"trial {i}: real {pct(t.real)}, simulated {pct(t.simulated_attainment)}; profile (s, medians of "
+            f"trial {i}: real {pct(t.real)}, simulated {pct(t.simulated_attainment)} (a core each, unshared: "
+            f"{unshared}); profile (s, medians of "
             f"{m.solo_runs} solo rounds; per model its compute), hop a step {t.sim.hop_s * 1000:.1f} ms:"
         )
         for w in workflows:

@@ -46,7 +46,7 @@ def check(c: fidelity.Comparison) -> None:
 def test_short_replay_attainment_real_and_simulated_within_10_points(tmp_path: Path, model_cache: Path) -> None:
     # 33 requests in 10 s, a burst of 3x from 3 s to 5 s (about 7 req/s) that queues some.
     trace = fidelity.short_trace(seed=3, duration_s=10.0, rate=2.5, burst=(3.0, 2.0, 3.0))
-    c = compare(tmp_path, model_cache, trace, fidelity.Load(256, 16), repeats=1)
+    c = compare(tmp_path, model_cache, trace, fidelity.Load(), repeats=1)
     check(c)
 
 

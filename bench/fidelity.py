@@ -87,6 +87,21 @@ def workflow_of(request: TraceRequest) -> str:
     return request.base_model + ("-controlnet" if request.controlnets else "") + ("-lora" if request.loras else "")
 
 
+def check_replayable(trace: Sequence[TraceRequest]) -> None:
+    """Raise ValueError naming what a replay here cannot run: a workflow the catalogue does not
+    have, or a ControlNet one (its per-step calls to the adapters service are no stage the
+    simulator's workflows can state, and its control image is not in a trace)."""
+    from shared.workflows.catalogue import catalogue
+
+    workflows = {workflow_of(r) for r in trace}
+    unknown = sorted(w for w in workflows if w not in catalogue())
+    if unknown:
+        raise ValueError(f"workflows {unknown} are not in the catalogue; known: {', '.join(sorted(catalogue()))}")
+    control = sorted(w for w in workflows if get_workflow(w).controlnets)
+    if control:
+        raise ValueError(f"ControlNet workflows {control} cannot be replayed here (neither side models them)")
+
+
 def short_trace(
     seed: int,
     duration_s: float,

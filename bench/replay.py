@@ -145,6 +145,12 @@ def report(c: fidelity.Comparison, workflows: list[str], slo_factor: float) -> s
 def main(argv: list[str] | None = None) -> fidelity.Comparison:
     args = parse_args(argv)
     trace = load_trace(args)
+    if not trace:
+        sys.exit("replay: the trace is empty")
+    try:
+        fidelity.check_replayable(trace)
+    except ValueError as exc:
+        sys.exit(f"replay: {exc}")
     workflows = list(dict.fromkeys(fidelity.workflow_of(r) for r in trace))
     span = max(r.timestamp for r in trace)
     print(

@@ -69,3 +69,11 @@ def test_a_burst_beyond_the_cores_misses_slos_in_the_simulation() -> None:
     assert fidelity.attainment(fidelity.replay_simulated(sim, burst), slo) < 0.5
     rows = fidelity.score([(fidelity.replay_simulated(sim, burst), slo)])
     assert [r.name for r in rows] == ["sd3", "total"] and rows[-1].requests == 40
+
+
+def test_a_trace_this_replay_cannot_run_is_refused_by_name() -> None:
+    fidelity.check_replayable([TraceRequest(0.0, "sd3"), TraceRequest(1.0, "flux", loras=("flux-lora-a",))])
+    with pytest.raises(ValueError, match="sd3-controlnet"):
+        fidelity.check_replayable([TraceRequest(0.0, "sd3", controlnets=("sd3-controlnet",))])
+    with pytest.raises(ValueError, match=r"\['sdxl-lora'\] are not in the catalogue"):
+        fidelity.check_replayable([TraceRequest(0.0, "sdxl", loras=("x",))])

@@ -52,12 +52,13 @@ from pathlib import Path
 
 import httpx
 
+from bench.simulate import stages_of
 from bench.traces.record import TraceRequest
 from lego.launcher import Mesh, MeshConfig, free_port
 from lego.units import plan_units
 from services.autoscaler.policy import Limits, PolicyConfig, Slo
 from services.autoscaler.simulator import ModelProfile, RequestOutcome, Simulation, attainment
-from shared.workflows.catalogue import get_workflow
+from shared.workflows.catalogue import catalogue, get_workflow
 
 GIB = 2**30
 # The short trace's workflows and their shares: two base models and a LoRA variant, all served
@@ -91,8 +92,6 @@ def check_replayable(trace: Sequence[TraceRequest]) -> None:
     """Raise ValueError naming what a replay here cannot run: a workflow the catalogue does not
     have, or a ControlNet one (its per-step calls to the adapters service are no stage the
     simulator's workflows can state, and its control image is not in a trace)."""
-    from shared.workflows.catalogue import catalogue
-
     workflows = {workflow_of(r) for r in trace}
     unknown = sorted(w for w in workflows if w not in catalogue())
     if unknown:
@@ -141,7 +140,7 @@ def short_trace(
 @dataclass
 class Measured:
     """This machine's profile, measured on the real mesh: per workflow, its solo latency and the
-    seconds each of its models' steps took (mean over the solo runs)."""
+    seconds each of its models computed (medians over the solo rounds)."""
 
     solo_s: dict[str, float]
     step_s: dict[str, dict[str, float]]
@@ -151,25 +150,12 @@ class Measured:
     def hop_s(self, workflow: str) -> float:
         """What a solo request takes beyond its models' compute, per step: the simulator adds
         its hop to every step (the encoders of a stage, one process, run one after the other)."""
-        stages = stage_models(workflow)
+        stages = stages_of(workflow)
         compute = sum(self.step_s[workflow][m] for stage in stages for m in stage)
         return max(0.0, self.solo_s[workflow] - compute) / sum(len(stage) for stage in stages)
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def stage_models(workflow: str) -> list[list[str]]:
-    """The workflow's models by dependency level (encoders, denoiser, VAE)."""
-    spec = get_workflow(workflow)
-    level: dict[str, int] = {}
-    for node in spec.nodes:  # specs list nodes after their inputs
-        deps = [ref.split(".")[0] for ref in node.inputs.values() if not ref.startswith("request.")]
-        level[node.id] = 1 + max((level[d] for d in deps), default=-1)
-    out: list[list[str]] = [[] for _ in range(max(level.values()) + 1)]
-    for node in spec.nodes:
-        out[level[node.id]].append(node.model)
-    return out
 
 
 # -- the real mesh -------------------------------------------------------------------------------
@@ -352,7 +338,7 @@ def simulation(measured: Measured, workflows: Sequence[str], cores: int) -> Simu
     models: dict[str, ModelProfile] = {}
     sim_workflows: dict[str, list[list[str]]] = {}
     for workflow in workflows:
-        stages = stage_models(workflow)
+        stages = stages_of(workflow)
         sim_workflows[workflow] = [[f"{m}@{workflow}" for m in stage] for stage in stages]
         for stage in stages:
             for m in stage:

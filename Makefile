@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 comma  := ,
 EXTRAS := dev$(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),$(comma)ucx)
 
-.PHONY: setup demo up test fuzz faults lint bench clean
+.PHONY: setup demo up test fuzz faults replay lint bench clean
 
 # docker-compose validates deploy/'s compose files (tests/unit/test_deploy.py); HAProxy's config
 # checker for the same test is Debian's haproxy unpacked under the venv, not installed (no daemon,
@@ -53,6 +53,14 @@ FAULT_REQUESTS ?= 200
 FAULT_TESTS    := tests/e2e/test_nats_faults.py tests/e2e/test_gateway_faults.py
 faults: setup
 	LEGO_FAULT_REQUESTS=$(FAULT_REQUESTS) $(BIN)/python -m pytest -q -ra -s $(FAULT_TESTS)
+
+# The simulator against reality (issue 15): a short seeded trace through the mesh and through the
+# simulator with this machine's measured profile, near the knee of the attainment curve, 3 trials;
+# bench/replay.py prints the table and `replay: real A%, simulated B%, difference D points`, then
+# the full-size fidelity test runs (`make test` runs a small one).
+replay: setup
+	$(BIN)/python bench/replay.py --repeats 3
+	LEGO_REPLAY_FULL=1 $(BIN)/python -m pytest -q -ra -s -m replay tests/integration/test_replay_fidelity.py
 
 # ruff (with the C901 / PLR0915 size limits), the format, mypy on shared/ ([tool.mypy] files),
 # and the layers and import contracts of [tool.importlinter].

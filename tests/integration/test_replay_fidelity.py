@@ -2,10 +2,10 @@
 seeded trace replayed through the mesh `lego up` starts and through the simulator with this
 machine's profile, measured on that mesh right before, gives SLO attainment within 10 points.
 
-CI runs a small trace at a load the mesh keeps up with but for a few requests queued by a
-burst: robust, and it still catches a simulation whose latencies are far off. The knee of the
-attainment curve, where a few per cent of capacity move attainment by tens of points, is the
-full-size test: three trials, `make replay` (LEGO_REPLAY_FULL=1). Either reports a comparison
+Both run under `make replay` (LEGO_REPLAY_FULL=1), not in CI: the CI suite is at its time
+budget, and the small one (a load the mesh keeps up with but for a few requests a burst queues)
+mostly compares 100% with 100%. The knee of the attainment curve, where a few per cent of
+capacity move attainment by tens of points, is the one that matters: three trials. Either reports a comparison
 as inconclusive (skipped) when it failed while other work kept this machine's cores busy: the
 simulation knows nothing of someone else's load (bench/replay.py prints the details).
 """
@@ -48,6 +48,8 @@ def check(c: fidelity.Comparison) -> None:
     assert c.difference_points <= BAND_POINTS, got
 
 
+@pytest.mark.replay
+@pytest.mark.skipif("LEGO_REPLAY_FULL" not in os.environ, reason="`make replay` runs it")
 def test_short_replay_attainment_real_and_simulated_within_10_points(tmp_path: Path, model_cache: Path) -> None:
     # 29 requests in 10 s, a burst of 2x from 3 s to 5 s (about 5 req/s) that queues a few.
     trace = fidelity.short_trace(seed=3, duration_s=10.0, rate=2.5, burst=(3.0, 2.0, 2.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import socket
 from types import FrameType
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         ssl_certfile=settings.gateway_tls_cert or None,  # HTTPS when both are set
         ssl_keyfile=settings.gateway_tls_key or None,
         timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
+        loop="asyncio" if os.environ.get("LEGO_EVENT_LOOP") == "asyncio" else "auto",  # auto: uvloop
     )
     DrainingServer(config, app.state.drain).run()
 

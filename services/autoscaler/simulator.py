@@ -29,9 +29,44 @@ devices for them; when devices fall idle with nothing queued, a shrunk step grow
 its first degree. The work left moves with it: the fraction of the step left, at the new
 degree's time.
 
-Not modelled: batching, network time beyond a fixed per-stage hop, any cost of time slicing
-itself (context switches, caches), the lockstep of a split step's devices (each device's share
-runs at that device's pace; the exchange is in the degree's time).
+Trace requests (issue 15): `run` also takes the requests of a trace (`TracedRequest`, the
+fields of `bench/traces/record.py`'s `TraceRequest`: timestamp, base model, ControlNets, LoRAs,
+workflow); `route` names each one's workflow. A model with `Adapters` (a denoiser, or a whole
+pipeline that holds one) pays for the request's ControlNets and LoRAs when it runs its step:
+
+- ControlNets: a ControlNet runs at every denoising step beside the base model (its residuals
+  feed the base model's step), so it lengthens the run. Co-located (`controlnet_link` None):
+  its compute, `controlnet_s`, runs on the denoiser's device (time-sliced with the rest there),
+  and the replica keeps `controlnet_slots` ControlNets loaded (their memory is in the model's
+  `memory_bytes`), least recently used out; a miss waits `controlnet_load_s`. Elsewhere (a
+  `Link`: NVLink, PCIe, the network): the ControlNets run side by side on other devices, and
+  the denoiser waits each step for their compute and their residuals over the link:
+  `controlnet_s` + `steps` x (n x `residual_bytes` / bandwidth + latency), its device free
+  meanwhile. Those devices are not simulated (their ControlNets kept loaded, their compute
+  not counted against the cluster): a remote ControlNet is priced in latency only.
+- LoRAs: a replica keeps `lora_slots` LoRAs loaded, least recently used out; a miss waits
+  `lora_load_s` (host memory into the model's layers), plus `lora_disk_s` when the node's host
+  memory (`host_lora_slots` files, least recently used out, shared by the node's replicas) does
+  not hold the file.
+- Loads hold the replica but not its device's compute (they are copies and the host's work).
+- The autoscaler sees such a model's step time as its replicas measure it: the mean of what its
+  steps took so far (loads, ControlNets and batches included), not the profile's bare figure.
+
+Step-level batching: a lone replica of a model with `max_batch` > 1 takes with the oldest queued
+step the next queued steps of the same model with the same ControlNets and LoRAs (the
+denoiser's batch engine's rule: the oldest leads every call, whoever fits rides along), up to
+`max_batch`, looking through the first `batch_scan` queued; the call takes `batch_s(b)` and all
+its steps finish together. Requests do not join a call already running (the engine adds them
+at the next denoising step), so batching here is slightly pessimistic.
+
+Scale: dispatch visits only the replicas that can act (idle lone replicas of units with steps
+queued, groups), arrivals are read in order rather than all put on the event heap, and the
+steps in replicas' hands are counted as they start and end: 1,000 GPUs run in minutes.
+
+Not modelled: network time beyond a fixed per-stage hop (and a remote ControlNet's link), any
+cost of time slicing itself (context switches, caches), the lockstep of a split step's devices
+(each device's share runs at that device's pace; the exchange is in the degree's time),
+batching on groups.
 """
 
 from __future__ import annotations
@@ -39,9 +74,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import Counter, deque
-from collections.abc import Mapping
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from services.autoscaler.policy import (
     MODES,
@@ -57,15 +93,76 @@ from services.autoscaler.policy import (
 
 
 @dataclass(frozen=True)
+class Link:
+    """A path a ControlNet's residuals take to the denoiser each step: bytes per second and a
+    fixed latency per transfer."""
+
+    bytes_per_s: float
+    latency_s: float = 0.0
+
+    def transfer_s(self, nbytes: int) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """What ControlNets and LoRAs cost a model that runs them (a denoiser, or a whole pipeline
+    holding one). See "ControlNets" and "LoRAs" in the module docstring."""
+
+    steps: int = 28  # denoising steps: a remote ControlNet's residuals cross the link this often
+    controlnet_s: float = 0.0  # seconds one ControlNet adds to the model's run (all its steps)
+    controlnet_load_s: float = 0.0  # host memory -> device, at a replica's cache miss
+    residual_bytes: int = 0  # one ControlNet's residuals for one step (CFG rows included)
+    controlnet_slots: int = 0  # ControlNets a replica keeps loaded (least recently used goes)
+    lora_load_s: float = 0.0  # host memory -> the model's layers, at a replica's cache miss
+    lora_disk_s: float = 0.0  # more when the file is not in the node's host memory
+    lora_slots: int = 0  # LoRAs a replica keeps loaded (least recently used goes)
+    host_lora_slots: int = 0  # LoRA files a node keeps in host memory (least recently used goes)
+
+
+@dataclass(frozen=True)
 class ModelProfile:
     """One model (or, monolithic, one whole pipeline): seconds per step, memory, load time, and
     the seconds a step takes split over d devices of a group (`degree_s`, d > 1; a degree not
-    listed is one the model cannot be split to)."""
+    listed is one the model cannot be split to). `max_batch` > 1: a lone replica runs up to that
+    many queued steps of this model with the same ControlNets and LoRAs in one call, in
+    `step_s` x b / `batch_speedup`[b] (the largest b listed at or below; 1 when none).
+    `adapters`: its ControlNet and LoRA costs (None: it runs neither)."""
 
     step_s: float
     memory_bytes: int
     load_s: float
     degree_s: Mapping[int, float] = field(default_factory=dict)
+    max_batch: int = 1
+    batch_speedup: Mapping[int, float] = field(default_factory=dict)
+    adapters: Adapters | None = None
+
+    def batch_s(self, b: int) -> float:
+        """Seconds a call of b steps takes."""
+        if b == 1:
+            return self.step_s
+        speedup = max(((k, v) for k, v in self.batch_speedup.items() if k <= b), default=(1, 1.0))[1]
+        return self.step_s * b / speedup
+
+
+class TracedRequest(Protocol):
+    """A trace request as `bench/traces/record.py` writes it (its `TraceRequest` is one)."""
+
+    @property
+    def timestamp(self) -> float: ...
+    @property
+    def base_model(self) -> str: ...
+    @property
+    def controlnets(self) -> Sequence[str]: ...
+    @property
+    def loras(self) -> Sequence[str]: ...
+    @property
+    def workflow(self) -> str | None: ...
+
+
+def default_route(request: TracedRequest) -> str:
+    """The request's own workflow name, else its base model's."""
+    return request.workflow or request.base_model
 
 
 @dataclass(frozen=True)
@@ -83,6 +180,8 @@ class _Request:
     stage: int = 0
     waiting_on: int = 0
     degree: int = 1
+    controlnets: tuple[str, ...] = ()
+    loras: tuple[str, ...] = ()
 
 
 @dataclass(eq=False)
@@ -90,6 +189,7 @@ class _Gpu:
     """A GPU shared by its replicas' steps in time slices: k steps at once each run at 1/k speed."""
 
     memory_free: int
+    node: int = 0
     active: dict[_Job, float] = field(default_factory=dict)  # step in hand -> seconds of work left
     last: float = 0.0  # when `active` was last brought up to date
     version: int = 0  # its pending "done" event is stale once this moves on
@@ -105,6 +205,12 @@ class _Job:
     slots: list[int]
     left: int  # devices whose share of the step is not done yet
     home: int = 1  # the degree it was given; it shrinks below it and grows back (adaptive mode)
+    riders: list[_Request] = field(default_factory=list)  # the batch's other requests
+    wait_s: float = 0.0  # seconds it holds its replica beyond its compute (loads, remote ControlNets)
+
+    @property
+    def requests(self) -> list[_Request]:
+        return [self.request, *self.riders]
 
 
 @dataclass(eq=False)
@@ -123,6 +229,8 @@ class _Replica:
     devices: list[_Gpu] = field(default_factory=list)
     placed: list[_Gpu] = field(default_factory=list)
     memory: int = 0
+    loras: OrderedDict[str, None] = field(default_factory=OrderedDict)  # loaded, least recent first
+    controlnets: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def free_slots(self) -> int:
         """Its devices none of its own steps uses."""
@@ -140,7 +248,10 @@ class Simulation:
     whole loop). `gpus` = 0: compute is not limited, only the policy's budget.
     `group_size`: unit -> devices a replica owns (default 1; see the module docstring), its
     steps split as `parallel_mode` says (`shared.parallel_policy.MODES`). `slo_s`: workflow ->
-    seconds a request has (its deadline, for the degree rule's rescue; none: no deadline)."""
+    seconds a request has (its deadline, for the degree rule's rescue; none: no deadline).
+    `gpus_per_node`: GPUs sharing a host (its memory caches LoRA files). `controlnet_link`:
+    where a ControlNet runs, None on its denoiser's device, else on another device reached over
+    that link (see "ControlNets" in the module docstring). `route`: a trace request's workflow."""
 
     workflows: dict[str, list[list[str]]]
     models: dict[str, ModelProfile]
@@ -155,6 +266,10 @@ class Simulation:
     group_size: dict[str, int] = field(default_factory=dict)
     parallel_mode: str = "adaptive"
     slo_s: dict[str, float] = field(default_factory=dict)
+    gpus_per_node: int = 8
+    controlnet_link: Link | None = None
+    route: Callable[[TracedRequest], str] = default_route
+    batch_scan: int = 64  # queued steps a batch looks through for riders
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
@@ -170,13 +285,18 @@ class Simulation:
         self.unplaced = 0  # replicas the policy wanted that no GPU had the memory for
         self.degrees: Counter[int] = Counter()  # steps started on a group, by the degree chosen
         self.degree_reasons: Counter[str] = Counter()  # ... and by why ("fair share", "deadline rescue", ...)
+        self.batches: Counter[int] = Counter()  # calls run, by the steps batched in them
+        self.loads: Counter[str] = Counter()  # adapter cache misses: "lora", "lora from disk", "controlnet"
+        self.events = 0  # events processed by the last run
 
     def solo_latency(self, workflow: str) -> float:
         """What a request of `workflow` takes with the cluster to itself."""
         return sum(max(self.models[m].step_s for m in stage) + self.hop_s for stage in self.workflows[workflow])
 
-    def run(self, arrivals: list[tuple[float, str]], until: float) -> list[RequestOutcome]:
-        """Replay `arrivals` [(time, workflow)]; requests unfinished at `until` count as not finished."""
+    def run(self, arrivals: Iterable[tuple[float, str] | TracedRequest], until: float) -> list[RequestOutcome]:
+        """Replay `arrivals`, each (time, workflow) or a trace request (`TracedRequest`: its
+        workflow by `route`, its ControlNets and LoRAs); requests unfinished at `until` count as
+        not finished."""
         self._now = 0.0
         self._seq = itertools.count()
         self._events: list[tuple[float, int, str, object]] = []
@@ -185,24 +305,38 @@ class Simulation:
         self._idle: dict[str, list[tuple[int, _Replica]]] = {u: [] for u in self.units}  # lone, ready, free
         self._loading: list[tuple[float, int, _Replica]] = []  # not yet ready, by when they will be
         self._in_hand: Counter[str] = Counter()  # steps of each model in replicas' hands
+        self._charged: dict[str, float] = dict.fromkeys(
+            self.unit_of, 0.0
+        )  # seconds its steps took (calls, loads), as a replica measures
+        self._charged_steps: Counter[str] = Counter()
         self._started = itertools.count()
-        self._gpus = [_Gpu(memory_free=self.gpu_memory_bytes) for _ in range(self.gpus)]
+        self._gpus = [_Gpu(memory_free=self.gpu_memory_bytes, node=i // self.gpus_per_node) for i in range(self.gpus)]
+        self._host_loras: dict[int, OrderedDict[str, None]] = {}  # node -> LoRA files in its memory
         self._arrived_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}
         self._scaler = ScalePolicy(self.policy)
         self._outcomes: dict[int, RequestOutcome] = {}
-        requests = [_Request(workflow=w, arrived=t) for t, w in sorted(arrivals)]
+        requests = sorted((self._request(a) for a in arrivals), key=lambda r: (r.arrived, r.workflow))
         for unit in self.units:
             for _ in range(self.start_replicas.get(unit, self.policy.limits_of(unit).min_replicas)):
                 self._start(unit, ready_at=0.0)
-        for r in requests:
-            self._push(r.arrived, "arrive", r)
         self._push(0.0, "tick", None)
-        while self._events and self._events[0][0] <= until:
+        self.events = 0
+        arriving = 0  # arrivals enter in order, before any other event of the same time
+        while arriving < len(requests) or self._events:
+            if arriving < len(requests) and (not self._events or requests[arriving].arrived <= self._events[0][0]):
+                if requests[arriving].arrived > until:
+                    break
+                self._now = requests[arriving].arrived
+                self._enter_stage(requests[arriving])
+                arriving += 1
+                self.events += 1
+                self._dispatch()
+                continue
+            if self._events[0][0] > until:
+                break
             self._now, _, what, payload = heapq.heappop(self._events)
-            if what == "arrive":
-                assert isinstance(payload, _Request)
-                self._enter_stage(payload)
-            elif what == "done":
+            self.events += 1
+            if what == "done":
                 assert isinstance(payload, _Job)
                 self._finish_step(payload)
             elif what == "gpu":
@@ -215,6 +349,19 @@ class Simulation:
         return [self._outcomes.get(id(r), RequestOutcome(r.workflow, r.arrived, None, r.degree)) for r in requests]
 
     # -- requests ---------------------------------------------------------------------------
+    def _request(self, arrival: tuple[float, str] | TracedRequest) -> _Request:
+        if isinstance(arrival, tuple):
+            return _Request(workflow=arrival[1], arrived=arrival[0])
+        workflow = self.route(arrival)
+        if workflow not in self.workflows:
+            raise ValueError(f"trace request at {arrival.timestamp:g} s: no workflow {workflow!r} in this simulation")
+        return _Request(
+            workflow=workflow,
+            arrived=arrival.timestamp,
+            controlnets=tuple(arrival.controlnets),
+            loras=tuple(arrival.loras),
+        )
+
     def _push(self, at: float, what: str, payload: object) -> None:
         heapq.heappush(self._events, (at, next(self._seq), what, payload))
 
@@ -226,13 +373,17 @@ class Simulation:
             self._arrived_steps[model].append(self._now)
 
     def _finish_step(self, job: _Job) -> None:
-        replica, request = job.replica, job.request
+        replica = job.replica
         replica.jobs.remove(job)
-        self._in_hand[job.model] -= 1
+        self._in_hand[job.model] -= 1 + len(job.riders)
         if replica.retiring and not replica.jobs:
             self._remove(replica)
         elif replica.ready_at <= self._now:
             self._make_idle(replica)
+        for request in job.requests:
+            self._step_done(request)
+
+    def _step_done(self, request: _Request) -> None:
         request.waiting_on -= 1
         if request.waiting_on:
             return
@@ -290,7 +441,8 @@ class Simulation:
             taken.append(step)
         held = len(replica.jobs) + len(taken)
         for request, model in taken:
-            self._start_step(replica, request, model, busy=held - 1)
+            riders = self._riders(request, model) if replica.size == 1 else []
+            self._start_step(replica, request, model, busy=held - 1, riders=riders)
         if (
             adapts
             and replica.free_slots()
@@ -307,24 +459,87 @@ class Simulation:
         _, request = self._queues[model].popleft()
         return request, model
 
-    def _start_step(self, replica: _Replica, request: _Request, model: str, busy: int) -> None:
-        """The step on the replica's least used devices, as many as its degree."""
+    def _riders(self, request: _Request, model: str) -> list[_Request]:
+        """Queued steps of `model` that can share the call `request` leads: the same ControlNets
+        and LoRAs (the denoiser's batch engine rule), up to the model's batch, the oldest first
+        among the first `batch_scan` queued."""
+        room = self.models[model].max_batch - 1
+        queue = self._queues[model]
+        if room <= 0 or not queue:
+            return []
+        riders: list[_Request] = []
+        keep: list[tuple[float, _Request]] = []
+        for _ in range(min(len(queue), self.batch_scan)):
+            item = queue.popleft()
+            other = item[1]
+            if len(riders) < room and other.controlnets == request.controlnets and other.loras == request.loras:
+                riders.append(other)
+            else:
+                keep.append(item)
+        queue.extendleft(reversed(keep))
+        return riders
+
+    def _start_step(
+        self, replica: _Replica, request: _Request, model: str, busy: int, riders: list[_Request] | None = None
+    ) -> None:
+        """The step on the replica's least used devices, as many as its degree (a batch: the
+        leading request's step with its riders', in one call)."""
         degree = self._degree(replica, request, model, busy) if replica.size > 1 else 1
         used = Counter(i for job in replica.jobs for i in job.slots)
         slots = sorted(range(replica.size), key=lambda i: (used[i], i))[:degree]
-        job = _Job(request, model, replica, slots, left=len(slots), home=len(slots))
+        job = _Job(request, model, replica, slots, left=len(slots), home=len(slots), riders=riders or [])
         replica.jobs.append(job)
-        self._in_hand[model] += 1
+        self._in_hand[model] += 1 + len(job.riders)
+        self.batches[1 + len(job.riders)] += 1
         request.degree = max(request.degree, degree)
-        work = self._work_s(model, degree)
+        work = (
+            self._work_s(model, degree)
+            if not job.riders
+            else self.models[model].batch_s(1 + len(job.riders)) + self.hop_s
+        )
+        compute_s, job.wait_s = self._adapter_s(replica, request, model)
+        work += compute_s
+        self._charged[model] += work + job.wait_s
+        self._charged_steps[model] += 1 + len(job.riders)
         if not replica.devices:
-            self._push(self._now + work, "done", job)
+            self._push(self._now + work + job.wait_s, "done", job)
             return
         for i in slots:
             gpu = replica.devices[i]
             self._advance(gpu)
             gpu.active[job] = work
             self._reschedule(gpu)
+
+    def _adapter_s(self, replica: _Replica, request: _Request, model: str) -> tuple[float, float]:
+        """What the request's ControlNets and LoRAs add to its step on this replica: (compute on
+        its device, seconds it holds the replica besides). Loads are paid at cache misses, and
+        the caches updated (least recently used first out)."""
+        adapters = self.models[model].adapters
+        if adapters is None or not (request.controlnets or request.loras):
+            return 0.0, 0.0
+        compute, wait = 0.0, 0.0
+        node = replica.placed[0].node if replica.placed else 0
+        host = self._host_loras.setdefault(node, OrderedDict())
+        for lora in request.loras:
+            if _touch(replica.loras, lora, adapters.lora_slots):
+                continue
+            wait += adapters.lora_load_s
+            self.loads["lora"] += 1
+            if not _touch(host, lora, adapters.host_lora_slots):
+                wait += adapters.lora_disk_s
+                self.loads["lora from disk"] += 1
+        if request.controlnets and self.controlnet_link is None:  # on the denoiser's device
+            for controlnet in request.controlnets:
+                compute += adapters.controlnet_s
+                if not _touch(replica.controlnets, controlnet, adapters.controlnet_slots):
+                    wait += adapters.controlnet_load_s
+                    self.loads["controlnet"] += 1
+        elif request.controlnets:  # on other devices, side by side; their residuals cross the link every step
+            link, n = self.controlnet_link, len(request.controlnets)
+            assert link is not None
+            per_step = link.transfer_s(n * adapters.residual_bytes)
+            wait += adapters.controlnet_s + adapters.steps * per_step
+        return compute, wait
 
     def _work_s(self, model: str, degree: int) -> float:
         profile = self.models[model]
@@ -423,7 +638,10 @@ class Simulation:
         for job in finished:
             job.left -= 1
             if not job.left:  # its last device is done
-                self._finish_step(job)
+                if job.wait_s > 0:
+                    self._push(self._now + job.wait_s, "done", job)
+                else:
+                    self._finish_step(job)
 
     # -- scaling ----------------------------------------------------------------------------
     def _signal(self, unit: str) -> UnitSignal:
@@ -449,8 +667,16 @@ class Simulation:
         return ConsumerLoad(
             backlog=len(self._queues[model]) + self._in_hand[model],
             arrival_rate=len(times) / self.window_s,
-            step_s=self.models[model].step_s / size,
+            step_s=self._step_s(model) / size,
         )
+
+    def _step_s(self, model: str) -> float:
+        """Seconds a step of `model` takes as its replicas measure them: its profile's, or where
+        ControlNets, LoRAs or batches change that, the mean so far of what its steps took."""
+        profile = self.models[model]
+        if (profile.adapters is None and profile.max_batch == 1) or not self._charged_steps[model]:
+            return profile.step_s
+        return self._charged[model] / self._charged_steps[model]
 
     def _tick(self) -> None:
         decisions = self._scaler.decide([self._signal(u) for u in self.units], self._now)
@@ -511,6 +737,19 @@ class Simulation:
 
     def replicas_now(self) -> dict[str, int]:
         return {u: sum(1 for r in self._by_unit[u] if not r.retiring) for u in self.units}
+
+
+def _touch(cache: OrderedDict[str, None], key: str, slots: int) -> bool:
+    """Whether `key` was in the LRU cache; either way it is now its most recent entry (the least
+    recent ones beyond `slots` dropped)."""
+    hit = key in cache
+    if hit:
+        cache.move_to_end(key)
+    else:
+        cache[key] = None
+        while len(cache) > max(slots, 0):
+            cache.popitem(last=False)
+    return hit
 
 
 def attainment(outcomes: list[RequestOutcome], slo_s: dict[str, float]) -> float:

@@ -46,10 +46,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cluster import stages_of  # noqa: E402
 from bench.plots import attainment_plot  # noqa: E402
 from services.autoscaler.policy import MODES, Limits, PolicyConfig, Slo  # noqa: E402
 from services.autoscaler.simulator import ModelProfile, Simulation, attainment  # noqa: E402
-from shared.workflows.catalogue import catalogue  # noqa: E402
 from shared.zoo.full_size import PARAM_GIB  # noqa: E402
 
 GIB = 2**30
@@ -107,19 +107,6 @@ def with_overrides(base: dict, given: dict) -> dict:
     for key in ("step_s", "memory_gib"):
         out[key] = {**base[key], **given.get(key, {})}
     out["source"] = given.get("source", "measured figures over " + base["source"])
-    return out
-
-
-def stages_of(workflow: str) -> list[list[str]]:
-    """The workflow's models by dependency level: encoders, then the denoiser, then the VAE."""
-    spec = catalogue()[workflow]
-    level: dict[str, int] = {}
-    for node in spec.nodes:  # specs list nodes after their inputs
-        deps = [ref.split(".")[0] for ref in node.inputs.values() if not ref.startswith("request.")]
-        level[node.id] = 1 + max((level[d] for d in deps), default=-1)
-    out: list[list[str]] = [[] for _ in range(max(level.values()) + 1)]
-    for node in spec.nodes:
-        out[level[node.id]].append(node.model)
     return out
 
 

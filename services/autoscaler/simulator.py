@@ -171,6 +171,7 @@ class RequestOutcome:
     arrived: float
     latency_s: float | None  # None: not finished when the trace ended
     degree: int = 1  # the most devices one of its steps was split over (1: never split)
+    index: int = -1  # its place in the arrivals given to `run`
 
 
 @dataclass
@@ -182,6 +183,7 @@ class _Request:
     degree: int = 1
     controlnets: tuple[str, ...] = ()
     loras: tuple[str, ...] = ()
+    index: int = -1
 
 
 @dataclass(eq=False)
@@ -315,7 +317,7 @@ class Simulation:
         self._arrived_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}
         self._scaler = ScalePolicy(self.policy)
         self._outcomes: dict[int, RequestOutcome] = {}
-        requests = sorted((self._request(a) for a in arrivals), key=lambda r: (r.arrived, r.workflow))
+        requests = sorted((self._request(i, a) for i, a in enumerate(arrivals)), key=lambda r: (r.arrived, r.workflow))
         for unit in self.units:
             for _ in range(self.start_replicas.get(unit, self.policy.limits_of(unit).min_replicas)):
                 self._start(unit, ready_at=0.0)
@@ -346,12 +348,14 @@ class Simulation:
                 self._tick()
                 self._push(self._now + self.tick_s, "tick", None)
             self._dispatch()
-        return [self._outcomes.get(id(r), RequestOutcome(r.workflow, r.arrived, None, r.degree)) for r in requests]
+        return [
+            self._outcomes.get(id(r), RequestOutcome(r.workflow, r.arrived, None, r.degree, r.index)) for r in requests
+        ]
 
     # -- requests ---------------------------------------------------------------------------
-    def _request(self, arrival: tuple[float, str] | TracedRequest) -> _Request:
+    def _request(self, index: int, arrival: tuple[float, str] | TracedRequest) -> _Request:
         if isinstance(arrival, tuple):
-            return _Request(workflow=arrival[1], arrived=arrival[0])
+            return _Request(workflow=arrival[1], arrived=arrival[0], index=index)
         workflow = self.route(arrival)
         if workflow not in self.workflows:
             raise ValueError(f"trace request at {arrival.timestamp:g} s: no workflow {workflow!r} in this simulation")
@@ -360,6 +364,7 @@ class Simulation:
             arrived=arrival.timestamp,
             controlnets=tuple(arrival.controlnets),
             loras=tuple(arrival.loras),
+            index=index,
         )
 
     def _push(self, at: float, what: str, payload: object) -> None:
@@ -390,7 +395,9 @@ class Simulation:
         request.stage += 1
         if request.stage == len(self.workflows[request.workflow]):
             latency = self._now - request.arrived
-            self._outcomes[id(request)] = RequestOutcome(request.workflow, request.arrived, latency, request.degree)
+            self._outcomes[id(request)] = RequestOutcome(
+                request.workflow, request.arrived, latency, request.degree, request.index
+            )
         else:
             self._enter_stage(request)
 
@@ -679,7 +686,7 @@ class Simulation:
         return self._charged[model] / self._charged_steps[model]
 
     def _tick(self) -> None:
-        decisions = self._scaler.decide([self._signal(u) for u in self.units], self._now)
+        decisions = self._scaler.decide([self._signal(u) for u in self.units if self._active(u)], self._now)
         ups: list[tuple[str, int]] = []
         for decision in decisions:  # downs first: they free the memory the ups may need
             mine = [r for r in self._by_unit[decision.unit] if not r.retiring]
@@ -700,6 +707,21 @@ class Simulation:
                     self.starts += 1
                 else:
                     self.unplaced += 1
+
+    def _active(self, unit: str) -> bool:
+        """Whether the policy could decide anything for the unit: it runs replicas, has steps
+        queued or in hand or recent arrivals, or a minimum. (The policy would keep an idle unit
+        of no replicas and no minimum at 0; leaving it out changes no decision, and a trace with
+        thousands of units, one per pipeline, is decided in the time of the few it uses.)"""
+        if self._by_unit[unit] or self.policy.limits_of(unit).min_replicas > 0:
+            return True
+        for model in self.units[unit]:
+            times = self._arrived_steps[model]
+            while times and times[0] < self._now - self.window_s:
+                times.popleft()
+            if times or self._queues[model] or self._in_hand[model]:
+                return True
+        return False
 
     def _start(self, unit: str, ready_at: float) -> bool:
         """A new replica of `unit`, placed on the GPU with the most free memory that holds it (a

@@ -1,0 +1,359 @@
+"""The three systems of issue 15 on a production-shaped trace, as simulations of one cluster.
+
+Why a module of its own: `bench/simulate.py --cluster` and the tests build the same three
+systems from the same profile (`bench/profiles/cluster.json`, every figure with its source) and
+replay the same trace (`bench/traces/record.py`'s `TraceRequest`s) through the same autoscaler
+code (`services/autoscaler/policy.py` ScalePolicy), so their rules live in one place.
+
+The rules, fixed before any tuning (all three: GPUs of 80 GiB, 8 a node; replicas placed on the
+GPU with the most free memory; the policy decides every second, SLO 5x, utilisation 0.7,
+cooldown 30 s, the cluster's memory as its budget; a trace's first `warm_s` seconds are served
+but not scored, so each system scales to the load before it is measured):
+
+- mesh (ours): a unit per model kind, as `lego up` runs: one encoder unit (CLIP-L, CLIP-G, T5,
+  SD1.5's CLIP), one VAE unit (every VAE), one denoiser unit per base model, at least one replica
+  each. A request's stages run in order, the encoders in parallel, a hop per stage. Its
+  ControlNets run on its denoiser's device (co-located, `--controlnet-link` moves them: see the
+  simulator's docstring), each replica keeping 4 ControlNets and 16 LoRAs loaded (their memory
+  reserved), least recently used out, a miss paying its load; a node's host memory caches LoRA
+  files. Denoisers batch steps of the same adapters, 2 at most (the GPU default).
+- research baseline (the research system's "monolithic" comparison): one monolithic pipeline
+  per workflow, and a separate pipeline for every ControlNet/LoRA combination it serves: a unit
+  per distinct (base model, ControlNets, LoRAs) in the trace, its replica the whole pipeline
+  with those ControlNets and LoRAs in it (their memory, their load time at its cold start; no
+  swapping), its models one after another, no batching, no hops. No minimum replicas (there are
+  thousands of combinations); the policy starts one when a combination has work.
+- strong monolith (what a careful diffusers user runs): one pipeline per base model, at least
+  one replica each, that swaps ControlNets and LoRAs in process with the same caches, slots and
+  load times as the mesh's denoisers; its models one after another; no batching (batch size 1,
+  as the production services the trace comes from), no hops.
+
+SLO: per request, a multiple of its solo latency in the strong monolith's pipeline (its models
+one after another, its ControlNets' compute; no loads), the same for the three systems.
+Compute bound: the GPUs / the mean GPU-seconds a request's models and ControlNets compute.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.traces.record import TraceRequest
+from services.autoscaler.policy import Limits, PolicyConfig, Slo
+from services.autoscaler.simulator import Adapters, Link, ModelProfile, RequestOutcome, Simulation
+from shared.workflows.catalogue import catalogue
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = ROOT / "bench" / "profiles" / "cluster.json"
+GIB = 2**30
+MIB = 2**20
+# base model (as traces name it) -> its denoiser's model id
+DENOISER = {
+    "sd15": "sd15-unet",
+    "sdxl": "sdxl-unet",
+    "sd3": "sd3-transformer",
+    "sd35-large": "sd35-large-transformer",
+    "flux": "flux-transformer",
+}
+ENCODERS = ["clip-l", "clip-g", "t5", "sd15-clip"]
+VAES = ["sd3-vae", "flux-vae", "sdxl-vae", "sd15-vae"]
+SYSTEMS = ("mesh", "research", "strong")
+
+
+def values(node: Any) -> Any:
+    """A profile with each {value, source} replaced by its value (notes dropped)."""
+    if isinstance(node, dict):
+        if "value" in node and "source" in node:
+            return node["value"]
+        return {k: values(v) for k, v in node.items() if k not in ("note", "about")}
+    return node
+
+
+def load_profile(path: str | Path = PROFILE) -> dict[str, Any]:
+    return values(json.loads(Path(path).read_text()))
+
+
+def stages_of(workflow: str) -> list[list[str]]:
+    """The workflow's models by dependency level: encoders, then the denoiser, then the VAE."""
+    spec = catalogue()[workflow]
+    level: dict[str, int] = {}
+    for node in spec.nodes:  # specs list nodes after their inputs
+        deps = [ref.split(".")[0] for ref in node.inputs.values() if not ref.startswith("request.")]
+        level[node.id] = 1 + max((level[d] for d in deps), default=-1)
+    out: list[list[str]] = [[] for _ in range(max(level.values()) + 1)]
+    for node in spec.nodes:
+        out[level[node.id]].append(node.model)
+    return out
+
+
+def mesh_workflow(request: TraceRequest) -> str:
+    """The catalogue workflow a request runs in the mesh: its base's ControlNet / LoRA variant
+    where the catalogue has one (the ControlNet ones encode the control image first), else the
+    base's own (its ControlNets and LoRAs then priced by the denoiser's adapters alone)."""
+    known = catalogue()
+    name = request.base_model
+    if request.controlnets and f"{name}-controlnet" in known:
+        name += "-controlnet"
+    if request.loras and f"{name}-lora" in known:
+        name += "-lora"
+    return name
+
+
+def _adapters(p: dict[str, Any], denoiser: str, link_free: bool = True) -> Adapters:
+    d, a = p["denoisers"][denoiser], p["adapters"]
+    lora_bytes = d["lora_mib"] * MIB
+    return Adapters(
+        steps=int(d["steps"]),
+        controlnet_s=d["controlnet_s"],
+        controlnet_load_s=d["controlnet_gib"] * GIB / (a["controlnet_h2d_gbps"] * 1e9),
+        residual_bytes=int(d["residual_bytes"]),
+        controlnet_slots=int(a["controlnet_slots"]),
+        lora_load_s=a["lora_load_s"],
+        lora_disk_s=lora_bytes / (a["lora_disk_mbps"] * 1e6),
+        lora_slots=int(a["lora_slots"]),
+        host_lora_slots=int(a["host_lora_gib"] * GIB // lora_bytes),
+    )
+
+
+def _reserved_gib(p: dict[str, Any], denoiser: str) -> float:
+    """The adapter slots' memory a replica that swaps ControlNets and LoRAs reserves."""
+    d, a = p["denoisers"][denoiser], p["adapters"]
+    return a["controlnet_slots"] * d["controlnet_gib"] + a["lora_slots"] * d["lora_mib"] / 1024
+
+
+def _load_s(p: dict[str, Any], gib: float) -> float:
+    return p["gpu"]["start_s"] + gib * GIB / (p["gpu"]["load_gbps"] * 1e9)
+
+
+def pipeline_s(p: dict[str, Any], base: str) -> float:
+    """The base's plain workflow in one process: its models one after another."""
+    return sum(p["models"][m]["step_s"] for stage in stages_of(base) for m in stage)
+
+
+def pipeline_gib(p: dict[str, Any], base: str) -> float:
+    return sum(p["models"][m]["memory_gib"] for stage in stages_of(base) for m in stage)
+
+
+def solo_s(p: dict[str, Any], request: TraceRequest) -> float:
+    """Its latency alone in a pipeline with its ControlNets loaded (no loads): the SLO's unit."""
+    return (
+        pipeline_s(p, request.base_model)
+        + len(request.controlnets) * p["denoisers"][DENOISER[request.base_model]]["controlnet_s"]
+    )
+
+
+def gpu_seconds(p: dict[str, Any], request: TraceRequest) -> float:
+    """What its models and ControlNets compute, wherever they run."""
+    return solo_s(p, request)
+
+
+def compute_bound(p: dict[str, Any], trace: Sequence[TraceRequest], gpus: int) -> float:
+    """Requests a second the GPUs could compute at most, for this trace's mix."""
+    mean = sum(gpu_seconds(p, r) for r in trace) / len(trace)
+    return gpus / mean
+
+
+def policy(gpus: int, p: dict[str, Any], min_replicas: int, slo_factor: float = 5.0) -> PolicyConfig:
+    return PolicyConfig(
+        slo=Slo(factor=slo_factor),
+        utilisation=0.7,
+        cooldown_s=30.0,
+        memory_budget_bytes=int(gpus * p["gpu"]["memory_gib"] * GIB),
+        default_limits=Limits(min_replicas, max(gpus, 1)),
+    )
+
+
+def _common(p: dict[str, Any], gpus: int) -> dict[str, Any]:
+    return {
+        "gpus": gpus,
+        "gpu_memory_bytes": int(p["gpu"]["memory_gib"] * GIB),
+        "gpus_per_node": int(p["gpu"]["per_node"]),
+    }
+
+
+def link(p: dict[str, Any], name: str | None) -> Link | None:
+    if name in (None, "local"):
+        return None
+    spec = p["links"][name]
+    return Link(bytes_per_s=spec["gbps"] * 1e9, latency_s=spec["latency_s"])
+
+
+def mesh(p: dict[str, Any], gpus: int, bases: Iterable[str], controlnet_link: str | None = None) -> Simulation:
+    bases = sorted(set(bases))
+    workflows = {
+        w: stages_of(w)
+        for b in bases
+        for w in (b, f"{b}-controlnet", f"{b}-lora", f"{b}-controlnet-lora")
+        if w in catalogue()
+    }
+    used = {m for stages in workflows.values() for s in stages for m in s}
+    units = {"encoder": [m for m in ENCODERS if m in used], "vae": [m for m in VAES if m in used]}
+    units.update({DENOISER[b]: [DENOISER[b]] for b in bases})
+    batch = p["batching"]
+    models: dict[str, ModelProfile] = {}
+    for unit, unit_models in units.items():
+        gib = {m: p["models"][m]["memory_gib"] for m in unit_models}
+        if unit in p["denoisers"]:
+            gib[unit] += _reserved_gib(p, unit)
+        total = sum(gib.values()) + p["gpu"]["process_gib"]
+        for i, m in enumerate(unit_models):  # the process's overhead on the unit's first model
+            models[m] = ModelProfile(
+                step_s=p["models"][m]["step_s"],
+                memory_bytes=int((gib[m] + (p["gpu"]["process_gib"] if i == 0 else 0.0)) * GIB),
+                load_s=_load_s(p, total),
+                max_batch=int(batch["max_batch"]) if m in p["denoisers"] else 1,
+                batch_speedup={int(k): v for k, v in batch["speedup"].items()},
+                adapters=_adapters(p, m) if m in p["denoisers"] else None,
+            )
+    return Simulation(
+        workflows=workflows,
+        models=models,
+        units={u: ms for u, ms in units.items() if ms},
+        policy=policy(gpus, p, 1),
+        hop_s=p["gpu"]["hop_s"],
+        controlnet_link=link(p, controlnet_link),
+        route=mesh_workflow,  # type: ignore[arg-type]
+        **_common(p, gpus),
+    )
+
+
+def strong_monolith(p: dict[str, Any], gpus: int, bases: Iterable[str]) -> Simulation:
+    models = {}
+    for b in sorted(set(bases)):
+        gib = pipeline_gib(p, b) + _reserved_gib(p, DENOISER[b]) + p["gpu"]["process_gib"]
+        models[b] = ModelProfile(
+            step_s=pipeline_s(p, b),
+            memory_bytes=int(gib * GIB),
+            load_s=_load_s(p, gib),
+            adapters=_adapters(p, DENOISER[b]),
+        )
+    return Simulation(
+        workflows={b: [[b]] for b in models},
+        models=models,
+        units={b: [b] for b in models},
+        policy=policy(gpus, p, 1),
+        route=lambda r: r.base_model,
+        **_common(p, gpus),
+    )
+
+
+def combination(request: TraceRequest) -> str:
+    """The research baseline's pipeline for a request: its base, ControlNets and LoRAs."""
+    return f"{request.base_model}|{'+'.join(request.controlnets)}|{'+'.join(request.loras)}"
+
+
+def research_baseline(p: dict[str, Any], gpus: int, trace: Iterable[TraceRequest]) -> Simulation:
+    models = {}
+    for r in {combination(r): r for r in trace}.values():
+        d = p["denoisers"][DENOISER[r.base_model]]
+        gib = (
+            pipeline_gib(p, r.base_model)
+            + len(r.controlnets) * d["controlnet_gib"]
+            + len(r.loras) * d["lora_mib"] / 1024
+            + p["gpu"]["process_gib"]
+        )
+        # its LoRAs read from disk and loaded into the pipeline at its cold start
+        lora_s = len(r.loras) * (
+            p["adapters"]["lora_load_s"] + d["lora_mib"] * MIB / (p["adapters"]["lora_disk_mbps"] * 1e6)
+        )
+        models[combination(r)] = ModelProfile(
+            step_s=solo_s(p, r), memory_bytes=int(gib * GIB), load_s=_load_s(p, gib) + lora_s
+        )
+    return Simulation(
+        workflows={c: [[c]] for c in models},
+        models=models,
+        units={c: [c] for c in models},
+        policy=policy(gpus, p, 0),
+        route=combination,  # type: ignore[arg-type]
+        **_common(p, gpus),
+    )
+
+
+def build(
+    system: str, p: dict[str, Any], gpus: int, trace: Sequence[TraceRequest], controlnet_link: str | None = None
+) -> Simulation:
+    bases = {r.base_model for r in trace}
+    if system == "mesh":
+        return mesh(p, gpus, bases, controlnet_link)
+    if system == "strong":
+        return strong_monolith(p, gpus, bases)
+    if system == "research":
+        return research_baseline(p, gpus, trace)
+    raise ValueError(f"system {system!r}: use one of {', '.join(SYSTEMS)}")
+
+
+def attainment(
+    outcomes: Sequence[RequestOutcome], trace: Sequence[TraceRequest], slo: Sequence[float], window: tuple[float, float]
+) -> float:
+    """Fraction of the requests arriving in `window` done within their SLO (`slo`[i] for trace[i])."""
+    met = total = 0
+    for o in outcomes:
+        if window[0] <= o.arrived < window[1]:
+            total += 1
+            met += o.latency_s is not None and o.latency_s <= slo[o.index]
+    return met / total if total else float("nan")
+
+
+# -- a minimal trace builder for this module's own runs and tests (bench/traces/generate.py is
+# -- the real generator: its traces replay here through `--trace FILE`)
+
+BASE_MIX = {"sdxl": 0.55, "sd15": 0.25, "flux": 0.1, "sd3": 0.05, "sd35-large": 0.05}  # assumed
+
+
+@dataclass(frozen=True)
+class TraceShape:
+    """The issue's production facts (Katz/SwiftDiffusion): >98% with a ControlNet, >95% with a
+    LoRA, ~150 ControlNets, ~14,500 LoRAs, skewed popularity (Zipf exponent assumed)."""
+
+    controlnet_share: float = 0.98
+    lora_share: float = 0.95
+    controlnets: int = 150
+    loras: int = 14500
+    controlnet_zipf: float = 2.0  # the top 10% of 150 take 96% of calls, as published
+    lora_zipf: float = 1.1  # assumed
+    two_controlnets: float = 0.1  # of requests with one: a second (assumed)
+
+
+def _zipf_cdf(n: int, s: float) -> list[float]:
+    weights = [1.0 / (k**s) for k in range(1, n + 1)]
+    return list(itertools.accumulate(weights))
+
+
+def poisson_trace(
+    rate: float,
+    start: float,
+    end: float,
+    seed: int,
+    shape: TraceShape = TraceShape(),
+    mix: dict[str, float] | None = None,
+) -> list[TraceRequest]:
+    """Poisson arrivals of `rate` a second in [start, end), each a base model, ControlNets and
+    LoRAs drawn as `shape` says; the same seed, the same trace."""
+    rng = random.Random(seed)
+    mix = mix or BASE_MIX
+    cn_cdf, lora_cdf = _zipf_cdf(shape.controlnets, shape.controlnet_zipf), _zipf_cdf(shape.loras, shape.lora_zipf)
+
+    def pick(cdf: list[float]) -> int:
+        return bisect.bisect_left(cdf, rng.random() * cdf[-1])
+
+    out, t = [], start
+    names, weights = list(mix), list(mix.values())
+    while (t := t + rng.expovariate(rate)) < end:
+        base = rng.choices(names, weights)[0]
+        cns: tuple[str, ...] = ()
+        if rng.random() < shape.controlnet_share:
+            first = pick(cn_cdf)
+            cns = (f"{base}-cn{first}",)
+            if rng.random() < shape.two_controlnets:
+                second = pick(cn_cdf)
+                if second != first:
+                    cns += (f"{base}-cn{second}",)
+        loras = (f"{base}-lora{pick(lora_cdf)}",) if rng.random() < shape.lora_share else ()
+        out.append(TraceRequest(timestamp=t, base_model=base, controlnets=cns, loras=loras))
+    return out

@@ -208,6 +208,7 @@ class _Job:
     left: int  # devices whose share of the step is not done yet
     home: int = 1  # the degree it was given; it shrinks below it and grows back (adaptive mode)
     riders: list[_Request] = field(default_factory=list)  # the batch's other requests
+    started: float = 0.0
     wait_s: float = 0.0  # seconds it holds its replica beyond its compute (loads, remote ControlNets)
 
     @property
@@ -251,6 +252,9 @@ class Simulation:
     `group_size`: unit -> devices a replica owns (default 1; see the module docstring), its
     steps split as `parallel_mode` says (`shared.parallel_policy.MODES`). `slo_s`: workflow ->
     seconds a request has (its deadline, for the degree rule's rescue; none: no deadline).
+    `measured_steps`: the step time the policy is given per model is, as `lego up`'s replicas
+    report it, the mean wall time its steps took (a batch's over its steps) in the last
+    `window_s` (before any: the profile's); else the profile's (see `_step_s`).
     `gpus_per_node`: GPUs sharing a host (its memory caches LoRA files). `controlnet_link`:
     where a ControlNet runs, None on its denoiser's device, else on another device reached over
     that link (see "ControlNets" in the module docstring). `route`: a trace request's workflow."""
@@ -272,6 +276,7 @@ class Simulation:
     controlnet_link: Link | None = None
     route: Callable[[TracedRequest], str] = default_route
     batch_scan: int = 64  # queued steps a batch looks through for riders
+    measured_steps: bool = False  # the policy sees steps' wall time, as replicas report it (below)
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
@@ -311,6 +316,8 @@ class Simulation:
             self.unit_of, 0.0
         )  # seconds its steps took (calls, loads), as a replica measures
         self._charged_steps: Counter[str] = Counter()
+        self._walls: dict[str, deque[tuple[float, float]]] = {m: deque() for m in self.unit_of}  # (end, s a step)
+        self._last_wall: dict[str, float] = {}
         self._started = itertools.count()
         self._gpus = [_Gpu(memory_free=self.gpu_memory_bytes, node=i // self.gpus_per_node) for i in range(self.gpus)]
         self._host_loras: dict[int, OrderedDict[str, None]] = {}  # node -> LoRA files in its memory
@@ -381,6 +388,8 @@ class Simulation:
         replica = job.replica
         replica.jobs.remove(job)
         self._in_hand[job.model] -= 1 + len(job.riders)
+        if self.measured_steps:
+            self._walls[job.model].append((self._now, (self._now - job.started) / (1 + len(job.riders))))
         if replica.retiring and not replica.jobs:
             self._remove(replica)
         elif replica.ready_at <= self._now:
@@ -494,7 +503,9 @@ class Simulation:
         degree = self._degree(replica, request, model, busy) if replica.size > 1 else 1
         used = Counter(i for job in replica.jobs for i in job.slots)
         slots = sorted(range(replica.size), key=lambda i: (used[i], i))[:degree]
-        job = _Job(request, model, replica, slots, left=len(slots), home=len(slots), riders=riders or [])
+        job = _Job(
+            request, model, replica, slots, left=len(slots), home=len(slots), riders=riders or [], started=self._now
+        )
         replica.jobs.append(job)
         self._in_hand[model] += 1 + len(job.riders)
         self.batches[1 + len(job.riders)] += 1
@@ -660,7 +671,7 @@ class Simulation:
             unit,
             len(mine),
             [self._load(model, size) for model in self.units[unit]],
-            service_s=max(self.models[m].step_s for m in self.units[unit]),
+            service_s=max(self._step_s(m) for m in self.units[unit]),
             memory_bytes=size * sum(self.models[m].memory_bytes for m in self.units[unit]),
             device="cluster",
         )
@@ -678,9 +689,19 @@ class Simulation:
         )
 
     def _step_s(self, model: str) -> float:
-        """Seconds a step of `model` takes as its replicas measure them: its profile's, or where
-        ControlNets, LoRAs or batches change that, the mean so far of what its steps took."""
+        """Seconds a step of `model` takes as the policy is told: with `measured_steps`, the mean
+        wall time of its steps that ended in the last `window_s` (time slicing, loads and
+        batches included; the last such mean while none ended; the profile's before any);
+        else its profile's, or where ControlNets, LoRAs or batches change that, the mean so far
+        of what its calls and loads took."""
         profile = self.models[model]
+        if self.measured_steps:
+            walls = self._walls[model]
+            while walls and walls[0][0] < self._now - self.window_s:
+                walls.popleft()
+            if walls:
+                self._last_wall[model] = sum(w for _, w in walls) / len(walls)
+            return self._last_wall.get(model, profile.step_s)
         if (profile.adapters is None and profile.max_batch == 1) or not self._charged_steps[model]:
             return profile.step_s
         return self._charged[model] / self._charged_steps[model]

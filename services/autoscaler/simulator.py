@@ -310,6 +310,8 @@ class Simulation:
         self._queues: dict[str, deque[tuple[float, _Request]]] = {m: deque() for m in self.unit_of}
         self._by_unit: dict[str, dict[_Replica, None]] = {u: {} for u in self.units}  # in start order
         self._idle: dict[str, list[tuple[int, _Replica]]] = {u: [] for u in self.units}  # lone, ready, free
+        self._grouped = [u for u in self.units if self.group_size.get(u, 1) > 1]
+        self._waiting: dict[str, None] = {}  # lone units that may have steps queued
         self._loading: list[tuple[float, int, _Replica]] = []  # not yet ready, by when they will be
         self._in_hand: Counter[str] = Counter()  # steps of each model in replicas' hands
         self._charged: dict[str, float] = dict.fromkeys(
@@ -382,6 +384,8 @@ class Simulation:
         request.waiting_on = len(stage)
         for model in stage:
             self._queues[model].append((self._now, request))
+            if self.group_size.get(self.unit_of[model], 1) == 1:
+                self._waiting[self.unit_of[model]] = None
             self._arrived_steps[model].append(self._now)
 
     def _finish_step(self, job: _Job) -> None:
@@ -424,11 +428,14 @@ class Simulation:
             _, _, replica = heapq.heappop(self._loading)
             self._make_idle(replica)
         chosen: list[_Replica] = []
-        for unit, idle in self._idle.items():
-            if self.group_size.get(unit, 1) > 1:
-                chosen.extend(r for r in self._by_unit[unit] if not r.retiring and r.ready_at <= self._now)
-                continue
+        for unit in self._grouped:
+            chosen.extend(r for r in self._by_unit[unit] if not r.retiring and r.ready_at <= self._now)
+        for unit in list(self._waiting):
             queued = sum(len(self._queues[m]) for m in self.units[unit])
+            if not queued:
+                del self._waiting[unit]
+                continue
+            idle = self._idle[unit]
             while queued and idle:
                 _, replica = heapq.heappop(idle)
                 if replica.alive and not replica.retiring and not replica.jobs:

@@ -74,6 +74,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import operator
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -311,7 +312,9 @@ class Simulation:
         self._by_unit: dict[str, dict[_Replica, None]] = {u: {} for u in self.units}  # in start order
         self._idle: dict[str, list[tuple[int, _Replica]]] = {u: [] for u in self.units}  # lone, ready, free
         self._grouped = [u for u in self.units if self.group_size.get(u, 1) > 1]
-        self._waiting: dict[str, None] = {}  # lone units that may have steps queued
+        # lone units whose steps queued or replicas free changed since the last dispatch (the
+        # only ones where a free replica and a queued step can meet)
+        self._waiting: dict[str, None] = {}
         self._loading: list[tuple[float, int, _Replica]] = []  # not yet ready, by when they will be
         self._in_hand: Counter[str] = Counter()  # steps of each model in replicas' hands
         self._charged: dict[str, float] = dict.fromkeys(
@@ -430,11 +433,9 @@ class Simulation:
         chosen: list[_Replica] = []
         for unit in self._grouped:
             chosen.extend(r for r in self._by_unit[unit] if not r.retiring and r.ready_at <= self._now)
-        for unit in list(self._waiting):
+        waiting, self._waiting = self._waiting, {}
+        for unit in waiting:
             queued = sum(len(self._queues[m]) for m in self.units[unit])
-            if not queued:
-                del self._waiting[unit]
-                continue
             idle = self._idle[unit]
             while queued and idle:
                 _, replica = heapq.heappop(idle)
@@ -450,6 +451,7 @@ class Simulation:
         """A lone replica ready and free goes on its unit's idle heap (a group is always visited)."""
         if replica.size == 1 and replica.alive and not replica.retiring and not replica.jobs:
             heapq.heappush(self._idle[replica.unit], (replica.index, replica))
+            self._waiting[replica.unit] = None
 
     def _serve(self, replica: _Replica) -> None:
         adapts = self.parallel_mode == "adaptive" and replica.size > 1
@@ -757,7 +759,13 @@ class Simulation:
         size = self.group_size.get(unit, 1)
         memory = sum(self.models[m].memory_bytes for m in self.units[unit])
         placed: list[_Gpu] = []
-        if self._gpus:
+        if self._gpus and size == 1:  # the first of the most free, if it holds it
+            best = max(self._gpus, key=_free)
+            if best.memory_free < memory:
+                return False
+            placed = [best]
+            best.memory_free -= memory
+        elif self._gpus:
             fits = [g for g in self._gpus if g.memory_free >= memory]
             if len(fits) < size:
                 return False
@@ -787,6 +795,9 @@ class Simulation:
 
     def replicas_now(self) -> dict[str, int]:
         return {u: sum(1 for r in self._by_unit[u] if not r.retiring) for u in self.units}
+
+
+_free = operator.attrgetter("memory_free")
 
 
 def _touch(cache: OrderedDict[str, None], key: str, slots: int) -> bool:

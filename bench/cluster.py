@@ -40,7 +40,7 @@ import itertools
 import json
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -358,3 +358,161 @@ def poisson_trace(
         loras = (f"{base}-lora{pick(lora_cdf)}",) if rng.random() < shape.lora_share else ()
         out.append(TraceRequest(timestamp=t, base_model=base, controlnets=cns, loras=loras))
     return out
+
+
+# -- the table: bench/simulate.py --cluster 8,64,1000
+
+
+def scaled(trace: Sequence[TraceRequest], rate: float, end: float) -> list[TraceRequest]:
+    """A recorded trace replayed at `rate` requests a second on average (its timestamps
+    stretched or squeezed, its shape over time kept), up to `end` seconds."""
+    span = max(r.timestamp for r in trace) - min(r.timestamp for r in trace)
+    first = min(r.timestamp for r in trace)
+    factor = (len(trace) / span) / rate if span > 0 else 1.0
+    out = [replace(r, timestamp=(r.timestamp - first) * factor) for r in trace]
+    return sorted((r for r in out if r.timestamp < end), key=lambda r: r.timestamp)
+
+
+def resampled(trace: Sequence[TraceRequest], rate: float, start: float, end: float, seed: int) -> list[TraceRequest]:
+    """Poisson arrivals in [start, end), each a copy of a request drawn from `trace` (its base,
+    ControlNets and LoRAs): a recorded trace's mix at a rate of our choosing (bursts)."""
+    rng, out, t = random.Random(seed), [], start
+    while (t := t + rng.expovariate(rate)) < end:
+        out.append(replace(rng.choice(trace), timestamp=t))
+    return out
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    gpus: tuple[int, ...] = (8, 64, 1000)
+    fractions: tuple[float, ...] = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # of the compute bound
+    bursts: tuple[float, ...] = (2, 4, 8, 16, 32)  # x the base rate, for 30 s
+    burst_base: float = 0.1  # the base rate, of the compute bound
+    slo_factors: tuple[float, ...] = (3.0, 5.0, 10.0)
+    warm_s: float = 120.0
+    phase_s: float = 300.0
+    seed: int = 7
+    controlnet_link: str | None = None
+    systems: tuple[str, ...] = SYSTEMS
+
+
+def _score(
+    p: dict[str, Any],
+    system: str,
+    gpus: int,
+    trace: list[TraceRequest],
+    window: tuple[float, float],
+    cfg: TableConfig,
+    until: float,
+) -> dict[str, Any]:
+    sim = build(system, p, gpus, trace, cfg.controlnet_link)
+    outcomes = sim.run(trace, until)
+    solo = [solo_s(p, r) for r in trace]
+    return {
+        "attainment": {f"{k:g}x": attainment(outcomes, trace, [k * s for s in solo], window) for k in cfg.slo_factors},
+        "starts": sim.starts,
+        "events": sim.events,
+        "loads": dict(sim.loads),
+    }
+
+
+def table(
+    p: dict[str, Any], cfg: TableConfig, recorded: Sequence[TraceRequest] | None = None, log: Any = print
+) -> dict[str, Any]:
+    """Every cluster size: each system's attainment at each rate and burst, and the best of each."""
+    results: dict[str, Any] = {}
+    for gpus in cfg.gpus:
+        end = cfg.warm_s + cfg.phase_s
+        reference = list(recorded) if recorded else poisson_trace(10.0, 0.0, 2000.0, cfg.seed)
+        bound = compute_bound(p, reference, gpus)
+        log(f"\n{gpus} GPUs ({gpus // int(p['gpu']['per_node'])} nodes): compute bound {bound:.2f} req/s")
+        rows = []
+        for fraction in cfg.fractions:
+            rate = fraction * bound
+            trace = scaled(recorded, rate, end) if recorded else poisson_trace(rate, 0.0, end, cfg.seed)
+            row: dict[str, Any] = {"rate": rate, "fraction": fraction, "requests": len(trace)}
+            for system in cfg.systems:
+                row[system] = _score(p, system, gpus, trace, (cfg.warm_s, end), cfg, end + 600)
+            rows.append(row)
+            log(f"  {rate:8.2f} req/s ({fraction:.0%} of bound): " + _cells(row, cfg))
+        base = cfg.burst_base * bound
+        burst_at, burst_s = 300.0, 30.0
+        for k in cfg.bursts:
+            if recorded:
+                trace = resampled(recorded, base, 0.0, burst_at, cfg.seed)
+                trace += resampled(recorded, base * k, burst_at, burst_at + burst_s, cfg.seed + 1)
+                trace += resampled(recorded, base, burst_at + burst_s, burst_at + burst_s + 120, cfg.seed + 2)
+            else:
+                trace = poisson_trace(base, 0.0, burst_at, cfg.seed)
+                trace += poisson_trace(base * k, burst_at, burst_at + burst_s, cfg.seed + 1)
+                trace += poisson_trace(base, burst_at + burst_s, burst_at + burst_s + 120, cfg.seed + 2)
+            row = {"burst": k, "requests": len(trace)}
+            for system in cfg.systems:
+                row[system] = _score(p, system, gpus, trace, (burst_at, burst_at + burst_s + 60), cfg, burst_at + 1200)
+            rows.append(row)
+            log(f"  burst {k:5g}x {base:8.2f} req/s: " + _cells(row, cfg))
+        best = {
+            system: {
+                f"{f:g}x": {
+                    "rate": max(
+                        (r["rate"] for r in rows if "rate" in r and r[system]["attainment"][f"{f:g}x"] >= 0.9),
+                        default=0.0,
+                    ),
+                    "burst": max(
+                        (r["burst"] for r in rows if "burst" in r and r[system]["attainment"][f"{f:g}x"] >= 0.9),
+                        default=0.0,
+                    ),
+                }
+                for f in cfg.slo_factors
+            }
+            for system in cfg.systems
+        }
+        results[str(gpus)] = {"compute_bound": bound, "rows": rows, "best": best}
+        for f in cfg.slo_factors:
+            key = f"{f:g}x"
+            log(
+                f"  SLO {key}: max rate at >= 90%: "
+                + ", ".join(f"{s} {best[s][key]['rate']:.2f}" for s in cfg.systems)
+                + "; largest burst: "
+                + ", ".join(f"{s} {best[s][key]['burst']:g}x" for s in cfg.systems)
+            )
+    return results
+
+
+def _cells(row: dict[str, Any], cfg: TableConfig) -> str:
+    return "  ".join(
+        f"{s} " + "/".join(f"{row[s]['attainment'][f'{k:g}x']:.0%}" for k in cfg.slo_factors) for s in cfg.systems
+    )
+
+
+def ratio(a: float, b: float, smallest: float) -> str:
+    """a / b; when b met none of the values tried, a lower bound against the smallest tried."""
+    if b > 0:
+        return f"{a / b:.2f}"
+    return f">{a / smallest:.2f}" if a else "n/a"
+
+
+def summary_lines(results: dict[str, Any], cfg: TableConfig, slo: str = "5x") -> list[str]:
+    """Per cluster size the ratios at `slo`; last, the issue's line for the largest cluster."""
+
+    def ratios(res: dict[str, Any]) -> tuple[str, str, str, str]:
+        best, bound = res["best"], res["compute_bound"]
+        mesh = best["mesh"][slo]
+        low = cfg.fractions[0] * bound
+        return (
+            ratio(mesh["rate"], best["research"][slo]["rate"], low),
+            ratio(mesh["burst"], best["research"][slo]["burst"], cfg.bursts[0]),
+            ratio(mesh["rate"], best["strong"][slo]["rate"], low),
+            f"{mesh['rate'] / bound:.2f}",
+        )
+
+    lines = []
+    for gpus, res in results.items():
+        r, b, s, f = ratios(res)
+        lines.append(
+            f"{gpus} GPUs, SLO {slo}: mesh/research rate {r} burst {b}; mesh/strong rate {s};"
+            f" mesh at {f} of the compute bound"
+        )
+    r, b, s, f = ratios(results[str(max(int(g) for g in results))])
+    lines.append(f"research baseline: rate {r}x burst {b}x; strong monolith: rate {s}x; compute bound: {f}")
+    return lines

@@ -46,8 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.cluster import stages_of  # noqa: E402
+from bench.cluster import TableConfig, load_profile, stages_of, summary_lines, table  # noqa: E402
 from bench.plots import attainment_plot  # noqa: E402
+from bench.traces.record import read_jsonl  # noqa: E402
 from services.autoscaler.policy import MODES, Limits, PolicyConfig, Slo  # noqa: E402
 from services.autoscaler.simulator import ModelProfile, Simulation, attainment  # noqa: E402
 from shared.zoo.full_size import PARAM_GIB  # noqa: E402
@@ -82,6 +83,7 @@ UNITS = {
 }
 DENOISERS = [u for u in UNITS if u.endswith("-transformer")]
 PARALLEL_PROFILE = ROOT / "bench" / "profiles" / "parallel.json"
+CLUSTER_PROFILE = ROOT / "bench" / "profiles" / "cluster.json"
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,22 @@ def main() -> None:
         "--parallel-profile", default=str(PARALLEL_PROFILE), help="per-degree step-time ratios (with --group-size > 1)"
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    cluster = parser.add_argument_group("production-shaped cluster table (issue 15; bench/cluster.py)")
+    cluster.add_argument("--cluster", help="cluster sizes in GPUs, e.g. 8,64,1000: the mesh and both baselines")
+    cluster.add_argument(
+        "--trace", help="a JSONL trace (bench/traces/record.py) replayed at each rate (default: built)"
+    )
+    cluster.add_argument("--cluster-profile", default=str(CLUSTER_PROFILE), help="figures with their sources")
+    cluster.add_argument("--fractions", default="0.2,0.35,0.5,0.6,0.7,0.8,0.9,1.0", help="rates, of the compute bound")
+    cluster.add_argument("--cluster-bursts", default="2,4,8,16,32", help="bursts, x 0.1 of the compute bound, 30 s")
+    cluster.add_argument("--slo-factors", default="3,5,10", help="SLOs, x each request's solo latency")
+    cluster.add_argument("--cluster-phase-s", type=float, default=300.0, help="scored seconds a rate (after 120 s)")
+    cluster.add_argument("--controlnet-link", choices=("local", "nvlink", "pcie", "network"), default="local")
+    cluster.add_argument("--systems", default="mesh,research,strong", help="which systems to run")
     args = parser.parse_args()
+    if args.cluster:
+        cluster_table(args)
+        return
     p = with_overrides(ASSUMED_H100, json.loads(Path(args.profile).read_text())) if args.profile else ASSUMED_H100
     groups = Groups()
     if args.group_size > 1:
@@ -328,6 +345,37 @@ def main() -> None:
 
     print(f"capacity ratio micro/monolithic: {ratio(cap['micro'], cap['monolithic'], args.rates)}")
     print(f"burst ratio micro/monolithic: {ratio(bur['micro'], bur['monolithic'], args.bursts)}")
+
+
+def cluster_table(args: argparse.Namespace) -> None:
+    """The issue-15 table (bench/cluster.py has the three systems' rules and the search)."""
+
+    def floats(text: str) -> tuple[float, ...]:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+
+    cfg = TableConfig(
+        gpus=tuple(int(g) for g in floats(args.cluster)),
+        fractions=floats(args.fractions),
+        bursts=floats(args.cluster_bursts),
+        slo_factors=floats(args.slo_factors),
+        phase_s=args.cluster_phase_s,
+        seed=args.seed,
+        controlnet_link=None if args.controlnet_link == "local" else args.controlnet_link,
+        systems=tuple(args.systems.split(",")),
+    )
+    p = load_profile(args.cluster_profile)
+    recorded = list(read_jsonl(args.trace)) if args.trace else None
+    print(f"profile: {args.cluster_profile}; trace: {args.trace or 'built (bench/cluster.py poisson_trace)'}")
+    print(f"ControlNets: {args.controlnet_link}; SLOs {', '.join(f'{k:g}x' for k in cfg.slo_factors)} solo latency")
+    print("cells: attainment at each SLO, per system")
+    results = table(p, cfg, recorded)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cluster.json").write_text(json.dumps({"config": cfg.__dict__, "results": results}, indent=1, default=str))
+    if set(cfg.systems) == {"mesh", "research", "strong"}:
+        print()
+        for line in summary_lines(results, cfg):
+            print(line)
 
 
 if __name__ == "__main__":

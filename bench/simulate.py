@@ -30,8 +30,23 @@ parallel.json: Flux published by xDiT, SD3's CFG split measured on one H200 (pro
 other CFG splits assumed). The monolith is not split. The
 table then counts the micro-served denoiser steps run at each degree.
 
+Production-shaped clusters (issue 15): `--cluster 8,64,1000` runs instead the mesh and two
+baselines whose rules bench/cluster.py's docstring fixes (the research system's baseline: a
+monolithic pipeline per workflow and ControlNet/LoRA combination; the strong monolith: a
+pipeline per base model swapping ControlNets and LoRAs in process), from the figures of
+bench/profiles/cluster.json (each with its source), on a built trace (>98% ControlNet, >95%
+LoRA, 150 ControlNets, 14,500 LoRAs) or a recorded one (`--trace FILE`, JSONL of
+bench/traces/record.py, replayed at each rate with its timestamps scaled). Rates are fractions
+of the cluster's compute bound (`--fractions`); bursts are 30 s at k x 0.1 of the bound. Each
+run: 120 s served unscored, then `--cluster-phase-s` scored. It prints per size and SLO (3x, 5x,
+10x each request's solo latency) the max rate at >= 90% attainment and the largest burst, and
+last `research baseline: rate Rx burst Bx; strong monolith: rate Sx; compute bound: F` (SLO 5x,
+the largest size); `--controlnet-link nvlink|pcie|network` puts the mesh's ControlNets on other
+devices. Writes cluster.json to --out.
+
     python bench/simulate.py [--gpus 4] [--rates 0.2 0.4 ...] [--bursts 2 4 8 16] [--profile FILE]
                              [--group-size 2] [--parallel-mode adaptive|never|always] [--parallel-profile FILE]
+    python bench/simulate.py --cluster 8,64,1000 [--trace FILE] [--slo-factors 3,5,10] [--systems mesh,strong]
 """
 
 from __future__ import annotations

@@ -1,0 +1,101 @@
+"""bench/cluster.py: the mesh and the two baselines of issue 15, built from the sourced profile
+(bench/profiles/cluster.json) and replayed on trace requests by the simulator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.cluster import (
+    PROFILE,
+    TableConfig,
+    build,
+    combination,
+    load_profile,
+    mesh,
+    pipeline_s,
+    poisson_trace,
+    scaled,
+    solo_s,
+    strong_monolith,
+    summary_lines,
+    table,
+)
+from bench.traces.record import TraceRequest
+
+P = load_profile()
+
+
+def test_every_figure_of_the_profile_names_its_source() -> None:
+    def leaves(node: object, path: str = "") -> list[tuple[str, object]]:
+        if isinstance(node, dict):
+            if "value" in node:
+                return [(path, node)]
+            return [leaf for k, v in node.items() if k not in ("about", "note") for leaf in leaves(v, f"{path}.{k}")]
+        return [(path, node)]
+
+    raw = json.loads(Path(PROFILE).read_text())
+    for path, leaf in leaves(raw):
+        assert isinstance(leaf, dict) and leaf.get("source"), f"{path} has no source"
+        source = str(leaf["source"])
+        assert source.startswith(("measured", "published", "assumed", "the denoiser's default")), (path, source)
+
+
+def test_the_research_baseline_runs_a_pipeline_per_combination_the_strong_monolith_one_per_base() -> None:
+    trace = [
+        TraceRequest(0.0, "sdxl", ("canny",), ("a",)),
+        TraceRequest(1.0, "sdxl", ("canny",), ("b",)),
+        TraceRequest(2.0, "sdxl", ("canny",), ("a",)),
+        TraceRequest(3.0, "sd15"),
+    ]
+    research = build("research", P, 8, trace)
+    assert sorted(research.units) == ["sd15||", "sdxl|canny|a", "sdxl|canny|b"]
+    assert research.models[combination(trace[0])].memory_bytes > research.models["sd15||"].memory_bytes
+    strong = build("strong", P, 8, trace)
+    assert sorted(strong.units) == ["sd15", "sdxl"]
+    assert sorted(build("mesh", P, 8, trace).units) == ["encoder", "sd15-unet", "sdxl-unet", "vae"]
+    # the research pipelines have their ControlNet's compute in their run; no one waits for a load once warm
+    assert research.models["sdxl|canny|a"].step_s == pytest.approx(solo_s(P, trace[0]))
+
+
+def test_the_strong_monolith_pays_a_loras_load_on_a_cache_miss_only() -> None:
+    trace = [TraceRequest(0.0, "sdxl", loras=("x",)), TraceRequest(30.0, "sdxl", loras=("x",))]
+    sim = strong_monolith(P, 8, ["sdxl"])
+    first, again = sim.run(trace, until=100)
+    alone = pipeline_s(P, "sdxl")
+    disk = P["denoisers"]["sdxl-unet"]["lora_mib"] * 2**20 / (P["adapters"]["lora_disk_mbps"] * 1e6)
+    assert first.latency_s == pytest.approx(alone + P["adapters"]["lora_load_s"] + disk)
+    assert again.latency_s == pytest.approx(alone)
+
+
+def test_a_controlnet_on_another_node_adds_its_residuals_transfer_every_step() -> None:
+    request = TraceRequest(0.0, "sdxl", controlnets=("canny",))
+    warm = TraceRequest(20.0, "sdxl", controlnets=("canny",))  # its ControlNet already loaded
+    local = mesh(P, 8, ["sdxl"]).run([request, warm], until=100)[1].latency_s
+    remote = mesh(P, 8, ["sdxl"], controlnet_link="network").run([request, warm], until=100)[1].latency_s
+    d, net = P["denoisers"]["sdxl-unet"], P["links"]["network"]
+    per_step = net["latency_s"] + d["residual_bytes"] / (net["gbps"] * 1e9)
+    assert local is not None and remote is not None
+    assert remote - local == pytest.approx(d["steps"] * per_step, abs=1e-6)  # 30 x 2.17 ms
+    nvlink = mesh(P, 8, ["sdxl"], controlnet_link="nvlink").run([request, warm], until=100)[1].latency_s
+    assert nvlink is not None and local < nvlink < remote
+
+
+def test_a_recorded_trace_replays_at_the_rate_asked_keeping_its_order() -> None:
+    trace = poisson_trace(2.0, 0.0, 500.0, seed=3)
+    fast = scaled(trace, 10.0, end=1e9)
+    assert len(fast) == len(trace)
+    assert len(fast) / fast[-1].timestamp == pytest.approx(10.0, rel=0.02)
+    assert [r.loras for r in fast] == [r.loras for r in trace]
+
+
+def test_the_table_is_deterministic_for_a_seed_and_ends_with_the_issues_line() -> None:
+    cfg = TableConfig(gpus=(8,), fractions=(0.3, 0.6), bursts=(2,), warm_s=60.0, phase_s=120.0, seed=5)
+    first = table(P, cfg, log=lambda *_: None)
+    assert first == table(P, cfg, log=lambda *_: None)
+    best = first["8"]["best"]
+    assert set(best) == {"mesh", "research", "strong"} and set(best["mesh"]) == {"3x", "5x", "10x"}
+    assert best["mesh"]["10x"]["rate"] >= best["mesh"]["3x"]["rate"]  # a looser SLO is never met at a lower rate
+    assert summary_lines(first, cfg)[-1].startswith("research baseline: rate ")

@@ -425,3 +425,21 @@ def test_trace_runs_are_deterministic() -> None:
     )
     first, again = _denoiser().run(trace, until=200), _denoiser().run(trace, until=200)
     assert first == again and all(o.latency_s is not None for o in first)
+
+
+def test_measured_steps_tell_the_policy_what_time_slicing_made_of_a_step() -> None:
+    """A 0.1 s step sharing its GPU with a 10 s loop takes 0.2 s: with `measured_steps` the
+    policy is told 0.2 s (as lego up's replicas report their steps), else the profile's 0.1 s."""
+    told = {}
+    for measured in (False, True):
+        sim = Simulation(
+            workflows={"long": [["loop"]], "short": [["vae"]]},
+            models={"loop": ModelProfile(10.0, GIB, 1.0), "vae": ModelProfile(0.1, GIB, 1.0)},
+            units={"ul": ["loop"], "uv": ["vae"]},
+            policy=_fixed(["ul", "uv"]),
+            gpus=1,
+            measured_steps=measured,
+        )
+        sim.run([(0.0, "long"), (1.0, "short")], until=3.0)
+        told[measured] = sim._load("vae").step_s
+    assert told == {False: pytest.approx(0.1), True: pytest.approx(0.2)}

@@ -40,7 +40,7 @@ import itertools
 import json
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ def mesh_workflow(request: TraceRequest) -> str:
     return name
 
 
-def _adapters(p: dict[str, Any], denoiser: str, link_free: bool = True) -> Adapters:
+def _adapters(p: dict[str, Any], denoiser: str) -> Adapters:
     d, a = p["denoisers"][denoiser], p["adapters"]
     lora_bytes = d["lora_mib"] * MIB
     return Adapters(
@@ -185,7 +185,34 @@ def link(p: dict[str, Any], name: str | None) -> Link | None:
     return Link(bytes_per_s=spec["gbps"] * 1e9, latency_s=spec["latency_s"])
 
 
-def mesh(p: dict[str, Any], gpus: int, bases: Iterable[str], controlnet_link: str | None = None) -> Simulation:
+@dataclass(frozen=True)
+class Groups:
+    """The mesh's denoiser groups (issue 14): `size` GPUs a replica (1: none), the degree rule's
+    `mode`, and per denoiser, per degree d > 1, its time at d / its time on one GPU
+    (`bench/profiles/parallel.json`'s "models")."""
+
+    size: int = 1
+    mode: str = "adaptive"
+    ratios: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def load_ratios(path: str | Path) -> dict[str, dict[int, float]]:
+    """The "models" of a parallel profile (bench/profiles/parallel.json says its format)."""
+    models = json.loads(Path(path).read_text())["models"]
+    return {m: {int(d): float(entry["ratio"]) for d, entry in degrees.items()} for m, degrees in models.items()}
+
+
+def mesh(
+    p: dict[str, Any],
+    gpus: int,
+    bases: Iterable[str],
+    controlnet_link: str | None = None,
+    groups: Groups | None = None,
+) -> Simulation:
+    """With `groups` of size k > 1 each denoiser replica owns k GPUs and splits requests as
+    the groups' rule says (a split step's ControlNet compute is not split); no batching then."""
+    groups = groups or Groups()
+    split = groups.size > 1
     bases = sorted(set(bases))
     workflows = {
         w: stages_of(w)
@@ -211,7 +238,13 @@ def mesh(p: dict[str, Any], gpus: int, bases: Iterable[str], controlnet_link: st
                 max_batch=int(batch["max_batch"]) if m in p["denoisers"] else 1,
                 batch_speedup={int(k): v for k, v in batch["speedup"].items()},
                 adapters=_adapters(p, m) if m in p["denoisers"] else None,
+                degree_s={d: p["models"][m]["step_s"] * r for d, r in groups.ratios.get(m, {}).items() if d > 1}
+                if split
+                else {},
             )
+    # the degree rule's deadline: 5x the solo latency of a request with one ControlNet (most are)
+    bases_of = {w: next(b for b in bases if w == b or w.startswith(b + "-")) for w in workflows}
+    slo_s = {w: 5.0 * solo_s(p, TraceRequest(0.0, b, ("controlnet",))) for w, b in bases_of.items()}
     return Simulation(
         workflows=workflows,
         models=models,
@@ -219,6 +252,9 @@ def mesh(p: dict[str, Any], gpus: int, bases: Iterable[str], controlnet_link: st
         policy=policy(gpus, p, 1),
         hop_s=p["gpu"]["hop_s"],
         controlnet_link=link(p, controlnet_link),
+        group_size={DENOISER[b]: groups.size for b in bases} if split else {},
+        parallel_mode=groups.mode,
+        slo_s=slo_s if split else {},
         route=mesh_workflow,  # type: ignore[arg-type]
         **_common(p, gpus),
     )
@@ -277,11 +313,16 @@ def research_baseline(p: dict[str, Any], gpus: int, trace: Iterable[TraceRequest
 
 
 def build(
-    system: str, p: dict[str, Any], gpus: int, trace: Sequence[TraceRequest], controlnet_link: str | None = None
+    system: str,
+    p: dict[str, Any],
+    gpus: int,
+    trace: Sequence[TraceRequest],
+    controlnet_link: str | None = None,
+    groups: Groups | None = None,
 ) -> Simulation:
     bases = {r.base_model for r in trace}
     if system == "mesh":
-        return mesh(p, gpus, bases, controlnet_link)
+        return mesh(p, gpus, bases, controlnet_link, groups)
     if system == "strong":
         return strong_monolith(p, gpus, bases)
     if system == "research":
@@ -394,6 +435,7 @@ class TableConfig:
     seed: int = 7
     controlnet_link: str | None = None
     systems: tuple[str, ...] = SYSTEMS
+    groups: Groups = Groups()
 
 
 def _score(
@@ -405,7 +447,7 @@ def _score(
     cfg: TableConfig,
     until: float,
 ) -> dict[str, Any]:
-    sim = build(system, p, gpus, trace, cfg.controlnet_link)
+    sim = build(system, p, gpus, trace, cfg.controlnet_link, cfg.groups)
     outcomes = sim.run(trace, until)
     solo = [solo_s(p, r) for r in trace]
     return {
@@ -413,6 +455,7 @@ def _score(
         "starts": sim.starts,
         "events": sim.events,
         "loads": dict(sim.loads),
+        "degrees": {str(d): n for d, n in sorted(sim.degrees.items())},
     }
 
 

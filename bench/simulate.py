@@ -55,13 +55,12 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.cluster import TableConfig, load_profile, stages_of, summary_lines, table  # noqa: E402
+from bench.cluster import Groups, TableConfig, load_profile, load_ratios, stages_of, summary_lines, table  # noqa: E402
 from bench.plots import attainment_plot  # noqa: E402
 from bench.traces.record import read_jsonl  # noqa: E402
 from services.autoscaler.policy import MODES, Limits, PolicyConfig, Slo  # noqa: E402
@@ -99,22 +98,6 @@ UNITS = {
 DENOISERS = [u for u in UNITS if u.endswith("-transformer")]
 PARALLEL_PROFILE = ROOT / "bench" / "profiles" / "parallel.json"
 CLUSTER_PROFILE = ROOT / "bench" / "profiles" / "cluster.json"
-
-
-@dataclass(frozen=True)
-class Groups:
-    """The mesh's denoiser groups: `size` GPUs a replica (1: none), the degree rule's `mode`,
-    and per model, per degree d > 1, its time at d / its time on one GPU."""
-
-    size: int = 1
-    mode: str = "adaptive"
-    ratios: dict[str, dict[int, float]] = field(default_factory=dict)
-
-
-def load_ratios(path: str | Path) -> dict[str, dict[int, float]]:
-    """The "models" of a parallel profile (bench/profiles/parallel.json says its format)."""
-    models = json.loads(Path(path).read_text())["models"]
-    return {m: {int(d): float(entry["ratio"]) for d, entry in degrees.items()} for m, degrees in models.items()}
 
 
 def with_overrides(base: dict, given: dict) -> dict:
@@ -377,10 +360,16 @@ def cluster_table(args: argparse.Namespace) -> None:
         seed=args.seed,
         controlnet_link=None if args.controlnet_link == "local" else args.controlnet_link,
         systems=tuple(args.systems.split(",")),
+        groups=Groups(args.group_size, args.parallel_mode, load_ratios(args.parallel_profile))
+        if args.group_size > 1
+        else Groups(),
     )
     p = load_profile(args.cluster_profile)
     recorded = list(read_jsonl(args.trace)) if args.trace else None
     print(f"profile: {args.cluster_profile}; trace: {args.trace or 'built (bench/cluster.py poisson_trace)'}")
+    if cfg.groups.size > 1:
+        groups = f"groups of {cfg.groups.size} GPUs, parallel mode {cfg.groups.mode}"
+        print(f"mesh denoisers: {groups} ({args.parallel_profile})")
     print(f"ControlNets: {args.controlnet_link}; SLOs {', '.join(f'{k:g}x' for k in cfg.slo_factors)} solo latency")
     print("cells: attainment at each SLO, per system")
     results = table(p, cfg, recorded)

@@ -99,3 +99,17 @@ def test_the_table_is_deterministic_for_a_seed_and_ends_with_the_issues_line() -
     assert set(best) == {"mesh", "research", "strong"} and set(best["mesh"]) == {"3x", "5x", "10x"}
     assert best["mesh"]["10x"]["rate"] >= best["mesh"]["3x"]["rate"]  # a looser SLO is never met at a lower rate
     assert summary_lines(first, cfg)[-1].startswith("research baseline: rate ")
+
+
+def test_the_mesh_with_denoiser_groups_splits_a_lone_request_by_the_parallel_profile() -> None:
+    from bench.cluster import Groups, load_ratios
+
+    ratios = load_ratios(Path(PROFILE).parent / "parallel.json")
+    request = [TraceRequest(0.0, "sdxl")]
+    whole = mesh(P, 8, ["sdxl"]).run(request, until=100)[0]
+    grouped = mesh(P, 8, ["sdxl"], groups=Groups(2, "adaptive", ratios))
+    split = grouped.run(request, until=100)[0]
+    unet = P["models"]["sdxl-unet"]["step_s"]
+    assert split.degree == 2 and whole.degree == 1
+    assert whole.latency_s is not None and split.latency_s is not None
+    assert whole.latency_s - split.latency_s == pytest.approx(unet * (1 - ratios["sdxl-unet"][2]), abs=1e-6)

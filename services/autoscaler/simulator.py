@@ -577,7 +577,7 @@ class Simulation:
         of the requests it would hold with them."""
         fair = degree_at_most(replica.size // (len(replica.jobs) + min(queued, replica.size)))
         for job in replica.jobs:
-            if len(job.slots) > fair:
+            if job.left and len(job.slots) > fair:  # (left 0: computed, waiting out its loads)
                 self._resize(job, job.slots[:fair])
 
     def _grow(self, replica: _Replica) -> None:
@@ -585,6 +585,8 @@ class Simulation:
         share and the idle devices allow."""
         fair = degree_at_most(replica.size // len(replica.jobs))
         for job in replica.jobs:
+            if not job.left:  # computed, waiting out its loads
+                continue
             used = {i for other in replica.jobs for i in other.slots}
             free = [i for i in range(replica.size) if i not in used]
             wider = [

@@ -443,3 +443,17 @@ def test_measured_steps_tell_the_policy_what_time_slicing_made_of_a_step() -> No
         sim.run([(0.0, "long"), (1.0, "short")], until=3.0)
         told[measured] = sim._load("vae").step_s
     assert told == {False: pytest.approx(0.1), True: pytest.approx(0.2)}
+
+
+def test_a_split_step_waiting_out_its_lora_load_keeps_its_devices() -> None:
+    """A group's split step, computed, waits for its LoRA's load (1 s) on its devices; a request
+    arriving meanwhile waits for them rather than shrinking a step that has nothing left to run."""
+    sim = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": ModelProfile(1.0, GIB, 1.0, degree_s={2: 0.55}, adapters=Adapters(lora_load_s=1.0, lora_slots=0))},
+        units={"u": ["m"]},
+        policy=_fixed(["u"]),
+        group_size={"u": 2},
+    )
+    a, b = sim.run([_Traced(0.0, "w", loras=("x",)), _Traced(0.8, "w", loras=("x",))], until=10)
+    assert a.latency_s == pytest.approx(1.55) and b.latency_s == pytest.approx(1.55 - 0.8 + 1.55)

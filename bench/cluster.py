@@ -95,8 +95,11 @@ def stages_of(workflow: str) -> list[list[str]]:
 def mesh_workflow(request: TraceRequest) -> str:
     """The catalogue workflow a request runs in the mesh: its base's ControlNet / LoRA variant
     where the catalogue has one (the ControlNet ones encode the control image first), else the
-    base's own (its ControlNets and LoRAs then priced by the denoiser's adapters alone)."""
+    base's own (its ControlNets and LoRAs then priced by the denoiser's adapters alone). A
+    request naming a catalogue workflow runs that one."""
     known = catalogue()
+    if request.workflow in known:
+        return request.workflow
     name = request.base_model
     if request.controlnets and f"{name}-controlnet" in known:
         name += "-controlnet"
@@ -321,6 +324,8 @@ def build(
     groups: Groups | None = None,
 ) -> Simulation:
     bases = {r.base_model for r in trace}
+    if bases - set(DENOISER):
+        raise ValueError(f"base models {sorted(bases - set(DENOISER))} are not simulated; known: {', '.join(DENOISER)}")
     if system == "mesh":
         return mesh(p, gpus, bases, controlnet_link, groups)
     if system == "strong":

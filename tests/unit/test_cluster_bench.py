@@ -113,3 +113,8 @@ def test_the_mesh_with_denoiser_groups_splits_a_lone_request_by_the_parallel_pro
     assert split.degree == 2 and whole.degree == 1
     assert whole.latency_s is not None and split.latency_s is not None
     assert whole.latency_s - split.latency_s == pytest.approx(unet * (1 - ratios["sdxl-unet"][2]), abs=1e-6)
+
+
+def test_a_trace_naming_an_unknown_base_model_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="'sd2'.*known: sd15, sdxl"):
+        build("mesh", P, 8, [TraceRequest(0.0, "sd2")])

@@ -39,6 +39,7 @@ import bisect
 import itertools
 import json
 import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -452,8 +453,10 @@ def _score(
     cfg: TableConfig,
     until: float,
 ) -> dict[str, Any]:
+    began = time.monotonic()
     sim = build(system, p, gpus, trace, cfg.controlnet_link, cfg.groups)
     outcomes = sim.run(trace, until)
+    wall = time.monotonic() - began
     solo = [solo_s(p, r) for r in trace]
     return {
         "attainment": {f"{k:g}x": attainment(outcomes, trace, [k * s for s in solo], window) for k in cfg.slo_factors},
@@ -461,6 +464,7 @@ def _score(
         "events": sim.events,
         "loads": dict(sim.loads),
         "degrees": {str(d): n for d, n in sorted(sim.degrees.items())},
+        "wall_s": wall,
     }
 
 
@@ -482,7 +486,7 @@ def table(
             for system in cfg.systems:
                 row[system] = _score(p, system, gpus, trace, (cfg.warm_s, end), cfg, end + 600)
             rows.append(row)
-            log(f"  {rate:8.2f} req/s ({fraction:.0%} of bound): " + _cells(row, cfg))
+            log(f"  {rate:8.2f} req/s ({fraction:.0%} of bound): " + _cells(row, cfg) + _cost(row, cfg))
         base = cfg.burst_base * bound
         burst_at, burst_s = 300.0, 30.0
         for k in cfg.bursts:
@@ -498,7 +502,7 @@ def table(
             for system in cfg.systems:
                 row[system] = _score(p, system, gpus, trace, (burst_at, burst_at + burst_s + 60), cfg, burst_at + 1200)
             rows.append(row)
-            log(f"  burst {k:5g}x {base:8.2f} req/s: " + _cells(row, cfg))
+            log(f"  burst {k:5g}x {base:8.2f} req/s: " + _cells(row, cfg) + _cost(row, cfg))
         best = {
             system: {
                 f"{f:g}x": {
@@ -525,6 +529,13 @@ def table(
                 + ", ".join(f"{s} {best[s][key]['burst']:g}x" for s in cfg.systems)
             )
     return results
+
+
+def _cost(row: dict[str, Any], cfg: TableConfig) -> str:
+    """What simulating the row took: requests, events, wall seconds (all systems)."""
+    events = sum(row[s]["events"] for s in cfg.systems)
+    wall = sum(row[s]["wall_s"] for s in cfg.systems)
+    return f"   [{row['requests']} requests, {events} events, {wall:.0f} s]"
 
 
 def _cells(row: dict[str, Any], cfg: TableConfig) -> str:

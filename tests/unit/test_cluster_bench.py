@@ -94,7 +94,12 @@ def test_a_recorded_trace_replays_at_the_rate_asked_keeping_its_order() -> None:
 def test_the_table_is_deterministic_for_a_seed_and_ends_with_the_issues_line() -> None:
     cfg = TableConfig(gpus=(8,), fractions=(0.3, 0.6), bursts=(2,), warm_s=60.0, phase_s=120.0, seed=5)
     first = table(P, cfg, log=lambda *_: None)
-    assert first == table(P, cfg, log=lambda *_: None)
+    again = table(P, cfg, log=lambda *_: None)
+    for res in (first, again):
+        for row in res["8"]["rows"]:
+            for system in ("mesh", "research", "strong"):
+                row[system].pop("wall_s")
+    assert first == again
     best = first["8"]["best"]
     assert set(best) == {"mesh", "research", "strong"} and set(best["mesh"]) == {"3x", "5x", "10x"}
     assert best["mesh"]["10x"]["rate"] >= best["mesh"]["3x"]["rate"]  # a looser SLO is never met at a lower rate

@@ -121,5 +121,5 @@ def test_the_mesh_with_denoiser_groups_splits_a_lone_request_by_the_parallel_pro
 
 
 def test_a_trace_naming_an_unknown_base_model_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="'sd2'.*known: sd15, sdxl"):
+    with pytest.raises(ValueError, match=r"'sd2'.*known: sd15, sdxl"):
         build("mesh", P, 8, [TraceRequest(0.0, "sd2")])

@@ -123,3 +123,17 @@ def test_the_mesh_with_denoiser_groups_splits_a_lone_request_by_the_parallel_pro
 def test_a_trace_naming_an_unknown_base_model_is_refused_with_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"'sd2'.*known: sd15, sdxl"):
         build("mesh", P, 8, [TraceRequest(0.0, "sd2")])
+
+
+def test_a_recorded_trace_file_is_replayed_at_each_rate_and_resampled_for_bursts(tmp_path) -> None:
+    from bench.traces.record import read_jsonl, write_jsonl
+
+    path = tmp_path / "trace.jsonl"
+    write_jsonl(path, poisson_trace(1.0, 0.0, 400.0, seed=9))
+    recorded = list(read_jsonl(path))
+    cfg = TableConfig(gpus=(8,), fractions=(0.5,), bursts=(2,), warm_s=60.0, phase_s=120.0)
+    rows = table(P, cfg, recorded, log=lambda *_: None)["8"]["rows"]
+    rate_row, burst_row = rows
+    assert rate_row["requests"] == pytest.approx(0.5 * 1.82 * 180, rel=0.25)  # half the bound, 180 s
+    assert burst_row["requests"] > 0
+    assert rate_row["mesh"]["attainment"]["10x"] >= 0.9  # half the bound: served

@@ -545,7 +545,8 @@ def _cells(row: dict[str, Any], cfg: TableConfig) -> str:
 
 
 def ratio(a: float, b: float, smallest: float) -> str:
-    """a / b; when b met none of the values tried, a lower bound against the smallest tried."""
+    """a / b; when b met none of the values tried, a lower bound against the smallest tried
+    ("n/a" when neither met any)."""
     if b > 0:
         return f"{a / b:.2f}"
     return f">{a / smallest:.2f}" if a else "n/a"
@@ -573,5 +574,9 @@ def summary_lines(results: dict[str, Any], cfg: TableConfig, slo: str = "5x") ->
             f" mesh at {f} of the compute bound"
         )
     r, b, s, f = ratios(results[str(max(int(g) for g in results))])
-    lines.append(f"research baseline: rate {r}x burst {b}x; strong monolith: rate {s}x; compute bound: {f}")
+
+    def x(text: str) -> str:
+        return text if text == "n/a" else text + "x"
+
+    lines.append(f"research baseline: rate {x(r)} burst {x(b)}; strong monolith: rate {x(s)}; compute bound: {f}")
     return lines

@@ -345,6 +345,17 @@ def main() -> None:
     print(f"burst ratio micro/monolithic: {ratio(bur['micro'], bur['monolithic'], args.bursts)}")
 
 
+def cluster_plots(results: dict, out: Path, slo: str = "5x") -> None:
+    """Per cluster size, attainment at `slo` against the request rate, a line per system
+    (cluster-<GPUs>-rates.png)."""
+    for gpus, res in results.items():
+        rows = [r for r in res["rows"] if "rate" in r]
+        systems = [s for s in ("mesh", "research", "strong") if rows and s in rows[0]]
+        series = {s: [(round(r["rate"], 1), r[s]["attainment"][slo]) for r in rows] for s in systems}
+        title = f"simulated {gpus} GPUs: SLO {slo} attainment vs rate (bench/simulate.py --cluster)"
+        attainment_plot(series, title, "request rate (req/s)", out / f"cluster-{gpus}-rates.png")
+
+
 def cluster_table(args: argparse.Namespace) -> None:
     """The issue-15 table (bench/cluster.py has the three systems' rules and the search)."""
 
@@ -376,6 +387,7 @@ def cluster_table(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cluster.json").write_text(json.dumps({"config": cfg.__dict__, "results": results}, indent=1, default=str))
+    cluster_plots(results, out)
     if set(cfg.systems) == {"mesh", "research", "strong"}:
         print()
         for line in summary_lines(results, cfg):

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLOURS = {"micro": (31, 119, 180), "monolithic": (214, 39, 40)}
+COLOURS = {
+    "micro": (31, 119, 180),
+    "monolithic": (214, 39, 40),
+    "mesh": (31, 119, 180),
+    "research": (214, 39, 40),
+    "strong": (44, 160, 44),
+}
 
 
 def attainment_plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, path: Path) -> None:

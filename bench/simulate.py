@@ -30,8 +30,23 @@ parallel.json: Flux published by xDiT, SD3's CFG split measured on one H200 (pro
 other CFG splits assumed). The monolith is not split. The
 table then counts the micro-served denoiser steps run at each degree.
 
+Production-shaped clusters (issue 15): `--cluster 8,64,1000` runs instead the mesh and two
+baselines whose rules bench/cluster.py's docstring fixes (the research system's baseline: a
+monolithic pipeline per workflow and ControlNet/LoRA combination; the strong monolith: a
+pipeline per base model swapping ControlNets and LoRAs in process), from the figures of
+bench/profiles/cluster.json (each with its source), on a built trace (>98% ControlNet, >95%
+LoRA, 150 ControlNets, 14,500 LoRAs) or a recorded one (`--trace FILE`, JSONL of
+bench/traces/record.py, replayed at each rate with its timestamps scaled). Rates are fractions
+of the cluster's compute bound (`--fractions`); bursts are 30 s at k x 0.1 of the bound. Each
+run: 120 s served unscored, then `--cluster-phase-s` scored. It prints per size and SLO (3x, 5x,
+10x each request's solo latency) the max rate at >= 90% attainment and the largest burst, and
+last `research baseline: rate Rx burst Bx; strong monolith: rate Sx; compute bound: F` (SLO 5x,
+the largest size); `--controlnet-link nvlink|pcie|network` puts the mesh's ControlNets on other
+devices. Writes cluster.json to --out.
+
     python bench/simulate.py [--gpus 4] [--rates 0.2 0.4 ...] [--bursts 2 4 8 16] [--profile FILE]
                              [--group-size 2] [--parallel-mode adaptive|never|always] [--parallel-profile FILE]
+    python bench/simulate.py --cluster 8,64,1000 [--trace FILE] [--slo-factors 3,5,10] [--systems mesh,strong]
 """
 
 from __future__ import annotations
@@ -40,16 +55,16 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cluster import Groups, TableConfig, load_profile, load_ratios, stages_of, summary_lines, table  # noqa: E402
 from bench.plots import attainment_plot  # noqa: E402
+from bench.traces.record import read_jsonl  # noqa: E402
 from services.autoscaler.policy import MODES, Limits, PolicyConfig, Slo  # noqa: E402
 from services.autoscaler.simulator import ModelProfile, Simulation, attainment  # noqa: E402
-from shared.workflows.catalogue import catalogue  # noqa: E402
 from shared.zoo.full_size import PARAM_GIB  # noqa: E402
 
 GIB = 2**30
@@ -82,22 +97,7 @@ UNITS = {
 }
 DENOISERS = [u for u in UNITS if u.endswith("-transformer")]
 PARALLEL_PROFILE = ROOT / "bench" / "profiles" / "parallel.json"
-
-
-@dataclass(frozen=True)
-class Groups:
-    """The mesh's denoiser groups: `size` GPUs a replica (1: none), the degree rule's `mode`,
-    and per model, per degree d > 1, its time at d / its time on one GPU."""
-
-    size: int = 1
-    mode: str = "adaptive"
-    ratios: dict[str, dict[int, float]] = field(default_factory=dict)
-
-
-def load_ratios(path: str | Path) -> dict[str, dict[int, float]]:
-    """The "models" of a parallel profile (bench/profiles/parallel.json says its format)."""
-    models = json.loads(Path(path).read_text())["models"]
-    return {m: {int(d): float(entry["ratio"]) for d, entry in degrees.items()} for m, degrees in models.items()}
+CLUSTER_PROFILE = ROOT / "bench" / "profiles" / "cluster.json"
 
 
 def with_overrides(base: dict, given: dict) -> dict:
@@ -107,19 +107,6 @@ def with_overrides(base: dict, given: dict) -> dict:
     for key in ("step_s", "memory_gib"):
         out[key] = {**base[key], **given.get(key, {})}
     out["source"] = given.get("source", "measured figures over " + base["source"])
-    return out
-
-
-def stages_of(workflow: str) -> list[list[str]]:
-    """The workflow's models by dependency level: encoders, then the denoiser, then the VAE."""
-    spec = catalogue()[workflow]
-    level: dict[str, int] = {}
-    for node in spec.nodes:  # specs list nodes after their inputs
-        deps = [ref.split(".")[0] for ref in node.inputs.values() if not ref.startswith("request.")]
-        level[node.id] = 1 + max((level[d] for d in deps), default=-1)
-    out: list[list[str]] = [[] for _ in range(max(level.values()) + 1)]
-    for node in spec.nodes:
-        out[level[node.id]].append(node.model)
     return out
 
 
@@ -260,7 +247,22 @@ def main() -> None:
         "--parallel-profile", default=str(PARALLEL_PROFILE), help="per-degree step-time ratios (with --group-size > 1)"
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    cluster = parser.add_argument_group("production-shaped cluster table (issue 15; bench/cluster.py)")
+    cluster.add_argument("--cluster", help="cluster sizes in GPUs, e.g. 8,64,1000: the mesh and both baselines")
+    cluster.add_argument(
+        "--trace", help="a JSONL trace (bench/traces/record.py) replayed at each rate (default: built)"
+    )
+    cluster.add_argument("--cluster-profile", default=str(CLUSTER_PROFILE), help="figures with their sources")
+    cluster.add_argument("--fractions", default="0.2,0.35,0.5,0.6,0.7,0.8,0.9,1.0", help="rates, of the compute bound")
+    cluster.add_argument("--cluster-bursts", default="2,4,8,16,32", help="bursts, x 0.1 of the compute bound, 30 s")
+    cluster.add_argument("--slo-factors", default="3,5,10", help="SLOs, x each request's solo latency")
+    cluster.add_argument("--cluster-phase-s", type=float, default=300.0, help="scored seconds a rate (after 120 s)")
+    cluster.add_argument("--controlnet-link", choices=("local", "nvlink", "pcie", "network"), default="local")
+    cluster.add_argument("--systems", default="mesh,research,strong", help="which systems to run")
     args = parser.parse_args()
+    if args.cluster:
+        cluster_table(args)
+        return
     p = with_overrides(ASSUMED_H100, json.loads(Path(args.profile).read_text())) if args.profile else ASSUMED_H100
     groups = Groups()
     if args.group_size > 1:
@@ -341,6 +343,55 @@ def main() -> None:
 
     print(f"capacity ratio micro/monolithic: {ratio(cap['micro'], cap['monolithic'], args.rates)}")
     print(f"burst ratio micro/monolithic: {ratio(bur['micro'], bur['monolithic'], args.bursts)}")
+
+
+def cluster_plots(results: dict, out: Path, slo: str = "5x") -> None:
+    """Per cluster size, attainment at `slo` against the request rate, a line per system
+    (cluster-<GPUs>-rates.png)."""
+    for gpus, res in results.items():
+        rows = [r for r in res["rows"] if "rate" in r]
+        systems = [s for s in ("mesh", "research", "strong") if rows and s in rows[0]]
+        series = {s: [(round(r["rate"], 1), r[s]["attainment"][slo]) for r in rows] for s in systems}
+        title = f"simulated {gpus} GPUs: SLO {slo} attainment vs rate (bench/simulate.py --cluster)"
+        attainment_plot(series, title, "request rate (req/s)", out / f"cluster-{gpus}-rates.png")
+
+
+def cluster_table(args: argparse.Namespace) -> None:
+    """The issue-15 table (bench/cluster.py has the three systems' rules and the search)."""
+
+    def floats(text: str) -> tuple[float, ...]:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+
+    cfg = TableConfig(
+        gpus=tuple(int(g) for g in floats(args.cluster)),
+        fractions=floats(args.fractions),
+        bursts=floats(args.cluster_bursts),
+        slo_factors=floats(args.slo_factors),
+        phase_s=args.cluster_phase_s,
+        seed=args.seed,
+        controlnet_link=None if args.controlnet_link == "local" else args.controlnet_link,
+        systems=tuple(args.systems.split(",")),
+        groups=Groups(args.group_size, args.parallel_mode, load_ratios(args.parallel_profile))
+        if args.group_size > 1
+        else Groups(),
+    )
+    p = load_profile(args.cluster_profile)
+    recorded = list(read_jsonl(args.trace)) if args.trace else None
+    print(f"profile: {args.cluster_profile}; trace: {args.trace or 'built (bench/cluster.py poisson_trace)'}")
+    if cfg.groups.size > 1:
+        groups = f"groups of {cfg.groups.size} GPUs, parallel mode {cfg.groups.mode}"
+        print(f"mesh denoisers: {groups} ({args.parallel_profile})")
+    print(f"ControlNets: {args.controlnet_link}; SLOs {', '.join(f'{k:g}x' for k in cfg.slo_factors)} solo latency")
+    print("cells: attainment at each SLO, per system")
+    results = table(p, cfg, recorded)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cluster.json").write_text(json.dumps({"config": cfg.__dict__, "results": results}, indent=1, default=str))
+    cluster_plots(results, out)
+    if set(cfg.systems) == {"mesh", "research", "strong"}:
+        print()
+        for line in summary_lines(results, cfg):
+            print(line)
 
 
 if __name__ == "__main__":

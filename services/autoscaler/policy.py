@@ -34,6 +34,7 @@ very same function for its groups.
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from dataclasses import dataclass, field
@@ -291,13 +292,21 @@ class ScalePolicy:
                 fit.grant(s.unit, 1)
         for s in by_pressure:  # what runs and is still wanted
             fit.grant(s.unit, min(s.current, asked.wants[s.unit]))
-        growing = [s.unit for s in group if asked.wants[s.unit] > fit.alloc[s.unit]]
-        while growing:  # scale-ups, one replica at a time, most loaded per replica first
-            unit = max(growing, key=lambda u: asked.raw[u] / max(fit.alloc[u], 1))
+        # scale-ups, one replica at a time, most loaded per replica first (ties: the first in
+        # `group`); a heap, as a cluster of thousands of units (a pipeline per adapter
+        # combination, bench/cluster.py) made a scan per replica granted quadratic
+        growing = [
+            (-asked.raw[s.unit] / max(fit.alloc[s.unit], 1), i, s.unit)
+            for i, s in enumerate(group)
+            if asked.wants[s.unit] > fit.alloc[s.unit]
+        ]
+        heapq.heapify(growing)
+        while growing:
+            _, i, unit = heapq.heappop(growing)
             before = fit.alloc[unit]
             fit.grant(unit, before + 1)
-            if fit.alloc[unit] == before or fit.alloc[unit] >= asked.wants[unit]:
-                growing.remove(unit)
+            if fit.alloc[unit] != before and fit.alloc[unit] < asked.wants[unit]:
+                heapq.heappush(growing, (-asked.raw[unit] / max(fit.alloc[unit], 1), i, unit))
         for s in by_pressure:  # kept only by the cooldown, if room is left
             fit.grant(s.unit, asked.held[s.unit])
         fit.explain(group, asked.reasons)

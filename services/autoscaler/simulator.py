@@ -29,9 +29,44 @@ devices for them; when devices fall idle with nothing queued, a shrunk step grow
 its first degree. The work left moves with it: the fraction of the step left, at the new
 degree's time.
 
-Not modelled: batching, network time beyond a fixed per-stage hop, any cost of time slicing
-itself (context switches, caches), the lockstep of a split step's devices (each device's share
-runs at that device's pace; the exchange is in the degree's time).
+Trace requests (issue 15): `run` also takes the requests of a trace (`TracedRequest`, the
+fields of `bench/traces/record.py`'s `TraceRequest`: timestamp, base model, ControlNets, LoRAs,
+workflow); `route` names each one's workflow. A model with `Adapters` (a denoiser, or a whole
+pipeline that holds one) pays for the request's ControlNets and LoRAs when it runs its step:
+
+- ControlNets: a ControlNet runs at every denoising step beside the base model (its residuals
+  feed the base model's step), so it lengthens the run. Co-located (`controlnet_link` None):
+  its compute, `controlnet_s`, runs on the denoiser's device (time-sliced with the rest there),
+  and the replica keeps `controlnet_slots` ControlNets loaded (their memory is in the model's
+  `memory_bytes`), least recently used out; a miss waits `controlnet_load_s`. Elsewhere (a
+  `Link`: NVLink, PCIe, the network): the ControlNets run side by side on other devices, and
+  the denoiser waits each step for their compute and their residuals over the link:
+  `controlnet_s` + `steps` x (n x `residual_bytes` / bandwidth + latency), its device free
+  meanwhile. Those devices are not simulated (their ControlNets kept loaded, their compute
+  not counted against the cluster): a remote ControlNet is priced in latency only.
+- LoRAs: a replica keeps `lora_slots` LoRAs loaded, least recently used out; a miss waits
+  `lora_load_s` (host memory into the model's layers), plus `lora_disk_s` when the node's host
+  memory (`host_lora_slots` files, least recently used out, shared by the node's replicas) does
+  not hold the file.
+- Loads hold the replica but not its device's compute (they are copies and the host's work).
+- The autoscaler sees such a model's step time as its replicas measure it: the mean of what its
+  steps took so far (loads, ControlNets and batches included), not the profile's bare figure.
+
+Step-level batching: a lone replica of a model with `max_batch` > 1 takes with the oldest queued
+step the next queued steps of the same model with the same ControlNets and LoRAs (the
+denoiser's batch engine's rule: the oldest leads every call, whoever fits rides along), up to
+`max_batch`, looking through the first `batch_scan` queued; the call takes `batch_s(b)` and all
+its steps finish together. Requests do not join a call already running (the engine adds them
+at the next denoising step), so batching here is slightly pessimistic.
+
+Scale: dispatch visits only the replicas that can act (idle lone replicas of units with steps
+queued, groups), arrivals are read in order rather than all put on the event heap, and the
+steps in replicas' hands are counted as they start and end: 1,000 GPUs run in minutes.
+
+Not modelled: network time beyond a fixed per-stage hop (and a remote ControlNet's link), any
+cost of time slicing itself (context switches, caches), the lockstep of a split step's devices
+(each device's share runs at that device's pace; the exchange is in the degree's time),
+batching on groups.
 """
 
 from __future__ import annotations
@@ -39,9 +74,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import Counter, deque
-from collections.abc import Mapping
+import operator
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from services.autoscaler.policy import (
     MODES,
@@ -57,15 +94,76 @@ from services.autoscaler.policy import (
 
 
 @dataclass(frozen=True)
+class Link:
+    """A path a ControlNet's residuals take to the denoiser each step: bytes per second and a
+    fixed latency per transfer."""
+
+    bytes_per_s: float
+    latency_s: float = 0.0
+
+    def transfer_s(self, nbytes: int) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """What ControlNets and LoRAs cost a model that runs them (a denoiser, or a whole pipeline
+    holding one). See "ControlNets" and "LoRAs" in the module docstring."""
+
+    steps: int = 28  # denoising steps: a remote ControlNet's residuals cross the link this often
+    controlnet_s: float = 0.0  # seconds one ControlNet adds to the model's run (all its steps)
+    controlnet_load_s: float = 0.0  # host memory -> device, at a replica's cache miss
+    residual_bytes: int = 0  # one ControlNet's residuals for one step (CFG rows included)
+    controlnet_slots: int = 0  # ControlNets a replica keeps loaded (least recently used goes)
+    lora_load_s: float = 0.0  # host memory -> the model's layers, at a replica's cache miss
+    lora_disk_s: float = 0.0  # more when the file is not in the node's host memory
+    lora_slots: int = 0  # LoRAs a replica keeps loaded (least recently used goes)
+    host_lora_slots: int = 0  # LoRA files a node keeps in host memory (least recently used goes)
+
+
+@dataclass(frozen=True)
 class ModelProfile:
     """One model (or, monolithic, one whole pipeline): seconds per step, memory, load time, and
     the seconds a step takes split over d devices of a group (`degree_s`, d > 1; a degree not
-    listed is one the model cannot be split to)."""
+    listed is one the model cannot be split to). `max_batch` > 1: a lone replica runs up to that
+    many queued steps of this model with the same ControlNets and LoRAs in one call, in
+    `step_s` x b / `batch_speedup`[b] (the largest b listed at or below; 1 when none).
+    `adapters`: its ControlNet and LoRA costs (None: it runs neither)."""
 
     step_s: float
     memory_bytes: int
     load_s: float
     degree_s: Mapping[int, float] = field(default_factory=dict)
+    max_batch: int = 1
+    batch_speedup: Mapping[int, float] = field(default_factory=dict)
+    adapters: Adapters | None = None
+
+    def batch_s(self, b: int) -> float:
+        """Seconds a call of b steps takes."""
+        if b == 1:
+            return self.step_s
+        speedup = max(((k, v) for k, v in self.batch_speedup.items() if k <= b), default=(1, 1.0))[1]
+        return self.step_s * b / speedup
+
+
+class TracedRequest(Protocol):
+    """A trace request as `bench/traces/record.py` writes it (its `TraceRequest` is one)."""
+
+    @property
+    def timestamp(self) -> float: ...
+    @property
+    def base_model(self) -> str: ...
+    @property
+    def controlnets(self) -> Sequence[str]: ...
+    @property
+    def loras(self) -> Sequence[str]: ...
+    @property
+    def workflow(self) -> str | None: ...
+
+
+def default_route(request: TracedRequest) -> str:
+    """The request's own workflow name, else its base model's."""
+    return request.workflow or request.base_model
 
 
 @dataclass(frozen=True)
@@ -74,6 +172,7 @@ class RequestOutcome:
     arrived: float
     latency_s: float | None  # None: not finished when the trace ended
     degree: int = 1  # the most devices one of its steps was split over (1: never split)
+    index: int = -1  # its place in the arrivals given to `run`
 
 
 @dataclass
@@ -83,6 +182,9 @@ class _Request:
     stage: int = 0
     waiting_on: int = 0
     degree: int = 1
+    controlnets: tuple[str, ...] = ()
+    loras: tuple[str, ...] = ()
+    index: int = -1
 
 
 @dataclass(eq=False)
@@ -90,6 +192,7 @@ class _Gpu:
     """A GPU shared by its replicas' steps in time slices: k steps at once each run at 1/k speed."""
 
     memory_free: int
+    node: int = 0
     active: dict[_Job, float] = field(default_factory=dict)  # step in hand -> seconds of work left
     last: float = 0.0  # when `active` was last brought up to date
     version: int = 0  # its pending "done" event is stale once this moves on
@@ -105,6 +208,13 @@ class _Job:
     slots: list[int]
     left: int  # devices whose share of the step is not done yet
     home: int = 1  # the degree it was given; it shrinks below it and grows back (adaptive mode)
+    riders: list[_Request] = field(default_factory=list)  # the batch's other requests
+    started: float = 0.0
+    wait_s: float = 0.0  # seconds it holds its replica beyond its compute (loads, remote ControlNets)
+
+    @property
+    def requests(self) -> list[_Request]:
+        return [self.request, *self.riders]
 
 
 @dataclass(eq=False)
@@ -116,11 +226,15 @@ class _Replica:
     unit: str
     ready_at: float
     size: int = 1
+    index: int = 0  # its place in start order: replicas take queued steps in this order
+    alive: bool = True  # False once removed
     retiring: bool = False
     jobs: list[_Job] = field(default_factory=list)
     devices: list[_Gpu] = field(default_factory=list)
     placed: list[_Gpu] = field(default_factory=list)
     memory: int = 0
+    loras: OrderedDict[str, None] = field(default_factory=OrderedDict)  # loaded, least recent first
+    controlnets: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def free_slots(self) -> int:
         """Its devices none of its own steps uses."""
@@ -138,7 +252,13 @@ class Simulation:
     whole loop). `gpus` = 0: compute is not limited, only the policy's budget.
     `group_size`: unit -> devices a replica owns (default 1; see the module docstring), its
     steps split as `parallel_mode` says (`shared.parallel_policy.MODES`). `slo_s`: workflow ->
-    seconds a request has (its deadline, for the degree rule's rescue; none: no deadline)."""
+    seconds a request has (its deadline, for the degree rule's rescue; none: no deadline).
+    `measured_steps`: the step time the policy is given per model is, as `lego up`'s replicas
+    report it, the mean wall time its steps took (a batch's over its steps) in the last
+    `window_s` (before any: the profile's); else the profile's (see `_step_s`).
+    `gpus_per_node`: GPUs sharing a host (its memory caches LoRA files). `controlnet_link`:
+    where a ControlNet runs, None on its denoiser's device, else on another device reached over
+    that link (see "ControlNets" in the module docstring). `route`: a trace request's workflow."""
 
     workflows: dict[str, list[list[str]]]
     models: dict[str, ModelProfile]
@@ -153,6 +273,11 @@ class Simulation:
     group_size: dict[str, int] = field(default_factory=dict)
     parallel_mode: str = "adaptive"
     slo_s: dict[str, float] = field(default_factory=dict)
+    gpus_per_node: int = 8
+    controlnet_link: Link | None = None
+    route: Callable[[TracedRequest], str] = default_route
+    batch_scan: int = 64  # queued steps a batch looks through for riders
+    measured_steps: bool = False  # the policy sees steps' wall time, as replicas report it (below)
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
@@ -168,35 +293,64 @@ class Simulation:
         self.unplaced = 0  # replicas the policy wanted that no GPU had the memory for
         self.degrees: Counter[int] = Counter()  # steps started on a group, by the degree chosen
         self.degree_reasons: Counter[str] = Counter()  # ... and by why ("fair share", "deadline rescue", ...)
+        self.batches: Counter[int] = Counter()  # calls run, by the steps batched in them
+        self.loads: Counter[str] = Counter()  # adapter cache misses: "lora", "lora from disk", "controlnet"
+        self.events = 0  # events processed by the last run
 
     def solo_latency(self, workflow: str) -> float:
         """What a request of `workflow` takes with the cluster to itself."""
         return sum(max(self.models[m].step_s for m in stage) + self.hop_s for stage in self.workflows[workflow])
 
-    def run(self, arrivals: list[tuple[float, str]], until: float) -> list[RequestOutcome]:
-        """Replay `arrivals` [(time, workflow)]; requests unfinished at `until` count as not finished."""
+    def run(self, arrivals: Iterable[tuple[float, str] | TracedRequest], until: float) -> list[RequestOutcome]:
+        """Replay `arrivals`, each (time, workflow) or a trace request (`TracedRequest`: its
+        workflow by `route`, its ControlNets and LoRAs); requests unfinished at `until` count as
+        not finished."""
         self._now = 0.0
         self._seq = itertools.count()
         self._events: list[tuple[float, int, str, object]] = []
         self._queues: dict[str, deque[tuple[float, _Request]]] = {m: deque() for m in self.unit_of}
-        self._replicas: list[_Replica] = []
-        self._gpus = [_Gpu(memory_free=self.gpu_memory_bytes) for _ in range(self.gpus)]
+        self._by_unit: dict[str, dict[_Replica, None]] = {u: {} for u in self.units}  # in start order
+        self._idle: dict[str, list[tuple[int, _Replica]]] = {u: [] for u in self.units}  # lone, ready, free
+        self._grouped = [u for u in self.units if self.group_size.get(u, 1) > 1]
+        # lone units whose steps queued or replicas free changed since the last dispatch (the
+        # only ones where a free replica and a queued step can meet)
+        self._waiting: dict[str, None] = {}
+        self._loading: list[tuple[float, int, _Replica]] = []  # not yet ready, by when they will be
+        self._in_hand: Counter[str] = Counter()  # steps of each model in replicas' hands
+        self._charged: dict[str, float] = dict.fromkeys(
+            self.unit_of, 0.0
+        )  # seconds its steps took (calls, loads), as a replica measures
+        self._charged_steps: Counter[str] = Counter()
+        self._walls: dict[str, deque[tuple[float, float]]] = {m: deque() for m in self.unit_of}  # (end, s a step)
+        self._last_wall: dict[str, float] = {}
+        self._started = itertools.count()
+        self._gpus = [_Gpu(memory_free=self.gpu_memory_bytes, node=i // self.gpus_per_node) for i in range(self.gpus)]
+        self._host_loras: dict[int, OrderedDict[str, None]] = {}  # node -> LoRA files in its memory
         self._arrived_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}
         self._scaler = ScalePolicy(self.policy)
         self._outcomes: dict[int, RequestOutcome] = {}
-        requests = [_Request(workflow=w, arrived=t) for t, w in sorted(arrivals)]
+        requests = sorted((self._request(i, a) for i, a in enumerate(arrivals)), key=lambda r: (r.arrived, r.workflow))
         for unit in self.units:
             for _ in range(self.start_replicas.get(unit, self.policy.limits_of(unit).min_replicas)):
                 self._start(unit, ready_at=0.0)
-        for r in requests:
-            self._push(r.arrived, "arrive", r)
         self._push(0.0, "tick", None)
-        while self._events and self._events[0][0] <= until:
+        self.events = 0
+        arriving = 0  # arrivals enter in order, before any other event of the same time
+        while arriving < len(requests) or self._events:
+            if arriving < len(requests) and (not self._events or requests[arriving].arrived <= self._events[0][0]):
+                if requests[arriving].arrived > until:
+                    break
+                self._now = requests[arriving].arrived
+                self._enter_stage(requests[arriving])
+                arriving += 1
+                self.events += 1
+                self._dispatch()
+                continue
+            if self._events[0][0] > until:
+                break
             self._now, _, what, payload = heapq.heappop(self._events)
-            if what == "arrive":
-                assert isinstance(payload, _Request)
-                self._enter_stage(payload)
-            elif what == "done":
+            self.events += 1
+            if what == "done":
                 assert isinstance(payload, _Job)
                 self._finish_step(payload)
             elif what == "gpu":
@@ -206,9 +360,25 @@ class Simulation:
                 self._tick()
                 self._push(self._now + self.tick_s, "tick", None)
             self._dispatch()
-        return [self._outcomes.get(id(r), RequestOutcome(r.workflow, r.arrived, None, r.degree)) for r in requests]
+        return [
+            self._outcomes.get(id(r), RequestOutcome(r.workflow, r.arrived, None, r.degree, r.index)) for r in requests
+        ]
 
     # -- requests ---------------------------------------------------------------------------
+    def _request(self, index: int, arrival: tuple[float, str] | TracedRequest) -> _Request:
+        if isinstance(arrival, tuple):
+            return _Request(workflow=arrival[1], arrived=arrival[0], index=index)
+        workflow = self.route(arrival)
+        if workflow not in self.workflows:
+            raise ValueError(f"trace request at {arrival.timestamp:g} s: no workflow {workflow!r} in this simulation")
+        return _Request(
+            workflow=workflow,
+            arrived=arrival.timestamp,
+            controlnets=tuple(arrival.controlnets),
+            loras=tuple(arrival.loras),
+            index=index,
+        )
+
     def _push(self, at: float, what: str, payload: object) -> None:
         heapq.heappush(self._events, (at, next(self._seq), what, payload))
 
@@ -217,49 +387,94 @@ class Simulation:
         request.waiting_on = len(stage)
         for model in stage:
             self._queues[model].append((self._now, request))
+            if self.group_size.get(self.unit_of[model], 1) == 1:
+                self._waiting[self.unit_of[model]] = None
             self._arrived_steps[model].append(self._now)
 
     def _finish_step(self, job: _Job) -> None:
-        replica, request = job.replica, job.request
+        replica = job.replica
         replica.jobs.remove(job)
+        self._in_hand[job.model] -= 1 + len(job.riders)
+        if self.measured_steps:
+            self._walls[job.model].append((self._now, (self._now - job.started) / (1 + len(job.riders))))
         if replica.retiring and not replica.jobs:
             self._remove(replica)
+        elif replica.ready_at <= self._now:
+            self._make_idle(replica)
+        for request in job.requests:
+            self._step_done(request)
+
+    def _step_done(self, request: _Request) -> None:
         request.waiting_on -= 1
         if request.waiting_on:
             return
         request.stage += 1
         if request.stage == len(self.workflows[request.workflow]):
             latency = self._now - request.arrived
-            self._outcomes[id(request)] = RequestOutcome(request.workflow, request.arrived, latency, request.degree)
+            self._outcomes[id(request)] = RequestOutcome(
+                request.workflow, request.arrived, latency, request.degree, request.index
+            )
         else:
             self._enter_stage(request)
 
     def _dispatch(self) -> None:
-        """Every ready replica takes the oldest steps queued for its unit's models, one for each
-        of its devices none of its steps uses (a lone replica: one step when it is idle)."""
-        for replica in self._replicas:
-            if replica.retiring or replica.ready_at > self._now:
-                continue
-            adapts = self.parallel_mode == "adaptive" and replica.size > 1
-            queued = sum(len(self._queues[m]) for m in self.units[replica.unit])
-            if adapts and queued and not replica.free_slots():
-                self._shrink(replica, queued)
-            taken: list[tuple[_Request, str]] = []
-            for _ in range(replica.free_slots()):
-                step = self._next_step(replica.unit)
-                if step is None:
-                    break
-                taken.append(step)
-            held = len(replica.jobs) + len(taken)
-            for request, model in taken:
-                self._start_step(replica, request, model, busy=held - 1)
-            if (
-                adapts
-                and replica.free_slots()
-                and replica.jobs
-                and not any(self._queues[m] for m in self.units[replica.unit])
-            ):
-                self._grow(replica)
+        """Every ready replica, in start order, takes the oldest steps queued for its unit's
+        models, one for each of its devices none of its steps uses (a lone replica: one step
+        when it is idle).
+
+        Why not a loop over every replica: at 1,000 GPUs that loop ran on every event. A lone
+        replica only acts when idle and its unit has steps queued, so only the first such idle
+        replicas of each unit are visited (the queue's length of them, from a heap in start
+        order); groups, which also shrink and grow their split steps, are visited as before.
+        The order across units is kept (start order), so outcomes are the same as the loop's."""
+        while self._loading and self._loading[0][0] <= self._now:
+            _, _, replica = heapq.heappop(self._loading)
+            self._make_idle(replica)
+        chosen: list[_Replica] = []
+        for unit in self._grouped:
+            chosen.extend(r for r in self._by_unit[unit] if not r.retiring and r.ready_at <= self._now)
+        waiting, self._waiting = self._waiting, {}
+        for unit in waiting:
+            queued = sum(len(self._queues[m]) for m in self.units[unit])
+            idle = self._idle[unit]
+            while queued and idle:
+                _, replica = heapq.heappop(idle)
+                if replica.alive and not replica.retiring and not replica.jobs:
+                    chosen.append(replica)
+                    queued -= 1
+        if len(chosen) > 1:
+            chosen.sort(key=lambda r: r.index)
+        for replica in chosen:
+            self._serve(replica)
+
+    def _make_idle(self, replica: _Replica) -> None:
+        """A lone replica ready and free goes on its unit's idle heap (a group is always visited)."""
+        if replica.size == 1 and replica.alive and not replica.retiring and not replica.jobs:
+            heapq.heappush(self._idle[replica.unit], (replica.index, replica))
+            self._waiting[replica.unit] = None
+
+    def _serve(self, replica: _Replica) -> None:
+        adapts = self.parallel_mode == "adaptive" and replica.size > 1
+        queued = sum(len(self._queues[m]) for m in self.units[replica.unit])
+        if adapts and queued and not replica.free_slots():
+            self._shrink(replica, queued)
+        taken: list[tuple[_Request, str]] = []
+        for _ in range(replica.free_slots()):
+            step = self._next_step(replica.unit)
+            if step is None:
+                break
+            taken.append(step)
+        held = len(replica.jobs) + len(taken)
+        for request, model in taken:
+            riders = self._riders(request, model) if replica.size == 1 else []
+            self._start_step(replica, request, model, busy=held - 1, riders=riders)
+        if (
+            adapts
+            and replica.free_slots()
+            and replica.jobs
+            and not any(self._queues[m] for m in self.units[replica.unit])
+        ):
+            self._grow(replica)
 
     def _next_step(self, unit: str) -> tuple[_Request, str] | None:
         queued = [(self._queues[m][0][0], m) for m in self.units[unit] if self._queues[m]]
@@ -269,23 +484,89 @@ class Simulation:
         _, request = self._queues[model].popleft()
         return request, model
 
-    def _start_step(self, replica: _Replica, request: _Request, model: str, busy: int) -> None:
-        """The step on the replica's least used devices, as many as its degree."""
+    def _riders(self, request: _Request, model: str) -> list[_Request]:
+        """Queued steps of `model` that can share the call `request` leads: the same ControlNets
+        and LoRAs (the denoiser's batch engine rule), up to the model's batch, the oldest first
+        among the first `batch_scan` queued."""
+        room = self.models[model].max_batch - 1
+        queue = self._queues[model]
+        if room <= 0 or not queue:
+            return []
+        riders: list[_Request] = []
+        keep: list[tuple[float, _Request]] = []
+        for _ in range(min(len(queue), self.batch_scan)):
+            item = queue.popleft()
+            other = item[1]
+            if len(riders) < room and other.controlnets == request.controlnets and other.loras == request.loras:
+                riders.append(other)
+            else:
+                keep.append(item)
+        queue.extendleft(reversed(keep))
+        return riders
+
+    def _start_step(
+        self, replica: _Replica, request: _Request, model: str, busy: int, riders: list[_Request] | None = None
+    ) -> None:
+        """The step on the replica's least used devices, as many as its degree (a batch: the
+        leading request's step with its riders', in one call)."""
         degree = self._degree(replica, request, model, busy) if replica.size > 1 else 1
         used = Counter(i for job in replica.jobs for i in job.slots)
         slots = sorted(range(replica.size), key=lambda i: (used[i], i))[:degree]
-        job = _Job(request, model, replica, slots, left=len(slots), home=len(slots))
+        job = _Job(
+            request, model, replica, slots, left=len(slots), home=len(slots), riders=riders or [], started=self._now
+        )
         replica.jobs.append(job)
+        self._in_hand[model] += 1 + len(job.riders)
+        self.batches[1 + len(job.riders)] += 1
         request.degree = max(request.degree, degree)
-        work = self._work_s(model, degree)
+        work = (
+            self._work_s(model, degree)
+            if not job.riders
+            else self.models[model].batch_s(1 + len(job.riders)) + self.hop_s
+        )
+        compute_s, job.wait_s = self._adapter_s(replica, request, model)
+        work += compute_s
+        self._charged[model] += work + job.wait_s
+        self._charged_steps[model] += 1 + len(job.riders)
         if not replica.devices:
-            self._push(self._now + work, "done", job)
+            self._push(self._now + work + job.wait_s, "done", job)
             return
         for i in slots:
             gpu = replica.devices[i]
             self._advance(gpu)
             gpu.active[job] = work
             self._reschedule(gpu)
+
+    def _adapter_s(self, replica: _Replica, request: _Request, model: str) -> tuple[float, float]:
+        """What the request's ControlNets and LoRAs add to its step on this replica: (compute on
+        its device, seconds it holds the replica besides). Loads are paid at cache misses, and
+        the caches updated (least recently used first out)."""
+        adapters = self.models[model].adapters
+        if adapters is None or not (request.controlnets or request.loras):
+            return 0.0, 0.0
+        compute, wait = 0.0, 0.0
+        node = replica.placed[0].node if replica.placed else 0
+        host = self._host_loras.setdefault(node, OrderedDict())
+        for lora in request.loras:
+            if _touch(replica.loras, lora, adapters.lora_slots):
+                continue
+            wait += adapters.lora_load_s
+            self.loads["lora"] += 1
+            if not _touch(host, lora, adapters.host_lora_slots):
+                wait += adapters.lora_disk_s
+                self.loads["lora from disk"] += 1
+        if request.controlnets and self.controlnet_link is None:  # on the denoiser's device
+            for controlnet in request.controlnets:
+                compute += adapters.controlnet_s
+                if not _touch(replica.controlnets, controlnet, adapters.controlnet_slots):
+                    wait += adapters.controlnet_load_s
+                    self.loads["controlnet"] += 1
+        elif request.controlnets:  # on other devices, side by side; their residuals cross the link every step
+            link, n = self.controlnet_link, len(request.controlnets)
+            assert link is not None
+            per_step = link.transfer_s(n * adapters.residual_bytes)
+            wait += adapters.controlnet_s + adapters.steps * per_step
+        return compute, wait
 
     def _work_s(self, model: str, degree: int) -> float:
         profile = self.models[model]
@@ -296,7 +577,7 @@ class Simulation:
         of the requests it would hold with them."""
         fair = degree_at_most(replica.size // (len(replica.jobs) + min(queued, replica.size)))
         for job in replica.jobs:
-            if len(job.slots) > fair:
+            if job.left and len(job.slots) > fair:  # (left 0: computed, waiting out its loads)
                 self._resize(job, job.slots[:fair])
 
     def _grow(self, replica: _Replica) -> None:
@@ -304,6 +585,8 @@ class Simulation:
         share and the idle devices allow."""
         fair = degree_at_most(replica.size // len(replica.jobs))
         for job in replica.jobs:
+            if not job.left:  # computed, waiting out its loads
+                continue
             used = {i for other in replica.jobs for i in other.slots}
             free = [i for i in range(replica.size) if i not in used]
             wider = [
@@ -384,19 +667,22 @@ class Simulation:
         for job in finished:
             job.left -= 1
             if not job.left:  # its last device is done
-                self._finish_step(job)
+                if job.wait_s > 0:
+                    self._push(self._now + job.wait_s, "done", job)
+                else:
+                    self._finish_step(job)
 
     # -- scaling ----------------------------------------------------------------------------
     def _signal(self, unit: str) -> UnitSignal:
         """A group of k devices counts k replicas' memory, and serves k steps side by side: a
         step costs it 1/k of its time (the policy's load and work are in replicas' seconds)."""
-        mine = [r for r in self._replicas if r.unit == unit and not r.retiring]
+        mine = [r for r in self._by_unit[unit] if not r.retiring]
         size = self.group_size.get(unit, 1)
         return unit_signal(
             unit,
             len(mine),
             [self._load(model, size) for model in self.units[unit]],
-            service_s=max(self.models[m].step_s for m in self.units[unit]),
+            service_s=max(self._step_s(m) for m in self.units[unit]),
             memory_bytes=size * sum(self.models[m].memory_bytes for m in self.units[unit]),
             device="cluster",
         )
@@ -407,18 +693,35 @@ class Simulation:
         times = self._arrived_steps[model]
         while times and times[0] < self._now - self.window_s:
             times.popleft()
-        in_hand = sum(1 for r in self._replicas for job in r.jobs if job.model == model)
         return ConsumerLoad(
-            backlog=len(self._queues[model]) + in_hand,
+            backlog=len(self._queues[model]) + self._in_hand[model],
             arrival_rate=len(times) / self.window_s,
-            step_s=self.models[model].step_s / size,
+            step_s=self._step_s(model) / size,
         )
 
+    def _step_s(self, model: str) -> float:
+        """Seconds a step of `model` takes as the policy is told: with `measured_steps`, the mean
+        wall time of its steps that ended in the last `window_s` (time slicing, loads and
+        batches included; the last such mean while none ended; the profile's before any);
+        else its profile's, or where ControlNets, LoRAs or batches change that, the mean so far
+        of what its calls and loads took."""
+        profile = self.models[model]
+        if self.measured_steps:
+            walls = self._walls[model]
+            while walls and walls[0][0] < self._now - self.window_s:
+                walls.popleft()
+            if walls:
+                self._last_wall[model] = sum(w for _, w in walls) / len(walls)
+            return self._last_wall.get(model, profile.step_s)
+        if (profile.adapters is None and profile.max_batch == 1) or not self._charged_steps[model]:
+            return profile.step_s
+        return self._charged[model] / self._charged_steps[model]
+
     def _tick(self) -> None:
-        decisions = self._scaler.decide([self._signal(u) for u in self.units], self._now)
+        decisions = self._scaler.decide([self._signal(u) for u in self.units if self._active(u)], self._now)
         ups: list[tuple[str, int]] = []
         for decision in decisions:  # downs first: they free the memory the ups may need
-            mine = [r for r in self._replicas if r.unit == decision.unit and not r.retiring]
+            mine = [r for r in self._by_unit[decision.unit] if not r.retiring]
             if decision.target > len(mine):
                 ups.append((decision.unit, decision.target - len(mine)))
             elif decision.target < len(mine):
@@ -437,33 +740,79 @@ class Simulation:
                 else:
                     self.unplaced += 1
 
+    def _active(self, unit: str) -> bool:
+        """Whether the policy could decide anything for the unit: it runs replicas, has steps
+        queued or in hand or recent arrivals, or a minimum. (The policy would keep an idle unit
+        of no replicas and no minimum at 0; leaving it out changes no decision, and a trace with
+        thousands of units, one per pipeline, is decided in the time of the few it uses.)"""
+        if self._by_unit[unit] or self.policy.limits_of(unit).min_replicas > 0:
+            return True
+        for model in self.units[unit]:
+            times = self._arrived_steps[model]
+            while times and times[0] < self._now - self.window_s:
+                times.popleft()
+            if times or self._queues[model] or self._in_hand[model]:
+                return True
+        return False
+
     def _start(self, unit: str, ready_at: float) -> bool:
         """A new replica of `unit`, placed on the GPU with the most free memory that holds it (a
         group of k: on the k such GPUs, its memory on each)."""
         size = self.group_size.get(unit, 1)
         memory = sum(self.models[m].memory_bytes for m in self.units[unit])
         placed: list[_Gpu] = []
-        if self._gpus:
+        if self._gpus and size == 1:  # the first of the most free, if it holds it
+            best = max(self._gpus, key=_free)
+            if best.memory_free < memory:
+                return False
+            placed = [best]
+            best.memory_free -= memory
+        elif self._gpus:
             fits = [g for g in self._gpus if g.memory_free >= memory]
             if len(fits) < size:
                 return False
-            placed = sorted(fits, key=lambda g: -g.memory_free)[:size]  # ties: the first, as max() takes
+            placed = heapq.nsmallest(size, fits, key=lambda g: -g.memory_free)  # ties: the first, as max() takes
             for gpu in placed:
                 gpu.memory_free -= memory
         devices = placed or [_Gpu(memory_free=0) for _ in range(size if size > 1 else 0)]
-        self._replicas.append(
-            _Replica(unit=unit, ready_at=ready_at, size=size, devices=devices, placed=placed, memory=memory)
+        replica = _Replica(
+            unit=unit,
+            ready_at=ready_at,
+            size=size,
+            index=next(self._started),
+            devices=devices,
+            placed=placed,
+            memory=memory,
         )
+        self._by_unit[unit][replica] = None
+        heapq.heappush(self._loading, (ready_at, replica.index, replica))
         return True
 
     def _remove(self, replica: _Replica) -> None:
         """Only an idle replica goes (a busy one retires after its steps)."""
-        self._replicas.remove(replica)
+        del self._by_unit[replica.unit][replica]
+        replica.alive = False
         for gpu in replica.placed:
             gpu.memory_free += replica.memory
 
     def replicas_now(self) -> dict[str, int]:
-        return {u: sum(1 for r in self._replicas if r.unit == u and not r.retiring) for u in self.units}
+        return {u: sum(1 for r in self._by_unit[u] if not r.retiring) for u in self.units}
+
+
+_free = operator.attrgetter("memory_free")
+
+
+def _touch(cache: OrderedDict[str, None], key: str, slots: int) -> bool:
+    """Whether `key` was in the LRU cache; either way it is now its most recent entry (the least
+    recent ones beyond `slots` dropped)."""
+    hit = key in cache
+    if hit:
+        cache.move_to_end(key)
+    else:
+        cache[key] = None
+        while len(cache) > max(slots, 0):
+            cache.popitem(last=False)
+    return hit
 
 
 def attainment(outcomes: list[RequestOutcome], slo_s: dict[str, float]) -> float:

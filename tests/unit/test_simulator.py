@@ -3,10 +3,12 @@ memory budget, all driven by the autoscaler's own policy."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from services.autoscaler.policy import Limits, PolicyConfig, Slo
-from services.autoscaler.simulator import ModelProfile, Simulation, attainment
+from services.autoscaler.simulator import Adapters, Link, ModelProfile, Simulation, attainment
 
 GIB = 2**30
 
@@ -316,3 +318,142 @@ def test_the_cluster_benchmark_runs_the_mesh_with_denoiser_groups(tmp_path) -> N
         assert row["micro"]["requests"] > 0 and 0.9 <= row["micro"]["attainment"] <= 1.0
         degrees = row["micro"]["degrees"]
         assert degrees.get("2", 0) > degrees.get("1", 0)  # one request at a time, mostly: split
+
+
+# -- issue 15: trace requests, ControlNets, LoRAs, step-level batching
+
+
+@dataclass(frozen=True)
+class _Traced:
+    """A trace request as bench/traces/record.py's TraceRequest has it (its fields only)."""
+
+    timestamp: float
+    base_model: str
+    controlnets: tuple[str, ...] = ()
+    loras: tuple[str, ...] = ()
+    workflow: str | None = None
+
+
+def _denoiser(link: Link | None = None, **adapters: float) -> Simulation:
+    """One replica of a 2 s denoiser, on GPU 0 of a node of 8: ControlNets add 1 s each on its
+    device (cached 2 at a time, 0.5 s to load from host), or cross `link` 10 times (10 steps,
+    1 GB of residuals a step); LoRAs cached 2 at a time, 0.3 s to load, 1 s more from disk,
+    the node's host memory holding 4."""
+    spec = {
+        "steps": 10,
+        "controlnet_s": 1.0,
+        "controlnet_load_s": 0.5,
+        "residual_bytes": 10**9,
+        "controlnet_slots": 2,
+        "lora_load_s": 0.3,
+        "lora_disk_s": 1.0,
+        "lora_slots": 2,
+        "host_lora_slots": 4,
+        **adapters,
+    }
+    return Simulation(
+        workflows={"sdxl": [["unet"]]},
+        models={"unet": ModelProfile(2.0, 10 * GIB, 1.0, adapters=Adapters(**spec))},  # type: ignore[arg-type]
+        units={"u": ["unet"]},
+        policy=_fixed(["u"]),
+        gpus=8,
+        controlnet_link=link,
+    )
+
+
+def test_trace_requests_are_replayed_with_their_workflow_from_the_base_model() -> None:
+    sim = _denoiser()
+    outcomes = sim.run([_Traced(0.0, "sdxl"), _Traced(5.0, "sdxl", workflow="sdxl")], until=20)
+    assert [(o.workflow, o.latency_s) for o in outcomes] == [("sdxl", 2.0), ("sdxl", 2.0)]
+    with pytest.raises(ValueError, match="no workflow 'flux'"):
+        _denoiser().run([_Traced(0.0, "flux")], until=20)
+
+
+def test_a_lora_cache_miss_adds_its_load_time_and_the_disk_read_when_the_host_lacks_it() -> None:
+    sim = _denoiser()
+    # a (disk + load), a again (hit), b (disk + load), c (disk + load; evicts a from the replica's
+    # two slots), a (load from host memory only: the node still holds its file)
+    names = ["a", "a", "b", "c", "a"]
+    trace = [_Traced(10.0 * i, "sdxl", loras=(n,)) for i, n in enumerate(names)]
+    latencies = [o.latency_s for o in sim.run(trace, until=100)]
+    assert latencies == pytest.approx([3.3, 2.0, 3.3, 3.3, 2.3])
+    assert sim.loads == {"lora": 4, "lora from disk": 3}
+
+
+def test_a_controlnet_runs_every_step_on_the_denoisers_device_or_crosses_a_link_every_step() -> None:
+    trace = [_Traced(0.0, "sdxl", controlnets=("canny",)), _Traced(10.0, "sdxl", controlnets=("canny",))]
+    local = _denoiser()
+    # its compute (1 s) each time, its load from host memory (0.5 s) the first time only
+    assert [o.latency_s for o in local.run(trace, until=100)] == pytest.approx([3.5, 3.0])
+    # on another node over a 50 GB/s network (5 us a transfer): 10 steps x (1 GB / 50 GB/s + 5 us)
+    network = _denoiser(Link(50e9, 5e-6))
+    over_network = [o.latency_s for o in network.run(trace, until=100)]
+    assert over_network == pytest.approx([2.0 + 1.0 + 10 * (0.02 + 5e-6)] * 2)
+    nvlink = _denoiser(Link(450e9, 2e-6))
+    over_nvlink = nvlink.run(trace, until=100)[0].latency_s
+    assert over_nvlink is not None and over_nvlink < over_network[0] - 0.15
+
+
+def test_steps_with_the_same_adapters_share_a_batched_call_and_others_wait() -> None:
+    sim = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": ModelProfile(1.0, GIB, 1.0, max_batch=4, batch_speedup={2: 1.25, 4: 1.6})},
+        units={"u": ["m"]},
+        policy=_fixed(["u"]),
+    )
+    trace = [_Traced(0.0, "w", workflow="w")] * 2 + [_Traced(0.0, "w", workflow="w", loras=("x",))]
+    trace += [_Traced(0.0, "w", workflow="w")] * 3
+    latencies = [o.latency_s for o in sim.run(trace, until=100)]
+    # the first finds the replica idle and starts alone (1 s); then the oldest queued leads a call
+    # of 4 (2.5 s, not 4) that the other plain ones ride, past the LoRA one, which goes alone last
+    assert latencies == pytest.approx([1.0, 3.5, 4.5, 3.5, 3.5, 3.5])
+    assert sim.batches == {4: 1, 1: 2}
+
+
+def test_trace_runs_are_deterministic() -> None:
+    import random
+
+    rng = random.Random(5)
+    trace = sorted(
+        (
+            _Traced(
+                rng.uniform(0, 60), "sdxl", controlnets=(f"c{rng.randint(0, 3)}",), loras=(f"l{rng.randint(0, 9)}",)
+            )
+            for _ in range(20)
+        ),
+        key=lambda r: r.timestamp,
+    )
+    first, again = _denoiser().run(trace, until=200), _denoiser().run(trace, until=200)
+    assert first == again and all(o.latency_s is not None for o in first)
+
+
+def test_measured_steps_tell_the_policy_what_time_slicing_made_of_a_step() -> None:
+    """A 0.1 s step sharing its GPU with a 10 s loop takes 0.2 s: with `measured_steps` the
+    policy is told 0.2 s (as lego up's replicas report their steps), else the profile's 0.1 s."""
+    told = {}
+    for measured in (False, True):
+        sim = Simulation(
+            workflows={"long": [["loop"]], "short": [["vae"]]},
+            models={"loop": ModelProfile(10.0, GIB, 1.0), "vae": ModelProfile(0.1, GIB, 1.0)},
+            units={"ul": ["loop"], "uv": ["vae"]},
+            policy=_fixed(["ul", "uv"]),
+            gpus=1,
+            measured_steps=measured,
+        )
+        sim.run([(0.0, "long"), (1.0, "short")], until=3.0)
+        told[measured] = sim._load("vae").step_s
+    assert told == {False: pytest.approx(0.1), True: pytest.approx(0.2)}
+
+
+def test_a_split_step_waiting_out_its_lora_load_keeps_its_devices() -> None:
+    """A group's split step, computed, waits for its LoRA's load (1 s) on its devices; a request
+    arriving meanwhile waits for them rather than shrinking a step that has nothing left to run."""
+    sim = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": ModelProfile(1.0, GIB, 1.0, degree_s={2: 0.55}, adapters=Adapters(lora_load_s=1.0, lora_slots=0))},
+        units={"u": ["m"]},
+        policy=_fixed(["u"]),
+        group_size={"u": 2},
+    )
+    a, b = sim.run([_Traced(0.0, "w", loras=("x",)), _Traced(0.8, "w", loras=("x",))], until=10)
+    assert a.latency_s == pytest.approx(1.55) and b.latency_s == pytest.approx(1.55 - 0.8 + 1.55)

@@ -798,6 +798,13 @@ class Simulation:
     def replicas_now(self) -> dict[str, int]:
         return {u: sum(1 for r in self._by_unit[u] if not r.retiring) for u in self.units}
 
+    def placements(self) -> dict[str, list[tuple[int, ...]]]:
+        """Per unit, the GPUs (indexes) holding each live replica's memory: where it was put."""
+        index = {id(gpu): i for i, gpu in enumerate(self._gpus)}
+        return {
+            u: [tuple(index[id(g)] for g in r.placed) for r in self._by_unit[u] if not r.retiring] for u in self.units
+        }
+
 
 _free = operator.attrgetter("memory_free")
 

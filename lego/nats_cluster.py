@@ -91,20 +91,24 @@ class NatsCluster:
             raise
 
     def wait_ready(self, node: ClusterNode, timeout_s: float = CLUSTER_READY_TIMEOUT_S) -> None:
-        """Until `node` accepts clients and its /healthz says JetStream is current."""
+        """Until `node` accepts clients, has a route to every other server (on a loaded box
+        routes form a while after JetStream answers) and its /healthz says JetStream is current."""
         wait_accepting(node.child, node.port)
         give_up = time.monotonic() + timeout_s
+        others = {other.child.name for other in self.nodes if other is not node}
         last = ""
         while time.monotonic() < give_up:
             try:
-                r = httpx.get(f"http://127.0.0.1:{node.monitor_port}/healthz", timeout=2)
-                if r.status_code == 200:
+                base = f"http://127.0.0.1:{node.monitor_port}"
+                routed = {r["remote_name"] for r in httpx.get(f"{base}/routez", timeout=2).json().get("routes") or []}
+                r = httpx.get(f"{base}/healthz", timeout=2)
+                if r.status_code == 200 and others <= routed:
                     return
-                last = r.text
-            except httpx.HTTPError as exc:
+                last = r.text if r.status_code != 200 else f"routed to {sorted(routed)} of {sorted(others)}"
+            except (httpx.HTTPError, ValueError) as exc:
                 last = str(exc)
             time.sleep(0.1)
-        raise TimeoutError(f"{node.child.name}: JetStream not ready within {timeout_s:.0f}s ({last})")
+        raise TimeoutError(f"{node.child.name}: not routed and current within {timeout_s:.0f}s ({last})")
 
     def kill(self, i: int) -> None:
         """kill -9 server `i` (and wait until it is gone): a crash, not a shutdown."""

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 
+import nats.errors
+import nats.js.errors
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("lego.gateway")
+
+# The bus not answering (a NATS server down, a stream electing its leader, a reconnect): a fault
+# of the moment, not of the request, which the caller retries (with its Idempotency-Key).
+BUS_FAULTS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
 
 
 class APIError(Exception):
@@ -56,6 +62,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, BUS_FAULTS):
+            log.warning("the bus did not answer: %s: %s", type(exc).__name__, exc)
+            return error_response(
+                503,
+                "bus_unavailable",
+                f"the message bus did not answer ({type(exc).__name__}): NATS is restarting or electing a leader;"
+                " retry in a moment (with the same Idempotency-Key, on any gateway)",
+                {"Retry-After": "1"},
+            )
         log.exception("unhandled error")
         return error_response(
             500, "internal_error", f"the gateway failed unexpectedly ({type(exc).__name__}); see its log"

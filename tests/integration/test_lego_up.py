@@ -154,8 +154,10 @@ def test_lego_up_with_three_nats_servers_runs_a_routed_r3_cluster_and_stops_it(m
         argvs = [_cmdline(c) for c in servers]
         names = [argv[argv.index("-n") + 1] for argv in argvs]
         monitors = [int(argv[argv.index("-m") + 1]) for argv in argvs]
-        for name, monitor in zip(names, monitors, strict=True):  # each routed to the other two
-            assert _routed(monitor) == set(names) - {name}
+        for name, monitor in zip(names, monitors, strict=True):  # each routed to the other two (and current)
+            wait_for(
+                f"{name} routed and current", lambda m=monitor, n=name: _routed(m) == set(names) - {n}, timeout_s=60
+            )
         jsz = httpx.get(f"http://127.0.0.1:{monitors[0]}/jsz", params={"streams": "true", "config": "true"}).json()
         copies = {d["name"]: d["config"]["num_replicas"] for a in jsz["account_details"] for d in a["stream_detail"]}
         assert copies and all(n == 3 for n in copies.values()), copies  # every stream and bucket R3
@@ -176,7 +178,14 @@ def test_lego_up_with_three_nats_servers_runs_a_routed_r3_cluster_and_stops_it(m
         os.kill(servers[1], signal.SIGKILL)
         wait_for(f"{names[1]} to be restarted", lambda: f"{names[1]} exited unexpectedly" in _log(tmp_path))
         wait_for(f"{names[1]} to rejoin", lambda: _routed(monitors[1]) == set(names) - {names[1]}, timeout_s=60)
-        r = httpx.post(url, json={**body, "prompt": "a boat again"}, headers=_admin(tmp_path), timeout=120)
+        wait_for("every server current", lambda: all(_routed(m) for m in monitors), timeout_s=60)
+        # As a client does: a 503 (the bus electing a stream's leader) is retried, under one key.
+        again = {**_admin(tmp_path), "Idempotency-Key": "a-boat-again"}
+        for _ in range(5):
+            r = httpx.post(url, json={**body, "prompt": "a boat again"}, headers=again, timeout=120)
+            if r.status_code != 503:
+                break
+            time.sleep(float(r.headers.get("retry-after", "1")))
         assert r.status_code == 200, r.text
         servers = [c for c in _children(proc.pid) if _cmdline(c)[0].endswith("nats-server")]  # the new one too
         _sigint_stops_every_child(proc)

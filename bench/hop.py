@@ -96,7 +96,8 @@ class Driver:
         t0 = time.perf_counter()
         await self.bus.publish_step(step)
         self.published += 1
-        await asyncio.wait_for(future, 30.0)
+        async with asyncio.timeout(30.0):  # not wait_for: it would wake us a loop turn after the result
+            await future
         return time.perf_counter() - t0
 
     async def closed_loop(self, in_flight: int, warmup_s: float, seconds: float) -> tuple[list[float], int]:

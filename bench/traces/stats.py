@@ -12,22 +12,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
-
-class RequestLike(Protocol):
-    """What the figures need of a request: a TraceRequest has it, so has a `_Light` row."""
-
-    @property
-    def timestamp(self) -> float: ...
-    @property
-    def base_model(self) -> str: ...
-    @property
-    def controlnets(self) -> Sequence[str]: ...
-    @property
-    def loras(self) -> Sequence[str]: ...
-    @property
-    def workflow(self) -> str | None: ...
+from services.autoscaler.simulator import TracedRequest as RequestLike  # what the figures need of a request
 
 
 class _Light(NamedTuple):

@@ -51,6 +51,12 @@ def read_lora(path: str | Path) -> LoraTensors:
     return LoraTensors(state=state, metadata=_load_sft_state_dict_metadata(str(file)), nbytes=nbytes)
 
 
+def _log_failed_read(done: Future[LoraTensors], path: str | Path) -> None:
+    """A prefetch nobody waits on yet: its failure is logged here (the step that needs it retries the read)."""
+    if done.exception() is not None:
+        log.warning("prefetch of LoRA %s failed: %s", path, done.exception())
+
+
 class HostLoraCache:
     """LoRA tensors by key (`shared.lora_registry.adapter_key`), least recently used first."""
 
@@ -90,6 +96,7 @@ class HostLoraCache:
         """Start reading on a reader thread (nothing when cached or in flight); the read's future."""
         future, reader = self._claim(key, path, count=False)
         if reader:
+            future.add_done_callback(lambda done: _log_failed_read(done, path))
             self._pool.submit(self._fill, key, path, future)
         return future
 

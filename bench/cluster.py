@@ -179,6 +179,7 @@ def _common(p: dict[str, Any], gpus: int) -> dict[str, Any]:
         "gpu_memory_bytes": int(p["gpu"]["memory_gib"] * GIB),
         "gpus_per_node": int(p["gpu"]["per_node"]),
         "measured_steps": True,  # the policy sees what replicas measure, as in `lego up`
+        "admissions": True,  # the policy foresees steps from the gateways' admissions, as in `lego up`
     }
 
 

@@ -5,10 +5,17 @@ A unit is one kind of process (it hosts one or more models); its replicas take s
 consumers of its models. Per unit, with its consumers' numbers added up:
 
     load     = sum over its models of arrival_rate x seconds_per_item   (busy replica-seconds per second)
+    arrival_rate = the steps that reached its consumers, or those the requests the gateways admitted
+               will bring (their workflows' steps of the model), whichever is higher
     work     = sum over its models of backlog x seconds_per_item          (seconds of queued work)
     drain    = the SLO in seconds, or for an SLO of k x the solo latency: (k - 1) x the slowest
                unit's seconds_per_item (the denoising loop: what a request's solo latency is made of)
     desired  = ceil(load / target_utilisation + work / drain)
+
+Why the admitted requests: a model late in a workflow sees its steps only once the stages before
+it are done, so at a rise in load it would scale a cold start late, behind the text encoders'
+own scale-up (in the 1,000-GPU simulation the SDXL denoiser scaled 20-30 s after its requests
+were admitted). A request admitted now is a step of each of its models within seconds.
 
 The first term keeps up with arrivals at the target utilisation; the second drains what is
 queued while the request still has slack: a request may wait (k - 1) x its solo latency in all.
@@ -149,11 +156,18 @@ class UnitSignal:
 @dataclass(frozen=True)
 class ConsumerLoad:
     """One (kind, model) consumer of a unit as observed: steps queued or in hand, arrivals per
-    second, seconds a step takes."""
+    second, seconds a step takes, and the steps per second of it that the requests admitted
+    lately will bring (0: not known)."""
 
     backlog: int
     arrival_rate: float
     step_s: float
+    expected_rate: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """The arrivals the policy plans for: seen, or foreseen from admissions if higher."""
+        return max(self.arrival_rate, self.expected_rate)
 
 
 def unit_signal(unit: str, current: int, consumers: list[ConsumerLoad], **facts: object) -> UnitSignal:
@@ -164,8 +178,8 @@ def unit_signal(unit: str, current: int, consumers: list[ConsumerLoad], **facts:
         current=current,
         backlog=sum(c.backlog for c in consumers),
         work_s=sum(c.backlog * c.step_s for c in consumers),
-        load=sum(c.arrival_rate * c.step_s for c in consumers),
-        arrival_rate=sum(c.arrival_rate for c in consumers),
+        load=sum(c.rate * c.step_s for c in consumers),
+        arrival_rate=sum(c.rate for c in consumers),
         **facts,  # type: ignore[arg-type]
     )
 

@@ -74,12 +74,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import operator
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.autoscaler.placement import MIN_SHARE, choose_device, share_of
 from services.autoscaler.policy import (
     MODES,
     ConsumerLoad,
@@ -193,6 +193,7 @@ class _Gpu:
 
     memory_free: int
     node: int = 0
+    committed: float = 0.0  # the compute shares of the replicas placed on it (services/autoscaler/placement.py)
     active: dict[_Job, float] = field(default_factory=dict)  # step in hand -> seconds of work left
     last: float = 0.0  # when `active` was last brought up to date
     version: int = 0  # its pending "done" event is stale once this moves on
@@ -233,6 +234,7 @@ class _Replica:
     devices: list[_Gpu] = field(default_factory=list)
     placed: list[_Gpu] = field(default_factory=list)
     memory: int = 0
+    share: float = 0.0  # the compute it was placed as committing on each of its GPUs
     loras: OrderedDict[str, None] = field(default_factory=OrderedDict)  # loaded, least recent first
     controlnets: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
@@ -278,6 +280,7 @@ class Simulation:
     route: Callable[[TracedRequest], str] = default_route
     batch_scan: int = 64  # queued steps a batch looks through for riders
     measured_steps: bool = False  # the policy sees steps' wall time, as replicas report it (below)
+    admissions: bool = False  # the policy foresees each model's steps from the requests admitted (policy.py)
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
@@ -327,6 +330,7 @@ class Simulation:
         self._gpus = [_Gpu(memory_free=self.gpu_memory_bytes, node=i // self.gpus_per_node) for i in range(self.gpus)]
         self._host_loras: dict[int, OrderedDict[str, None]] = {}  # node -> LoRA files in its memory
         self._arrived_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}
+        self._admitted_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}  # foreseen at arrival
         self._scaler = ScalePolicy(self.policy)
         self._outcomes: dict[int, RequestOutcome] = {}
         requests = sorted((self._request(i, a) for i, a in enumerate(arrivals)), key=lambda r: (r.arrived, r.workflow))
@@ -341,6 +345,7 @@ class Simulation:
                 if requests[arriving].arrived > until:
                     break
                 self._now = requests[arriving].arrived
+                self._admit(requests[arriving])
                 self._enter_stage(requests[arriving])
                 arriving += 1
                 self.events += 1
@@ -381,6 +386,14 @@ class Simulation:
 
     def _push(self, at: float, what: str, payload: object) -> None:
         heapq.heappush(self._events, (at, next(self._seq), what, payload))
+
+    def _admit(self, request: _Request) -> None:
+        """The gateways' admission count: each of the workflow's steps, foreseen now (the policy's
+        `expected_rate`), when `admissions` is on."""
+        if self.admissions:
+            for stage in self.workflows[request.workflow]:
+                for model in stage:
+                    self._admitted_steps[model].append(self._now)
 
     def _enter_stage(self, request: _Request) -> None:
         stage = self.workflows[request.workflow][request.stage]
@@ -690,13 +703,15 @@ class Simulation:
     def _load(self, model: str, size: int = 1) -> ConsumerLoad:
         """A model's queue as the autoscaler would observe it: steps queued or in hand, and the
         arrivals of the last `window_s` seconds."""
-        times = self._arrived_steps[model]
-        while times and times[0] < self._now - self.window_s:
-            times.popleft()
+        times, admitted = self._arrived_steps[model], self._admitted_steps[model]
+        for seen in (times, admitted):
+            while seen and seen[0] < self._now - self.window_s:
+                seen.popleft()
         return ConsumerLoad(
             backlog=len(self._queues[model]) + self._in_hand[model],
             arrival_rate=len(times) / self.window_s,
             step_s=self._step_s(model) / size,
+            expected_rate=len(admitted) / self.window_s,
         )
 
     def _step_s(self, model: str) -> float:
@@ -718,7 +733,8 @@ class Simulation:
         return self._charged[model] / self._charged_steps[model]
 
     def _tick(self) -> None:
-        decisions = self._scaler.decide([self._signal(u) for u in self.units if self._active(u)], self._now)
+        signals = [self._signal(u) for u in self.units if self._active(u)]
+        decisions = self._scaler.decide(signals, self._now)
         ups: list[tuple[str, int]] = []
         for decision in decisions:  # downs first: they free the memory the ups may need
             mine = [r for r in self._by_unit[decision.unit] if not r.retiring]
@@ -732,10 +748,12 @@ class Simulation:
                         self._remove(replica)
                     else:
                         replica.retiring = True
+        loads = {s.unit: s.load for s in signals}
         for unit, count in ups:
             load_s = max(self.models[m].load_s for m in self.units[unit])
+            share = share_of(loads[unit], sum(1 for r in self._by_unit[unit] if not r.retiring) + count)
             for _ in range(count):
-                if self._start(unit, ready_at=self._now + load_s):
+                if self._start(unit, ready_at=self._now + load_s, share=share):
                     self.starts += 1
                 else:
                     self.unplaced += 1
@@ -748,32 +766,31 @@ class Simulation:
         if self._by_unit[unit] or self.policy.limits_of(unit).min_replicas > 0:
             return True
         for model in self.units[unit]:
-            times = self._arrived_steps[model]
-            while times and times[0] < self._now - self.window_s:
-                times.popleft()
-            if times or self._queues[model] or self._in_hand[model]:
+            times, admitted = self._arrived_steps[model], self._admitted_steps[model]
+            for seen in (times, admitted):
+                while seen and seen[0] < self._now - self.window_s:
+                    seen.popleft()
+            if times or admitted or self._queues[model] or self._in_hand[model]:
                 return True
         return False
 
-    def _start(self, unit: str, ready_at: float) -> bool:
-        """A new replica of `unit`, placed on the GPU with the most free memory that holds it (a
-        group of k: on the k such GPUs, its memory on each)."""
+    def _start(self, unit: str, ready_at: float, share: float = MIN_SHARE) -> bool:
+        """A new replica of `unit` committing `share` of a GPU's compute, placed by the
+        autoscaler's rule (`services/autoscaler/placement.py`: the least compute committed among
+        the GPUs that hold it, ties to the fullest); a group of k: on k such GPUs, one at a time."""
         size = self.group_size.get(unit, 1)
         memory = sum(self.models[m].memory_bytes for m in self.units[unit])
         placed: list[_Gpu] = []
-        if self._gpus and size == 1:  # the first of the most free, if it holds it
-            best = max(self._gpus, key=_free)
-            if best.memory_free < memory:
-                return False
-            placed = [best]
-            best.memory_free -= memory
-        elif self._gpus:
-            fits = [g for g in self._gpus if g.memory_free >= memory]
-            if len(fits) < size:
-                return False
-            placed = heapq.nsmallest(size, fits, key=lambda g: -g.memory_free)  # ties: the first, as max() takes
+        if self._gpus:
+            free = [g for g in self._gpus if g.memory_free >= memory]
+            for _ in range(size):
+                i = choose_device(free, memory)
+                if i is None:
+                    return False
+                placed.append(free.pop(i))
             for gpu in placed:
                 gpu.memory_free -= memory
+                gpu.committed += share
         devices = placed or [_Gpu(memory_free=0) for _ in range(size if size > 1 else 0)]
         replica = _Replica(
             unit=unit,
@@ -783,6 +800,7 @@ class Simulation:
             devices=devices,
             placed=placed,
             memory=memory,
+            share=share,
         )
         self._by_unit[unit][replica] = None
         heapq.heappush(self._loading, (ready_at, replica.index, replica))
@@ -794,6 +812,7 @@ class Simulation:
         replica.alive = False
         for gpu in replica.placed:
             gpu.memory_free += replica.memory
+            gpu.committed -= replica.share
 
     def replicas_now(self) -> dict[str, int]:
         return {u: sum(1 for r in self._by_unit[u] if not r.retiring) for u in self.units}
@@ -804,9 +823,6 @@ class Simulation:
         return {
             u: [tuple(index[id(g)] for g in r.placed) for r in self._by_unit[u] if not r.retiring] for u in self.units
         }
-
-
-_free = operator.attrgetter("memory_free")
 
 
 def _touch(cache: OrderedDict[str, None], key: str, slots: int) -> bool:

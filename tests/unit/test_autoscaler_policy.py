@@ -182,3 +182,23 @@ def test_rate_meter_over_a_sliding_window() -> None:
     assert meter.add(10.0, 200) == pytest.approx(10.0)
     assert meter.add(20.0, 200) == pytest.approx(0.0)  # the burst left the window
     assert meter.add(21.0, 5) == 0.0  # counter went down: the consumer was recreated
+
+
+def test_admitted_requests_scale_a_later_stage_before_its_steps_arrive() -> None:
+    """A denoiser behind the text encoders sees no step yet, but the 4 requests a second the
+    gateways admitted are 4 of its steps a second within moments: it scales for them now."""
+    from services.autoscaler.policy import ConsumerLoad, unit_signal
+
+    waiting = ConsumerLoad(backlog=0, arrival_rate=0.0, step_s=2.0, expected_rate=4.0)
+    signal = unit_signal("den", 1, [waiting])
+    assert signal.load == 8.0 and signal.arrival_rate == 4.0
+    assert decide(ScalePolicy(config()), signal) == {"den": 10}  # 8 busy replicas at 50%: 16, max 10
+    unseen = unit_signal("den", 1, [ConsumerLoad(backlog=0, arrival_rate=0.0, step_s=2.0)])
+    assert decide(ScalePolicy(config()), unseen) == {"den": 1}  # without admissions: nothing to go on
+
+
+def test_arrivals_above_what_admissions_foresee_are_planned_for_as_seen() -> None:
+    from services.autoscaler.policy import ConsumerLoad
+
+    assert ConsumerLoad(backlog=0, arrival_rate=3.0, step_s=1.0, expected_rate=1.0).rate == 3.0
+    assert ConsumerLoad(backlog=0, arrival_rate=3.0, step_s=1.0).rate == 3.0

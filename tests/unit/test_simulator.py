@@ -457,3 +457,36 @@ def test_a_split_step_waiting_out_its_lora_load_keeps_its_devices() -> None:
     )
     a, b = sim.run([_Traced(0.0, "w", loras=("x",)), _Traced(0.8, "w", loras=("x",))], until=10)
     assert a.latency_s == pytest.approx(1.55) and b.latency_s == pytest.approx(1.55 - 0.8 + 1.55)
+
+
+def test_a_new_replica_is_placed_beside_the_least_compute_not_on_the_most_free_memory() -> None:
+    """Two GPUs: a busy loop's replica on one, a light encoder's on the other (more memory used).
+    The loop's second replica goes beside the encoder, so the two loops never share a GPU."""
+    sim = Simulation(
+        workflows={"long": [["loop"]], "light": [["enc"]]},
+        models={"loop": ModelProfile(10.0, 10 * GIB, 1.0), "enc": ModelProfile(0.05, 40 * GIB, 1.0)},
+        units={"ul": ["loop"], "ue": ["enc"]},
+        policy=PolicyConfig(slo=Slo(factor=5.0), limits={"ul": Limits(1, 2), "ue": Limits(1, 1)}),
+        gpus=2,
+    )
+    sim.run([(0.0, "long"), (0.1, "long"), (0.2, "light")], until=5.0)
+    loops = [p for p in sim.placements()["ul"]]
+    assert len(loops) == 2 and len({gpu for p in loops for gpu in p}) == 2
+
+
+def test_admissions_scale_a_late_stage_before_its_steps_reach_it() -> None:
+    """A 20 s encoder stage, then a denoiser: with `admissions` the denoiser's replicas start at
+    the burst, so they are loaded by the time the encodings arrive."""
+    first_up = {}
+    for admissions in (False, True):
+        sim = Simulation(
+            workflows={"w": [["enc"], ["den"]]},
+            models={"enc": ModelProfile(20.0, GIB, 1.0), "den": ModelProfile(2.0, GIB, 10.0)},
+            units={"ue": ["enc"], "ud": ["den"]},
+            policy=PolicyConfig(slo=Slo(factor=5.0), limits={"ue": Limits(8, 8), "ud": Limits(1, 8)}),
+            admissions=admissions,
+        )
+        outcomes = sim.run([(0.0, "w")] * 8, until=200.0)
+        first_up[admissions] = max(o.latency_s or 1e9 for o in outcomes)
+    # without: the denoiser scales when 8 encodings land at 20 s (ready at 30 s); with: at once
+    assert first_up[True] < first_up[False] - 5.0

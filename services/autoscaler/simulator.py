@@ -308,31 +308,7 @@ class Simulation:
         """Replay `arrivals`, each (time, workflow) or a trace request (`TracedRequest`: its
         workflow by `route`, its ControlNets and LoRAs); requests unfinished at `until` count as
         not finished."""
-        self._now = 0.0
-        self._seq = itertools.count()
-        self._events: list[tuple[float, int, str, object]] = []
-        self._queues: dict[str, deque[tuple[float, _Request]]] = {m: deque() for m in self.unit_of}
-        self._by_unit: dict[str, dict[_Replica, None]] = {u: {} for u in self.units}  # in start order
-        self._idle: dict[str, list[tuple[int, _Replica]]] = {u: [] for u in self.units}  # lone, ready, free
-        self._grouped = [u for u in self.units if self.group_size.get(u, 1) > 1]
-        # lone units whose steps queued or replicas free changed since the last dispatch (the
-        # only ones where a free replica and a queued step can meet)
-        self._waiting: dict[str, None] = {}
-        self._loading: list[tuple[float, int, _Replica]] = []  # not yet ready, by when they will be
-        self._in_hand: Counter[str] = Counter()  # steps of each model in replicas' hands
-        self._charged: dict[str, float] = dict.fromkeys(
-            self.unit_of, 0.0
-        )  # seconds its steps took (calls, loads), as a replica measures
-        self._charged_steps: Counter[str] = Counter()
-        self._walls: dict[str, deque[tuple[float, float]]] = {m: deque() for m in self.unit_of}  # (end, s a step)
-        self._last_wall: dict[str, float] = {}
-        self._started = itertools.count()
-        self._gpus = [_Gpu(memory_free=self.gpu_memory_bytes, node=i // self.gpus_per_node) for i in range(self.gpus)]
-        self._host_loras: dict[int, OrderedDict[str, None]] = {}  # node -> LoRA files in its memory
-        self._arrived_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}
-        self._admitted_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}  # foreseen at arrival
-        self._scaler = ScalePolicy(self.policy)
-        self._outcomes: dict[int, RequestOutcome] = {}
+        self._reset()
         requests = sorted((self._request(i, a) for i, a in enumerate(arrivals)), key=lambda r: (r.arrived, r.workflow))
         for unit in self.units:
             for _ in range(self.start_replicas.get(unit, self.policy.limits_of(unit).min_replicas)):
@@ -368,6 +344,34 @@ class Simulation:
         return [
             self._outcomes.get(id(r), RequestOutcome(r.workflow, r.arrived, None, r.degree, r.index)) for r in requests
         ]
+
+    def _reset(self) -> None:
+        """A run's state, from nothing: no replica, no queue, idle GPUs."""
+        self._now = 0.0
+        self._seq = itertools.count()
+        self._events: list[tuple[float, int, str, object]] = []
+        self._queues: dict[str, deque[tuple[float, _Request]]] = {m: deque() for m in self.unit_of}
+        self._by_unit: dict[str, dict[_Replica, None]] = {u: {} for u in self.units}  # in start order
+        self._idle: dict[str, list[tuple[int, _Replica]]] = {u: [] for u in self.units}  # lone, ready, free
+        self._grouped = [u for u in self.units if self.group_size.get(u, 1) > 1]
+        # lone units whose steps queued or replicas free changed since the last dispatch (the
+        # only ones where a free replica and a queued step can meet)
+        self._waiting: dict[str, None] = {}
+        self._loading: list[tuple[float, int, _Replica]] = []  # not yet ready, by when they will be
+        self._in_hand: Counter[str] = Counter()  # steps of each model in replicas' hands
+        self._charged: dict[str, float] = dict.fromkeys(
+            self.unit_of, 0.0
+        )  # seconds its steps took (calls, loads), as a replica measures
+        self._charged_steps: Counter[str] = Counter()
+        self._walls: dict[str, deque[tuple[float, float]]] = {m: deque() for m in self.unit_of}  # (end, s a step)
+        self._last_wall: dict[str, float] = {}
+        self._started = itertools.count()
+        self._gpus = [_Gpu(memory_free=self.gpu_memory_bytes, node=i // self.gpus_per_node) for i in range(self.gpus)]
+        self._host_loras: dict[int, OrderedDict[str, None]] = {}  # node -> LoRA files in its memory
+        self._arrived_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}
+        self._admitted_steps: dict[str, deque[float]] = {m: deque() for m in self.unit_of}  # foreseen at arrival
+        self._scaler = ScalePolicy(self.policy)
+        self._outcomes: dict[int, RequestOutcome] = {}
 
     # -- requests ---------------------------------------------------------------------------
     def _request(self, index: int, arrival: tuple[float, str] | TracedRequest) -> _Request:

@@ -529,6 +529,24 @@ class Bus:
 
         await self.nc.subscribe(subjects.lora_prefetch_subject(model_id), cb=on_msg)
 
+    async def publish_admitted(self, steps: list[tuple[str, str]]) -> None:
+        """Tell the autoscaler a request was admitted, with the (kind, model) of each step it
+        will publish (core NATS: a hint; nobody listening, or a reconnect, loses it)."""
+        await self.nc.publish(subjects.ADMITTED_SUBJECT, json.dumps(steps).encode())
+
+    async def subscribe_admitted(self, handler: Callable[[list[tuple[str, str]]], object]) -> None:
+        """Call `handler(steps)` for each admitted request (on the event loop: it must be quick)."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                steps = [(str(kind), str(model)) for kind, model in json.loads(msg.data)]
+            except (ValueError, TypeError):
+                log.warning("dropping a malformed admission notice")
+                return
+            handler(steps)
+
+        await self.nc.subscribe(subjects.ADMITTED_SUBJECT, cb=on_msg)
+
     async def subscribe_release(self, handler: Callable[[str], object]) -> None:
         """Call `handler(request_id)` whenever a request ends, so its tensors can be freed."""
 

@@ -15,10 +15,11 @@ Inventory (what each party really does on the bus, in nats-py terms):
   presence bucket under their own kinds' keys; wait for the streams (`STREAM.INFO`); and take
   results back of the steps they call (an ordered push consumer on the result stream: the
   denoiser's ControlNet calls). The denoiser alone also publishes ControlNet steps.
-- gateway: publishes every kind of step, cancel and release notices; reads its results
+- gateway: publishes every kind of step, cancel, release and admission notices; reads its results
   (ordered consumer), progress and the max-deliveries advisories; creates the streams and
   buckets; reads consumers, presence and the autoscaler status; owns the API keys bucket.
-- autoscaler: lists the step consumers, reads presence, writes its status bucket.
+- autoscaler: lists the step consumers, reads presence, writes its status bucket, hears the
+  gateways' admission notices.
 - admin (`lego up` itself, operators): no limits.
 """
 
@@ -193,6 +194,7 @@ def _gateway() -> Permissions:
         subjects.js_consumer_api("DELETE", events),
         subjects.JS_FLOW_CONTROL,
         subjects.LORA_PREFETCH_SUBJECTS,
+        subjects.ADMITTED_SUBJECT,
         subjects.CANCEL_SUBJECT,
         subjects.RELEASE_SUBJECT,
         subjects.JS_ACCOUNT_INFO,
@@ -227,4 +229,4 @@ def _autoscaler() -> Permissions:
         *_read_kv(status),
         subjects.kv_subject(status),
     ]
-    return Permissions(_unique(publish), (subjects.INBOX,))
+    return Permissions(_unique(publish), (subjects.INBOX, subjects.ADMITTED_SUBJECT))

@@ -14,6 +14,9 @@ PROGRESS_SUBJECTS = "lego.progress.>"
 RELEASE_SUBJECT = "lego.release"
 CANCEL_SUBJECT = "lego.cancel"  # core NATS: a request was cancelled; payload = its run id
 LORA_PREFETCH_SUBJECTS = "lego.lora.prefetch.>"
+# core NATS: a gateway admitted a request; payload = the (kind, model) of each step it will publish
+# (the autoscaler scales a model for them before they reach it: services/autoscaler/policy.py)
+ADMITTED_SUBJECT = "lego.admitted"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -143,6 +143,10 @@ class Autoscaler:
             self.policy.config.cooldown_s,
             self.interval_s,
         )
+        try:
+            await self.observer.listen()
+        except Exception as exc:  # scaling still works on what reaches the consumers
+            log.warning("not hearing admissions (scaling on arrivals alone): %s: %s", type(exc).__name__, exc)
         while not stop.is_set():
             started = time.monotonic()
             try:

@@ -4,6 +4,10 @@
   scaler counts it), one JetStream request for all consumers.
 - Arrival rate: `pending + delivered` of a consumer only grows with arrivals (a redelivery
   counts as one: it is work too); its rise over the last `window_s` seconds is the rate.
+- Admissions: each request a gateway admits is announced with the (kind, model) of the steps
+  it will publish (`Bus.publish_admitted`, core NATS); their count's rise over the window is
+  each consumer's `expected_rate`, which the policy plans for while the steps are still in the
+  stages before (`listen` subscribes; without it, or with no gateway announcing, it is 0).
 - Seconds per step, memory, device: the replicas' heartbeats in the presence bucket (a
   replica announces each model it hosts; one process, one replica id). A denoiser replica that
   is a parallel group of k devices (services/denoiser/group/) announces from its leader
@@ -12,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from services.autoscaler.policy import ConsumerLoad, PolicyConfig, UnitSignal, unit_signal
@@ -67,6 +71,8 @@ class Observer:
         self.memory_per_replica = dict(memory_per_replica or {})  # unit -> bytes, overrides heartbeats
         self.group_sizes = dict(group_sizes or {})  # unit -> devices (model copies) per replica; default 1
         self._meters: dict[Consumer, RateMeter] = {}
+        self._admitted: Counter[Consumer] = Counter()  # steps announced by the gateways' admissions
+        self._admission_meters: dict[Consumer, RateMeter] = {}
         self._service: dict[Consumer, float] = {}
         self._memory: dict[str, int] = {}
         self._device: dict[str, str] = {}
@@ -83,15 +89,21 @@ class Observer:
         """An observer whose step time before any measurement is the policy's default."""
         return cls(bus, window_s, config.default_service_s, memory_per_replica, group_sizes)
 
+    async def listen(self) -> None:
+        """Hear the gateways' admission notices from now on."""
+        await self.bus.subscribe_admitted(self._admitted.update)
+
     async def observe(
         self, units: dict[str, tuple[str, ...]], current: dict[str, int], now: float
     ) -> list[Observation]:
         counters = await self.bus.step_consumers()
         replicas = await live_replicas(self.bus)
-        rates = {}
+        rates, expected = {}, {}
         for c in counters:
-            meter = self._meters.setdefault((c.kind, c.model_id), RateMeter(self.window_s))
-            rates[(c.kind, c.model_id)] = meter.add(now, c.pending + c.delivered)
+            key = (c.kind, c.model_id)
+            rates[key] = self._meters.setdefault(key, RateMeter(self.window_s)).add(now, c.pending + c.delivered)
+            foreseen = self._admission_meters.setdefault(key, RateMeter(self.window_s))
+            expected[key] = foreseen.add(now, self._admitted[key])
         measured: dict[Consumer, list[float]] = {}
         for r in replicas:
             if r.seconds_per_item > 0:
@@ -99,7 +111,8 @@ class Observer:
         for key, values in measured.items():
             self._service[key] = sum(values) / len(values)
         return [
-            self._unit(name, models, current.get(name, 0), counters, rates, replicas) for name, models in units.items()
+            self._unit(name, models, current.get(name, 0), counters, (rates, expected), replicas)
+            for name, models in units.items()
         ]
 
     def _unit(
@@ -108,15 +121,18 @@ class Observer:
         models: tuple[str, ...],
         current: int,
         counters: list[ConsumerCounters],
-        rates: dict[Consumer, float],
+        rates: tuple[dict[Consumer, float], dict[Consumer, float]],
         replicas: list[ReplicaInfo],
     ) -> Observation:
+        """`rates`: per consumer, the arrivals seen and those the admissions foresee."""
         mine = [c for c in counters if c.model_id in models]
+        seen, foreseen = rates
         loads = [
             ConsumerLoad(
                 backlog=c.backlog,
-                arrival_rate=rates.get((c.kind, c.model_id), 0.0),
+                arrival_rate=seen.get((c.kind, c.model_id), 0.0),
                 step_s=self._service.get((c.kind, c.model_id)) or self.default_service_s,
+                expected_rate=foreseen.get((c.kind, c.model_id), 0.0),
             )
             for c in mine
         ]

@@ -8,6 +8,7 @@ an `Admitted` request differs (JSON, or a multipart form with an image)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from services.gateway.admission import Admitted
 from services.gateway.answering import InFlight, answer
 from services.gateway.draining import Drain
-from services.gateway.errors import APIError
+from services.gateway.errors import BUS_FAULTS, APIError
 from services.gateway.idempotency import IdempotencyKeys
 from services.gateway.image_files import Delivery, ImageFiles
 from services.gateway.keys.limits import check_in_flight
@@ -28,9 +29,12 @@ from services.gateway.records import AnswerSpec
 from services.gateway.request_state import Owner
 from services.gateway.schemas import AsyncAccepted, ImageGenerationRequest, ImageGenerationResponse
 from shared import metrics
+from shared.bus import Bus
 from shared.lora_registry import LoraRegistry
 from shared.settings import Settings
 from shared.workflows.spec import WorkflowSpec
+
+log = logging.getLogger("lego.gateway")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ async def run_admitted(
         await orchestrator.register(state, spec)  # its record and lease: any gateway now answers for it
     except RequestFailed as exc:
         raise APIError(409, exc.error.code, exc.error.message) from exc
+    await announce(orchestrator.bus, workflow)
     if body.wait and detached:
         running = gateway.in_flight.keep(answer(orchestrator, state, admitted.tensors, seed, encoding, delivery))
         return await asyncio.shield(running)
@@ -108,3 +113,13 @@ async def run_admitted(
         events_url=f"/v1/requests/{request_id}/events",
     )
     return JSONResponse(accepted.model_dump(), status_code=202)
+
+
+async def announce(bus: Bus, workflow: WorkflowSpec) -> None:
+    """Tell the autoscaler a request was admitted, with the steps it will publish: it scales a
+    model for its step now, not once the stages before it are done. A hint: a failure here costs
+    scaling time, never the request."""
+    try:
+        await bus.publish_admitted([(node.kind.value, node.model) for node in workflow.nodes])
+    except BUS_FAULTS as exc:
+        log.debug("admission notice not sent: %s", exc)

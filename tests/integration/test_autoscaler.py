@@ -98,3 +98,45 @@ async def test_backlog_scales_its_unit_only_then_the_cooldown_brings_it_back(nat
         assert not [c for c in actuator.calls if c[0] == "encoder"]
     finally:
         await bus.close()
+
+
+async def test_requests_admitted_by_a_gateway_scale_the_denoiser_before_its_steps_arrive(nats_server: str) -> None:
+    """Requests just admitted are still at their text encoders, yet the denoiser (2 s a step)
+    scales for them now: the gateway announces each admission with the steps it will publish."""
+    from services.gateway.running import announce
+    from shared.workflows.catalogue import catalogue
+
+    settings = Settings.from_env(nats_url=nats_server)
+    bus, gateway = Bus(settings, name="test-autoscaler"), Bus(settings, name="test-gateway")
+    await bus.connect()
+    await gateway.connect()
+    try:
+        await bus.ensure_streams()
+        await bus.ensure_consumer(StepKind.ENCODE, "clip-l")
+        await bus.ensure_consumer(StepKind.DENOISE, "sd3-transformer")
+        kv = await presence_bucket(bus)
+        info = ReplicaInfo(
+            replica_id="r-den", kind=StepKind.DENOISE, model_id="sd3-transformer", host="h", pid=1, seconds_per_item=2.0
+        )
+        await kv.put(presence_key(info), info.model_dump_json().encode())
+        actuator = FakeActuator({"encoder": ("clip-l",), "sd3-transformer": ("sd3-transformer",)})
+        config = PolicyConfig(slo=Slo(factor=5.0), utilisation=0.5, cooldown_s=30.0, default_limits=Limits(1, 8))
+        observer = Observer.for_policy(bus, config, window_s=10.0)
+        await observer.listen()
+        autoscaler = Autoscaler(observer, actuator, config)
+        await autoscaler.tick()  # the rate windows start here
+        assert actuator.replicas["sd3-transformer"] == 1
+        for _ in range(6):
+            await announce(gateway, catalogue()["sd3"])
+        await gateway.nc.flush()
+        give_up = time.monotonic() + 30
+        while actuator.replicas["sd3-transformer"] == 1 and time.monotonic() < give_up:
+            await asyncio.sleep(0.5)  # the rate is over at least half a second: 6 steps -> <= 12/s
+            await autoscaler.tick()
+        assert actuator.replicas["sd3-transformer"] > 1, "admissions did not scale the denoiser"
+        status = await autoscaler_status(bus)
+        assert status is not None
+        assert {u.unit: u.backlog for u in status.units} == {"encoder": 0, "sd3-transformer": 0}  # nothing queued yet
+    finally:
+        await gateway.close()
+        await bus.close()

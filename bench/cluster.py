@@ -5,10 +5,14 @@ systems from the same profile (`bench/profiles/cluster.json`, every figure with 
 replay the same trace (`bench/traces/record.py`'s `TraceRequest`s) through the same autoscaler
 code (`services/autoscaler/policy.py` ScalePolicy), so their rules live in one place.
 
-The rules, fixed before any tuning (all three: GPUs of 80 GiB, 8 a node; replicas placed on the
-GPU with the most free memory; the policy decides every second, SLO 5x, utilisation 0.7,
-cooldown 30 s, the cluster's memory as its budget; a trace's first `warm_s` seconds are served
-but not scored, so each system scales to the load before it is measured):
+The rules, fixed before any tuning (all three: GPUs of 80 GiB, 8 a node; replicas placed by the
+autoscaler's own rule, `services/autoscaler/placement.py`; the policy decides every second, SLO
+5x, utilisation 0.7, cooldown 30 s, the cluster's memory as its budget, planning for the steps
+of the requests admitted (as `lego up`'s gateways announce them); a trace's first `warm_s`
+seconds are served but not scored, so each system scales to the load before it is measured).
+Placement and admissions are the scheduler's work (issue 15 item 4): they changed for all three
+systems at once, as the autoscaler code they share. Until then a replica went on the GPU with the
+most free memory, and the policy saw a model's steps only once they reached it.
 
 - mesh (ours): a unit per model kind, as `lego up` runs: one encoder unit (CLIP-L, CLIP-G, T5,
   SD1.5's CLIP), one VAE unit (every VAE), one denoiser unit per base model, at least one replica

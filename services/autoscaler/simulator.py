@@ -248,8 +248,9 @@ class Simulation:
     """`workflows`: name -> stages, each a list of model ids run in parallel, in order.
     `units`: unit -> the models its replicas host. `hop_s`: fixed overhead per stage (bus and
     tensor hops; 0 for an in-process pipeline). `gpus` > 0: that many GPUs of `gpu_memory_bytes`;
-    a replica is placed on the one with the most free memory that holds it (none: it is not
-    started), and the steps its replicas run at once share its compute equally (time slicing:
+    a replica is placed by the autoscaler's rule (`services/autoscaler/placement.py`: the least
+    compute committed among those that hold it; none: it is not started), and the steps its
+    replicas run at once share its compute equally (time slicing:
     a text encoder's short step is slowed by a denoising loop beside it, not queued behind the
     whole loop). `gpus` = 0: compute is not limited, only the policy's budget.
     `group_size`: unit -> devices a replica owns (default 1; see the module docstring), its
@@ -257,7 +258,9 @@ class Simulation:
     seconds a request has (its deadline, for the degree rule's rescue; none: no deadline).
     `measured_steps`: the step time the policy is given per model is, as `lego up`'s replicas
     report it, the mean wall time its steps took (a batch's over its steps) in the last
-    `window_s` (before any: the profile's); else the profile's (see `_step_s`).
+    `window_s` (before any: the profile's); else the profile's (see `_step_s`). `admissions`:
+    the policy also sees, per model, the steps of the requests that arrived in the last
+    `window_s` (as `lego up`'s gateways announce them), before those steps reach the model.
     `gpus_per_node`: GPUs sharing a host (its memory caches LoRA files). `controlnet_link`:
     where a ControlNet runs, None on its denoiser's device, else on another device reached over
     that link (see "ControlNets" in the module docstring). `route`: a trace request's workflow."""
@@ -281,6 +284,7 @@ class Simulation:
     batch_scan: int = 64  # queued steps a batch looks through for riders
     measured_steps: bool = False  # the policy sees steps' wall time, as replicas report it (below)
     admissions: bool = False  # the policy foresees each model's steps from the requests admitted (policy.py)
+    sample_s: float = 0.0  # > 0: every so often, `samples` gets (time, GPUs holding a replica, replicas)
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
@@ -299,6 +303,7 @@ class Simulation:
         self.batches: Counter[int] = Counter()  # calls run, by the steps batched in them
         self.loads: Counter[str] = Counter()  # adapter cache misses: "lora", "lora from disk", "controlnet"
         self.events = 0  # events processed by the last run
+        self.samples: list[tuple[float, int, int]] = []  # the last run's, every `sample_s`
 
     def solo_latency(self, workflow: str) -> float:
         """What a request of `workflow` takes with the cluster to itself."""
@@ -348,6 +353,7 @@ class Simulation:
     def _reset(self) -> None:
         """A run's state, from nothing: no replica, no queue, idle GPUs."""
         self._now = 0.0
+        self.samples = []
         self._seq = itertools.count()
         self._events: list[tuple[float, int, str, object]] = []
         self._queues: dict[str, deque[tuple[float, _Request]]] = {m: deque() for m in self.unit_of}
@@ -736,7 +742,13 @@ class Simulation:
             return profile.step_s
         return self._charged[model] / self._charged_steps[model]
 
+    def _sample(self) -> None:
+        if self.sample_s > 0 and (not self.samples or self._now >= self.samples[-1][0] + self.sample_s):
+            used = sum(1 for g in self._gpus if g.memory_free < self.gpu_memory_bytes)
+            self.samples.append((self._now, used, sum(len(r) for r in self._by_unit.values())))
+
     def _tick(self) -> None:
+        self._sample()
         signals = [self._signal(u) for u in self.units if self._active(u)]
         decisions = self._scaler.decide(signals, self._now)
         ups: list[tuple[str, int]] = []

@@ -137,3 +137,31 @@ def test_a_recorded_trace_file_is_replayed_at_each_rate_and_resampled_for_bursts
     assert rate_row["requests"] == pytest.approx(0.5 * 1.82 * 180, rel=0.25)  # half the bound, 180 s
     assert burst_row["requests"] > 0
     assert rate_row["mesh"]["attainment"]["10x"] >= 0.9  # half the bound: served
+
+
+def test_a_diurnal_day_prints_each_hour_and_the_days_sums(tmp_path) -> None:
+    """bench/diurnal.py on a small, short day: a row a trace hour, both plots, the last line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    args = ["--gpus", "8", "--day-s", "2400", "--load", "0.3", "--systems", "mesh,strong"]
+    out = subprocess.run(
+        [sys.executable, "bench/diurnal.py", *args, "--out", tmp_path, "--plots", tmp_path],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2:4].isdigit()]
+    assert len(rows) == 24
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("day: mesh attainment ") and "; strong attainment " in last and "GPU-hours" in last
+    saved = json.loads((tmp_path / "diurnal-8.json").read_text())["results"]
+    assert sum(saved["mesh"]["requests"]) == sum(saved["strong"]["requests"]) > 0  # the same day for both
+    assert all(0 < g <= 8 for g in saved["mesh"]["gpus_used"])
+    for name in ("cluster-diurnal-8-gpus.png", "cluster-diurnal-8-attainment.png"):
+        assert (tmp_path / name).stat().st_size > 0

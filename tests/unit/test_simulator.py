@@ -490,3 +490,20 @@ def test_admissions_scale_a_late_stage_before_its_steps_reach_it() -> None:
         first_up[admissions] = max(o.latency_s or 1e9 for o in outcomes)
     # without: the denoiser scales when 8 encodings land at 20 s (ready at 30 s); with: at once
     assert first_up[True] < first_up[False] - 5.0
+
+
+def test_samples_count_the_gpus_holding_a_replica_as_the_policy_scales() -> None:
+    """`sample_s`: GPUs in use over the run (what bench/diurnal.py plots): one replica holds one
+    GPU; a burst scales to a second on the other GPU; after the cooldown, back to one."""
+    sim = Simulation(
+        workflows={"w": [["m"]]},
+        models={"m": ModelProfile(step_s=2.0, memory_bytes=GIB, load_s=1.0)},
+        units={"u": ["m"]},
+        policy=PolicyConfig(slo=Slo(factor=5.0), cooldown_s=5.0, limits={"u": Limits(1, 2)}),
+        gpus=2,
+        sample_s=1.0,
+    )
+    sim.run([(0.0, "w")] * 10, until=60.0)
+    used = [g for _, g, _ in sim.samples]
+    assert used[0] == 1 and max(used) == 2 and used[-1] == 1
+    assert [t for t, _, _ in sim.samples] == [float(t) for t in range(len(sim.samples))]

@@ -23,9 +23,11 @@ asserts it), on one running mesh:
   LoRA's cost is in its denoiser's figure), and the rest of the solo latency (HTTP, planning,
   bus and tensor hops, image encoding) spread over the steps as `hop_s`. The GPUs are this
   machine's cores (2 here): a replica computes on one core as it would on one GPU, and steps
-  sharing a core share its time, as on a GPU. The simulator pins a replica to the GPU with the
-  most free memory; the units get equal memory so that they spread over the cores in plan
-  order (encoder and flux on one, sd3 and the VAEs on the other: the two denoisers apart).
+  sharing a core share its time, as on a GPU. The simulator pins a replica to the GPU the
+  autoscaler's placement picks (services/autoscaler/placement.py: least compute committed, ties
+  to the fullest); the units get equal memory and their first replicas equal shares, so that
+  they alternate over the cores in plan order (encoder and flux on one, sd3 and the VAEs on the
+  other: the two denoisers apart).
 
 Attainment on both sides: the fraction of the trace's requests finished within k x their
 workflow's solo latency of that trial (a failed request misses).
@@ -344,8 +346,8 @@ def simulation(measured: Measured, workflows: Sequence[str], cores: int) -> Simu
             for m in stage:
                 key = f"{m}@{workflow}"
                 unit = units.setdefault(unit_of[m], [])
-                # Equal memory a unit (on its first model): placement by most free memory then
-                # spreads the units over the cores in plan order, the two denoisers apart.
+                # Equal memory a unit (on its first model): placement then alternates the units
+                # over the cores in plan order, the two denoisers apart.
                 models[key] = ModelProfile(
                     step_s=measured.step_s[workflow][m], memory_bytes=GIB if not unit else 0, load_s=0.0
                 )

@@ -6,7 +6,11 @@ follows the day (3x from trough to peak), with flash crowds and a mix that drift
 trace hour is `day-s / 24`), through the three systems of `bench/cluster.py`, each scaled by the
 autoscaler's own policy, and prints per trace hour the arrival rate, each system's attainment
 (SLO `--slo` x each request's solo latency) and the GPUs holding one of its replicas (a GPU
-holding none could be given back). The last line sums the day:
+holding none could be given back). Each system sits behind the gateway's overload rule, as
+`lego up` does: a request whose models' queues already outlast its deadline is refused at once
+(429), its client having asked for its SLO as its timeout; a refused request counts as missed.
+Without it (`--no-refuse`) a flash crowd leaves a queue that takes hours to drain at the
+day's peak, and every request behind it misses. The last line sums the day:
 `day: <system> attainment A, GPU-hours G; ...`.
 
 Plots: `docs/cluster-diurnal-<G>-gpus.png` (GPUs in use over the day) and
@@ -45,13 +49,15 @@ def day_trace(p: dict[str, Any], gpus: int, load: float, day_s: float, seed: int
 
 
 def run_day(
-    p: dict[str, Any], system: str, gpus: int, trace: list[TraceRequest], day_s: float, slo: float
+    p: dict[str, Any], system: str, gpus: int, trace: list[TraceRequest], day_s: float, slo: float, refuse: bool = True
 ) -> dict[str, Any]:
     """One system through the day: per trace hour its attainment, mean GPUs in use, requests."""
     hour_s = day_s / 24
     began = time.monotonic()
     sim = build(system, p, gpus, trace)
     sim.sample_s = hour_s / SAMPLES_AN_HOUR
+    if refuse:
+        sim.deadline_s = lambda i: slo * solo_s(p, trace[i])
     outcomes = sim.run(trace, until=day_s + 600.0)
     met, seen = [0] * 24, [0] * 24
     for o in outcomes:
@@ -70,6 +76,7 @@ def run_day(
         "day_attainment": sum(met) / max(sum(seen), 1),
         "gpu_hours": sum(g for t, g, _ in sim.samples if t < day_s) / SAMPLES_AN_HOUR,
         "starts": sim.starts,
+        "refused": sim.refused,
         "wall_s": time.monotonic() - began,
     }
 
@@ -81,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--day-s", type=float, default=7200.0, help="seconds a simulated day lasts (default 7200)")
     parser.add_argument("--slo", type=float, default=5.0, help="SLO, x each request's solo latency (default 5)")
     parser.add_argument("--systems", default="mesh,strong,research", help="which systems (bench/cluster.py)")
+    parser.add_argument(
+        "--no-refuse",
+        action="store_true",
+        help="queue every request (default: refuse at arrival what the gateway's overload rule refuses, "
+        "with each request's SLO as its timeout)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--profile", default=str(PROFILE), help="figures with their sources")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where diurnal-<G>.json goes")
@@ -97,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = {}
     for system in systems:
-        results[system] = run_day(p, system, args.gpus, trace, args.day_s, args.slo)
-        print(f"  {system}: simulated in {results[system]['wall_s']:.0f} s, {results[system]['starts']} cold starts")
+        results[system] = run_day(p, system, args.gpus, trace, args.day_s, args.slo, not args.no_refuse)
+        r = results[system]
+        print(f"  {system}: simulated in {r['wall_s']:.0f} s, {r['starts']} cold starts, {r['refused']} refused")
     hour_s = args.day_s / 24
     print("\n| hour | req/s | " + " | ".join(f"{s} attainment | {s} GPUs" for s in systems) + " |")
     print("|---" * (2 + 2 * len(systems)) + "|")

@@ -285,6 +285,12 @@ class Simulation:
     measured_steps: bool = False  # the policy sees steps' wall time, as replicas report it (below)
     admissions: bool = False  # the policy foresees each model's steps from the requests admitted (policy.py)
     sample_s: float = 0.0  # > 0: every so often, `samples` gets (time, GPUs holding a replica, replicas)
+    # A request's deadline in seconds, by its index in the arrivals. With it, a request whose
+    # models' queues already outlast its deadline is refused at arrival, by the gateway's rule
+    # (services/gateway/overload.py: per model, steps queued, in hand or on their way in admitted
+    # requests' earlier stages x the measured step time / ready replicas; the largest). A client
+    # whose timeout is its SLO gets that. (One gateway: it sees every admitted request.)
+    deadline_s: Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
@@ -304,6 +310,7 @@ class Simulation:
         self.loads: Counter[str] = Counter()  # adapter cache misses: "lora", "lora from disk", "controlnet"
         self.events = 0  # events processed by the last run
         self.samples: list[tuple[float, int, int]] = []  # the last run's, every `sample_s`
+        self.refused = 0  # requests refused at arrival (`deadline_s`)
 
     def solo_latency(self, workflow: str) -> float:
         """What a request of `workflow` takes with the cluster to itself."""
@@ -326,8 +333,11 @@ class Simulation:
                 if requests[arriving].arrived > until:
                     break
                 self._now = requests[arriving].arrived
-                self._admit(requests[arriving])
-                self._enter_stage(requests[arriving])
+                if self._refuses(requests[arriving]):
+                    self.refused += 1
+                else:
+                    self._admit(requests[arriving])
+                    self._enter_stage(requests[arriving])
                 arriving += 1
                 self.events += 1
                 self._dispatch()
@@ -354,6 +364,7 @@ class Simulation:
         """A run's state, from nothing: no replica, no queue, idle GPUs."""
         self._now = 0.0
         self.samples = []
+        self.refused = 0
         self._seq = itertools.count()
         self._events: list[tuple[float, int, str, object]] = []
         self._queues: dict[str, deque[tuple[float, _Request]]] = {m: deque() for m in self.unit_of}
@@ -365,6 +376,7 @@ class Simulation:
         self._waiting: dict[str, None] = {}
         self._loading: list[tuple[float, int, _Replica]] = []  # not yet ready, by when they will be
         self._in_hand: Counter[str] = Counter()  # steps of each model in replicas' hands
+        self._upstream: Counter[str] = Counter()  # steps of admitted requests still in earlier stages
         self._charged: dict[str, float] = dict.fromkeys(
             self.unit_of, 0.0
         )  # seconds its steps took (calls, loads), as a replica measures
@@ -397,18 +409,35 @@ class Simulation:
     def _push(self, at: float, what: str, payload: object) -> None:
         heapq.heappush(self._events, (at, next(self._seq), what, payload))
 
+    def _refuses(self, request: _Request) -> bool:
+        """The gateway's overload rule (see `deadline_s`)."""
+        if self.deadline_s is None:
+            return False
+        deadline = self.deadline_s(request.index)
+        for stage in self.workflows[request.workflow]:
+            for model in stage:
+                unit = self.unit_of[model]
+                ready = sum(1 for r in self._by_unit[unit] if r.ready_at <= self._now and not r.retiring)
+                ahead = len(self._queues[model]) + self._in_hand[model] + self._upstream[model]
+                if ready and ahead and ahead * self._step_s(model) / ready > deadline:
+                    return True
+        return False
+
     def _admit(self, request: _Request) -> None:
-        """The gateways' admission count: each of the workflow's steps, foreseen now (the policy's
-        `expected_rate`), when `admissions` is on."""
-        if self.admissions:
-            for stage in self.workflows[request.workflow]:
-                for model in stage:
+        """A request admitted: each of its workflow's steps is on its way (the gateway's overload
+        rule counts them, `deadline_s`), and foreseen now (the policy's `expected_rate`) when
+        `admissions` is on. A step stops being on its way when its stage starts."""
+        for stage in self.workflows[request.workflow]:
+            for model in stage:
+                self._upstream[model] += 1
+                if self.admissions:
                     self._admitted_steps[model].append(self._now)
 
     def _enter_stage(self, request: _Request) -> None:
         stage = self.workflows[request.workflow][request.stage]
         request.waiting_on = len(stage)
         for model in stage:
+            self._upstream[model] -= 1
             self._queues[model].append((self._now, request))
             if self.group_size.get(self.unit_of[model], 1) == 1:
                 self._waiting[self.unit_of[model]] = None

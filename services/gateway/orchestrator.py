@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from services.gateway.leases import Leases
 from services.gateway.records import AnswerSpec, RequestRecord, RequestStore, record_key, record_of, state_of
@@ -191,6 +191,16 @@ class Orchestrator:
     def get(self, request_id: str, owner: Owner = NO_OWNER) -> RequestState | None:
         """`owner`'s request `request_id` (None for an unknown id or another key's request)."""
         return self.requests.get((owner.key_id, request_id))
+
+    def waiting_steps(self, priority: int = 0) -> Counter[tuple[str, str]]:
+        """(kind, model) -> steps this gateway's running requests of `priority` or higher will
+        still publish: their nodes not started yet (the overload rule counts them as queued)."""
+        bands = subjects.bands_at_or_above(priority)
+        waiting: Counter[tuple[str, str]] = Counter()
+        for state in self.runs.values():
+            if subjects.band_of(state.priority) in bands:
+                waiting.update((str(n.kind), n.model) for n in state.workflow.nodes if n.id not in state.nodes.started)
+        return waiting
 
     def running_for(self, owner: Owner) -> int:
         """Requests of `owner` running now (its in-flight quota counts these)."""

@@ -70,7 +70,8 @@ async def run_admitted(
     timeout_s = body.timeout_s or gateway.settings.request_timeout_s
     prefetch = resolve(workflow, admitted.steps, gateway.loras)
     try:
-        await refuse_if_overloaded(gateway.load_view, workflow, timeout_s, body.priority)
+        coming = gateway.orchestrator.waiting_steps(body.priority)
+        await refuse_if_overloaded(gateway.load_view, workflow, timeout_s, body.priority, coming)
     except APIError:
         metrics.request_refused(workflow.name, "overloaded", body.priority)
         raise

@@ -61,3 +61,47 @@ def test_a_high_priority_request_counts_only_equal_or_higher_priority_work() -> 
     with pytest.raises(APIError) as refused:
         asyncio.run(refuse_if_overloaded(view, catalogue()["sd3"], deadline_s=10.0, priority=0))  # type: ignore[arg-type]
     assert refused.value.status == 429
+
+
+def test_steps_still_at_earlier_stages_count_as_queued_at_their_model() -> None:
+    """A burst sits at the text encoders; the denoiser's queue is empty, but the 6 requests
+    admitted will each publish a denoise step within seconds: a new request waits behind them."""
+    load = ModelLoad(backlog=0, replicas=2, seconds_per_item=2.0)
+    view = FixedView({("denoise", "sd3-transformer"): load})
+    sd3 = catalogue()["sd3"]
+    assert queue_wait_s(view.fixed, sd3) == (0.0, "")
+    coming = {("denoise", "sd3-transformer"): 6}
+    assert queue_wait_s(view.fixed, sd3, coming=coming) == (6.0, "sd3-transformer")
+    with pytest.raises(APIError):
+        asyncio.run(refuse_if_overloaded(view, sd3, deadline_s=5.0, coming=coming))  # type: ignore[arg-type]
+
+
+def test_the_gateway_counts_the_steps_its_running_requests_have_not_published() -> None:
+    """Orchestrator.waiting_steps: the nodes of running requests not started yet, by (kind,
+    model); a priority-9 request does not count normal-priority ones."""
+    from services.gateway.orchestrator import Orchestrator
+    from shared.settings import Settings
+    from shared.workflows.step_params import RequestParams, step_params
+
+    async def scenario() -> tuple[dict, dict]:
+        gw = Orchestrator(None, None, Settings())  # type: ignore[arg-type]
+        sd3 = catalogue()["sd3"]
+        req = RequestParams(prompt="a boat", height=64, width=64, num_inference_steps=2, guidance_scale=5.0, seed=0)
+        params = step_params(sd3, req)
+        encoding = gw.create("encoding", sd3, params, priority=0)
+        for node in sd3.nodes:
+            if node.kind == "encode":
+                encoding.nodes.started.add(node.id)  # published: on the consumers' backlog already
+        gw.create("urgent", sd3, params, priority=9)
+        return dict(gw.waiting_steps(0)), dict(gw.waiting_steps(9))
+
+    normal, urgent = asyncio.run(scenario())
+    assert normal[("denoise", "sd3-transformer")] == 2 and normal[("vae_decode", "sd3-vae")] == 2
+    assert normal[("encode", "t5")] == 1  # only the urgent request's: the other's is published
+    assert urgent == {
+        ("encode", "clip-l"): 1,
+        ("encode", "clip-g"): 1,
+        ("encode", "t5"): 1,
+        ("denoise", "sd3-transformer"): 1,
+        ("vae_decode", "sd3-vae"): 1,
+    }

@@ -507,3 +507,20 @@ def test_samples_count_the_gpus_holding_a_replica_as_the_policy_scales() -> None
     used = [g for _, g, _ in sim.samples]
     assert used[0] == 1 and max(used) == 2 and used[-1] == 1
     assert [t for t, _, _ in sim.samples] == [float(t) for t in range(len(sim.samples))]
+
+
+def test_the_gateways_rule_refuses_what_the_steps_on_their_way_already_fill() -> None:
+    """`deadline_s`: a burst of 8 waits at a 1 s encoder stage, the 10 s denoiser's queue still
+    empty; each arrival counts the denoise steps of the requests admitted before it, so the 4th
+    and later (30 s and more of denoising ahead, past a 25 s deadline) are refused at once."""
+    sim = Simulation(
+        workflows={"w": [["enc"], ["den"]]},
+        models={"enc": ModelProfile(1.0, GIB, 1.0), "den": ModelProfile(10.0, GIB, 1.0)},
+        units={"ue": ["enc"], "ud": ["den"]},
+        policy=PolicyConfig(limits={"ue": Limits(8, 8), "ud": Limits(1, 1)}),
+        deadline_s=lambda i: 25.0,
+    )
+    outcomes = sim.run([(0.0, "w")] * 8 + [(0.5, "w")], until=200.0)
+    assert sim.refused == 6
+    assert [o.latency_s is not None for o in outcomes] == [True] * 3 + [False] * 6
+    assert [o.latency_s for o in outcomes[:3]] == pytest.approx([11.0, 21.0, 31.0])

@@ -9,8 +9,9 @@ mesh, each: the profile measured (solo rounds), the trace replayed, the trace si
 that profile; the SLO of a workflow is `--slo-factor` x its solo latency of that trial.
 
 Prints each trial's profile, attainments (also simulated with a core for each replica, never
-shared: reality, if it cost nothing else, would lie between that and the pinned simulation),
-the models' compute in the replay against solo and the cores busy by process ("others": the
+shared: an upper bound), the overhead a request measured in the solo rounds and the slowdown
+it gives two steps computing together, the models' compute in the replay against solo and
+the cores busy by process ("others": the
 rest of the machine, which the simulation knows nothing of); then a table over all trials per
 workflow and in total (requests, attainment real vs simulated, mean / p90 latency real vs
 simulated), and last: `replay: real A%, simulated B%, difference D points` (the trials' means).
@@ -127,6 +128,10 @@ def report(c: fidelity.Comparison, workflows: list[str], slo_factor: float) -> s
                 f"    {w:<9} solo {m.solo_s[w]:.3f} (spread {m.solo_spread_s[w]:.3f}; simulated {sim_solo[w]:.3f}): "
                 + ", ".join(f"{model} {s:.3f}" for model, s in m.step_s[w].items())
             )
+        lines.append(
+            f"    overhead {m.overhead_cpu_s * 1000:.0f} CPU-ms a request (outside the models' compute): two steps "
+            f"computing at once run {t.sim.contention:.2f}x slower at the trace's mean rate"
+        )
         lines.append(inflation(t))
     reals = [t.real for t in c.trials]
     if len(reals) > 1:

@@ -291,6 +291,11 @@ class Simulation:
     # requests' earlier stages x the measured step time / ready replicas; the largest). A client
     # whose timeout is its SLO gets that. (One gateway: it sees every admitted request.)
     deadline_s: Callable[[int], float] | None = None
+    # Steps one device runs at once at full speed (1: a GPU, its steps time-sliced), and how much
+    # slower each runs while two or more do (a CPU's cores share caches and memory bandwidth:
+    # bench/fidelity.py measures it). The replay of `lego up` on this box's cores uses both.
+    cores_per_gpu: int = 1
+    contention: float = 1.0
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
@@ -300,6 +305,8 @@ class Simulation:
         bad = {u: k for u, k in self.group_size.items() if u not in self.units or k < 1}
         if bad:
             raise ValueError(f"group sizes {bad}: name units of this simulation, each 1 device or more")
+        if self.cores_per_gpu < 1 or self.contention < 1.0:
+            raise ValueError(f"cores_per_gpu {self.cores_per_gpu}, contention {self.contention}: need >= 1 each")
         if self.parallel_mode not in MODES:
             raise ValueError(f"parallel mode {self.parallel_mode!r}: use one of {', '.join(MODES)}")
         self.starts = 0  # replicas started by the policy (each a cold start)
@@ -694,10 +701,16 @@ class Simulation:
         rest = sum(max(self.models[m].step_s for m in stage) + self.hop_s for stage in later)
         return request.arrived + slo - self._now - rest
 
+    def _speed(self, steps: int) -> float:
+        """How fast each of `steps` steps on one device runs, alone = 1: its `cores_per_gpu`
+        run at once, slowed by `contention` when two or more do; more share them in time."""
+        running = min(steps, self.cores_per_gpu)
+        return running / steps / (self.contention if running > 1 else 1.0)
+
     def _advance(self, gpu: _Gpu) -> None:
-        """Bring the work left of the GPU's steps up to now (each ran at 1/k speed)."""
+        """Bring the work left of the GPU's steps up to now (each ran at `_speed`)."""
         if gpu.active:
-            share = (self._now - gpu.last) / len(gpu.active)
+            share = (self._now - gpu.last) * self._speed(len(gpu.active))
             for replica in gpu.active:
                 gpu.active[replica] -= share
         gpu.last = self._now
@@ -706,7 +719,7 @@ class Simulation:
         gpu.version += 1
         if gpu.active:
             left = min(gpu.active.values())
-            self._push(self._now + max(0.0, left) * len(gpu.active), "gpu", (gpu, gpu.version))
+            self._push(self._now + max(0.0, left) / self._speed(len(gpu.active)), "gpu", (gpu, gpu.version))
 
     def _gpu_event(self, gpu: _Gpu, version: int) -> None:
         if version != gpu.version:

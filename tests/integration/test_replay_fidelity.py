@@ -60,7 +60,8 @@ def test_short_replay_attainment_real_and_simulated_within_10_points(tmp_path: P
 @pytest.mark.replay
 @pytest.mark.skipif("LEGO_REPLAY_FULL" not in os.environ, reason="the full-size replay: `make replay` runs it")
 def test_replay_at_the_knee_real_and_simulated_within_10_points(tmp_path: Path, model_cache: Path) -> None:
-    trace = fidelity.short_trace(seed=15, duration_s=20.0, rate=3.0, burst=(5.0, 3.0, 3.0))
+    # bench/replay.py's trace at 4.5 req/s: about 40% attainment on the 2-core box (bench/RESULTS.md)
+    trace = fidelity.short_trace(seed=15, duration_s=20.0, rate=4.5, burst=(5.0, 3.0, 3.0))
     c = compare(tmp_path, model_cache, trace, fidelity.Load(), repeats=3)
     check(c)
     assert 0.0 < c.real < 1.0 or 0.0 < c.simulated_attainment < 1.0, "not at the knee: all met or all missed"

@@ -299,6 +299,7 @@ class Simulation:
 
     def __post_init__(self) -> None:
         self.unit_of = {m: u for u, ms in self.units.items() for m in ms}
+        self._unit_order = {u: i for i, u in enumerate(self.units)}
         missing = {m for stages in self.workflows.values() for s in stages for m in s} - set(self.unit_of)
         if missing:
             raise ValueError(f"models {sorted(missing)} are in no unit")
@@ -384,6 +385,9 @@ class Simulation:
         self._loading: list[tuple[float, int, _Replica]] = []  # not yet ready, by when they will be
         self._in_hand: Counter[str] = Counter()  # steps of each model in replicas' hands
         self._upstream: Counter[str] = Counter()  # steps of admitted requests still in earlier stages
+        # units `_active` may hold true for: those with a minimum, and any a step, an admission
+        # or a replica touched since the last tick that found them idle
+        self._maybe_active: set[str] = {u for u in self.units if self.policy.limits_of(u).min_replicas > 0}
         self._charged: dict[str, float] = dict.fromkeys(
             self.unit_of, 0.0
         )  # seconds its steps took (calls, loads), as a replica measures
@@ -439,12 +443,14 @@ class Simulation:
                 self._upstream[model] += 1
                 if self.admissions:
                     self._admitted_steps[model].append(self._now)
+                    self._maybe_active.add(self.unit_of[model])
 
     def _enter_stage(self, request: _Request) -> None:
         stage = self.workflows[request.workflow][request.stage]
         request.waiting_on = len(stage)
         for model in stage:
             self._upstream[model] -= 1
+            self._maybe_active.add(self.unit_of[model])
             self._queues[model].append((self._now, request))
             if self.group_size.get(self.unit_of[model], 1) == 1:
                 self._waiting[self.unit_of[model]] = None
@@ -791,7 +797,11 @@ class Simulation:
 
     def _tick(self) -> None:
         self._sample()
-        signals = [self._signal(u) for u in self.units if self._active(u)]
+        # the units that may be active, in `units` order (a trace with tens of thousands of
+        # units, one per pipeline, is ticked in the time of the few it uses)
+        active = [u for u in sorted(self._maybe_active, key=self._unit_order.__getitem__) if self._active(u)]
+        self._maybe_active = set(active)
+        signals = [self._signal(u) for u in active]
         decisions = self._scaler.decide(signals, self._now)
         ups: list[tuple[str, int]] = []
         for decision in decisions:  # downs first: they free the memory the ups may need
@@ -861,6 +871,7 @@ class Simulation:
             share=share,
         )
         self._by_unit[unit][replica] = None
+        self._maybe_active.add(unit)
         heapq.heappush(self._loading, (ready_at, replica.index, replica))
         return True
 

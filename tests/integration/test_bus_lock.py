@@ -261,3 +261,38 @@ async def test_the_gateway_keeps_the_lora_registry_and_a_denoiser_follows_it(loc
         await gateway.close()
         await gateway_bus.close()
         await denoiser_bus.close()
+
+
+async def test_the_autoscaler_hears_the_gateways_admissions_and_a_model_service_may_not(locked: LockedNats) -> None:
+    """lego.admitted: the gateway announces each admitted request's steps, the autoscaler hears
+    them (its scale-up before the steps arrive); a denoiser's subscription is refused."""
+    gateway = await _connected(locked.settings("gateway"), "test-gateway")
+    autoscaler = await _connected(locked.settings("autoscaler"), "test-autoscaler")
+    denoiser = await _connected(locked.settings("denoiser"), "test-denoiser")
+    heard: asyncio.Queue[list] = asyncio.Queue()
+    errors: list[Exception] = []
+
+    async def record(exc: Exception) -> None:  # what the server says to the denoiser's connection
+        errors.append(exc)
+
+    denoiser._on_error = record  # type: ignore[method-assign]
+    try:
+        await autoscaler.subscribe_admitted(heard.put_nowait)
+        await autoscaler.nc.flush()
+        await denoiser.subscribe_admitted(heard.put_nowait)
+        for _ in range(20):  # core NATS: sent until heard (one sent during a reconnect is lost)
+            await gateway.publish_admitted([("denoise", "sd3-transformer")])
+            with contextlib.suppress(TimeoutError):
+                steps = await asyncio.wait_for(heard.get(), 0.5)
+                break
+        else:
+            raise AssertionError("the autoscaler never heard an admission")
+        assert steps == [("denoise", "sd3-transformer")]
+        for _ in range(50):  # the server refuses the denoiser's subscription
+            if any("permissions violation" in str(e).lower() for e in errors):
+                break
+            await asyncio.sleep(0.1)
+        assert any("permissions violation" in str(e).lower() for e in errors), errors
+    finally:
+        for bus in (gateway, autoscaler, denoiser):
+            await bus.close()

@@ -118,6 +118,14 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: $LEGO_DEVICE or cpu)")
     up.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="place replicas over GPUs cuda:0..N-1, each where the least compute is committed "
+        "(the autoscaler's placement rule); needs --device cuda (default: 1, every replica on --device)",
+    )
+    up.add_argument(
         "--dtype",
         choices=["auto", "bfloat16", "float16", "float32"],
         help="weights' dtype; auto: bfloat16 on a GPU, float32 on the CPU (default: $LEGO_DTYPE or auto)",

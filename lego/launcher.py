@@ -23,12 +23,14 @@ from typing import Any
 import httpx
 
 from lego.bus_lock import BusLock, prepare_bus
+from lego.devices import DevicePlan
 from lego.keys import admin_key_path
 from lego.nats_cluster import NatsCluster
 
 # Re-exported: `lego.cli`, the tests and the benchmarks import these from here.
 from lego.processes import SHARED_CORES_ENV, Child, free_port, nats_server_binary, start_nats_server, wait_gone
 from lego.units import GROUPED_SERVICE, SERVICES, Unit, check_groups, plan_units
+from services.autoscaler.placement import MIN_SHARE
 from shared import bus_roles
 
 __all__ = [
@@ -86,6 +88,9 @@ class MeshConfig:
     # the children get the LEGO_NATS_USER / LEGO_NATS_PASSWORD_FILE of the environment.
     lock_bus: bool = True
     nats_tls: bool = False  # our own nats-server serves TLS (a CA made in the state dir)
+    # GPUs cuda:0..gpus-1 to place replicas over (`lego up --gpus N`, lego/devices.py); 0 or 1:
+    # every replica runs on the device LEGO_DEVICE names, as before
+    gpus: int = 0
 
 
 class Mesh:
@@ -109,6 +114,7 @@ class Mesh:
         self.autoscaler: Any = None  # services.autoscaler.controller.AutoscalerThread when autoscaling
         self.bus_lock: BusLock | None = None  # set when our own nats-server is locked
         self._lock = threading.RLock()  # children change from the autoscaler's thread too
+        self.devices = DevicePlan(config.gpus) if config.gpus > 1 else None  # which GPU a replica runs on
         self.admin_key_file: Path | None = None  # with auth: the admin key's file ...
         self.admin_key_made = False  # ... and whether this start made it (a first start)
 
@@ -353,19 +359,19 @@ class Mesh:
     def replica_count(self, unit_name: str) -> int:
         return len(self.replicas_of(unit_name))
 
-    def add_replica(self, unit_name: str, index: int | None = None) -> Child:
+    def add_replica(self, unit_name: str, index: int | None = None, share: float = MIN_SHARE) -> Child:
+        """Start a replica of the unit; `share`: the compute it is expected to keep busy, where
+        several GPUs are placed over (`MeshConfig.gpus`, lego/devices.py)."""
         unit = self.units[unit_name]
         with self._lock:
             if index is None:  # the lowest number no replica of the unit holds (log files are reused)
                 taken = {c.name for c in self.children if c.unit == unit_name}
                 index = next(i for i in range(len(taken) + 1) if f"{unit.name}-{i}" not in taken)
-            child = Child(
-                f"{unit.name}-{index}",
-                self.replica_command(unit),
-                self.replica_env(unit),
-                self._log_path(f"{unit.name}-{index}"),
-                unit=unit.name,
-            )
+            name = f"{unit.name}-{index}"
+            env = self.replica_env(unit)
+            if self.devices is not None:
+                env["LEGO_DEVICE"] = self.devices.place(name, share, self.group_size(unit))
+            child = Child(name, self.replica_command(unit), env, self._log_path(name), unit=unit.name)
             child.start()
             self.children.append(child)
         return child
@@ -379,6 +385,8 @@ class Mesh:
                 return None
             child = replicas[-1]
             child.retiring_since = time.monotonic()
+            if self.devices is not None:
+                self.devices.release(child.name)
             child.signal_group(signal.SIGTERM)
             self._say(f"stopping {child.name} (scale-down)")
         return child

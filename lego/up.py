@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -62,6 +63,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"lego up: {exc}", file=sys.stderr)
         return 2
+    if args.gpus < 1 or (args.gpus > 1 and (args.device or os.environ.get("LEGO_DEVICE", "")) != "cuda"):
+        print(
+            f"lego up: --gpus {args.gpus} places replicas over cuda:0..N-1: pass N >= 1 with --device cuda",
+            file=sys.stderr,
+        )
+        return 2
     if args.nats_servers > 1 and args.nats_url:
         print("lego up: --nats-servers starts our own NATS cluster; --nats-url uses yours: pass one", file=sys.stderr)
         return 2
@@ -87,6 +94,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         autoscale=not args.no_autoscale,
         auth=not args.no_auth,
         nats_tls=args.nats_tls,
+        gpus=args.gpus,
     )
     if args.no_auth:
         print(NO_AUTH_WARNING, file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from services.autoscaler.actuators import Actuator
+from services.autoscaler.placement import share_of
 from services.autoscaler.policy import Limits, PolicyConfig, ScalePolicy, Slo, parse_limits
 from services.autoscaler.signals import Observation, Observer
 from shared.bus import Bus
@@ -83,13 +84,15 @@ class Autoscaler:
         current = {u: await asyncio.to_thread(self.actuator.current, u) for u in units}
         observations = await self.observer.observe(units, current, now)
         decisions = self.policy.decide([o.signal for o in observations], now)
+        loads = {o.signal.unit: o.signal.load for o in observations}
         made = []
         for d in decisions:
             if not d.changed:
                 continue
             log.info("scale %s %d -> %d: %s", d.unit, d.current, d.target, d.reason)
+            share = share_of(loads[d.unit], d.target)  # what each new replica will keep busy (placement)
             try:
-                await asyncio.to_thread(self.actuator.scale, d.unit, d.target)
+                await asyncio.to_thread(self.actuator.scale, d.unit, d.target, share)
             except Exception as exc:
                 log.error("scaling %s to %d failed: %s", d.unit, d.target, exc)
                 continue

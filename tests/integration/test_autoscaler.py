@@ -9,6 +9,7 @@ import asyncio
 import time
 
 from services.autoscaler.controller import Autoscaler
+from services.autoscaler.placement import MIN_SHARE
 from services.autoscaler.policy import Limits, PolicyConfig, Slo
 from services.autoscaler.signals import Observer
 from shared.bus import Bus
@@ -26,6 +27,7 @@ class FakeActuator:
         self._units = units
         self.replicas = dict.fromkeys(units, 1)
         self.calls: list[tuple[str, int]] = []
+        self.shares: list[float] = []  # the share each scale call passed (placement over GPUs)
 
     def units(self) -> dict[str, tuple[str, ...]]:
         return dict(self._units)
@@ -33,8 +35,9 @@ class FakeActuator:
     def current(self, unit: str) -> int:
         return self.replicas[unit]
 
-    def scale(self, unit: str, replicas: int) -> None:
+    def scale(self, unit: str, replicas: int, share: float = 0.0) -> None:
         self.calls.append((unit, replicas))
+        self.shares.append(share)
         self.replicas[unit] = replicas
 
 
@@ -134,6 +137,11 @@ async def test_requests_admitted_by_a_gateway_scale_the_denoiser_before_its_step
             await asyncio.sleep(0.5)  # the rate is over at least half a second: 6 steps -> <= 12/s
             await autoscaler.tick()
         assert actuator.replicas["sd3-transformer"] > 1, "admissions did not scale the denoiser"
+        # each new replica is told the compute it will keep busy: the unit's load over its replicas
+        shares = [
+            sh for (unit, _), sh in zip(actuator.calls, actuator.shares, strict=True) if unit == "sd3-transformer"
+        ]
+        assert len(shares) == 1 and MIN_SHARE < shares[0] <= 1.0, shares
         status = await autoscaler_status(bus)
         assert status is not None
         assert {u.unit: u.backlog for u in status.units} == {"encoder": 0, "sd3-transformer": 0}  # nothing queued yet

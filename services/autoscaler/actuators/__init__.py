@@ -24,6 +24,9 @@ class Actuator(Protocol):
         """Replicas the unit runs now, starting ones included, stopping ones not."""
         ...
 
-    def scale(self, unit: str, replicas: int) -> None:
-        """Ask for `replicas`; returns without waiting for them to start or stop."""
+    def scale(self, unit: str, replicas: int, share: float = 0.0) -> None:
+        """Ask for `replicas`; returns without waiting for them to start or stop. `share`: the
+        compute each new replica is expected to keep busy, for an actuator that places replicas
+        on devices itself (the local one over `lego up --gpus N`; a cluster's scheduler places
+        the others)."""
         ...

@@ -75,7 +75,7 @@ class ComposeActuator:
     def current(self, unit: str) -> int:
         return len(self._containers(unit))
 
-    def scale(self, unit: str, replicas: int) -> None:
+    def scale(self, unit: str, replicas: int, share: float = 0.0) -> None:
         running = sorted(self._containers(unit), key=lambda c: int(c["Labels"].get(NUMBER, "0")))
         if not running:
             raise RuntimeError(f"compose service {unit} has no container to copy; start it with docker compose first")

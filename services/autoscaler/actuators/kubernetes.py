@@ -78,5 +78,5 @@ class KubernetesActuator:
         scale = self.api.read_namespaced_deployment_scale(unit, self.namespace)
         return int(scale.spec.replicas or 0)
 
-    def scale(self, unit: str, replicas: int) -> None:
+    def scale(self, unit: str, replicas: int, share: float = 0.0) -> None:
         self.api.patch_namespaced_deployment_scale(unit, self.namespace, {"spec": {"replicas": int(replicas)}})

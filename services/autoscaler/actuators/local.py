@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from services.autoscaler.placement import MIN_SHARE
+
 
 class ProcessPool(Protocol):
     def unit_models(self) -> dict[str, tuple[str, ...]]: ...
 
     def replica_count(self, unit: str) -> int: ...
 
-    def add_replica(self, unit: str) -> object: ...
+    def add_replica(self, unit: str, share: float = ...) -> object: ...
 
     def remove_replica(self, unit: str) -> object: ...
 
@@ -34,9 +36,10 @@ class LocalActuator:
     def current(self, unit: str) -> int:
         return self.pool.replica_count(unit)
 
-    def scale(self, unit: str, replicas: int) -> None:
+    def scale(self, unit: str, replicas: int, share: float = 0.0) -> None:
+        """`share`: each new replica's expected compute, which the pool places by over several GPUs."""
         while self.pool.replica_count(unit) < replicas:
-            self.pool.add_replica(unit)
+            self.pool.add_replica(unit, share=max(share, MIN_SHARE))
         while self.pool.replica_count(unit) > replicas:
             if self.pool.remove_replica(unit) is None:
                 break

@@ -202,3 +202,29 @@ def test_arrivals_above_what_admissions_foresee_are_planned_for_as_seen() -> Non
 
     assert ConsumerLoad(backlog=0, arrival_rate=3.0, step_s=1.0, expected_rate=1.0).rate == 3.0
     assert ConsumerLoad(backlog=0, arrival_rate=3.0, step_s=1.0).rate == 3.0
+
+
+def test_a_warm_fill_shares_the_free_budget_by_load_and_yields_it_to_wanted_replicas() -> None:
+    """warm_fill 0.5 of a 40 GiB budget: 20 GiB kept filled. 'big' wants 2 x 4 GiB, 'small' and
+    'idle' 1 x 1 GiB each; the 10 GiB left go 3:1 by their loads: 'big' 7.5 GiB -> 1 warm
+    replica, 'small' 2.5 GiB -> 2. A unit with no load gets none; with the fill off, nobody does."""
+    signals = [
+        unit("big", current=2, load=1.2, service_s=1.0, memory_bytes=4 * GIB),
+        unit("small", current=1, load=0.4, service_s=1.0, memory_bytes=1 * GIB),
+        unit("idle", current=1, load=0.0, service_s=1.0, memory_bytes=1 * GIB),
+    ]
+    cfg = config(utilisation=0.6, memory_budget_bytes=40 * GIB, default_limits=Limits(1, 10))
+    assert decide(ScalePolicy(cfg), *signals) == {"big": 2, "small": 1, "idle": 1}
+    warm = ScalePolicy(
+        config(utilisation=0.6, memory_budget_bytes=40 * GIB, default_limits=Limits(1, 10), warm_fill=0.5)
+    )
+    [big, small, idle] = warm.decide(signals, 0.0)
+    assert (big.target, small.target, idle.target) == (3, 3, 1)
+    assert big.desired == 2 and "+ 1 warm" in big.reason  # what the load asks stays apart
+    # a unit whose load needs the memory takes it first: warm replicas are granted last
+    pressed = unit("big", current=2, load=7.2, service_s=1.0, memory_bytes=4 * GIB)  # wants 10 x 4 GiB
+    [big, small, idle] = warm.decide([pressed, *signals[1:]], 1.0)
+    # the minimums (1 GiB each) first, then big's wanted replicas up to the 40 GiB: no warm one
+    assert (big.target, small.target, idle.target) == (9, 1, 1) and "warm" not in small.reason
+    with pytest.raises(ValueError, match=r"warm fill 1\.5"):
+        config(warm_fill=1.5)

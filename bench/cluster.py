@@ -123,6 +123,7 @@ def _adapters(p: dict[str, Any], denoiser: str) -> Adapters:
         residual_bytes=int(d["residual_bytes"]),
         controlnet_slots=int(a["controlnet_slots"]),
         lora_load_s=a["lora_load_s"],
+        lora_swap_s=a.get("lora_swap_s", 0.0),
         lora_disk_s=lora_bytes / (a["lora_disk_mbps"] * 1e6),
         lora_slots=int(a["lora_slots"]),
         host_lora_slots=int(a["host_lora_gib"] * GIB // lora_bytes),

@@ -22,7 +22,9 @@ mesh would measure its own queueing, not the caches. The request path is the den
 Also one full-size LoRA: SD3-Medium's MMDiT, rank 64 on every attention projection (to_q/k/v,
 to_out, and the context stream's add_q/k/v and to_add_out), random bf16 weights in a
 safetensors file in a temp dir: its read time from disk (the page cache dropped for the file
-first) and, unless `--no-full-device`, its load into the full-size transformer (bf16, CPU).
+first) and, unless `--no-full-device`, its load into the full-size transformer (bf16, CPU): into
+a new slot (peft injects its layers), and swapped into the slot of another such LoRA in a full
+cache (what a denoiser with thousands of LoRAs pays at nearly every miss).
 
     python bench/loras.py [--loras 1000] [--requests 1000] [--rate 12] [--host-frac 0.25] [--device-frac 0.05]
 """
@@ -38,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -179,8 +182,8 @@ def tiny_runs(args: argparse.Namespace, settings: Settings, tmp: Path) -> dict:
 
 
 def full_size(args: argparse.Namespace, tmp: Path) -> dict:
-    """Write SD3-Medium's rank-64 LoRA (random bf16), read it cold, load it into the full-size MMDiT."""
-    import safetensors.torch
+    """Write two of SD3-Medium's rank-64 LoRAs (random bf16), read one cold, load it into the
+    full-size MMDiT, then swap the two into each other's slot."""
     import torch
 
     from services.denoiser.lora import LoraCache
@@ -188,15 +191,8 @@ def full_size(args: argparse.Namespace, tmp: Path) -> dict:
     from shared.zoo.full_size import build_full_size
 
     base = build_full_size("sd3-transformer")  # meta: shapes only
-    gen = torch.Generator().manual_seed(args.seed)
-    state = {}
-    for name, module in base.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith(f".{t}") for t in SD3_TARGETS):
-            state[f"transformer.{name}.lora_A.weight"] = torch.randn(64, module.in_features, generator=gen).bfloat16()
-            state[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 64, generator=gen).bfloat16()
-    file = tmp / "sd3-medium-rank64.safetensors"
-    safetensors.torch.save_file(state, str(file))
-    del state
+    files = [_write_full_size_lora(base, tmp / f"sd3-medium-rank64-{i}.safetensors", args.seed + i) for i in range(2)]
+    file = files[0]
     with open(file, "rb") as f:  # drop this file (only) from the page cache: a read from disk
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -209,12 +205,35 @@ def full_size(args: argparse.Namespace, tmp: Path) -> dict:
     print("full-size read:", json.dumps(out), flush=True)
     if args.full_device:
         model = base.to(torch.bfloat16).to_empty(device="cpu")  # 2 B parameters, uninitialised: values do not matter
-        cache = LoraCache(model, 1 << 40)
+        sources = {"full-0": tensors, "full-1": read_lora(files[1])}
+        cache = LoraCache(model, 1 << 40, max_adapters=1)  # full after one: the next LoRA is swapped in
         t = time.perf_counter()
-        cache.activate_now([("full", 1.0)], lambda _k: tensors)
+        cache.activate_now([("full-0", 1.0)], sources.__getitem__)
         out["device_load_s"] = time.perf_counter() - t
-        print("full-size device load:", json.dumps(out), flush=True)
+        swaps = []
+        for i in range(1, 6):  # the two LoRAs in turn, each swapped into the other's slot
+            t = time.perf_counter()
+            cache.activate_now([(f"full-{i % 2}", 1.0)], sources.__getitem__)
+            swaps.append(time.perf_counter() - t)
+        assert cache.counts["swap"] == len(swaps), cache.counts
+        out["device_swap_s"] = statistics.median(swaps)
+        print("full-size device load and swap:", json.dumps(out), flush=True)
     return out
+
+
+def _write_full_size_lora(base: Any, file: Path, seed: int) -> Path:
+    """SD3-Medium's rank-64 LoRA on every attention projection, random bf16 weights."""
+    import safetensors.torch
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(f".{t}") for t in SD3_TARGETS):
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(64, module.in_features, generator=gen).bfloat16()
+            state[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 64, generator=gen).bfloat16()
+    safetensors.torch.save_file(state, str(file))
+    return file
 
 
 def main() -> None:
@@ -274,7 +293,8 @@ def print_table(result: dict, args: argparse.Namespace) -> None:
         f"read from disk {full['read_cold_s']:.2f} s (page cache: {full['read_warm_s']:.2f} s)"
     )
     if "device_load_s" in full:
-        line += f", into the transformer {full['device_load_s']:.2f} s"
+        line += f", into the transformer {full['device_load_s']:.2f} s (a new slot)"
+        line += f", swapped into a full cache's slot {full['device_swap_s']:.3f} s"
     print(line)
 
 

@@ -45,7 +45,9 @@ pipeline that holds one) pays for the request's ControlNets and LoRAs when it ru
   meanwhile. Those devices are not simulated (their ControlNets kept loaded, their compute
   not counted against the cluster): a remote ControlNet is priced in latency only.
 - LoRAs: a replica keeps `lora_slots` LoRAs loaded, least recently used out; a miss waits
-  `lora_load_s` (host memory into the model's layers), plus `lora_disk_s` when the node's host
+  `lora_load_s` (host memory into new layers of the model) while the replica has a free slot,
+  `lora_swap_s` once its slots are full (the denoiser swaps the LoRA into the least recently
+  used slot's layers, `services/denoiser/lora.py`; 0: as `lora_load_s`), plus `lora_disk_s` when the node's host
   memory (`host_lora_slots` files, least recently used out, shared by the node's replicas) does
   not hold the file.
 - Loads hold the replica but not its device's compute (they are copies and the host's work).
@@ -115,7 +117,8 @@ class Adapters:
     controlnet_load_s: float = 0.0  # host memory -> device, at a replica's cache miss
     residual_bytes: int = 0  # one ControlNet's residuals for one step (CFG rows included)
     controlnet_slots: int = 0  # ControlNets a replica keeps loaded (least recently used goes)
-    lora_load_s: float = 0.0  # host memory -> the model's layers, at a replica's cache miss
+    lora_load_s: float = 0.0  # host memory -> new layers of the model, at a miss with a slot free
+    lora_swap_s: float = 0.0  # host memory -> a used slot's layers, at a miss with the slots full (0: lora_load_s)
     lora_disk_s: float = 0.0  # more when the file is not in the node's host memory
     lora_slots: int = 0  # LoRAs a replica keeps loaded (least recently used goes)
     host_lora_slots: int = 0  # LoRA files a node keeps in host memory (least recently used goes)
@@ -613,9 +616,10 @@ class Simulation:
         node = replica.placed[0].node if replica.placed else 0
         host = self._host_loras.setdefault(node, OrderedDict())
         for lora in request.loras:
+            full = len(replica.loras) >= adapters.lora_slots
             if _touch(replica.loras, lora, adapters.lora_slots):
                 continue
-            wait += adapters.lora_load_s
+            wait += adapters.lora_swap_s if full and adapters.lora_swap_s else adapters.lora_load_s
             self.loads["lora"] += 1
             if not _touch(host, lora, adapters.host_lora_slots):
                 wait += adapters.lora_disk_s

@@ -1,6 +1,8 @@
 """LoraCache: adapters switched on one shared transformer give each request what a transformer
 holding only that request's LoRAs would give; the byte budget evicts least recently used
-adapters, and an evicted adapter comes back correctly."""
+adapters, and an evicted adapter comes back correctly; once full, a missing LoRA is swapped
+into the least recently used slot, and one the slot cannot take is loaded anew, both giving
+exactly a fresh transformer's result."""
 
 from __future__ import annotations
 
@@ -88,10 +90,12 @@ def test_budget_evicts_least_recently_used_and_reloads(case: Case) -> None:
     want_b = _alone(case, "sd3-transformer", [("sd3-lora-b", 1.0)])
     assert torch.equal(_run(case, bundle, cache, [("sd3-lora-a", 1.0)]), want_a)
     assert torch.equal(_run(case, bundle, cache, [("sd3-lora-b", 1.0)]), want_b)
-    assert list(cache.loaded()) == ["sd3-lora-b"]  # a evicted
-    assert set(bundle.transformer.peft_config) == {"sd3-lora-b"}
-    assert torch.equal(_run(case, bundle, cache, [("sd3-lora-a", 1.0)]), want_a)  # reloaded
+    assert list(cache.loaded()) == ["sd3-lora-b"]  # a evicted: b swapped into its slot
+    assert len(bundle.transformer.peft_config) == 1
+    assert cache.counts == {"load": 1, "swap": 1}
+    assert torch.equal(_run(case, bundle, cache, [("sd3-lora-a", 1.0)]), want_a)  # back, swapped in again
     assert list(cache.loaded()) == ["sd3-lora-a"] and cache.total_bytes() == size
+    assert cache.counts == {"load": 1, "swap": 2}
 
     # One request's own LoRAs are never evicted for each other, even over budget.
     both = [("sd3-lora-a", 0.6), ("sd3-lora-b", 0.6)]
@@ -114,3 +118,36 @@ def test_bad_requests(case: Case) -> None:
     assert torch.equal(
         denoise(bundle, DenoiseInputs(case.inputs["sd3-transformer"], **KW)), _alone(case, "sd3-transformer", [])
     )
+
+
+def test_a_lora_the_slot_cannot_take_is_loaded_anew(case: Case) -> None:
+    """A slot holds the layers of the LoRA first loaded into it. A LoRA on fewer layers swaps in
+    (the others zeroed); one on a layer the slot lacks cannot, and is loaded the old way."""
+    from services.denoiser.lora_host import LoraTensors, read_lora
+
+    full = read_lora(lora_path("sd3-lora-a", case.settings))
+    first_block = {k: v for k, v in full.state.items() if ".transformer_blocks.0." in k}
+    assert 0 < len(first_block) < len(full.state)
+    sources = {"a": full, "a-block0": LoraTensors(first_block, full.metadata, 0)}
+    path_of = sources.__getitem__
+
+    def alone(name: str) -> torch.Tensor:
+        bundle = load_denoiser("sd3-transformer", case.settings)
+        with LoraCache(bundle.transformer, max_bytes=1 << 30).activate([(name, 1.0)], path_of):
+            return denoise(bundle, DenoiseInputs(case.inputs["sd3-transformer"], **KW))
+
+    want = {name: alone(name) for name in sources}
+    assert not torch.equal(want["a"], want["a-block0"])
+    bundle = load_denoiser("sd3-transformer", case.settings)
+    cache = LoraCache(bundle.transformer, max_bytes=1 << 30, max_adapters=1)
+
+    def run(name: str) -> torch.Tensor:
+        with cache.activate([(name, 1.0)], path_of):
+            return denoise(bundle, DenoiseInputs(case.inputs["sd3-transformer"], **KW))
+
+    assert torch.equal(run("a-block0"), want["a-block0"])
+    assert torch.equal(run("a"), want["a"])  # layers the slot lacks: deleted, loaded anew
+    assert cache.counts == {"load": 2} and len(bundle.transformer.peft_config) == 1
+    assert torch.equal(run("a-block0"), want["a-block0"])  # fewer layers: swapped in, the rest zeroed
+    assert cache.counts == {"load": 2, "swap": 1} and len(bundle.transformer.peft_config) == 1
+    assert list(cache.loaded()) == ["a-block0"]

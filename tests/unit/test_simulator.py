@@ -380,6 +380,17 @@ def test_a_lora_cache_miss_adds_its_load_time_and_the_disk_read_when_the_host_la
     assert sim.loads == {"lora": 4, "lora from disk": 3}
 
 
+def test_a_miss_with_the_replicas_slots_full_pays_the_swap_not_the_load() -> None:
+    sim = _denoiser(lora_swap_s=0.05)
+    # a and b fill the two slots (load 0.3 + disk 1); c and then a are swapped into the least
+    # recently used slot (0.05; a's file still in the node's host memory, c's read from disk)
+    names = ["a", "b", "c", "a"]
+    trace = [_Traced(10.0 * i, "sdxl", loras=(n,)) for i, n in enumerate(names)]
+    latencies = [o.latency_s for o in sim.run(trace, until=100)]
+    assert latencies == pytest.approx([3.3, 3.3, 3.05, 2.05])
+    assert sim.loads == {"lora": 4, "lora from disk": 3}
+
+
 def test_a_controlnet_runs_every_step_on_the_denoisers_device_or_crosses_a_link_every_step() -> None:
     trace = [_Traced(0.0, "sdxl", controlnets=("canny",)), _Traced(10.0, "sdxl", controlnets=("canny",))]
     local = _denoiser()

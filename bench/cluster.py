@@ -439,7 +439,7 @@ def resampled(trace: Sequence[TraceRequest], rate: float, start: float, end: flo
 class TableConfig:
     gpus: tuple[int, ...] = (8, 64, 1000)
     fractions: tuple[float, ...] = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # of the compute bound
-    bursts: tuple[float, ...] = (2, 4, 8, 16, 32)  # x the base rate, for 30 s
+    bursts: tuple[float, ...] = (1, 2, 4, 8, 16, 32)  # x the base rate, for 30 s (1: the base rate alone)
     burst_base: float = 0.1  # the base rate, of the compute bound
     slo_factors: tuple[float, ...] = (3.0, 5.0, 10.0)
     warm_s: float = 120.0
@@ -448,6 +448,13 @@ class TableConfig:
     controlnet_link: str | None = None
     systems: tuple[str, ...] = SYSTEMS
     groups: Groups = Groups()
+    # The autoscaler's warm pool (`PolicyConfig.warm_fill`) each system of `warm_systems` runs
+    # at; each cell takes its best (every system at its best setting per test). Why a choice:
+    # fill 0.8 carries 8x bursts, but at steady rates near the bound on 1,000 GPUs it fragments
+    # GPU memory (docs/cluster-simulation.md). The research baseline is left at 0: its fill
+    # thrashes over thousands of pipeline units (worse at every rate and burst tried on 64 GPUs).
+    warm_fills: tuple[float, ...] = (0.0,)
+    warm_systems: tuple[str, ...] = ("mesh", "strong")
 
 
 def _score(
@@ -459,8 +466,36 @@ def _score(
     cfg: TableConfig,
     until: float,
 ) -> dict[str, Any]:
+    """The system's cell: its attainment at each SLO, the best over its warm fills (each fill's
+    own in `by_fill`, and the fill chosen per SLO in `fill`); starts and loads of the fill-0 run."""
+    fills = cfg.warm_fills if system in cfg.warm_systems else (0.0,)
+    runs = {fill: _run_once(p, system, gpus, trace, window, cfg, until, fill) for fill in fills}
+    first = runs[fills[0]]
+    best = {k: max(fills, key=lambda f: runs[f]["attainment"][k]) for k in first["attainment"]}
+    cell = dict(first)
+    cell["attainment"] = {k: runs[f]["attainment"][k] for k, f in best.items()}
+    cell["wall_s"] = sum(r["wall_s"] for r in runs.values())
+    cell["events"] = sum(r["events"] for r in runs.values())
+    if len(fills) > 1:
+        cell["by_fill"] = {f"{f:g}": {"attainment": r["attainment"], "starts": r["starts"]} for f, r in runs.items()}
+        cell["fill"] = {k: f for k, f in best.items()}
+    return cell
+
+
+def _run_once(
+    p: dict[str, Any],
+    system: str,
+    gpus: int,
+    trace: list[TraceRequest],
+    window: tuple[float, float],
+    cfg: TableConfig,
+    until: float,
+    warm_fill: float,
+) -> dict[str, Any]:
     began = time.monotonic()
     sim = build(system, p, gpus, trace, cfg.controlnet_link, cfg.groups)
+    if warm_fill:
+        sim.policy = replace(sim.policy, warm_fill=warm_fill)
     outcomes = sim.run(trace, until)
     wall = time.monotonic() - began
     solo = [solo_s(p, r) for r in trace]
@@ -545,9 +580,14 @@ def _cost(row: dict[str, Any], cfg: TableConfig) -> str:
 
 
 def _cells(row: dict[str, Any], cfg: TableConfig) -> str:
-    return "  ".join(
-        f"{s} " + "/".join(f"{row[s]['attainment'][f'{k:g}x']:.0%}" for k in cfg.slo_factors) for s in cfg.systems
-    )
+    """Each system's attainment per SLO; a cell its warm pool won is marked `w`."""
+
+    def cell(s: str, k: float) -> str:
+        key = f"{k:g}x"
+        warm = row[s].get("fill", {}).get(key, 0.0) > 0
+        return f"{row[s]['attainment'][key]:.0%}" + ("w" if warm else "")
+
+    return "  ".join(f"{s} " + "/".join(cell(s, k) for k in cfg.slo_factors) for s in cfg.systems)
 
 
 def ratio(a: float, b: float, smallest: float) -> str:

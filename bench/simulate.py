@@ -42,11 +42,15 @@ run: 120 s served unscored, then `--cluster-phase-s` scored. It prints per size 
 10x each request's solo latency) the max rate at >= 90% attainment and the largest burst, and
 last `research baseline: rate Rx burst Bx; strong monolith: rate Sx; compute bound: F` (SLO 5x,
 the largest size); `--controlnet-link nvlink|pcie|network` puts the mesh's ControlNets on other
-devices. Writes cluster.json to --out.
+devices. `--warm-fills 0,0.8` runs the mesh and the strong monolith with and without the
+autoscaler's warm pool and takes each cell's best: every system at its best setting per test
+(bursts want the pool; steady rates near the bound on 1,000 GPUs do not). Writes cluster.json
+to --out.
 
     python bench/simulate.py [--gpus 4] [--rates 0.2 0.4 ...] [--bursts 2 4 8 16] [--profile FILE]
                              [--group-size 2] [--parallel-mode adaptive|never|always] [--parallel-profile FILE]
     python bench/simulate.py --cluster 8,64,1000 [--trace FILE] [--slo-factors 3,5,10] [--systems mesh,strong]
+                             [--warm-fills 0,0.8]
 """
 
 from __future__ import annotations
@@ -254,7 +258,15 @@ def main() -> None:
     )
     cluster.add_argument("--cluster-profile", default=str(CLUSTER_PROFILE), help="figures with their sources")
     cluster.add_argument("--fractions", default="0.2,0.35,0.5,0.6,0.7,0.8,0.9,1.0", help="rates, of the compute bound")
-    cluster.add_argument("--cluster-bursts", default="2,4,8,16,32", help="bursts, x 0.1 of the compute bound, 30 s")
+    cluster.add_argument(
+        "--cluster-bursts", default="1,2,4,8,16,32", help="bursts, x 0.1 of the compute bound, 30 s (1: no burst)"
+    )
+    cluster.add_argument(
+        "--warm-fills",
+        default="0",
+        help="autoscaler warm pools (LEGO_AUTOSCALE_WARM_FILL) the mesh and the strong monolith run at, e.g. 0,0.8;"
+        " each cell takes the best",
+    )
     cluster.add_argument("--slo-factors", default="3,5,10", help="SLOs, x each request's solo latency")
     cluster.add_argument("--cluster-phase-s", type=float, default=300.0, help="scored seconds a rate (after 120 s)")
     cluster.add_argument("--controlnet-link", choices=("local", "nvlink", "pcie", "network"), default="local")
@@ -371,6 +383,7 @@ def cluster_table(args: argparse.Namespace) -> None:
         seed=args.seed,
         controlnet_link=None if args.controlnet_link == "local" else args.controlnet_link,
         systems=tuple(args.systems.split(",")),
+        warm_fills=floats(args.warm_fills),
         groups=Groups(args.group_size, args.parallel_mode, load_ratios(args.parallel_profile))
         if args.group_size > 1
         else Groups(),
@@ -383,6 +396,9 @@ def cluster_table(args: argparse.Namespace) -> None:
         print(f"mesh denoisers: {groups} ({args.parallel_profile})")
     print(f"ControlNets: {args.controlnet_link}; SLOs {', '.join(f'{k:g}x' for k in cfg.slo_factors)} solo latency")
     print("cells: attainment at each SLO, per system")
+    if len(cfg.warm_fills) > 1:
+        fills = ", ".join(f"{f:g}" for f in cfg.warm_fills)
+        print(f"warm pool: {', '.join(cfg.warm_systems)} run at fills {fills}, each cell the best (w: a fill > 0 won)")
     results = table(p, cfg, recorded)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,7 @@ def policy(gpus: int, p: dict[str, Any], min_replicas: int, slo_factor: float = 
         cooldown_s=30.0,
         memory_budget_bytes=int(gpus * p["gpu"]["memory_gib"] * GIB),
         default_limits=Limits(min_replicas, max(gpus, 1)),
+        devices=gpus,
     )
 
 

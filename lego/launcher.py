@@ -336,10 +336,14 @@ class Mesh:
         from services.autoscaler.actuators.local import LocalActuator
         from services.autoscaler.controller import AutoscalerThread
 
+        settings = self.settings(bus_roles.AUTOSCALER)
+        overrides = dict(policy_overrides or {})
+        if not settings.autoscale_devices:  # the GPUs this mesh places over (one: --device alone)
+            overrides.setdefault("devices", max(self.config.gpus, 1))
         self.autoscaler = AutoscalerThread(
-            self.settings(bus_roles.AUTOSCALER),
+            settings,
             LocalActuator(self),
-            policy_overrides,
+            overrides,
             memory_per_replica,
             group_sizes=self.group_sizes(),
         )

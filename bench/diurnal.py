@@ -16,7 +16,7 @@ day's peak, and every request behind it misses. The last line sums the day:
 Plots: `docs/cluster-diurnal-<G>-gpus.png` (GPUs in use over the day) and
 `docs/cluster-diurnal-<G>-attainment.png` (attainment per trace hour), or under `--plots`.
 
-    python bench/diurnal.py --gpus 64 --load 0.6 [--day-s 7200] [--systems mesh,strong,research]
+    python bench/diurnal.py --gpus 64 --load 0.6 [--day-s 7200] [--systems mesh,strong,research] [--warm-fill 0.8]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,21 @@ def day_trace(p: dict[str, Any], gpus: int, load: float, day_s: float, seed: int
 
 
 def run_day(
-    p: dict[str, Any], system: str, gpus: int, trace: list[TraceRequest], day_s: float, slo: float, refuse: bool = True
+    p: dict[str, Any],
+    system: str,
+    gpus: int,
+    trace: list[TraceRequest],
+    day_s: float,
+    slo: float,
+    refuse: bool = True,
+    warm_fill: float = 0.0,
 ) -> dict[str, Any]:
     """One system through the day: per trace hour its attainment, mean GPUs in use, requests."""
     hour_s = day_s / 24
     began = time.monotonic()
     sim = build(system, p, gpus, trace)
+    if warm_fill:
+        sim.policy = replace(sim.policy, warm_fill=warm_fill)
     sim.sample_s = hour_s / SAMPLES_AN_HOUR
     if refuse:
         sim.deadline_s = lambda i: slo * solo_s(p, trace[i])
@@ -94,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         help="queue every request (default: refuse at arrival what the gateway's overload rule refuses, "
         "with each request's SLO as its timeout)",
     )
+    parser.add_argument(
+        "--warm-fill", type=float, default=0.0, help="the autoscaler's warm pool (LEGO_AUTOSCALE_WARM_FILL; 0: off)"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--profile", default=str(PROFILE), help="figures with their sources")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where diurnal-<G>.json goes")
     parser.add_argument("--plots", default=str(ROOT / "docs"), help="where the two plots go")
     args = parser.parse_args(argv)
-    if args.gpus < 1 or args.load <= 0 or args.day_s < 240 or args.slo <= 1:
-        parser.error("need --gpus >= 1, --load > 0, --day-s >= 240 and --slo > 1")
+    if args.gpus < 1 or args.load <= 0 or args.day_s < 240 or args.slo <= 1 or not 0 <= args.warm_fill <= 1:
+        parser.error("need --gpus >= 1, --load > 0, --day-s >= 240, --slo > 1 and --warm-fill in [0, 1]")
     p = load_profile(args.profile)
     trace, bound = day_trace(p, args.gpus, args.load, args.day_s, args.seed)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = {}
     for system in systems:
-        results[system] = run_day(p, system, args.gpus, trace, args.day_s, args.slo, not args.no_refuse)
+        results[system] = run_day(p, system, args.gpus, trace, args.day_s, args.slo, not args.no_refuse, args.warm_fill)
         r = results[system]
         print(f"  {system}: simulated in {r['wall_s']:.0f} s, {r['starts']} cold starts, {r['refused']} refused")
     hour_s = args.day_s / 24

@@ -175,7 +175,6 @@ def policy(gpus: int, p: dict[str, Any], min_replicas: int, slo_factor: float = 
         cooldown_s=30.0,
         memory_budget_bytes=int(gpus * p["gpu"]["memory_gib"] * GIB),
         default_limits=Limits(min_replicas, max(gpus, 1)),
-        devices=gpus,
     )
 
 
@@ -456,10 +455,6 @@ class TableConfig:
     # thrashes over thousands of pipeline units (worse at every rate and burst tried on 64 GPUs).
     warm_fills: tuple[float, ...] = (0.0,)
     warm_systems: tuple[str, ...] = ("mesh", "strong")
-    # Each fill > 0 also without the pool's compute cap (`PolicyConfig.devices` 0: the rule before
-    # session 10), a setting of its own: the cap costs a system in some cells (the strong monolith
-    # at 0.9 of the bound on 1,000 GPUs), and each system gets its best.
-    warm_uncapped: bool = False
 
 
 def _score(
@@ -473,26 +468,18 @@ def _score(
 ) -> dict[str, Any]:
     """The system's cell: its attainment at each SLO, the best over its warm fills (each fill's
     own in `by_fill`, and the fill chosen per SLO in `fill`); starts and loads of the fill-0 run."""
-    settings = [(f, True) for f in cfg.warm_fills] if system in cfg.warm_systems else [(0.0, True)]
-    if system in cfg.warm_systems and cfg.warm_uncapped:
-        settings += [(f, False) for f in cfg.warm_fills if f > 0]
-    runs = {_setting_name(*s): _run_once(p, system, gpus, trace, window, cfg, until, *s) for s in settings}
-    names = list(runs)
-    first = runs[names[0]]
-    best = {k: max(names, key=lambda n: runs[n]["attainment"][k]) for k in first["attainment"]}
+    fills = cfg.warm_fills if system in cfg.warm_systems else (0.0,)
+    runs = {fill: _run_once(p, system, gpus, trace, window, cfg, until, fill) for fill in fills}
+    first = runs[fills[0]]
+    best = {k: max(fills, key=lambda f: runs[f]["attainment"][k]) for k in first["attainment"]}
     cell = dict(first)
-    cell["attainment"] = {k: runs[n]["attainment"][k] for k, n in best.items()}
+    cell["attainment"] = {k: runs[f]["attainment"][k] for k, f in best.items()}
     cell["wall_s"] = sum(r["wall_s"] for r in runs.values())
     cell["events"] = sum(r["events"] for r in runs.values())
-    if len(runs) > 1:
-        cell["by_fill"] = {n: {"attainment": r["attainment"], "starts": r["starts"]} for n, r in runs.items()}
-        cell["fill"] = best
+    if len(fills) > 1:
+        cell["by_fill"] = {f"{f:g}": {"attainment": r["attainment"], "starts": r["starts"]} for f, r in runs.items()}
+        cell["fill"] = {k: f for k, f in best.items()}
     return cell
-
-
-def _setting_name(fill: float, capped: bool) -> str:
-    """ "0", "0.8" (the warm pool capped by compute), "0.8 uncapped"."""
-    return f"{fill:g}" if capped or not fill else f"{fill:g} uncapped"
 
 
 def _run_once(
@@ -504,12 +491,11 @@ def _run_once(
     cfg: TableConfig,
     until: float,
     warm_fill: float,
-    capped: bool = True,
 ) -> dict[str, Any]:
     began = time.monotonic()
     sim = build(system, p, gpus, trace, cfg.controlnet_link, cfg.groups)
     if warm_fill:
-        sim.policy = replace(sim.policy, warm_fill=warm_fill, devices=sim.policy.devices if capped else 0)
+        sim.policy = replace(sim.policy, warm_fill=warm_fill)
     outcomes = sim.run(trace, until)
     wall = time.monotonic() - began
     solo = [solo_s(p, r) for r in trace]
@@ -594,13 +580,12 @@ def _cost(row: dict[str, Any], cfg: TableConfig) -> str:
 
 
 def _cells(row: dict[str, Any], cfg: TableConfig) -> str:
-    """Each system's attainment per SLO; a cell its warm pool won is marked `w` (`u`: uncapped)."""
+    """Each system's attainment per SLO; a cell its warm pool won is marked `w`."""
 
     def cell(s: str, k: float) -> str:
         key = f"{k:g}x"
-        won = row[s].get("fill", {}).get(key, "0")
-        mark = "" if won == "0" else "u" if won.endswith("uncapped") else "w"
-        return f"{row[s]['attainment'][key]:.0%}" + mark
+        warm = row[s].get("fill", {}).get(key, 0.0) > 0
+        return f"{row[s]['attainment'][key]:.0%}" + ("w" if warm else "")
 
     return "  ".join(f"{s} " + "/".join(cell(s, k) for k in cfg.slo_factors) for s in cfg.systems)
 

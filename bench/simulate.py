@@ -50,7 +50,7 @@ to --out.
     python bench/simulate.py [--gpus 4] [--rates 0.2 0.4 ...] [--bursts 2 4 8 16] [--profile FILE]
                              [--group-size 2] [--parallel-mode adaptive|never|always] [--parallel-profile FILE]
     python bench/simulate.py --cluster 8,64,1000 [--trace FILE] [--slo-factors 3,5,10] [--systems mesh,strong]
-                             [--warm-fills 0,0.8] [--warm-uncapped]
+                             [--warm-fills 0,0.8]
 """
 
 from __future__ import annotations
@@ -267,11 +267,6 @@ def main() -> None:
         help="autoscaler warm pools (LEGO_AUTOSCALE_WARM_FILL) the mesh and the strong monolith run at, e.g. 0,0.8;"
         " each cell takes the best",
     )
-    cluster.add_argument(
-        "--warm-uncapped",
-        action="store_true",
-        help="also run each warm fill without its compute cap (LEGO_AUTOSCALE_DEVICES unset), a setting of its own",
-    )
     cluster.add_argument("--slo-factors", default="3,5,10", help="SLOs, x each request's solo latency")
     cluster.add_argument("--cluster-phase-s", type=float, default=300.0, help="scored seconds a rate (after 120 s)")
     cluster.add_argument("--controlnet-link", choices=("local", "nvlink", "pcie", "network"), default="local")
@@ -389,7 +384,6 @@ def cluster_table(args: argparse.Namespace) -> None:
         controlnet_link=None if args.controlnet_link == "local" else args.controlnet_link,
         systems=tuple(args.systems.split(",")),
         warm_fills=floats(args.warm_fills),
-        warm_uncapped=args.warm_uncapped,
         groups=Groups(args.group_size, args.parallel_mode, load_ratios(args.parallel_profile))
         if args.group_size > 1
         else Groups(),
@@ -404,11 +398,7 @@ def cluster_table(args: argparse.Namespace) -> None:
     print("cells: attainment at each SLO, per system")
     if len(cfg.warm_fills) > 1:
         fills = ", ".join(f"{f:g}" for f in cfg.warm_fills)
-        uncapped = " (each also uncapped: u)" if cfg.warm_uncapped else ""
-        print(
-            f"warm pool: {', '.join(cfg.warm_systems)} run at fills {fills}{uncapped}, each cell the best"
-            " (w: a fill > 0 won)"
-        )
+        print(f"warm pool: {', '.join(cfg.warm_systems)} run at fills {fills}, each cell the best (w: a fill > 0 won)")
     results = table(p, cfg, recorded)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

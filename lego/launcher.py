@@ -336,14 +336,10 @@ class Mesh:
         from services.autoscaler.actuators.local import LocalActuator
         from services.autoscaler.controller import AutoscalerThread
 
-        settings = self.settings(bus_roles.AUTOSCALER)
-        overrides = dict(policy_overrides or {})
-        if not settings.autoscale_devices:  # the GPUs this mesh places over (one: --device alone)
-            overrides.setdefault("devices", max(self.config.gpus, 1))
         self.autoscaler = AutoscalerThread(
-            settings,
+            self.settings(bus_roles.AUTOSCALER),
             LocalActuator(self),
-            overrides,
+            policy_overrides,
             memory_per_replica,
             group_sizes=self.group_sizes(),
         )

@@ -98,7 +98,6 @@ class Settings:
     autoscale_window_s: float = 10.0  # arrival rates are measured over this window
     autoscale_memory_budget_gb: float = 0.0  # per device, all replicas together; 0: 80% of this host's RAM
     autoscale_warm_fill: float = 0.0  # share of the budget kept filled with warm replicas by popularity; 0: off
-    autoscale_devices: int = 0  # GPUs replicas run on; warm replicas take at most the free ones; 0: not known
     # Security. Secrets (the admin API key, the NATS passwords) are files with 0600 permissions
     # under state_dir, generated at first start; never in the repo, never in a log line.
     state_dir: str = field(default_factory=_default_state_dir)

@@ -40,7 +40,6 @@ def policy_config(settings: Settings, **overrides: object) -> PolicyConfig:
         "cooldown_s": settings.autoscale_cooldown_s,
         "memory_budget_bytes": int(budget_gb * 2**30),
         "warm_fill": settings.autoscale_warm_fill,
-        "devices": settings.autoscale_devices,
         "default_limits": Limits(low, max(high, low, 1)),
         "limits": {
             u: Limits(low_units.get(u, low), max(high_units.get(u, high), low_units.get(u, low), 1)) for u in units

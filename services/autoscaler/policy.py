@@ -136,15 +136,10 @@ class PolicyConfig:
     # Warm pool: the share of each device's memory budget kept filled with replicas the load does
     # not ask for, given to the units by their load (`_warm`); 0: off
     warm_fill: float = 0.0
-    # Compute devices (GPUs) the replicas run on; warm replicas take at most the devices the load
-    # leaves free (`_warm`). 0: not known, warm replicas bounded by memory alone.
-    devices: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.warm_fill <= 1.0:
             raise ValueError(f"warm fill {self.warm_fill}: a share of the memory budget, 0 (off) to 1")
-        if self.devices < 0:
-            raise ValueError(f"devices {self.devices}: a count of GPUs, or 0 (not known)")
 
     def limits_of(self, unit: str) -> Limits:
         return self.limits.get(unit, self.default_limits)
@@ -298,14 +293,7 @@ class ScalePolicy:
         replicas already up. Memory the load leaves free costs nothing to fill, and replicas
         kept only warm are granted last and give their memory up first (`_fit_device`). In the
         64-GPU simulation a warm fill of 0.8 took the mesh from 4x to 8x bursts survived at
-        SLO 5x (docs/cluster-simulation.md).
-
-        Capped by compute (`devices` known): in all, at most the devices the load leaves free
-        (devices less the busy replica-seconds a second), each unit's share cut alike. A warm
-        replica is a real one: it takes steps, so near the bound extra replicas only time-slice
-        GPUs that are busy already. Uncapped, fill 0.8 cost the mesh 20 points at 0.9 of the
-        bound on 1,000 simulated GPUs (96.1% -> 76.6%); capped it holds 95.0% there and still
-        carries 8x bursts (100%)."""
+        SLO 5x (docs/cluster-simulation.md)."""
         fill, budget = self.config.warm_fill, self.config.memory_budget_bytes
         if fill <= 0 or budget <= 0:
             return {}
@@ -317,16 +305,7 @@ class ScalePolicy:
             total = sum(s.load for s in loaded)
             for s in loaded if spare > 0 else []:
                 warm[s.unit] = int(spare * s.load / total // s.memory_bytes)
-        return self._within_free_compute(warm, signals)
-
-    def _within_free_compute(self, warm: dict[str, int], signals: list[UnitSignal]) -> dict[str, int]:
-        devices, count = self.config.devices, sum(warm.values())
-        if devices <= 0 or not count:
-            return warm
-        free = max(0.0, devices - sum(s.load for s in signals))
-        if count <= free:
-            return warm
-        return {unit: int(n * free / count) for unit, n in warm.items()}
+        return warm
 
     def _cooldown(self, unit: str, current: int, want: int, now: float) -> tuple[int, str]:
         """Up at once; down to the peak of the cooldown window once it has lasted `cooldown_s`."""

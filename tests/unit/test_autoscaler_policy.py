@@ -230,41 +230,10 @@ def test_a_warm_fill_shares_the_free_budget_by_load_and_yields_it_to_wanted_repl
         config(warm_fill=1.5)
 
 
-def test_warm_replicas_take_at_most_the_devices_the_load_leaves_free() -> None:
-    """A fill of 0.5 of 40 GiB leaves 11 GiB after the wanted replicas (2 x 4 + 1 x 1 GiB),
-    shared 3:1 by load: 'big' 2 warm replicas, 'small' 2. With 1.6 devices busy (the two loads):
-    on 10 devices all 4 stay; on 4 (2.4 free) each unit's are cut to 60%: 1 and 1; on 3 (1.4
-    free) to 35%: none. Devices not known: all 4 stay."""
-    signals = [
-        unit("big", current=2, load=1.2, service_s=1.0, memory_bytes=4 * GIB),
-        unit("small", current=1, load=0.4, service_s=1.0, memory_bytes=1 * GIB),
-    ]
-
-    def targets(devices: int) -> tuple[int, int]:
-        cfg = config(
-            utilisation=0.6,
-            memory_budget_bytes=40 * GIB,
-            default_limits=Limits(1, 10),
-            warm_fill=0.5,
-            devices=devices,
-        )
-        big, small = ScalePolicy(cfg).decide(signals, 0.0)
-        return big.target, small.target
-
-    assert targets(0) == (4, 3)
-    assert targets(10) == (4, 3)
-    assert targets(4) == (3, 2)
-    assert targets(3) == (2, 1)
-    with pytest.raises(ValueError, match="devices -1"):
-        config(devices=-1)
-
-
-def test_the_warm_pool_and_its_devices_come_from_the_settings() -> None:
+def test_the_warm_pool_comes_from_the_settings() -> None:
     from services.autoscaler.controller import policy_config
     from shared.settings import Settings
 
-    env = {"LEGO_AUTOSCALE_WARM_FILL": "0.8", "LEGO_AUTOSCALE_DEVICES": "64", "LEGO_AUTOSCALE_MEMORY_BUDGET_GB": "1"}
-    cfg = policy_config(Settings.from_env(env))
-    assert (cfg.warm_fill, cfg.devices) == (0.8, 64)
-    assert policy_config(Settings.from_env(env), devices=2).devices == 2  # lego up's --gpus, when asked
-    assert policy_config(Settings.from_env({})).devices == 0
+    env = {"LEGO_AUTOSCALE_WARM_FILL": "0.8", "LEGO_AUTOSCALE_MEMORY_BUDGET_GB": "1"}
+    assert policy_config(Settings.from_env(env)).warm_fill == 0.8
+    assert policy_config(Settings.from_env({})).warm_fill == 0.0

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from services.gateway.errors import BUS_FAULTS
 from services.gateway.records import bucket
 from shared import subjects
 from shared.bus import Bus
@@ -30,6 +31,8 @@ from shared.bus import Bus
 log = logging.getLogger("lego.gateway")
 SCAN_EVERY = 10  # heartbeats between scans when no gateway was seen to die
 DEAD_AFTER_BEATS = 5  # a gateway silent this many heartbeats is dead (a busy event loop misses a few)
+HOLD_WITHIN_S = 5.0  # a request's lease is tried this long while the bus does not answer
+HOLD_RETRY_S = 0.5
 Adopt = Callable[[str, list[str]], Awaitable[None]]  # (dead gateway, record keys now ours)
 Fenced = Callable[[], Awaitable[None]]  # this gateway was taken for dead: let go of what others took
 
@@ -61,9 +64,21 @@ class Leases:
         await self._beat()
         self._task = asyncio.create_task(self._run(), name="leases")
 
-    async def hold(self, key: str) -> None:
-        """Take the lease of a request this gateway starts."""
-        await self.leases.put(key, self.gateway_id.encode())
+    async def hold(self, key: str, within_s: float = HOLD_WITHIN_S) -> None:
+        """Take the lease of a request this gateway starts. Tried again for `within_s` while the
+        bus does not answer: a NATS cluster electing a stream's leader takes a few seconds, and
+        the request need not fail for it."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within_s
+        while True:
+            try:
+                await self.leases.put(key, self.gateway_id.encode())
+                return
+            except BUS_FAULTS as exc:
+                if loop.time() >= give_up:
+                    raise
+                log.info("taking the lease of %s failed (%s); trying again", key, exc)
+                await asyncio.sleep(HOLD_RETRY_S)
 
     async def drop(self, key: str) -> None:
         """Let go of a request that ended (a failure to delete is harmless: a lease of an ended

@@ -84,14 +84,27 @@ class Orchestrator:
             return
         earlier = await self.store.claim(record_of(state, self.gateway_id, answer))
         if earlier is not None:
-            self.runs.pop(state.run_id, None)
-            self.answers.pop(state.run_id, None)
-            self.requests.pop((state.owner.key_id, state.request_id), None)
+            self._unmake(state)
             raise RequestFailed(ErrorInfo(code="duplicate_request", message=f"request {state.request_id} is running"))
-        await self.leases.hold(record_key(state.owner.key_id, state.request_id))
+        key = record_key(state.owner.key_id, state.request_id)
+        try:
+            await self.leases.hold(key)
+        except BaseException:
+            # Not started, and no gateway drives it: its record would have a retry (same
+            # Idempotency-Key, any gateway) wait on a request that never runs. Undo both, so
+            # the retry runs it afresh (the bus fault itself answers 503).
+            self._unmake(state)
+            await self.store.discard(key)
+            raise
         self._publish_events(state)
         if self.leases.released:  # it came in as this gateway began to drain: a survivor adopts it
             self._let_go(state)
+
+    def _unmake(self, state: RequestState) -> None:
+        """Forget a created request that will not run here."""
+        self.runs.pop(state.run_id, None)
+        self.answers.pop(state.run_id, None)
+        self.requests.pop((state.owner.key_id, state.request_id), None)
 
     def _publish_events(self, state: RequestState) -> None:
         """Send `state`'s events so far, and every later one, to the event stream."""

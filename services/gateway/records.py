@@ -204,6 +204,12 @@ class RequestStore:
             await self.records.put(record.key, value)
         return None
 
+    async def discard(self, key: str) -> None:
+        """Delete the record of a request that never started (best effort: the bus may be the
+        reason it did not; a record left behind expires with the bucket's TTL)."""
+        with contextlib.suppress(Exception):
+            await self.records.delete(key)
+
     async def save(self, record: RequestRecord) -> None:
         await self.records.put(record.key, record.model_dump_json().encode())
 

@@ -14,6 +14,7 @@ the request the key named (waits for it, wherever it runs); a claim whose reques
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -82,6 +83,13 @@ async def take(
             return await _answer_again(gateway, body, request_id, owner, workflow.name)
         if gateway.orchestrator.get(request_id, owner) is None:  # it never started: a retry may run it
             await claims.forget(owner, idempotency_key)
+        raise
+    except Exception:
+        # A bus fault (answered 503) before the request started: a retry may run it. If the
+        # bus cannot forget the claim either, the retry finds no record and runs it anyway.
+        if gateway.orchestrator.get(request_id, owner) is None:
+            with contextlib.suppress(Exception):
+                await claims.forget(owner, idempotency_key)
         raise
 
 

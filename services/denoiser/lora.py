@@ -12,9 +12,10 @@ Slots, swapped in place. An adapter lives in a named peft slot (`lego-slot-N`), 
 LoRA's name. Once the cache is full, a LoRA that misses is hot-swapped into the least recently
 used slot (diffusers' `hotswap=True`: its tensors copied into the slot's existing layers)
 instead of deleting that adapter and injecting a new one: peft's injection builds new layers
-through the whole network, about 10x the copy (full-size SD3-Medium, rank 64, CPU: 0.39 s
-against 0.04 s; bench/loras.py). With a production's thousands of LoRAs a denoiser's cache is
-full nearly always, so nearly every miss is a swap. A LoRA the slot's layers cannot take (it
+through the whole network, about 7x the copy (full-size SD3-Medium, rank 64, CPU: 0.41 s
+against 0.056 s; bench/loras.py). With a production's thousands of LoRAs a long-running
+denoiser's cache is full nearly always, so nearly every miss is a swap (a new replica injects
+until its slots are full). A LoRA the slot's layers cannot take (it
 targets a layer the slot lacks, or its peft options differ) is loaded the old way instead.
 
 Adapters switch for the whole model: one forward pass serves one LoRA set, so the caller

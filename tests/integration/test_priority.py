@@ -133,7 +133,14 @@ async def test_backlog_sums_the_bands_and_admission_counts_only_equal_or_higher(
         for i in range(3):
             await bus.publish_step(_step(f"low-{i}", 0))
         await bus.publish_step(_step("high", 7))
-        [counters] = [c for c in await bus.step_consumers() if c.model_id == "m1"]
+        # A step acked as stored reaches a consumer's pending count a moment later (a loaded box
+        # once saw 3 of the 4 at once): wait for all four, then check every view of them.
+        give_up = time.monotonic() + 30
+        while True:
+            [counters] = [c for c in await bus.step_consumers() if c.model_id == "m1"]
+            if counters.backlog == 4 or time.monotonic() > give_up:
+                break
+            await asyncio.sleep(0.05)
         assert (counters.kind, counters.backlog) == ("encode", 4)
         assert await bus.consumer_backlog(StepKind.ENCODE, "m1") == (4, 0)
         load = ModelLoad(backlog=counters.backlog, replicas=1, seconds_per_item=1.0, bands=counters.bands)

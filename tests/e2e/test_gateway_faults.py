@@ -76,11 +76,13 @@ def _denoise_loops(mesh: Mesh) -> float:
     return sum(value(scrape(url), "lego_steps_total", kind="denoise", outcome="ok") for url in found)
 
 
-async def _sync_client(client: httpx.AsyncClient, victim: str, survivor: str, i: int, tally: Tally) -> None:
+async def _sync_client(
+    client: httpx.AsyncClient, victim: str, survivor: str, i: int, tally: Tally, slow: bool = False
+) -> None:
     """POST and wait; on a broken connection (or a draining gateway's 503), the same again,
-    same key, on the survivor."""
+    same key, on the survivor. `slow`: a request of seconds (512x512, 30 steps)."""
     headers = {"Idempotency-Key": f"fault-sync-{i}-{uuid.uuid4().hex[:8]}"}
-    body = {**BODY, "seed": 1000 + i}
+    body = {**BODY, "seed": 1000 + i, **({"size": "512x512", "num_inference_steps": 30} if slow else {})}
     for url in (victim, survivor, survivor):
         try:
             r = await client.post(f"{url}/v1/images/generations", json=body, headers=headers, timeout=FINISH_S)
@@ -247,9 +249,13 @@ async def _drain_run(child: Child, drained: str, survivor: str, n: int) -> tuple
     SIGTERM mid-flight; the probe answers seen while it drains."""
     tally, probes = Tally(), []
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2 * n + 10)) as client:
-        tasks = [
+        # Request 0 runs for seconds, so the gateway still has one in flight when SIGTERM comes
+        # and drains for a while: tiny requests alone may all be done by then, on a fast box,
+        # and a gateway with nothing in flight exits before any probe can see its 503.
+        tasks = [asyncio.create_task(_sync_client(client, drained, survivor, 0, tally, slow=True))]
+        tasks += [
             asyncio.create_task((_sync_client if i % 2 == 0 else _async_client)(client, drained, survivor, i, tally))
-            for i in range(n)
+            for i in range(1, n)
         ]
         await asyncio.sleep(1.5)
         child.signal_group(signal.SIGTERM)

@@ -288,7 +288,10 @@ def _check_scale_downs_follow_the_figures(url: str, ticks: list[tuple[float, dic
                 since = None
                 continue
             since = max([d for d in downs if since is not None and since <= d <= at], default=since or at)
-            assert at - since <= COOLDOWN_S + 5, (
+            # Two cooldowns at most: the tick of a step down opens the next cooldown window, and
+            # its own want (the step's target) is that window's peak, so the step after it can
+            # come a full window later (the policy's rule: one step down per cooldown).
+            assert at - since <= 2 * COOLDOWN_S + 5, (
                 f"{name} asked for fewer than it ran from {since:.1f} to {at:.1f}, no scale-down:\n{_decisions(url)}"
             )
 
